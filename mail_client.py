@@ -1,0 +1,896 @@
+#!/usr/bin/env python3
+"""Interactive mail client of the course mail system: sends mail by SMTP, reads it by POP3.
+
+    python mail_client.py SERVER_IP [--smtp-port 2525] [--pop-port 1110]
+
+Both protocols are spoken over plain sockets.  The client talks to the course
+servers (which also accept the assignment's MAIL_FROM:/RCPT_TO: spellings) and
+to any standard SMTP or POP3 server.
+"""
+
+import argparse
+import datetime
+import getpass
+import re
+import socket
+import sys
+from email.header import decode_header, make_header
+from email.utils import parseaddr, parsedate_to_datetime
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+DEFAULT_SMTP_PORT = 2525
+DEFAULT_POP_PORT = 1110
+DEFAULT_TIMEOUT = 30.0       # seconds for connecting and for every reply
+QUIT_TIMEOUT = 2.0           # a goodbye to a server we are leaving must not hang us
+RECV_SIZE = 65536
+MAX_REPLY_LINE = 1024 * 1024  # longer is a broken or hostile server, not mail
+
+MAX_SUBJECT = 150            # contract section 1
+MAX_TEXT_LINE = 998          # RFC 5322 2.1.1: the server refuses longer lines anyway
+MAX_ADDRESS = 254            # RFC 5321 4.5.3.1.3 path minus the brackets
+MAX_LOCAL_PART = 64          # RFC 5321 4.5.3.1.1
+
+INCORRECT_FORMAT = "This is an incorrect format"
+SENT_OK = "Mail sent successfully"
+END_OF_MESSAGE = "."
+CRLF = b"\r\n"
+WIRE_ENCODING = "utf-8"
+NOT_KNOWN = "-"
+
+# The assignment's own spellings, which the course server accepts; a standard
+# server answers 500/502 and gets the RFC 5321 spellings instead.
+COURSE_MAIL_FROM = "MAIL_FROM: <%s>"
+COURSE_RCPT_TO = "RCPT_TO: <%s>"
+STANDARD_MAIL_FROM = "MAIL FROM:<%s>"
+STANDARD_RCPT_TO = "RCPT TO:<%s>"
+UNKNOWN_COMMAND = (500, 502)
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+ADDRESS = re.compile(r"(%s(?:\.%s)*)@(%s(?:\.%s)*)\Z" % (_ATOM, _ATOM, _LABEL, _LABEL))
+COURSE_DATE = re.compile(r"(\d{4}-\d{2}-\d{2})\s*:\s*(\d{1,2})\s*:\s*(\d{1,2})")
+HEADER_LINE = re.compile(r"([!-9;-~]+):(.*)\Z")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+MENU = """
+Menu:
+  a) Mail Sending
+  b) Mail Management
+  c) Exit"""
+MENU_CHOICES = {
+    "a": "send", "1": "send", "mail sending": "send", "sending": "send", "send": "send",
+    "send mail": "send",
+    "b": "manage", "2": "manage", "mail management": "manage", "management": "manage",
+    "manage": "manage",
+    "c": "exit", "3": "exit", "exit": "exit", "quit": "exit", "q": "exit",
+}
+COMPOSE_HELP = """Type the mail: a From: line, a To: line (several addresses separated by commas),
+a Subject: line, then the body. End with a line holding only "."."""
+MANAGE_HINT = "Commands: STAT, LIST, RETR n, DELE n, RSET, SEARCH ..., HELP, QUIT"
+MANAGE_HELP = """Commands (any case):
+  STAT                    number of messages and their total size
+  LIST [n]                size of every message (or of message n)
+  RETR n                  show message n
+  DELE n                  mark message n for deletion (done when you QUIT)
+  RSET                    unmark all messages marked for deletion
+  SEARCH words...         messages whose subject or body holds all the words
+  SEARCH FROM address     messages from that sender (a part of it is enough)
+  SEARCH DATE YYYY-MM-DD  messages received on that day
+  HELP                    this list
+  QUIT                    delete the marked messages, log out and end the program"""
+
+
+def parse_args(argv=None):
+    """Read the command line."""
+    parser = argparse.ArgumentParser(
+        description="Mail client: sends mail by SMTP and manages a mailbox by POP3.")
+    parser.add_argument("server", metavar="SERVER_IP",
+                        help="address or host name of the mail server (IPv6 works too)")
+    parser.add_argument("--smtp-port", type=int, default=DEFAULT_SMTP_PORT,
+                        help="SMTP port (default: %d)" % DEFAULT_SMTP_PORT)
+    parser.add_argument("--pop-port", type=int, default=DEFAULT_POP_PORT,
+                        help="POP3 port (default: %d)" % DEFAULT_POP_PORT)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="seconds to wait for a server (default: %g)" % DEFAULT_TIMEOUT)
+    args = parser.parse_args(argv)
+    for name in ("smtp_port", "pop_port"):
+        if not 1 <= getattr(args, name) <= 65535:
+            parser.error("--%s must be between 1 and 65535" % name.replace("_", "-"))
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    # "[::1]" is how people write an IPv6 address next to a port; sockets want it bare.
+    if args.server.startswith("[") and args.server.endswith("]"):
+        args.server = args.server[1:-1]
+    return args
+
+
+# --------------------------------------------------------------------------
+# Composing mail and checking its format (pure functions)
+# --------------------------------------------------------------------------
+
+class FormatError(ValueError):
+    """A typed mail that breaks the format; the text says which line and what is wrong."""
+
+
+class Message:
+    """A mail that passed the format check, ready to send."""
+
+    def __init__(self, sender, recipients, subject, body):
+        self.sender = sender
+        self.recipients = recipients
+        self.subject = subject
+        self.body = body
+
+    def data_lines(self):
+        """The lines sent after DATA: headers, body dot-stuffed, without the final '.'."""
+        lines = ["From: " + self.sender,
+                 "To: " + ", ".join(self.recipients),
+                 "Subject: " + self.subject]
+        # A body line starting with "." gets one more, so it cannot end DATA early.
+        lines.extend("." + line if line.startswith(".") else line for line in self.body)
+        return lines
+
+
+def valid_address(text):
+    """True for a plain user@domain address an SMTP server can route."""
+    match = ADDRESS.match(text)
+    return bool(match) and len(text) <= MAX_ADDRESS and len(match.group(1)) <= MAX_LOCAL_PART
+
+
+def _header_value(lines, index, name):
+    """The text after 'Name:' on line index (0-based), or FormatError naming the line."""
+    number = index + 1
+    if index >= len(lines):
+        raise FormatError('line %d is missing: it must be the "%s:" line' % (number, name))
+    field, colon, value = lines[index].partition(":")
+    if not colon or field.strip().lower() != name.lower():
+        raise FormatError('line %d must start with "%s:" but is %r' % (number, name, lines[index]))
+    return value.strip()
+
+
+def _address(text, number, role):
+    """One address of line number, checked; <> around it are allowed and dropped."""
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    if not text:
+        raise FormatError("line %d: the %s address is empty" % (number, role))
+    if not valid_address(text):
+        raise FormatError("line %d: %r is not a valid %s address (expected user@domain)"
+                          % (number, text, role))
+    return text
+
+
+def parse_message(lines):
+    """Check a typed mail (the lines before the final '.') and return it as a Message."""
+    for number, line in enumerate(lines, 1):
+        if CONTROL_CHARS.search(line):
+            raise FormatError("line %d contains a control character" % number)
+        if len(line.encode(WIRE_ENCODING, "surrogateescape")) > MAX_TEXT_LINE:
+            raise FormatError("line %d is longer than %d characters" % (number, MAX_TEXT_LINE))
+
+    sender_text = _header_value(lines, 0, "From")
+    if "," in sender_text:
+        raise FormatError("line 1: a mail has exactly one sender address")
+    sender = _address(sender_text, 1, "sender")
+
+    to_text = _header_value(lines, 1, "To")
+    if not to_text:
+        raise FormatError("line 2: there is no recipient address")
+    recipients = []
+    for part in to_text.split(","):
+        address = _address(part.strip(), 2, "recipient")
+        if address.lower() not in (known.lower() for known in recipients):
+            recipients.append(address)
+
+    subject = _header_value(lines, 2, "Subject")
+    if len(subject) > MAX_SUBJECT:
+        raise FormatError("line 3: the subject is %d characters long; at most %d are allowed"
+                          % (len(subject), MAX_SUBJECT))
+
+    body = lines[3:]
+    if not body:
+        raise FormatError('the mail has no body: type at least one line before the final "."')
+    return Message(sender, recipients, subject, body)
+
+
+# --------------------------------------------------------------------------
+# Reading stored mail (pure functions)
+# --------------------------------------------------------------------------
+
+class Summary:
+    """What the mailbox listing shows of one message."""
+
+    def __init__(self, number, sender, received, subject):
+        self.number = number
+        self.sender = sender
+        self.received = received
+        self.subject = subject
+
+
+def decode_text(raw):
+    """Text of a line from a server: UTF-8, or Latin-1 for older 8-bit mail."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def split_message(lines):
+    """Split message lines (text) into ([(name, value)], body lines).
+
+    The course servers store headers with no blank line before the body, so the
+    header block also ends at the first line that is not a header.
+    """
+    headers = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line == "":
+            index += 1
+            break
+        if line[:1] in (" ", "\t") and headers:
+            name, value = headers[-1]
+            headers[-1] = (name, value + " " + line.strip())
+        else:
+            match = HEADER_LINE.match(line)
+            if not match:
+                break
+            headers.append((match.group(1), match.group(2).strip()))
+        index += 1
+    return headers, lines[index:]
+
+
+def header(headers, name):
+    """The first value of a header (case-insensitive name), or None."""
+    for field, value in headers:
+        if field.lower() == name.lower():
+            return value
+    return None
+
+
+def decode_words(value):
+    """A header value with RFC 2047 encoded words (=?utf-8?...?=) made readable."""
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))
+    except (ValueError, LookupError, UnicodeError):
+        return value
+
+
+def received_time(headers):
+    """When the message arrived, as 'YYYY-MM-DD : HH : MM', from Received: (or Date:)."""
+    value = header(headers, "Received")
+    if value:
+        match = COURSE_DATE.search(value)
+        if match:
+            return "%s : %02d : %02d" % (match.group(1), int(match.group(2)), int(match.group(3)))
+        # A standard Received: header ends with "; <RFC 5322 date>".
+        stamp = _parse_date(value.rpartition(";")[2])
+        if stamp:
+            return stamp
+    return _parse_date(header(headers, "Date") or "") or NOT_KNOWN
+
+
+def _parse_date(text):
+    try:
+        when = parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is not None:
+        when = when.astimezone()  # listing times are local, like the course server's
+    return when.strftime("%Y-%m-%d : %H : %M")
+
+
+def summarize(number, lines):
+    """The listing entry of message number from its (header) lines."""
+    headers, _ = split_message(lines)
+    sender = parseaddr(decode_words(header(headers, "From") or ""))[1] or NOT_KNOWN
+    subject = decode_words(header(headers, "Subject") or "")
+    return Summary(number, sender, received_time(headers), subject)
+
+
+def format_listing(summaries):
+    """The listing table: a title row, then 'No. sender received subject' rows, keyed by number."""
+    title = ("No.", "From", "Received", "Subject")
+    rows = [(str(s.number), s.sender, s.received, s.subject or "(no subject)") for s in summaries]
+    widths = [max(len(row[column]) for row in [title] + rows) for column in range(3)]
+
+    def line(row):
+        return ("%*s  %-*s  %-*s  %s" % (widths[0], row[0], widths[1], row[1],
+                                         widths[2], row[2], row[3])).rstrip()
+    return line(title), {s.number: line(row) for s, row in zip(summaries, rows)}
+
+
+def matches_words(words, subject, body):
+    """True when every word occurs, ignoring case, in the subject or the body."""
+    text = "\n".join([subject] + body).casefold()
+    return all(word.casefold() in text for word in words)
+
+
+def matches_sender(query, sender):
+    """True when sender is the address queried, or (without '@') contains the text."""
+    query, sender = query.strip("<>").lower(), sender.lower()
+    return query == sender if "@" in query else query in sender
+
+
+# --------------------------------------------------------------------------
+# Protocol code
+# --------------------------------------------------------------------------
+
+class ClientError(Exception):
+    """A problem shown to the user as one line; the program goes on."""
+
+
+class ServerError(ClientError):
+    """The server refused a command; the text holds its reply."""
+
+
+class LineReader:
+    """Buffered reader of lines (CRLF, or a bare LF from lenient servers) from a socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.scanned = 0  # no newline before this offset: long replies are not rescanned
+
+    def readline(self):
+        """The next line as bytes without its line end; ClientError if the server left."""
+        while True:
+            end = self.buffer.find(b"\n", self.scanned)
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 1]
+                self.scanned = 0
+                return line[:-1] if line.endswith(b"\r") else line
+            self.scanned = len(self.buffer)
+            if self.scanned > MAX_REPLY_LINE:
+                raise ClientError("the server sent a line longer than %d bytes" % MAX_REPLY_LINE)
+            chunk = self.sock.recv(RECV_SIZE)
+            if not chunk:
+                raise ClientError("the server closed the connection")
+            self.buffer += chunk
+
+
+class Connection:
+    """A socket to one server with a timeout on everything and one-line errors."""
+
+    PROTOCOL = "TCP"
+
+    def __init__(self, host, port, timeout):
+        self.where = "%s server %s port %d" % (self.PROTOCOL, host, port)
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except (OSError, UnicodeError) as exc:
+            raise ClientError("cannot connect to the %s: %s" % (self.where, describe(exc)))
+        self.reader = LineReader(self.sock)
+
+    def send_lines(self, lines):
+        """Send text lines, each ended with CRLF, in one write."""
+        data = b"".join(line.encode(WIRE_ENCODING, "surrogateescape") + CRLF for line in lines)
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise ClientError("lost the connection to the %s: %s" % (self.where, describe(exc)))
+
+    def readline(self):
+        """The next line from the server, as bytes."""
+        try:
+            return self.reader.readline()
+        except socket.timeout:
+            raise ClientError("the %s did not answer in time" % self.where)
+        except OSError as exc:
+            raise ClientError("lost the connection to the %s: %s" % (self.where, describe(exc)))
+        except ClientError as exc:
+            raise ClientError("%s (%s)" % (exc, self.where))
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def describe(exc):
+    """A short human reason for a socket error."""
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host (%s)" % (exc.strerror or exc)
+    return exc.strerror or str(exc) or exc.__class__.__name__
+
+
+class SMTPConnection(Connection):
+    """An SMTP session (RFC 5321) that sends one message at a time."""
+
+    PROTOCOL = "SMTP"
+
+    def __init__(self, host, port, timeout):
+        super().__init__(host, port, timeout)
+        self.local_name = socket.gethostname() or "localhost"
+        self.extensions = {}
+        try:
+            code, text = self.reply()
+            if code != 220:
+                raise ServerError("the %s refused the connection: %s" % (self.where, text))
+        except ClientError:
+            self.close()
+            raise
+
+    def reply(self):
+        """Read one reply, continuation lines ('250-') included; return (code, text)."""
+        lines = []
+        while True:
+            line = decode_text(self.readline())
+            code = line[:3]
+            if not code.isdigit() or line[3:4] not in ("-", " ", ""):
+                raise ClientError("the %s sent a malformed reply: %r" % (self.where, line))
+            lines.append(line)
+            if line[3:4] != "-":
+                return int(code), " | ".join(lines)
+
+    def command(self, line):
+        """Send one command and return its reply (code, text)."""
+        self.send_lines([line])
+        return self.reply()
+
+    def expect(self, line, codes, what):
+        """Send a command; ServerError naming what was refused unless the code is in codes."""
+        code, text = self.command(line)
+        if code not in codes:
+            raise ServerError("the server refused %s: %s" % (what, text))
+        return code, text
+
+    def greet(self):
+        """HELO, or EHLO for a server that only knows that."""
+        code, text = self.command("HELO " + self.local_name)
+        if code in UNKNOWN_COMMAND:
+            self.ehlo_or_helo()
+        elif code != 250:
+            raise ServerError("the server refused HELO: %s" % text)
+
+    def ehlo_or_helo(self):
+        """Greet the standard way: EHLO (learning the extensions), HELO if EHLO is unknown."""
+        code, text = self.command("EHLO " + self.local_name)
+        if code == 250:
+            self.extensions = {}
+            for item in text.split(" | ")[1:]:
+                keyword, _, params = item[4:].partition(" ")
+                self.extensions[keyword.upper()] = params
+            return
+        self.expect("HELO " + self.local_name, (250,), "HELO")
+
+    def send_message(self, message):
+        """Run one mail transaction; ServerError (with the reply) on any refusal."""
+        self.greet()
+        code, text = self.command(COURSE_MAIL_FROM % message.sender)
+        rcpt_to = COURSE_RCPT_TO
+        if code in UNKNOWN_COMMAND:
+            # A standard server; EHLO also resets whatever state the refusal left.
+            self.ehlo_or_helo()
+            data_text = "\n".join(message.data_lines())
+            parameters = ""
+            if "8BITMIME" in self.extensions and not _is_ascii(data_text):
+                parameters = " BODY=8BITMIME"
+            self.expect(STANDARD_MAIL_FROM % message.sender + parameters, (250,),
+                        "the sender %s" % message.sender)
+            rcpt_to = STANDARD_RCPT_TO
+        elif code != 250:
+            raise ServerError("the server refused the sender %s: %s" % (message.sender, text))
+        for recipient in message.recipients:
+            self.expect(rcpt_to % recipient, (250, 251), "the recipient %s" % recipient)
+        self.expect("DATA", (354,), "DATA")
+        self.send_lines(message.data_lines() + [END_OF_MESSAGE])
+        code, text = self.reply()
+        if code != 250:
+            raise ServerError("the server refused the mail: %s" % text)
+
+    def quit(self):
+        """Say goodbye and close; the mail is already sent or refused, so errors do not matter."""
+        try:
+            self.sock.settimeout(QUIT_TIMEOUT)
+            self.command("QUIT")
+        except (ClientError, OSError):
+            pass
+        self.close()
+
+
+def _is_ascii(text):
+    try:
+        text.encode("ascii")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+class POP3Connection(Connection):
+    """A POP3 session (RFC 1939): login, then commands with +OK/-ERR replies."""
+
+    PROTOCOL = "POP3"
+
+    def __init__(self, host, port, timeout):
+        super().__init__(host, port, timeout)
+        try:
+            self.greeting = self.status()
+        except ClientError:
+            self.close()
+            raise
+
+    def status(self):
+        """Read a status line; return it if +OK, raise ServerError if -ERR."""
+        line = decode_text(self.readline())
+        if line.startswith("+OK"):
+            return line
+        if line.startswith("-ERR"):
+            raise ServerError(line)
+        raise ClientError("the %s sent a malformed reply: %r" % (self.where, line))
+
+    def command(self, line):
+        """Send one command and return its +OK status line."""
+        self.send_lines([line])
+        return self.status()
+
+    def multiline(self):
+        """The lines of a multi-line reply up to the '.' line, byte-stuffing removed."""
+        lines = []
+        while True:
+            line = self.readline()
+            if line == b".":
+                return lines
+            lines.append(line[1:] if line.startswith(b".") else line)
+
+    def long_command(self, line):
+        """Send a command with a multi-line answer; return (status line, lines as text)."""
+        status = self.command(line)
+        return status, [decode_text(raw) for raw in self.multiline()]
+
+    def login(self, user, password):
+        self.command("USER " + user)
+        return self.command("PASS " + password)
+
+    def stat(self):
+        """(message count, total octets)."""
+        fields = self.command("STAT").split()
+        try:
+            return int(fields[1]), int(fields[2])
+        except (IndexError, ValueError):
+            raise ClientError("the %s sent a malformed STAT reply" % self.where)
+
+    def scan_listing(self, lines):
+        """[(number, octets)] from LIST lines."""
+        result = []
+        for line in lines:
+            fields = line.split()
+            try:
+                result.append((int(fields[0]), int(fields[1])))
+            except (IndexError, ValueError):
+                raise ClientError("the %s sent a malformed LIST line: %r" % (self.where, line))
+        return result
+
+    def quit(self):
+        """End the session (the server deletes the marked messages); return its goodbye."""
+        try:
+            return self.command("QUIT")
+        finally:
+            self.close()
+
+    def abandon(self):
+        """Leave without deleting anything the user marked: RSET, then QUIT, errors ignored."""
+        try:
+            self.sock.settimeout(QUIT_TIMEOUT)
+            self.command("RSET")
+            self.command("QUIT")
+        except (ClientError, OSError):
+            pass
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# The interactive part
+# --------------------------------------------------------------------------
+
+def ask(prompt):
+    """One line typed by the user (EOFError at end of input)."""
+    return input(prompt).rstrip("\r\n")
+
+
+def ask_password(prompt="Password: "):
+    """The password, not echoed on a terminal; a plain line from a pipe."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return ask(prompt)
+
+
+def error(text):
+    print("Error: " + text)
+
+
+class Mailbox:
+    """The mail management commands on a logged-in POP3 session, one do_ method each."""
+
+    def __init__(self, pop):
+        self.pop = pop
+        self.summaries = []
+        self.title = ""
+        self.lines = {}        # number -> listing line
+        self.messages = {}     # number -> text lines, so SEARCH reads each message once
+        self.deleted = set()   # marked in this session; the server forgets them on RSET
+        self.use_top = True
+
+    def load_listing(self):
+        """Read every message's headers (TOP n 0, RETR where TOP is missing)."""
+        _, lines = self.pop.long_command("LIST")
+        self.summaries = []
+        for number, _ in self.pop.scan_listing(lines):
+            self.summaries.append(summarize(number, self.headers_of(number)))
+        self.title, self.lines = format_listing(self.summaries)
+
+    def headers_of(self, number):
+        if self.use_top:
+            try:
+                return self.pop.long_command("TOP %d 0" % number)[1]
+            except ServerError:
+                self.use_top = False  # RFC 1939 makes TOP optional
+        return self.message(number)
+
+    def message(self, number):
+        """The lines of message number (read once per session)."""
+        if number not in self.messages:
+            self.messages[number] = self.pop.long_command("RETR %d" % number)[1]
+        return self.messages[number]
+
+    def show(self, numbers):
+        """Print the listing lines of these messages under the title row."""
+        print(self.title)
+        for number in numbers:
+            print(self.lines[number])
+
+    def show_listing(self):
+        if not self.summaries:
+            print("The mailbox is empty.")
+        else:
+            self.show([s.number for s in self.summaries])
+
+    def run(self):
+        """Read commands until QUIT; True when the program should end."""
+        print(MANAGE_HINT)
+        while True:
+            words = ask("Command: ").split()
+            if not words:
+                continue
+            verb = words[0].upper()
+            handler = getattr(self, "do_" + verb, None) if verb.isalpha() else None
+            if handler is None:
+                error("unknown command %r; type HELP for the list" % words[0])
+                continue
+            try:
+                if handler(words[1:]):
+                    return True
+            except ServerError as exc:
+                error(str(exc))
+
+    def _number(self, args, usage):
+        """The one message number in args, or None after printing the usage."""
+        if len(args) == 1 and args[0].isdigit() and int(args[0]) > 0:
+            return int(args[0])
+        error("usage: " + usage)
+        return None
+
+    def do_HELP(self, args):
+        print(MANAGE_HELP)
+
+    def do_STAT(self, args):
+        count, octets = self.pop.stat()
+        print("%d message%s, %d octets" % (count, "" if count == 1 else "s", octets))
+
+    def do_LIST(self, args):
+        if args:
+            number = self._number(args, "LIST [n]")
+            if number is not None:
+                fields = self.pop.command("LIST %d" % number).split()
+                print("Message %s: %s octets" % tuple((fields + ["?", "?"])[1:3]))
+            return
+        status, lines = self.pop.long_command("LIST")
+        listing = self.pop.scan_listing(lines)
+        if not listing:
+            print("No messages.")
+            return
+        width = max(len("No."), max(len(str(number)) for number, _ in listing))
+        print("%*s  %s" % (width, "No.", "Size"))
+        for number, octets in listing:
+            print("%*d  %d octets" % (width, number, octets))
+
+    def do_RETR(self, args):
+        number = self._number(args, "RETR n")
+        if number is None:
+            return
+        status, lines = self.pop.long_command("RETR %d" % number)
+        self.messages[number] = lines
+        print("----- Message %d -----" % number)
+        for line in lines:
+            print(line)
+        print("----- End of message %d -----" % number)
+
+    def do_DELE(self, args):
+        number = self._number(args, "DELE n")
+        if number is not None:
+            print(self.pop.command("DELE %d" % number))
+            self.deleted.add(number)
+
+    def do_RSET(self, args):
+        print(self.pop.command("RSET"))
+        self.deleted.clear()
+
+    def do_SEARCH(self, args):
+        usage = "SEARCH words... | SEARCH FROM address | SEARCH DATE YYYY-MM-DD"
+        kind = args[0].upper() if args else ""
+        live = [s for s in self.summaries if s.number not in self.deleted]
+        if not args:
+            error("usage: " + usage)
+            return
+        if kind == "FROM" and len(args) == 2:
+            found = [s for s in live if matches_sender(args[1], s.sender)]
+        elif kind == "DATE" and len(args) == 2:
+            try:
+                day = datetime.datetime.strptime(args[1], "%Y-%m-%d").strftime("%Y-%m-%d")
+            except ValueError:
+                error("%r is not a date; write it as YYYY-MM-DD" % args[1])
+                return
+            found = [s for s in live if s.received.startswith(day + " ")]
+        else:
+            found = []
+            for s in live:
+                _, body = split_message(self.message(s.number))
+                if matches_words(args, s.subject, body):
+                    found.append(s)
+        if found:
+            self.show([s.number for s in found])
+        else:
+            print("No message matches.")
+
+    def do_QUIT(self, args):
+        try:
+            print(self.pop.quit())
+        except ServerError as exc:
+            # RFC 1939: -ERR here means some marked messages could not be removed.
+            error(str(exc))
+        return True
+
+
+class MailClient:
+    """The menu: asks who the user is, then sends mail or manages the mailbox."""
+
+    def __init__(self, args):
+        self.args = args
+        self.username = ""
+        self.password = ""
+        self.pop = None
+
+    def run(self):
+        """The whole program; returns the exit code."""
+        self.ask_credentials()
+        while True:
+            print(MENU)
+            choice = " ".join(ask("Your choice: ").lower().split()).rstrip(").")
+            action = MENU_CHOICES.get(choice)
+            if action == "send":
+                self.send_mail()
+            elif action == "manage":
+                if self.manage_mail():
+                    return 0
+            elif action == "exit":
+                print("Goodbye.")
+                return 0
+            else:
+                print("Please choose a, b or c (or 1, 2, 3).")
+
+    def ask_credentials(self):
+        self.username = ""
+        while not self.username:
+            self.username = ask("Username: ").strip()
+        self.password = ask_password()
+
+    def send_mail(self):
+        """Read a mail from the user, check it and send it by SMTP."""
+        print(COMPOSE_HELP)
+        lines = []
+        while True:
+            line = ask("")
+            if line == END_OF_MESSAGE:
+                break
+            lines.append(line)
+        try:
+            message = parse_message(lines)
+        except FormatError as exc:
+            print(INCORRECT_FORMAT)
+            print("  " + str(exc))
+            return
+        try:
+            smtp = SMTPConnection(self.args.server, self.args.smtp_port, self.args.timeout)
+        except ClientError as exc:
+            error(str(exc))
+            return
+        try:
+            smtp.send_message(message)
+        except ClientError as exc:
+            error(str(exc))
+            smtp.quit()
+            return
+        smtp.quit()
+        print(SENT_OK)
+
+    def manage_mail(self):
+        """Log in by POP3 and run the mailbox commands; True when the user QUIT."""
+        try:
+            self.pop = self.login()
+            print(self.pop.greeting)
+            mailbox = Mailbox(self.pop)
+            mailbox.load_listing()
+            mailbox.show_listing()
+            done = mailbox.run()
+            self.pop = None
+            return done
+        except ClientError as exc:
+            error(str(exc))
+        self.close()
+        return False
+
+    def login(self):
+        """A logged-in POP3 session; wrong credentials are asked for again."""
+        pop = None
+        while True:
+            fresh = pop is None
+            if fresh:
+                pop = POP3Connection(self.args.server, self.args.pop_port, self.args.timeout)
+            try:
+                pop.login(self.username, self.password)
+                return pop
+            except ServerError as exc:
+                error("login failed: %s" % exc)
+            except ClientError:
+                pop.close()
+                if fresh:
+                    raise
+                # Some servers hang up after a failed login; try again on a new connection.
+                pop = None
+                continue
+            try:
+                self.ask_credentials()
+            except BaseException:
+                pop.close()
+                raise
+
+    def close(self):
+        """Leave an open POP3 session without deleting anything."""
+        if self.pop is not None:
+            self.pop.abandon()
+            self.pop = None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Show what the server sent even when the console cannot encode it, and
+        # keep prompts and replies in order when the output is a pipe.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace", line_buffering=True)
+    client = MailClient(args)
+    try:
+        return client.run()
+    except EOFError:
+        print()
+        return 0
+    except KeyboardInterrupt:
+        print()
+        return 130
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
