@@ -596,7 +596,16 @@ class POP3Connection(Connection):
 
 def ask(prompt):
     """One line typed by the user (EOFError at end of input)."""
-    return input(prompt).rstrip("\r\n")
+    if sys.stdin is not None and sys.stdin.isatty():
+        return input(prompt)
+    print(prompt, end="", flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    if prompt:
+        # Nobody echoes piped input: end the prompt's line so each reply starts its own.
+        print()
+    return line.rstrip("\r\n")
 
 
 def ask_password(prompt="Password: "):

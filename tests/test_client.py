@@ -1,0 +1,653 @@
+"""Tests of mail_client.py: the real client as a subprocess, fed through pipes, against the servers."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import unittest
+
+from tests import support
+
+ALICE = "alice\nwonderland\n"          # the start-up Username/Password answers
+BOB = "bob\nbuilder\n"
+SENT = "Mail sent successfully"
+INCORRECT = "This is an incorrect format"
+LISTED_DATE = r"\d{4}-\d{2}-\d{2} : \d{2} : \d{2}"
+
+# alice's mailbox for the management tests, in the stored format (contract section 1):
+# message 1 has the body lines "." and "..", stored byte-stuffed as ".." and "...".
+ALICE_MAILBOX = (
+    "From: bob@example.org\n"
+    "To: alice@example.org\n"
+    "Subject: Lunch on Friday\n"
+    "Received: 2026-11-27 : 12 : 30\n"
+    "Shall we meet at noon?\n"
+    "..\n"
+    "...\n"
+    ".\n"
+    "From: carol@example.com\n"
+    "To: alice@example.org\n"
+    "Subject: Exam results\n"
+    "Received: 2026-11-28 : 09 : 05\n"
+    "The results are ONLINE.\n"
+    "Best, Carol\n"
+    ".\n")
+
+
+class Result:
+    """What a finished client run printed."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.lines = stdout.splitlines()
+
+
+def run_client(stdin, smtp_port, pop_port, host="127.0.0.1"):
+    """Run mail_client.py with stdin as its whole input; return a Result."""
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    proc = subprocess.run(
+        [sys.executable, support.CLIENT_SCRIPT, host,
+         "--smtp-port", str(smtp_port), "--pop-port", str(pop_port)],
+        input=stdin.encode("utf-8"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        timeout=support.DEADLINE, env=env, cwd=support.REPO)
+    return Result(proc.returncode, proc.stdout.decode("utf-8", "replace").replace("\r\n", "\n"),
+                  proc.stderr.decode("utf-8", "replace"))
+
+
+def closed_port():
+    """A loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mail(sender="alice@example.org", to="bob@example.org", subject="Lunch", body=("Hi Bob",)):
+    """The menu choice and typed lines of one mail, final '.' included."""
+    return "a\n" + "\n".join(["From: " + sender, "To: " + to, "Subject: " + subject]
+                             + list(body) + ["."]) + "\n"
+
+
+class ClientTestCase(unittest.TestCase):
+
+    def assertClean(self, result):
+        """The client ended by itself with exit code 0 and printed nothing on stderr."""
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(result.stderr, "", result.stdout)
+
+    def assertNoError(self, result):
+        self.assertNotIn("Error", result.stdout)
+
+
+# --------------------------------------------------------------------------
+# Small scripted servers, for what the real ones cannot show
+# --------------------------------------------------------------------------
+
+class FakeServer:
+    """A scripted server on a free loopback port that records every line it receives."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(5)
+        self.port = self.listener.getsockname()[1]
+        self.received = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            conn, _ = self.listener.accept()
+            if self.stopping:
+                conn.close()
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        conn.settimeout(support.DEADLINE)
+        rfile = conn.makefile("rb")
+        try:
+            self.session(conn, rfile)
+        except OSError:
+            pass
+        finally:
+            rfile.close()
+            conn.close()
+
+    def readline(self, rfile):
+        """The next line from the client, recorded; None at EOF."""
+        raw = rfile.readline()
+        if not raw:
+            return None
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        self.received.append(line)
+        return line
+
+    @staticmethod
+    def send(conn, *lines):
+        conn.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
+    def session(self, conn, rfile):
+        """Hang up at once: a server that vanishes."""
+
+    def close(self):
+        self.stopping = True
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            pass
+        self.thread.join(support.DEADLINE)
+        self.listener.close()
+
+
+class StandardSMTPServer(FakeServer):
+    """Speaks only RFC 5321: answers 500 to MAIL_FROM:, like Postfix or aiosmtpd."""
+
+    def session(self, conn, rfile):
+        self.send(conn, "220 fake.example ESMTP")
+        while True:
+            line = self.readline(rfile)
+            if line is None:
+                return
+            verb = line.upper()
+            if verb.startswith("EHLO "):
+                self.send(conn, "250-fake.example", "250-8BITMIME", "250 SIZE 100000")
+            elif verb.startswith("HELO "):
+                self.send(conn, "250 fake.example")
+            elif verb.startswith("MAIL FROM:") or verb.startswith("RCPT TO:"):
+                self.send(conn, "250 2.1.0 Ok")
+            elif verb == "DATA":
+                self.send(conn, "354 End data with <CR><LF>.<CR><LF>")
+                while self.readline(rfile) not in (".", None):
+                    pass
+                self.send(conn, "250 2.0.0 Ok: queued")
+            elif verb == "QUIT":
+                self.send(conn, "221 2.0.0 Bye")
+                return
+            else:
+                self.send(conn, "500 5.5.2 Error: command not recognized")
+
+
+class NoTopPOP3Server(FakeServer):
+    """A minimal RFC 1939 server without the optional TOP command."""
+
+    def __init__(self, messages):
+        self.messages = messages  # lists of lines, not byte-stuffed
+        super().__init__()
+
+    def session(self, conn, rfile):
+        self.send(conn, "+OK fake POP3 ready")
+        sizes = [sum(len(line) + 2 for line in m) for m in self.messages]
+        while True:
+            line = self.readline(rfile)
+            if line is None:
+                return
+            words = line.split()
+            verb = words[0].upper() if words else ""
+            if verb in ("USER", "PASS", "NOOP", "RSET", "DELE"):
+                self.send(conn, "+OK")
+            elif verb == "STAT":
+                self.send(conn, "+OK %d %d" % (len(sizes), sum(sizes)))
+            elif verb == "LIST":
+                self.send(conn, "+OK", *["%d %d" % (i + 1, s) for i, s in enumerate(sizes)] + ["."])
+            elif verb == "RETR":
+                lines = self.messages[int(words[1]) - 1]
+                stuffed = ["." + l if l.startswith(".") else l for l in lines]
+                self.send(conn, "+OK message follows", *stuffed + ["."])
+            elif verb == "QUIT":
+                self.send(conn, "+OK fake POP3 says bye")
+                return
+            else:
+                self.send(conn, "-ERR unknown command")
+
+
+# --------------------------------------------------------------------------
+# Mail Sending
+# --------------------------------------------------------------------------
+
+class SendingTests(ClientTestCase):
+    """Mail Sending against the real SMTP server."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        try:
+            cls.smtp = support.ServerProcess(support.SMTP_SCRIPT, cls.root)
+        except BaseException:
+            support.remove_mail_root(cls.root)
+            raise
+        cls.no_pop = closed_port()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.smtp.close()
+        support.remove_mail_root(cls.root)
+
+    def send(self, text):
+        return run_client(ALICE + text + "c\n", self.smtp.port, self.no_pop)
+
+    def test_good_mail_is_delivered_in_the_stored_format(self):
+        result = self.send(mail(subject="Good mail", body=["first line", "second line"]))
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        self.assertNoError(result)
+        stored = support.read_mailbox(self.root, "bob").decode("utf-8")
+        self.assertRegex(stored, r"From: alice@example.org\nTo: bob@example.org\nSubject: Good mail\n"
+                                 r"Received: \d{4}-\d{2}-\d{2} : \d{2} : \d{2}\n"
+                                 r"first line\nsecond line\n\.\n")
+
+    def test_several_recipients_each_get_a_copy(self):
+        result = self.send(mail(to="alice@example.org, bob@example.org", subject="For you both"))
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        for login in ("alice", "bob"):
+            self.assertIn(b"Subject: For you both\n", support.read_mailbox(self.root, login))
+
+    def test_unknown_recipient_is_an_error_not_a_success(self):
+        result = self.send(mail(to="nobody@example.org", subject="Lost"))
+        self.assertClean(result)
+        self.assertNotIn(SENT, result.stdout)
+        self.assertRegex(result.stdout, r"Error: .*nobody@example.org.*550 No such user")
+
+    def test_one_unknown_recipient_stops_the_whole_mail(self):
+        result = self.send(mail(to="bob@example.org, nobody@example.org", subject="Half lost"))
+        self.assertNotIn(SENT, result.stdout)
+        self.assertIn("550", result.stdout)
+        self.assertNotIn(b"Half lost", support.read_mailbox(self.root, "bob"))
+
+    def test_body_lines_starting_with_a_dot_are_dot_stuffed(self):
+        result = self.send(mail(subject="Dots", body=["..", ".hidden", "end"]))
+        self.assertIn(SENT, result.lines)
+        stored = support.read_mailbox(self.root, "bob").decode("utf-8")
+        # Sent as "..." and ".." and stored stuffed again: the server saw ".." and ".hidden".
+        self.assertIn("Subject: Dots\n", stored)
+        self.assertRegex(stored, r"\n\.\.\.\n\.\.hidden\nend\n\.\n")
+
+    def test_subject_of_150_characters_is_fine(self):
+        subject = "s" * 150
+        result = self.send(mail(subject=subject))
+        self.assertIn(SENT, result.lines)
+        self.assertIn(("Subject: %s\n" % subject).encode(), support.read_mailbox(self.root, "bob"))
+
+    def test_utf8_text_arrives_unchanged(self):
+        result = self.send(mail(subject="Caf\u00e9", body=["Gr\u00fc\u00dfe \u2603"]))
+        self.assertIn(SENT, result.lines)
+        stored = support.read_mailbox(self.root, "bob")
+        self.assertIn("Subject: Caf\u00e9\n".encode("utf-8"), stored)
+        self.assertIn("Gr\u00fc\u00dfe \u2603\n".encode("utf-8"), stored)
+
+    def test_menu_takes_numbers_and_words_in_any_case(self):
+        for choice in ("1", "A", "Mail Sending", "SENDING"):
+            with self.subTest(choice=choice):
+                typed = mail(subject="Chosen by " + choice)[2:]  # drop the "a" choice
+                result = run_client(ALICE + choice + "\n" + typed + "EXIT\n",
+                                    self.smtp.port, self.no_pop)
+                self.assertClean(result)
+                self.assertIn(SENT, result.lines)
+                self.assertIn("Goodbye.", result.lines)
+
+    def test_unknown_menu_choice_repeats_the_menu_with_a_hint(self):
+        result = run_client(ALICE + "d\n3\n", self.smtp.port, self.no_pop)
+        self.assertClean(result)
+        self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
+        self.assertIn("Please choose a, b or c", result.stdout)
+
+
+class FormatCheckTests(ClientTestCase):
+    """A badly formatted mail is refused before any connection (the SMTP port is closed)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.port = closed_port()
+
+    def refused(self, typed, reason):
+        result = run_client(ALICE + "a\n" + typed + "c\n", self.port, self.port)
+        self.assertClean(result)
+        self.assertIn(INCORRECT, result.lines)
+        reason_line = result.lines[result.lines.index(INCORRECT) + 1]
+        self.assertRegex(reason_line, reason)
+        # Nothing was sent: no connection was tried, and the menu came back.
+        self.assertNotIn("cannot connect", result.stdout)
+        self.assertNotIn(SENT, result.stdout)
+        self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
+
+    def test_from_line_missing(self):
+        self.refused("Sender: alice@example.org\nTo: bob@example.org\nSubject: x\nbody\n.\n",
+                     r"line 1 .*From:")
+
+    def test_from_address_invalid(self):
+        self.refused("From: alice\nTo: bob@example.org\nSubject: x\nbody\n.\n",
+                     r"line 1: 'alice' is not a valid sender address")
+
+    def test_from_with_two_addresses(self):
+        self.refused("From: alice@example.org, bob@example.org\nTo: bob@example.org\n"
+                     "Subject: x\nbody\n.\n", r"line 1: .*one sender")
+
+    def test_to_line_missing(self):
+        self.refused("From: alice@example.org\nSubject: x\nbody\n.\n", r"line 2 .*To:")
+
+    def test_to_without_address(self):
+        self.refused("From: alice@example.org\nTo:\nSubject: x\nbody\n.\n", r"line 2: .*no recipient")
+
+    def test_to_with_one_invalid_address(self):
+        self.refused("From: alice@example.org\nTo: bob@example.org, bob@@example\nSubject: x\nbody\n.\n",
+                     r"line 2: 'bob@@example' is not a valid recipient address")
+
+    def test_to_with_an_empty_list_item(self):
+        self.refused("From: alice@example.org\nTo: bob@example.org,\nSubject: x\nbody\n.\n",
+                     r"line 2: .*empty")
+
+    def test_subject_line_missing(self):
+        self.refused("From: alice@example.org\nTo: bob@example.org\nbody\n.\n", r"line 3 .*Subject:")
+
+    def test_subject_longer_than_150_characters(self):
+        self.refused("From: alice@example.org\nTo: bob@example.org\nSubject: %s\nbody\n.\n" % ("s" * 151),
+                     r"line 3: the subject is 151 characters long; at most 150")
+
+    def test_no_body(self):
+        self.refused("From: alice@example.org\nTo: bob@example.org\nSubject: x\n.\n", r"no body")
+
+    def test_nothing_typed(self):
+        self.refused(".\n", r"line 1 is missing")
+
+    def test_body_line_too_long(self):
+        self.refused("From: alice@example.org\nTo: bob@example.org\nSubject: x\n%s\n.\n" % ("b" * 999),
+                     r"line 4 is longer than 998")
+
+
+class FallbackTests(ClientTestCase):
+    """The client also works with standard servers that lack the course extras."""
+
+    def test_standard_smtp_server_gets_mail_from_after_500(self):
+        server = StandardSMTPServer()
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail(to="bob@example.org, carol@example.com",
+                                         body=["Hello", ".dot"]) + "c\n",
+                            server.port, closed_port())
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        got = server.received
+        self.assertEqual(got[1], "MAIL_FROM: <alice@example.org>")
+        self.assertRegex(got[2], r"^(EHLO|HELO) ")
+        self.assertEqual(got[3:6], ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.org>",
+                                    "RCPT TO:<carol@example.com>"])
+        self.assertEqual(got[6:], ["DATA", "From: alice@example.org",
+                                   "To: bob@example.org, carol@example.com", "Subject: Lunch",
+                                   "Hello", "..dot", ".", "QUIT"])
+
+    def test_pop3_server_without_top_is_listed_with_retr(self):
+        server = NoTopPOP3Server([
+            ["From: Bob Builder <bob@example.org>", "To: alice@example.org", "Subject: No TOP here",
+             "Date: Fri, 27 Nov 2026 10:00:00 +0000", "", "Body"],
+        ])
+        self.addCleanup(server.close)
+        result = run_client(ALICE + "b\nQUIT\n", closed_port(), server.port)
+        self.assertClean(result)
+        self.assertIn("+OK fake POP3 ready", result.lines)
+        self.assertRegex(result.stdout, r"\n\s*1  bob@example.org  %s  No TOP here\n" % LISTED_DATE)
+        self.assertIn("TOP 1 0", server.received)
+        self.assertIn("RETR 1", server.received)
+        self.assertIn("+OK fake POP3 says bye", result.lines)
+
+    def test_server_that_hangs_up_gives_one_line_errors(self):
+        server = FakeServer()
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail() + "b\nc\n", server.port, server.port)
+        self.assertClean(result)
+        errors = [line for line in result.lines if "Error:" in line]
+        self.assertEqual(len(errors), 2, result.stdout)
+        for line in errors:
+            self.assertIn("closed the connection", line)
+        self.assertIn("Goodbye.", result.lines)
+
+
+class UnreachableTests(ClientTestCase):
+
+    def test_closed_ports_give_one_line_errors_and_the_menu_goes_on(self):
+        port = closed_port()
+        result = run_client(ALICE + mail() + "b\nc\n", port, port)
+        self.assertClean(result)
+        errors = [line for line in result.lines if "Error:" in line]
+        self.assertEqual(len(errors), 2, result.stdout)
+        self.assertIn("cannot connect to the SMTP server 127.0.0.1 port %d" % port, errors[0])
+        self.assertIn("cannot connect to the POP3 server 127.0.0.1 port %d" % port, errors[1])
+        self.assertNotIn(SENT, result.stdout)
+        self.assertIn("Goodbye.", result.lines)
+
+    def test_unknown_host_name(self):
+        result = run_client(ALICE + mail() + "c\n", 2525, 1110, host="no-such-host.invalid")
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"Error: cannot connect to the SMTP server no-such-host.invalid")
+
+
+# --------------------------------------------------------------------------
+# Mail Management
+# --------------------------------------------------------------------------
+
+class ManagementTests(ClientTestCase):
+    """Mail Management against the real POP3 server, on a freshly written mailbox each test."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        try:
+            cls.pop = support.ServerProcess(support.POP_SCRIPT, cls.root)
+        except BaseException:
+            support.remove_mail_root(cls.root)
+            raise
+        cls.no_smtp = closed_port()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.pop.close()
+        support.remove_mail_root(cls.root)
+
+    def setUp(self):
+        with open(support.mailbox_path(self.root, "alice"), "w", newline="\n") as f:
+            f.write(ALICE_MAILBOX)
+
+    def manage(self, *commands, login=ALICE):
+        """Log in, choose Mail Management and type the commands."""
+        return run_client(login + "b\n" + "".join(c + "\n" for c in commands),
+                          self.no_smtp, self.pop.port)
+
+    def test_login_shows_greeting_and_aligned_listing(self):
+        result = self.manage("QUIT")
+        self.assertClean(result)
+        self.assertNoError(result)
+        self.assertIn("+OK POP3 server is ready", result.lines)
+        rows = [line for line in result.lines if re.match(r"\s*\d+  ", line)]
+        self.assertEqual(len(rows), 2, result.stdout)
+        self.assertRegex(rows[0], r"^\s*1  bob@example.org    2026-11-27 : 12 : 30  Lunch on Friday$")
+        self.assertRegex(rows[1], r"^\s*2  carol@example.com  2026-11-28 : 09 : 05  Exam results$")
+        self.assertEqual(rows[0].index("2026"), rows[1].index("2026"))
+
+    def test_wrong_then_right_password(self):
+        result = self.manage("alice", "wonderland", "QUIT", login="alice\nwrong\n")
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"Error: login failed: -ERR")
+        self.assertEqual(result.stdout.count("Username:"), 2)
+        self.assertIn("Lunch on Friday", result.stdout)
+
+    def test_empty_mailbox(self):
+        os.remove(support.mailbox_path(self.root, "alice"))
+        result = self.manage("STAT", "QUIT")
+        self.assertClean(result)
+        self.assertIn("The mailbox is empty.", result.lines)
+        self.assertIn("0 messages, 0 octets", result.lines)
+
+    def test_stat(self):
+        result = self.manage("stat", "QUIT")
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"\b2 messages, [1-9]\d* octets\n")
+
+    def test_list_all_and_one(self):
+        result = self.manage("LIST", "list 2", "LIST 7", "QUIT")
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"No\.  Size\n\s*1  [1-9]\d* octets\n\s*2  [1-9]\d* octets\n")
+        self.assertRegex(result.stdout, r"Message 2: [1-9]\d* octets\n")
+        self.assertRegex(result.stdout, r"Error: -ERR")
+
+    def test_retr_undoes_byte_stuffing(self):
+        result = self.manage("RETR 1", "QUIT")
+        self.assertClean(result)
+        start = result.lines.index("----- Message 1 -----")
+        end = result.lines.index("----- End of message 1 -----")
+        self.assertEqual(result.lines[start + 1:end][-3:], ["Shall we meet at noon?", ".", ".."])
+        self.assertIn("Subject: Lunch on Friday", result.lines[start + 1:end])
+
+    def test_retr_errors(self):
+        result = self.manage("RETR 9", "RETR", "RETR x", "QUIT")
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"Error: -ERR")
+        self.assertEqual(result.stdout.count("Error: usage: RETR n"), 2)
+
+    def test_dele_and_quit_remove_the_message(self):
+        result = self.manage("DELE 1", "QUIT")
+        self.assertClean(result)
+        self.assertNoError(result)
+        self.assertIn("+OK Thanks for using POP3 server", result.lines)
+        stored = support.read_mailbox(self.root, "alice")
+        self.assertNotIn(b"Lunch on Friday", stored)
+        self.assertIn(b"Subject: Exam results\n", stored)
+
+    def test_quit_ends_the_program(self):
+        result = self.manage("QUIT", "a")
+        self.assertClean(result)
+        self.assertEqual(result.lines[-1].strip(), "+OK Thanks for using POP3 server")
+
+    def test_rset_undeletes(self):
+        result = self.manage("DELE 1", "RSET", "QUIT")
+        self.assertClean(result)
+        self.assertNoError(result)
+        self.assertEqual(support.read_mailbox(self.root, "alice"), ALICE_MAILBOX.encode())
+
+    def test_dele_then_end_of_input_deletes_nothing(self):
+        result = self.manage("DELE 2")
+        self.assertClean(result)
+        self.assertEqual(support.read_mailbox(self.root, "alice"), ALICE_MAILBOX.encode())
+
+    def test_search_words_in_subject_and_body(self):
+        result = self.manage("SEARCH results online", "search LUNCH", "SEARCH noon", "SEARCH bob",
+                             "SEARCH missing", "QUIT")
+        self.assertClean(result)
+        found = [line.split()[0] for line in result.lines if re.match(r"\s*\d+  ", line)][2:]
+        self.assertEqual(found, ["2", "1", "1"])  # "bob" is only in From:, not searched
+        self.assertEqual(result.stdout.count("No message matches."), 2)
+
+    def test_search_from(self):
+        result = self.manage("SEARCH FROM carol@example.com", "search from BOB", "SEARCH FROM eve@x.org",
+                             "QUIT")
+        self.assertClean(result)
+        found = [line.split()[0] for line in result.lines if re.match(r"\s*\d+  ", line)][2:]
+        self.assertEqual(found, ["2", "1"])
+        self.assertEqual(result.stdout.count("No message matches."), 1)
+
+    def test_search_date(self):
+        result = self.manage("SEARCH DATE 2026-11-28", "SEARCH DATE 2026-11-27", "SEARCH DATE 2026-01-01",
+                             "SEARCH DATE 28-11-2026", "QUIT")
+        self.assertClean(result)
+        found = [line.split()[0] for line in result.lines if re.match(r"\s*\d+  ", line)][2:]
+        self.assertEqual(found, ["2", "1"])
+        self.assertEqual(result.stdout.count("No message matches."), 1)
+        self.assertIn("Error: '28-11-2026' is not a date", result.stdout)
+
+    def test_search_skips_deleted_messages(self):
+        result = self.manage("DELE 2", "SEARCH results", "QUIT")
+        self.assertIn("No message matches.", result.lines)
+
+    def test_help_and_unknown_commands(self):
+        result = self.manage("help", "FETCH 1", "SEARCH", "QUIT")
+        self.assertClean(result)
+        for command in ("STAT", "LIST", "RETR n", "DELE n", "RSET", "SEARCH words", "SEARCH FROM",
+                        "SEARCH DATE", "HELP", "QUIT"):
+            self.assertIn(command, result.stdout)
+        self.assertIn("Error: unknown command 'FETCH'", result.stdout)
+        self.assertIn("Error: usage: SEARCH", result.stdout)
+
+
+class EndToEndTests(ClientTestCase):
+    """A mail sent with the client is read back with the client, through both real servers."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        cls.servers = []
+        try:
+            for script in (support.SMTP_SCRIPT, support.POP_SCRIPT):
+                cls.servers.append(support.ServerProcess(script, cls.root))
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for server in cls.servers:
+            server.close()
+        support.remove_mail_root(cls.root)
+
+    def test_sent_mail_is_listed_and_read_with_its_dot_lines(self):
+        smtp, pop = self.servers
+        sent = run_client(ALICE + mail(subject="Round trip", body=["..", ".x", "bye"]) + "c\n",
+                          smtp.port, pop.port)
+        self.assertIn(SENT, sent.lines)
+        result = run_client(BOB + "b\nRETR 1\nQUIT\n", smtp.port, pop.port)
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"\n\s*1  alice@example.org  %s  Round trip\n" % LISTED_DATE)
+        start = result.lines.index("----- Message 1 -----")
+        self.assertEqual(result.lines[start + 1:start + 4],
+                         ["From: alice@example.org", "To: bob@example.org", "Subject: Round trip"])
+        self.assertEqual(result.lines[start + 5:start + 8], ["..", ".x", "bye"])
+
+
+class EndOfInputTests(ClientTestCase):
+    """End of input at every prompt ends the client with exit code 0 and no traceback."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pop = NoTopPOP3Server([["From: bob@example.org", "Subject: Hi", "Hello"]])
+        cls.port = closed_port()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.pop.close()
+
+    def test_every_prompt(self):
+        inputs = {
+            "username": "",
+            "password": "alice\n",
+            "menu": ALICE,
+            "from line": ALICE + "a\n",
+            "mail body": ALICE + "a\nFrom: alice@example.org\nTo: bob@example.org\nSubject: x\nbody\n",
+            "menu after a refused mail": ALICE + "a\n.\n",
+            "mailbox command": ALICE + "b\n",
+            "mailbox command after a command": ALICE + "b\nSTAT\n",
+            "menu without newline": ALICE + "b",
+        }
+        for where, text in inputs.items():
+            with self.subTest(where=where):
+                result = run_client(text, self.port, self.pop.port)
+                self.assertClean(result)
+                self.assertNotIn(SENT, result.stdout)
+
+    def test_username_after_failed_login(self):
+        class Refusing(NoTopPOP3Server):
+            def session(self, conn, rfile):
+                self.send(conn, "+OK hello")
+                while self.readline(rfile) is not None:
+                    self.send(conn, "-ERR no")
+        server = Refusing([])
+        self.addCleanup(server.close)
+        for text in (ALICE + "b\n", ALICE + "b\nalice\n"):
+            with self.subTest(text=text):
+                result = run_client(text, self.port, server.port)
+                self.assertClean(result)
+                self.assertIn("Error: login failed: -ERR no", result.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
