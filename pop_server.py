@@ -58,7 +58,7 @@ CAPABILITIES = ["USER", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINI
 
 AUTHORIZATION, TRANSACTION = "AUTHORIZATION", "TRANSACTION"
 COMMANDS = {
-    AUTHORIZATION: {"USER", "PASS", "QUIT", "CAPA", "NOOP"},
+    AUTHORIZATION: {"USER", "PASS", "QUIT", "CAPA"},
     TRANSACTION: {"STAT", "LIST", "RETR", "DELE", "RSET", "NOOP", "QUIT",
                   "TOP", "UIDL", "CAPA"},
 }
@@ -764,6 +764,8 @@ class Session:
         if index is None:
             return
         text = self.mailbox.top(index, int(lines))
+        if self.server.verbose:
+            log.info("%s S: +OK top of message follows", self.peer)
         self.send(b"+OK top of message follows\r\n" + text.replace(b"\n", b"\r\n") + b".\r\n")
 
     def do_DELE(self, argument):

@@ -1,0 +1,832 @@
+"""Tests of pop_server.py against the contract (section 3) through real sockets."""
+
+import os
+import poplib
+import re
+import shutil
+import smtplib
+import socket
+import threading
+import time
+import unittest
+
+from tests import support
+
+import mailserver_smtp
+
+PASSWORD = "secret pw"          # has a space: the rest of the PASS line is the password
+RECEIVED = "Received: 2026-11-28 : 14 : 05"
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+def stored(subject, body=(b"hello",), sender="alice@example.org", headers=None):
+    """A message as the mailbox stores it: dot-stuffed lines ending in \\n, then '.'."""
+    if headers is None:
+        headers = [b"From: " + sender.encode(), b"To: bob@example.org",
+                   b"Subject: " + subject.encode("utf-8"), RECEIVED.encode()]
+    lines = list(headers) + [line if isinstance(line, bytes) else line.encode("utf-8")
+                             for line in body]
+    stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
+    return b"".join(line + b"\n" for line in stuffed) + b".\n"
+
+
+def wire(message):
+    """What RETR must send after the +OK line for a stored message."""
+    return message[:-2].replace(b"\n", b"\r\n") + b".\r\n"
+
+
+def octets(message):
+    """The RFC 1939 size of a stored message: CRLF line ends, byte-stuffing undone."""
+    lines = message[:-2].split(b"\n")[:-1]
+    return sum(len(line[1:] if line.startswith(b".") else line) + 2 for line in lines)
+
+
+def append_delivered(root, login, data):
+    """Append to a mailbox the way the SMTP server does: under the delivery lock, fsync'd."""
+    path = support.mailbox_path(root, login)
+    with mailserver_smtp.delivery_lock(path):
+        with open(path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Pop:
+    """A raw POP3 client reading exact bytes, for protocol tests."""
+
+    def __init__(self, server, user=None, password=PASSWORD):
+        self.client = server.connect()
+        self.greeting = self.line()
+        if user is not None:
+            assert self.cmd("USER " + user).startswith("+OK")
+            reply = self.cmd("PASS " + password)
+            assert reply.startswith("+OK"), reply
+
+    def raw_line(self):
+        raw = self.client.file.readline()
+        if not raw:
+            raise EOFError("server closed the connection")
+        return raw
+
+    def line(self):
+        return self.raw_line().rstrip(b"\r\n").decode("utf-8", "replace")
+
+    def cmd(self, text):
+        self.client.send(text if isinstance(text, bytes) else text + "\r\n")
+        return self.line()
+
+    def body(self):
+        """The raw lines of a multi-line reply, up to and including '.\\r\\n', joined."""
+        lines = []
+        while True:
+            lines.append(self.raw_line())
+            if lines[-1] == b".\r\n":
+                return b"".join(lines)
+
+    def multi(self, text):
+        """Send a command with a multi-line answer; return (first line, body bytes)."""
+        first = self.cmd(text)
+        return first, (self.body() if first.startswith("+OK") else None)
+
+    def closed(self):
+        return self.client.closed()
+
+    def close(self):
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MailRootCase(unittest.TestCase):
+    """A mail root and one POP3 server for a whole TestCase class; fresh users per test."""
+
+    server_args = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root({})
+        cls.users = 0
+        cls.server = support.ServerProcess(support.POP_SCRIPT, cls.root, *cls.server_args)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        support.remove_mail_root(cls.root)
+
+    def new_user(self, content=None, password=PASSWORD):
+        """Add a user (with a mailbox holding content, when given) and return its login."""
+        type(self).users += 1
+        login = "user%d" % type(self).users
+        os.mkdir(os.path.join(self.root, login))
+        if content is not None:
+            with open(support.mailbox_path(self.root, login), "wb") as f:
+                f.write(content)
+        with open(os.path.join(self.root, "userinfo.txt"), "a") as f:
+            f.write("%s\t%s\n" % (login, password))
+        return login
+
+    def mailbox(self, login):
+        return support.read_mailbox(self.root, login)
+
+    def login(self, login, password=PASSWORD):
+        return Pop(self.server, login, password)
+
+    def wait_unlocked(self, login):
+        """Wait until a new session of login can start (the old one has ended), then end it."""
+        def free():
+            with Pop(self.server) as pop:
+                pop.cmd("USER " + login)
+                reply = pop.cmd("PASS " + PASSWORD)
+                if reply.startswith("+OK"):
+                    pop.cmd("QUIT")
+                    return True
+                self.assertIn("[IN-USE]", reply)
+                return False
+        support.wait_for(free)
+
+
+MESSAGES = [
+    stored("plain", [b"line one", b"line two"]),
+    stored("dots", [b".starts with a dot", b"..two dots", b".", b"middle", b"end."]),
+    stored("8-bit", ["caf\u00e9 \u2603".encode("utf-8"), b"\xff\xfe latin-1 \xe9", b"", b"after blank"]),
+    stored("long", [b"x" * 5000, b"tail"]),
+    stored("", [b""]),
+]
+
+
+# --------------------------------------------------------------------------
+# The dialogue of contract section 3
+# --------------------------------------------------------------------------
+
+class DialogueTest(MailRootCase):
+    """Greeting, USER/PASS, STAT, LIST, RETR, DELE, RSET, NOOP, QUIT, as the contract shows."""
+
+    server_args = ("--verbose",)
+
+    def test_greeting(self):
+        with Pop(self.server) as pop:
+            self.assertEqual(pop.greeting, "+OK POP3 server is ready")
+
+    def test_user_pass_then_stat_counts_every_message(self):
+        login = self.new_user(b"".join(MESSAGES))
+        with Pop(self.server) as pop:
+            self.assertTrue(pop.cmd("USER " + login).startswith("+OK"))
+            self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("+OK"))
+            self.assertEqual(pop.cmd("STAT"), "+OK %d %d" % (
+                len(MESSAGES), sum(octets(m) for m in MESSAGES)))
+
+    def test_wrong_password_then_user_may_be_tried_again(self):
+        login = self.new_user(MESSAGES[0])
+        with Pop(self.server) as pop:
+            pop.cmd("USER " + login)
+            self.assertTrue(pop.cmd("PASS wrong").startswith("-ERR"))
+            self.assertTrue(pop.cmd("STAT").startswith("-ERR"))
+            self.assertTrue(pop.cmd("USER " + login).startswith("+OK"))
+            self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("+OK"))
+            self.assertEqual(pop.cmd("STAT"), "+OK 1 %d" % octets(MESSAGES[0]))
+
+    def test_unknown_user_is_not_told_from_a_wrong_password(self):
+        login = self.new_user()
+        replies = []
+        for user, password in ((login, "wrong"), ("nosuchuser", PASSWORD), ("../etc", PASSWORD)):
+            with Pop(self.server) as pop:
+                replies.append((pop.cmd("USER " + user), pop.cmd("PASS " + password)))
+        self.assertEqual(len(set(replies)), 1, replies)
+        self.assertTrue(replies[0][0].startswith("+OK"))
+        self.assertTrue(replies[0][1].startswith("-ERR"))
+
+    def test_user_name_is_case_insensitive_and_password_exact(self):
+        login = self.new_user()
+        with Pop(self.server) as pop:
+            pop.cmd("USER " + login.upper())
+            self.assertTrue(pop.cmd("PASS " + PASSWORD.upper()).startswith("-ERR"))
+            pop.cmd("USER " + login.upper())
+            self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("+OK"))
+
+    def test_pass_before_user_is_refused(self):
+        with Pop(self.server) as pop:
+            self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("-ERR"))
+
+    def test_commands_before_login_get_err(self):
+        login = self.new_user(MESSAGES[0])
+        with Pop(self.server) as pop:
+            for command in ("STAT", "LIST", "LIST 1", "RETR 1", "DELE 1", "RSET", "NOOP",
+                            "TOP 1 0", "UIDL", "UIDL 1"):
+                self.assertTrue(pop.cmd(command).startswith("-ERR"), command)
+            pop.cmd("USER " + login)
+            self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("+OK"))
+            self.assertTrue(pop.cmd("USER " + login).startswith("-ERR"))
+        self.assertEqual(self.mailbox(login), MESSAGES[0])
+
+    def test_quit_before_login_says_goodbye_and_closes(self):
+        with Pop(self.server) as pop:
+            self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
+            self.assertTrue(pop.closed())
+
+    def test_list_gives_every_size_and_list_n_one(self):
+        login = self.new_user(b"".join(MESSAGES))
+        with self.login(login) as pop:
+            first, body = pop.multi("LIST")
+            self.assertTrue(first.startswith("+OK"))
+            expected = "".join("%d %d\r\n" % (i + 1, octets(m)) for i, m in enumerate(MESSAGES))
+            self.assertEqual(body, (expected + ".\r\n").encode())
+            for i, m in enumerate(MESSAGES):
+                self.assertEqual(pop.cmd("LIST %d" % (i + 1)), "+OK %d %d" % (i + 1, octets(m)))
+            self.assertTrue(pop.cmd("LIST %d" % (len(MESSAGES) + 1)).startswith("-ERR"))
+
+    def test_retr_sends_stored_lines_with_crlf_and_the_dot(self):
+        login = self.new_user(b"".join(MESSAGES))
+        with self.login(login) as pop:
+            for i, m in enumerate(MESSAGES):
+                first, body = pop.multi("RETR %d" % (i + 1))
+                self.assertEqual(first, "+OK %d octets" % octets(m))
+                self.assertEqual(body, wire(m))
+
+    def test_octet_counts_match_what_retr_sends(self):
+        login = self.new_user(b"".join(MESSAGES))
+        with self.login(login) as pop:
+            for i in range(len(MESSAGES)):
+                size = int(pop.cmd("LIST %d" % (i + 1)).split()[2])
+                first, body = pop.multi("RETR %d" % (i + 1))
+                lines = body.split(b"\r\n")[:-2]          # drop the dot line
+                unstuffed = [line[1:] if line.startswith(b".") else line for line in lines]
+                self.assertEqual(size, sum(len(line) + 2 for line in unstuffed))
+                self.assertEqual(first, "+OK %d octets" % size)
+
+    def test_dele_marks_only_and_hides_the_message(self):
+        login = self.new_user(b"".join(MESSAGES[:3]))
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("DELE 2"), "+OK message 2 deleted")
+            self.assertEqual(pop.cmd("STAT"), "+OK 2 %d" % (octets(MESSAGES[0]) + octets(MESSAGES[2])))
+            for command in ("DELE 2", "RETR 2", "LIST 2", "TOP 2 0", "UIDL 2"):
+                self.assertTrue(pop.cmd(command).startswith("-ERR"), command)
+            _, body = pop.multi("LIST")
+            self.assertEqual(body, ("1 %d\r\n3 %d\r\n.\r\n" % (
+                octets(MESSAGES[0]), octets(MESSAGES[2]))).encode())
+            _, body = pop.multi("UIDL")
+            self.assertEqual([line.split()[0] for line in body.splitlines()[:-1]], [b"1", b"3"])
+            self.assertEqual(self.mailbox(login), b"".join(MESSAGES[:3]))   # only marked
+
+    def test_dele_then_quit_removes_exactly_the_marked_messages(self):
+        login = self.new_user(b"".join(MESSAGES))
+        with self.login(login) as pop:
+            pop.cmd("DELE 1")
+            pop.cmd("DELE 4")
+            self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
+            self.assertTrue(pop.closed())
+        self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2] + MESSAGES[4])
+        leftovers = [n for n in os.listdir(os.path.join(self.root, login)) if "new" in n]
+        self.assertEqual(leftovers, [])
+
+    def test_dele_rset_quit_keeps_everything(self):
+        login = self.new_user(b"".join(MESSAGES))
+        with self.login(login) as pop:
+            pop.cmd("DELE 1")
+            pop.cmd("DELE 2")
+            self.assertEqual(pop.cmd("RSET"), "+OK maildrop has %d messages (%d octets)" % (
+                len(MESSAGES), sum(octets(m) for m in MESSAGES)))
+            self.assertEqual(pop.cmd("STAT").split()[1], str(len(MESSAGES)))
+            first, body = pop.multi("RETR 1")
+            self.assertEqual(body, wire(MESSAGES[0]))
+            pop.cmd("QUIT")
+        self.assertEqual(self.mailbox(login), b"".join(MESSAGES))
+
+    def test_dele_then_dropped_connection_deletes_nothing(self):
+        login = self.new_user(b"".join(MESSAGES))
+        pop = self.login(login)
+        pop.cmd("DELE 1")
+        pop.cmd("DELE 2")
+        pop.close()
+        self.wait_unlocked(login)
+        self.assertEqual(self.mailbox(login), b"".join(MESSAGES))
+
+    def test_quit_without_deletions_does_not_rewrite(self):
+        login = self.new_user(b"".join(MESSAGES))
+        before = os.stat(support.mailbox_path(self.root, login)).st_ino
+        with self.login(login) as pop:
+            pop.cmd("RETR 1")
+            pop.body()
+            self.assertTrue(pop.cmd("QUIT").startswith("+OK"))
+        self.assertEqual(os.stat(support.mailbox_path(self.root, login)).st_ino, before)
+
+    def test_deleting_every_message_leaves_an_empty_mailbox(self):
+        login = self.new_user(b"".join(MESSAGES[:2]))
+        with self.login(login) as pop:
+            pop.cmd("DELE 1")
+            pop.cmd("DELE 2")
+            self.assertEqual(pop.cmd("STAT"), "+OK 0 0")
+            pop.cmd("QUIT")
+        self.assertEqual(self.mailbox(login), b"")
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("STAT"), "+OK 0 0")
+
+    def test_absent_mailbox_file_is_an_empty_maildrop(self):
+        login = self.new_user()
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("STAT"), "+OK 0 0")
+            self.assertEqual(pop.multi("LIST")[1], b".\r\n")
+            self.assertTrue(pop.cmd("RETR 1").startswith("-ERR"))
+            self.assertTrue(pop.cmd("QUIT").startswith("+OK"))
+
+    def test_noop(self):
+        login = self.new_user()
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("NOOP"), "+OK")
+
+    def test_commands_are_case_insensitive(self):
+        login = self.new_user(MESSAGES[0])
+        with Pop(self.server) as pop:
+            self.assertTrue(pop.cmd("user " + login).startswith("+OK"))
+            self.assertTrue(pop.cmd("Pass " + PASSWORD).startswith("+OK"))
+            self.assertEqual(pop.cmd("stat"), "+OK 1 %d" % octets(MESSAGES[0]))
+
+    def test_second_session_of_a_user_gets_in_use_at_once(self):
+        login = self.new_user(MESSAGES[0])
+        with self.login(login) as first:
+            with Pop(self.server) as second:
+                second.cmd("USER " + login)
+                started = time.monotonic()
+                reply = second.cmd("PASS " + PASSWORD)
+                self.assertLess(time.monotonic() - started, 2)
+                self.assertTrue(reply.startswith("-ERR [IN-USE]"), reply)
+                self.assertEqual(first.cmd("STAT"), "+OK 1 %d" % octets(MESSAGES[0]))
+                first.cmd("QUIT")
+                self.assertTrue(first.closed())
+                # The same connection may log in once the first session is over.
+                second.cmd("USER " + login)
+                self.assertTrue(second.cmd("PASS " + PASSWORD).startswith("+OK"))
+
+    def test_other_users_are_not_locked_out(self):
+        one, two = self.new_user(MESSAGES[0]), self.new_user(MESSAGES[1])
+        with self.login(one), self.login(two) as pop:
+            self.assertEqual(pop.cmd("STAT"), "+OK 1 %d" % octets(MESSAGES[1]))
+
+    def test_verbose_log_masks_the_password(self):
+        login = self.new_user()
+        with self.login(login) as pop:
+            pop.cmd("QUIT")
+        self.server.wait_for_output(r"user %s, \d+ commands, quit" % login)
+        output = self.server.output()
+        self.assertIn("PASS ****", output)
+        self.assertNotIn(PASSWORD, output)
+        self.assertNotIn("Traceback", output)
+
+    def test_poplib_is_a_working_client(self):
+        # poplib refuses lines over 2048 octets, so the long-line message is left out here.
+        messages = MESSAGES[:3] + MESSAGES[4:] + MESSAGES[:1]
+        login = self.new_user(b"".join(messages))
+        client = poplib.POP3(self.server.host, self.server.port, timeout=support.DEADLINE)
+        try:
+            self.assertEqual(client.getwelcome(), b"+OK POP3 server is ready")
+            self.assertIn("UIDL", client.capa())
+            client.user(login)
+            client.pass_(PASSWORD)
+            self.assertEqual(client.stat(), (len(messages), sum(octets(m) for m in messages)))
+            _, listing, _ = client.list()
+            self.assertEqual(listing, [b"%d %d" % (i + 1, octets(m)) for i, m in enumerate(messages)])
+            for i, m in enumerate(messages):
+                reply, lines, size = client.retr(i + 1)
+                self.assertEqual(reply, b"+OK %d octets" % octets(m))
+                unstuffed = [line[1:] if line.startswith(b".") else line
+                             for line in m[:-2].split(b"\n")[:-1]]
+                self.assertEqual(lines, unstuffed)
+                self.assertEqual(sum(len(line) + 2 for line in lines), octets(m))
+            _, top, _ = client.top(2, 1)
+            self.assertEqual(top[-1], b".starts with a dot")
+            _, uids, _ = client.uidl()
+            self.assertEqual(len(set(u.split()[1] for u in uids)), len(messages))
+            client.dele(3)
+            self.assertEqual(client.quit(), b"+OK Thanks for using POP3 server")
+        finally:
+            client.close()
+        self.assertEqual(self.mailbox(login), b"".join(messages[:2] + messages[3:]))
+
+    def test_quit_answers_err_and_keeps_the_file_when_the_rewrite_fails(self):
+        login = self.new_user(b"".join(MESSAGES))
+        blocker = os.path.join(self.root, login, ".my_mailbox.new")
+        os.mkdir(blocker)               # the new mailbox cannot be created
+        try:
+            with self.login(login) as pop:
+                pop.cmd("DELE 1")
+                self.assertTrue(pop.cmd("QUIT").startswith("-ERR"))
+                self.assertTrue(pop.closed())
+        finally:
+            os.rmdir(blocker)
+        self.assertEqual(self.mailbox(login), b"".join(MESSAGES))
+        self.wait_unlocked(login)
+
+
+class ExtensionTest(MailRootCase):
+    """CAPA, TOP, UIDL (RFC 2449, RFC 1939 optional commands) and pipelining."""
+
+    def test_capa_in_both_states(self):
+        login = self.new_user()
+        with Pop(self.server) as pop:
+            for _ in range(2):
+                first, body = pop.multi("CAPA")
+                self.assertTrue(first.startswith("+OK"))
+                names = [line.split()[0] for line in body.decode().split("\r\n")[:-2]]
+                for name in ("USER", "TOP", "UIDL", "RESP-CODES", "PIPELINING"):
+                    self.assertIn(name, names)
+                pop.cmd("USER " + login)
+                pop.cmd("PASS " + PASSWORD)
+
+    def test_top_sends_headers_and_n_body_lines(self):
+        message = stored("top", [b"one", b".two", b"three"])
+        login = self.new_user(message)
+        headers = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: top\r\n" \
+                  + RECEIVED.encode() + b"\r\n"
+        with self.login(login) as pop:
+            self.assertEqual(pop.multi("TOP 1 0")[1], headers + b".\r\n")
+            self.assertEqual(pop.multi("TOP 1 2")[1], headers + b"one\r\n..two\r\n.\r\n")
+            self.assertEqual(pop.multi("TOP 1 99")[1], wire(message))
+
+    def test_top_keeps_the_blank_line_of_an_rfc5322_message(self):
+        message = stored("", [b"body 1", b"body 2"], headers=[
+            b"From: x@example.org", b"Subject: folded", b"  continued", b"X-Other: 1", b""])
+        login = self.new_user(message)
+        with self.login(login) as pop:
+            self.assertEqual(pop.multi("TOP 1 0")[1],
+                             b"From: x@example.org\r\nSubject: folded\r\n  continued\r\n"
+                             b"X-Other: 1\r\n\r\n.\r\n")
+            self.assertEqual(pop.multi("TOP 1 1")[1],
+                             b"From: x@example.org\r\nSubject: folded\r\n  continued\r\n"
+                             b"X-Other: 1\r\n\r\nbody 1\r\n.\r\n")
+
+    def test_uidl_ids_are_unique_and_well_formed(self):
+        login = self.new_user(b"".join(MESSAGES + MESSAGES))
+        with self.login(login) as pop:
+            first, body = pop.multi("UIDL")
+            self.assertTrue(first.startswith("+OK"))
+            rows = [line.split() for line in body.decode().split("\r\n")[:-2]]
+            self.assertEqual([int(r[0]) for r in rows], list(range(1, 2 * len(MESSAGES) + 1)))
+            ids = [r[1] for r in rows]
+            self.assertEqual(len(set(ids)), len(ids))
+            for uid in ids:
+                self.assertRegex(uid, r"\A[\x21-\x7e]{1,70}\Z")
+            self.assertEqual(pop.cmd("UIDL 3"), "+OK 3 " + ids[2])
+
+    def uids(self, login):
+        with self.login(login) as pop:
+            _, body = pop.multi("UIDL")
+            pop.cmd("QUIT")
+        return [line.split()[1] for line in body.decode().split("\r\n")[:-2]]
+
+    def test_uidl_is_the_same_in_every_session(self):
+        login = self.new_user(b"".join(MESSAGES))
+        first = self.uids(login)
+        self.assertEqual(self.uids(login), first)
+        append_delivered(self.root, login, MESSAGES[0])
+        again = self.uids(login)
+        self.assertEqual(again[:-1], first)
+        self.assertNotIn(again[-1], first)
+
+    def test_uidl_after_deleting_the_first_of_two_identical_messages(self):
+        twin = stored("twin", [b"same"])
+        login = self.new_user(twin + twin + MESSAGES[0])
+        before = self.uids(login)
+        with self.login(login) as pop:
+            pop.cmd("DELE 1")
+            pop.cmd("QUIT")
+        after = self.uids(login)
+        self.assertEqual(after, before[1:])
+        # A third identical message delivered later must not get a used id.
+        append_delivered(self.root, login, twin)
+        latest = self.uids(login)
+        self.assertEqual(latest[:2], before[1:])
+        self.assertNotIn(latest[2], before)
+
+    def test_uidl_survives_a_lost_sidecar_without_reusing_ids(self):
+        login = self.new_user(b"".join(MESSAGES[:2]))
+        before = self.uids(login)
+        os.remove(os.path.join(self.root, login, ".my_mailbox.uidl"))
+        after = self.uids(login)
+        self.assertEqual(len(set(after)), 2)
+        self.assertFalse(set(before) & set(after))
+
+    def test_pipelined_commands_are_answered_in_order(self):
+        login = self.new_user(b"".join(MESSAGES))
+        with Pop(self.server) as pop:
+            commands = ["USER " + login, "PASS " + PASSWORD, "STAT", "LIST 2", "RETR 1",
+                        "BOGUS", "DELE 1", "NOOP", "RETR 1", "QUIT"]
+            pop.client.send("".join(c + "\r\n" for c in commands))
+            self.assertTrue(pop.line().startswith("+OK"))
+            self.assertTrue(pop.line().startswith("+OK"))
+            self.assertTrue(pop.line().startswith("+OK %d " % len(MESSAGES)))
+            self.assertEqual(pop.line(), "+OK 2 %d" % octets(MESSAGES[1]))
+            self.assertEqual(pop.line(), "+OK %d octets" % octets(MESSAGES[0]))
+            self.assertEqual(pop.body(), wire(MESSAGES[0]))
+            self.assertTrue(pop.line().startswith("-ERR"))
+            self.assertEqual(pop.line(), "+OK message 1 deleted")
+            self.assertEqual(pop.line(), "+OK")
+            self.assertTrue(pop.line().startswith("-ERR"))
+            self.assertEqual(pop.line(), "+OK Thanks for using POP3 server")
+            self.assertTrue(pop.closed())
+        self.assertEqual(self.mailbox(login), b"".join(MESSAGES[1:]))
+
+    def test_torn_last_message_is_not_served_and_its_bytes_are_kept(self):
+        torn = b"From: x@example.org\nSubject: cut\nhalf a bo"
+        login = self.new_user(MESSAGES[0] + MESSAGES[1] + torn)
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("STAT"), "+OK 2 %d" % (octets(MESSAGES[0]) + octets(MESSAGES[1])))
+            self.assertEqual(pop.multi("RETR 2")[1], wire(MESSAGES[1]))
+            self.assertTrue(pop.cmd("RETR 3").startswith("-ERR"))
+            pop.cmd("DELE 1")
+            self.assertTrue(pop.cmd("QUIT").startswith("+OK"))
+        self.assertEqual(self.mailbox(login), MESSAGES[1] + torn)
+
+
+class BadInputTest(MailRootCase):
+    """Bad input gets -ERR; the session and the server go on."""
+
+    def test_bad_commands_get_err_and_the_session_goes_on(self):
+        login = self.new_user(b"".join(MESSAGES[:2]))
+        bad = [b"RETR 99999999999999999999", b"LIST -1", b"TOP 1 -5", b"TOP 1", b"TOP x 1",
+               b"RETR 0", b"RETR 3", b"RETR", b"RETR abc", b"RETR 1 2", b"DELE", b"DELE -1",
+               "RETR \u0661".encode("utf-8"), b"UIDL 99999999999", b"LIST 1.0",
+               b"XYZZY", b"", b"   ", b"\x00", b"ST\x00AT", b"\xff\xfe\xfd", b"RETR \xc3(",
+               b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"GET / HTTP/1.1"]
+        with self.login(login) as pop:
+            for command in bad:
+                self.assertTrue(pop.cmd(command + b"\r\n").startswith("-ERR"), command)
+                self.assertEqual(pop.cmd("NOOP"), "+OK")
+            self.assertEqual(pop.cmd("STAT").split()[1], "2")
+            pop.cmd("QUIT")
+        self.assertEqual(self.mailbox(login), b"".join(MESSAGES[:2]))
+        self.assertNotIn("Traceback", self.server.output())
+
+    def test_lines_over_255_octets_get_err(self):
+        login = self.new_user(MESSAGES[0])
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("NOOP" + " " * 249), "+OK")             # 255 with CRLF
+            self.assertTrue(pop.cmd("NOOP" + " " * 250).startswith("-ERR"))
+            self.assertTrue(pop.cmd(b"RETR 1" + b"x" * 100000 + b"\r\n").startswith("-ERR"))
+            self.assertEqual(pop.cmd("NOOP"), "+OK")
+            self.assertTrue(pop.cmd("USER " + "a" * 300).startswith("-ERR"))
+            self.assertEqual(pop.multi("RETR 1")[1], wire(MESSAGES[0]))
+
+    def test_bare_lf_line_ends_work(self):
+        login = self.new_user(MESSAGES[0])
+        with Pop(self.server) as pop:
+            pop.client.send("USER %s\nPASS %s\nSTAT\n" % (login, PASSWORD))
+            self.assertTrue(pop.line().startswith("+OK"))
+            self.assertTrue(pop.line().startswith("+OK"))
+            self.assertEqual(pop.line(), "+OK 1 %d" % octets(MESSAGES[0]))
+
+    def test_repeated_failed_logins_are_slowed_down_then_closed(self):
+        login = self.new_user()
+        with Pop(self.server) as pop:
+            started = time.monotonic()
+            replies = []
+            for _ in range(10):
+                try:
+                    pop.cmd("USER " + login)
+                    replies.append(pop.cmd("PASS wrong"))
+                except (EOFError, OSError):
+                    break
+            elapsed = time.monotonic() - started
+            self.assertTrue(pop.closed())
+        self.assertTrue(2 <= len(replies) <= 6, replies)
+        self.assertTrue(all(r.startswith("-ERR") for r in replies))
+        self.assertGreater(elapsed, 0.3)     # failures from the third on wait before replying
+
+    def test_client_that_vanishes_mid_command_leaves_the_server_working(self):
+        login = self.new_user(MESSAGES[0])
+        for data in (b"USER " + login.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\nRETR",
+                     b"\xff" * 1000, b"USER x"):
+            with Pop(self.server) as pop:
+                pop.client.send(data)
+        self.wait_unlocked(login)
+        with self.login(login) as pop:
+            self.assertEqual(pop.multi("RETR 1")[1], wire(MESSAGES[0]))
+
+
+class LimitsTest(MailRootCase):
+    """Idle timeout and the connection limit."""
+
+    server_args = ("--timeout", "1", "--max-connections", "3")
+
+    def test_idle_session_is_closed_and_deletes_nothing(self):
+        login = self.new_user(b"".join(MESSAGES[:2]))
+        pop = self.login(login)
+        pop.cmd("DELE 1")
+        started = time.monotonic()
+        self.assertTrue(pop.closed())         # blocks until the server gives up on us
+        self.assertLess(time.monotonic() - started, support.DEADLINE)
+        pop.close()
+        self.wait_unlocked(login)
+        self.assertEqual(self.mailbox(login), b"".join(MESSAGES[:2]))
+        self.server.wait_for_output(r"user %s, \d+ commands, timed out" % login)
+
+    def test_one_connection_too_many_gets_sys_temp_and_is_closed(self):
+        clients = [Pop(self.server) for _ in range(3)]
+        try:
+            extra = self.server.connect()
+            self.assertRegex(extra.line(), r"^-ERR \[SYS/TEMP\]")
+            self.assertTrue(extra.closed())
+            extra.close()
+        finally:
+            for pop in clients:
+                pop.close()
+        # Slots come back once the sessions end.
+        def served():
+            with Pop(self.server) as pop:
+                return pop.greeting.startswith("+OK")
+        support.wait_for(lambda: self._try(served))
+
+    @staticmethod
+    def _try(check):
+        try:
+            return check()
+        except (EOFError, OSError):
+            return False
+
+
+# --------------------------------------------------------------------------
+# Crashes, signals, addresses
+# --------------------------------------------------------------------------
+
+class ProcessTest(unittest.TestCase):
+    """Each test runs its own server processes."""
+
+    def setUp(self):
+        self.root = support.make_mail_root({"alice": PASSWORD})
+        self.servers = []
+
+    def tearDown(self):
+        for server in self.servers:
+            server.close()
+        support.remove_mail_root(self.root)
+
+    def start(self, *args, host="127.0.0.1"):
+        server = support.ServerProcess(support.POP_SCRIPT, self.root, *args, host=host)
+        self.servers.append(server)
+        return server
+
+    def test_kill_9_mid_session_leaves_no_lock_and_an_intact_mailbox(self):
+        content = b"".join(MESSAGES)
+        with open(support.mailbox_path(self.root, "alice"), "wb") as f:
+            f.write(content)
+        server = self.start()
+        pop = Pop(server, "alice")
+        pop.cmd("DELE 1")
+        pop.cmd("DELE 2")
+        server.kill()
+        pop.close()
+        again = self.start()
+        with Pop(again, "alice") as pop:       # asserts the login is accepted at once
+            self.assertEqual(pop.cmd("STAT").split()[1], str(len(MESSAGES)))
+        self.assertEqual(support.read_mailbox(self.root, "alice"), content)
+
+    def test_sigterm_exits_cleanly(self):
+        server = self.start()
+        pop = Pop(server, "alice")
+        self.assertEqual(server.terminate(), 0)
+        pop.close()
+        self.assertIn("listening on 127.0.0.1 port %d" % server.port, server.output())
+        self.assertNotIn("Traceback", server.output())
+
+    def test_ipv6_loopback(self):
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        server = self.start(host="::1")
+        self.assertIn("listening on ::1 port", server.output())
+        with Pop(server, "alice") as pop:
+            self.assertEqual(pop.cmd("STAT"), "+OK 0 0")
+
+    def test_help_and_bad_arguments(self):
+        import subprocess
+        import sys
+        done = subprocess.run([sys.executable, support.POP_SCRIPT, "--help"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=support.DEADLINE)
+        self.assertEqual(done.returncode, 0)
+        for option in (b"--host", b"--root", b"--timeout", b"--max-connections", b"--verbose"):
+            self.assertIn(option, done.stdout)
+        done = subprocess.run([sys.executable, support.POP_SCRIPT, "99999"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=support.DEADLINE)
+        self.assertEqual(done.returncode, 2)
+        self.assertNotIn(b"Traceback", done.stderr)
+
+
+# --------------------------------------------------------------------------
+# Delivery during a session, many users
+# --------------------------------------------------------------------------
+
+class ConcurrencyTest(MailRootCase):
+    """SMTP delivering while a session deletes and quits; many users at once."""
+
+    def test_mail_appended_during_a_deleting_session_survives(self):
+        original = [stored("old %d" % i, [b"body %d" % i]) for i in range(6)]
+        login = self.new_user(b"".join(original))
+        new = [stored("new %d" % i, [b"x" * (i * 37 % 500), b".dot %d" % i]) for i in range(60)]
+        delivered = threading.Event()
+        halfway = threading.Event()
+
+        def deliver():
+            for i, message in enumerate(new):
+                append_delivered(self.root, login, message)
+                if i == 20:
+                    halfway.set()
+            delivered.set()
+
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("STAT").split()[1], "6")
+            thread = threading.Thread(target=deliver)
+            thread.start()
+            try:
+                self.assertTrue(halfway.wait(support.DEADLINE))
+                for n in (1, 3, 6):
+                    pop.cmd("DELE %d" % n)
+                self.assertEqual(pop.cmd("STAT").split()[1], "3")    # the login snapshot
+                self.assertTrue(pop.cmd("QUIT").startswith("+OK"))
+            finally:
+                thread.join(support.DEADLINE)
+        self.assertTrue(delivered.is_set())
+        kept = [original[1], original[3], original[4]]
+        self.assertEqual(self.mailbox(login), b"".join(kept + new))
+
+    def test_smtp_server_delivering_during_a_deleting_session(self):
+        login = self.new_user(b"".join(MESSAGES[:3]))
+        try:
+            smtp_server = support.ServerProcess(support.SMTP_SCRIPT, self.root)
+        except AssertionError as exc:
+            self.skipTest("the SMTP server does not run yet: %s" % str(exc)[:200])
+        try:
+            def send(count, tag):
+                client = smtplib.SMTP(smtp_server.host, smtp_server.port, timeout=support.DEADLINE)
+                try:
+                    client.helo("test.example")
+                    for i in range(count):
+                        client.sendmail("alice@example.org", ["%s@example.org" % login],
+                                        "From: alice@example.org\r\nTo: %s@example.org\r\n"
+                                        "Subject: %s %d\r\n\r\n.leading dot\r\nbody\r\n" % (login, tag, i))
+                    client.quit()
+                except smtplib.SMTPException as exc:
+                    self.skipTest("the SMTP server does not accept mail yet: %s" % exc)
+
+            send(2, "before")
+            with self.login(login) as pop:
+                count = int(pop.cmd("STAT").split()[1])
+                self.assertEqual(count, 5)
+                sender = threading.Thread(target=send, args=(15, "during"))
+                sender.start()
+                pop.cmd("DELE 1")
+                pop.cmd("DELE 4")
+                time.sleep(0)          # let the deliveries interleave with the rewrite
+                self.assertTrue(pop.cmd("QUIT").startswith("+OK"))
+                sender.join(support.DEADLINE)
+            send(1, "after")
+        finally:
+            smtp_server.close()
+        data = self.mailbox(login)
+        self.assertTrue(data.startswith(MESSAGES[1] + MESSAGES[2]), data[:300])
+        self.assertNotIn(MESSAGES[0], data)
+        subjects = re.findall(rb"^Subject: (\w+ \d+)$", data, re.M)
+        self.assertEqual(sorted(subjects), sorted(
+            [b"before 1"] + [b"during %d" % i for i in range(15)] + [b"after 0"]))
+        self.assertEqual(data.count(b"\n.\n") + data.startswith(b".\n"), 2 + 17)
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("STAT").split()[1], "19")
+
+    def test_twenty_users_at_once(self):
+        logins = [self.new_user(b"".join(stored("%d-%d" % (u, i), [b"for %d" % u]) for i in range(5)))
+                  for u in range(20)]
+        barrier = threading.Barrier(20)
+        failures = []
+
+        def session(login):
+            try:
+                client = poplib.POP3(self.server.host, self.server.port, timeout=support.DEADLINE)
+                client.user(login)
+                client.pass_(PASSWORD)
+                barrier.wait(support.DEADLINE)        # all twenty logged in together
+                for i in range(5):
+                    client.retr(i + 1)
+                client.dele(2)
+                client.quit()
+            except Exception as exc:       # reported by the main thread
+                failures.append((login, exc))
+
+        threads = [threading.Thread(target=session, args=(login,)) for login in logins]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(support.DEADLINE)
+        self.assertEqual(failures, [])
+        for u, login in enumerate(logins):
+            self.assertEqual(self.mailbox(login), b"".join(
+                stored("%d-%d" % (u, i), [b"for %d" % u]) for i in (0, 2, 3, 4)))
+
+
+if __name__ == "__main__":
+    unittest.main()
