@@ -13,9 +13,11 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
+import _thread
 
 try:
     import fcntl
@@ -182,28 +184,20 @@ class FileLock:
         if not self._thread_lock.acquire(blocking):
             return False
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            self._thread_lock.release()
-            raise
-        try:
-            if not _lock_fd(fd, blocking):
-                os.close(fd)
-                self._thread_lock.release()
-                return False
+            if self._fd is None:    # opened once, then kept: two system calls fewer per use
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            if _lock_fd(self._fd, blocking):
+                return True
         except BaseException:
-            os.close(fd)
             self._thread_lock.release()
             raise
-        self._fd = fd
-        return True
+        self._thread_lock.release()
+        return False
 
     def release(self):
-        fd, self._fd = self._fd, None
         try:
-            _unlock_fd(fd)
+            _unlock_fd(self._fd)
         finally:
-            os.close(fd)
             self._thread_lock.release()
 
     def __enter__(self):
@@ -243,3 +237,660 @@ def _unlock_fd(fd):
 def delivery_lock(mailbox_path):
     """The lock every writer of a mailbox file (SMTP append, POP3 rewrite) holds."""
     return FileLock(os.path.join(os.path.dirname(mailbox_path), DELIVERY_LOCK_NAME))
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _open_mailbox(path):
+    """Open a mailbox for appending, creating it (durably) when it is absent."""
+    flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        fd = os.open(path, flags | os.O_CREAT, 0o600)
+        _fsync_directory(os.path.dirname(path))
+        return fd
+
+
+def _fsync_directory(path):
+    """Make a new directory entry durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _torn_tail_seal(fd):
+    """What to write first so a new message never glues onto a torn last message."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if size == 0:
+        return b""
+    os.lseek(fd, max(0, size - 3), os.SEEK_SET)
+    tail = os.read(fd, 3)
+    if tail == b"\n.\n" or (size == 2 and tail == b".\n"):
+        return b""
+    return (b"" if tail.endswith(b"\n") else b"\n") + b".\n"
+
+
+def deliver(message, mailbox_paths):
+    """Append one stored-form message to every mailbox; return once it is on disk in all.
+
+    All the mailboxes are locked (in a fixed order, so two deliveries cannot
+    deadlock) for the whole write, so that on any error each one can be cut
+    back to its old size: a message is in every mailbox or in none.
+    """
+    locks = [delivery_lock(path) for path in sorted(set(mailbox_paths))]
+    written = []
+    for lock in locks:
+        lock.acquire()
+    try:
+        try:
+            for lock in locks:
+                fd = _open_mailbox(os.path.join(os.path.dirname(lock.path), MAILBOX_NAME))
+                written.append((fd, os.lseek(fd, 0, os.SEEK_END)))
+                _write_all(fd, _torn_tail_seal(fd) + message)
+            for fd, _ in written:
+                os.fsync(fd)
+        except OSError:
+            for fd, old_size in written:
+                try:
+                    os.ftruncate(fd, old_size)
+                    os.fsync(fd)
+                except OSError:
+                    log.exception("could not undo a partial delivery to fd %d", fd)
+            raise
+    finally:
+        for fd, _ in written:
+            os.close(fd)
+        for lock in reversed(locks):
+            lock.release()
+
+
+# --------------------------------------------------------------------------
+# Message parsing: from SMTP DATA to the stored form
+# --------------------------------------------------------------------------
+
+HEADER_NAME = re.compile(rb"[!-9;-~]+\Z")   # RFC 5322 2.2: printable ASCII but ':'
+
+
+def stored_body(data, strict):
+    """Turn the DATA bytes (without their terminator) into mailbox lines ending in \\n.
+
+    The mailbox keeps SMTP's dot-stuffing, so well-formed lines are stored as
+    they came.  In a CRLF session a bare LF is not a line end on the wire,
+    but it is one in the file: each piece it starts is unstuffed/stuffed on
+    its own so that no piece can ever read as a lone "." terminator.
+    Returns (stored bytes, longest wire line length).
+    """
+    if not data:
+        return b"", 0
+    if not strict:
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n")]
+        return b"\n".join(lines) + b"\n", max(map(len, lines))
+    lines = data.split(b"\r\n")
+    longest = max(map(len, lines))
+    if data.count(b"\n") == len(lines) - 1:   # no bare LF: the wire form is the stored form
+        return data.replace(b"\r\n", b"\n") + b"\n", longest
+    pieces = []
+    for line in lines:
+        if line.startswith(b"."):
+            line = line[1:]
+        for piece in line.split(b"\n"):
+            pieces.append(b"." + piece if piece.startswith(b".") else piece)
+    return b"\n".join(pieces) + b"\n", longest
+
+
+def stored_message(body, sender, recipients, received):
+    """Add the headers the mailbox format asks for to a stored body; end it with '.'.
+
+    Missing From/To come from the envelope; Received goes right after
+    Subject, or, with no Subject, an empty Subject and then Received close
+    the header block.
+    """
+    present = set()
+    subject_end = None
+    pos = 0
+    in_subject = False
+    while pos < len(body):
+        end = body.find(b"\n", pos)
+        line = body[pos:end]
+        if line[:1] in (b" ", b"\t") and pos:        # folded continuation line
+            if in_subject:
+                subject_end = end + 1
+        else:
+            name, colon, _ = line.partition(b":")
+            if not colon or not HEADER_NAME.match(name):
+                break
+            name = name.lower()
+            present.add(name)
+            in_subject = name == b"subject"
+            if in_subject and subject_end is None:
+                subject_end = end + 1
+        pos = end + 1
+    head = b""
+    if b"from" not in present:
+        head += b"From: " + sender + b"\n"
+    if b"to" not in present:
+        head += b"To: " + b", ".join(recipients) + b"\n"
+    received = b"Received: " + received + b"\n"
+    if subject_end is None:
+        return b"".join((head, body[:pos], b"Subject: \n", received, body[pos:], b".\n"))
+    return b"".join((head, body[:subject_end], received, body[subject_end:], b".\n"))
+
+
+def received_stamp():
+    """The Received: value for now, local time, as the mailbox format writes it."""
+    return time.strftime("%Y-%m-%d : %H : %M").encode("ascii")
+
+
+def parse_path(text):
+    """Split '<addr> PARAMS' into (addr, [params]); None when it is not a valid path."""
+    text = text.strip()
+    if text.startswith("<"):
+        end = text.find(">")
+        if end < 0:
+            return None
+        address, rest = text[1:end], text[end + 1:]
+    else:
+        address, _, rest = text.partition(" ")
+    if address.startswith("@") and ":" in address:    # obsolete source route: ignore it
+        address = address.split(":", 1)[1]
+    if len(address) > MAX_PATH or any(c in address for c in ' <>"\\,;') or \
+            any(ord(c) < 33 or ord(c) == 127 for c in address):
+        return None
+    local, at, domain = address.rpartition("@")
+    if at and not (local and domain):
+        return None
+    return address, rest.split()
+
+
+# --------------------------------------------------------------------------
+# The SMTP session
+# --------------------------------------------------------------------------
+
+class ConnectionClosed(Exception):
+    """The client closed its side of the connection."""
+
+
+class LineTooLong(Exception):
+    """A command line went past the limit; it has been read and thrown away."""
+
+
+class LineReader:
+    """Buffered reading of command lines and DATA blocks from a socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def _fill(self):
+        chunk = self.sock.recv(RECV_SIZE)
+        if not chunk:
+            raise ConnectionClosed()
+        self.buffer += chunk
+
+    def readline(self, limit):
+        """Return (line without its end, True if it ended in CRLF); raise LineTooLong past limit."""
+        scanned = 0
+        while True:
+            end = self.buffer.find(b"\n", scanned)
+            if end >= 0:
+                break
+            if len(self.buffer) >= limit:      # throw the line away as it comes in
+                del self.buffer[:]
+                scanned = 0
+                limit = -1
+            else:
+                scanned = len(self.buffer)
+            self._fill()
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end + 1]
+        if limit < 0 or end + 1 > limit:
+            raise LineTooLong()
+        if line.endswith(b"\r"):
+            return line[:-1], True
+        return line, False
+
+    def read_data(self, strict, max_size):
+        """Read a DATA block up to its lone '.' line; return its bytes, or None if over max_size.
+
+        In a CRLF (strict) session only <CRLF>.<CRLF> ends the data, so a body
+        holding "\\n.\\n" or "\\r.\\n" cannot end the message early and smuggle
+        what follows in as a second message.  A session typed with bare LF
+        ends at any line holding only '.'.  Oversized data is read and
+        thrown away, keeping only the last few bytes to spot the end.
+        """
+        buffer = self.buffer
+        if buffer[:3] == b".\r\n" or (not strict and buffer[:2] == b".\n"):
+            del buffer[:buffer.index(b"\n") + 1]
+            return b""
+        scanned = 0
+        dropped = False
+        while True:
+            if strict:
+                end = buffer.find(b"\r\n.\r\n", scanned)
+                if end >= 0:
+                    skip = 5
+                    break
+            else:
+                found = LF_DATA_END.search(buffer, scanned)
+                if found:
+                    end, skip = found.start(), len(found.group())
+                    break
+            if len(buffer) > max_size + 5:
+                del buffer[:-4]
+                dropped = True
+            scanned = max(0, len(buffer) - 4)
+            self._fill()
+        data = None if dropped or end > max_size else bytes(buffer[:end])
+        del buffer[:end + skip]
+        return data
+
+    def has_buffered(self):
+        return bool(self.buffer)
+
+
+LF_DATA_END = re.compile(rb"\r?\n\.\r?\n")
+
+
+class SMTPSession:
+    """One client's SMTP conversation: its state and one smtp_VERB method per command."""
+
+    def __init__(self, server, sock, peer):
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.reader = LineReader(sock)
+        self.pending = []            # replies not yet sent: one write for a pipelined batch
+        self.verbose = server.verbose
+        self.open = True
+        self.bad_commands = 0
+        self.crlf = True             # did the last command line end in CRLF?
+        self.client_name = None      # from HELO/EHLO
+        self.delivered = 0
+        self._reset()
+
+    def _reset(self):
+        self.sender = None
+        self.recipients = []         # addresses as given, in order
+        self.logins = []             # their mailbox owners, without repeats
+
+    # -- input and output
+
+    def reply(self, text):
+        if self.verbose:
+            log.info("%s > %s", self.peer, text)
+        if text[1] == "0" and text[0] == "5":   # 500-504: syntax and sequence errors
+            self.bad_commands += 1
+        elif text[0] in "23":
+            self.bad_commands = 0
+        self.pending.append(text)
+
+    def flush(self):
+        if self.pending:
+            data = "\r\n".join(self.pending) + "\r\n"
+            del self.pending[:]
+            self.sock.sendall(data.encode("utf-8", "surrogateescape"))
+
+    def run(self):
+        """Serve the connection until QUIT, an error or a timeout."""
+        domain = self.server.domain
+        try:
+            self.reply("220 %s Service ready" % domain)
+            while self.open:
+                if not self.reader.has_buffered():
+                    self.flush()
+                try:
+                    line, self.crlf = self.reader.readline(MAX_COMMAND_LINE)
+                except LineTooLong:
+                    self.reply("500 Line too long")
+                else:
+                    self.dispatch(line.decode("utf-8", "surrogateescape"))
+                if self.bad_commands >= MAX_BAD_COMMANDS and self.open:
+                    self.reply("421 %s Too many errors, closing connection" % domain)
+                    self.open = False
+            self.flush()
+        except IDLE_TIMEOUT_ERRORS:
+            self.reply("421 %s Timeout, closing connection" % domain)
+            self._flush_quietly()
+        except (ConnectionClosed, OSError):
+            pass
+
+    def _flush_quietly(self):
+        try:
+            self.flush()
+        except OSError:
+            pass
+
+    def dispatch(self, line):
+        if self.verbose:
+            log.info("%s < %s", self.peer, line)
+        verb, separator, argument = line[:4].upper(), line[4:5], line[5:]
+        # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
+        if separator == " " or not separator or (separator == "_" and verb in ("MAIL", "RCPT")):
+            handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        else:
+            handler = None
+        if handler is None:
+            self.reply("500 Command not recognized")
+        else:
+            handler(argument.strip())
+
+    # -- the commands
+
+    def smtp_HELO(self, argument):
+        if not argument:
+            return self.reply("501 Syntax: HELO hostname")
+        self._reset()
+        self.client_name = argument
+        self.reply("250 OK Hello %s" % argument)
+
+    def smtp_EHLO(self, argument):
+        if not argument:
+            return self.reply("501 Syntax: EHLO hostname")
+        self._reset()
+        self.client_name = argument
+        for line in ("%s Hello %s" % (self.server.domain, argument), "SIZE %d" % self.server.max_size,
+                     "8BITMIME", "PIPELINING"):
+            self.pending.append("250-" + line)
+        self.reply("250 HELP")
+
+    def smtp_MAIL(self, argument):
+        if self.client_name is None:
+            return self.reply("503 Send HELO or EHLO first")
+        if self.sender is not None:
+            return self.reply("503 Sender already given")
+        if self.server.stopping:
+            self.open = False
+            return self.reply("421 %s Shutting down, try again later" % self.server.domain)
+        path = self._path_after(argument, "FROM:")
+        if path is None:
+            return self.reply("501 Syntax: MAIL FROM:<address>")
+        address, parameters = path
+        for parameter in parameters:
+            keyword, _, value = parameter.upper().partition("=")
+            if keyword == "SIZE" and value.isdigit():
+                if int(value) > self.server.max_size:
+                    return self.reply("552 Message size exceeds fixed maximum message size")
+            elif not (keyword == "BODY" and value in ("7BIT", "8BITMIME")):
+                return self.reply("555 MAIL FROM parameter %s not recognized" % parameter)
+        self.sender = address
+        self.reply("250 <%s>... Sender ok" % address)
+
+    def smtp_RCPT(self, argument):
+        if self.sender is None:
+            return self.reply("503 Need MAIL before RCPT")
+        path = self._path_after(argument, "TO:")
+        if path is None or not path[0]:
+            return self.reply("501 Syntax: RCPT TO:<address>")
+        address, parameters = path
+        if parameters:
+            return self.reply("555 RCPT TO parameters not recognized")
+        local = address.rpartition("@")[0] or address
+        login = self.server.users.canonical(local) if is_valid_login(local) else None
+        if login is None:
+            return self.reply("550 No such user")
+        if len(self.recipients) >= MAX_RECIPIENTS:
+            return self.reply("452 Too many recipients")
+        self.recipients.append(address)
+        if login not in self.logins:
+            self.logins.append(login)
+        self.reply("250 %s... Recipient ok" % local)
+
+    def smtp_DATA(self, argument):
+        if argument:
+            return self.reply("501 Syntax: DATA")
+        if self.sender is None:
+            return self.reply("503 Need MAIL command")
+        if not self.recipients:
+            return self.reply("503 Need RCPT (recipient)")
+        self.reply('354 Enter mail, end with "." on a line by itself')
+        self.flush()
+        server = self.server
+        with server.in_flight:
+            data = self.reader.read_data(self.crlf, server.max_size)
+            if data is None:
+                self.reply("552 Message exceeds fixed maximum message size")
+            else:
+                self._accept(data)
+        self._reset()
+
+    def _accept(self, data):
+        """Store a received message for every recipient, then say 250 (or why not)."""
+        body, longest = stored_body(data, self.crlf)
+        if longest > MAX_TEXT_LINE - 2:
+            return self.reply("500 Line too long")
+        encode = lambda text: text.encode("utf-8", "surrogateescape")
+        message = stored_message(body, encode(self.sender), [encode(r) for r in self.recipients],
+                                 received_stamp())
+        try:
+            deliver(message, [self.server.users.mailbox_path(login) for login in self.logins])
+        except OSError as exc:
+            log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(self.logins), exc)
+            return self.reply("451 Requested action aborted: local error in processing")
+        self.delivered += 1
+        log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
+        self.reply("250 OK Message accepted for delivery")
+
+    def smtp_RSET(self, argument):
+        if argument:
+            return self.reply("501 Syntax: RSET")
+        self._reset()
+        self.reply("250 OK")
+
+    def smtp_NOOP(self, argument):
+        self.reply("250 OK")
+
+    def smtp_VRFY(self, argument):
+        path = parse_path(argument) if argument else None
+        if not path or not path[0]:
+            return self.reply("501 Syntax: VRFY <address>")
+        local = path[0].rpartition("@")[0] or path[0]
+        login = self.server.users.canonical(local) if is_valid_login(local) else None
+        if login is None:
+            return self.reply("550 No such user")
+        self.reply("250 %s <%s@%s>" % (login, login, self.server.domain))
+
+    def smtp_HELP(self, argument):
+        self.pending.append("214-Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+        self.reply("214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
+
+    def smtp_EXPN(self, argument):
+        self.reply("502 Command not implemented")
+
+    smtp_TURN = smtp_AUTH = smtp_EXPN
+
+    def smtp_QUIT(self, argument):
+        self.reply("221 %s closing connection" % self.server.domain)
+        self.open = False
+
+    @staticmethod
+    def _path_after(argument, keyword):
+        """Parse 'FROM:<addr> params' / 'TO:<addr>' (any case); None if malformed."""
+        if argument[:len(keyword)].upper() != keyword:
+            return None
+        return parse_path(argument[len(keyword):])
+
+
+# --------------------------------------------------------------------------
+# The server loop
+# --------------------------------------------------------------------------
+
+class InFlight:
+    """Counts deliveries under way, so a shutdown can wait for them to finish."""
+
+    def __init__(self):
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self):
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc):
+        with self._idle:
+            self._count -= 1
+            if not self._count:
+                self._idle.notify_all()
+
+    def wait(self, timeout):
+        """Wait until nothing is in flight; return False if timeout passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._count, timeout)
+
+
+def set_idle_timeout(sock, seconds):
+    """Make a blocking read or write on sock fail once the peer has been silent for seconds.
+
+    Python's own socket timeout polls before every recv and send; the
+    kernel's SO_RCVTIMEO/SO_SNDTIMEO cost nothing until they fire (as
+    BlockingIOError).  Where they are missing, fall back to settimeout.
+    """
+    if os.name == "posix" and hasattr(socket, "SO_RCVTIMEO"):
+        whole = int(seconds)
+        value = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    else:
+        sock.settimeout(seconds)
+
+
+IDLE_TIMEOUT_ERRORS = (socket.timeout, BlockingIOError)
+
+
+def create_listener(host, port):
+    """A listening TCP socket on host (IPv4 or IPv6) and port."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        if os.name == "posix":        # quick restarts; on Windows this would allow port theft
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+class SMTPServer:
+    """Accepts connections and serves each one in its own thread."""
+
+    session_class = SMTPSession
+
+    def __init__(self, args):
+        self.users = UserTable(args.root)
+        self.domain = args.domain
+        self.max_size = args.max_size
+        self.timeout = args.timeout
+        self.max_connections = args.max_connections
+        self.verbose = args.verbose
+        self.listener = create_listener(args.host, args.port)
+        self.address = self.listener.getsockname()
+        self.stopping = False
+        self.in_flight = InFlight()
+        self._count_guard = threading.Lock()
+        self.connections = 0
+
+    def serve_forever(self):
+        log.info("listening on %s port %d", self.address[0], self.address[1])
+        self.users.canonical("")     # read userinfo.txt now, so its problems show at start
+        while True:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError as exc:
+                if self.stopping:
+                    return
+                log.warning("accept failed: %s", exc)
+                time.sleep(0.05)      # e.g. out of file descriptors: let sessions end first
+                continue
+            with self._count_guard:
+                full = self.connections >= self.max_connections
+                if not full:
+                    self.connections += 1
+            if full:
+                self._refuse(sock)
+            else:
+                # A bare thread: threading.Thread.start() would also wait for the
+                # new thread to run before accepting the next client.
+                _thread.start_new_thread(self._serve, (sock, peer))
+
+    def _refuse(self, sock):
+        log.warning("refused a connection: %d already open", self.max_connections)
+        try:
+            sock.setblocking(False)
+            sock.send(b"421 %s Too many connections, try again later\r\n" % self.domain.encode())
+        except OSError:
+            pass
+        sock.close()
+
+    def _serve(self, sock, peer):
+        peer = "%s:%d" % peer[:2]
+        session = None
+        try:
+            set_idle_timeout(sock, self.timeout)
+            session = self.session_class(self, sock, peer)
+            session.run()
+        except Exception:
+            log.exception("session with %s failed", peer)
+        finally:
+            sock.close()
+            with self._count_guard:
+                self.connections -= 1
+            log.info("connection from %s closed, %d message(s) delivered",
+                     peer, session.delivered if session else 0)
+
+    def shutdown(self):
+        """Stop accepting; give deliveries in flight time to finish."""
+        self.stopping = True
+        self.listener.close()
+        if not self.in_flight.wait(SHUTDOWN_GRACE):
+            log.warning("stopping with deliveries still in flight")
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+class Shutdown(Exception):
+    """Raised in the main thread by SIGTERM."""
+
+
+def _on_sigterm(signum, frame):
+    raise Shutdown()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if hasattr(sys.stderr, "reconfigure"):
+        sys.stderr.reconfigure(errors="backslashreplace")   # client bytes in logs never crash
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s smtp %(levelname)s %(message)s")
+    try:
+        server = SMTPServer(args)
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
+        return 1
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, Shutdown):
+        log.info("shutting down")
+    server.shutdown()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
