@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -46,12 +47,16 @@ class Result:
         self.lines = stdout.splitlines()
 
 
-def run_client(stdin, smtp_port, pop_port, host="127.0.0.1"):
+def client_command(smtp_port, pop_port, host="127.0.0.1", *extra):
+    return [sys.executable, support.CLIENT_SCRIPT, host,
+            "--smtp-port", str(smtp_port), "--pop-port", str(pop_port)] + list(extra)
+
+
+def run_client(stdin, smtp_port, pop_port, host="127.0.0.1", *extra):
     """Run mail_client.py with stdin as its whole input; return a Result."""
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     proc = subprocess.run(
-        [sys.executable, support.CLIENT_SCRIPT, host,
-         "--smtp-port", str(smtp_port), "--pop-port", str(pop_port)],
+        client_command(smtp_port, pop_port, host, *extra),
         input=stdin.encode("utf-8"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         timeout=support.DEADLINE, env=env, cwd=support.REPO)
     return Result(proc.returncode, proc.stdout.decode("utf-8", "replace").replace("\r\n", "\n"),
@@ -418,6 +423,37 @@ class UnreachableTests(ClientTestCase):
         self.assertNotIn(SENT, result.stdout)
         self.assertIn("Goodbye.", result.lines)
 
+    def test_silent_server_times_out(self):
+        class Silent(FakeServer):
+            def session(self, conn, rfile):
+                while self.readline(rfile) is not None:
+                    pass
+        server = Silent()
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail() + "b\nc\n", server.port, server.port, "127.0.0.1",
+                            "--timeout", "0.2")
+        self.assertClean(result)
+        self.assertIn("Error: the SMTP server 127.0.0.1 port %d did not answer in time" % server.port,
+                      result.lines)
+        self.assertIn("Error: the POP3 server 127.0.0.1 port %d did not answer in time" % server.port,
+                      result.lines)
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    def test_ipv6_address(self):
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback")
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        smtp = support.ServerProcess(support.SMTP_SCRIPT, root, host="::1")
+        self.addCleanup(smtp.close)
+        result = run_client(ALICE + mail(subject="Over IPv6") + "c\n", smtp.port, closed_port(), "::1")
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        self.assertIn(b"Subject: Over IPv6\n", support.read_mailbox(root, "bob"))
+
     def test_unknown_host_name(self):
         result = run_client(ALICE + mail() + "c\n", 2525, 1110, host="no-such-host.invalid")
         self.assertClean(result)
@@ -521,9 +557,10 @@ class ManagementTests(ClientTestCase):
         self.assertEqual(result.lines[-1].strip(), "+OK Thanks for using POP3 server")
 
     def test_rset_undeletes(self):
-        result = self.manage("DELE 1", "RSET", "QUIT")
+        result = self.manage("DELE 1", "RSET", "SEARCH noon", "QUIT")
         self.assertClean(result)
         self.assertNoError(result)
+        self.assertNotIn("No message matches.", result.lines)
         self.assertEqual(support.read_mailbox(self.root, "alice"), ALICE_MAILBOX.encode())
 
     def test_dele_then_end_of_input_deletes_nothing(self):
@@ -533,11 +570,12 @@ class ManagementTests(ClientTestCase):
 
     def test_search_words_in_subject_and_body(self):
         result = self.manage("SEARCH results online", "search LUNCH", "SEARCH noon", "SEARCH bob",
-                             "SEARCH missing", "QUIT")
+                             "SEARCH missing", "SEARCH noon results", "QUIT")
         self.assertClean(result)
         found = [line.split()[0] for line in result.lines if re.match(r"\s*\d+  ", line)][2:]
         self.assertEqual(found, ["2", "1", "1"])  # "bob" is only in From:, not searched
-        self.assertEqual(result.stdout.count("No message matches."), 2)
+        # ... and every word must occur: no message holds both "noon" and "results".
+        self.assertEqual(result.stdout.count("No message matches."), 3)
 
     def test_search_from(self):
         result = self.manage("SEARCH FROM carol@example.com", "search from BOB", "SEARCH FROM eve@x.org",
@@ -633,6 +671,22 @@ class EndOfInputTests(ClientTestCase):
                 result = run_client(text, self.port, self.pop.port)
                 self.assertClean(result)
                 self.assertNotIn(SENT, result.stdout)
+
+    @unittest.skipIf(os.name == "nt", "SIGINT cannot be sent to a child on Windows")
+    def test_ctrl_c_at_a_prompt(self):
+        proc = subprocess.Popen(client_command(self.port, self.pop.port), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdin.close)
+        seen = b""
+        while b"Username: " not in seen:  # the prompt is up: the client waits for input
+            chunk = os.read(proc.stdout.fileno(), 1024)
+            self.assertTrue(chunk, "client ended before asking")
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(support.DEADLINE), 130)
+        self.assertEqual(proc.stderr.read(), b"")
 
     def test_username_after_failed_login(self):
         class Refusing(NoTopPOP3Server):
