@@ -15,8 +15,8 @@ import os
 import re
 import socket
 import sys
-from email.header import decode_header, make_header
-from email.utils import parseaddr, parsedate_to_datetime
+from email.header import Header, decode_header, make_header
+from email.utils import formatdate, make_msgid, parseaddr, parsedate_to_datetime
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -134,11 +134,27 @@ class Message:
         self.subject = subject
         self.body = body
 
-    def data_lines(self):
-        """The lines sent after DATA: headers, body dot-stuffed, without the final '.'."""
+    def data_lines(self, standard=False):
+        """The lines sent after DATA, body dot-stuffed, without the final '.'.
+
+        The course server stores exactly From, To, Subject and the body; a
+        standard server gets an RFC 5322 message (Date, Message-ID, MIME
+        labels for 8-bit text, a blank line before the body).
+        """
+        subject = self.subject
+        if standard and not _is_ascii(subject):
+            subject = Header(subject, "utf-8").encode()
         lines = ["From: " + self.sender,
                  "To: " + ", ".join(self.recipients),
-                 "Subject: " + self.subject]
+                 "Subject: " + subject]
+        if standard:
+            lines.append("Date: " + formatdate(localtime=True))
+            # The sender's domain, so make_msgid does not wait for a DNS lookup of ours.
+            lines.append("Message-ID: " + make_msgid(domain=self.sender.rpartition("@")[2]))
+            if not _is_ascii("\n".join(self.body)):
+                lines.extend(["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8",
+                              "Content-Transfer-Encoding: 8bit"])
+            lines.append("")
         # A body line starting with "." gets one more, so it cannot end DATA early.
         lines.extend("." + line if line.startswith(".") else line for line in self.body)
         return lines
@@ -482,12 +498,12 @@ class SMTPConnection(Connection):
         self.greet()
         code, text = self.command(COURSE_MAIL_FROM % message.sender)
         rcpt_to = COURSE_RCPT_TO
-        if code in UNKNOWN_COMMAND:
-            # A standard server; EHLO also resets whatever state the refusal left.
+        standard = code in UNKNOWN_COMMAND
+        if standard:
+            # EHLO also resets whatever state the refused command left behind.
             self.ehlo_or_helo()
-            data_text = "\n".join(message.data_lines())
             parameters = ""
-            if "8BITMIME" in self.extensions and not _is_ascii(data_text):
+            if "8BITMIME" in self.extensions and not _is_ascii("\n".join(message.body)):
                 parameters = " BODY=8BITMIME"
             self.expect(STANDARD_MAIL_FROM % message.sender + parameters, (250,),
                         "the sender %s" % message.sender)
@@ -497,7 +513,7 @@ class SMTPConnection(Connection):
         for recipient in message.recipients:
             self.expect(rcpt_to % recipient, (250, 251), "the recipient %s" % recipient)
         self.expect("DATA", (354,), "DATA")
-        self.send_lines(message.data_lines() + [END_OF_MESSAGE])
+        self.send_lines(message.data_lines(standard) + [END_OF_MESSAGE])
         code, text = self.reply()
         if code != 250:
             raise ServerError("the server refused the mail: %s" % text)

@@ -380,9 +380,24 @@ class FallbackTests(ClientTestCase):
         self.assertRegex(got[2], r"^(EHLO|HELO) ")
         self.assertEqual(got[3:6], ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.org>",
                                     "RCPT TO:<carol@example.com>"])
-        self.assertEqual(got[6:], ["DATA", "From: alice@example.org",
-                                   "To: bob@example.org, carol@example.com", "Subject: Lunch",
-                                   "Hello", "..dot", ".", "QUIT"])
+        self.assertEqual(got[6:10], ["DATA", "From: alice@example.org",
+                                     "To: bob@example.org, carol@example.com", "Subject: Lunch"])
+        # A standard server gets an RFC 5322 message: Date and Message-ID, a blank line, the body.
+        self.assertRegex(got[10], r"^Date: \w{3}, \d{1,2} \w{3} \d{4} ")
+        self.assertRegex(got[11], r"^Message-ID: <.+@example.org>$")
+        self.assertEqual(got[12:], ["", "Hello", "..dot", ".", "QUIT"])
+
+    def test_standard_smtp_server_gets_8bit_text_labelled(self):
+        server = StandardSMTPServer()
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail(subject="Caf\u00e9", body=["Gr\u00fc\u00dfe"]) + "c\n",
+                            server.port, closed_port())
+        self.assertIn(SENT, result.lines)
+        got = server.received
+        self.assertEqual(got[3], "MAIL FROM:<alice@example.org> BODY=8BITMIME")
+        self.assertIn("Subject: =?utf-8?b?Q2Fmw6k=?=", got)
+        self.assertIn("Content-Type: text/plain; charset=utf-8", got)
+        self.assertEqual(got[-4:], ["", "Gr\u00fc\u00dfe", ".", "QUIT"])
 
     def test_pop3_server_without_top_is_listed_with_retr(self):
         server = NoTopPOP3Server([
