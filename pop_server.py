@@ -34,16 +34,17 @@ DEFAULT_TIMEOUT = 600            # RFC 1939 section 3: autologout at least 10 mi
 DEFAULT_MAX_CONNECTIONS = 100
 
 SESSION_LOCK_NAME = ".my_mailbox.pop.lock"   # held by the one POP3 session of a user
-UIDL_NAME = ".my_mailbox.uidl"               # unique ids of the messages, written by POP3 only
+SIDECAR_NAME = ".my_mailbox.index"           # unique ids and index cache, written by POP3 only
+NEW_SIDECAR_NAME = ".my_mailbox.index.new"
 NEW_MAILBOX_NAME = ".my_mailbox.new"         # the rewritten mailbox before it is renamed over
-NEW_UIDL_NAME = ".my_mailbox.uidl.new"
-UIDL_MAGIC = b"pop3-uidl 1"
+SIDECAR_MAGIC = b"pop3-index 2"
 
 MAX_LINE = 255                   # RFC 2449 section 4: a command is at most 255 octets with CRLF
 MAX_NUMBER_DIGITS = 10           # longer message numbers cannot exist; keeps int() cheap
 RECV_SIZE = 65536
 READ_CHUNK = 1 << 20             # bytes read from a mailbox at a time
 SEND_THRESHOLD = 256 * 1024      # buffered replies are sent once they reach this size
+LISTING_BATCH = 4096             # LIST/UIDL lines formatted at a time
 DIGEST_SIZE = 8                  # bytes of the content hash kept per message for UIDL
 
 AUTH_DELAY_FROM = 3              # failed PASS number from which replies are slowed down
@@ -98,41 +99,47 @@ def parse_args(argv=None):
 # The mailbox: index, unique ids, the rewrite at QUIT
 # --------------------------------------------------------------------------
 
-def digest(data):
-    """The content hash that recognises a message again in a later session."""
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
-
-
-def index_messages(f, limit, hash_from):
-    """Scan f from its start up to offset limit for complete messages.
+def index_messages(f, offset, limit):
+    """Scan f from offset (where a message starts) up to limit for complete messages.
 
     Returns (starts, sizes, digests): starts holds the offset of each message
     and, last, the end of the last complete message (a torn message after it
-    is left alone); sizes the octets each message has on the wire with CRLF
-    and without byte-stuffing; digests the hash of each message that starts at
-    or after hash_from, DIGEST_SIZE bytes each.
+    is left alone); sizes the octets of each message on the wire with CRLF
+    and without byte-stuffing; digests a DIGEST_SIZE-byte hash of each.
     """
     starts, sizes, digests = array.array("q"), array.array("q"), bytearray()
-    buf, base, pos = b"", 0, 0           # base: file offset of buf[0]; pos: current message in buf
-    remaining = limit
+    blake2b = hashlib.blake2b
+    f.seek(offset)
+    buf, base, pos = b"", offset, 0      # base: file offset of buf[0]; pos: current message in buf
+    remaining = limit - offset
     while True:
+        length = len(buf)
         while True:
-            if buf.startswith(b".\n", pos):          # a message with no lines at all
-                end, following = pos, pos + 2
-            else:
-                found = buf.find(b"\n.\n", pos)
-                if found < 0:
+            # The line "." ends a message; any other line starting with "." is stuffed.
+            dots, scan, end = 0, pos, -1
+            if buf.startswith(b".", pos):
+                if pos + 1 >= length:
                     break
-                end, following = found + 1, found + 3
-            # Each stored line loses its \n and gains CRLF; a stuffed line loses its extra dot.
-            size = (end - pos) + buf.count(b"\n", pos, end) - buf.count(b"\n.", pos, end)
-            if buf.startswith(b".", pos) and end > pos:
-                size -= 1
+                if buf[pos + 1] == 10:
+                    end = pos
+                else:
+                    dots, scan = 1, pos + 1
+            while end < 0:
+                found = buf.find(b"\n.", scan)
+                if found < 0 or found + 2 >= length:
+                    break
+                if buf[found + 2] == 10:
+                    end = found + 1
+                else:
+                    dots += 1
+                    scan = found + 2
+            if end < 0:
+                break
             starts.append(base + pos)
-            sizes.append(size)
-            if base + pos >= hash_from:
-                digests += digest(memoryview(buf)[pos:end])
-            pos = following
+            # Each stored line loses its \n and gains CRLF; a stuffed line loses its extra dot.
+            sizes.append((end - pos) + buf.count(b"\n", pos, end) - dots)
+            digests += blake2b(memoryview(buf)[pos:end], digest_size=DIGEST_SIZE).digest()
+            pos = end + 2
         if remaining <= 0:
             break
         chunk = f.read(min(READ_CHUNK, remaining))
@@ -143,104 +150,120 @@ def index_messages(f, limit, hash_from):
         base += pos
         pos = 0
     starts.append(base + pos)
-    return starts, sizes, digests
+    return starts, sizes, bytes(digests)
 
 
-class UidTable:
-    """The sidecar file that gives each message an id no other message will ever get.
+class Section:
+    """The index and ids of one mailbox file (known by its inode), as kept in the sidecar."""
+
+    __slots__ = ("inode", "starts", "sizes", "serials", "digests")
+
+    def __init__(self, inode, starts, sizes, serials, digests):
+        self.inode = inode
+        self.starts = starts        # array q: offset of each message, then the indexed end
+        self.sizes = sizes          # array q: octets on the wire
+        self.serials = serials      # array q: the number in each message's unique id
+        self.digests = digests      # bytes: DIGEST_SIZE-byte content hash of each message
+
+    def digest(self, index):
+        return self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
+
+
+class Sidecar:
+    """The file beside a mailbox that keeps its unique ids and a cache of its index.
 
     Ids are "<epoch>-<serial>": the epoch is random, made with the file, and
-    serials only grow, so an id is never handed out twice even to two
-    identical messages.  The file lists the ids and content hashes of the
-    messages of the mailbox in order, for the mailbox file (inode) it
-    describes; while a QUIT rewrite is in progress it also lists the old file.
+    serials only grow, so an id is never handed out twice, even to two
+    identical messages.  The file holds, for the mailbox file (inode) it
+    describes, each message's offset, size, serial and content hash, so a
+    login only has to index the mail appended since.  While a QUIT rewrite is
+    in progress it describes both the old and the new file, so a crash
+    between the two renames still finds the right ids for the file that won.
+    Only POP3 writes it, under the session lock.
     """
 
+    ARRAYS = ("starts", "sizes", "serials")
+
     def __init__(self, folder):
-        self.path = os.path.join(folder, UIDL_NAME)
-        self.temp_path = os.path.join(folder, NEW_UIDL_NAME)
+        self.path = os.path.join(folder, SIDECAR_NAME)
+        self.temp_path = os.path.join(folder, NEW_SIDECAR_NAME)
         self.epoch = None
         self.next_serial = 1
-        self.sections = []    # [(inode, indexed_end, count, serials array, digests bytes)]
+        self.sections = []
 
     def load(self):
         """Read the sidecar; a missing or damaged one just starts a new epoch."""
         try:
             with open(self.path, "rb") as f:
-                data = f.read()
+                self._parse(f)
+            return
         except FileNotFoundError:
-            data = None
-        except OSError as exc:
-            log.warning("cannot read %s: %s; starting new ids", self.path, exc)
-            data = None
-        if data is not None:
-            try:
-                self._parse(data)
-                return
-            except (ValueError, IndexError) as exc:
-                log.warning("%s is damaged (%s); starting new ids", self.path, exc)
+            pass
+        except (OSError, ValueError, IndexError, TypeError) as exc:
+            log.warning("%s is unusable (%s); starting new ids", self.path, exc)
         self.epoch = os.urandom(6).hex()
         self.next_serial = 1
         self.sections = []
 
-    def _parse(self, data):
-        lines = data.split(b"\n")
-        if lines[0] != UIDL_MAGIC:
+    def _parse(self, f):
+        if f.readline().rstrip(b"\n") != SIDECAR_MAGIC:
             raise ValueError("unknown format")
-        epoch, next_serial, sections = None, None, []
-        for line in lines[1:]:
-            key, _, value = line.partition(b" ")
-            if key == b"epoch":
-                epoch = value.decode("ascii")
-            elif key == b"next":
-                next_serial = int(value)
-            elif key == b"file":
-                inode, indexed_end, count = (int(v) for v in value.split())
-                sections.append([inode, indexed_end, count, None, None])
-            elif key == b"serials":
-                sections[-1][3] = array.array("q", map(int, value.split()))
-            elif key == b"digests":
-                sections[-1][4] = bytes.fromhex(value.decode("ascii"))
-        if not epoch or not re.match(r"[0-9a-f]{1,32}\Z", epoch) or next_serial is None:
-            raise ValueError("missing epoch or counter")
-        for inode, indexed_end, count, serials, digests in sections:
-            if serials is None or digests is None or len(serials) != count \
-                    or len(digests) != count * DIGEST_SIZE or max(serials, default=0) >= next_serial:
+        fields, sections, current = {}, [], None
+        for line in f:        # one line at a time: the arrays are large
+            key, _, value = line.rstrip(b"\n").partition(b" ")
+            key = key.decode("ascii")
+            if key == "section":
+                inode, count = (int(v) for v in value.split())
+                current = Section(inode, None, None, None, None)
+                sections.append((current, count))
+            elif key in self.ARRAYS:
+                values = array.array("q", bytes.fromhex(value.decode("ascii")))
+                if fields.get("order", sys.byteorder) != sys.byteorder:
+                    values.byteswap()
+                setattr(current, key, values)
+            elif key == "digests":
+                current.digests = bytes.fromhex(value.decode("ascii"))
+            else:
+                fields[key] = value.decode("ascii")
+        epoch, next_serial = fields["epoch"], int(fields["next"])
+        if not re.match(r"[0-9a-f]{1,32}\Z", epoch):
+            raise ValueError("bad epoch")
+        for section, count in sections:
+            if len(section.starts) != count + 1 or len(section.sizes) != count \
+                    or len(section.serials) != count or len(section.digests) != count * DIGEST_SIZE \
+                    or max(section.serials, default=0) >= next_serial:
                 raise ValueError("inconsistent section")
         self.epoch, self.next_serial = epoch, next_serial
-        self.sections = [tuple(s) for s in sections]
+        self.sections = [section for section, _ in sections]
 
     def section_for(self, inode):
-        """The list recorded for the mailbox file with this inode, or None."""
+        """The section recorded for the mailbox file with this inode, or None."""
         for section in self.sections:
-            if inode and section[0] == inode:
+            if inode and section.inode == inode:
                 return section
         return None
 
     def save(self, sections):
         """Write the sidecar atomically with the given sections (the current file first)."""
-        parts = [UIDL_MAGIC, b"epoch " + self.epoch.encode("ascii"),
-                 b"next %d" % self.next_serial]
-        for inode, indexed_end, count, serials, digests in sections:
-            parts.append(b"file %d %d %d" % (inode, indexed_end, count))
-            parts.append(b"serials " + " ".join(map(str, serials)).encode("ascii"))
-            parts.append(b"digests " + bytes(digests).hex().encode("ascii"))
-        write_atomically(self.temp_path, self.path, b"\n".join(parts) + b"\n")
-        self.sections = [tuple(s) for s in sections]
-
-
-def write_atomically(temp_path, path, data):
-    """Replace path by data so that a crash leaves either the old or the new file."""
-    try:
-        with open(temp_path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        remove_quietly(temp_path)
-        raise
-    fsync_directory(os.path.dirname(path))
+        try:
+            with open(self.temp_path, "wb") as f:
+                f.write(b"%s\nepoch %s\nnext %d\norder %s\n" % (
+                    SIDECAR_MAGIC, self.epoch.encode("ascii"), self.next_serial,
+                    sys.byteorder.encode("ascii")))
+                for section in sections:
+                    f.write(b"section %d %d\n" % (section.inode, len(section.sizes)))
+                    for key in self.ARRAYS:
+                        f.write(b"%s %s\n" % (key.encode("ascii"),
+                                              getattr(section, key).tobytes().hex().encode("ascii")))
+                    f.write(b"digests %s\n" % section.digests.hex().encode("ascii"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self.temp_path, self.path)
+        except BaseException:
+            remove_quietly(self.temp_path)
+            raise
+        fsync_directory(os.path.dirname(self.path))
+        self.sections = list(sections)
 
 
 def remove_quietly(path):
@@ -276,7 +299,7 @@ class Mailbox:
         self.sizes = array.array("q")
         self.serials = array.array("q")
         self.digests = b""
-        self.uids = UidTable(self.folder)
+        self.sidecar = Sidecar(self.folder)
 
     def open(self):
         """Index the mailbox as it is now and give every message its unique id."""
@@ -288,61 +311,66 @@ class Mailbox:
                 self.file = None
             limit = os.fstat(self.file.fileno()).st_size if self.file else 0
         self.inode = os.fstat(self.file.fileno()).st_ino if self.file else 0
-        self.uids.load()
-        known = self.uids.section_for(self.inode)
+        self.sidecar.load()
+        known = self.sidecar.section_for(self.inode)
         if self.file is None:
             self._assign_ids(None)
-            return
-        # The known prefix of an unchanged file need not be hashed again: SMTP only appends.
-        hash_from = known[1] if known and known[1] <= limit else 0
-        self.starts, self.sizes, digests = index_messages(self.file, limit, hash_from)
-        if hash_from and not (len(self.sizes) >= known[2] and self.starts[known[2]] == hash_from):
-            log.warning("%s does not match its uid list; rehashing", self.path)
-            known, hash_from = None, 0
-            self.file.seek(0)
-            self.starts, self.sizes, digests = index_messages(self.file, limit, 0)
-        if hash_from:
-            self.serials = array.array("q", known[3])
-            self.digests = known[4] + bytes(digests)
+        elif known is not None and self._unchanged(known, limit):
+            # SMTP only appends, so only the mail after the known part needs indexing.
+            starts, sizes, digests = index_messages(self.file, known.starts[-1], limit)
+            self.starts = known.starts[:-1] + starts
+            self.sizes = known.sizes + sizes
+            self.digests = known.digests + digests
+            self.serials = array.array("q", known.serials)
             self._assign_ids(None)
         else:
-            self.digests = bytes(digests)
-            self._assign_ids(known or (self.uids.sections[0] if self.uids.sections else None))
+            self.starts, self.sizes, self.digests = index_messages(self.file, 0, limit)
+            self._assign_ids(known or (self.sidecar.sections[0] if self.sidecar.sections else None))
+
+    def _unchanged(self, known, limit):
+        """Whether the file still ends its known part where the sidecar says (a cheap check)."""
+        end = known.starts[-1]
+        if end > limit:
+            return False
+        if end == 0:
+            return True
+        self.file.seek(max(0, end - 3))
+        tail = self.file.read(3)
+        return tail == b".\n" if end == 2 else tail == b"\n.\n"
 
     def _assign_ids(self, previous):
         """Match the messages to a previous id list in order; new messages get new ids."""
         count = len(self.sizes)
         if previous is not None:
             # Only deletions remove messages and SMTP only appends, so an in-order match holds.
-            old_serials, old_digests = previous[3], previous[4]
             self.serials = array.array("q")
-            j = 0
+            j, known = 0, len(previous.serials)
             for i in range(count):
                 mine = self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
-                while j < len(old_serials) and \
-                        old_digests[j * DIGEST_SIZE:(j + 1) * DIGEST_SIZE] != mine:
+                while j < known and previous.digest(j) != mine:
                     j += 1
-                if j == len(old_serials):
+                if j == known:
                     break
-                self.serials.append(old_serials[j])
+                self.serials.append(previous.serials[j])
                 j += 1
-        recorded = self.uids.sections[0] if self.uids.sections else None
-        changed = recorded is None or len(self.uids.sections) > 1 or recorded[0] != self.inode \
-            or recorded[1] != self.starts[-1] or recorded[2] != count
+        recorded = self.sidecar.sections[0] if self.sidecar.sections else None
+        changed = recorded is None or len(self.sidecar.sections) > 1 or recorded.inode != self.inode \
+            or recorded.starts[-1] != self.starts[-1] or len(recorded.sizes) != count
         while len(self.serials) < count:
-            self.serials.append(self.uids.next_serial)
-            self.uids.next_serial += 1
+            self.serials.append(self.sidecar.next_serial)
+            self.sidecar.next_serial += 1
         if changed:
             try:
-                self.uids.save([(self.inode, self.starts[-1], count, self.serials, self.digests)])
+                self.sidecar.save([Section(self.inode, self.starts, self.sizes,
+                                           self.serials, self.digests)])
             except OSError as exc:
-                log.warning("cannot write %s: %s; ids may change", self.uids.path, exc)
+                log.warning("cannot write %s: %s; ids may change", self.sidecar.path, exc)
 
     def count(self):
         return len(self.sizes)
 
     def uid(self, index):
-        return "%s-%d" % (self.uids.epoch, self.serials[index])
+        return "%s-%d" % (self.sidecar.epoch, self.serials[index])
 
     def read(self, index, limit=None):
         """The stored bytes of a message (dot-stuffed, LF line ends), at most limit of them."""
@@ -401,31 +429,31 @@ class Mailbox:
         if not any(deleted):
             return
         temp_path = os.path.join(self.folder, NEW_MAILBOX_NAME)
+        kept = Section(0, array.array("q"), array.array("q"), array.array("q"), bytearray())
         with delivery_lock(self.path):
             try:
-                kept_serials = array.array("q")
-                kept_digests = bytearray()
                 with open(temp_path, "wb") as out:
                     index, count = 0, len(self.sizes)
                     while index < count:
                         if deleted[index]:
                             index += 1
                             continue
-                        run_start = index
+                        run_start, position = index, out.tell()
                         while index < count and not deleted[index]:
-                            kept_serials.append(self.serials[index])
-                            kept_digests += self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
+                            kept.starts.append(position + self.starts[index] - self.starts[run_start])
+                            kept.sizes.append(self.sizes[index])
+                            kept.serials.append(self.serials[index])
+                            kept.digests += self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
                             index += 1
                         self._copy(out, self.starts[run_start], self.starts[index])
-                    kept_end = out.tell()
+                    kept.starts.append(out.tell())
                     self._copy(out, self.starts[-1], None)
                     out.flush()
                     os.fsync(out.fileno())
-                    new_inode = os.fstat(out.fileno()).st_ino
-                # The old list stays in the sidecar until the rename is done, so a crash in
-                # between still finds the right ids for whichever file survives.
-                self.uids.save([(new_inode, kept_end, len(kept_serials), kept_serials, kept_digests),
-                                (self.inode, self.starts[-1], len(self.sizes), self.serials, self.digests)])
+                    kept.inode = os.fstat(out.fileno()).st_ino
+                kept.digests = bytes(kept.digests)
+                self.sidecar.save([kept, Section(self.inode, self.starts, self.sizes,
+                                                 self.serials, self.digests)])
                 self.close()          # Windows cannot rename over an open file
                 os.replace(temp_path, self.path)
             except BaseException:
@@ -614,6 +642,18 @@ class Session:
             return None
         return number - 1
 
+    def send_listing(self, values, prefix=b""):
+        """Send "n <prefix><value>" for each message not deleted, then the final dot.
+
+        Done in batches so a listing of a huge mailbox never sits whole in memory.
+        """
+        deleted = self.deleted
+        for first in range(0, len(values), LISTING_BATCH):
+            last = min(first + LISTING_BATCH, len(values))
+            self.send(b"".join(b"%d %s%d\r\n" % (i + 1, prefix, values[i])
+                               for i in range(first, last) if not deleted[i]))
+        self.send(b".\r\n")
+
     def drop_stats(self):
         """Count and octets of the messages not marked deleted."""
         count, octets = 0, 0
@@ -683,9 +723,12 @@ class Session:
                 self.server.commit(self.mailbox, self.deleted)
             except OSError as exc:
                 log.error("cannot update the mailbox of %s: %s", self.login, exc)
+                self.release()
                 self.reply("-ERR [SYS/TEMP] some deleted messages not removed")
                 self.outcome = "quit, update failed"
                 raise Disconnect()
+        # Unlock before the goodbye, so a client may log in again as soon as it reads it.
+        self.release()
         self.reply(GOODBYE)
         self.outcome = "quit"
         raise Disconnect()
@@ -713,9 +756,8 @@ class Session:
                 self.reply("+OK %d %d" % (index + 1, self.mailbox.sizes[index]))
             return
         count, octets = self.drop_stats()
-        lines = ["%d %d" % (i + 1, size)
-                 for i, (size, gone) in enumerate(zip(self.mailbox.sizes, self.deleted)) if not gone]
-        self.reply("+OK %d messages (%d octets)" % (count, octets), lines)
+        self.reply("+OK %d messages (%d octets)" % (count, octets))
+        self.send_listing(self.mailbox.sizes)
 
     def do_UIDL(self, argument):
         """Unique id of one message, or of every message not deleted."""
@@ -724,9 +766,9 @@ class Session:
             if index is not None:
                 self.reply("+OK %d %s" % (index + 1, self.mailbox.uid(index)))
             return
-        lines = ["%d %s" % (i + 1, self.mailbox.uid(i))
-                 for i in range(self.mailbox.count()) if not self.deleted[i]]
-        self.reply("+OK unique-id listing follows", lines)
+        self.reply("+OK unique-id listing follows")
+        epoch = self.mailbox.sidecar.epoch
+        self.send_listing(self.mailbox.serials, epoch.encode("ascii") + b"-")
 
     def do_RETR(self, argument):
         """Send a whole message."""
@@ -783,13 +825,17 @@ class Session:
 
     # -- the end ------------------------------------------------------------------
 
-    def end(self):
-        """Close the mailbox, the lock and the socket; nothing is deleted here."""
+    def release(self):
+        """Close the mailbox and give up the maildrop lock."""
         if self.mailbox is not None:
             self.mailbox.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def end(self):
+        """Release the maildrop and close the socket; nothing is deleted here."""
+        self.release()
         try:
             self.sock.close()
         except OSError:

@@ -506,7 +506,7 @@ class ExtensionTest(MailRootCase):
     def test_uidl_survives_a_lost_sidecar_without_reusing_ids(self):
         login = self.new_user(b"".join(MESSAGES[:2]))
         before = self.uids(login)
-        os.remove(os.path.join(self.root, login, ".my_mailbox.uidl"))
+        os.remove(os.path.join(self.root, login, ".my_mailbox.index"))
         after = self.uids(login)
         self.assertEqual(len(set(after)), 2)
         self.assertFalse(set(before) & set(after))
