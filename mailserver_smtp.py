@@ -127,7 +127,7 @@ class UserTable:
             line = line.strip()
             if not line or line.startswith(b"#"):
                 continue
-            fields = line.split(None, 1)
+            fields = line.split()
             login = fields[0].decode("ascii", "replace")
             if len(fields) != 2 or not is_valid_login(login):
                 log.warning("%s line %d is not 'LOGIN PASSWORD' with a plain login; skipped",
@@ -597,14 +597,17 @@ class SMTPSession:
 
     # -- input and output
 
-    def reply(self, text):
+    def reply(self, *lines):
+        """Queue a reply (several lines for a multi-line one); flush() sends the queue."""
         if self.verbose:
-            log.info("%s > %s", self.peer, text)
-        if text[1] == "0" and text[0] == "5":   # 500-504: syntax and sequence errors
+            for line in lines:
+                log.info("%s > %s", self.peer, line)
+        code = lines[-1]
+        if code[1] == "0" and code[0] == "5":   # 500-504: syntax and sequence errors
             self.bad_commands += 1
-        elif text[0] in "23":
+        elif code[0] in "23":
             self.bad_commands = 0
-        self.pending.append(text)
+        self.pending.extend(lines)
 
     def flush(self):
         if self.pending:
@@ -670,10 +673,8 @@ class SMTPSession:
             return self.reply("501 Syntax: EHLO hostname")
         self._reset()
         self.client_name = argument
-        for line in ("%s Hello %s" % (self.server.domain, argument), "SIZE %d" % self.server.max_size,
-                     "8BITMIME", "PIPELINING"):
-            self.pending.append("250-" + line)
-        self.reply("250 HELP")
+        self.reply("250-%s Hello %s" % (self.server.domain, argument),
+                   "250-SIZE %d" % self.server.max_size, "250-8BITMIME", "250-PIPELINING", "250 HELP")
 
     def smtp_MAIL(self, argument):
         if self.client_name is None:
@@ -772,8 +773,8 @@ class SMTPSession:
         self.reply("250 %s <%s@%s>" % (login, login, self.server.domain))
 
     def smtp_HELP(self, argument):
-        self.pending.append("214-Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
-        self.reply("214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
+        self.reply("214-Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
+                   "214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
 
     def smtp_EXPN(self, argument):
         self.reply("502 Command not implemented")

@@ -1,0 +1,627 @@
+"""Tests of mailserver_smtp.py against CONTRACT.md sections 1 and 2, over real sockets."""
+
+import os
+import re
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import support  # noqa: E402
+from support import read_mailbox, wait_for  # noqa: E402
+
+sys.path.insert(0, support.REPO)
+import mailserver_smtp  # noqa: E402
+
+DOMAIN = "mail.test"
+MAX_SIZE = 65536
+RECEIVED = re.compile(rb"Received: (\d{4}-\d\d-\d\d) : (\d\d) : (\d\d)\n")
+
+
+def stored_messages(root, login):
+    """The messages of a mailbox file, each as its stored lines without the final '.' line."""
+    data = read_mailbox(root, login)
+    if not data:
+        return []
+    assert data.endswith(b"\n.\n"), data[-40:]
+    return [piece + b"\n" for piece in data[:-3].split(b"\n.\n")]
+
+
+def unstuffed_body_lines(message):
+    """The lines after the Received: header of a stored message, dot-stuffing undone."""
+    lines = message.split(b"\n")[:-1]
+    start = next(i for i, line in enumerate(lines) if line.startswith(b"Received: ")) + 1
+    return [line[1:] if line.startswith(b".") else line for line in lines[start:]]
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts one SMTP server in a fresh mail root for the whole class."""
+
+    server_args = ("--domain", DOMAIN, "--max-size", str(MAX_SIZE))
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        cls.server = support.ServerProcess(support.SMTP_SCRIPT, cls.root, *cls.server_args)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        support.remove_mail_root(cls.root)
+
+    def setUp(self):
+        for login in ("alice", "bob"):
+            try:
+                os.remove(support.mailbox_path(self.root, login))
+            except FileNotFoundError:
+                pass
+
+    def connect(self, helo=True):
+        client = self.server.connect()
+        self.addCleanup(client.close)
+        self.assertEqual(client.reply()[0], 220)
+        if helo:
+            self.assertEqual(client.cmd("HELO client.test")[0], 250)
+        return client
+
+    def send_message(self, client, body, sender="carol@example.org", recipients=("alice@example.org",)):
+        """Run MAIL/RCPT/DATA with raw CRLF body bytes (already dot-stuffed); return the final reply."""
+        self.assertEqual(client.cmd("MAIL FROM:<%s>" % sender)[0], 250)
+        for rcpt in recipients:
+            self.assertEqual(client.cmd("RCPT TO:<%s>" % rcpt)[0], 250)
+        self.assertEqual(client.cmd("DATA")[0], 354)
+        client.send(body + b".\r\n")
+        return client.reply()
+
+
+class ContractDialogueTest(ServerTestCase):
+    """The dialogue of CONTRACT.md section 2, reply by reply."""
+
+    def test_the_contract_dialogue_replies_exactly(self):
+        client = self.server.connect()
+        self.addCleanup(client.close)
+        self.assertEqual(client.line(), "220 %s Service ready" % DOMAIN)
+        self.assertEqual(client.cmd("HELO kuleuven.be")[1], ["250 OK Hello kuleuven.be"])
+        self.assertEqual(client.cmd("MAIL_FROM: <cnlab@kuleuven.be>")[1],
+                         ["250 <cnlab@kuleuven.be>... Sender ok"])
+        self.assertEqual(client.cmd("RCPT_TO: <alice@kuleuven.be>")[1], ["250 alice... Recipient ok"])
+        self.assertEqual(client.cmd("RCPT_TO: <nobody@kuleuven.be>")[1], ["550 No such user"])
+        self.assertEqual(client.cmd("DATA")[1], ['354 Enter mail, end with "." on a line by itself'])
+        client.send("From: cnlab@kuleuven.be\r\nTo: alice@kuleuven.be\r\nSubject: Lab\r\nHello\r\n.\r\n")
+        self.assertEqual(client.reply()[1], ["250 OK Message accepted for delivery"])
+        self.assertEqual(client.cmd("QUIT")[1], ["221 %s closing connection" % DOMAIN])
+        self.assertTrue(client.closed())
+        [message] = stored_messages(self.root, "alice")
+        self.assertRegex(message, rb"\AFrom: cnlab@kuleuven.be\nTo: alice@kuleuven.be\nSubject: Lab\n"
+                                  rb"Received: \d{4}-\d\d-\d\d : \d\d : \d\d\nHello\n\Z")
+
+    def test_both_spellings_any_case_with_or_without_brackets(self):
+        client = self.connect()
+        spellings = [("MAIL_FROM:<a@x.org>", "RCPT_TO:<alice@x.org>"),
+                     ("mail_from: a@x.org", "rcpt_to: alice@x.org"),
+                     ("MAIL FROM:<a@x.org>", "RCPT TO:<alice@x.org>"),
+                     ("Mail From: a@x.org", "Rcpt To: alice@x.org"),
+                     ("MAIL FROM:<a@x.org> BODY=8BITMIME", "RCPT TO: <alice@x.org>")]
+        for mail, rcpt in spellings:
+            with self.subTest(mail=mail, rcpt=rcpt):
+                code, lines = client.cmd(mail)
+                self.assertEqual(lines, ["250 <a@x.org>... Sender ok"])
+                self.assertEqual(client.cmd(rcpt)[1], ["250 alice... Recipient ok"])
+                self.assertEqual(client.cmd("RSET")[0], 250)
+
+    def test_null_reverse_path_is_accepted(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("MAIL FROM:<>")[0], 250)
+        self.assertEqual(client.cmd("RCPT TO:<bob@x.org>")[0], 250)
+
+    def test_ehlo_advertises_size_and_its_keywords(self):
+        client = self.connect(helo=False)
+        code, lines = client.cmd("EHLO client.test")
+        self.assertEqual(code, 250)
+        self.assertEqual(lines[0], "250-%s Hello client.test" % DOMAIN)
+        self.assertIn("250-SIZE %d" % MAX_SIZE, lines)
+        self.assertIn("250-8BITMIME", lines)
+        self.assertIn("250-PIPELINING", lines)
+        self.assertTrue(lines[-1].startswith("250 "))
+
+    def test_rset_noop_vrfy_help(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("NOOP")[0], 250)
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
+        self.assertEqual(client.cmd("RSET")[0], 250)
+        self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 503, "RSET must end the transaction")
+        self.assertEqual(client.cmd("VRFY alice")[0], 250)
+        self.assertIn("alice", client.cmd("VRFY <alice@x.org>")[1][0])
+        self.assertEqual(client.cmd("VRFY nobody")[0], 550)
+        self.assertEqual(client.cmd("VRFY")[0], 501)
+        code, lines = client.cmd("HELP")
+        self.assertEqual(code, 214)
+        self.assertIn("MAIL", " ".join(lines))
+
+    def test_commands_out_of_order_get_503_and_keep_state(self):
+        client = self.connect(helo=False)
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 503, "MAIL before HELO")
+        self.assertEqual(client.cmd("HELO client.test")[0], 250)
+        self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 503, "RCPT before MAIL")
+        self.assertEqual(client.cmd("DATA")[0], 503, "DATA before MAIL")
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
+        self.assertEqual(client.cmd("DATA")[0], 503, "DATA before RCPT")
+        self.assertEqual(client.cmd("MAIL FROM:<b@x.org>")[0], 503, "a second MAIL")
+        self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 250, "the transaction survives a 503")
+        reply = self.send_data(client, b"Subject: kept\r\nstill the first sender\r\n")
+        self.assertEqual(reply[0], 250)
+        [message] = stored_messages(self.root, "alice")
+        self.assertTrue(message.startswith(b"From: a@x.org\n"), message)
+
+    def send_data(self, client, body):
+        self.assertEqual(client.cmd("DATA")[0], 354)
+        client.send(body + b".\r\n")
+        return client.reply()
+
+    def test_bad_syntax_gets_501(self):
+        client = self.connect(helo=False)
+        self.assertEqual(client.cmd("HELO")[0], 501)
+        self.assertEqual(client.cmd("EHLO")[0], 501)
+        self.assertEqual(client.cmd("HELO client.test")[0], 250)
+        for command in ["MAIL", "MAIL FROM", "MAIL TO:<a@x.org>", "MAIL FROM:<a b@x.org>",
+                        "MAIL FROM:<a@x.org", "MAIL FROM:<@x.org>", "MAIL FROM:<a@>"]:
+            with self.subTest(command=command):
+                self.assertEqual(client.cmd(command)[0], 501)
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
+        for command in ["RCPT TO:", "RCPT TO:<>", "RCPT FROM:<alice@x.org>", "RCPT"]:
+            with self.subTest(command=command):
+                self.assertEqual(client.cmd(command)[0], 501)
+        self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 250)
+        self.assertEqual(client.cmd("DATA now")[0], 501)
+        self.assertEqual(client.cmd("RSET everything")[0], 501)
+
+    def test_unknown_commands_get_500_and_unimplemented_502(self):
+        client = self.connect()
+        for command in ["FOO", "HELOX there", "MAILFROM:<a@x.org>", "DATA_", "", "   "]:
+            with self.subTest(command=command):
+                self.assertEqual(client.cmd(command)[0], 500)
+        self.assertEqual(client.cmd("EXPN staff")[0], 502)
+        self.assertEqual(client.cmd("NOOP")[0], 250)
+
+    def test_a_new_helo_resets_the_transaction(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
+        self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 250)
+        self.assertEqual(client.cmd("HELO again.test")[0], 250)
+        self.assertEqual(client.cmd("DATA")[0], 503)
+        self.assertEqual(client.cmd("MAIL FROM:<b@x.org>")[0], 250)
+
+    def test_several_recipients_each_get_a_copy(self):
+        client = self.connect()
+        reply = self.send_message(client, b"Subject: both\r\nhi\r\n",
+                                  recipients=("alice@x.org", "bob@y.org", "ALICE@x.org"))
+        self.assertEqual(reply[0], 250)
+        [for_alice] = stored_messages(self.root, "alice")
+        [for_bob] = stored_messages(self.root, "bob")
+        self.assertEqual(for_alice, for_bob)
+        self.assertIn(b"hi\n", for_alice)
+
+    def test_recipient_local_part_is_matched_without_case(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
+        self.assertEqual(client.cmd("RCPT TO:<Bob@Example.ORG>")[0], 250)
+
+    def test_pipelined_commands_get_their_replies_in_order(self):
+        client = self.connect(helo=False)
+        client.send("EHLO p.test\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<alice@x.org>\r\n"
+                    "RCPT TO:<nobody@x.org>\r\nDATA\r\n")
+        self.assertEqual([client.reply()[0] for _ in range(5)], [250, 250, 250, 550, 354])
+        client.send("Subject: piped\r\nbody\r\n.\r\nQUIT\r\n")
+        self.assertEqual([client.reply()[0] for _ in range(2)], [250, 221])
+        self.assertEqual(len(stored_messages(self.root, "alice")), 1)
+
+
+class StorageTest(ServerTestCase):
+    """What a delivery leaves in my_mailbox (CONTRACT.md section 1)."""
+
+    def test_stored_form_and_received_line_in_local_time(self):
+        client = self.connect()
+        before = time.localtime()
+        reply = self.send_message(client, b"From: carol@example.org\r\nTo: alice@example.org\r\n"
+                                          b"Subject: Lunch\r\nbody line 1\r\nbody line 2\r\n")
+        after = time.localtime()
+        self.assertEqual(reply[0], 250)
+        data = read_mailbox(self.root, "alice")
+        self.assertNotIn(b"\r", data, "lines end with \\n in the file")
+        found = RECEIVED.search(data)
+        stamps = {time.strftime("%Y-%m-%d : %H : %M", t).encode() for t in (before, after)}
+        self.assertIn(b"%s : %s : %s" % found.groups(), stamps)
+        self.assertEqual(data, b"From: carol@example.org\nTo: alice@example.org\nSubject: Lunch\n"
+                               + found.group(0) + b"body line 1\nbody line 2\n.\n")
+
+    def test_full_rfc5322_headers_are_kept_and_received_follows_subject(self):
+        smtp = smtplib.SMTP("127.0.0.1", self.server.port, timeout=support.DEADLINE)
+        self.addCleanup(smtp.close)
+        headers = (b"From: Carol <carol@example.org>\r\nTo: alice@example.org\r\n"
+                   b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nSubject: Full\r\n"
+                   b"Message-ID: <1@example.org>\r\nMIME-Version: 1.0\r\n\r\n")
+        smtp.sendmail("carol@example.org", ["alice@example.org"], headers + b"Body\r\n")
+        smtp.quit()
+        [message] = stored_messages(self.root, "alice")
+        lines = message.split(b"\n")
+        self.assertEqual(lines[:4], [b"From: Carol <carol@example.org>", b"To: alice@example.org",
+                                     b"Date: Sat, 28 Nov 2026 10:00:00 +0000", b"Subject: Full"])
+        self.assertRegex(lines[4], rb"\AReceived: ")
+        self.assertEqual(lines[5:], [b"Message-ID: <1@example.org>", b"MIME-Version: 1.0", b"",
+                                     b"Body", b""])
+
+    def test_received_ends_the_header_block_when_there_is_no_subject(self):
+        client = self.connect()
+        self.send_message(client, b"From: c@x.org\r\nTo: alice@x.org\r\nX-Tag: 1\r\n\r\nBody\r\n")
+        [message] = stored_messages(self.root, "alice")
+        self.assertRegex(message, rb"\AFrom: c@x.org\nTo: alice@x.org\nX-Tag: 1\n(Subject: ?\n)?"
+                                  rb"Received: [^\n]+\n\nBody\n\Z")
+
+    def test_missing_headers_come_from_the_envelope(self):
+        client = self.connect()
+        self.send_message(client, b"just a body\r\n", sender="carol@example.org",
+                          recipients=("alice@example.org", "bob@example.org"))
+        [message] = stored_messages(self.root, "alice")
+        self.assertRegex(message, rb"\AFrom: carol@example.org\nTo: alice@example.org, bob@example.org\n"
+                                  rb"Subject: ?\nReceived: [^\n]+\njust a body\n\Z")
+
+    def test_dot_stuffing_round_trip_through_smtplib(self):
+        body_lines = [b"before", b".", b"..", b".x", b"...", b"after"]
+        smtp = smtplib.SMTP("127.0.0.1", self.server.port, timeout=support.DEADLINE)
+        self.addCleanup(smtp.close)
+        smtp.sendmail("c@x.org", ["alice@x.org"], b"Subject: dots\r\n" + b"\r\n".join(body_lines) + b"\r\n")
+        smtp.quit()
+        [message] = stored_messages(self.root, "alice")
+        self.assertIn(b"\nbefore\n..\n...\n..x\n....\nafter\n", message)
+        self.assertEqual(unstuffed_body_lines(message), body_lines)
+
+    def test_eight_bit_body_is_kept_byte_for_byte(self):
+        body = bytes(range(128, 256)) + b" \xff\xfe invalid utf-8 \xc3\x28 and \xe2\x82\xac"
+        client = self.connect()
+        self.assertEqual(self.send_message(client, b"Subject: bytes\r\n" + body + b"\r\n")[0], 250)
+        [message] = stored_messages(self.root, "alice")
+        self.assertEqual(unstuffed_body_lines(message), [body])
+
+    def test_a_hand_typed_session_with_bare_lf_works(self):
+        client = self.server.connect()
+        self.addCleanup(client.close)
+        client.reply()
+        for line, code in [("HELO nc", 250), ("MAIL FROM: a@x.org", 250), ("RCPT TO: alice@x.org", 250),
+                           ("DATA", 354)]:
+            client.send(line + "\n")
+            self.assertEqual(client.reply()[0], code)
+        client.send("Subject: typed\nhello\n.\n")
+        self.assertEqual(client.reply()[0], 250)
+        client.send("QUIT\n")
+        self.assertEqual(client.reply()[0], 221)
+        [message] = stored_messages(self.root, "alice")
+        self.assertTrue(message.endswith(b"hello\n"))
+
+    def test_a_crafted_body_cannot_smuggle_a_second_message(self):
+        client = self.connect()
+        smuggled = (b"Subject: one\r\nfirst\n.\nMAIL FROM:<evil@x.org>\r\nRCPT TO:<bob@x.org>\r\n"
+                    b"DATA\r\nSubject: smuggled\r\n\r.\r\nstill body\r\n.\r\n")
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
+        self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 250)
+        self.assertEqual(client.cmd("DATA")[0], 354)
+        client.send(smuggled)
+        self.assertEqual(client.reply()[0], 250)
+        self.assertEqual(client.cmd("NOOP")[0], 250, "exactly one reply for the whole DATA")
+        self.assertEqual(read_mailbox(self.root, "bob"), b"")
+        [message] = stored_messages(self.root, "alice")
+        self.assertIn(b"smuggled", message)
+        self.assertIn(b"still body", message)
+
+    def test_a_client_that_disconnects_mid_data_leaves_no_trace(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
+        self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 250)
+        self.assertEqual(client.cmd("DATA")[0], 354)
+        client.send(b"Subject: cut\r\nhalf a message\r\n")
+        marker = "cut-%d" % id(client)
+        client.close()
+        # A later delivery on another connection proves the server has moved on.
+        other = self.connect()
+        self.send_message(other, b"Subject: " + marker.encode() + b"\r\nwhole\r\n")
+        wait_for(lambda: self.server.output().count("closed") >= 1)
+        [message] = stored_messages(self.root, "alice")
+        self.assertIn(marker.encode(), message)
+        self.assertNotIn(b"half a message", read_mailbox(self.root, "alice"))
+
+    def test_a_torn_last_message_is_closed_before_the_next_is_appended(self):
+        with open(support.mailbox_path(self.root, "alice"), "wb") as f:
+            f.write(b"From: a@x.org\nTo: alice@x.org\nSubject: torn\nReceived: 2026-01-01 : 00 : 00\nhalf")
+        client = self.connect()
+        self.assertEqual(self.send_message(client, b"Subject: next\r\nwhole\r\n")[0], 250)
+        first, second = stored_messages(self.root, "alice")
+        self.assertTrue(first.endswith(b"\nhalf\n"))
+        self.assertTrue(second.startswith(b"From: carol@example.org\n"))
+
+    def test_a_message_for_several_mailboxes_is_in_all_or_none(self):
+        os.mkdir(support.mailbox_path(self.root, "bob"))     # bob's mailbox cannot be written
+        self.addCleanup(os.rmdir, support.mailbox_path(self.root, "bob"))
+        client = self.connect()
+        reply = self.send_message(client, b"Subject: both\r\nx\r\n", recipients=("alice@x.org", "bob@x.org"))
+        self.assertEqual(reply[0], 451)
+        self.assertEqual(read_mailbox(self.root, "alice"), b"")
+        self.assertEqual(client.cmd("NOOP")[0], 250)
+
+
+class ConcurrencyTest(ServerTestCase):
+    """Many clients at once, one mailbox, nothing lost or mixed."""
+
+    def test_twenty_threads_of_twenty_five_messages(self):
+        errors = []
+
+        def sender(worker):
+            try:
+                with self.server.connect() as client:
+                    client.reply()
+                    client.cmd("HELO w%d" % worker)
+                    for n in range(25):
+                        tag = b"w%02d-m%02d" % (worker, n)
+                        lines = b"".join(b"%s line %d\r\n" % (tag, i) for i in range(20))
+                        reply = self.send_message(client, b"Subject: " + tag + b"\r\n" + lines)
+                        if reply[0] != 250:
+                            errors.append(reply)
+            except Exception as exc:      # reported below, in the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sender, args=(w,)) for w in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        messages = stored_messages(self.root, "alice")
+        self.assertEqual(len(messages), 500)
+        seen = set()
+        for message in messages:
+            tag = re.search(rb"Subject: (w\d\d-m\d\d)\n", message).group(1)
+            expected = b"".join(b"%s line %d\n" % (tag, i) for i in range(20))
+            self.assertTrue(message.endswith(expected), message)
+            seen.add(tag)
+        self.assertEqual(len(seen), 500)
+
+
+class UsersAndPathsTest(ServerTestCase):
+    """Who is a user, and that no address reaches outside the mail root."""
+
+    def rcpt(self, address):
+        client = self.connect()
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
+        return client.cmd("RCPT TO:<%s>" % address)[0]
+
+    def test_crafted_addresses_never_leave_the_mail_root(self):
+        parent = os.path.dirname(self.root)
+        before = set(os.listdir(parent))
+        crafted = ["../alice@x.org", "..@x.org", ".@x.org", "alice/../bob@x.org", "/etc/passwd@x.org",
+                   "..%2Falice@x.org", "alice\\..\\bob@x.org", "userinfo.txt@x.org", "~root@x.org",
+                   "alice%00@x.org", "a@b@c"]
+        for address in crafted:
+            with self.subTest(address=address):
+                self.assertIn(self.rcpt(address), (550, 501))
+        self.assertEqual(set(os.listdir(parent)) - before, set())
+        self.assertEqual(sorted(os.listdir(self.root)), ["alice", "bob", "userinfo.txt"])
+
+    def test_a_user_needs_a_line_in_userinfo_and_a_folder(self):
+        os.mkdir(os.path.join(self.root, "nofile"))          # folder but no line
+        self.addCleanup(os.rmdir, os.path.join(self.root, "nofile"))
+        self.assertEqual(self.rcpt("nofile@x.org"), 550)
+        self.assertEqual(self.rcpt("nobody@x.org"), 550)
+
+    def test_userinfo_is_read_again_when_it_changes(self):
+        path = os.path.join(self.root, "userinfo.txt")
+        with open(path) as f:
+            original = f.read()
+        self.addCleanup(self._restore_userinfo, original)
+        self.assertEqual(self.rcpt("carol@x.org"), 550)
+        with open(path, "a") as f:
+            f.write("\n# a comment\n\ncarol\tsecret\nthis line is not a user\nbad/login pw\n")
+        os.mkdir(os.path.join(self.root, "carol"))
+        wait_for(lambda: self.rcpt("carol@x.org") == 250)
+        self.server.wait_for_output(r"userinfo\.txt line 8 ")
+        self.assertEqual(re.findall(r"userinfo\.txt line (\d+) ", self.server.output()), ["7", "8"],
+                         "each malformed line is reported once, with its number")
+        self.assertEqual(self.rcpt("alice@x.org"), 250, "well-formed lines still count")
+
+    def _restore_userinfo(self, original):
+        with open(os.path.join(self.root, "userinfo.txt"), "w") as f:
+            f.write(original)
+        os.rmdir(os.path.join(self.root, "carol"))
+
+
+class LimitsTest(ServerTestCase):
+    """RFC 5321 4.5.3.1 limits, size limits, and bad input."""
+
+    def test_too_long_command_line_gets_500_and_the_session_goes_on(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("NOOP " + "x" * 600)[1], ["500 Line too long"])
+        self.assertEqual(client.cmd("HELO " + "y" * 100000)[0], 500)
+        self.assertEqual(client.cmd("NOOP")[0], 250)
+
+    def test_too_long_text_line_gets_500_and_nothing_is_stored(self):
+        client = self.connect()
+        reply = self.send_message(client, b"Subject: long\r\n" + b"z" * 1200 + b"\r\n")
+        self.assertEqual(reply[0], 500)
+        self.assertEqual(read_mailbox(self.root, "alice"), b"")
+        self.assertEqual(self.send_message(client, b"Subject: ok\r\n" + b"z" * 998 + b"\r\n")[0], 250)
+
+    def test_a_message_over_the_size_limit_gets_552_and_is_not_stored(self):
+        client = self.connect()
+        big = (b"y" * 70 + b"\r\n") * (MAX_SIZE // 72 + 10)
+        self.assertEqual(self.send_message(client, big)[0], 552)
+        self.assertEqual(read_mailbox(self.root, "alice"), b"")
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org> SIZE=%d" % (MAX_SIZE + 1))[0], 552)
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org> SIZE=100")[0], 250)
+
+    def test_garbage_nul_and_invalid_utf8_get_protocol_errors(self):
+        client = self.connect()
+        for junk in [b"\x00\x00\x00", b"\xff\xfe\xfd", b"HELO \xc3\x28", b"\x16\x03\x01\x02\x00",
+                     b"GET / HTTP/1.1", b"MAIL\x00FROM:<a@x.org>"]:
+            with self.subTest(junk=junk):
+                client.send(junk + b"\r\n")
+                self.assertIn(client.reply()[0], (250, 500, 501))
+        self.assertEqual(client.cmd("NOOP")[0], 250)
+        self.assertTrue(self.server.alive())
+        self.assertNotIn("Traceback", self.server.output())
+
+    def test_ten_bad_commands_in_a_row_get_421_and_close(self):
+        client = self.connect()
+        for _ in range(9):
+            self.assertEqual(client.cmd("BOGUS")[0], 500)
+        self.assertEqual(client.cmd("NOOP")[0], 250, "a good command resets the count")
+        for _ in range(9):
+            self.assertEqual(client.cmd("BOGUS")[0], 500)
+        client.send("BOGUS\r\n")
+        self.assertEqual([client.reply()[0], client.reply()[0]], [500, 421])
+        self.assertTrue(client.closed())
+
+
+class ConfiguredServerTest(unittest.TestCase):
+    """Behaviour that needs a server of its own: connection limit, idle timeout, shutdown, CLI."""
+
+    def start(self, *args, host="127.0.0.1"):
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        server = support.ServerProcess(support.SMTP_SCRIPT, root, "--domain", DOMAIN, *args, host=host)
+        self.addCleanup(server.close)
+        return server, root
+
+    def test_one_connection_over_the_limit_gets_421(self):
+        server, _ = self.start("--max-connections", "2")
+        first, second = server.connect(), server.connect()
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        self.assertEqual(first.reply()[0], 220)
+        self.assertEqual(second.reply()[0], 220)
+        with server.connect() as third:
+            self.assertEqual(third.reply()[0], 421)
+            self.assertTrue(third.closed())
+        first.cmd("QUIT")
+        first.close()
+        wait_for(lambda: "closed" in server.output())
+        with server.connect() as fourth:
+            self.assertEqual(fourth.reply()[0], 220, "a freed place is given to the next client")
+
+    def test_an_idle_client_gets_421_after_the_timeout(self):
+        server, _ = self.start("--timeout", "0.3")
+        with server.connect() as client:
+            self.assertEqual(client.reply()[0], 220)
+            started = time.monotonic()
+            self.assertEqual(client.reply(), (421, ["421 %s Timeout, closing connection" % DOMAIN]))
+            self.assertGreaterEqual(time.monotonic() - started, 0.25)
+            self.assertTrue(client.closed())
+
+    def test_sigterm_lets_a_delivery_in_flight_finish(self):
+        server, root = self.start()
+        with server.connect() as client:
+            client.reply()
+            client.cmd("HELO t")
+            client.cmd("MAIL FROM:<a@x.org>")
+            client.cmd("RCPT TO:<alice@x.org>")
+            self.assertEqual(client.cmd("DATA")[0], 354)
+            client.send("Subject: in flight\r\nfirst half\r\n")
+            server.proc.terminate()
+            server.wait_for_output("shutting down")
+            with self.assertRaises(OSError):
+                socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            client.send("second half\r\n.\r\n")
+            self.assertEqual(client.reply()[0], 250)
+        self.assertEqual(server.proc.wait(support.DEADLINE), 0)
+        self.assertNotIn("Traceback", server.output())
+        self.assertIn(b"first half\nsecond half\n.\n", read_mailbox(root, "alice"))
+
+    def test_ctrl_c_exits_cleanly(self):
+        server, _ = self.start()
+        server.proc.send_signal(2)
+        self.assertEqual(server.proc.wait(support.DEADLINE), 0)
+        self.assertNotIn("Traceback", server.output())
+
+    def test_verbose_prints_every_command_and_reply_and_logs_deliveries(self):
+        server, _ = self.start("--verbose")
+        smtp = smtplib.SMTP("127.0.0.1", server.port, timeout=support.DEADLINE)
+        smtp.sendmail("a@x.org", ["bob@x.org"], b"Subject: v\r\n\r\nhi\r\n")
+        smtp.quit()
+        server.wait_for_output(r"connection from \S+ closed")
+        output = server.output()
+        for text in ["< ehlo", "> 250-SIZE", "< mail FROM:<a@x.org>", "> 354 Enter mail",
+                     "delivered", "> 221 %s closing connection" % DOMAIN]:
+            self.assertIn(text, output)
+
+    def test_quiet_server_logs_a_line_per_connection_and_per_message(self):
+        server, _ = self.start()
+        smtp = smtplib.SMTP("127.0.0.1", server.port, timeout=support.DEADLINE)
+        smtp.sendmail("a@x.org", ["bob@x.org"], b"Subject: 1\r\n\r\nhi\r\n")
+        smtp.sendmail("a@x.org", ["alice@x.org"], b"Subject: 2\r\n\r\nhi\r\n")
+        smtp.quit()
+        server.wait_for_output(r"connection from \S+ closed")
+        output = server.output()
+        self.assertEqual(len(re.findall(r"delivered \d+ bytes from <a@x.org> to", output)), 2)
+        self.assertNotIn("MAIL", output.upper().replace("MAILROOT", ""))
+
+    def test_ipv6_loopback(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        server, root = self.start(host="::1")
+        smtp = smtplib.SMTP("::1", server.port, timeout=support.DEADLINE)
+        smtp.sendmail("a@x.org", ["alice@x.org"], b"Subject: six\r\n\r\nhi\r\n")
+        smtp.quit()
+        self.assertIn(b"Subject: six\n", read_mailbox(root, "alice"))
+
+    def test_help_and_bad_command_lines(self):
+        run = lambda *args: subprocess.run([sys.executable, support.SMTP_SCRIPT] + list(args),
+                                           capture_output=True, text=True, timeout=support.DEADLINE)
+        helped = run("--help")
+        self.assertEqual(helped.returncode, 0)
+        for option in ["--host", "--domain", "--root", "--max-size", "--timeout", "--max-connections",
+                       "--verbose"]:
+            self.assertIn(option, helped.stdout)
+        for args in [(), ("notaport",), ("70000",), ("25", "--max-size", "0")]:
+            with self.subTest(args=args):
+                result = run(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertNotIn("Traceback", result.stderr)
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        self.addCleanup(busy.close)
+        result = run(str(busy.getsockname()[1]), "--host", "127.0.0.1")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("cannot listen", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class MessageFormTest(unittest.TestCase):
+    """The pure functions that turn DATA into the stored form."""
+
+    def test_bare_lf_pieces_in_a_crlf_session_can_never_end_a_stored_message(self):
+        body, _ = mailserver_smtp.stored_body(b"a\r\n.\nb\r\nc\n.\r\nd\n..e", strict=True)
+        self.assertNotIn(b"\n.\n", b"\n" + body)
+        self.assertEqual(body, b"a\n\nb\nc\n..\nd\n...e\n")
+
+    def test_folded_subject_keeps_its_continuation_before_received(self):
+        message = mailserver_smtp.stored_message(b"Subject: a\n  b\nbody\n", b"s@x", [b"r@x"], b"T")
+        self.assertEqual(message, b"From: s@x\nTo: r@x\nSubject: a\n  b\nReceived: T\nbody\n.\n")
+
+    def test_parse_path(self):
+        parse = mailserver_smtp.parse_path
+        self.assertEqual(parse("<a@b.c>"), ("a@b.c", []))
+        self.assertEqual(parse(" <a@b.c> SIZE=10"), ("a@b.c", ["SIZE=10"]))
+        self.assertEqual(parse("<@relay.org:a@b.c>"), ("a@b.c", []))
+        self.assertEqual(parse("<>"), ("", []))
+        for bad in ["<a@b.c", "<a b@c>", "<@b.c>", "<a@>", '<"a"@b>', "<%s@b>" % ("x" * 300)]:
+            self.assertIsNone(parse(bad), bad)
+
+
+if __name__ == "__main__":
+    unittest.main()
