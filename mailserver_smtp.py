@@ -127,7 +127,7 @@ class UserTable:
             line = line.strip()
             if not line or line.startswith(b"#"):
                 continue
-            fields = line.split()
+            fields = line.split(None, 1)      # the password is the rest: it may hold spaces
             login = fields[0].decode("ascii", "replace")
             if len(fields) != 2 or not is_valid_login(login):
                 log.warning("%s line %d is not 'LOGIN PASSWORD' with a plain login; skipped",

@@ -421,7 +421,7 @@ class UsersAndPathsTest(ServerTestCase):
         self.addCleanup(self._restore_userinfo, original)
         self.assertEqual(self.rcpt("carol@x.org"), 550)
         with open(path, "a") as f:
-            f.write("\n# a comment\n\ncarol\tsecret\nthis line is not a user\nbad/login pw\n")
+            f.write("\n# a comment\n\ncarol\tsecret\nlonelyword\nbad/login pw\n")
         os.mkdir(os.path.join(self.root, "carol"))
         wait_for(lambda: self.rcpt("carol@x.org") == 250)
         self.server.wait_for_output(r"userinfo\.txt line 8 ")
