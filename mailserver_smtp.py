@@ -725,10 +725,10 @@ class SMTPSession:
             return self.reply("503 Need MAIL command")
         if not self.recipients:
             return self.reply("503 Need RCPT (recipient)")
-        self.reply('354 Enter mail, end with "." on a line by itself')
-        self.flush()
         server = self.server
-        with server.in_flight:
+        with server.in_flight:         # from the 354 on, a shutdown waits for this message
+            self.reply('354 Enter mail, end with "." on a line by itself')
+            self.flush()
             data = self.reader.read_data(self.crlf, server.max_size)
             if data is None:
                 self.reply("552 Message exceeds fixed maximum message size")
