@@ -25,6 +25,7 @@ from email.utils import formatdate, make_msgid, parseaddr, parsedate_to_datetime
 DEFAULT_SMTP_PORT = 2525
 DEFAULT_POP_PORT = 1110
 DEFAULT_TIMEOUT = 30.0       # seconds for connecting and for every reply
+MAX_TIMEOUT = 86400          # a day: beyond that a typo, and sockets overflow near inf
 QUIT_TIMEOUT = 2.0           # a goodbye to a server we are leaving must not hang us
 RECV_SIZE = 65536
 MAX_REPLY_LINE = 1024 * 1024  # longer is a broken or hostile server, not mail
@@ -109,8 +110,8 @@ def parse_args(argv=None):
     for name in ("smtp_port", "pop_port"):
         if not 1 <= getattr(args, name) <= 65535:
             parser.error("--%s must be between 1 and 65535" % name.replace("_", "-"))
-    if args.timeout <= 0:
-        parser.error("--timeout must be positive")
+    if not 0 < args.timeout <= MAX_TIMEOUT:
+        parser.error("--timeout must be between 0 and %d seconds" % MAX_TIMEOUT)
     # "[::1]" is how people write an IPv6 address next to a port; sockets want it bare.
     if args.server.startswith("[") and args.server.endswith("]"):
         args.server = args.server[1:-1]
@@ -443,15 +444,15 @@ class SMTPConnection(Connection):
         self.local_name = socket.gethostname() or "localhost"
         self.extensions = {}
         try:
-            code, text = self.reply()
+            code, lines = self.reply()
             if code != 220:
-                raise ServerError("the %s refused the connection: %s" % (self.where, text))
+                raise refusal("the connection", lines)
         except ClientError:
             self.close()
             raise
 
     def reply(self):
-        """Read one reply, continuation lines ('250-') included; return (code, text)."""
+        """Read one reply, continuation lines ('250-') included; return (code, lines)."""
         lines = []
         while True:
             line = decode_text(self.readline())
@@ -460,34 +461,34 @@ class SMTPConnection(Connection):
                 raise ClientError("the %s sent a malformed reply: %r" % (self.where, line))
             lines.append(line)
             if line[3:4] != "-":
-                return int(code), " | ".join(lines)
+                return int(code), lines
 
     def command(self, line):
-        """Send one command and return its reply (code, text)."""
+        """Send one command and return its reply (code, lines)."""
         self.send_lines([line])
         return self.reply()
 
     def expect(self, line, codes, what):
         """Send a command; ServerError naming what was refused unless the code is in codes."""
-        code, text = self.command(line)
+        code, lines = self.command(line)
         if code not in codes:
-            raise ServerError("the server refused %s: %s" % (what, text))
-        return code, text
+            raise refusal(what, lines)
+        return code, lines
 
     def greet(self):
         """HELO, or EHLO for a server that only knows that."""
-        code, text = self.command("HELO " + self.local_name)
+        code, lines = self.command("HELO " + self.local_name)
         if code in UNKNOWN_COMMAND:
             self.ehlo_or_helo()
         elif code != 250:
-            raise ServerError("the server refused HELO: %s" % text)
+            raise refusal("HELO", lines)
 
     def ehlo_or_helo(self):
         """Greet the standard way: EHLO (learning the extensions), HELO if EHLO is unknown."""
-        code, text = self.command("EHLO " + self.local_name)
+        code, lines = self.command("EHLO " + self.local_name)
         if code == 250:
             self.extensions = {}
-            for item in text.split(" | ")[1:]:
+            for item in lines[1:]:
                 keyword, _, params = item[4:].partition(" ")
                 self.extensions[keyword.upper()] = params
             return
@@ -496,7 +497,7 @@ class SMTPConnection(Connection):
     def send_message(self, message):
         """Run one mail transaction; ServerError (with the reply) on any refusal."""
         self.greet()
-        code, text = self.command(COURSE_MAIL_FROM % message.sender)
+        code, lines = self.command(COURSE_MAIL_FROM % message.sender)
         rcpt_to = COURSE_RCPT_TO
         standard = code in UNKNOWN_COMMAND
         if standard:
@@ -509,14 +510,14 @@ class SMTPConnection(Connection):
                         "the sender %s" % message.sender)
             rcpt_to = STANDARD_RCPT_TO
         elif code != 250:
-            raise ServerError("the server refused the sender %s: %s" % (message.sender, text))
+            raise refusal("the sender " + message.sender, lines)
         for recipient in message.recipients:
             self.expect(rcpt_to % recipient, (250, 251), "the recipient %s" % recipient)
         self.expect("DATA", (354,), "DATA")
         self.send_lines(message.data_lines(standard) + [END_OF_MESSAGE])
-        code, text = self.reply()
+        code, lines = self.reply()
         if code != 250:
-            raise ServerError("the server refused the mail: %s" % text)
+            raise refusal("the mail", lines)
 
     def quit(self):
         """Say goodbye and close; the mail is already sent or refused, so errors do not matter."""
@@ -526,6 +527,11 @@ class SMTPConnection(Connection):
         except (ClientError, OSError):
             pass
         self.close()
+
+
+def refusal(what, lines):
+    """The error for a refused SMTP command, quoting the whole reply on one line."""
+    return ServerError("the server refused %s: %s" % (what, " ".join(lines)))
 
 
 def _is_ascii(text):

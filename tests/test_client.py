@@ -15,6 +15,7 @@ ALICE = "alice\nwonderland\n"          # the start-up Username/Password answers
 BOB = "bob\nbuilder\n"
 SENT = "Mail sent successfully"
 INCORRECT = "This is an incorrect format"
+CLIENT_TIMEOUT = support.DEADLINE / 2
 LISTED_DATE = r"\d{4}-\d{2}-\d{2} : \d{2} : \d{2}"
 
 # alice's mailbox for the management tests, in the stored format (contract section 1):
@@ -48,8 +49,10 @@ class Result:
 
 
 def client_command(smtp_port, pop_port, host="127.0.0.1", *extra):
+    """The command line of the client; a server that hangs shows up as the client's own error."""
     return [sys.executable, support.CLIENT_SCRIPT, host,
-            "--smtp-port", str(smtp_port), "--pop-port", str(pop_port)] + list(extra)
+            "--smtp-port", str(smtp_port), "--pop-port", str(pop_port),
+            "--timeout", str(CLIENT_TIMEOUT)] + list(extra)
 
 
 def run_client(stdin, smtp_port, pop_port, host="127.0.0.1", *extra):
@@ -208,6 +211,20 @@ class NoTopPOP3Server(FakeServer):
                 return
             else:
                 self.send(conn, "-ERR unknown command")
+
+
+class VanishingPOP3Server(NoTopPOP3Server):
+    """Hangs up on the second RETR (the first one reads the headers for the listing)."""
+
+    retrieved = 0
+
+    def send(self, conn, *lines):
+        if lines[:1] == ("+OK message follows",):
+            self.retrieved += 1
+            if self.retrieved == 2:
+                conn.shutdown(socket.SHUT_RDWR)
+                raise OSError("hung up")
+        super().send(conn, *lines)
 
 
 # --------------------------------------------------------------------------
@@ -422,6 +439,19 @@ class FallbackTests(ClientTestCase):
         self.assertEqual(len(errors), 2, result.stdout)
         for line in errors:
             self.assertIn("closed the connection", line)
+        self.assertIn("Goodbye.", result.lines)
+
+
+    def test_pop3_server_vanishing_mid_session_returns_to_the_menu(self):
+        server = VanishingPOP3Server([["From: bob@example.org", "Subject: Going", "Body"]])
+        self.addCleanup(server.close)
+        result = run_client(ALICE + "b\nRETR 1\nc\n", closed_port(), server.port)
+        self.assertClean(result)
+        self.assertIn("Going", result.stdout)
+        errors = [line for line in result.lines if "Error:" in line]
+        self.assertEqual(errors, ["Error: the server closed the connection (POP3 server 127.0.0.1 port %d)"
+                                  % server.port])
+        self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
         self.assertIn("Goodbye.", result.lines)
 
 
