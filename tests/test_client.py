@@ -687,6 +687,54 @@ class EndToEndTests(ClientTestCase):
         self.assertEqual(result.lines[start + 5:start + 8], ["..", ".x", "bye"])
 
 
+class TerminalTests(ClientTestCase):
+    """On a terminal the password is not echoed (getpass); POSIX only, through a pseudo-terminal."""
+
+    def setUp(self):
+        try:
+            import pty
+            import select
+        except ImportError:
+            self.skipTest("no pseudo-terminals here")
+        self.select = select.select
+        self.master, slave = pty.openpty()
+        self.addCleanup(os.close, self.master)
+        # A new session has no controlling terminal, so getpass cannot fall back to
+        # the terminal running the tests and reads the pseudo-terminal on stdin.
+        self.proc = subprocess.Popen(client_command(closed_port(), closed_port()), stdin=slave,
+                                     stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.addCleanup(self.proc.wait, support.DEADLINE)
+        self.addCleanup(self.proc.kill)
+        self.seen = b""
+
+    def read_until(self, text):
+        """Everything the terminal showed up to and including text."""
+        deadline = support.DEADLINE
+        while text.encode() not in self.seen:
+            ready, _, _ = self.select([self.master], [], [], deadline)
+            self.assertTrue(ready, "terminal never showed %r: %r" % (text, self.seen))
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:  # EIO: the client closed the terminal
+                chunk = b""
+            self.assertTrue(chunk, "terminal closed before %r: %r" % (text, self.seen))
+            self.seen += chunk
+        return self.seen.decode("utf-8", "replace")
+
+    def test_password_is_not_echoed(self):
+        self.read_until("Username: ")
+        os.write(self.master, b"alice\n")
+        self.read_until("Password: ")
+        os.write(self.master, b"wonderland\n")
+        self.read_until("Your choice: ")
+        os.write(self.master, b"c\n")
+        shown = self.read_until("Goodbye.")
+        self.assertEqual(self.proc.wait(support.DEADLINE), 0)
+        self.assertIn("alice", shown)  # the terminal echoes ordinary answers...
+        self.assertNotIn("wonderland", shown)  # ...but not the password
+
+
 class EndOfInputTests(ClientTestCase):
     """End of input at every prompt ends the client with exit code 0 and no traceback."""
 
