@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from mailserver_smtp import MAILBOX_NAME, FileLock, UserTable, delivery_lock, is_valid_login
+from mailserver_smtp import FileLock, UserTable, delivery_lock, is_valid_login
 
 # --------------------------------------------------------------------------
 # Configuration

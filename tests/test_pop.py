@@ -13,8 +13,9 @@ import unittest
 from tests import support
 
 import mailserver_smtp
+import pop_server
 
-PASSWORD = "secret pw"          # has a space: the rest of the PASS line is the password
+PASSWORD = "open-Sesame_42"   # mixed case: passwords are compared exactly
 RECEIVED = "Received: 2026-11-28 : 14 : 05"
 
 
@@ -362,6 +363,21 @@ class DialogueTest(MailRootCase):
                 # The same connection may log in once the first session is over.
                 second.cmd("USER " + login)
                 self.assertTrue(second.cmd("PASS " + PASSWORD).startswith("+OK"))
+
+    def test_login_again_right_after_the_goodbye(self):
+        login = self.new_user(MESSAGES[0])
+        pop = self.login(login)
+        try:
+            for _ in range(30):
+                successor = Pop(self.server)
+                successor.cmd("USER " + login)
+                self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
+                pop.close()
+                pop = successor
+                # Sent the moment the goodbye arrived: the lock must already be free.
+                self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("+OK"))
+        finally:
+            pop.close()
 
     def test_other_users_are_not_locked_out(self):
         one, two = self.new_user(MESSAGES[0]), self.new_user(MESSAGES[1])
@@ -826,6 +842,148 @@ class ConcurrencyTest(MailRootCase):
         for u, login in enumerate(logins):
             self.assertEqual(self.mailbox(login), b"".join(
                 stored("%d-%d" % (u, i), [b"for %d" % u]) for i in (0, 2, 3, 4)))
+
+
+# --------------------------------------------------------------------------
+# The mailbox and its sidecar, driven directly (crash windows cannot be hit by timing)
+# --------------------------------------------------------------------------
+
+class MailboxFileTest(unittest.TestCase):
+    """Index cache, unique ids and the QUIT rewrite of pop_server.Mailbox."""
+
+    def setUp(self):
+        self.root = support.make_mail_root({"alice": PASSWORD})
+        self.path = support.mailbox_path(self.root, "alice")
+
+    def tearDown(self):
+        support.remove_mail_root(self.root)
+
+    def write(self, data):
+        with open(self.path, "wb") as f:
+            f.write(data)
+
+    def session(self):
+        mailbox = pop_server.Mailbox(self.path)
+        mailbox.open()
+        self.addCleanup(mailbox.close)
+        return mailbox
+
+    def uids(self):
+        mailbox = self.session()
+        uids = [mailbox.uid(i) for i in range(mailbox.count())]
+        mailbox.close()
+        return uids
+
+    def test_crash_before_the_mailbox_rename_keeps_file_and_ids(self):
+        twin = stored("twin", [b"same"])
+        self.write(twin + twin + MESSAGES[0])
+        before = self.uids()
+        mailbox = self.session()
+        real_replace = os.replace
+
+        def crash(source, target):
+            if target == self.path:
+                raise OSError("simulated crash before the rename")
+            return real_replace(source, target)
+
+        pop_server.os.replace = crash
+        try:
+            with self.assertRaises(OSError):
+                mailbox.commit(bytearray([1, 0, 0]))
+        finally:
+            pop_server.os.replace = real_replace
+        self.assertEqual(support.read_mailbox(self.root, "alice"), twin + twin + MESSAGES[0])
+        self.assertFalse(os.path.exists(os.path.join(self.root, "alice", ".my_mailbox.new")))
+        # The sidecar already describes the new file, but the old one is still recognised.
+        self.assertEqual(self.uids(), before)
+
+    def test_commit_keeps_ids_and_the_index_of_kept_messages(self):
+        self.write(b"".join(MESSAGES))
+        before = self.uids()
+        mailbox = self.session()
+        mailbox.commit(bytearray([0, 1, 0, 1, 0]))
+        after = self.session()
+        self.assertEqual([after.uid(i) for i in range(after.count())],
+                         [before[0], before[2], before[4]])
+        self.assertEqual(list(after.sizes), [octets(MESSAGES[i]) for i in (0, 2, 4)])
+        self.assertEqual(after.read(1), MESSAGES[2][:-2])
+
+    def test_the_index_cache_follows_appends_and_a_closed_torn_tail(self):
+        torn = b"From: x@example.org\nSubject: cut\nhalf"
+        self.write(MESSAGES[0] + torn)
+        first = self.uids()
+        self.assertEqual(len(first), 1)
+        # What SMTP does before its next append: close the torn message, then append.
+        append_delivered(self.root, "alice", b"\n.\n" + MESSAGES[1] + MESSAGES[2])
+        mailbox = self.session()
+        repaired = torn + b"\n.\n"
+        self.assertEqual(mailbox.count(), 4)
+        self.assertEqual(list(mailbox.sizes), [octets(m) for m in (MESSAGES[0], repaired,
+                                                                    MESSAGES[1], MESSAGES[2])])
+        self.assertEqual(mailbox.read(1), repaired[:-2])
+        self.assertEqual(mailbox.uid(0), first[0])
+        self.assertEqual(len(set(mailbox.uid(i) for i in range(4))), 4)
+
+    def test_a_mailbox_rewritten_by_someone_else_is_indexed_again(self):
+        self.write(MESSAGES[0] + MESSAGES[1])
+        before = self.uids()
+        self.write(MESSAGES[1] + MESSAGES[3])          # a new file, not an append
+        mailbox = self.session()
+        self.assertEqual(list(mailbox.sizes), [octets(MESSAGES[1]), octets(MESSAGES[3])])
+        self.assertEqual(mailbox.uid(0), before[1])   # recognised by content
+        self.assertNotIn(mailbox.uid(1), before)
+
+    def test_a_damaged_sidecar_starts_new_ids(self):
+        self.write(MESSAGES[0] + MESSAGES[1])
+        before = self.uids()
+        sidecar = os.path.join(self.root, "alice", ".my_mailbox.index")
+        with open(sidecar, "r+b") as f:
+            f.seek(40)
+            f.write(b"garbage\n\xff")
+        with self.assertLogs("pop3", "WARNING"):
+            after = self.uids()
+        self.assertEqual(len(after), 2)
+        self.assertFalse(set(before) & set(after))
+
+    def test_index_reads_in_chunks_across_message_boundaries(self):
+        data = b"".join(MESSAGES) + b".\n" + stored("x", [b"."]) + b"torn ."
+        self.write(data)
+        original = pop_server.READ_CHUNK
+        try:
+            for chunk in (1, 2, 3, 5, 64):
+                pop_server.READ_CHUNK = chunk
+                with open(self.path, "rb") as f:
+                    starts, sizes, digests = pop_server.index_messages(f, 0, len(data))
+                self.assertEqual(list(sizes), [octets(m) for m in MESSAGES] + [0, octets(stored("x", [b"."]))])
+                self.assertEqual(starts[-1], len(data) - len(b"torn ."))
+        finally:
+            pop_server.READ_CHUNK = original
+
+
+class LargeMessageTest(MailRootCase):
+    """A message larger than the read chunk is streamed in pieces."""
+
+    def test_retr_of_a_multi_megabyte_message(self):
+        body = [b"%06d " % i + b"y" * 90 + (b"." if i % 7 == 0 else b"") for i in range(15000)]
+        body[100] = b".dot-stuffed"
+        message = stored("big", body)
+        self.assertGreater(len(message), pop_server.READ_CHUNK)
+        login = self.new_user(MESSAGES[0] + message)
+        with self.login(login) as pop:
+            first, received = pop.multi("RETR 2")
+            self.assertEqual(first, "+OK %d octets" % octets(message))
+            self.assertEqual(received, wire(message))
+            self.assertEqual(pop.multi("RETR 1")[1], wire(MESSAGES[0]))
+
+    def test_one_log_line_per_connection(self):
+        login = self.new_user(MESSAGES[0])
+        with self.login(login) as pop:
+            port = pop.client.sock.getsockname()[1]
+            pop.multi("RETR 1")
+            pop.cmd("QUIT")
+        self.server.wait_for_output(r":%d: user %s" % (port, login))
+        mine = [line for line in self.server.output().splitlines() if ":%d" % port in line]
+        self.assertEqual(len(mine), 1, mine)
 
 
 if __name__ == "__main__":
