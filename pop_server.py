@@ -50,6 +50,7 @@ DIGEST_SIZE = 8                  # bytes of the content hash kept per message fo
 AUTH_DELAY_FROM = 3              # failed PASS number from which replies are slowed down
 AUTH_DELAY_STEP = 0.2            # seconds added per further failure
 MAX_AUTH_FAILURES = 5            # then the connection is closed
+ACCEPT_RETRY_DELAY = 0.1        # seconds to wait after accept() fails (e.g. out of descriptors)
 SHUTDOWN_GRACE = 30              # seconds a QUIT rewrite in progress gets to finish
 
 GREETING = "+OK POP3 server is ready"
@@ -432,7 +433,10 @@ class Mailbox:
         kept = Section(0, array.array("q"), array.array("q"), array.array("q"), bytearray())
         with delivery_lock(self.path):
             try:
-                with open(temp_path, "wb") as out:
+                # Private from the start; the mode of the old file is copied before the rename.
+                fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
+                             0o600)
+                with open(fd, "wb") as out:
                     index, count = 0, len(self.sizes)
                     while index < count:
                         if deleted[index]:
@@ -454,6 +458,7 @@ class Mailbox:
                 kept.digests = bytes(kept.digests)
                 self.sidecar.save([kept, Section(self.inode, self.starts, self.sizes,
                                                  self.serials, self.digests)])
+                os.chmod(temp_path, os.fstat(self.file.fileno()).st_mode & 0o777)
                 self.close()          # Windows cannot rename over an open file
                 os.replace(temp_path, self.path)
             except BaseException:
@@ -589,8 +594,8 @@ class Session:
             except Disconnect:
                 pass
             self.end()
-            log.info("%s: user %s, %d commands, %s", self.peer, self.login or "-",
-                     self.commands, self.outcome)
+            log.info("%s: user %s, %d commands, %d failed logins, %s", self.peer,
+                     self.login or "-", self.commands, self.auth_failures, self.outcome)
 
     def handle(self, line):
         """Check one command line and call the do_ method its keyword names."""
@@ -718,7 +723,7 @@ class Session:
 
     def do_QUIT(self, argument):
         """End the session; in TRANSACTION state first remove the messages marked deleted."""
-        if self.state == TRANSACTION:
+        if self.state == TRANSACTION and any(self.deleted):
             try:
                 self.server.commit(self.mailbox, self.deleted)
             except OSError as exc:
@@ -874,24 +879,35 @@ class Server:
     def serve_forever(self):
         """Accept connections until interrupted."""
         while True:
-            sock, address = self.listener.accept()
+            try:
+                sock, address = self.listener.accept()
+            except OSError as exc:
+                # Out of file descriptors, or a client gone before accept: keep serving.
+                log.warning("accept failed: %s", exc)
+                time.sleep(ACCEPT_RETRY_DELAY)
+                continue
             peer = "[%s]:%d" % address[:2] if ":" in address[0] else "%s:%d" % address[:2]
             if not self.slots.acquire(blocking=False):
                 self.refuse(sock, peer)
                 continue
             sock.settimeout(self.timeout)
             session = Session(self, sock, peer)
-            threading.Thread(target=self.run_session, args=(session,), daemon=True).start()
+            try:
+                threading.Thread(target=self.run_session, args=(session,), daemon=True).start()
+            except RuntimeError as exc:          # the system cannot make more threads
+                self.slots.release()
+                self.refuse(sock, peer, str(exc))
 
-    def refuse(self, sock, peer):
+    def refuse(self, sock, peer, reason="too many connections"):
+        """Tell a client the server is full, and hang up."""
         try:
             sock.settimeout(1)
-            sock.sendall(b"-ERR [SYS/TEMP] too many connections, try again later\r\n")
+            sock.sendall(b"-ERR [SYS/TEMP] server busy, try again later\r\n")
         except OSError:
             pass
         finally:
             sock.close()
-        log.warning("%s: refused, too many connections", peer)
+        log.warning("%s: refused, %s", peer, reason)
 
     def run_session(self, session):
         try:
@@ -918,7 +934,11 @@ class Server:
             self.listener.close()
         with self.updates:
             self.stopping = True
-            self.updates.wait_for(lambda: self.updating == 0, SHUTDOWN_GRACE)
+            try:
+                self.updates.wait_for(lambda: self.updating == 0, SHUTDOWN_GRACE)
+            except KeyboardInterrupt:
+                # A second Ctrl-C: leave now; a rewrite cut short leaves the old mailbox whole.
+                log.warning("stopped without waiting for %d mailbox updates", self.updating)
 
 
 def on_sigterm(signum, frame):

@@ -277,6 +277,7 @@ class DialogueTest(MailRootCase):
 
     def test_dele_then_quit_removes_exactly_the_marked_messages(self):
         login = self.new_user(b"".join(MESSAGES))
+        os.chmod(support.mailbox_path(self.root, login), 0o640)
         with self.login(login) as pop:
             pop.cmd("DELE 1")
             pop.cmd("DELE 4")
@@ -285,6 +286,8 @@ class DialogueTest(MailRootCase):
         self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2] + MESSAGES[4])
         leftovers = [n for n in os.listdir(os.path.join(self.root, login)) if "new" in n]
         self.assertEqual(leftovers, [])
+        if os.name == "posix":         # the rewritten file keeps the old file's permissions
+            self.assertEqual(os.stat(support.mailbox_path(self.root, login)).st_mode & 0o777, 0o640)
 
     def test_dele_rset_quit_keeps_everything(self):
         login = self.new_user(b"".join(MESSAGES))
@@ -388,7 +391,7 @@ class DialogueTest(MailRootCase):
         login = self.new_user()
         with self.login(login) as pop:
             pop.cmd("QUIT")
-        self.server.wait_for_output(r"user %s, \d+ commands, quit" % login)
+        self.server.wait_for_output(r"user %s, \d+ commands, 0 failed logins, quit" % login)
         output = self.server.output()
         self.assertIn("PASS ****", output)
         self.assertNotIn(PASSWORD, output)
@@ -639,7 +642,7 @@ class LimitsTest(MailRootCase):
         pop.close()
         self.wait_unlocked(login)
         self.assertEqual(self.mailbox(login), b"".join(MESSAGES[:2]))
-        self.server.wait_for_output(r"user %s, \d+ commands, timed out" % login)
+        self.server.wait_for_output(r"user %s, \d+ commands, \d+ failed logins, timed out" % login)
 
     def test_one_connection_too_many_gets_sys_temp_and_is_closed(self):
         clients = [Pop(self.server) for _ in range(3)]
