@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -65,12 +66,33 @@ def parse_args(argv=None):
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help="connections served at once; one more gets 421 (default: 100)")
     parser.add_argument("--verbose", action="store_true", help="print every command and reply")
+    parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS")
+    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for STARTTLS")
+    parser.add_argument("--require-tls", action="store_true",
+                        help="refuse mail until the client has used STARTTLS")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("PORT must be between 0 and 65535")
     if args.max_size < 1 or args.max_connections < 1 or args.timeout <= 0:
         parser.error("--max-size, --max-connections and --timeout must be positive")
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls)
     return args
+
+
+def tls_context(parser, cert, key, required):
+    """The server's TLS context from --tls-cert/--tls-key (None without them)."""
+    if not cert and not key:
+        if required:
+            parser.error("--require-tls needs --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        parser.error("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error("cannot load the TLS certificate or key: %s" % exc)
+    return context
 
 
 # --------------------------------------------------------------------------
@@ -587,6 +609,7 @@ class SMTPSession:
         self.bad_commands = 0
         self.crlf = True             # did the last command line end in CRLF?
         self.client_name = None      # from HELO/EHLO
+        self.tls_active = False
         self.delivered = 0
         self._reset()
 
@@ -648,12 +671,14 @@ class SMTPSession:
     def dispatch(self, line):
         if self.verbose:
             log.info("%s < %s", self.peer, line)
-        verb, separator, argument = line[:4].upper(), line[4:5], line[5:]
+        verb, _, argument = line.partition(" ")
+        verb = verb.upper()
         # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
-        if separator == " " or not separator or (separator == "_" and verb in ("MAIL", "RCPT")):
-            handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
-        else:
-            handler = None
+        if verb[:5] in ("MAIL_", "RCPT_"):
+            verb, argument = verb[:4], line[5:]
+        handler = None
+        if verb.isalpha() and verb.isascii():
+            handler = getattr(self, "smtp_" + verb, None)
         if handler is None:
             self.reply("500 Command not recognized")
         else:
@@ -673,14 +698,20 @@ class SMTPSession:
             return self.reply("501 Syntax: EHLO hostname")
         self._reset()
         self.client_name = argument
+        keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING"]
+        if self.server.tls and not self.tls_active:
+            keywords.append("STARTTLS")
+        keywords.append("HELP")
         self.reply("250-%s Hello %s" % (self.server.domain, argument),
-                   "250-SIZE %d" % self.server.max_size, "250-8BITMIME", "250-PIPELINING", "250 HELP")
+                   *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
     def smtp_MAIL(self, argument):
         if self.client_name is None:
             return self.reply("503 Send HELO or EHLO first")
         if self.sender is not None:
             return self.reply("503 Sender already given")
+        if self.server.require_tls and not self.tls_active:
+            return self.reply("530 Must issue a STARTTLS command first")
         if self.server.stopping:
             self.open = False
             return self.reply("421 %s Shutting down, try again later" % self.server.domain)
@@ -753,6 +784,30 @@ class SMTPSession:
         log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
         self.reply("250 OK Message accepted for delivery")
 
+    def smtp_STARTTLS(self, argument):
+        if argument:
+            return self.reply("501 Syntax: STARTTLS")
+        if self.server.tls is None:
+            return self.reply("502 Command not implemented")
+        if self.tls_active:
+            return self.reply("503 TLS already active")
+        self.reply("220 Ready to start TLS")
+        self.flush()
+        # Whatever the client sent behind STARTTLS came before the handshake:
+        # it must never be executed as if it had been sent encrypted.
+        del self.reader.buffer[:]
+        self.sock.settimeout(self.server.timeout)
+        try:
+            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("%s TLS handshake failed: %s", self.peer, exc)
+            self.open = False
+            return
+        self.reader.sock = self.sock
+        self.tls_active = True
+        self.client_name = None        # RFC 3207 4.2: the client starts again with EHLO
+        self._reset()
+
     def smtp_RSET(self, argument):
         if argument:
             return self.reply("501 Syntax: RSET")
@@ -773,7 +828,8 @@ class SMTPSession:
         self.reply("250 %s <%s@%s>" % (login, login, self.server.domain))
 
     def smtp_HELP(self, argument):
-        self.reply("214-Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
+        tls = " STARTTLS" if self.server.tls else ""
+        self.reply("214-Commands: HELO EHLO%s MAIL RCPT DATA RSET NOOP VRFY HELP QUIT" % tls,
                    "214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
 
     def smtp_EXPN(self, argument):
@@ -836,7 +892,7 @@ def set_idle_timeout(sock, seconds):
         sock.settimeout(seconds)
 
 
-IDLE_TIMEOUT_ERRORS = (socket.timeout, BlockingIOError)
+IDLE_TIMEOUT_ERRORS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 def create_listener(host, port):
@@ -867,6 +923,8 @@ class SMTPServer:
         self.timeout = args.timeout
         self.max_connections = args.max_connections
         self.verbose = args.verbose
+        self.tls = args.tls
+        self.require_tls = args.require_tls
         self.listener = create_listener(args.host, args.port)
         self.address = self.listener.getsockname()
         self.stopping = False
@@ -916,7 +974,7 @@ class SMTPServer:
         except Exception:
             log.exception("session with %s failed", peer)
         finally:
-            sock.close()
+            (session.sock if session else sock).close()    # after STARTTLS, the TLS socket
             with self._count_guard:
                 self.connections -= 1
             log.info("connection from %s closed, %d message(s) delivered",

@@ -586,7 +586,8 @@ class ConfiguredServerTest(unittest.TestCase):
         for option in ["--host", "--domain", "--root", "--max-size", "--timeout", "--max-connections",
                        "--verbose"]:
             self.assertIn(option, helped.stdout)
-        for args in [(), ("notaport",), ("70000",), ("25", "--max-size", "0")]:
+        for args in [(), ("notaport",), ("70000",), ("25", "--max-size", "0"), ("25", "--tls-cert", "x"),
+                     ("25", "--require-tls"), ("25", "--tls-cert", "/nonexistent", "--tls-key", "/nonexistent")]:
             with self.subTest(args=args):
                 result = run(*args)
                 self.assertEqual(result.returncode, 2)
@@ -599,6 +600,88 @@ class ConfiguredServerTest(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("cannot listen", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+
+TLS_CERT = os.path.join(support.REPO, "tests", "tls", "test-only-cert.pem")
+TLS_KEY = os.path.join(support.REPO, "tests", "tls", "test-only-key.pem")
+
+
+def client_tls_context():
+    import ssl
+    return ssl.create_default_context(cafile=TLS_CERT)
+
+
+class StartTLSTest(ServerTestCase):
+    """STARTTLS (RFC 3207) with --tls-cert/--tls-key."""
+
+    server_args = ServerTestCase.server_args + ("--tls-cert", TLS_CERT, "--tls-key", TLS_KEY)
+
+    def test_smtplib_delivers_over_starttls(self):
+        smtp = smtplib.SMTP("127.0.0.1", self.server.port, timeout=support.DEADLINE)
+        self.addCleanup(smtp.close)
+        smtp.ehlo()
+        self.assertTrue(smtp.has_extn("starttls"))
+        self.assertEqual(smtp.starttls(context=client_tls_context())[0], 220)
+        smtp.ehlo()
+        self.assertFalse(smtp.has_extn("starttls"), "not offered again inside TLS")
+        smtp.sendmail("carol@example.org", ["alice@example.org"], b"Subject: secret\r\n\r\nhidden\r\n")
+        self.assertEqual(smtp.docmd("STARTTLS")[0], 503)
+        smtp.quit()
+        self.assertIn(b"hidden\n", read_mailbox(self.root, "alice"))
+
+    def handshake(self, client):
+        import ssl
+        tls = client_tls_context().wrap_socket(client.sock, server_hostname="localhost")
+        client.sock, client.file = tls, tls.makefile("rb")
+        return client
+
+    def test_commands_pipelined_behind_starttls_are_never_executed(self):
+        client = self.connect(helo=False)
+        client.cmd("EHLO x")
+        client.send("STARTTLS\r\nMAIL FROM:<evil@x.org>\r\nRCPT TO:<alice@x.org>\r\n")
+        self.assertEqual(client.reply()[0], 220)
+        self.handshake(client)
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 503, "state is reset: EHLO first")
+        self.assertEqual(client.cmd("EHLO again")[0], 250)
+        self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 503, "the injected MAIL never ran")
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250, "nor did a second one")
+
+    def test_garbage_instead_of_a_handshake_ends_only_that_connection(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("STARTTLS")[0], 220)
+        client.send(b"this is not TLS\r\n" * 20)
+        self.assertTrue(client.closed())
+        other = self.connect()
+        self.assertEqual(other.cmd("NOOP")[0], 250)
+
+    def test_starttls_takes_no_argument(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("STARTTLS now")[0], 501)
+
+
+class RequireTLSTest(ServerTestCase):
+    """--require-tls: no mail transaction before STARTTLS."""
+
+    server_args = StartTLSTest.server_args + ("--require-tls",)
+
+    def test_mail_is_refused_until_starttls(self):
+        client = self.connect()
+        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 530)
+        smtp = smtplib.SMTP("127.0.0.1", self.server.port, timeout=support.DEADLINE)
+        self.addCleanup(smtp.close)
+        smtp.starttls(context=client_tls_context())
+        smtp.sendmail("a@x.org", ["bob@x.org"], b"Subject: ok\r\n\r\nfine\r\n")
+        smtp.quit()
+        self.assertIn(b"fine\n", read_mailbox(self.root, "bob"))
+
+
+class PlainServerTest(ServerTestCase):
+    """Without a certificate there is no STARTTLS."""
+
+    def test_starttls_is_neither_offered_nor_accepted(self):
+        client = self.connect(helo=False)
+        self.assertNotIn("250-STARTTLS", client.cmd("EHLO x")[1])
+        self.assertEqual(client.cmd("STARTTLS")[0], 502)
 
 
 class MessageFormTest(unittest.TestCase):
