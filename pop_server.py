@@ -50,7 +50,7 @@ DIGEST_SIZE = 8                  # bytes of the content hash kept per message fo
 AUTH_DELAY_FROM = 3              # failed PASS number from which replies are slowed down
 AUTH_DELAY_STEP = 0.2            # seconds added per further failure
 MAX_AUTH_FAILURES = 5            # then the connection is closed
-ACCEPT_RETRY_DELAY = 0.1        # seconds to wait after accept() fails (e.g. out of descriptors)
+ACCEPT_RETRY_DELAY = 0.1         # seconds to wait after accept() fails (e.g. out of descriptors)
 SHUTDOWN_GRACE = 30              # seconds a QUIT rewrite in progress gets to finish
 
 GREETING = "+OK POP3 server is ready"
@@ -368,18 +368,21 @@ class Mailbox:
                 log.warning("cannot write %s: %s; ids may change", self.sidecar.path, exc)
 
     def count(self):
+        """How many messages the session sees (deleted ones included)."""
         return len(self.sizes)
 
     def uid(self, index):
+        """The unique id of a message, as UIDL shows it."""
         return "%s-%d" % (self.sidecar.epoch, self.serials[index])
 
-    def read(self, index, limit=None):
-        """The stored bytes of a message (dot-stuffed, LF line ends), at most limit of them."""
+    def read(self, index):
+        """The stored bytes of a message: dot-stuffed lines ending in LF, without the final dot."""
         start, end = self.starts[index], self.starts[index + 1] - 2
-        if limit is not None:
-            end = min(end, start + limit)
         self.file.seek(start)
-        return self.file.read(end - start)
+        data = self.file.read(end - start)
+        if len(data) != end - start:
+            raise OSError("mailbox shrank while being read")
+        return data
 
     def chunks(self, index):
         """The stored bytes of a message in pieces of at most READ_CHUNK bytes."""
@@ -412,6 +415,7 @@ class Mailbox:
         return b"".join(lines)
 
     def _lines(self, index):
+        """The stored lines of a message, each with its LF, read piece by piece."""
         rest = b""
         for piece in self.chunks(index):
             parts = (rest + piece).split(b"\n")
