@@ -624,11 +624,12 @@ class ManagementTests(ClientTestCase):
 
     def test_search_from(self):
         result = self.manage("SEARCH FROM carol@example.com", "search from BOB", "SEARCH FROM eve@x.org",
-                             "QUIT")
+                             "SEARCH FROM ob@example.org", "SEARCH FROM <Carol@Example.com>", "QUIT")
         self.assertClean(result)
         found = [line.split()[0] for line in result.lines if re.match(r"\s*\d+  ", line)][2:]
-        self.assertEqual(found, ["2", "1"])
-        self.assertEqual(result.stdout.count("No message matches."), 1)
+        # A whole address must match whole (any case); a part without "@" may match a part.
+        self.assertEqual(found, ["2", "1", "2"])
+        self.assertEqual(result.stdout.count("No message matches."), 2)
 
     def test_search_date(self):
         result = self.manage("SEARCH DATE 2026-11-28", "SEARCH DATE 2026-11-27", "SEARCH DATE 2026-01-01",
