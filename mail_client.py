@@ -744,7 +744,8 @@ class Mailbox:
             number = self._number(args, "LIST [n]")
             if number is not None:
                 fields = self.pop.command("LIST %d" % number).split()
-                print("Message %s: %s octets" % tuple((fields + ["?", "?"])[1:3]))
+                size = fields[2] if len(fields) > 2 else "?"
+                print("Message %d: %s octets" % (number, size))
             return
         status, lines = self.pop.long_command("LIST")
         listing = self.pop.scan_listing(lines)
