@@ -9,7 +9,10 @@ import sys
 import threading
 import unittest
 
-from tests import support
+try:
+    from tests import support
+except ImportError:  # run from inside tests/
+    import support
 
 ALICE = "alice\nwonderland\n"          # the start-up Username/Password answers
 BOB = "bob\nbuilder\n"
