@@ -45,6 +45,7 @@ RECV_SIZE = 65536
 READ_CHUNK = 1 << 20             # bytes read from a mailbox at a time
 SEND_THRESHOLD = 256 * 1024      # buffered replies are sent once they reach this size
 LISTING_BATCH = 4096             # LIST/UIDL lines formatted at a time
+CACHE_SAMPLES = 32               # messages re-hashed at login to trust the cached index
 DIGEST_SIZE = 8                  # bytes of the content hash kept per message for UIDL
 
 AUTH_DELAY_FROM = 3              # failed PASS number from which replies are slowed down
@@ -329,15 +330,26 @@ class Mailbox:
             self._assign_ids(known or (self.sidecar.sections[0] if self.sidecar.sections else None))
 
     def _unchanged(self, known, limit):
-        """Whether the file still ends its known part where the sidecar says (a cheap check)."""
-        end = known.starts[-1]
-        if end > limit:
+        """Whether the known part of the file is still what the sidecar says, by sampling.
+
+        Appends keep it; a file emptied in place and refilled (same inode) is
+        caught because sampled messages no longer hash the same.
+        """
+        count = len(known.sizes)
+        if known.starts[-1] > limit:
             return False
-        if end == 0:
-            return True
-        self.file.seek(max(0, end - 3))
-        tail = self.file.read(3)
-        return tail == b".\n" if end == 2 else tail == b"\n.\n"
+        samples = set(range(0, count, max(1, count // CACHE_SAMPLES)))
+        samples.add(count - 1)
+        for index in sorted(samples):
+            if index < 0:
+                continue
+            start, end = known.starts[index], known.starts[index + 1]
+            self.file.seek(start)
+            data = self.file.read(end - start)
+            if not data.endswith(b".\n") or (len(data) > 2 and not data.endswith(b"\n.\n")) \
+                    or hashlib.blake2b(data[:-2], digest_size=DIGEST_SIZE).digest() != known.digest(index):
+                return False
+        return True
 
     def _assign_ids(self, previous):
         """Match the messages to a previous id list in order; new messages get new ids."""

@@ -937,6 +937,19 @@ class MailboxFileTest(unittest.TestCase):
         self.assertEqual(mailbox.uid(0), before[1])   # recognised by content
         self.assertNotIn(mailbox.uid(1), before)
 
+    def test_a_mailbox_emptied_in_place_and_refilled_is_indexed_again(self):
+        same_size = [stored("a%02d" % i, [b"body"]) for i in range(40)]
+        self.write(b"".join(same_size))
+        before = self.uids()
+        with open(self.path, "r+b") as f:     # same inode, like ": > my_mailbox"
+            f.truncate(0)
+        # Same sizes, so the old message boundaries fall on new ones: only content tells.
+        other = [stored("b%02d" % i, [b"body"]) for i in range(45)]
+        append_delivered(self.root, "alice", b"".join(other))
+        mailbox = self.session()
+        self.assertEqual(list(mailbox.sizes), [octets(m) for m in other])
+        self.assertFalse({mailbox.uid(i) for i in range(mailbox.count())} & set(before))
+
     def test_a_damaged_sidecar_starts_new_ids(self):
         self.write(MESSAGES[0] + MESSAGES[1])
         before = self.uids()
