@@ -977,6 +977,37 @@ class MailboxFileTest(unittest.TestCase):
             pop_server.READ_CHUNK = original
 
 
+class ShutdownTest(unittest.TestCase):
+    """Ctrl-C / SIGTERM lets a QUIT rewrite in progress finish, and starts no new one."""
+
+    def test_shutdown_waits_for_a_rewrite_in_progress(self):
+        root = support.make_mail_root({"alice": PASSWORD})
+        self.addCleanup(support.remove_mail_root, root)
+        server = pop_server.Server(pop_server.parse_args(["0", "--root", root]))
+        inside, release, finished = threading.Event(), threading.Event(), []
+
+        class SlowMailbox:
+            def commit(self, deleted):
+                inside.set()
+                release.wait(support.DEADLINE)
+                finished.append(True)
+
+        rewriter = threading.Thread(target=server.commit, args=(SlowMailbox(), bytearray([1])))
+        rewriter.start()
+        self.assertTrue(inside.wait(support.DEADLINE))
+        stopper = threading.Thread(target=server.shutdown)
+        stopper.start()
+        support.wait_for(lambda: server.stopping)
+        self.assertTrue(stopper.is_alive())          # still waiting for the rewrite
+        release.set()
+        stopper.join(support.DEADLINE)
+        rewriter.join(support.DEADLINE)
+        self.assertFalse(stopper.is_alive())
+        self.assertEqual(finished, [True])
+        with self.assertRaises(OSError):              # no rewrite starts once stopping
+            server.commit(SlowMailbox(), bytearray([1]))
+
+
 class LargeMessageTest(MailRootCase):
     """A message larger than the read chunk is streamed in pieces."""
 
