@@ -1,9 +1,8 @@
-"""Tests of pop_server.py against the contract (section 3) through real sockets."""
+"""Tests of pop_server.py: contract section 3 through real sockets and poplib, plus the mailbox code."""
 
 import os
 import poplib
 import re
-import shutil
 import smtplib
 import socket
 import threading
