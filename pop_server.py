@@ -771,7 +771,7 @@ class Session:
 
     def do_LIST(self, argument):
         """Size of one message, or of every message not deleted."""
-        if argument:
+        if argument.strip():
             index = self.message_number(argument)
             if index is not None:
                 self.reply("+OK %d %d" % (index + 1, self.mailbox.sizes[index]))
@@ -782,7 +782,7 @@ class Session:
 
     def do_UIDL(self, argument):
         """Unique id of one message, or of every message not deleted."""
-        if argument:
+        if argument.strip():
             index = self.message_number(argument)
             if index is not None:
                 self.reply("+OK %d %s" % (index + 1, self.mailbox.uid(index)))
