@@ -210,6 +210,14 @@ class DialogueTest(MailRootCase):
             pop.cmd("USER " + login.upper())
             self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("+OK"))
 
+    def test_password_is_the_rest_of_the_pass_line(self):
+        login = self.new_user(password="two words")
+        with Pop(self.server) as pop:
+            pop.cmd("USER " + login)
+            self.assertTrue(pop.cmd("PASS two").startswith("-ERR"))
+            pop.cmd("USER " + login)
+            self.assertTrue(pop.cmd("PASS two words").startswith("+OK"))
+
     def test_pass_before_user_is_refused(self):
         with Pop(self.server) as pop:
             self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("-ERR"))
