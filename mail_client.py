@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Interactive mail client of the course mail system: sends mail by SMTP, reads it by POP3.
 
-    python mail_client.py SERVER_IP [--smtp-port 2525] [--pop-port 1110]
+    python mail_client.py SERVER_IP [--smtp-port 2525] [--pop-port 1110] [--tls]
 
-Both protocols are spoken over plain sockets.  The client talks to the course
+Both protocols are spoken over plain sockets.  Given --tls, --cafile or
+--insecure, the client makes them private with STARTTLS (SMTP) or STLS (POP3)
+whenever the server offers it; without those options it speaks exactly the
+plain dialogue of the course contract (HELO first, no capability probes).  The client talks to the course
 servers (which also accept the assignment's MAIL_FROM:/RCPT_TO: spellings) and
 to any standard SMTP or POP3 server.
 """
@@ -14,6 +17,7 @@ import getpass
 import os
 import re
 import socket
+import ssl
 import sys
 from email.header import Header, decode_header, make_header
 from email.utils import formatdate, make_msgid, parseaddr, parsedate_to_datetime
@@ -106,6 +110,12 @@ def parse_args(argv=None):
                         help="POP3 port (default: %d)" % DEFAULT_POP_PORT)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help="seconds to wait for a server (default: %g)" % DEFAULT_TIMEOUT)
+    parser.add_argument("--tls", action="store_true",
+                        help="refuse to talk to a server that does not offer STARTTLS/STLS")
+    parser.add_argument("--cafile", metavar="FILE",
+                        help="trust the certificates in FILE (e.g. a server's self-signed one)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="use TLS without checking the server's certificate (not private!)")
     args = parser.parse_args(argv)
     for name in ("smtp_port", "pop_port"):
         if not 1 <= getattr(args, name) <= 65535:
@@ -115,7 +125,26 @@ def parse_args(argv=None):
     # "[::1]" is how people write an IPv6 address next to a port; sockets want it bare.
     if args.server.startswith("[") and args.server.endswith("]"):
         args.server = args.server[1:-1]
+    try:
+        args.tls_policy = TLSPolicy(args.tls, args.cafile, args.insecure)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error("cannot read --cafile %s: %s" % (args.cafile, describe(exc)))
     return args
+
+
+class TLSPolicy:
+    """How the client uses TLS: when asked for, whenever a server offers it; only with it under --tls."""
+
+    def __init__(self, required=False, cafile=None, insecure=False):
+        self.required = required
+        self.wanted = bool(required or cafile or insecure)
+        self.context = None
+        if insecure:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            self.context.check_hostname = False
+            self.context.verify_mode = ssl.CERT_NONE
+        elif self.wanted:
+            self.context = ssl.create_default_context(cafile=cafile)
 
 
 # --------------------------------------------------------------------------
@@ -391,6 +420,7 @@ class Connection:
     PROTOCOL = "TCP"
 
     def __init__(self, host, port, timeout):
+        self.host = host
         self.where = "%s server %s port %d" % (self.PROTOCOL, host, port)
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -417,6 +447,22 @@ class Connection:
         except ClientError as exc:
             raise ClientError("%s (%s)" % (exc, self.where))
 
+    def start_tls(self, policy):
+        """Run the TLS handshake on the connection; anything read before it is dropped."""
+        try:
+            self.sock = policy.context.wrap_socket(self.sock, server_hostname=self.host)
+        except (OSError, ssl.CertificateError) as exc:
+            self.close()
+            raise ClientError("TLS with the %s failed: %s" % (self.where, describe(exc)))
+        self.reader = LineReader(self.sock)
+
+    def no_tls(self, policy, command):
+        """The server offers no TLS: fine, unless --tls asked for it."""
+        if policy.required:
+            self.close()
+            raise ClientError("the %s does not offer %s, and --tls forbids going on without it"
+                              % (self.where, command))
+
     def close(self):
         """Drop the connection (twice is harmless)."""
         try:
@@ -431,6 +477,8 @@ def describe(exc):
         return "timed out"
     if isinstance(exc, socket.gaierror):
         return "unknown host (%s)" % (exc.strerror or exc)
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
     return exc.strerror or str(exc) or exc.__class__.__name__
 
 
@@ -439,7 +487,7 @@ class SMTPConnection(Connection):
 
     PROTOCOL = "SMTP"
 
-    def __init__(self, host, port, timeout):
+    def __init__(self, host, port, timeout, tls_policy):
         super().__init__(host, port, timeout)
         self.local_name = socket.gethostname() or "localhost"
         self.extensions = {}
@@ -447,9 +495,20 @@ class SMTPConnection(Connection):
             code, lines = self.reply()
             if code != 220:
                 raise refusal("the connection", lines)
+            self.secure(tls_policy)
         except ClientError:
             self.close()
             raise
+
+    def secure(self, policy):
+        """STARTTLS (RFC 3207) if the server's EHLO offers it; afterwards greet again."""
+        if not policy.wanted:
+            return
+        code, lines = self.command("EHLO " + self.local_name)
+        if code != 250 or "STARTTLS" not in (line[4:].strip().upper() for line in lines[1:]):
+            return self.no_tls(policy, "STARTTLS")
+        self.expect("STARTTLS", (220,), "STARTTLS")
+        self.start_tls(policy)
 
     def reply(self):
         """Read one reply, continuation lines ('250-') included; return (code, lines)."""
@@ -548,13 +607,27 @@ class POP3Connection(Connection):
 
     PROTOCOL = "POP3"
 
-    def __init__(self, host, port, timeout):
+    def __init__(self, host, port, timeout, tls_policy):
         super().__init__(host, port, timeout)
         try:
             self.greeting = self.status()
+            self.secure(tls_policy)
         except ClientError:
             self.close()
             raise
+
+    def secure(self, policy):
+        """STLS (RFC 2595) if the server's CAPA lists it."""
+        if not policy.wanted:
+            return
+        try:
+            capabilities = self.long_command("CAPA")[1]
+        except ServerError:
+            capabilities = []           # CAPA is optional (RFC 2449): no TLS then
+        if "STLS" not in (line.strip().upper() for line in capabilities):
+            return self.no_tls(policy, "STLS")
+        self.command("STLS")
+        self.start_tls(policy)
 
     def status(self):
         """Read a status line; return it if +OK, raise ServerError if -ERR."""
@@ -869,7 +942,8 @@ class MailClient:
             print("  " + str(exc))
             return
         try:
-            smtp = SMTPConnection(self.args.server, self.args.smtp_port, self.args.timeout)
+            smtp = SMTPConnection(self.args.server, self.args.smtp_port, self.args.timeout,
+                                  self.args.tls_policy)
         except ClientError as exc:
             error(str(exc))
             return
@@ -904,7 +978,8 @@ class MailClient:
         while True:
             fresh = pop is None
             if fresh:
-                pop = POP3Connection(self.args.server, self.args.pop_port, self.args.timeout)
+                pop = POP3Connection(self.args.server, self.args.pop_port, self.args.timeout,
+                                     self.args.tls_policy)
             try:
                 pop.login(self.username, self.password)
                 return pop
@@ -941,6 +1016,9 @@ def main(argv=None):
     if hasattr(sys.stdin, "reconfigure"):
         # Typed bytes that are not valid text still go out unchanged, not as a crash.
         sys.stdin.reconfigure(errors="surrogateescape")
+    if args.insecure:
+        print("Warning: --insecure: the server's certificate is not checked, so anyone on the "
+              "way can read and change what you send.")
     client = MailClient(args)
     try:
         return client.run()
