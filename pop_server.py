@@ -4,7 +4,7 @@
     python pop_server.py 1110 [--host ADDR] [--root DIR] [--timeout 600] ...
 
 RFC 1939 with the RFC 2449 extensions TOP, UIDL, CAPA, RESP-CODES and
-PIPELINING.  One thread serves each connection.  A session sees the mailbox
+PIPELINING, and STLS (RFC 2595) given --tls-cert and --tls-key.  One thread serves each connection.  A session sees the mailbox
 as it was at login; deletions are applied at QUIT by writing a new mailbox
 beside the old one and renaming it over, under the lock the SMTP server
 takes for every delivery, so mail that arrives during a session is kept.
@@ -19,11 +19,12 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 
-from mailserver_smtp import FileLock, UserTable, delivery_lock, is_valid_login
+from mailserver_smtp import FileLock, UserTable, delivery_lock, is_valid_login, tls_context
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -61,7 +62,7 @@ CAPABILITIES = ["USER", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINI
 
 AUTHORIZATION, TRANSACTION = "AUTHORIZATION", "TRANSACTION"
 COMMANDS = {
-    AUTHORIZATION: {"USER", "PASS", "QUIT", "CAPA"},
+    AUTHORIZATION: {"USER", "PASS", "QUIT", "CAPA", "STLS"},
     TRANSACTION: {"STAT", "LIST", "RETR", "DELE", "RSET", "NOOP", "QUIT",
                   "TOP", "UIDL", "CAPA"},
 }
@@ -87,6 +88,10 @@ def parse_args(argv=None):
                         help="connections served at once; one more gets -ERR (default: 100)")
     parser.add_argument("--verbose", action="store_true",
                         help="log every command and reply (passwords masked)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STLS")
+    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for STLS")
+    parser.add_argument("--require-tls", action="store_true",
+                        help="refuse USER and PASS until the client has used STLS")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("PORT must be between 0 and 65535")
@@ -94,6 +99,7 @@ def parse_args(argv=None):
         parser.error("--max-connections and --timeout must be positive")
     if not os.path.isdir(args.root):
         parser.error("--root %s is not a directory" % args.root)
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls)
     return args
 
 
@@ -516,6 +522,7 @@ class Session:
         self.sock = sock
         self.peer = peer
         self.state = AUTHORIZATION
+        self.tls_active = False
         self.user_name = None         # as given by USER, until PASS
         self.login = None
         self.lock = None
@@ -686,8 +693,17 @@ class Session:
 
     # -- AUTHORIZATION --------------------------------------------------------
 
+    def plaintext_refused(self):
+        """Under --require-tls, refuse a password exchange before STLS (True if refused)."""
+        if self.server.require_tls and not self.tls_active:
+            self.reply("-ERR [AUTH] use STLS first: this server takes no password in clear text")
+            return True
+        return False
+
     def do_USER(self, argument):
         """Remember the user name; whether it exists is only told after PASS."""
+        if self.plaintext_refused():
+            return
         argument = argument.strip()
         if not argument or " " in argument:
             self.reply("-ERR usage: USER name")
@@ -697,6 +713,8 @@ class Session:
 
     def do_PASS(self, argument):
         """Check the password and, on success, lock and open the maildrop."""
+        if self.plaintext_refused():
+            return
         if self.user_name is None:
             self.reply("-ERR send USER first")
             return
@@ -755,8 +773,37 @@ class Session:
         raise Disconnect()
 
     def do_CAPA(self, argument):
-        """List the capabilities (RFC 2449)."""
-        self.reply("+OK Capability list follows", CAPABILITIES)
+        """List the capabilities (RFC 2449): only what the client may use now."""
+        capabilities = list(CAPABILITIES)
+        if self.server.require_tls and not self.tls_active:
+            capabilities.remove("USER")
+        if self.server.tls and not self.tls_active and self.state == AUTHORIZATION:
+            capabilities.append("STLS")
+        self.reply("+OK Capability list follows", capabilities)
+
+    def do_STLS(self, argument):
+        """Start TLS (RFC 2595); what the client sent before the handshake is discarded."""
+        if self.server.tls is None:
+            self.reply("-ERR STLS is not available on this server")
+            return
+        if self.tls_active:
+            self.reply("-ERR TLS is already active")
+            return
+        if argument.strip():
+            self.reply("-ERR usage: STLS")
+            return
+        self.reply("+OK Begin TLS negotiation")
+        self.flush()
+        # Commands pipelined behind STLS came in clear text: never execute them.
+        self.inbuf, self.inpos, self.skipping = b"", 0, False
+        try:
+            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("%s: TLS handshake failed: %s", self.peer, exc)
+            self.outcome = "TLS handshake failed"
+            raise Disconnect()
+        self.tls_active = True
+        self.user_name = None         # RFC 2595 4: forget what was said before
 
     def do_NOOP(self, argument):
         """Do nothing; keeps the connection alive."""
@@ -875,6 +922,8 @@ class Server:
         self.port = args.port
         self.timeout = args.timeout
         self.verbose = args.verbose
+        self.tls = args.tls
+        self.require_tls = args.require_tls
         self.users = UserTable(args.root)
         self.slots = threading.BoundedSemaphore(args.max_connections)
         self.updates = threading.Condition()

@@ -1,6 +1,8 @@
 """Tests of TLS across the programs: mail_client.py's STARTTLS/STLS against the real servers."""
 
 import os
+import poplib
+import ssl
 import sys
 import unittest
 
@@ -71,6 +73,119 @@ class ClientSMTPTLSTest(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn("--cafile", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+
+def trusting_context():
+    return ssl.create_default_context(cafile=TLS_CERT)
+
+
+class POP3STLSTest(unittest.TestCase):
+    """STLS (RFC 2595) in pop_server.py, with and without --require-tls."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        with open(support.mailbox_path(cls.root, "alice"), "wb") as f:
+            f.write(b"From: bob@example.org\nTo: alice@example.org\nSubject: Secret\n"
+                    b"Received: 2026-11-28 : 10 : 00\nThe password is swordfish\n.\n")
+        cls.server = support.ServerProcess(support.POP_SCRIPT, cls.root, *TLS_ARGS)
+        cls.strict = support.ServerProcess(support.POP_SCRIPT, cls.root, *TLS_ARGS, "--require-tls")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        cls.strict.close()
+        support.remove_mail_root(cls.root)
+
+    def poplib_session(self, server):
+        pop = poplib.POP3("127.0.0.1", server.port, timeout=support.DEADLINE)
+        self.addCleanup(pop.close)
+        return pop
+
+    def test_poplib_stls_then_login(self):
+        pop = self.poplib_session(self.server)
+        self.assertIn(b"STLS", [c.encode() for c in pop.capa()])
+        self.assertTrue(pop.stls(context=trusting_context()).startswith(b"+OK"))
+        self.assertNotIn("STLS", pop.capa(), "not offered again inside TLS")
+        pop.user("alice")
+        pop.pass_("wonderland")
+        self.assertIn(b"The password is swordfish", pop.retr(1)[1])
+        pop.quit()
+
+    def test_commands_pipelined_behind_stls_are_never_executed(self):
+        client = self.server.connect()
+        self.addCleanup(client.close)
+        self.assertTrue(client.line().startswith("+OK"))
+        client.send("STLS\r\nUSER alice\r\n")
+        self.assertTrue(client.line().startswith("+OK"))
+        tls = trusting_context().wrap_socket(client.sock, server_hostname="localhost")
+        client.sock, client.file = tls, tls.makefile("rb")
+        client.send("PASS wonderland\r\n")
+        self.assertTrue(client.line().startswith("-ERR"), "the USER sent before the handshake was dropped")
+        client.send("STAT\r\n")
+        self.assertTrue(client.line().startswith("-ERR"))
+
+    def test_garbage_instead_of_a_handshake_ends_only_that_connection(self):
+        client = self.server.connect()
+        self.addCleanup(client.close)
+        client.line()
+        client.send("STLS\r\n")
+        self.assertTrue(client.line().startswith("+OK"))
+        client.send(b"USER alice\r\nPASS wonderland\r\n" * 10)
+        self.assertTrue(client.closed())
+        pop = self.poplib_session(self.server)
+        pop.user("alice")
+        self.assertTrue(pop.pass_("wonderland").startswith(b"+OK"), "plain logins still work")
+        pop.quit()
+
+    def test_require_tls_refuses_user_and_pass_before_stls(self):
+        pop = self.poplib_session(self.strict)
+        capabilities = pop.capa()
+        self.assertNotIn("USER", capabilities)
+        self.assertIn("STLS", capabilities)
+        with self.assertRaises(poplib.error_proto):
+            pop.user("alice")
+        with self.assertRaises(poplib.error_proto):
+            pop.pass_("wonderland")
+        pop.stls(context=trusting_context())
+        self.assertIn("USER", pop.capa())
+        pop.user("alice")
+        self.assertTrue(pop.pass_("wonderland").startswith(b"+OK"))
+        pop.quit()
+
+    def test_stls_is_refused_after_login_and_with_an_argument(self):
+        client = self.server.connect()
+        self.addCleanup(client.close)
+        client.line()
+        client.send("STLS now\r\n")
+        self.assertTrue(client.line().startswith("-ERR"))
+        client.send("USER alice\r\nPASS wonderland\r\nSTLS\r\nQUIT\r\n")
+        self.assertEqual([client.line()[:3] for _ in range(4)], ["+OK", "+OK", "-ER", "+OK"])
+
+    def test_the_client_manages_mail_over_stls(self):
+        result = run_client(ALICE + "b\nRETR 1\nQUIT\n", closed_port(), self.strict.port,
+                            "127.0.0.1", "--tls", "--cafile", TLS_CERT)
+        self.assertIn("The password is swordfish", result.stdout, result.stdout)
+        self.assertEqual(result.returncode, 0)
+
+
+class PlainPOP3Test(unittest.TestCase):
+    """Without a certificate there is no STLS, and --tls in the client refuses the server."""
+
+    def test_no_stls_and_the_client_refuses_under_tls(self):
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        server = support.ServerProcess(support.POP_SCRIPT, root)
+        self.addCleanup(server.close)
+        pop = poplib.POP3("127.0.0.1", server.port, timeout=support.DEADLINE)
+        self.addCleanup(pop.close)
+        self.assertNotIn("STLS", pop.capa())
+        with self.assertRaises(poplib.error_proto):
+            pop._shortcmd("STLS")
+        result = run_client(ALICE + "b\n", closed_port(), server.port, "127.0.0.1", "--tls",
+                            "--cafile", TLS_CERT)
+        self.assertIn("does not offer STLS", result.stdout)
+        self.assertNotIn("+OK POP3 server is ready", result.stdout)
 
 
 if __name__ == "__main__":
