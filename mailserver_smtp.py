@@ -274,12 +274,12 @@ def _open_mailbox(path):
         return os.open(path, flags)
     except FileNotFoundError:
         fd = os.open(path, flags | os.O_CREAT, 0o600)
-        _fsync_directory(os.path.dirname(path))
+        fsync_directory(os.path.dirname(path))
         return fd
 
 
-def _fsync_directory(path):
-    """Make a new directory entry durable (where the platform allows opening a directory)."""
+def fsync_directory(path):
+    """Make a new or renamed directory entry durable (where a directory can be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -624,7 +624,7 @@ class SMTPSession:
         """Queue a reply (several lines for a multi-line one); flush() sends the queue."""
         if self.verbose:
             for line in lines:
-                log.info("%s > %s", self.peer, line)
+                log.info("%s S: %s", self.peer, line)
         code = lines[-1]
         if code[1] == "0" and code[0] == "5":   # 500-504: syntax and sequence errors
             self.bad_commands += 1
@@ -670,7 +670,7 @@ class SMTPSession:
 
     def dispatch(self, line):
         if self.verbose:
-            log.info("%s < %s", self.peer, line)
+            log.info("%s C: %s", self.peer, line)
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
         # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
@@ -992,6 +992,39 @@ class SMTPServer:
 # main
 # --------------------------------------------------------------------------
 
+class LineWriteHandler(logging.Handler):
+    """Logs each record with a single write() to a file descriptor, taking no lock.
+
+    logging's StreamHandler holds a lock around write and flush, and under
+    load session threads queue on it.  One write() of a line is atomic on
+    pipes and terminals and never overlaps another on files, so no lock is
+    needed to keep lines whole.
+    """
+
+    def __init__(self, fd=2, tag="smtp"):
+        super().__init__()
+        self.fd = fd
+        self.setFormatter(logging.Formatter("%(asctime)s " + tag + " %(levelname)s %(message)s"))
+
+    def handle(self, record):
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record):
+        try:
+            line = self.format(record) + "\n"
+            os.write(self.fd, line.encode("utf-8", "backslashreplace"))
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(tag):
+    """INFO and above to stderr, one line per record."""
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly
+    logging.basicConfig(level=logging.INFO, handlers=[LineWriteHandler(sys.stderr.fileno(), tag)])
+
+
 class Shutdown(Exception):
     """Raised in the main thread by SIGTERM."""
 
@@ -1005,10 +1038,7 @@ def main(argv=None):
     # Small thread stacks fit many more in glibc's cache of freed stacks, so a
     # thread per connection does not map and unmap 8 MiB each time.
     threading.stack_size(512 * 1024)
-    if hasattr(sys.stderr, "reconfigure"):
-        sys.stderr.reconfigure(errors="backslashreplace")   # client bytes in logs never crash
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s smtp %(levelname)s %(message)s")
+    configure_logging("smtp")
     try:
         server = SMTPServer(args)
     except OSError as exc:

@@ -24,7 +24,8 @@ import sys
 import threading
 import time
 
-from mailserver_smtp import FileLock, UserTable, delivery_lock, is_valid_login, tls_context
+from mailserver_smtp import (FileLock, UserTable, configure_logging, create_listener, delivery_lock,
+                             fsync_directory, is_valid_login, tls_context)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -279,20 +280,6 @@ def remove_quietly(path):
         os.remove(path)
     except OSError:
         pass
-
-
-def fsync_directory(folder):
-    """Make a rename in folder durable, where the platform allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return                       # Windows cannot open a directory; NTFS journals renames
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Mailbox:
@@ -932,13 +919,7 @@ class Server:
         self.listener = None
 
     def listen(self):
-        family, kind, proto, _, address = socket.getaddrinfo(
-            self.host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
-        self.listener = socket.socket(family, kind, proto)
-        if os.name != "nt":            # on Windows SO_REUSEADDR would allow port stealing
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(address)
-        self.listener.listen(128)
+        self.listener = create_listener(self.host, self.port)
         log.info("listening on %s port %d", self.host, self.listener.getsockname()[1])
 
     def serve_forever(self):
@@ -1013,8 +994,7 @@ def on_sigterm(signum, frame):
 def main(argv=None):
     """Run the POP3 server until Ctrl-C or SIGTERM."""
     args = parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s pop3 %(levelname)s %(message)s")
+    configure_logging("pop3")
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, on_sigterm)
     server = Server(args)

@@ -4,6 +4,7 @@ import os
 import re
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -549,8 +550,8 @@ class ConfiguredServerTest(unittest.TestCase):
         smtp.quit()
         server.wait_for_output(r"connection from \S+ closed")
         output = server.output()
-        for text in ["< ehlo", "> 250-SIZE", "< mail FROM:<a@x.org>", "> 354 Enter mail",
-                     "delivered", "> 221 %s closing connection" % DOMAIN]:
+        for text in ["C: ehlo", "S: 250-SIZE", "C: mail FROM:<a@x.org>", "S: 354 Enter mail",
+                     "delivered", "S: 221 %s closing connection" % DOMAIN]:
             self.assertIn(text, output)
 
     def test_quiet_server_logs_a_line_per_connection_and_per_message(self):
@@ -607,7 +608,6 @@ TLS_KEY = os.path.join(support.REPO, "tests", "tls", "test-only-key.pem")
 
 
 def client_tls_context():
-    import ssl
     return ssl.create_default_context(cafile=TLS_CERT)
 
 
@@ -630,7 +630,6 @@ class StartTLSTest(ServerTestCase):
         self.assertIn(b"hidden\n", read_mailbox(self.root, "alice"))
 
     def handshake(self, client):
-        import ssl
         tls = client_tls_context().wrap_socket(client.sock, server_hostname="localhost")
         client.sock, client.file = tls, tls.makefile("rb")
         return client
