@@ -1,0 +1,640 @@
+"""Contract tests: one test per CONTRACT.md sentence that the other test files leave unguarded.
+
+Each test names the contract behaviour it guards and quotes (or paraphrases) the
+sentence in its docstring. Servers are started once per TestCase class.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+try:
+    from tests import support
+    from tests import test_client as client_helpers
+except ImportError:  # run from inside tests/
+    import support
+    import test_client as client_helpers
+
+wait_for = support.wait_for
+
+run_client = client_helpers.run_client
+closed_port = client_helpers.closed_port
+FakeServer = client_helpers.FakeServer
+NoTopPOP3Server = client_helpers.NoTopPOP3Server
+ALICE = client_helpers.ALICE
+SENT = client_helpers.SENT
+
+# The Received: stamp must be local time; run the SMTP server in a zone far from UTC
+# (POSIX TZ syntax, no tz database needed: "TST-13:45" is UTC+13:45).
+FAR_ZONE = "TST-13:45"
+FAR_OFFSET = 13 * 3600 + 45 * 60
+STAMP = "%Y-%m-%d : %H : %M"
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+class StartedServer(support.ServerProcess):
+    """A ServerProcess whose command line, working directory and environment the test chooses.
+
+    support.ServerProcess always passes --root and starts in the root, so it cannot tell
+    whether the server honours the start directory or --root; this one can.
+    """
+
+    def __init__(self, script, cwd, *args, env=None, host="127.0.0.1"):
+        self.root = cwd
+        self.host = host
+        self.lines = []
+        self._changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, script, "0", "--host", host] + list(args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=cwd, env=env)
+        threading.Thread(target=self._collect, daemon=True).start()
+        match = self.wait_for_output(support.LISTENING)
+        self.port = int(match.group(2))
+
+
+def smtp_session(server, timeout=support.DEADLINE):
+    """A raw SMTP client past the greeting and HELO."""
+    client = server.connect(timeout)
+    code, lines = client.reply()
+    assert code == 220, lines
+    code, lines = client.cmd("HELO contract.test")
+    assert code == 250, lines
+    return client
+
+
+def rcpt_code(server, address):
+    """The reply code RCPT TO gets for address in a fresh transaction."""
+    with smtp_session(server) as client:
+        assert client.cmd("MAIL FROM:<sender@example.org>")[0] == 250
+        return client.cmd("RCPT TO:<%s>" % address)[0]
+
+
+def deliver(server, body, sender="carol@example.org", recipients=("alice@example.org",)):
+    """One raw SMTP delivery of body (CRLF lines, already dot-stuffed); return the final code."""
+    with smtp_session(server) as client:
+        assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
+        for rcpt in recipients:
+            code, lines = client.cmd("RCPT TO:<%s>" % rcpt)
+            assert code == 250, lines
+        assert client.cmd("DATA")[0] == 354
+        client.send(body + b".\r\n")
+        code = client.reply()[0]
+        client.cmd("QUIT")
+        return code
+
+
+def pop_login(server, user, password):
+    """Log in over raw POP3; return (client, reply to PASS)."""
+    client = server.connect()
+    greeting = client.line()
+    assert greeting.startswith("+OK"), greeting
+    client.send("USER %s\r\n" % user)
+    client.line()
+    client.send("PASS %s\r\n" % password)
+    return client, client.line()
+
+
+def pop_can_login(server, user, password):
+    client, reply = pop_login(server, user, password)
+    with client:
+        if reply.startswith("+OK"):
+            client.send("QUIT\r\n")
+            client.line()
+            return True
+        return False
+
+
+def reported_lines(server):
+    """The userinfo.txt line numbers a server has reported as malformed, in order."""
+    return [int(n) for n in re.findall(r"userinfo\.txt line (\d+) ", server.output())]
+
+
+# --------------------------------------------------------------------------
+# Section 1: the mail root and userinfo.txt, through both servers
+# --------------------------------------------------------------------------
+
+# Line numbers matter: the malformed ones are reported by number.
+USERINFO = (
+    b"alice wonderland\n"              # 1
+    b"bob builder\n"                   # 2
+    b"carol \t  \tseashell\n"          # 3  several spaces and tabs between login and password
+    b"#dave secret\n"                  # 4  a comment, though dave's folder exists
+    b"\n"                              # 5  blank
+    b"erin secret\n"                   # 6  no folder
+    b".. secret\n"                     # 7  malformed: '..' is not a plain name
+    b"../victim secret\n"              # 8  malformed: '/' in the login
+    b"\xff\xfe\x00junk \x80\x81\n"     # 9  malformed: not a name at all (invalid UTF-8, NUL)
+    b"lonelyword\n"                    # 10 malformed: no password
+    b"frank\tfr\n"                     # 11 a single tab; after malformed lines: they were skipped
+)
+MALFORMED = [7, 8, 9, 10]
+OUTSIDE_MESSAGE = (b"From: x@example.org\nTo: y@example.org\nSubject: outside\n"
+                   b"Received: 2026-01-01 : 00 : 00\nnot yours\n.\n")
+
+
+class MailRootTest(unittest.TestCase):
+    """Contract section 1: which directory is the mail root, and who is a user."""
+
+    @classmethod
+    def setUpClass(cls):
+        # outer/root is the mail root; outer/victim and outer/my_mailbox lie just outside it.
+        cls.outer = tempfile.mkdtemp(prefix="contract-")
+        cls.root = os.path.join(cls.outer, "root")
+        cls.elsewhere = os.path.join(cls.outer, "elsewhere")   # an empty start directory
+        for folder in ("root", "root/alice", "root/bob", "root/carol", "root/dave", "root/frank",
+                       "victim", "elsewhere"):
+            os.mkdir(os.path.join(cls.outer, folder))
+        with open(os.path.join(cls.root, "userinfo.txt"), "wb") as f:
+            f.write(USERINFO)
+        for path in (os.path.join(cls.outer, "victim", "my_mailbox"), os.path.join(cls.outer, "my_mailbox")):
+            with open(path, "wb") as f:
+                f.write(OUTSIDE_MESSAGE)
+        cls.servers = []
+        try:
+            # Started in the mail root, without --root ...
+            cls.smtp = cls.start(support.SMTP_SCRIPT, cls.root)
+            cls.pop = cls.start(support.POP_SCRIPT, cls.root)
+            # ... and started elsewhere (an empty folder: no users there) with --root.
+            cls.smtp_opt = cls.start(support.SMTP_SCRIPT, cls.elsewhere, "--root", cls.root)
+            cls.pop_opt = cls.start(support.POP_SCRIPT, cls.elsewhere, "--root", cls.root)
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def start(cls, script, cwd, *args):
+        server = StartedServer(script, cwd, *args)
+        cls.servers.append(server)
+        return server
+
+    @classmethod
+    def tearDownClass(cls):
+        for server in cls.servers:
+            server.close()
+        shutil.rmtree(cls.outer, ignore_errors=True)
+
+    def setUp(self):
+        for login in ("alice", "bob", "carol", "frank"):
+            try:
+                os.remove(support.mailbox_path(self.root, login))
+            except FileNotFoundError:
+                pass
+
+    def both_smtp(self):
+        return (("started in the root", self.smtp), ("--root", self.smtp_opt))
+
+    def both_pop(self):
+        return (("started in the root", self.pop), ("--root", self.pop_opt))
+
+    def test_mail_root_is_the_start_directory_or_the_root_option(self):
+        """'The mail root is the directory the servers are started in (or --root DIR).'"""
+        for how, smtp in self.both_smtp():
+            with self.subTest(smtp=how):
+                self.assertEqual(deliver(smtp, b"Subject: via " + how.encode() + b"\r\nhi\r\n"), 250)
+                self.assertIn(b"Subject: via " + how.encode() + b"\n",
+                              support.read_mailbox(self.root, "alice"))
+        self.assertEqual(os.listdir(self.elsewhere), [], "nothing is written in the start directory")
+        for how, pop in self.both_pop():
+            with self.subTest(pop=how):
+                client, reply = pop_login(pop, "alice", "wonderland")
+                with client:
+                    self.assertTrue(reply.startswith("+OK"), reply)
+                    client.send("STAT\r\n")
+                    self.assertEqual(client.line().split()[:2], ["+OK", "2"])
+                    client.send("QUIT\r\n")
+                    client.line()
+
+    def test_login_and_password_are_separated_by_one_or_more_spaces_or_tabs(self):
+        """'userinfo.txt: one user a line: LOGIN<one or more spaces or tabs>PASSWORD'."""
+        for how, smtp in self.both_smtp():
+            with self.subTest(smtp=how):
+                self.assertEqual(rcpt_code(smtp, "carol@example.org"), 250)
+                self.assertEqual(rcpt_code(smtp, "frank@example.org"), 250)
+        for how, pop in self.both_pop():
+            with self.subTest(pop=how):
+                self.assertTrue(pop_can_login(pop, "carol", "seashell"), "password after spaces and tabs")
+                self.assertTrue(pop_can_login(pop, "frank", "fr"), "password after one tab")
+                self.assertFalse(pop_can_login(pop, "carol", "\t  \tseashell".replace("\t", " ")))
+
+    def test_comment_and_blank_lines_are_ignored(self):
+        """'Blank lines and lines starting with # in userinfo.txt are ignored.'"""
+        for how, smtp in self.both_smtp():
+            with self.subTest(smtp=how):
+                self.assertEqual(rcpt_code(smtp, "dave@example.org"), 550, "#dave is a comment")
+        for how, pop in self.both_pop():
+            with self.subTest(pop=how):
+                self.assertFalse(pop_can_login(pop, "dave", "secret"))
+                self.assertFalse(pop_can_login(pop, "#dave", "secret"))
+        for server in self.servers:
+            wait_for(lambda: reported_lines(server))
+            for number in (4, 5):
+                self.assertNotIn(number, reported_lines(server), "comments and blanks are not malformed")
+
+    def test_a_user_needs_both_a_userinfo_line_and_a_folder(self):
+        """'A login is a user only if it is in userinfo.txt AND its folder exists.'"""
+        for how, smtp in self.both_smtp():
+            with self.subTest(smtp=how):
+                self.assertEqual(rcpt_code(smtp, "erin@example.org"), 550, "line but no folder")
+                self.assertEqual(rcpt_code(smtp, "dave@example.org"), 550, "folder but no line")
+                self.assertEqual(rcpt_code(smtp, "bob@example.org"), 250, "line and folder")
+        for how, pop in self.both_pop():
+            with self.subTest(pop=how):
+                self.assertFalse(pop_can_login(pop, "erin", "secret"), "line but no folder")
+                self.assertTrue(pop_can_login(pop, "bob", "builder"), "line and folder")
+        self.assertFalse(os.path.exists(os.path.join(self.root, "erin")), "no folder is made for erin")
+
+    def test_malformed_lines_are_reported_once_with_their_number_and_skipped(self):
+        """'A malformed line is reported once with its line number and skipped; it never crashes a server.'"""
+        for server in self.servers:
+            # Several lookups, in several sessions, must not report the lines again.
+            for _ in range(3):
+                if server in (self.smtp, self.smtp_opt):
+                    self.assertEqual(rcpt_code(server, "frank@example.org"), 250, "line 11 still counts")
+                else:
+                    self.assertTrue(pop_can_login(server, "frank", "fr"), "line 11 still counts")
+            server.wait_for_output(r"userinfo\.txt line 10 ")
+            self.assertEqual(reported_lines(server), MALFORMED, server.output())
+            self.assertTrue(server.alive())
+            self.assertNotIn("Traceback", server.output())
+
+    def test_no_login_in_userinfo_reaches_outside_the_mail_root(self):
+        """'Logins are plain names (never /, ..): no address can make a server touch a file outside the mail root.'"""
+        victim = os.path.join(self.outer, "victim", "my_mailbox")
+        parent_box = os.path.join(self.outer, "my_mailbox")
+        for how, smtp in self.both_smtp():
+            with self.subTest(smtp=how):
+                for address in ("..@example.org", "../victim@example.org", "victim@example.org"):
+                    self.assertIn(rcpt_code(smtp, address), (501, 550), address)
+        for how, pop in self.both_pop():
+            with self.subTest(pop=how):
+                for login in ("..", "../victim", "victim"):
+                    self.assertFalse(pop_can_login(pop, login, "secret"), login)
+        for path in (victim, parent_box):
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), OUTSIDE_MESSAGE, path)
+        self.assertEqual(sorted(os.listdir(self.outer)), ["elsewhere", "my_mailbox", "root", "victim"])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.outer, "victim"))), ["my_mailbox"])
+
+
+# --------------------------------------------------------------------------
+# Sections 1 and 2: what the SMTP server stores, and serving clients at once
+# --------------------------------------------------------------------------
+
+class SMTPContractTest(unittest.TestCase):
+    """The SMTP server, run in a time zone far from UTC."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        env = dict(os.environ, TZ=FAR_ZONE)
+        cls.server = StartedServer(support.SMTP_SCRIPT, cls.root, "--root", cls.root, env=env)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        support.remove_mail_root(cls.root)
+
+    def setUp(self):
+        for login in ("alice", "bob"):
+            try:
+                os.remove(support.mailbox_path(self.root, login))
+            except FileNotFoundError:
+                pass
+
+    def mailbox(self, login="alice"):
+        return support.read_mailbox(self.root, login)
+
+    def test_received_is_the_servers_local_time(self):
+        """'Received: is added by the SMTP server at delivery, local time, YYYY-MM-DD : HH : MM.'"""
+        before = time.time()
+        self.assertEqual(deliver(self.server, b"Subject: when\r\nbody\r\n"), 250)
+        after = time.time()
+        found = re.search(rb"\nReceived: (\d{4}-\d\d-\d\d : \d\d : \d\d)\n", self.mailbox())
+        self.assertTrue(found, self.mailbox())
+        local = {time.strftime(STAMP, time.gmtime(t + FAR_OFFSET)).encode() for t in (before, after)}
+        utc = {time.strftime(STAMP, time.gmtime(t)).encode() for t in (before, after)}
+        self.assertFalse(local & utc)   # the check below can tell local time from UTC
+        self.assertIn(found.group(1), local, "the server runs with TZ=%s" % FAR_ZONE)
+
+    def test_only_the_missing_headers_come_from_the_envelope(self):
+        """'A message with no From/To/Subject gets them from the SMTP envelope' (each one that is missing)."""
+        self.assertEqual(deliver(self.server, b"Subject: only a subject\r\nbody\r\n",
+                                 sender="carol@example.org",
+                                 recipients=("alice@example.org", "bob@example.org")), 250)
+        data = self.mailbox()
+        self.assertRegex(data, rb"\AFrom: carol@example.org\nTo: alice@example.org, bob@example.org\n"
+                               rb"Subject: only a subject\nReceived: [^\n]+\nbody\n\.\n\Z")
+        os.remove(support.mailbox_path(self.root, "alice"))
+        self.assertEqual(deliver(self.server, b"From: dan@example.net\r\nSubject: has from\r\nbody\r\n",
+                                 sender="bounce@example.org"), 250)
+        lines = self.mailbox().split(b"\n")
+        self.assertIn(b"From: dan@example.net", lines)
+        self.assertIn(b"To: alice@example.org", lines)
+        self.assertEqual([l for l in lines if l.startswith(b"From:")], [b"From: dan@example.net"],
+                         "a From: the message has is kept, not replaced or doubled")
+
+    def test_eight_bit_header_bytes_are_kept_as_received(self):
+        """'Bytes are kept as received (UTF-8 and other 8-bit text survive unchanged)' -- in headers too."""
+        subject = b"Subject: caf\xc3\xa9 \xe9t\xe9 \xff\xfe"
+        self.assertEqual(deliver(self.server, subject + b"\r\nX-Latin: \xe0\xe8\r\nbody\r\n"), 250)
+        data = self.mailbox()
+        self.assertIn(b"\n" + subject + b"\nReceived: ", data)
+        self.assertIn(b"\nX-Latin: \xe0\xe8\n", data)
+
+    def test_clients_are_served_at_once_not_one_after_another(self):
+        """'Thread per connection, many clients at once.'"""
+        slow = smtp_session(self.server)
+        self.addCleanup(slow.close)
+        self.assertEqual(slow.cmd("MAIL FROM:<slow@example.org>")[0], 250)
+        self.assertEqual(slow.cmd("RCPT TO:<alice@example.org>")[0], 250)
+        self.assertEqual(slow.cmd("DATA")[0], 354)
+        slow.send(b"Subject: slow\r\nfirst half\r\n")
+        # While the first client sits in the middle of DATA, a second one is served in full.
+        fast = smtp_session(self.server, timeout=3)
+        with fast:
+            self.assertEqual(fast.cmd("MAIL FROM:<fast@example.org>")[0], 250)
+            self.assertEqual(fast.cmd("RCPT TO:<bob@example.org>")[0], 250)
+            self.assertEqual(fast.cmd("DATA")[0], 354)
+            fast.send(b"Subject: fast\r\nquick\r\n.\r\n")
+            self.assertEqual(fast.reply()[0], 250)
+        self.assertIn(b"quick\n", self.mailbox("bob"))
+        slow.send(b"second half\r\n.\r\n")
+        self.assertEqual(slow.reply()[0], 250)
+        self.assertIn(b"first half\nsecond half\n.\n", self.mailbox("alice"))
+
+
+# --------------------------------------------------------------------------
+# Section 3: one session per user
+# --------------------------------------------------------------------------
+
+class POPLockTest(unittest.TestCase):
+    """'A second session for a user who is already logged in gets -ERR (maildrop locked).'"""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        with open(support.mailbox_path(cls.root, "alice"), "wb") as f:
+            f.write(OUTSIDE_MESSAGE)
+        cls.first = support.ServerProcess(support.POP_SCRIPT, cls.root)
+        try:
+            cls.second = support.ServerProcess(support.POP_SCRIPT, cls.root)   # same mail root
+        except BaseException:
+            cls.first.close()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.first.close()
+        cls.second.close()
+        support.remove_mail_root(cls.root)
+
+    def check_locked(self, server, user):
+        holder, reply = pop_login(self.first, "alice", "wonderland")
+        with holder:
+            self.assertTrue(reply.startswith("+OK"), reply)
+            other, reply = pop_login(server, user, "wonderland")
+            with other:
+                self.assertTrue(reply.startswith("-ERR"), reply)
+                holder.send("QUIT\r\n")
+                self.assertTrue(holder.line().startswith("+OK"))
+                # Refused because of the lock, not for any other reason: now it is free.
+                other.send("USER %s\r\nPASS wonderland\r\n" % user)
+                other.line()
+                self.assertTrue(other.line().startswith("+OK"))
+                other.send("QUIT\r\n")
+                other.line()
+
+    def test_second_session_with_the_login_in_another_case_is_locked(self):
+        """A second session gets -ERR also when it spells the login in another case."""
+        self.check_locked(self.first, "ALICE")
+
+    def test_second_session_on_another_server_process_is_locked(self):
+        """A second session gets -ERR also through another POP3 server on the same mail root."""
+        self.check_locked(self.second, "alice")
+
+
+# --------------------------------------------------------------------------
+# Section 4: the client
+# --------------------------------------------------------------------------
+
+class CourseSMTPServer(FakeServer):
+    """Speaks the contract's SMTP dialogue, records what it gets; answers mail_from_code to MAIL_FROM:."""
+
+    mail_from_code = None   # None: accept MAIL_FROM: like the course server
+
+    def session(self, conn, rfile):
+        self.send(conn, "220 fake.test Service ready")
+        while True:
+            line = self.readline(rfile)
+            if line is None:
+                return
+            verb = line.upper()
+            if verb.startswith(("HELO ", "EHLO ")):
+                self.send(conn, "250 OK Hello")
+            elif verb.startswith("MAIL_FROM:") and self.mail_from_code:
+                self.send(conn, "%d Command not recognized" % self.mail_from_code)
+            elif verb.startswith(("MAIL_FROM:", "MAIL FROM:")):
+                self.send(conn, "250 Sender ok")
+            elif verb.startswith(("RCPT_TO:", "RCPT TO:")):
+                self.send(conn, "250 Recipient ok")
+            elif verb == "DATA":
+                self.send(conn, '354 Enter mail, end with "." on a line by itself')
+                while self.readline(rfile) not in (".", None):
+                    pass
+                self.send(conn, "250 OK Message accepted for delivery")
+            elif verb == "QUIT":
+                self.send(conn, "221 fake.test closing connection")
+                return
+            else:
+                self.send(conn, "500 Unknown command")
+
+
+class Refusing502SMTPServer(CourseSMTPServer):
+    mail_from_code = 502
+
+
+def verbs(lines):
+    """The SMTP command words of the recorded lines outside DATA."""
+    result, in_data = [], False
+    for line in lines:
+        if in_data:
+            in_data = line != "."
+            continue
+        word = re.match(r"(MAIL_FROM:|RCPT_TO:|MAIL FROM:|RCPT TO:|\S*)", line).group(1).upper()
+        result.append(word)
+        in_data = word == "DATA"
+    return result
+
+
+class ClientContractTest(client_helpers.ClientTestCase):
+    """mail_client.py as a subprocess with piped input, against scripted servers."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pop = NoTopPOP3Server([["From: bob@example.org", "To: alice@example.org",
+                                    "Subject: Menu test", "Received: 2026-11-28 : 10 : 00", "Hi"]])
+        cls.no_port = closed_port()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.pop.close()
+
+    def test_good_mail_is_sent_with_helo_mail_from_rcpt_to_data_quit(self):
+        """'A good one is sent with HELO, MAIL_FROM, RCPT_TO, DATA, QUIT and prints Mail sent successfully.'"""
+        server = CourseSMTPServer()
+        self.addCleanup(server.close)
+        result = run_client(ALICE + client_helpers.mail(to="bob@example.org, carol@example.com") + "c\n",
+                            server.port, self.no_port)
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        self.assertEqual(verbs(server.received), ["HELO", "MAIL_FROM:", "RCPT_TO:", "RCPT_TO:", "DATA", "QUIT"],
+                         server.received)
+        self.assertIn("MAIL_FROM: <alice@example.org>", server.received)
+        self.assertIn("RCPT_TO: <carol@example.com>", server.received)
+
+    def test_mail_from_refused_with_502_is_retried_with_rfc5321_spelling(self):
+        """'If a server answers 500/502 to MAIL_FROM: the client retries with MAIL FROM: / RCPT TO:.'"""
+        server = Refusing502SMTPServer()
+        self.addCleanup(server.close)
+        result = run_client(ALICE + client_helpers.mail() + "c\n", server.port, self.no_port)
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        self.assertIn("MAIL FROM:<alice@example.org>", server.received)
+        self.assertIn("RCPT TO:<bob@example.org>", server.received)
+        self.assertNotIn("RCPT_TO: <bob@example.org>", server.received)
+
+    def test_menu_management_and_exit_choices_in_every_spelling(self):
+        """'b / 2 Mail Management, c / 3 Exit (case-insensitive; the words work too).'"""
+        for choice in ("b", "B", "2", "Mail Management", "mail management", "MANAGEMENT"):
+            with self.subTest(choice=choice):
+                result = run_client(ALICE + choice + "\nQUIT\n", self.no_port, self.pop.port)
+                self.assertClean(result)
+                self.assertIn("+OK fake POP3 ready", result.lines)
+                self.assertIn("Menu test", result.stdout)
+        for choice in ("c", "C", "3", "Exit", "exit", "EXIT"):
+            with self.subTest(choice=choice):
+                # Anything after the exit choice must not be read: "a" would open Mail Sending.
+                result = run_client(ALICE + choice + "\na\n", self.no_port, self.no_port)
+                self.assertClean(result)
+                self.assertEqual(result.stdout.count("a) Mail Sending"), 1, result.stdout)
+                self.assertNotIn("From:", result.stdout)
+
+    def test_default_ports_are_2525_and_1110(self):
+        """'Default ports: SMTP 2525, POP3 1110.'"""
+        host = "127.0.0.2"   # a loopback address of its own, so running servers on 2525/1110 do not matter
+        try:
+            smtp = SMTPOnAddress(host, 2525)
+        except OSError as exc:
+            self.skipTest("cannot listen on %s port 2525: %s" % (host, exc))
+        self.addCleanup(smtp.close)
+        try:
+            pop = POPOnAddress(host, 1110, [["From: bob@example.org", "Subject: Default", "x"]])
+        except OSError as exc:
+            self.skipTest("cannot listen on %s port 1110: %s" % (host, exc))
+        self.addCleanup(pop.close)
+        env = dict(os.environ, PYTHONIOENCODING="utf-8")
+        proc = subprocess.run([sys.executable, support.CLIENT_SCRIPT, host, "--timeout", "5"],
+                              input=(ALICE + client_helpers.mail() + "b\nQUIT\n").encode(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=support.DEADLINE, env=env, cwd=support.REPO)
+        stdout = proc.stdout.decode("utf-8", "replace")
+        self.assertEqual(proc.returncode, 0, stdout + proc.stderr.decode())
+        self.assertIn(SENT, stdout)
+        self.assertIn("HELO", verbs(smtp.received))
+        self.assertIn("+OK fake POP3 ready", stdout)
+        self.assertIn("USER alice", pop.received)
+
+    def test_password_is_kept_in_memory_only(self):
+        """'Asks Username: and Password: (the password ... is kept in memory only).'"""
+        password = "Pw-only-in-memory-4711"
+        home = tempfile.mkdtemp(prefix="client-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        env = dict(os.environ, HOME=home, USERPROFILE=home, TMPDIR=home, TEMP=home, TMP=home,
+                   XDG_CONFIG_HOME=os.path.join(home, ".config"), XDG_CACHE_HOME=os.path.join(home, ".cache"),
+                   XDG_DATA_HOME=os.path.join(home, ".local"), PYTHONIOENCODING="utf-8",
+                   PYTHONDONTWRITEBYTECODE="1")
+        typed = "alice\n%s\nb\nSTAT\nQUIT\n" % password
+        proc = subprocess.run(client_helpers.client_command(self.no_port, self.pop.port),
+                              input=typed.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=support.DEADLINE, env=env, cwd=home)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(b"+OK fake POP3 ready", proc.stdout)
+        self.assertIn("PASS " + password, self.pop.received, "the password did reach the server")
+        self.assertNotIn(password.encode(), proc.stdout + proc.stderr, "never shown")
+        written = []
+        for folder, _, files in os.walk(home):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    if password.encode() in f.read():
+                        written.append(path)
+        self.assertEqual(written, [], "the password was written to disk")
+
+    def test_mailbox_commands_are_case_insensitive(self):
+        """'STAT, LIST, RETR n, DELE n, RSET, QUIT (case-insensitive)' -- retr, dele, rset, quit in lower case."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        with open(support.mailbox_path(root, "alice"), "w", newline="\n") as f:
+            f.write(client_helpers.ALICE_MAILBOX)
+        pop = support.ServerProcess(support.POP_SCRIPT, root)
+        self.addCleanup(pop.close)
+        result = run_client(ALICE + "b\nretr 1\ndele 1\nrset\ndele 2\nquit\na\n", self.no_port, pop.port)
+        self.assertClean(result)
+        self.assertIn("----- Message 1 -----", result.lines)        # retr
+        self.assertEqual(result.lines[-1].strip(), "+OK Thanks for using POP3 server")   # quit ends it
+        stored = support.read_mailbox(root, "alice")
+        self.assertIn(b"Subject: Lunch on Friday\n", stored)        # rset undid dele 1
+        self.assertNotIn(b"Subject: Exam results\n", stored)        # dele 2 then quit removed it
+
+
+class OnAddress:
+    """Mixin for the client_helpers fake servers: listen on a chosen address and port."""
+
+    def listen_on(self, host, port):
+        listener = socket.socket()
+        try:
+            listener.bind((host, port))
+        except OSError:
+            listener.close()
+            raise
+        listener.listen(5)
+        self.listener, self.host, self.port = listener, host, port
+        self.received = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stopping = True
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except OSError:
+            pass
+        self.thread.join(support.DEADLINE)
+        self.listener.close()
+
+
+class SMTPOnAddress(OnAddress, CourseSMTPServer):
+    def __init__(self, host, port):
+        self.listen_on(host, port)
+
+
+class POPOnAddress(OnAddress, NoTopPOP3Server):
+    def __init__(self, host, port, messages):
+        self.messages = messages
+        self.listen_on(host, port)
+
+
+if __name__ == "__main__":
+    unittest.main()
