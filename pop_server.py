@@ -25,7 +25,7 @@ import threading
 import time
 
 from mailserver_smtp import (FileLock, UserTable, configure_logging, create_listener, delivery_lock,
-                             fsync_directory, is_valid_login, tls_context)
+                             fsync_directory, is_valid_login, run_on_one_cpu, tls_context)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -994,6 +994,7 @@ def on_sigterm(signum, frame):
 def main(argv=None):
     """Run the POP3 server until Ctrl-C or SIGTERM."""
     args = parse_args(argv)
+    run_on_one_cpu()
     configure_logging("pop3")
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, on_sigterm)
