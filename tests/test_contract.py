@@ -603,6 +603,9 @@ class OnAddress:
 
     def listen_on(self, host, port):
         listener = socket.socket()
+        # Reuse lets a listener come back past TIME_WAIT left by an earlier run; a port
+        # another program listens on still cannot be bound.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             listener.bind((host, port))
         except OSError:
