@@ -550,9 +550,9 @@ class ConfiguredServerTest(unittest.TestCase):
         smtp.quit()
         server.wait_for_output(r"connection from \S+ closed")
         output = server.output()
-        for text in ["C: ehlo", "S: 250-SIZE", "C: mail FROM:<a@x.org>", "S: 354 Enter mail",
+        for text in ["C: ehlo", "S: 250-SIZE", "C: mail from:<a@x.org>", "S: 354 Enter mail",
                      "delivered", "S: 221 %s closing connection" % DOMAIN]:
-            self.assertIn(text, output)
+            self.assertIn(text.lower(), output.lower())     # smtplib's case varies by version
 
     def test_quiet_server_logs_a_line_per_connection_and_per_message(self):
         server, _ = self.start()
