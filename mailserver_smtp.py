@@ -984,7 +984,12 @@ class SMTPServer:
         """Stop accepting; give deliveries in flight time to finish."""
         self.stopping = True
         self.listener.close()
-        if not self.in_flight.wait(SHUTDOWN_GRACE):
+        try:
+            finished = self.in_flight.wait(SHUTDOWN_GRACE)
+        except (KeyboardInterrupt, Shutdown):      # asked twice: do not wait any longer
+            finished = False
+        if not finished:
+            # A message cut short here was never acknowledged, and none is half stored.
             log.warning("stopping with deliveries still in flight")
 
 

@@ -537,6 +537,20 @@ class ConfiguredServerTest(unittest.TestCase):
         self.assertNotIn("Traceback", server.output())
         self.assertIn(b"first half\nsecond half\n.\n", read_mailbox(root, "alice"))
 
+    def test_a_second_sigterm_stops_at_once_and_stores_nothing_partial(self):
+        server, root = self.start()
+        with server.connect() as client:
+            client.reply()
+            for command in ("HELO t", "MAIL FROM:<a@x.org>", "RCPT TO:<alice@x.org>", "DATA"):
+                client.cmd(command)
+            client.send("Subject: never finished\r\nhalf\r\n")
+            server.proc.terminate()
+            server.wait_for_output("shutting down")
+            server.proc.terminate()
+            self.assertEqual(server.proc.wait(support.DEADLINE), 0)
+        self.assertNotIn("Traceback", server.output())
+        self.assertEqual(read_mailbox(root, "alice"), b"")
+
     def test_ctrl_c_exits_cleanly(self):
         server, _ = self.start()
         server.proc.send_signal(2)
