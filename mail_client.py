@@ -419,7 +419,7 @@ class Connection:
 
     PROTOCOL = "TCP"
 
-    def __init__(self, host, port, timeout):
+    def __init__(self, host, port, timeout, tls_policy):
         self.host = host
         self.where = "%s server %s port %d" % (self.PROTOCOL, host, port)
         try:
@@ -427,6 +427,15 @@ class Connection:
         except (OSError, UnicodeError) as exc:
             raise ClientError("cannot connect to the %s: %s" % (self.where, describe(exc)))
         self.reader = LineReader(self.sock)
+        try:
+            self.greet_and_secure(tls_policy)
+        except ClientError:
+            self.close()
+            raise
+
+    def greet_and_secure(self, tls_policy):
+        """Read the server's greeting, then start TLS as the policy asks."""
+        raise NotImplementedError
 
     def send_lines(self, lines):
         """Send text lines, each ended with CRLF, in one write."""
@@ -488,17 +497,15 @@ class SMTPConnection(Connection):
     PROTOCOL = "SMTP"
 
     def __init__(self, host, port, timeout, tls_policy):
-        super().__init__(host, port, timeout)
         self.local_name = socket.gethostname() or "localhost"
         self.extensions = {}
-        try:
-            code, lines = self.reply()
-            if code != 220:
-                raise refusal("the connection", lines)
-            self.secure(tls_policy)
-        except ClientError:
-            self.close()
-            raise
+        super().__init__(host, port, timeout, tls_policy)
+
+    def greet_and_secure(self, tls_policy):
+        code, lines = self.reply()
+        if code != 220:
+            raise refusal("the connection", lines)
+        self.secure(tls_policy)
 
     def secure(self, policy):
         """STARTTLS (RFC 3207) if the server's EHLO offers it; afterwards greet again."""
@@ -607,14 +614,9 @@ class POP3Connection(Connection):
 
     PROTOCOL = "POP3"
 
-    def __init__(self, host, port, timeout, tls_policy):
-        super().__init__(host, port, timeout)
-        try:
-            self.greeting = self.status()
-            self.secure(tls_policy)
-        except ClientError:
-            self.close()
-            raise
+    def greet_and_secure(self, tls_policy):
+        self.greeting = self.status()
+        self.secure(tls_policy)
 
     def secure(self, policy):
         """STLS (RFC 2595) if the server's CAPA lists it."""
