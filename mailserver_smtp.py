@@ -450,25 +450,28 @@ def stored_message(body, sender, recipients, received):
     the header block.
     """
     present = set()
-    subject_end = None
+    subject_line_end = subject_end = None   # after the Subject line; after its folded lines too
     pos = 0
-    in_subject = False
     while pos < len(body):
-        end = body.find(b"\n", pos)
-        line = body[pos:end]
-        if line[:1] in (b" ", b"\t") and pos:        # folded continuation line
-            if in_subject:
-                subject_end = end + 1
+        end = body.find(b"\n", pos) + 1
+        line = body[pos:end - 1]
+        if line[:1] in (b" ", b"\t") and pos:        # a folded continuation line
+            if subject_end == pos:
+                subject_end = end
         else:
             name, colon, _ = line.partition(b":")
             if not colon or not HEADER_NAME.match(name):
                 break
             name = name.lower()
+            if name == b"subject" and name not in present:
+                subject_line_end = subject_end = end
             present.add(name)
-            in_subject = name == b"subject"
-            if in_subject and subject_end is None:
-                subject_end = end + 1
-        pos = end + 1
+        pos = end
+    # Folding belongs to RFC 5322 headers, which a blank line ends.  In the
+    # course format the body follows Subject at once, and an indented first
+    # body line must stay in the body.
+    if body[pos:pos + 1] != b"\n":
+        subject_end = subject_line_end
     head = b""
     if b"from" not in present:
         head += b"From: " + sender + b"\n"

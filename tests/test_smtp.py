@@ -706,8 +706,12 @@ class MessageFormTest(unittest.TestCase):
         self.assertEqual(body, b"a\n\nb\nc\n..\nd\n...e\n")
 
     def test_folded_subject_keeps_its_continuation_before_received(self):
-        message = mailserver_smtp.stored_message(b"Subject: a\n  b\nbody\n", b"s@x", [b"r@x"], b"T")
-        self.assertEqual(message, b"From: s@x\nTo: r@x\nSubject: a\n  b\nReceived: T\nbody\n.\n")
+        message = mailserver_smtp.stored_message(b"Subject: a\n  b\n\nbody\n", b"s@x", [b"r@x"], b"T")
+        self.assertEqual(message, b"From: s@x\nTo: r@x\nSubject: a\n  b\nReceived: T\n\nbody\n.\n")
+
+    def test_an_indented_first_body_line_of_the_course_format_stays_body(self):
+        message = mailserver_smtp.stored_message(b"Subject: a\n  indented\nbody\n", b"s@x", [b"r@x"], b"T")
+        self.assertEqual(message, b"From: s@x\nTo: r@x\nSubject: a\nReceived: T\n  indented\nbody\n.\n")
 
     def test_parse_path(self):
         parse = mailserver_smtp.parse_path
