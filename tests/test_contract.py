@@ -618,6 +618,20 @@ class ClientThroughServersTest(client_helpers.ClientTestCase):
             server.close()
         support.remove_mail_root(cls.root)
 
+    def test_login_is_asked_again_even_after_the_server_hangs_up(self):
+        """'On failure it prints the error and asks for the username and password again' -- also once
+        the real POP3 server closes the connection after repeated failures."""
+        _, pop = self.servers
+        wrong = "alice\nwrong\n"
+        result = run_client(wrong + "b\n" + wrong * 5 + ALICE + "QUIT\n", closed_port(), pop.port)
+        self.assertClean(result)
+        failures = [line for line in result.lines if line.startswith("Error: login failed: -ERR")]
+        self.assertEqual(len(failures), 6, result.stdout)
+        self.assertTrue(any("closing" in line for line in failures), "the server did hang up on the way")
+        self.assertEqual(result.stdout.count("Username:"), 7)
+        self.assertIn("+OK POP3 server is ready", result.lines)
+        self.assertEqual(result.lines[-1].strip(), "+OK Thanks for using POP3 server")
+
     # BUG: the client sends the course format (no blank line after Subject:), so a first body
     # line that starts with a space or tab reaches the SMTP server looking like a folded
     # Subject: continuation. The server then stores that body line *before* Received:, and
