@@ -678,11 +678,9 @@ class ClientThroughServersTest(client_helpers.ClientTestCase):
         self.assertIn("+OK POP3 server is ready", result.lines)
         self.assertEqual(result.lines[-1].strip(), "+OK Thanks for using POP3 server")
 
-    # BUG: the client sends the course format (no blank line after Subject:), so a first body
-    # line that starts with a space or tab reaches the SMTP server looking like a folded
-    # Subject: continuation. The server then stores that body line *before* Received:, and
-    # the client's listing shows it as part of the subject ("Lunch Indented greeting").
-    @unittest.expectedFailure
+    # Found by this file (04:35) and fixed in ea64315: the client sends the course format (no
+    # blank line after Subject:), so a first body line starting with blanks looked like a folded
+    # Subject: continuation and was stored before Received: and listed as part of the subject.
     def test_a_first_body_line_starting_with_blanks_stays_body(self):
         """Section 4.3: everything after Subject: is the body; section 1: stored as Subject, Received, body."""
         smtp, pop = self.servers
