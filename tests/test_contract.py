@@ -398,6 +398,24 @@ class SMTPContractTest(unittest.TestCase):
         self.assertEqual(deliver(self.server, message_of(size, dot_lines=3)), 250)
         self.assertIn(b"\n..0\n..1\n..2\n", self.mailbox())
 
+    def test_replies_end_with_crlf_also_in_a_bare_lf_session(self):
+        """'Lines end with CRLF on the wire. A session typed by hand with bare LF (e.g. nc) works too.'"""
+        for eol in (b"\r\n", b"\n"):
+            with self.subTest(eol=eol), self.server.connect() as client:
+                raw = [client.file.readline()]
+                for command in (b"EHLO contract.test", b"NOOP", b"MAIL FROM:<a@example.org>", b"BOGUS",
+                                b"QUIT"):
+                    client.send(command + eol)
+                    raw.append(client.file.readline())
+                    while raw[-1][3:4] == b"-":
+                        raw.append(client.file.readline())
+                self.assertEqual([line[:3] for line in raw if line[3:4] == b" "],
+                                 [b"220", b"250", b"250", b"250", b"500", b"221"])
+                self.assertGreater(len(raw), 7, "EHLO gave a multi-line reply")
+                for line in raw:
+                    self.assertTrue(line.endswith(b"\r\n") and not line.endswith(b"\r\r\n"), line)
+                    self.assertNotIn(b"\r", line[:-2])
+
     def test_clients_are_served_at_once_not_one_after_another(self):
         """'Thread per connection, many clients at once.'"""
         slow = smtp_session(self.server)
