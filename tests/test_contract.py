@@ -488,6 +488,33 @@ class POPLockTest(unittest.TestCase):
         self.check_locked(self.second, "alice")
 
 
+class POPShutdownTest(unittest.TestCase):
+    """'Messages marked with DELE disappear only when the session ends with QUIT' -- not when the server stops."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        with open(support.mailbox_path(cls.root, "alice"), "wb") as f:
+            f.write(OUTSIDE_MESSAGE * 3)
+        cls.server = support.ServerProcess(support.POP_SCRIPT, cls.root)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        support.remove_mail_root(cls.root)
+
+    def test_marked_messages_stay_when_the_server_stops_mid_session(self):
+        """DELE marks are dropped when the session ends without QUIT because the server is stopped."""
+        client, reply = pop_login(self.server, "alice", "wonderland")
+        with client:
+            self.assertTrue(reply.startswith("+OK"), reply)
+            client.send("DELE 1\r\nDELE 3\r\n")
+            self.assertEqual([client.line(), client.line()], ["+OK message 1 deleted", "+OK message 3 deleted"])
+            self.assertEqual(self.server.terminate(), 0)
+            self.assertTrue(client.closed())
+        self.assertEqual(support.read_mailbox(self.root, "alice"), OUTSIDE_MESSAGE * 3)
+
+
 # --------------------------------------------------------------------------
 # Section 4: the client
 # --------------------------------------------------------------------------
