@@ -968,6 +968,7 @@ class SMTPServer:
         sock.close()
 
     def _serve(self, sock, peer):
+        leave_signals_to_main_thread()
         peer = "%s:%d" % peer[:2]
         session = None
         try:
@@ -987,6 +988,7 @@ class SMTPServer:
         """Stop accepting; give deliveries in flight time to finish."""
         self.stopping = True
         self.listener.close()
+        log.info("shutting down")
         try:
             finished = self.in_flight.wait(SHUTDOWN_GRACE)
         except (KeyboardInterrupt, Shutdown):      # asked twice: do not wait any longer
@@ -1053,6 +1055,17 @@ class Shutdown(Exception):
     """Raised in the main thread by SIGTERM."""
 
 
+def leave_signals_to_main_thread():
+    """Block Ctrl-C and SIGTERM in the calling (session) thread.
+
+    Python runs signal handlers in the main thread only; a signal the kernel
+    delivers to a session thread would wait, unseen, until the main thread
+    next wakes up by itself.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _on_sigterm(signum, frame):
     raise Shutdown()
 
@@ -1073,7 +1086,7 @@ def main(argv=None):
     try:
         server.serve_forever()
     except (KeyboardInterrupt, Shutdown):
-        log.info("shutting down")
+        pass
     server.shutdown()
     log.info("stopped")
     return 0

@@ -25,7 +25,8 @@ import threading
 import time
 
 from mailserver_smtp import (FileLock, UserTable, configure_logging, create_listener, delivery_lock,
-                             fsync_directory, is_valid_login, run_on_one_cpu, tls_context)
+                             fsync_directory, is_valid_login, leave_signals_to_main_thread,
+                             run_on_one_cpu, tls_context)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -956,6 +957,7 @@ class Server:
         log.warning("%s: refused, %s", peer, reason)
 
     def run_session(self, session):
+        leave_signals_to_main_thread()
         try:
             session.run()
         finally:
@@ -978,6 +980,7 @@ class Server:
         """Stop accepting and let QUIT rewrites in progress finish."""
         if self.listener is not None:
             self.listener.close()
+            log.info("shutting down")
         with self.updates:
             self.stopping = True
             try:
@@ -1007,7 +1010,7 @@ def main(argv=None):
             return 1
         server.serve_forever()
     except KeyboardInterrupt:
-        log.info("shutting down")
+        pass
     finally:
         server.shutdown()
     return 0
