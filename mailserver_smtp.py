@@ -43,6 +43,7 @@ MAX_TEXT_LINE = 1000         # RFC 5321 4.5.3.1.6, CRLF included
 MAX_PATH = 256               # RFC 5321 4.5.3.1.3
 MAX_RECIPIENTS = 100         # RFC 5321 4.5.3.1.8
 MAX_BAD_COMMANDS = 10        # in a row, then 421 and close
+MESSAGE_TOO_LARGE = "552 Message exceeds fixed maximum message size"
 SHUTDOWN_GRACE = 30          # seconds deliveries in flight get to finish
 RECV_SIZE = 65536
 
@@ -442,6 +443,12 @@ def stored_body(data, strict):
     return b"\n".join(pieces) + b"\n", longest
 
 
+def message_size(body):
+    """The RFC 1870 size of a stored body: CRLF line ends counted, stuffing dots not."""
+    stuffed = body.count(b"\n.") + body.startswith(b".")
+    return len(body) + body.count(b"\n") - stuffed
+
+
 def stored_message(body, sender, recipients, received):
     """Add the headers the mailbox format asks for to a stored body; end it with '.'.
 
@@ -557,7 +564,7 @@ class LineReader:
         return line, False
 
     def read_data(self, strict, max_size):
-        """Read a DATA block up to its lone '.' line; return its bytes, or None if over max_size.
+        """Read a DATA block up to its lone '.' line; return its bytes, or None past max_size bytes.
 
         In a CRLF (strict) session only <CRLF>.<CRLF> ends the data, so a body
         holding "\\n.\\n" or "\\r.\\n" cannot end the message early and smuggle
@@ -726,7 +733,7 @@ class SMTPSession:
             keyword, _, value = parameter.upper().partition("=")
             if keyword == "SIZE" and value.isdigit():
                 if int(value) > self.server.max_size:
-                    return self.reply("552 Message size exceeds fixed maximum message size")
+                    return self.reply(MESSAGE_TOO_LARGE)
             elif not (keyword == "BODY" and value in ("7BIT", "8BITMIME")):
                 return self.reply("555 MAIL FROM parameter %s not recognized" % parameter)
         self.sender = address
@@ -763,9 +770,11 @@ class SMTPSession:
         with server.in_flight:         # from the 354 on, a shutdown waits for this message
             self.reply('354 Enter mail, end with "." on a line by itself')
             self.flush()
-            data = self.reader.read_data(self.crlf, server.max_size)
+            # Dot-stuffing can make the wire form up to 4/3 of the message size;
+            # past that the message is surely too large and is not kept in memory.
+            data = self.reader.read_data(self.crlf, server.max_size * 4 // 3 + 5)
             if data is None:
-                self.reply("552 Message exceeds fixed maximum message size")
+                self.reply(MESSAGE_TOO_LARGE)
             else:
                 self._accept(data)
         self._reset()
@@ -775,6 +784,8 @@ class SMTPSession:
         body, longest = stored_body(data, self.crlf)
         if longest > MAX_TEXT_LINE - 2:
             return self.reply("500 Line too long")
+        if message_size(body) > self.server.max_size:
+            return self.reply(MESSAGE_TOO_LARGE)
         encode = lambda text: text.encode("utf-8", "surrogateescape")
         message = stored_message(body, encode(self.sender), [encode(r) for r in self.recipients],
                                  received_stamp())
