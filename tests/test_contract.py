@@ -258,6 +258,10 @@ class MailRootTest(unittest.TestCase):
                 self.assertEqual(rcpt_code(smtp, "erin@example.org"), 550, "line but no folder")
                 self.assertEqual(rcpt_code(smtp, "dave@example.org"), 550, "folder but no line")
                 self.assertEqual(rcpt_code(smtp, "bob@example.org"), 250, "line and folder")
+                with smtp_session(smtp) as client:
+                    self.assertEqual(client.cmd("VRFY erin")[1][0][:1], "5", "VRFY agrees: erin is no user")
+                    self.assertEqual(client.cmd("VRFY dave")[1][0][:1], "5", "VRFY agrees: dave is no user")
+                    self.assertEqual(client.cmd("VRFY carol")[0], 250)
         for how, pop in self.both_pop():
             with self.subTest(pop=how):
                 self.assertFalse(pop_can_login(pop, "erin", "secret"), "line but no folder")
