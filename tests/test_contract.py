@@ -416,6 +416,55 @@ class SMTPContractTest(unittest.TestCase):
                     self.assertTrue(line.endswith(b"\r\n") and not line.endswith(b"\r\r\n"), line)
                     self.assertNotIn(b"\r", line[:-2])
 
+    # BUG: LineReader.read_data only looks for a lone "." at the very start of its buffer
+    # *before* reading; when the "." arrives after the 354 (as it always does from a client
+    # that waits for the 354, e.g. a user typing in nc), only "<CRLF>.<CRLF>" (or "\n.\n")
+    # can end the data, so the empty message gets no reply until the idle timeout's 421.
+    @unittest.expectedFailure
+    def test_a_dot_right_after_354_ends_the_message(self):
+        """'DATA -> 354 Enter mail, end with "." on a line by itself; C: ...lines... then "." -> reply.'"""
+        sessions = []
+        for eol in (b"\r\n", b"\n"):                  # a CRLF client, and a hand-typed bare-LF one
+            client = self.server.connect(timeout=2)
+            self.addCleanup(client.close)
+            self.assertEqual(client.reply()[0], 220)
+            for command in (b"HELO t", b"MAIL FROM:<carol@example.org>", b"RCPT TO:<alice@example.org>", b"DATA"):
+                client.send(command + eol)
+                self.assertIn(client.reply()[0], (250, 354))
+            client.send(b"." + eol)
+            sessions.append((eol, client))
+        deadline = time.monotonic() + 2
+        for eol, client in sessions:                   # both wait at once: at most 2 s in all
+            with self.subTest(eol=eol):
+                client.sock.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    code = client.reply()[0]
+                except socket.timeout:
+                    self.fail("no reply to the lone '.' line")
+                self.assertTrue(code == 250 or 500 <= code < 600, code)
+                client.sock.settimeout(support.DEADLINE)
+                client.send(b"NOOP" + eol)
+                self.assertEqual(client.reply()[0], 250, "the session goes on")
+
+    # BUG: an empty message (DATA, then "." at once) that does get through -- here a hand-typed
+    # "DATA" and "." pasted together -- is stored with no body line at all:
+    # "...Subject: \nReceived: ...\n.\n".
+    @unittest.expectedFailure
+    def test_an_empty_message_is_stored_with_a_body_line_or_refused(self):
+        """Section 1: each message is stored as From, To, Subject, Received, '<body: one or more lines>', '.'."""
+        with smtp_session(self.server) as client:
+            self.assertEqual(client.cmd("MAIL FROM:<carol@example.org>")[0], 250)
+            self.assertEqual(client.cmd("RCPT TO:<alice@example.org>")[0], 250)
+            client.send(b"DATA\n.\n")
+            self.assertEqual(client.reply()[0], 354)
+            code = client.reply()[0]
+            self.assertTrue(code == 250 or 500 <= code < 600, code)
+            self.assertEqual(client.cmd("NOOP")[0], 250)
+        if code == 250:
+            self.assertRegex(self.mailbox(), rb"\nReceived: [^\n]*\n[^\n]*\n\.\n\Z")
+        else:
+            self.assertEqual(self.mailbox(), b"")
+
     def test_clients_are_served_at_once_not_one_after_another(self):
         """'Thread per connection, many clients at once.'"""
         slow = smtp_session(self.server)
