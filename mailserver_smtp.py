@@ -485,6 +485,8 @@ def stored_message(body, sender, recipients, received):
     if b"to" not in present:
         head += b"To: " + b", ".join(recipients) + b"\n"
     received = b"Received: " + received + b"\n"
+    if pos == len(body):                   # the mailbox format wants one body line at least
+        body += b"\n"
     if subject_end is None:
         return b"".join((head, body[:pos], b"Subject: \n", received, body[pos:], b".\n"))
     return b"".join((head, body[:subject_end], received, body[subject_end:], b".\n"))
@@ -573,9 +575,9 @@ class LineReader:
         thrown away, keeping only the last few bytes to spot the end.
         """
         buffer = self.buffer
-        if buffer[:3] == b".\r\n" or (not strict and buffer[:2] == b".\n"):
-            del buffer[:buffer.index(b"\n") + 1]
-            return b""
+        # The DATA command's own line end, put back so that a '.' on the very
+        # first line is found like any other end of data.
+        buffer[:0] = b"\r\n"
         scanned = 0
         dropped = False
         while True:
@@ -594,7 +596,7 @@ class LineReader:
                 dropped = True
             scanned = max(0, len(buffer) - 4)
             self._fill()
-        data = None if dropped or end > max_size else bytes(buffer[:end])
+        data = None if dropped or end - 2 > max_size else bytes(buffer[2:end])
         del buffer[:end + skip]
         return data
 

@@ -416,11 +416,6 @@ class SMTPContractTest(unittest.TestCase):
                     self.assertTrue(line.endswith(b"\r\n") and not line.endswith(b"\r\r\n"), line)
                     self.assertNotIn(b"\r", line[:-2])
 
-    # BUG: LineReader.read_data only looks for a lone "." at the very start of its buffer
-    # *before* reading; when the "." arrives after the 354 (as it always does from a client
-    # that waits for the 354, e.g. a user typing in nc), only "<CRLF>.<CRLF>" (or "\n.\n")
-    # can end the data, so the empty message gets no reply until the idle timeout's 421.
-    @unittest.expectedFailure
     def test_a_dot_right_after_354_ends_the_message(self):
         """'DATA -> 354 Enter mail, end with "." on a line by itself; C: ...lines... then "." -> reply.'"""
         sessions = []
@@ -446,10 +441,6 @@ class SMTPContractTest(unittest.TestCase):
                 client.send(b"NOOP" + eol)
                 self.assertEqual(client.reply()[0], 250, "the session goes on")
 
-    # BUG: an empty message (DATA, then "." at once) that does get through -- here a hand-typed
-    # "DATA" and "." pasted together -- is stored with no body line at all:
-    # "...Subject: \nReceived: ...\n.\n".
-    @unittest.expectedFailure
     def test_an_empty_message_is_stored_with_a_body_line_or_refused(self):
         """Section 1: each message is stored as From, To, Subject, Received, '<body: one or more lines>', '.'."""
         with smtp_session(self.server) as client:
