@@ -4,7 +4,8 @@
     python mailserver_smtp.py 2525 [--host ADDR] [--domain NAME] [--root DIR] ...
 
 One thread serves each connection.  A message is written whole, under a lock
-shared with the POP3 server, and fsync'd before the client hears 250.
+shared with the POP3 server, and fsync'd before the client hears 250.  The
+mail-root part (users, locks) is also what pop_server.py uses, by importing it.
 """
 
 import argparse
@@ -34,6 +35,8 @@ USERINFO_NAME = "userinfo.txt"
 MAILBOX_NAME = "my_mailbox"
 DELIVERY_LOCK_NAME = ".my_mailbox.lock"     # held while a mailbox file is written
 LOGIN_PATTERN = re.compile(r"[A-Za-z0-9._-]+\Z")
+HEADER_NAME = re.compile(rb"[!-9;-~]+\Z")   # RFC 5322 2.2: printable ASCII but ':'
+LF_DATA_END = re.compile(rb"\r?\n\.\r?\n")  # a lone '.' line, in a session typed with bare LF
 
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
 DEFAULT_TIMEOUT = 300
@@ -413,9 +416,6 @@ def deliver(message, mailbox_paths):
 # Message parsing: from SMTP DATA to the stored form
 # --------------------------------------------------------------------------
 
-HEADER_NAME = re.compile(rb"[!-9;-~]+\Z")   # RFC 5322 2.2: printable ASCII but ':'
-
-
 def stored_body(data, strict):
     """Turn the DATA bytes (without their terminator) into mailbox lines ending in \\n.
 
@@ -602,9 +602,6 @@ class LineReader:
 
     def has_buffered(self):
         return bool(self.buffer)
-
-
-LF_DATA_END = re.compile(rb"\r?\n\.\r?\n")
 
 
 class SMTPSession:
@@ -997,18 +994,22 @@ class SMTPServer:
             log.info("connection from %s closed, %d message(s) delivered",
                      peer, session.delivered if session else 0)
 
-    def shutdown(self):
-        """Stop accepting; give deliveries in flight time to finish."""
+    def shutdown(self, signals):
+        """Stop accepting; give deliveries in flight time to finish (until a second signal)."""
         self.stopping = True
         self.listener.close()
         log.info("shutting down")
-        try:
-            finished = self.in_flight.wait(SHUTDOWN_GRACE)
-        except (KeyboardInterrupt, Shutdown):      # asked twice: do not wait any longer
-            finished = False
-        if not finished:
-            # A message cut short here was never acknowledged, and none is half stored.
-            log.warning("stopping with deliveries still in flight")
+        wait_until_idle(self.in_flight.wait, signals)
+
+
+def wait_until_idle(wait, signals):
+    """Call wait(seconds) until it returns True, the grace time ends or a second signal comes."""
+    deadline = time.monotonic() + SHUTDOWN_GRACE
+    while not wait(0.1):
+        if signals.hurried or time.monotonic() > deadline:
+            # Work cut short here was never acknowledged, and nothing is half stored.
+            log.warning("stopping before the work in progress has finished")
+            return
 
 
 # --------------------------------------------------------------------------
@@ -1064,8 +1065,30 @@ def run_on_one_cpu():
         pass
 
 
-class Shutdown(Exception):
-    """Raised in the main thread by SIGTERM."""
+class Shutdown(BaseException):
+    """Raised in the main thread by the first Ctrl-C or SIGTERM.
+
+    A BaseException, like KeyboardInterrupt, so that no 'except Exception'
+    on the way (in logging, say) can swallow it.
+    """
+
+
+class ShutdownSignals:
+    """Ctrl-C and SIGTERM: the first stops the server loop, a second cuts the shutdown short."""
+
+    def __init__(self):
+        self.received = 0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.received += 1
+        if self.received == 1:
+            raise Shutdown()
+
+    @property
+    def hurried(self):
+        return self.received > 1
 
 
 def leave_signals_to_main_thread():
@@ -1077,10 +1100,6 @@ def leave_signals_to_main_thread():
     """
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-def _on_sigterm(signum, frame):
-    raise Shutdown()
 
 
 def main(argv=None):
@@ -1095,12 +1114,12 @@ def main(argv=None):
     except OSError as exc:
         log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
         return 1
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signals = ShutdownSignals()
     try:
         server.serve_forever()
-    except (KeyboardInterrupt, Shutdown):
+    except Shutdown:
         pass
-    server.shutdown()
+    server.shutdown(signals)
     log.info("stopped")
     return 0
 

@@ -17,7 +17,6 @@ import hmac
 import logging
 import os
 import re
-import signal
 import socket
 import ssl
 import sys
@@ -26,7 +25,7 @@ import time
 
 from mailserver_smtp import (FileLock, UserTable, configure_logging, create_listener, delivery_lock,
                              fsync_directory, is_valid_login, leave_signals_to_main_thread,
-                             run_on_one_cpu, tls_context)
+                             run_on_one_cpu, Shutdown, ShutdownSignals, tls_context, wait_until_idle)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -55,7 +54,6 @@ AUTH_DELAY_FROM = 3              # failed PASS number from which replies are slo
 AUTH_DELAY_STEP = 0.2            # seconds added per further failure
 MAX_AUTH_FAILURES = 5            # then the connection is closed
 ACCEPT_RETRY_DELAY = 0.1         # seconds to wait after accept() fails (e.g. out of descriptors)
-SHUTDOWN_GRACE = 30              # seconds a QUIT rewrite in progress gets to finish
 
 GREETING = "+OK POP3 server is ready"
 GOODBYE = "+OK Thanks for using POP3 server"
@@ -976,22 +974,22 @@ class Server:
                 self.updating -= 1
                 self.updates.notify_all()
 
-    def shutdown(self):
-        """Stop accepting and let QUIT rewrites in progress finish."""
+    def shutdown(self, signals):
+        """Stop accepting and let QUIT rewrites in progress finish (until a second signal).
+
+        A rewrite cut short leaves the old mailbox whole.
+        """
         if self.listener is not None:
             self.listener.close()
             log.info("shutting down")
         with self.updates:
             self.stopping = True
-            try:
-                self.updates.wait_for(lambda: self.updating == 0, SHUTDOWN_GRACE)
-            except KeyboardInterrupt:
-                # A second Ctrl-C: leave now; a rewrite cut short leaves the old mailbox whole.
-                log.warning("stopped without waiting for %d mailbox updates", self.updating)
+        wait_until_idle(self._no_updates, signals)
 
-
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt
+    def _no_updates(self, timeout):
+        """Wait up to timeout for the rewrites in progress; True when there are none."""
+        with self.updates:
+            return self.updates.wait_for(lambda: self.updating == 0, timeout)
 
 
 def main(argv=None):
@@ -999,20 +997,18 @@ def main(argv=None):
     args = parse_args(argv)
     run_on_one_cpu()
     configure_logging("pop3")
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, on_sigterm)
     server = Server(args)
     try:
-        try:
-            server.listen()
-        except OSError as exc:
-            log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
-            return 1
+        server.listen()
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
+        return 1
+    signals = ShutdownSignals()
+    try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except Shutdown:
         pass
-    finally:
-        server.shutdown()
+    server.shutdown(signals)
     return 0
 
 

@@ -7,6 +7,7 @@ import smtplib
 import socket
 import threading
 import time
+import types
 import unittest
 
 from tests import support
@@ -1002,7 +1003,8 @@ class ShutdownTest(unittest.TestCase):
         rewriter = threading.Thread(target=server.commit, args=(SlowMailbox(), bytearray([1])))
         rewriter.start()
         self.assertTrue(inside.wait(support.DEADLINE))
-        stopper = threading.Thread(target=server.shutdown)
+        no_second_signal = types.SimpleNamespace(hurried=False)
+        stopper = threading.Thread(target=server.shutdown, args=(no_second_signal,))
         stopper.start()
         support.wait_for(lambda: server.stopping)
         self.assertTrue(stopper.is_alive())          # still waiting for the rewrite
