@@ -179,6 +179,7 @@ class UserTable:
         return self._passwords.get(login)
 
     def mailbox_path(self, login):
+        """Where a user's mailbox file is."""
         return os.path.join(self.root, login, MAILBOX_NAME)
 
 
@@ -221,6 +222,7 @@ class FileLock:
         return False
 
     def release(self):
+        """Give the lock up."""
         try:
             _unlock_fd(self._fd)
         finally:
@@ -309,6 +311,7 @@ class MailboxFile:
 
     @classmethod
     def at(cls, path):
+        """The one MailboxFile of this process for path."""
         with cls._registry_guard:
             box = cls._registry.get(path)
             if box is None:
@@ -538,6 +541,7 @@ class LineReader:
         self.buffer = bytearray()
 
     def _fill(self):
+        """Read what the client has sent so far into the buffer."""
         chunk = self.sock.recv(RECV_SIZE)
         if not chunk:
             raise ConnectionClosed()
@@ -623,6 +627,7 @@ class SMTPSession:
         self._reset()
 
     def _reset(self):
+        """Forget the transaction in progress (sender and recipients)."""
         self.sender = None
         self.recipients = []         # addresses as given, in order
         self.logins = []             # their mailbox owners, without repeats
@@ -642,6 +647,7 @@ class SMTPSession:
         self.pending.extend(lines)
 
     def flush(self):
+        """Send the queued replies in one write."""
         if self.pending:
             data = "\r\n".join(self.pending) + "\r\n"
             del self.pending[:]
@@ -678,6 +684,7 @@ class SMTPSession:
             pass
 
     def dispatch(self, line):
+        """Run one command line through the smtp_ method its verb names."""
         if self.verbose:
             log.info("%s C: %s", self.peer, line)
         verb, _, argument = line.partition(" ")
@@ -696,6 +703,7 @@ class SMTPSession:
     # -- the commands
 
     def smtp_HELO(self, argument):
+        """Greet the client; a new greeting also ends any transaction."""
         if not argument:
             return self.reply("501 Syntax: HELO hostname")
         self._reset()
@@ -703,6 +711,7 @@ class SMTPSession:
         self.reply("250 OK Hello %s" % argument)
 
     def smtp_EHLO(self, argument):
+        """Greet the client and list the service extensions (RFC 5321 4.1.1.1)."""
         if not argument:
             return self.reply("501 Syntax: EHLO hostname")
         self._reset()
@@ -715,6 +724,7 @@ class SMTPSession:
                    *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
     def smtp_MAIL(self, argument):
+        """Start a transaction with the sender (MAIL FROM: or MAIL_FROM:)."""
         if self.client_name is None:
             return self.reply("503 Send HELO or EHLO first")
         if self.sender is not None:
@@ -739,6 +749,7 @@ class SMTPSession:
         self.reply("250 <%s>... Sender ok" % address)
 
     def smtp_RCPT(self, argument):
+        """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
         if self.sender is None:
             return self.reply("503 Need MAIL before RCPT")
         path = self._path_after(argument, "TO:")
@@ -759,6 +770,7 @@ class SMTPSession:
         self.reply("250 %s... Recipient ok" % local)
 
     def smtp_DATA(self, argument):
+        """Receive the message and deliver it to every recipient."""
         if argument:
             return self.reply("501 Syntax: DATA")
         if self.sender is None:
@@ -798,6 +810,7 @@ class SMTPSession:
         self.reply("250 OK Message accepted for delivery")
 
     def smtp_STARTTLS(self, argument):
+        """Turn the connection into a TLS one (RFC 3207); the client greets again."""
         if argument:
             return self.reply("501 Syntax: STARTTLS")
         if self.server.tls is None:
@@ -822,15 +835,18 @@ class SMTPSession:
         self._reset()
 
     def smtp_RSET(self, argument):
+        """Drop the transaction in progress."""
         if argument:
             return self.reply("501 Syntax: RSET")
         self._reset()
         self.reply("250 OK")
 
     def smtp_NOOP(self, argument):
+        """Do nothing, successfully."""
         self.reply("250 OK")
 
     def smtp_VRFY(self, argument):
+        """Tell whether a name is a user of this server."""
         path = parse_path(argument) if argument else None
         if not path or not path[0]:
             return self.reply("501 Syntax: VRFY <address>")
@@ -841,16 +857,19 @@ class SMTPSession:
         self.reply("250 %s <%s@%s>" % (login, login, self.server.domain))
 
     def smtp_HELP(self, argument):
+        """List the commands."""
         tls = " STARTTLS" if self.server.tls else ""
         self.reply("214-Commands: HELO EHLO%s MAIL RCPT DATA RSET NOOP VRFY HELP QUIT" % tls,
                    "214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
 
     def smtp_EXPN(self, argument):
+        """Known but not offered: mailing lists, relaying turns, logins."""
         self.reply("502 Command not implemented")
 
     smtp_TURN = smtp_AUTH = smtp_EXPN
 
     def smtp_QUIT(self, argument):
+        """Say goodbye and end the session."""
         self.reply("221 %s closing connection" % self.server.domain)
         self.open = False
 
