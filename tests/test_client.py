@@ -771,8 +771,11 @@ class EndOfInputTests(ClientTestCase):
 
     @unittest.skipIf(os.name == "nt", "SIGINT cannot be sent to a child on Windows")
     def test_ctrl_c_at_a_prompt(self):
+        # A shell that starts the tests in the background ignores SIGINT, and the
+        # client would inherit that: give it the default disposition back.
         proc = subprocess.Popen(client_command(self.port, self.pop.port), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.stderr.close)
         self.addCleanup(proc.stdin.close)

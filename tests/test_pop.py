@@ -636,9 +636,9 @@ class BadInputTest(MailRootCase):
 
 
 class LimitsTest(MailRootCase):
-    """Idle timeout and the connection limit."""
+    """The idle timeout."""
 
-    server_args = ("--timeout", "1", "--max-connections", "3")
+    server_args = ("--timeout", "1")
 
     def test_idle_session_is_closed_and_deletes_nothing(self):
         login = self.new_user(b"".join(MESSAGES[:2]))
@@ -651,6 +651,12 @@ class LimitsTest(MailRootCase):
         self.wait_unlocked(login)
         self.assertEqual(self.mailbox(login), b"".join(MESSAGES[:2]))
         self.server.wait_for_output(r"user %s, \d+ commands, \d+ failed logins, timed out" % login)
+
+
+class ConnectionLimitTest(MailRootCase):
+    """The connection limit (with a long idle timeout, so no session ends by itself)."""
+
+    server_args = ("--max-connections", "3")
 
     def test_one_connection_too_many_gets_sys_temp_and_is_closed(self):
         clients = [Pop(self.server) for _ in range(3)]
