@@ -1121,6 +1121,16 @@ def leave_signals_to_main_thread():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
+def serve_until_signalled(server):
+    """Run server.serve_forever() until Ctrl-C or SIGTERM, then server.shutdown(signals)."""
+    signals = ShutdownSignals()
+    try:
+        server.serve_forever()
+    except Shutdown:
+        pass
+    server.shutdown(signals)
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Small thread stacks fit many more in glibc's cache of freed stacks, so a
@@ -1133,12 +1143,7 @@ def main(argv=None):
     except OSError as exc:
         log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
         return 1
-    signals = ShutdownSignals()
-    try:
-        server.serve_forever()
-    except Shutdown:
-        pass
-    server.shutdown(signals)
+    serve_until_signalled(server)
     log.info("stopped")
     return 0
 

@@ -25,7 +25,7 @@ import time
 
 from mailserver_smtp import (FileLock, UserTable, configure_logging, create_listener, delivery_lock,
                              fsync_directory, is_valid_login, leave_signals_to_main_thread,
-                             run_on_one_cpu, Shutdown, ShutdownSignals, tls_context, wait_until_idle)
+                             run_on_one_cpu, serve_until_signalled, tls_context, wait_until_idle)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -1003,12 +1003,7 @@ def main(argv=None):
     except OSError as exc:
         log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
         return 1
-    signals = ShutdownSignals()
-    try:
-        server.serve_forever()
-    except Shutdown:
-        pass
-    server.shutdown(signals)
+    serve_until_signalled(server)
     return 0
 
 

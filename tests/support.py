@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMTP_SCRIPT = os.path.join(REPO, "mailserver_smtp.py")
@@ -48,6 +49,15 @@ def make_mail_root(users=None, extra_lines=""):
 
 def remove_mail_root(root):
     shutil.rmtree(root, ignore_errors=True)
+
+
+def remove_mailboxes(root, logins=tuple(DEFAULT_USERS)):
+    """Delete the users' my_mailbox files, so a test starts with empty mailboxes."""
+    for login in logins:
+        try:
+            os.remove(mailbox_path(root, login))
+        except FileNotFoundError:
+            pass
 
 
 def mailbox_path(root, login):
@@ -136,6 +146,27 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
         self.proc.stdout.close()
+
+
+class BothServersTestCase(unittest.TestCase):
+    """Starts the real SMTP and POP3 servers in one fresh mail root for the whole class."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = make_mail_root()
+        cls.servers = []
+        try:
+            for script in (SMTP_SCRIPT, POP_SCRIPT):
+                cls.servers.append(ServerProcess(script, cls.root))
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for server in cls.servers:
+            server.close()
+        remove_mail_root(cls.root)
 
 
 class LineClient:

@@ -657,25 +657,8 @@ class ManagementTests(ClientTestCase):
         self.assertIn("Error: usage: SEARCH", result.stdout)
 
 
-class EndToEndTests(ClientTestCase):
+class EndToEndTests(support.BothServersTestCase, ClientTestCase):
     """A mail sent with the client is read back with the client, through both real servers."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        cls.servers = []
-        try:
-            for script in (support.SMTP_SCRIPT, support.POP_SCRIPT):
-                cls.servers.append(support.ServerProcess(script, cls.root))
-        except BaseException:
-            cls.tearDownClass()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        for server in cls.servers:
-            server.close()
-        support.remove_mail_root(cls.root)
 
     def test_sent_mail_is_listed_and_read_with_its_dot_lines(self):
         smtp, pop = self.servers

@@ -321,11 +321,7 @@ class SMTPContractTest(unittest.TestCase):
         support.remove_mail_root(cls.root)
 
     def setUp(self):
-        for login in ("alice", "bob"):
-            try:
-                os.remove(support.mailbox_path(self.root, login))
-            except FileNotFoundError:
-                pass
+        support.remove_mailboxes(self.root)
 
     def mailbox(self, login="alice"):
         return support.read_mailbox(self.root, login)
@@ -760,25 +756,8 @@ class ClientContractTest(client_helpers.ClientTestCase):
         self.assertNotIn(b"Subject: Exam results\n", stored)        # dele 2 then quit removed it
 
 
-class ClientThroughServersTest(client_helpers.ClientTestCase):
+class ClientThroughServersTest(support.BothServersTestCase, client_helpers.ClientTestCase):
     """A mail typed into mail_client.py, delivered by the real SMTP server, listed through the real POP3 server."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        cls.servers = []
-        try:
-            for script in (support.SMTP_SCRIPT, support.POP_SCRIPT):
-                cls.servers.append(support.ServerProcess(script, cls.root))
-        except BaseException:
-            cls.tearDownClass()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        for server in cls.servers:
-            server.close()
-        support.remove_mail_root(cls.root)
 
     # Found by this file (04:35) and fixed in ea64315: the client sends the course format (no
     # blank line after Subject:), so a first body line starting with blanks looked like a folded

@@ -56,11 +56,7 @@ class ServerTestCase(unittest.TestCase):
         support.remove_mail_root(cls.root)
 
     def setUp(self):
-        for login in ("alice", "bob"):
-            try:
-                os.remove(support.mailbox_path(self.root, login))
-            except FileNotFoundError:
-                pass
+        support.remove_mailboxes(self.root)
 
     def connect(self, helo=True):
         client = self.server.connect()
