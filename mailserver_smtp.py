@@ -946,8 +946,6 @@ def create_listener(host, port):
 class SMTPServer:
     """Accepts connections and serves each one in its own thread."""
 
-    session_class = SMTPSession
-
     def __init__(self, args):
         self.users = UserTable(args.root)
         self.domain = args.domain
@@ -1002,7 +1000,7 @@ class SMTPServer:
         session = None
         try:
             set_idle_timeout(sock, self.timeout)
-            session = self.session_class(self, sock, peer)
+            session = SMTPSession(self, sock, peer)
             session.run()
         except Exception:
             log.exception("session with %s failed", peer)
