@@ -4,11 +4,18 @@
     python mailserver_smtp.py 2525 [--host ADDR] [--domain NAME] [--root DIR] ...
 
 One thread serves each connection.  A message is written whole, under a lock
-shared with the POP3 server, and fsync'd before the client hears 250.  The
-mail-root part (users, locks) is also what pop_server.py uses, by importing it.
+shared with the POP3 server, and fsync'd before the client hears 250.
+
+pop_server.py is built on this file: it imports the shared mail root (users,
+mailbox files, the lock protocol, the mailbox format), the session skeleton
+and the server loop skeleton, each headed "shared with pop_server.py" below.
 """
 
 import argparse
+import contextlib
+import hmac
+import io
+import itertools
 import logging
 import os
 import re
@@ -31,77 +38,105 @@ except ImportError:  # Windows
 # Configuration
 # --------------------------------------------------------------------------
 
-USERINFO_NAME = "userinfo.txt"
-MAILBOX_NAME = "my_mailbox"
-DELIVERY_LOCK_NAME = ".my_mailbox.lock"     # held while a mailbox file is written
-LOGIN_PATTERN = re.compile(r"[A-Za-z0-9._-]+\Z")
-HEADER_NAME = re.compile(rb"[!-9;-~]+\Z")   # RFC 5322 2.2: printable ASCII but ':'
-LF_DATA_END = re.compile(rb"\r?\n\.\r?\n")  # a lone '.' line, in a session typed with bare LF
-
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
-DEFAULT_TIMEOUT = 300
+DEFAULT_TIMEOUT = 300        # RFC 5321 4.5.3.2.7 asks for at least 5 minutes
 DEFAULT_MAX_CONNECTIONS = 100
 MAX_COMMAND_LINE = 512       # RFC 5321 4.5.3.1.4, CRLF included
 MAX_TEXT_LINE = 1000         # RFC 5321 4.5.3.1.6, CRLF included
 MAX_PATH = 256               # RFC 5321 4.5.3.1.3
 MAX_RECIPIENTS = 100         # RFC 5321 4.5.3.1.8
 MAX_BAD_COMMANDS = 10        # in a row, then 421 and close
+
+LF_DATA_END = re.compile(rb"\r?\n\.\r?\n")  # a lone '.' line, in a session typed with bare LF
+
 MESSAGE_TOO_LARGE = "552 Message exceeds fixed maximum message size"
-SHUTDOWN_GRACE = 30          # seconds deliveries in flight get to finish
-RECV_SIZE = 65536
+
+# Both servers (the skeleton below reads these too).
+RECV_SIZE = 65536            # bytes asked of the socket at a time
+SEND_THRESHOLD = 256 * 1024  # queued replies are sent once they reach this size
+ACCEPT_RETRY_DELAY = 0.05    # seconds to wait after accept() fails, e.g. out of descriptors
+SHUTDOWN_GRACE = 30          # seconds the work in flight gets to finish after Ctrl-C/SIGTERM
+THREAD_STACK_SIZE = 512 * 1024
 
 log = logging.getLogger("smtp")
 
 
 def parse_args(argv=None):
     """Read the command line."""
-    parser = argparse.ArgumentParser(
-        description="SMTP server: delivers mail into ROOT/<user>/my_mailbox.")
-    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
-    parser.add_argument("--host", default="0.0.0.0",
-                        help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
+                              DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
+                              "STARTTLS", "refuse mail until the client has used STARTTLS")
     parser.add_argument("--domain", default=socket.gethostname(),
                         help="name the server gives itself in replies (default: this host's name)")
-    parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help="largest message accepted, in bytes (default: 10 MiB)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="seconds an idle client may wait before 421 (default: 300)")
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                        help="connections served at once; one more gets 421 (default: 100)")
-    parser.add_argument("--verbose", action="store_true", help="print every command and reply")
-    parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS")
-    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for STARTTLS")
-    parser.add_argument("--require-tls", action="store_true",
-                        help="refuse mail until the client has used STARTTLS")
     args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.error("PORT must be between 0 and 65535")
-    if args.max_size < 1 or args.max_connections < 1 or args.timeout <= 0:
-        parser.error("--max-size, --max-connections and --timeout must be positive")
-    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls)
-    return args
+    if args.max_size < 1:
+        parser.error("--max-size must be positive")
+    return check_server_arguments(parser, args)
 
 
-def tls_context(parser, cert, key, required):
-    """The server's TLS context from --tls-cert/--tls-key (None without them)."""
-    if not cert and not key:
-        if required:
-            parser.error("--require-tls needs --tls-cert and --tls-key")
-        return None
-    if not (cert and key):
-        parser.error("--tls-cert and --tls-key go together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        parser.error("cannot load the TLS certificate or key: %s" % exc)
-    return context
+# ==========================================================================
+# The shared mail root: users, mailbox files, the lock protocol, the format
+# (shared with pop_server.py)
+# ==========================================================================
+#
+# Files.  ROOT/userinfo.txt lists the users; ROOT/<login>/my_mailbox is the
+# mailbox of a user.  Beside each mailbox the servers keep hidden files:
+#
+#   .my_mailbox.lock       the delivery lock (below)
+#   .my_mailbox.pop.lock   the session lock (below)
+#   .my_mailbox.index      POP3's unique ids and index cache; only POP3 writes
+#                          it, holding the session lock
+#   .my_mailbox.new        a POP3 rewrite, until it is renamed over my_mailbox
+#
+# The lock protocol.  Each mailbox has two locks.  Both are kernel locks
+# (flock, or msvcrt on Windows) on a lock file of their own, which every
+# holder opens for itself: so they exclude other threads as well as other
+# processes, and the kernel drops them when their holder dies, so a server
+# killed with kill -9 never leaves one behind.
+#
+#   The delivery lock is held by whoever writes my_mailbox, for the whole
+#   write: SMTP from the first byte of an append to its fsync, POP3 for a
+#   QUIT rewrite from copying the file to renaming the copy over it.  POP3
+#   also takes it for a moment at login, to read the file's size.  It
+#   guarantees that two appends never interleave, that a rewrite never loses
+#   an append, and that a size read under it never ends inside an append.
+#
+#   The session lock is held by a POP3 session from its login to its end,
+#   and taken without waiting (a second session of that user gets -ERR
+#   [IN-USE]).  It guarantees one session per maildrop: the messages a session
+#   numbered at login stay where they were, as only appends happen meanwhile.
+#
+#   Order: a POP3 session takes its session lock, then (briefly) the delivery
+#   lock, never the other way round.  SMTP takes only delivery locks, several
+#   of them (one message for several users) in sorted order of their paths.
+#   So no two holders can wait for each other: there is no deadlock.
+#
+#   What locks cannot do, fsync and the format do: an append is fsync'd
+#   before the client hears 250 (so it survives a power cut), and an append
+#   cut short by a crash leaves a torn last message, which readers skip and
+#   the next append first closes.
+#
+# The mailbox format.  Messages follow each other; each ends with a line
+# holding only ".".  Lines end with "\n".  A line that starts with "." is
+# stored with one more "." (SMTP's dot-stuffing), so "\n.\n" occurs only where
+# a message ends.  The three functions after the locks are the only place
+# that knows where a message ends, its size on the wire and where its header
+# block ends; SMTP, POP3 and the tests all use them.
 
+USERINFO_NAME = "userinfo.txt"
+MAILBOX_NAME = "my_mailbox"
+DELIVERY_LOCK_NAME = ".my_mailbox.lock"
+SESSION_LOCK_NAME = ".my_mailbox.pop.lock"
+INDEX_NAME = ".my_mailbox.index"
+NEW_INDEX_NAME = ".my_mailbox.index.new"
+NEW_MAILBOX_NAME = ".my_mailbox.new"
 
-# --------------------------------------------------------------------------
-# The mail root: users, locks, mailboxes
-# --------------------------------------------------------------------------
+O_BINARY = getattr(os, "O_BINARY", 0)       # Windows: no newline translation in mailboxes
+LOGIN_PATTERN = re.compile(r"[A-Za-z0-9._-]+\Z")
+HEADER_LINE = re.compile(rb"[!-9;-~]+:")     # RFC 5322 2.2: a field name, then ':'
+
 
 def is_valid_login(name):
     """True for a plain login name that can never point outside its own folder."""
@@ -119,7 +154,8 @@ class UserTable:
         self._passwords = {}   # login -> password bytes
         self._folded = {}      # login.lower() -> login
 
-    def _refresh(self):
+    def refresh(self):
+        """Read userinfo.txt again if it has changed since it was last read."""
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -166,17 +202,21 @@ class UserTable:
 
     def canonical(self, name):
         """The login a name refers to (matched without regard to case), if it is a user."""
-        self._refresh()
+        if not is_valid_login(name):
+            return None
+        self.refresh()
         login = name if name in self._passwords else self._folded.get(name.lower())
         if login and os.path.isdir(os.path.join(self.root, login)):
             return login
         return None
 
-    def password(self, login):
-        """The password (bytes) of an existing user, or None."""
-        if self.canonical(login) != login:
-            return None
-        return self._passwords.get(login)
+    def authenticate(self, name, password):
+        """The login of name if password (bytes) is its password, else None; in constant time."""
+        login = self.canonical(name)
+        expected = self._passwords.get(login) if login else None
+        # Compare even for unknown users, so timing does not tell them apart.
+        matches = hmac.compare_digest(password, expected or b"\0unknown user")
+        return login if expected is not None and matches else None
 
     def mailbox_path(self, login):
         """Where a user's mailbox file is."""
@@ -184,49 +224,33 @@ class UserTable:
 
 
 class FileLock:
-    """An exclusive lock on a lock file, held across threads and across processes.
+    """An exclusive kernel lock on a lock file: one holder among all threads and processes."""
 
-    fcntl/msvcrt locks belong to a process (or a file handle), so each lock
-    file also gets one threading.Lock per process; the kernel drops the file
-    lock when its holder dies, so a killed server never leaves a stale lock.
-    """
-
-    _registry = {}
-    _registry_guard = threading.Lock()
-
-    def __new__(cls, path):
-        path = os.path.abspath(path)
-        with cls._registry_guard:
-            lock = cls._registry.get(path)
-            if lock is None:
-                lock = super().__new__(cls)
-                lock.path = path
-                lock._thread_lock = threading.Lock()
-                lock._fd = None
-                cls._registry[path] = lock
-            return lock
+    def __init__(self, path):
+        self.path = path
+        self._fd = None
 
     def acquire(self, blocking=True):
         """Take the lock; with blocking=False return False at once if someone holds it."""
-        if not self._thread_lock.acquire(blocking):
-            return False
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o600)
         try:
-            if self._fd is None:    # opened once, then kept: two system calls fewer per use
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            if _lock_fd(self._fd, blocking):
-                return True
+            locked = _lock_fd(fd, blocking)
         except BaseException:
-            self._thread_lock.release()
+            os.close(fd)
             raise
-        self._thread_lock.release()
-        return False
+        if not locked:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
 
     def release(self):
         """Give the lock up."""
+        fd, self._fd = self._fd, None
         try:
-            _unlock_fd(self._fd)
+            _unlock_fd(fd)
         finally:
-            self._thread_lock.release()
+            os.close(fd)
 
     def __enter__(self):
         self.acquire()
@@ -263,25 +287,76 @@ def _unlock_fd(fd):
 
 
 def delivery_lock(mailbox_path):
-    """The lock every writer of a mailbox file (SMTP append, POP3 rewrite) holds."""
+    """The lock every writer of a mailbox file holds while it writes (see the lock protocol)."""
     return FileLock(os.path.join(os.path.dirname(mailbox_path), DELIVERY_LOCK_NAME))
 
 
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def session_lock(mailbox_path):
+    """The lock a POP3 session holds from login to its end (see the lock protocol)."""
+    return FileLock(os.path.join(os.path.dirname(mailbox_path), SESSION_LOCK_NAME))
 
 
-def _open_mailbox(path):
-    """Open a mailbox for appending, creating it (durably) when it is absent."""
-    flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_BINARY", 0)
-    try:
-        return os.open(path, flags)
-    except FileNotFoundError:
-        fd = os.open(path, flags | os.O_CREAT, 0o600)
-        fsync_directory(os.path.dirname(path))
-        return fd
+def message_end(data, start):
+    """Where the stored message whose lines begin at data[start] ends, and how many lines it stuffed.
+
+    The lines that begin with '.' are the only ones the format treats
+    specially: the one holding only '.' ends the message, every other one
+    carries a stuffing dot.  Returns (end, stuffed): end is just after the
+    '.' line, or -1 while data holds no such line; stuffed counts the lines
+    with a stuffing dot before it.
+    """
+    stuffed = 0
+    dot = start if data.startswith(b".", start) else _next_dot_line(data, start)
+    while dot >= 0:
+        if dot + 1 >= len(data):             # the '.' is the last byte so far
+            return -1, stuffed
+        if data[dot + 1] == 10:              # '\n': the line holds only '.'
+            return dot + 2, stuffed
+        stuffed += 1
+        dot = _next_dot_line(data, dot)
+    return -1, stuffed
+
+
+def _next_dot_line(data, pos):
+    """Where the first line after the one holding data[pos] that begins with '.' starts, or -1."""
+    found = data.find(b"\n.", pos)
+    return found + 1 if found >= 0 else -1
+
+
+def wire_size(data, start=0, end=None, stuffed=None):
+    """The size on the wire of the stored lines data[start:end] (RFC 1870 SIZE, RFC 1939 octets).
+
+    Each line end counts as CRLF; a stuffing dot does not count.  stuffed,
+    when the caller knows it (from message_end), saves counting them again.
+    """
+    end = len(data) if end is None else end
+    if stuffed is None:
+        stuffed = data.count(b"\n.", start, end) + data.startswith(b".", start, end)
+    return end - start + data.count(b"\n", start, end) - stuffed
+
+
+def header_block(lines):
+    """How many of a message's first lines form its header block, and whether a blank line ends it.
+
+    lines: the message's lines (bytes), each with or without its line end.
+    A header line is "Name: value"; a line starting with a blank continues
+    the header above it.  Folding belongs to RFC 5322 messages, whose header
+    block a blank line ends: there the whole run of header and continuation
+    lines is the header block.  In the course format the body follows the
+    headers at once, so an indented line is the first body line: the header
+    block is the run of "Name:" lines before it.
+    """
+    count, before_folding = 0, None
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and count:
+            if before_folding is None:
+                before_folding = count
+        elif not HEADER_LINE.match(line):
+            if line.rstrip(b"\r\n") == b"":
+                return count, True
+            break
+        count += 1
+    return (count if before_folding is None else before_folding), False
 
 
 def fsync_directory(path):
@@ -298,125 +373,8 @@ def fsync_directory(path):
         os.close(fd)
 
 
-class MailboxFile:
-    """One user's my_mailbox as this process appends to it, with fsyncs shared between appends.
-
-    An fsync flushes every write made to the file before it started, so
-    deliveries that finish writing while another one's fsync is pending
-    need only one more fsync between them, not one each (group commit).
-    """
-
-    _registry = {}
-    _registry_guard = threading.Lock()
-
-    @classmethod
-    def at(cls, path):
-        """The one MailboxFile of this process for path."""
-        with cls._registry_guard:
-            box = cls._registry.get(path)
-            if box is None:
-                box = cls._registry[path] = cls(path)
-            return box
-
-    def __init__(self, path):
-        self.path = path
-        self.lock = delivery_lock(path)
-        # Where the file ended after our last append, as (inode, size): a file
-        # still ending there ends in a whole message, so its tail need not be read.
-        self.clean_end = None
-        self.appended = 0              # appends written so far
-        self.synced = 0                # appends known to be on disk
-        self._sync_guard = threading.Lock()
-
-    def append(self, message):
-        """Write message at the end (the caller holds self.lock); return (fd, ticket, old size)."""
-        fd = _open_mailbox(self.path)
-        st = None
-        try:
-            st = os.fstat(fd)
-            seal = b""
-            if st.st_size and self.clean_end != (st.st_ino, st.st_size):
-                seal = _torn_tail_seal(fd, st.st_size)
-            _write_all(fd, seal + message)
-        except BaseException:
-            self.clean_end = None
-            if st is not None:
-                _cut_back(fd, st.st_size)
-            os.close(fd)
-            raise
-        self.clean_end = (st.st_ino, st.st_size + len(seal) + len(message))
-        self.appended += 1
-        return fd, self.appended, st.st_size
-
-    def sync(self, fd, ticket):
-        """Return once the append numbered ticket (written through fd) is on disk.
-
-        A POP3 rewrite that replaced the file meanwhile has copied and
-        fsync'd every earlier append, so fsyncing fd's file is enough.
-        """
-        with self._sync_guard:
-            if self.synced >= ticket:
-                return
-            covered = self.appended
-            os.fsync(fd)
-            self.synced = max(self.synced, covered)
-
-
-def _cut_back(fd, size):
-    """Undo a failed append: nothing partial may stay in a mailbox."""
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    except OSError:
-        log.exception("could not undo a partial delivery")
-
-
-def _torn_tail_seal(fd, size):
-    """What to write first so a new message never glues onto a torn last message.
-
-    A power cut during an earlier append can leave a message without its
-    final '.' line; closing it keeps its bytes and keeps the next one apart.
-    """
-    os.lseek(fd, max(0, size - 3), os.SEEK_SET)
-    tail = os.read(fd, 3)
-    if tail == b"\n.\n" or (size == 2 and tail == b".\n"):
-        return b""
-    return (b"" if tail.endswith(b"\n") else b"\n") + b".\n"
-
-
-def deliver(message, mailbox_paths):
-    """Append one stored-form message to every mailbox; return once it is on disk in all.
-
-    The mailboxes are locked together (in a fixed order, so two deliveries
-    cannot deadlock) while the message is written, so that on a write error
-    each can be cut back to its old size: a message is in all or in none.
-    """
-    boxes = [MailboxFile.at(path) for path in sorted(set(mailbox_paths))]
-    written = []
-    for box in boxes:
-        box.lock.acquire()
-    try:
-        for box in boxes:
-            written.append((box,) + box.append(message))
-    except BaseException:
-        for box, fd, _, old_size in written:
-            box.clean_end = None
-            _cut_back(fd, old_size)
-            os.close(fd)
-        raise
-    finally:
-        for box in reversed(boxes):
-            box.lock.release()
-    try:
-        for box, fd, ticket, _ in written:
-            box.sync(fd, ticket)
-    finally:
-        for _, fd, _, _ in written:
-            os.close(fd)
-
-
 # --------------------------------------------------------------------------
-# Message parsing: from SMTP DATA to the stored form
+# Parsing: from SMTP DATA to the stored form
 # --------------------------------------------------------------------------
 
 def stored_body(data, strict):
@@ -446,42 +404,27 @@ def stored_body(data, strict):
     return b"\n".join(pieces) + b"\n", longest
 
 
-def message_size(body):
-    """The RFC 1870 size of a stored body: CRLF line ends counted, stuffing dots not."""
-    stuffed = body.count(b"\n.") + body.startswith(b".")
-    return len(body) + body.count(b"\n") - stuffed
-
-
 def stored_message(body, sender, recipients, received):
     """Add the headers the mailbox format asks for to a stored body; end it with '.'.
 
     Missing From/To come from the envelope; Received goes right after
-    Subject, or, with no Subject, an empty Subject and then Received close
-    the header block.
+    Subject (and its folded lines), or, with no Subject, an empty Subject
+    and then Received close the header block.
     """
+    count, _ = header_block(io.BytesIO(body))
     present = set()
-    subject_line_end = subject_end = None   # after the Subject line; after its folded lines too
-    pos = 0
-    while pos < len(body):
-        end = body.find(b"\n", pos) + 1
-        line = body[pos:end - 1]
-        if line[:1] in (b" ", b"\t") and pos:        # a folded continuation line
+    pos = 0                  # where the header block ends
+    subject_end = None       # after the Subject line and its folded lines
+    for line in itertools.islice(io.BytesIO(body), count):
+        if line[:1] in (b" ", b"\t"):
             if subject_end == pos:
-                subject_end = end
+                subject_end += len(line)
         else:
-            name, colon, _ = line.partition(b":")
-            if not colon or not HEADER_NAME.match(name):
-                break
-            name = name.lower()
+            name = line.partition(b":")[0].lower()
             if name == b"subject" and name not in present:
-                subject_line_end = subject_end = end
+                subject_end = pos + len(line)
             present.add(name)
-        pos = end
-    # Folding belongs to RFC 5322 headers, which a blank line ends.  In the
-    # course format the body follows Subject at once, and an indented first
-    # body line must stay in the body.
-    if body[pos:pos + 1] != b"\n":
-        subject_end = subject_line_end
+        pos += len(line)
     head = b""
     if b"from" not in present:
         head += b"From: " + sender + b"\n"
@@ -522,45 +465,155 @@ def parse_path(text):
 
 
 # --------------------------------------------------------------------------
-# The SMTP session
+# Delivery: appending a message to the recipients' mailboxes
 # --------------------------------------------------------------------------
+
+def deliver(message, mailbox_paths):
+    """Append one stored-form message to every mailbox; return once it is on disk in all of them.
+
+    Holding the delivery locks of all the mailboxes (in sorted order, as the
+    lock protocol asks), append the message to each and fsync each; on any
+    error cut every one back to its old size, so a message is in all of the
+    mailboxes or in none.  A message for one mailbox takes the same steps
+    in a GroupCommit (see Speed-ups), which shares them with its neighbours.
+    """
+    paths = sorted(set(mailbox_paths))
+    if len(paths) == 1:
+        return GROUP_COMMIT.deliver(paths[0], message)
+    with contextlib.ExitStack() as held:     # whatever was taken is given back, on any error too
+        appended = []                        # (fd, size before the append)
+        try:
+            for path in paths:
+                held.enter_context(delivery_lock(path))
+                fd = open_mailbox(path)
+                held.callback(os.close, fd)
+                appended.append((fd, os.fstat(fd).st_size))
+                append_message(fd, appended[-1][1], message)
+            for fd, _ in appended:
+                os.fsync(fd)
+        except BaseException:
+            for fd, size in appended:
+                cut_back(fd, size)
+            raise
+
+
+def open_mailbox(path):
+    """Open a mailbox for appending, creating it (durably) when it is absent."""
+    flags = os.O_RDWR | os.O_APPEND | O_BINARY
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        fd = os.open(path, flags | os.O_CREAT, 0o600)
+        fsync_directory(os.path.dirname(path))
+        return fd
+
+
+def append_message(fd, size, message):
+    """Write message at the end of a mailbox of size bytes (its lock held); return the new size.
+
+    A crash during an earlier append can leave a torn last message, without
+    its '.' line: closing it first keeps the new message apart from it.
+    """
+    seal = b""
+    if size:
+        os.lseek(fd, max(0, size - 3), os.SEEK_SET)
+        tail = os.read(fd, 3)
+        if tail != b"\n.\n" and not (size == 2 and tail == b".\n"):    # the format's message end
+            seal = (b"" if tail.endswith(b"\n") else b"\n") + b".\n"
+    data = memoryview(seal + message)
+    while data:
+        data = data[os.write(fd, data):]
+    return size + len(seal) + len(message)
+
+
+def cut_back(fd, size):
+    """Undo a failed append: nothing partial may stay in a mailbox."""
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError:
+        log.exception("could not cut a mailbox back to %d bytes after a failed delivery", size)
+
+
+# --------------------------------------------------------------------------
+# The protocol session
+# --------------------------------------------------------------------------
+# Shared with pop_server.py: the wire (lines in, replies out) and the session skeleton.
 
 class ConnectionClosed(Exception):
     """The client closed its side of the connection."""
 
 
 class LineTooLong(Exception):
-    """A command line went past the limit; it has been read and thrown away."""
+    """A line went past the limit; it has been read and thrown away."""
 
 
-class LineReader:
-    """Buffered reading of command lines and DATA blocks from a socket."""
+class SessionEnd(Exception):
+    """Ends a session; its text says why, for the log."""
+
+
+# What a read or write past the idle timeout raises: socket.timeout for a
+# Python timeout, BlockingIOError for SO_RCVTIMEO (see Speed-ups), and ssl's
+# errors for the same inside TLS.
+IDLE_TIMEOUT_ERRORS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class Wire:
+    """One client's connection as a session sees it: command lines in, replies out.
+
+    One recv() is never taken to be one line: what arrives is gathered in a
+    buffer and cut into lines.  Replies are queued and sent in one write
+    when the client is owed them: before the wire waits for more input
+    (so the replies to pipelined commands go out together, and never wait
+    behind a half-sent line: RFC 2920 3.2), or when the queue grows large.
+    """
 
     def __init__(self, sock):
         self.sock = sock
-        self.buffer = bytearray()
+        self.buffer = bytearray()     # received, not read yet
+        self.pending = []             # queued to send (bytes)
+        self.pending_size = 0
 
-    def _fill(self):
-        """Read what the client has sent so far into the buffer."""
+    def send(self, data):
+        """Queue bytes for the client."""
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size >= SEND_THRESHOLD:
+            self.flush()
+
+    def flush(self):
+        """Send what is queued, in one write."""
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending, self.pending_size = [], 0
+            self.sock.sendall(data)
+
+    def fill(self):
+        """Send what is queued, then wait for more bytes from the client."""
+        self.flush()
         chunk = self.sock.recv(RECV_SIZE)
         if not chunk:
             raise ConnectionClosed()
         self.buffer += chunk
 
     def readline(self, limit):
-        """Return (line without its end, True if it ended in CRLF); raise LineTooLong past limit."""
+        """Return (line without its end, True if it ended in CRLF); raise LineTooLong past limit.
+
+        limit counts the line end too.  A longer line is thrown away as it
+        comes in, so it never sits in memory whole.
+        """
         scanned = 0
         while True:
             end = self.buffer.find(b"\n", scanned)
             if end >= 0:
                 break
-            if len(self.buffer) >= limit:      # throw the line away as it comes in
+            if len(self.buffer) >= limit:
                 del self.buffer[:]
                 scanned = 0
                 limit = -1
             else:
                 scanned = len(self.buffer)
-            self._fill()
+            self.fill()
         line = bytes(self.buffer[:end])
         del self.buffer[:end + 1]
         if limit < 0 or end + 1 > limit:
@@ -569,60 +622,183 @@ class LineReader:
             return line[:-1], True
         return line, False
 
-    def read_data(self, strict, max_size):
-        """Read a DATA block up to its lone '.' line; return its bytes, or None past max_size bytes.
+    def start_tls(self, context, timeout):
+        """Send what is queued, then run a server-side TLS handshake (raises ssl.SSLError, OSError).
 
-        In a CRLF (strict) session only <CRLF>.<CRLF> ends the data, so a body
-        holding "\\n.\\n" or "\\r.\\n" cannot end the message early and smuggle
-        what follows in as a second message.  A session typed with bare LF
-        ends at any line holding only '.'.  Oversized data is read and
-        thrown away, keeping only the last few bytes to spot the end.
+        What the client sent behind the command came before the handshake:
+        it is dropped, never read as if it had come encrypted.
         """
-        buffer = self.buffer
-        # The DATA command's own line end, put back so that a '.' on the very
-        # first line is found like any other end of data.
-        buffer[:0] = b"\r\n"
-        scanned = 0
-        dropped = False
-        while True:
-            if strict:
-                end = buffer.find(b"\r\n.\r\n", scanned)
-                if end >= 0:
-                    skip = 5
-                    break
-            else:
-                found = LF_DATA_END.search(buffer, scanned)
-                if found:
-                    end, skip = found.start(), len(found.group())
-                    break
-            if len(buffer) > max_size + 5:
-                del buffer[:-4]
-                dropped = True
-            scanned = max(0, len(buffer) - 4)
-            self._fill()
-        data = None if dropped or end - 2 > max_size else bytes(buffer[2:end])
-        del buffer[:end + skip]
-        return data
+        self.flush()
+        del self.buffer[:]
+        self.sock.settimeout(timeout)
+        self.sock = context.wrap_socket(self.sock, server_side=True)
 
-    def has_buffered(self):
-        return bool(self.buffer)
+    def close(self):
+        """Send what is queued (if the client still listens) and close."""
+        try:
+            self.flush()
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
-class SMTPSession:
-    """One client's SMTP conversation: its state and one smtp_VERB method per command."""
+class Session:
+    """One client's connection: reads command lines and runs the do_VERB method each names.
+
+    The skeleton of both servers' sessions: a protocol subclass gives the
+    commands (do_VERB methods) and says what to send at the start, for a
+    line that is too long, and at a timeout.  Replies are queued by reply()
+    and sent when the client waits for them.
+    """
+
+    MAX_LINE = MAX_COMMAND_LINE       # the longest command line, its line end included
 
     def __init__(self, server, sock, peer):
         self.server = server
-        self.sock = sock
         self.peer = peer
-        self.reader = LineReader(sock)
-        self.pending = []            # replies not yet sent: one write for a pipelined batch
         self.verbose = server.verbose
-        self.open = True
-        self.bad_commands = 0
-        self.crlf = True             # did the last command line end in CRLF?
-        self.client_name = None      # from HELO/EHLO
+        self.wire = Wire(sock)
+        self.last_reply = ""          # the last line queued
         self.tls_active = False
+        self.crlf = True              # did the last command line end in CRLF?
+
+    def reply(self, *lines):
+        """Queue a reply of one or more lines (text); it is sent before the session next waits."""
+        if self.verbose:
+            for line in lines:
+                log.info("%s S: %s", self.peer, line)
+        self.last_reply = lines[-1]
+        self.wire.send(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
+
+    def handler(self, verb):
+        """The do_ method that serves a command verb (already upper case), or None."""
+        if verb.isalpha() and verb.isascii():
+            return getattr(self, "do_" + verb, None)
+        return None
+
+    # -- the session from start to end
+
+    def run(self):
+        """Serve the connection until the session ends; then close it and log one line about it."""
+        reason = "closed by the client"
+        try:
+            self.start()
+            while True:
+                try:
+                    line, self.crlf = self.wire.readline(self.MAX_LINE)
+                except LineTooLong:
+                    self.line_too_long()
+                else:
+                    self.handle(line)
+        except SessionEnd as end:
+            reason = str(end)
+        except IDLE_TIMEOUT_ERRORS:
+            reason = "timed out"
+            self.timed_out()
+        except (ConnectionClosed, OSError):
+            pass
+        except Exception:
+            reason = "failed"
+            log.exception("session with %s failed", self.peer)
+        finally:
+            self.finish(reason)
+
+    def finish(self, reason):
+        """Give back what the session holds, close the connection, log one line."""
+        self.release()
+        self.wire.close()
+        log.info("%s", self.summary(reason))
+
+    def start_tls(self):
+        """Turn the connection into a TLS one (STARTTLS, STLS), after the go-ahead reply is queued.
+
+        Then the protocol forgets what was said before (RFC 3207 4.2, RFC 2595 4).
+        """
+        try:
+            self.wire.start_tls(self.server.tls, self.server.timeout)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("%s TLS handshake failed: %s", self.peer, exc)
+            raise SessionEnd("TLS handshake failed")
+        self.tls_active = True
+        self.forget()
+
+    # -- what each protocol says
+
+    def start(self):
+        """Queue the greeting."""
+        raise NotImplementedError
+
+    def handle(self, line):
+        """Serve one command line (bytes, without its line end)."""
+        raise NotImplementedError
+
+    def line_too_long(self):
+        """Answer a command line that was too long."""
+        raise NotImplementedError
+
+    def timed_out(self):
+        """Say goodbye to a client that was silent too long (if the protocol does)."""
+
+    def forget(self):
+        """Forget the dialogue so far: TLS has just begun."""
+
+    def release(self):
+        """Give back what the session holds (it is ending)."""
+
+    def summary(self, reason):
+        """The log line about the ended session."""
+        return "%s: %s" % (self.peer, reason)
+
+
+# -- The SMTP session
+
+def read_data(wire, strict, max_size):
+    """Read a DATA block up to its lone '.' line; return its bytes, or None past max_size bytes.
+
+    In a CRLF (strict) session only <CRLF>.<CRLF> ends the data, so a body
+    holding "\\n.\\n" or "\\r.\\n" cannot end the message early and smuggle
+    what follows in as a second message.  A session typed with bare LF
+    ends at any line holding only '.'.  Oversized data is read and
+    thrown away, keeping only the last few bytes to spot the end.
+    """
+    buffer = wire.buffer
+    # The DATA command's own line end, put back so that a '.' on the very
+    # first line is found like any other end of data.
+    buffer[:0] = b"\r\n"
+    scanned = 0
+    dropped = False
+    while True:
+        if strict:
+            end = buffer.find(b"\r\n.\r\n", scanned)
+            if end >= 0:
+                skip = 5
+                break
+        else:
+            found = LF_DATA_END.search(buffer, scanned)
+            if found:
+                end, skip = found.start(), len(found.group())
+                break
+        if len(buffer) > max_size + 5:
+            del buffer[:-4]
+            dropped = True
+        scanned = max(0, len(buffer) - 4)
+        wire.fill()
+    data = None if dropped or end - 2 > max_size else bytes(buffer[2:end])
+    del buffer[:end + skip]
+    return data
+
+
+class SMTPSession(Session):
+    """One client's SMTP conversation: its state and one do_VERB method per command."""
+
+    def __init__(self, server, sock, peer):
+        super().__init__(server, sock, peer)
+        self.domain = server.domain
+        self.bad_commands = 0        # syntax and sequence errors in a row
+        self.client_name = None      # from HELO/EHLO
         self.delivered = 0
         self._reset()
 
@@ -632,77 +808,54 @@ class SMTPSession:
         self.recipients = []         # addresses as given, in order
         self.logins = []             # their mailbox owners, without repeats
 
-    # -- input and output
+    def start(self):
+        self.reply("220 %s Service ready" % self.domain)
 
-    def reply(self, *lines):
-        """Queue a reply (several lines for a multi-line one); flush() sends the queue."""
+    def line_too_long(self):
+        self.reply("500 Line too long")
+        self.count_bad_command()
+
+    def timed_out(self):
+        self.reply("421 %s Timeout, closing connection" % self.domain)
+
+    def forget(self):
+        self.client_name = None      # RFC 3207 4.2: the client starts again with EHLO
+        self._reset()
+
+    def summary(self, reason):
+        return "connection from %s closed, %d message(s) delivered" % (self.peer, self.delivered)
+
+    def handle(self, line):
+        """Run one command line through the do_ method its verb names; count the bad ones."""
+        text = line.decode("utf-8", "surrogateescape")
         if self.verbose:
-            for line in lines:
-                log.info("%s S: %s", self.peer, line)
-        code = lines[-1]
-        if code[1] == "0" and code[0] == "5":   # 500-504: syntax and sequence errors
-            self.bad_commands += 1
-        elif code[0] in "23":
-            self.bad_commands = 0
-        self.pending.extend(lines)
-
-    def flush(self):
-        """Send the queued replies in one write."""
-        if self.pending:
-            data = "\r\n".join(self.pending) + "\r\n"
-            del self.pending[:]
-            self.sock.sendall(data.encode("utf-8", "surrogateescape"))
-
-    def run(self):
-        """Serve the connection until QUIT, an error or a timeout."""
-        domain = self.server.domain
-        try:
-            self.reply("220 %s Service ready" % domain)
-            while self.open:
-                if not self.reader.has_buffered():
-                    self.flush()
-                try:
-                    line, self.crlf = self.reader.readline(MAX_COMMAND_LINE)
-                except LineTooLong:
-                    self.reply("500 Line too long")
-                else:
-                    self.dispatch(line.decode("utf-8", "surrogateescape"))
-                if self.bad_commands >= MAX_BAD_COMMANDS and self.open:
-                    self.reply("421 %s Too many errors, closing connection" % domain)
-                    self.open = False
-            self.flush()
-        except IDLE_TIMEOUT_ERRORS:
-            self.reply("421 %s Timeout, closing connection" % domain)
-            self._flush_quietly()
-        except (ConnectionClosed, OSError):
-            pass
-
-    def _flush_quietly(self):
-        try:
-            self.flush()
-        except OSError:
-            pass
-
-    def dispatch(self, line):
-        """Run one command line through the smtp_ method its verb names."""
-        if self.verbose:
-            log.info("%s C: %s", self.peer, line)
-        verb, _, argument = line.partition(" ")
+            log.info("%s C: %s", self.peer, text)
+        verb, _, argument = text.partition(" ")
         verb = verb.upper()
         # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
         if verb[:5] in ("MAIL_", "RCPT_"):
-            verb, argument = verb[:4], line[5:]
-        handler = None
-        if verb.isalpha() and verb.isascii():
-            handler = getattr(self, "smtp_" + verb, None)
+            verb, argument = verb[:4], text[5:]
+        handler = self.handler(verb)
         if handler is None:
             self.reply("500 Command not recognized")
         else:
             handler(argument.strip())
+        self.count_bad_command()
+
+    def count_bad_command(self):
+        """Count a syntax or sequence error (500-504) in a row; too many end the session."""
+        code = self.last_reply[:3]
+        if "500" <= code <= "504":
+            self.bad_commands += 1
+            if self.bad_commands >= MAX_BAD_COMMANDS:
+                self.reply("421 %s Too many errors, closing connection" % self.domain)
+                raise SessionEnd("too many errors")
+        elif code[0] in "23":
+            self.bad_commands = 0
 
     # -- the commands
 
-    def smtp_HELO(self, argument):
+    def do_HELO(self, argument):
         """Greet the client; a new greeting also ends any transaction."""
         if not argument:
             return self.reply("501 Syntax: HELO hostname")
@@ -710,7 +863,7 @@ class SMTPSession:
         self.client_name = argument
         self.reply("250 OK Hello %s" % argument)
 
-    def smtp_EHLO(self, argument):
+    def do_EHLO(self, argument):
         """Greet the client and list the service extensions (RFC 5321 4.1.1.1)."""
         if not argument:
             return self.reply("501 Syntax: EHLO hostname")
@@ -720,10 +873,10 @@ class SMTPSession:
         if self.server.tls and not self.tls_active:
             keywords.append("STARTTLS")
         keywords.append("HELP")
-        self.reply("250-%s Hello %s" % (self.server.domain, argument),
+        self.reply("250-%s Hello %s" % (self.domain, argument),
                    *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
-    def smtp_MAIL(self, argument):
+    def do_MAIL(self, argument):
         """Start a transaction with the sender (MAIL FROM: or MAIL_FROM:)."""
         if self.client_name is None:
             return self.reply("503 Send HELO or EHLO first")
@@ -732,8 +885,8 @@ class SMTPSession:
         if self.server.require_tls and not self.tls_active:
             return self.reply("530 Must issue a STARTTLS command first")
         if self.server.stopping:
-            self.open = False
-            return self.reply("421 %s Shutting down, try again later" % self.server.domain)
+            self.reply("421 %s Shutting down, try again later" % self.domain)
+            raise SessionEnd("server shutting down")
         path = self._path_after(argument, "FROM:")
         if path is None:
             return self.reply("501 Syntax: MAIL FROM:<address>")
@@ -748,7 +901,7 @@ class SMTPSession:
         self.sender = address
         self.reply("250 <%s>... Sender ok" % address)
 
-    def smtp_RCPT(self, argument):
+    def do_RCPT(self, argument):
         """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
         if self.sender is None:
             return self.reply("503 Need MAIL before RCPT")
@@ -759,7 +912,7 @@ class SMTPSession:
         if parameters:
             return self.reply("555 RCPT TO parameters not recognized")
         local = address.rpartition("@")[0] or address
-        login = self.server.users.canonical(local) if is_valid_login(local) else None
+        login = self.server.users.canonical(local)
         if login is None:
             return self.reply("550 No such user")
         if len(self.recipients) >= MAX_RECIPIENTS:
@@ -769,7 +922,7 @@ class SMTPSession:
             self.logins.append(login)
         self.reply("250 %s... Recipient ok" % local)
 
-    def smtp_DATA(self, argument):
+    def do_DATA(self, argument):
         """Receive the message and deliver it to every recipient."""
         if argument:
             return self.reply("501 Syntax: DATA")
@@ -777,13 +930,11 @@ class SMTPSession:
             return self.reply("503 Need MAIL command")
         if not self.recipients:
             return self.reply("503 Need RCPT (recipient)")
-        server = self.server
-        with server.in_flight:         # from the 354 on, a shutdown waits for this message
+        with self.server.in_flight:     # from the 354 on, a shutdown waits for this message
             self.reply('354 Enter mail, end with "." on a line by itself')
-            self.flush()
             # Dot-stuffing can make the wire form up to 4/3 of the message size;
             # past that the message is surely too large and is not kept in memory.
-            data = self.reader.read_data(self.crlf, server.max_size * 4 // 3 + 5)
+            data = read_data(self.wire, self.crlf, self.server.max_size * 4 // 3 + 5)
             if data is None:
                 self.reply(MESSAGE_TOO_LARGE)
             else:
@@ -795,7 +946,7 @@ class SMTPSession:
         body, longest = stored_body(data, self.crlf)
         if longest > MAX_TEXT_LINE - 2:
             return self.reply("500 Line too long")
-        if message_size(body) > self.server.max_size:
+        if wire_size(body) > self.server.max_size:
             return self.reply(MESSAGE_TOO_LARGE)
         encode = lambda text: text.encode("utf-8", "surrogateescape")
         message = stored_message(body, encode(self.sender), [encode(r) for r in self.recipients],
@@ -809,7 +960,7 @@ class SMTPSession:
         log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
         self.reply("250 OK Message accepted for delivery")
 
-    def smtp_STARTTLS(self, argument):
+    def do_STARTTLS(self, argument):
         """Turn the connection into a TLS one (RFC 3207); the client greets again."""
         if argument:
             return self.reply("501 Syntax: STARTTLS")
@@ -818,60 +969,46 @@ class SMTPSession:
         if self.tls_active:
             return self.reply("503 TLS already active")
         self.reply("220 Ready to start TLS")
-        self.flush()
-        # Whatever the client sent behind STARTTLS came before the handshake:
-        # it must never be executed as if it had been sent encrypted.
-        del self.reader.buffer[:]
-        self.sock.settimeout(self.server.timeout)
-        try:
-            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.info("%s TLS handshake failed: %s", self.peer, exc)
-            self.open = False
-            return
-        self.reader.sock = self.sock
-        self.tls_active = True
-        self.client_name = None        # RFC 3207 4.2: the client starts again with EHLO
-        self._reset()
+        self.start_tls()
 
-    def smtp_RSET(self, argument):
+    def do_RSET(self, argument):
         """Drop the transaction in progress."""
         if argument:
             return self.reply("501 Syntax: RSET")
         self._reset()
         self.reply("250 OK")
 
-    def smtp_NOOP(self, argument):
+    def do_NOOP(self, argument):
         """Do nothing, successfully."""
         self.reply("250 OK")
 
-    def smtp_VRFY(self, argument):
+    def do_VRFY(self, argument):
         """Tell whether a name is a user of this server."""
         path = parse_path(argument) if argument else None
         if not path or not path[0]:
             return self.reply("501 Syntax: VRFY <address>")
         local = path[0].rpartition("@")[0] or path[0]
-        login = self.server.users.canonical(local) if is_valid_login(local) else None
+        login = self.server.users.canonical(local)
         if login is None:
             return self.reply("550 No such user")
-        self.reply("250 %s <%s@%s>" % (login, login, self.server.domain))
+        self.reply("250 %s <%s@%s>" % (login, login, self.domain))
 
-    def smtp_HELP(self, argument):
+    def do_HELP(self, argument):
         """List the commands."""
         tls = " STARTTLS" if self.server.tls else ""
         self.reply("214-Commands: HELO EHLO%s MAIL RCPT DATA RSET NOOP VRFY HELP QUIT" % tls,
                    "214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
 
-    def smtp_EXPN(self, argument):
+    def do_EXPN(self, argument):
         """Known but not offered: mailing lists, relaying turns, logins."""
         self.reply("502 Command not implemented")
 
-    smtp_TURN = smtp_AUTH = smtp_EXPN
+    do_TURN = do_AUTH = do_EXPN
 
-    def smtp_QUIT(self, argument):
+    def do_QUIT(self, argument):
         """Say goodbye and end the session."""
-        self.reply("221 %s closing connection" % self.server.domain)
-        self.open = False
+        self.reply("221 %s closing connection" % self.domain)
+        raise SessionEnd("quit")
 
     @staticmethod
     def _path_after(argument, keyword):
@@ -884,47 +1021,55 @@ class SMTPSession:
 # --------------------------------------------------------------------------
 # The server loop
 # --------------------------------------------------------------------------
+# Shared with pop_server.py: the options both servers take, the accept loop,
+# and running a server until Ctrl-C or SIGTERM.
 
-class InFlight:
-    """Counts deliveries under way, so a shutdown can wait for them to finish."""
-
-    def __init__(self):
-        self._count = 0
-        self._idle = threading.Condition()
-
-    def __enter__(self):
-        with self._idle:
-            self._count += 1
-
-    def __exit__(self, *exc):
-        with self._idle:
-            self._count -= 1
-            if not self._count:
-                self._idle.notify_all()
-
-    def wait(self, timeout):
-        """Wait until nothing is in flight; return False if timeout passed first."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._count, timeout)
-
-
-def set_idle_timeout(sock, seconds):
-    """Make a blocking read or write on sock fail once the peer has been silent for seconds.
-
-    Python's own socket timeout polls before every recv and send; the
-    kernel's SO_RCVTIMEO/SO_SNDTIMEO cost nothing until they fire (as
-    BlockingIOError).  Where they are missing, fall back to settimeout.
-    """
-    if os.name == "posix" and hasattr(socket, "SO_RCVTIMEO"):
-        whole = int(seconds)
-        value = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-    else:
-        sock.settimeout(seconds)
+def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help):
+    """A command-line parser with the options both servers take."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
+    parser.add_argument("--timeout", type=float, default=default_timeout,
+                        help="%s (default: %g)" % (timeout_help, default_timeout))
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="connections served at once; one more is refused (default: %d)"
+                        % DEFAULT_MAX_CONNECTIONS)
+    parser.add_argument("--verbose", action="store_true",
+                        help="log every command and reply (passwords masked)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for %s" % tls_command)
+    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for %s" % tls_command)
+    parser.add_argument("--require-tls", action="store_true", help=require_tls_help)
+    return parser
 
 
-IDLE_TIMEOUT_ERRORS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+def check_server_arguments(parser, args):
+    """Check the options both servers take, load the TLS certificate; return args."""
+    if not 0 <= args.port <= 65535:
+        parser.error("PORT must be between 0 and 65535")
+    if args.max_connections < 1 or args.timeout <= 0:
+        parser.error("--max-connections and --timeout must be positive")
+    if not os.path.isdir(args.root):
+        parser.error("--root %s is not a directory" % args.root)
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls)
+    return args
+
+
+def tls_context(parser, cert, key, required):
+    """The server's TLS context from --tls-cert/--tls-key (None without them)."""
+    if not cert and not key:
+        if required:
+            parser.error("--require-tls needs --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        parser.error("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error("cannot load the TLS certificate or key: %s" % exc)
+    return context
 
 
 def create_listener(host, port):
@@ -943,143 +1088,134 @@ def create_listener(host, port):
     return listener
 
 
-class SMTPServer:
-    """Accepts connections and serves each one in its own thread."""
+def peer_text(address):
+    """A client's address as the log shows it: 192.0.2.1:5000, [2001:db8::1]:5000."""
+    host, port = address[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+class InFlight:
+    """Counts the work under way that a shutdown waits for (a delivery, a mailbox rewrite)."""
+
+    def __init__(self):
+        self.stopping = False
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self):
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc):
+        with self._idle:
+            self._count -= 1
+            if not self._count:
+                self._idle.notify_all()
+
+    def stop(self):
+        """From now on, work that checks `stopping` after entering does not start."""
+        with self._idle:
+            self.stopping = True
+
+    def wait(self, timeout):
+        """Wait until nothing is in flight; return False if timeout passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._count, timeout)
+
+
+class Server:
+    """Accepts connections and serves each in a thread of its own, with a session_class session.
+
+    Knows nothing of the protocol: that is all in the session.
+    """
+
+    session_class = None     # each server's protocol
+    BUSY = ""                # the reply to a client over the connection limit
 
     def __init__(self, args):
         self.users = UserTable(args.root)
-        self.domain = args.domain
-        self.max_size = args.max_size
         self.timeout = args.timeout
-        self.max_connections = args.max_connections
         self.verbose = args.verbose
         self.tls = args.tls
         self.require_tls = args.require_tls
+        self.max_connections = args.max_connections
+        self.connections = 0
+        self._count_guard = threading.Lock()
+        self.in_flight = InFlight()
         self.listener = create_listener(args.host, args.port)
         self.address = self.listener.getsockname()
-        self.stopping = False
-        self.in_flight = InFlight()
-        self._count_guard = threading.Lock()
-        self.connections = 0
+
+    @property
+    def stopping(self):
+        """True once a shutdown has begun."""
+        return self.in_flight.stopping
 
     def serve_forever(self):
+        """Accept connections until shutdown() closes the listener."""
         log.info("listening on %s port %d", self.address[0], self.address[1])
-        self.users.canonical("")     # read userinfo.txt now, so its problems show at start
+        self.users.refresh()         # read userinfo.txt now, so its problems show at start
         while True:
             try:
-                sock, peer = self.listener.accept()
+                sock, address = self.listener.accept()
             except OSError as exc:
                 if self.stopping:
                     return
                 log.warning("accept failed: %s", exc)
-                time.sleep(0.05)      # e.g. out of file descriptors: let sessions end first
+                time.sleep(ACCEPT_RETRY_DELAY)    # e.g. out of descriptors: let sessions end first
                 continue
-            with self._count_guard:
-                full = self.connections >= self.max_connections
-                if not full:
-                    self.connections += 1
-            if full:
-                self._refuse(sock)
-            else:
-                # A bare thread: threading.Thread.start() would also wait for the
-                # new thread to run before accepting the next client.
-                _thread.start_new_thread(self._serve, (sock, peer))
+            self.start_session(sock, peer_text(address))
 
-    def _refuse(self, sock):
-        log.warning("refused a connection: %d already open", self.max_connections)
+    def start_session(self, sock, peer):
+        """Serve a new connection in a thread of its own, or refuse it when the server is full."""
+        with self._count_guard:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            return self.refuse(sock, peer, "%d connections already open" % self.max_connections)
+        try:
+            start_thread(self.serve, sock, peer)
+        except RuntimeError as exc:               # the system cannot make more threads
+            self.session_ended()
+            self.refuse(sock, peer, str(exc))
+
+    def refuse(self, sock, peer, reason):
+        """Tell a client the server is full, and hang up (never waiting for a slow client)."""
+        log.warning("%s: refused, %s", peer, reason)
         try:
             sock.setblocking(False)
-            sock.send(b"421 %s Too many connections, try again later\r\n" % self.domain.encode())
+            sock.send(self.BUSY.encode("ascii") + b"\r\n")
         except OSError:
             pass
         sock.close()
 
-    def _serve(self, sock, peer):
+    def serve(self, sock, peer):
+        """Run one session (in its own thread)."""
         leave_signals_to_main_thread()
-        peer = "%s:%d" % peer[:2]
-        session = None
         try:
             set_idle_timeout(sock, self.timeout)
-            session = SMTPSession(self, sock, peer)
-            session.run()
+            self.session_class(self, sock, peer).run()
         except Exception:
             log.exception("session with %s failed", peer)
+            sock.close()
         finally:
-            (session.sock if session else sock).close()    # after STARTTLS, the TLS socket
-            with self._count_guard:
-                self.connections -= 1
-            log.info("connection from %s closed, %d message(s) delivered",
-                     peer, session.delivered if session else 0)
+            self.session_ended()
+
+    def session_ended(self):
+        with self._count_guard:
+            self.connections -= 1
 
     def shutdown(self, signals):
-        """Stop accepting; give deliveries in flight time to finish (until a second signal)."""
-        self.stopping = True
+        """Stop accepting; give the work in flight time to finish (until a second signal)."""
+        self.in_flight.stop()
         self.listener.close()
         log.info("shutting down")
-        wait_until_idle(self.in_flight.wait, signals)
-
-
-def wait_until_idle(wait, signals):
-    """Call wait(seconds) until it returns True, the grace time ends or a second signal comes."""
-    deadline = time.monotonic() + SHUTDOWN_GRACE
-    while not wait(0.1):
-        if signals.hurried or time.monotonic() > deadline:
-            # Work cut short here was never acknowledged, and nothing is half stored.
-            log.warning("stopping before the work in progress has finished")
-            return
-
-
-# --------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------
-
-class LineWriteHandler(logging.Handler):
-    """Logs each record with a single write() to a file descriptor, taking no lock.
-
-    logging's StreamHandler holds a lock around write and flush, and under
-    load session threads queue on it.  One write() of a line is atomic on
-    pipes and terminals and never overlaps another on files, so no lock is
-    needed to keep lines whole.
-    """
-
-    def __init__(self, fd=2, tag="smtp"):
-        super().__init__()
-        self.fd = fd
-        self.setFormatter(logging.Formatter("%(asctime)s " + tag + " %(levelname)s %(message)s"))
-
-    def handle(self, record):
-        if self.filter(record):
-            self.emit(record)
-        return True
-
-    def emit(self, record):
-        try:
-            line = self.format(record) + "\n"
-            os.write(self.fd, line.encode("utf-8", "backslashreplace"))
-        except Exception:
-            self.handleError(record)
-
-
-def configure_logging(tag):
-    """INFO and above to stderr, one line per record."""
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly
-    logging.basicConfig(level=logging.INFO, handlers=[LineWriteHandler(sys.stderr.fileno(), tag)])
-
-
-def run_on_one_cpu():
-    """Keep this process's threads on one CPU (call before starting any thread).
-
-    Only one thread runs Python at a time (the GIL).  When session threads
-    sit on different CPUs, every hand-over of the GIL is a cross-CPU wake-up,
-    which costs far more than a switch on one CPU: measured here, one CPU
-    serves about twice the messages per second at 10 and 50 clients.
-    """
-    if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
-        return
-    try:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    except OSError:
-        pass
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while not self.in_flight.wait(0.1):
+            if signals.hurried or time.monotonic() > deadline:
+                # What is cut short here was never acknowledged, and nothing is half stored.
+                log.warning("stopping before the work in progress has finished")
+                return
 
 
 class Shutdown(BaseException):
@@ -1119,31 +1255,209 @@ def leave_signals_to_main_thread():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def serve_until_signalled(server):
-    """Run server.serve_forever() until Ctrl-C or SIGTERM, then server.shutdown(signals)."""
+def run_server(server_class, args, name):
+    """Run a server until Ctrl-C or SIGTERM; return the exit code."""
+    threading.stack_size(THREAD_STACK_SIZE)
+    run_on_one_cpu()
+    configure_logging(name)
+    try:
+        server = server_class(args)
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
+        return 1
     signals = ShutdownSignals()
     try:
         server.serve_forever()
     except Shutdown:
         pass
     server.shutdown(signals)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    # Small thread stacks fit many more in glibc's cache of freed stacks, so a
-    # thread per connection does not map and unmap 8 MiB each time.
-    threading.stack_size(512 * 1024)
-    run_on_one_cpu()
-    configure_logging("smtp")
-    try:
-        server = SMTPServer(args)
-    except OSError as exc:
-        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
-        return 1
-    serve_until_signalled(server)
     log.info("stopped")
     return 0
+
+
+# -- The SMTP server
+
+class SMTPServer(Server):
+    """The SMTP server: its sessions are SMTPSessions."""
+
+    session_class = SMTPSession
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.domain = args.domain
+        self.max_size = args.max_size
+        self.BUSY = "421 %s Too many connections, try again later" % self.domain
+
+
+# --------------------------------------------------------------------------
+# Speed-ups
+# --------------------------------------------------------------------------
+# Each piece here makes the servers faster without changing what they do;
+# the code above reads as if they were not there.  Measured with
+# tests/bench_smtp.py and tests/bench_pop.py on 2 CPUs.
+
+class GroupCommit:
+    """Deliveries to one mailbox that overlap share its lock and one fsync.
+
+    Each message joins its mailbox's queue, then waits for the mailbox's
+    writer lock.  Whoever gets that lock and finds its message not yet
+    written appends every message queued so far, under the delivery lock,
+    and fsyncs once (cutting the file back if that fails, as deliver()
+    does); the others find theirs written and return.  Under load, one
+    fsync then serves many messages (measured: +50% at 10 and 50 clients
+    of one mailbox).
+    """
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._mailboxes = {}         # path -> _QueuedMailbox
+
+    def deliver(self, path, message):
+        """Append message to the mailbox at path; return once it is on disk."""
+        box = self._mailboxes.get(path)
+        if box is None:
+            with self._guard:
+                box = self._mailboxes.setdefault(path, _QueuedMailbox(path))
+        box.deliver(message)
+
+
+class _QueuedMailbox:
+    """One mailbox as the deliveries of this process share it: a queue and a writer lock."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = delivery_lock(path)
+        self.writer = threading.Lock()
+        self._guard = threading.Lock()
+        self._queue = []             # [message, outcome] pairs not taken by a writer yet
+
+    def deliver(self, message):
+        mine = [message, _PENDING]
+        with self._guard:
+            self._queue.append(mine)
+        with self.writer:
+            if mine[1] is _PENDING:
+                with self._guard:
+                    batch, self._queue = self._queue, []
+                try:
+                    errors = self._write([message for message, _ in batch])
+                except BaseException as exc:
+                    errors = [exc] * len(batch)
+                    raise
+                finally:
+                    for entry, error in zip(batch, errors):
+                        entry[1] = error
+        if mine[1] is not None:
+            raise mine[1]
+
+    def _write(self, messages):
+        """Append messages under the delivery lock, fsync once; return each one's error or None."""
+        errors = [None] * len(messages)
+        with self.lock:
+            fd = open_mailbox(self.path)
+            try:
+                start = size = os.fstat(fd).st_size
+                for index, message in enumerate(messages):
+                    try:
+                        size = append_message(fd, size, message)
+                    except OSError as exc:
+                        cut_back(fd, size)
+                        errors[index] = exc
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    cut_back(fd, start)
+                    errors = [error or exc for error in errors]
+            finally:
+                os.close(fd)
+        return errors
+
+
+_PENDING = object()          # the outcome of a queued message nobody has written yet
+GROUP_COMMIT = GroupCommit()
+
+
+def start_thread(function, *args):
+    """Run function(*args) in a new thread.
+
+    A bare thread: threading.Thread.start() also waits until the new thread
+    runs, which would hold up the accept loop at every connection.
+    """
+    _thread.start_new_thread(function, args)
+
+
+def set_idle_timeout(sock, seconds):
+    """Make a blocking read or write on sock fail once the peer has been silent for seconds.
+
+    Python's own socket timeout polls before every recv and send; the
+    kernel's SO_RCVTIMEO/SO_SNDTIMEO cost nothing until they fire (as
+    BlockingIOError).  Where they are missing, fall back to settimeout.
+    """
+    if os.name == "posix" and hasattr(socket, "SO_RCVTIMEO"):
+        whole = int(seconds)
+        value = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    else:
+        sock.settimeout(seconds)
+
+
+def run_on_one_cpu():
+    """Keep this process's threads on one CPU (call before starting any thread).
+
+    Only one thread runs Python at a time (the GIL).  When session threads
+    sit on different CPUs, every hand-over of the GIL is a cross-CPU wake-up,
+    which costs far more than a switch on one CPU: measured here, one CPU
+    serves about twice the messages per second at 10 and 50 clients.
+    """
+    if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
+        return
+    try:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    except OSError:
+        pass
+
+
+class LineWriteHandler(logging.Handler):
+    """Logs each record with a single write() to a file descriptor, taking no lock.
+
+    logging's StreamHandler holds a lock around write and flush, and under
+    load session threads queue on it.  One write() of a line is atomic on
+    pipes and terminals and never overlaps another on files, so no lock is
+    needed to keep lines whole.
+    """
+
+    def __init__(self, fd, name):
+        super().__init__()
+        self.fd = fd
+        self.setFormatter(logging.Formatter("%(asctime)s " + name + " %(levelname)s %(message)s"))
+
+    def handle(self, record):
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record):
+        try:
+            line = self.format(record) + "\n"
+            os.write(self.fd, line.encode("utf-8", "backslashreplace"))
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(name):
+    """INFO and above to stderr, one line per record, tagged with the server's name."""
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly
+    logging.basicConfig(level=logging.INFO, handlers=[LineWriteHandler(sys.stderr.fileno(), name)])
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+def main(argv=None):
+    """Run the SMTP server until Ctrl-C or SIGTERM."""
+    return run_server(SMTPServer, parse_args(argv), "smtp")
 
 
 if __name__ == "__main__":

@@ -4,63 +4,55 @@
     python pop_server.py 1110 [--host ADDR] [--root DIR] [--timeout 600] ...
 
 RFC 1939 with the RFC 2449 extensions TOP, UIDL, CAPA, RESP-CODES and
-PIPELINING, and STLS (RFC 2595) given --tls-cert and --tls-key.  One thread serves each connection.  A session sees the mailbox
-as it was at login; deletions are applied at QUIT by writing a new mailbox
-beside the old one and renaming it over, under the lock the SMTP server
-takes for every delivery, so mail that arrives during a session is kept.
+PIPELINING, and STLS (RFC 2595) given --tls-cert and --tls-key.  One thread
+serves each connection.  A session sees the mailbox as it was at login;
+deletions are applied at QUIT by writing a new mailbox beside the old one
+and renaming it over, under the lock the SMTP server takes for every
+delivery, so mail that arrives during a session is kept.
+
+Built on mailserver_smtp.py: the mail root, the locks and the mailbox
+format, the session skeleton and the server loop are the ones SMTP uses.
 """
 
-import argparse
 import array
 import hashlib
-import hmac
+import itertools
 import logging
 import os
 import re
-import socket
-import ssl
 import sys
-import threading
 import time
 
-from mailserver_smtp import (FileLock, UserTable, configure_logging, create_listener, delivery_lock,
-                             fsync_directory, is_valid_login, leave_signals_to_main_thread,
-                             run_on_one_cpu, serve_until_signalled, tls_context, wait_until_idle)
+from mailserver_smtp import (INDEX_NAME, NEW_INDEX_NAME, NEW_MAILBOX_NAME, O_BINARY, Server, Session,
+                             SessionEnd, check_server_arguments, delivery_lock, fsync_directory,
+                             header_block, message_end, run_server, server_arguments, session_lock,
+                             wire_size)
 
 # --------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------
 
-DEFAULT_HOST = "0.0.0.0"
 DEFAULT_TIMEOUT = 600            # RFC 1939 section 3: autologout at least 10 minutes
-DEFAULT_MAX_CONNECTIONS = 100
-
-SESSION_LOCK_NAME = ".my_mailbox.pop.lock"   # held by the one POP3 session of a user
-SIDECAR_NAME = ".my_mailbox.index"           # unique ids and index cache, written by POP3 only
-NEW_SIDECAR_NAME = ".my_mailbox.index.new"
-NEW_MAILBOX_NAME = ".my_mailbox.new"         # the rewritten mailbox before it is renamed over
-SIDECAR_MAGIC = b"pop3-index 2"
 
 MAX_LINE = 255                   # RFC 2449 section 4: a command is at most 255 octets with CRLF
 MAX_NUMBER_DIGITS = 10           # longer message numbers cannot exist; keeps int() cheap
-RECV_SIZE = 65536
 READ_CHUNK = 1 << 20             # bytes read from a mailbox at a time
-SEND_THRESHOLD = 256 * 1024      # buffered replies are sent once they reach this size
 LISTING_BATCH = 4096             # LIST/UIDL lines formatted at a time
 CACHE_SAMPLES = 32               # messages re-hashed at login to trust the cached index
 DIGEST_SIZE = 8                  # bytes of the content hash kept per message for UIDL
+INDEX_MAGIC = b"pop3-index 2"
 
-AUTH_DELAY_FROM = 3              # failed PASS number from which replies are slowed down
+AUTH_DELAY_FROM = 3              # failed login number from which replies are slowed down
 AUTH_DELAY_STEP = 0.2            # seconds added per further failure
 MAX_AUTH_FAILURES = 5            # then the connection is closed
-ACCEPT_RETRY_DELAY = 0.1         # seconds to wait after accept() fails (e.g. out of descriptors)
 
 GREETING = "+OK POP3 server is ready"
 GOODBYE = "+OK Thanks for using POP3 server"
+BUSY = "-ERR [SYS/TEMP] server busy, try again later"
 CAPABILITIES = ["USER", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
                 "EXPIRE NEVER", "IMPLEMENTATION course-pop3"]
 
-AUTHORIZATION, TRANSACTION = "AUTHORIZATION", "TRANSACTION"
+AUTHORIZATION, TRANSACTION = "AUTHORIZATION", "TRANSACTION"   # RFC 1939 section 3
 COMMANDS = {
     AUTHORIZATION: {"USER", "PASS", "QUIT", "CAPA", "STLS"},
     TRANSACTION: {"STAT", "LIST", "RETR", "DELE", "RSET", "NOOP", "QUIT",
@@ -69,38 +61,16 @@ COMMANDS = {
 ALL_COMMANDS = set().union(*COMMANDS.values())
 
 NUMBER = re.compile(r"[0-9]{1,%d}\Z" % MAX_NUMBER_DIGITS)
-HEADER_LINE = re.compile(rb"[!-9;-~]+:")     # RFC 5322 field name then a colon
 
 log = logging.getLogger("pop3")
 
 
 def parse_args(argv=None):
     """Read the command line."""
-    parser = argparse.ArgumentParser(
-        description="POP3 server: serves the mailboxes ROOT/<user>/my_mailbox.")
-    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
-    parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="seconds an idle client may wait before it is logged out (default: 600)")
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                        help="connections served at once; one more gets -ERR (default: 100)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="log every command and reply (passwords masked)")
-    parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STLS")
-    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for STLS")
-    parser.add_argument("--require-tls", action="store_true",
-                        help="refuse USER and PASS until the client has used STLS")
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.error("PORT must be between 0 and 65535")
-    if args.max_connections < 1 or args.timeout <= 0:
-        parser.error("--max-connections and --timeout must be positive")
-    if not os.path.isdir(args.root):
-        parser.error("--root %s is not a directory" % args.root)
-    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls)
-    return args
+    parser = server_arguments("POP3 server: serves the mailboxes ROOT/<user>/my_mailbox.",
+                              DEFAULT_TIMEOUT, "seconds an idle client may wait before it is logged out",
+                              "STLS", "refuse USER and PASS until the client has used STLS")
+    return check_server_arguments(parser, parser.parse_args(argv))
 
 
 # --------------------------------------------------------------------------
@@ -112,57 +82,52 @@ def index_messages(f, offset, limit):
 
     Returns (starts, sizes, digests): starts holds the offset of each message
     and, last, the end of the last complete message (a torn message after it
-    is left alone); sizes the octets of each message on the wire with CRLF
-    and without byte-stuffing; digests a DIGEST_SIZE-byte hash of each.
+    is left alone); sizes the octets of each message on the wire; digests a
+    DIGEST_SIZE-byte hash of each.  Reads a chunk at a time and never holds
+    more than a chunk and one line, however large a message is.
     """
     starts, sizes, digests = array.array("q"), array.array("q"), bytearray()
     blake2b = hashlib.blake2b
     f.seek(offset)
-    buf, base, pos = b"", offset, 0      # base: file offset of buf[0]; pos: current message in buf
+    buf = bytearray()
+    base = start = offset           # file offsets of buf[0] and of the current message
+    pos = 0                         # in buf: the first line of the message not yet counted
+    size, hasher = 0, None          # of the lines before pos, when the message began in an earlier chunk
     remaining = limit - offset
     while True:
-        length = len(buf)
-        while True:
-            # The line "." ends a message; any other line starting with "." is stuffed.
-            dots, scan, end = 0, pos, -1
-            if buf.startswith(b".", pos):
-                if pos + 1 >= length:
-                    break
-                if buf[pos + 1] == 10:
-                    end = pos
+        with memoryview(buf) as view:
+            end, stuffed = message_end(buf, pos)
+            while end >= 0:         # a complete message: record it
+                if hasher is None:
+                    hasher = blake2b(view[pos:end - 2], digest_size=DIGEST_SIZE)
                 else:
-                    dots, scan = 1, pos + 1
-            while end < 0:
-                found = buf.find(b"\n.", scan)
-                if found < 0 or found + 2 >= length:
-                    break
-                if buf[found + 2] == 10:
-                    end = found + 1
-                else:
-                    dots += 1
-                    scan = found + 2
-            if end < 0:
-                break
-            starts.append(base + pos)
-            # Each stored line loses its \n and gains CRLF; a stuffed line loses its extra dot.
-            sizes.append((end - pos) + buf.count(b"\n", pos, end) - dots)
-            digests += blake2b(memoryview(buf)[pos:end], digest_size=DIGEST_SIZE).digest()
-            pos = end + 2
-        if remaining <= 0:
-            break
-        chunk = f.read(min(READ_CHUNK, remaining))
+                    hasher.update(view[pos:end - 2])
+                starts.append(start)
+                sizes.append(size + wire_size(buf, pos, end - 2, stuffed))
+                digests += hasher.digest()
+                pos, start = end, base + end
+                size, hasher = 0, None
+                end, stuffed = message_end(buf, pos)
+            whole = buf.rfind(b"\n", pos) + 1    # count the whole lines of the message begun
+            if whole > pos:
+                if hasher is None:
+                    hasher = blake2b(digest_size=DIGEST_SIZE)
+                hasher.update(view[pos:whole])
+                size += wire_size(buf, pos, whole)
+                pos = whole
+        chunk = f.read(min(READ_CHUNK, remaining)) if remaining > 0 else b""
         if not chunk:
             break
         remaining -= len(chunk)
-        buf = buf[pos:] + chunk
-        base += pos
-        pos = 0
-    starts.append(base + pos)
+        del buf[:pos]
+        base, pos = base + pos, 0
+        buf += chunk
+    starts.append(start)
     return starts, sizes, bytes(digests)
 
 
 class Section:
-    """The index and ids of one mailbox file (known by its inode), as kept in the sidecar."""
+    """What the index file knows of one mailbox file (known by its inode): ids and index."""
 
     __slots__ = ("inode", "starts", "sizes", "serials", "digests")
 
@@ -177,44 +142,45 @@ class Section:
         return self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
 
 
-class Sidecar:
-    """The file beside a mailbox that keeps its unique ids and a cache of its index.
+class IndexFile:
+    """The file beside a mailbox that keeps its unique ids (and, as a speed-up, its index).
 
     Ids are "<epoch>-<serial>": the epoch is random, made with the file, and
     serials only grow, so an id is never handed out twice, even to two
-    identical messages.  The file holds, for the mailbox file (inode) it
-    describes, each message's offset, size, serial and content hash, so a
-    login only has to index the mail appended since.  While a QUIT rewrite is
-    in progress it describes both the old and the new file, so a crash
-    between the two renames still finds the right ids for the file that won.
-    Only POP3 writes it, under the session lock.
+    identical messages.  For the mailbox file (inode) it describes, the file
+    holds each message's serial and content hash, which is what lets ids
+    survive (the UIDL store), and each message's offset and size, which
+    lets a login index only the mail appended since (the index cache).
+    While a QUIT rewrite is in progress it describes both the old and the
+    new file, so a crash between the two renames still finds the right ids
+    for the file that won.  Only POP3 writes it, under the session lock.
     """
 
     ARRAYS = ("starts", "sizes", "serials")
 
     def __init__(self, folder):
-        self.path = os.path.join(folder, SIDECAR_NAME)
-        self.temp_path = os.path.join(folder, NEW_SIDECAR_NAME)
+        self.path = os.path.join(folder, INDEX_NAME)
+        self.temp_path = os.path.join(folder, NEW_INDEX_NAME)
         self.epoch = None
         self.next_serial = 1
         self.sections = []
 
     def load(self):
-        """Read the sidecar; a missing or damaged one just starts a new epoch."""
+        """Read the file; a missing or damaged one just starts a new epoch."""
         try:
             with open(self.path, "rb") as f:
                 self._parse(f)
             return
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, IndexError, TypeError) as exc:
+        except (OSError, ValueError, IndexError, TypeError, AttributeError) as exc:
             log.warning("%s is unusable (%s); starting new ids", self.path, exc)
         self.epoch = os.urandom(6).hex()
         self.next_serial = 1
         self.sections = []
 
     def _parse(self, f):
-        if f.readline().rstrip(b"\n") != SIDECAR_MAGIC:
+        if f.readline().rstrip(b"\n") != INDEX_MAGIC:
             raise ValueError("unknown format")
         fields, sections, current = {}, [], None
         for line in f:        # one line at a time: the arrays are large
@@ -252,11 +218,11 @@ class Sidecar:
         return None
 
     def save(self, sections):
-        """Write the sidecar atomically with the given sections (the current file first)."""
+        """Write the file atomically with the given sections (the current mailbox file first)."""
         try:
             with open(self.temp_path, "wb") as f:
                 f.write(b"%s\nepoch %s\nnext %d\norder %s\n" % (
-                    SIDECAR_MAGIC, self.epoch.encode("ascii"), self.next_serial,
+                    INDEX_MAGIC, self.epoch.encode("ascii"), self.next_serial,
                     sys.byteorder.encode("ascii")))
                 for section in sections:
                     f.write(b"section %d %d\n" % (section.inode, len(section.sizes)))
@@ -275,6 +241,7 @@ class Sidecar:
 
 
 def remove_quietly(path):
+    """Remove a file if it is there."""
     try:
         os.remove(path)
     except OSError:
@@ -293,11 +260,11 @@ class Mailbox:
         self.sizes = array.array("q")
         self.serials = array.array("q")
         self.digests = b""
-        self.sidecar = Sidecar(self.folder)
+        self.index_file = IndexFile(self.folder)
 
     def open(self):
         """Index the mailbox as it is now and give every message its unique id."""
-        # The delivery lock only guarantees no append is half done at the size we read.
+        # The delivery lock only guarantees that no append is half done at the size we read.
         with delivery_lock(self.path):
             try:
                 self.file = open(self.path, "rb")
@@ -305,11 +272,11 @@ class Mailbox:
                 self.file = None
             limit = os.fstat(self.file.fileno()).st_size if self.file else 0
         self.inode = os.fstat(self.file.fileno()).st_ino if self.file else 0
-        self.sidecar.load()
-        known = self.sidecar.section_for(self.inode)
+        self.index_file.load()
+        known = self.index_file.section_for(self.inode)
         if self.file is None:
             self._assign_ids(None)
-        elif known is not None and self._unchanged(known, limit):
+        elif known is not None and cached_index_holds(self.file, known, limit):
             # SMTP only appends, so only the mail after the known part needs indexing.
             starts, sizes, digests = index_messages(self.file, known.starts[-1], limit)
             self.starts = known.starts[:-1] + starts
@@ -319,29 +286,8 @@ class Mailbox:
             self._assign_ids(None)
         else:
             self.starts, self.sizes, self.digests = index_messages(self.file, 0, limit)
-            self._assign_ids(known or (self.sidecar.sections[0] if self.sidecar.sections else None))
-
-    def _unchanged(self, known, limit):
-        """Whether the known part of the file is still what the sidecar says, by sampling.
-
-        Appends keep it; a file emptied in place and refilled (same inode) is
-        caught because sampled messages no longer hash the same.
-        """
-        count = len(known.sizes)
-        if known.starts[-1] > limit:
-            return False
-        samples = set(range(0, count, max(1, count // CACHE_SAMPLES)))
-        samples.add(count - 1)
-        for index in sorted(samples):
-            if index < 0:
-                continue
-            start, end = known.starts[index], known.starts[index + 1]
-            self.file.seek(start)
-            data = self.file.read(end - start)
-            if not data.endswith(b".\n") or (len(data) > 2 and not data.endswith(b"\n.\n")) \
-                    or hashlib.blake2b(data[:-2], digest_size=DIGEST_SIZE).digest() != known.digest(index):
-                return False
-        return True
+            sections = self.index_file.sections
+            self._assign_ids(known or (sections[0] if sections else None))
 
     def _assign_ids(self, previous):
         """Match the messages to a previous id list in order; new messages get new ids."""
@@ -358,18 +304,19 @@ class Mailbox:
                     break
                 self.serials.append(previous.serials[j])
                 j += 1
-        recorded = self.sidecar.sections[0] if self.sidecar.sections else None
-        changed = recorded is None or len(self.sidecar.sections) > 1 or recorded.inode != self.inode \
+        index_file = self.index_file
+        recorded = index_file.sections[0] if index_file.sections else None
+        changed = recorded is None or len(index_file.sections) > 1 or recorded.inode != self.inode \
             or recorded.starts[-1] != self.starts[-1] or len(recorded.sizes) != count
         while len(self.serials) < count:
-            self.serials.append(self.sidecar.next_serial)
-            self.sidecar.next_serial += 1
+            self.serials.append(index_file.next_serial)
+            index_file.next_serial += 1
         if changed:
             try:
-                self.sidecar.save([Section(self.inode, self.starts, self.sizes,
-                                           self.serials, self.digests)])
+                index_file.save([Section(self.inode, self.starts, self.sizes,
+                                         self.serials, self.digests)])
             except OSError as exc:
-                log.warning("cannot write %s: %s; ids may change", self.sidecar.path, exc)
+                log.warning("cannot write %s: %s; ids may change", index_file.path, exc)
 
     def count(self):
         """How many messages the session sees (deleted ones included)."""
@@ -377,16 +324,11 @@ class Mailbox:
 
     def uid(self, index):
         """The unique id of a message, as UIDL shows it."""
-        return "%s-%d" % (self.sidecar.epoch, self.serials[index])
+        return "%s-%d" % (self.index_file.epoch, self.serials[index])
 
     def read(self, index):
         """The stored bytes of a message: dot-stuffed lines ending in LF, without the final dot."""
-        start, end = self.starts[index], self.starts[index + 1] - 2
-        self.file.seek(start)
-        data = self.file.read(end - start)
-        if len(data) != end - start:
-            raise OSError("mailbox shrank while being read")
-        return data
+        return b"".join(self.chunks(index))
 
     def chunks(self, index):
         """The stored bytes of a message in pieces of at most READ_CHUNK bytes."""
@@ -401,22 +343,12 @@ class Mailbox:
 
     def top(self, index, body_lines):
         """The header block, the blank line after it if there is one, then body_lines lines."""
-        lines = []
-        in_header, taken = True, 0
-        for line in self._lines(index):
-            if in_header:
-                if HEADER_LINE.match(line) or (lines and line[:1] in (b" ", b"\t")):
-                    lines.append(line)
-                    continue
-                in_header = False
-                if line == b"\n":
-                    lines.append(line)
-                    continue
-            if taken >= body_lines:
-                break
-            lines.append(line)
-            taken += 1
-        return b"".join(lines)
+        lines = self._lines(index)
+        seen = []                                   # the lines header_block looked at
+        count, blank = header_block(_recording(lines, seen))
+        head = seen[:count + blank]
+        body = itertools.chain(seen[count + blank:], lines)
+        return b"".join(itertools.chain(head, itertools.islice(body, body_lines)))
 
     def _lines(self, index):
         """The stored lines of a message, each with its LF, read piece by piece."""
@@ -438,34 +370,11 @@ class Mailbox:
         if not any(deleted):
             return
         temp_path = os.path.join(self.folder, NEW_MAILBOX_NAME)
-        kept = Section(0, array.array("q"), array.array("q"), array.array("q"), bytearray())
         with delivery_lock(self.path):
             try:
-                # Private from the start; the mode of the old file is copied before the rename.
-                fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
-                             0o600)
-                with open(fd, "wb") as out:
-                    index, count = 0, len(self.sizes)
-                    while index < count:
-                        if deleted[index]:
-                            index += 1
-                            continue
-                        run_start, position = index, out.tell()
-                        while index < count and not deleted[index]:
-                            kept.starts.append(position + self.starts[index] - self.starts[run_start])
-                            kept.sizes.append(self.sizes[index])
-                            kept.serials.append(self.serials[index])
-                            kept.digests += self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
-                            index += 1
-                        self._copy(out, self.starts[run_start], self.starts[index])
-                    kept.starts.append(out.tell())
-                    self._copy(out, self.starts[-1], None)
-                    out.flush()
-                    os.fsync(out.fileno())
-                    kept.inode = os.fstat(out.fileno()).st_ino
-                kept.digests = bytes(kept.digests)
-                self.sidecar.save([kept, Section(self.inode, self.starts, self.sizes,
-                                                 self.serials, self.digests)])
+                kept = self._write_kept(temp_path, deleted)
+                self.index_file.save([kept, Section(self.inode, self.starts, self.sizes,
+                                                    self.serials, self.digests)])
                 os.chmod(temp_path, os.fstat(self.file.fileno()).st_mode & 0o777)
                 self.close()          # Windows cannot rename over an open file
                 os.replace(temp_path, self.path)
@@ -473,6 +382,33 @@ class Mailbox:
                 remove_quietly(temp_path)
                 raise
             fsync_directory(self.folder)
+
+    def _write_kept(self, temp_path, deleted):
+        """Write the kept messages and what follows them to temp_path, fsync'd; return their Section."""
+        kept = Section(0, array.array("q"), array.array("q"), array.array("q"), bytearray())
+        # Private from the start; the mode of the old file is copied before the rename.
+        fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o600)
+        with open(fd, "wb") as out:
+            index, count = 0, len(self.sizes)
+            while index < count:
+                if deleted[index]:
+                    index += 1
+                    continue
+                run_start, position = index, out.tell()
+                while index < count and not deleted[index]:
+                    kept.starts.append(position + self.starts[index] - self.starts[run_start])
+                    kept.sizes.append(self.sizes[index])
+                    kept.serials.append(self.serials[index])
+                    kept.digests += self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
+                    index += 1
+                self._copy(out, self.starts[run_start], self.starts[index])
+            kept.starts.append(out.tell())
+            self._copy(out, self.starts[-1], None)
+            out.flush()
+            os.fsync(out.fileno())
+            kept.inode = os.fstat(out.fileno()).st_ino
+        kept.digests = bytes(kept.digests)
+        return kept
 
     def _copy(self, out, start, end):
         """Copy bytes start..end (end None: to the end of the file) of the mailbox to out."""
@@ -487,159 +423,109 @@ class Mailbox:
             start += len(piece)
 
     def close(self):
+        """Close the mailbox file (twice is harmless)."""
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _recording(lines, seen):
+    """Yield from lines, keeping a copy of each in seen."""
+    for line in lines:
+        seen.append(line)
+        yield line
 
 
 # --------------------------------------------------------------------------
 # The protocol session
 # --------------------------------------------------------------------------
 
-class Disconnect(Exception):
-    """The session is over: the client left, timed out, or must be dropped."""
+class POP3Session(Session):
+    """One client's POP3 dialogue: its state, its maildrop, one do_VERB method per command."""
 
-
-class Session:
-    """One client's POP3 dialogue: its state, its mailbox, one method per command."""
+    MAX_LINE = MAX_LINE
 
     def __init__(self, server, sock, peer):
-        self.server = server
-        self.sock = sock
-        self.peer = peer
+        super().__init__(server, sock, peer)
         self.state = AUTHORIZATION
-        self.tls_active = False
         self.user_name = None         # as given by USER, until PASS
         self.login = None
-        self.lock = None
+        self.lock = None              # the session lock of the maildrop
         self.mailbox = None
         self.deleted = None           # bytearray: 1 for each message marked by DELE
         self.auth_failures = 0
         self.commands = 0
-        self.outcome = "dropped"
-        self.inbuf = b""
-        self.inpos = 0
-        self.skipping = False         # inside a line too long to serve
-        self.outbuf = []
-        self.outsize = 0
 
-    # -- input and output ---------------------------------------------------
+    def start(self):
+        self.reply(GREETING)
 
-    def read_line(self):
-        """The next line without its line end; b'' marks a line that was too long."""
-        while True:
-            newline = self.inbuf.find(b"\n", self.inpos)
-            if newline >= 0:
-                line = self.inbuf[self.inpos:newline]
-                self.inpos = newline + 1
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if self.skipping:
-                    self.skipping = False
-                    return b""
-                return line if len(line) + 2 <= MAX_LINE else b""
-            if len(self.inbuf) - self.inpos > MAX_LINE:
-                self.skipping = True                  # drop the rest of this overlong line
-                self.inbuf, self.inpos = b"", 0
-            # Replies wait until the client's pipelined commands are all read.
-            self.flush()
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except socket.timeout:
-                self.outcome = "timed out"
-                raise Disconnect()
-            except OSError:
-                raise Disconnect()
-            if not data:
-                raise Disconnect()
-            self.inbuf = self.inbuf[self.inpos:] + data
-            self.inpos = 0
+    def line_too_long(self):
+        self.commands += 1
+        self.reply("-ERR line too long or empty")
 
-    def reply(self, text, body=None):
-        """Queue a reply line, and for a multi-line reply its body lines and the final dot."""
-        if self.server.verbose:
-            log.info("%s S: %s", self.peer, text)
-        data = text.encode("utf-8") + b"\r\n"
-        if body is not None:
-            data += b"".join(line.encode("utf-8") + b"\r\n" for line in body) + b".\r\n"
-        self.send(data)
+    def forget(self):
+        self.user_name = None         # RFC 2595 4: forget what was said before
 
-    def send(self, data):
-        self.outbuf.append(data)
-        self.outsize += len(data)
-        if self.outsize >= SEND_THRESHOLD:
-            self.flush()
+    def release(self):
+        """Close the mailbox and give up the maildrop lock."""
+        if self.mailbox is not None:
+            self.mailbox.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
-    def flush(self):
-        if self.outbuf:
-            data = b"".join(self.outbuf)
-            self.outbuf, self.outsize = [], 0
-            try:
-                self.sock.sendall(data)
-            except socket.timeout:
-                self.outcome = "timed out"
-                raise Disconnect()
-            except OSError:
-                raise Disconnect()
+    def summary(self, reason):
+        return "%s: user %s, %d commands, %d failed logins, %s" % (
+            self.peer, self.login or "-", self.commands, self.auth_failures, reason)
 
-    # -- the dialogue -------------------------------------------------------
-
-    def run(self):
-        """Serve the connection until QUIT, disconnect or timeout; log one line about it."""
-        try:
-            self.reply(GREETING)
-            while True:
-                line = self.read_line()
-                self.commands += 1
-                self.handle(line)
-        except Disconnect:
-            pass
-        except Exception:
-            self.outcome = "failed"
-            log.exception("%s: session failed", self.peer)
-        finally:
-            try:
-                self.flush()
-            except Disconnect:
-                pass
-            self.end()
-            log.info("%s: user %s, %d commands, %d failed logins, %s", self.peer,
-                     self.login or "-", self.commands, self.auth_failures, self.outcome)
+    # -- the wire
 
     def handle(self, line):
-        """Check one command line and call the do_ method its keyword names."""
+        """Check one command line and run the do_ method its keyword names, if the state allows it."""
+        self.commands += 1
         if not line:
-            self.reply("-ERR line too long or empty")
-            return
+            return self.reply("-ERR line too long or empty")
         if b"\0" in line:
-            self.reply("-ERR NUL in command")
-            return
+            return self.reply("-ERR NUL in command")
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            self.reply("-ERR command is not valid UTF-8")
-            return
+            return self.reply("-ERR command is not valid UTF-8")
         keyword, _, argument = text.partition(" ")
         keyword = keyword.upper()
-        if self.server.verbose:
-            shown = "PASS ****" if keyword == "PASS" else text
-            log.info("%s C: %s", self.peer, shown)
+        if self.verbose:
+            log.info("%s C: %s", self.peer, "PASS ****" if keyword == "PASS" else text)
         if keyword not in ALL_COMMANDS:
             self.reply("-ERR unknown command")
         elif keyword not in COMMANDS[self.state]:
-            if self.state == AUTHORIZATION:
-                self.reply("-ERR log in first with USER and PASS")
-            else:
-                self.reply("-ERR already logged in")
+            self.reply("-ERR log in first with USER and PASS" if self.state == AUTHORIZATION
+                       else "-ERR already logged in")
         else:
             try:
-                getattr(self, "do_" + keyword)(argument)
+                self.handler(keyword)(argument)
             except OSError as exc:
                 # Part of a reply may be out already, so the connection cannot go on.
                 log.error("%s: mailbox of %s unreadable: %s", self.peer, self.login, exc)
                 self.reply("-ERR [SYS/TEMP] cannot read the maildrop")
-                self.outcome = "mailbox error"
-                raise Disconnect()
+                raise SessionEnd("mailbox error")
+
+    def send_message_lines(self, status, data):
+        """Send a status line, then stored lines (already byte-stuffed) with CRLF ends, then '.'."""
+        if self.verbose:
+            log.info("%s S: %s", self.peer, status)
+        self.wire.send(status.encode("ascii") + b"\r\n" + data.replace(b"\n", b"\r\n") + b".\r\n")
+
+    def send_listing(self, values, prefix=b""):
+        """Send "n <prefix><value>" for each message not deleted, then the final dot.
+
+        Done in batches so a listing of a huge mailbox never sits whole in memory.
+        """
+        deleted = self.deleted
+        for first in range(0, len(values), LISTING_BATCH):
+            last = min(first + LISTING_BATCH, len(values))
+            self.wire.send(b"".join(b"%d %s%d\r\n" % (i + 1, prefix, values[i])
+                               for i in range(first, last) if not deleted[i]))
+        self.wire.send(b".\r\n")
 
     def message_number(self, text):
         """The 0-based index of an existing, undeleted message, or None after an -ERR reply."""
@@ -656,18 +542,6 @@ class Session:
             return None
         return number - 1
 
-    def send_listing(self, values, prefix=b""):
-        """Send "n <prefix><value>" for each message not deleted, then the final dot.
-
-        Done in batches so a listing of a huge mailbox never sits whole in memory.
-        """
-        deleted = self.deleted
-        for first in range(0, len(values), LISTING_BATCH):
-            last = min(first + LISTING_BATCH, len(values))
-            self.send(b"".join(b"%d %s%d\r\n" % (i + 1, prefix, values[i])
-                               for i in range(first, last) if not deleted[i]))
-        self.send(b".\r\n")
-
     def drop_stats(self):
         """Count and octets of the messages not marked deleted."""
         count, octets = 0, 0
@@ -677,7 +551,7 @@ class Session:
                 octets += size
         return count, octets
 
-    # -- AUTHORIZATION --------------------------------------------------------
+    # -- the login
 
     def plaintext_refused(self):
         """Under --require-tls, refuse a password exchange before STLS (True if refused)."""
@@ -686,45 +560,23 @@ class Session:
             return True
         return False
 
-    def do_USER(self, argument):
-        """Remember the user name; whether it exists is only told after PASS."""
-        if self.plaintext_refused():
-            return
-        argument = argument.strip()
-        if not argument or " " in argument:
-            self.reply("-ERR usage: USER name")
-            return
-        self.user_name = argument
-        self.reply("+OK send PASS")
+    def auth_failed(self):
+        """Answer a failed login: from the 3rd failure more slowly each time; the 5th ends the session."""
+        self.auth_failures += 1
+        if self.auth_failures >= AUTH_DELAY_FROM:
+            time.sleep(AUTH_DELAY_STEP * (self.auth_failures - AUTH_DELAY_FROM + 1))
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            self.reply("-ERR [AUTH] invalid user name or password; closing")
+            raise SessionEnd("too many failed logins")
+        self.reply("-ERR [AUTH] invalid user name or password")
 
-    def do_PASS(self, argument):
-        """Check the password and, on success, lock and open the maildrop."""
-        if self.plaintext_refused():
-            return
-        if self.user_name is None:
-            self.reply("-ERR send USER first")
-            return
-        name, self.user_name = self.user_name, None
-        users = self.server.users
-        login = users.canonical(name) if is_valid_login(name) else None
-        expected = users.password(login) if login else None
-        # Compare even for unknown users, so timing does not tell them apart.
-        matches = hmac.compare_digest(argument.encode("utf-8"), expected or b"\0unknown user")
-        if not (login and expected is not None and matches):
-            self.auth_failures += 1
-            if self.auth_failures >= AUTH_DELAY_FROM:
-                time.sleep(AUTH_DELAY_STEP * (self.auth_failures - AUTH_DELAY_FROM + 1))
-            if self.auth_failures >= MAX_AUTH_FAILURES:
-                self.reply("-ERR [AUTH] invalid user name or password; closing")
-                self.outcome = "too many failed logins"
-                raise Disconnect()
-            self.reply("-ERR [AUTH] invalid user name or password")
-            return
-        lock = FileLock(os.path.join(users.root, login, SESSION_LOCK_NAME))
+    def open_maildrop(self, login):
+        """Lock the maildrop of a user who has proved who they are, index it, enter TRANSACTION."""
+        path = self.server.users.mailbox_path(login)
+        lock = session_lock(path)
         if not lock.acquire(blocking=False):
-            self.reply("-ERR [IN-USE] maildrop already locked by another session")
-            return
-        mailbox = Mailbox(users.mailbox_path(login))
+            return self.reply("-ERR [IN-USE] maildrop already locked by another session")
+        mailbox = Mailbox(path)
         try:
             mailbox.open()
         except BaseException as exc:
@@ -733,13 +585,56 @@ class Session:
             if not isinstance(exc, OSError):
                 raise
             log.error("cannot open the mailbox of %s: %s", login, exc)
-            self.reply("-ERR [SYS/TEMP] cannot open the maildrop")
-            return
+            return self.reply("-ERR [SYS/TEMP] cannot open the maildrop")
         self.login, self.lock, self.mailbox = login, lock, mailbox
         self.deleted = bytearray(mailbox.count())
         self.state = TRANSACTION
         count, octets = self.drop_stats()
         self.reply("+OK %s's maildrop has %d messages (%d octets)" % (login, count, octets))
+
+    # -- the commands of the AUTHORIZATION state
+
+    def do_USER(self, argument):
+        """Remember the user name; whether it exists is only told after PASS."""
+        if self.plaintext_refused():
+            return
+        argument = argument.strip()
+        if not argument or " " in argument:
+            return self.reply("-ERR usage: USER name")
+        self.user_name = argument
+        self.reply("+OK send PASS")
+
+    def do_PASS(self, argument):
+        """Check the password and, on success, lock and open the maildrop."""
+        if self.plaintext_refused():
+            return
+        if self.user_name is None:
+            return self.reply("-ERR send USER first")
+        name, self.user_name = self.user_name, None
+        login = self.server.users.authenticate(name, argument.encode("utf-8"))
+        if login is None:
+            return self.auth_failed()
+        self.open_maildrop(login)
+
+    def do_CAPA(self, argument):
+        """List the capabilities (RFC 2449): only what the client may use now."""
+        capabilities = list(CAPABILITIES)
+        if self.server.require_tls and not self.tls_active:
+            capabilities.remove("USER")
+        if self.server.tls and not self.tls_active and self.state == AUTHORIZATION:
+            capabilities.append("STLS")
+        self.reply("+OK Capability list follows", *capabilities, ".")
+
+    def do_STLS(self, argument):
+        """Start TLS (RFC 2595); what the client sent before the handshake is discarded."""
+        if self.server.tls is None:
+            return self.reply("-ERR STLS is not available on this server")
+        if self.tls_active:
+            return self.reply("-ERR TLS is already active")
+        if argument.strip():
+            return self.reply("-ERR usage: STLS")
+        self.reply("+OK Begin TLS negotiation")
+        self.start_tls()
 
     def do_QUIT(self, argument):
         """End the session; in TRANSACTION state first remove the messages marked deleted."""
@@ -750,57 +645,21 @@ class Session:
                 log.error("cannot update the mailbox of %s: %s", self.login, exc)
                 self.release()
                 self.reply("-ERR [SYS/TEMP] some deleted messages not removed")
-                self.outcome = "quit, update failed"
-                raise Disconnect()
+                raise SessionEnd("quit, update failed")
         # Unlock before the goodbye, so a client may log in again as soon as it reads it.
         self.release()
         self.reply(GOODBYE)
-        self.outcome = "quit"
-        raise Disconnect()
+        raise SessionEnd("quit")
 
-    def do_CAPA(self, argument):
-        """List the capabilities (RFC 2449): only what the client may use now."""
-        capabilities = list(CAPABILITIES)
-        if self.server.require_tls and not self.tls_active:
-            capabilities.remove("USER")
-        if self.server.tls and not self.tls_active and self.state == AUTHORIZATION:
-            capabilities.append("STLS")
-        self.reply("+OK Capability list follows", capabilities)
-
-    def do_STLS(self, argument):
-        """Start TLS (RFC 2595); what the client sent before the handshake is discarded."""
-        if self.server.tls is None:
-            self.reply("-ERR STLS is not available on this server")
-            return
-        if self.tls_active:
-            self.reply("-ERR TLS is already active")
-            return
-        if argument.strip():
-            self.reply("-ERR usage: STLS")
-            return
-        self.reply("+OK Begin TLS negotiation")
-        self.flush()
-        # Commands pipelined behind STLS came in clear text: never execute them.
-        self.inbuf, self.inpos, self.skipping = b"", 0, False
-        try:
-            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.info("%s: TLS handshake failed: %s", self.peer, exc)
-            self.outcome = "TLS handshake failed"
-            raise Disconnect()
-        self.tls_active = True
-        self.user_name = None         # RFC 2595 4: forget what was said before
+    # -- the commands of the TRANSACTION state
 
     def do_NOOP(self, argument):
         """Do nothing; keeps the connection alive."""
         self.reply("+OK")
 
-    # -- TRANSACTION ----------------------------------------------------------
-
     def do_STAT(self, argument):
         """Count and octets of the maildrop."""
-        count, octets = self.drop_stats()
-        self.reply("+OK %d %d" % (count, octets))
+        self.reply("+OK %d %d" % self.drop_stats())
 
     def do_LIST(self, argument):
         """Size of one message, or of every message not deleted."""
@@ -809,8 +668,7 @@ class Session:
             if index is not None:
                 self.reply("+OK %d %d" % (index + 1, self.mailbox.sizes[index]))
             return
-        count, octets = self.drop_stats()
-        self.reply("+OK %d messages (%d octets)" % (count, octets))
+        self.reply("+OK %d messages (%d octets)" % self.drop_stats())
         self.send_listing(self.mailbox.sizes)
 
     def do_UIDL(self, argument):
@@ -821,48 +679,37 @@ class Session:
                 self.reply("+OK %d %s" % (index + 1, self.mailbox.uid(index)))
             return
         self.reply("+OK unique-id listing follows")
-        epoch = self.mailbox.sidecar.epoch
+        epoch = self.mailbox.index_file.epoch
         self.send_listing(self.mailbox.serials, epoch.encode("ascii") + b"-")
 
     def do_RETR(self, argument):
-        """Send a whole message."""
+        """Send a whole message, a piece at a time."""
         index = self.message_number(argument)
         if index is None:
             return
-        size = self.mailbox.sizes[index]
-        if self.server.verbose:
-            log.info("%s S: +OK %d octets", self.peer, size)
-        head = b"+OK %d octets\r\n" % size
         # Stored lines are already byte-stuffed; only the line ends change on the wire.
-        if self.mailbox.starts[index + 1] - self.mailbox.starts[index] <= READ_CHUNK:
-            self.send(head + self.mailbox.read(index).replace(b"\n", b"\r\n") + b".\r\n")
-            return
-        self.send(head)
+        status = "+OK %d octets" % self.mailbox.sizes[index]
+        if self.verbose:
+            log.info("%s S: %s", self.peer, status)
+        self.wire.send(status.encode("ascii") + b"\r\n")
         for piece in self.mailbox.chunks(index):
-            self.send(piece.replace(b"\n", b"\r\n"))
-        self.send(b".\r\n")
+            self.wire.send(piece.replace(b"\n", b"\r\n"))
+        self.wire.send(b".\r\n")
 
     def do_TOP(self, argument):
         """Send the header block and the first n body lines of a message.
 
-        Our own messages have no blank line between headers and body: the
-        header block is the leading run of "Name: value" lines (and their
-        continuation lines); a blank line right after it is sent with it when
-        the message has one.  So TOP n 0 sends just the header block, and TOP
-        output is always a prefix of RETR output.
+        The header block is what the mailbox format's header_block() says it
+        is (with the blank line after it, in an RFC 5322 message), so TOP n 0
+        sends just the headers, and TOP output is always a prefix of RETR's.
         """
         number, _, lines = argument.strip().partition(" ")
         lines = lines.strip()
         if not NUMBER.match(lines):
-            self.reply("-ERR usage: TOP message non-negative-line-count")
-            return
+            return self.reply("-ERR usage: TOP message non-negative-line-count")
         index = self.message_number(number)
-        if index is None:
-            return
-        text = self.mailbox.top(index, int(lines))
-        if self.server.verbose:
-            log.info("%s S: +OK top of message follows", self.peer)
-        self.send(b"+OK top of message follows\r\n" + text.replace(b"\n", b"\r\n") + b".\r\n")
+        if index is not None:
+            self.send_message_lines("+OK top of message follows", self.mailbox.top(index, int(lines)))
 
     def do_DELE(self, argument):
         """Mark a message for removal at QUIT."""
@@ -874,137 +721,63 @@ class Session:
     def do_RSET(self, argument):
         """Unmark every message marked by DELE in this session."""
         self.deleted = bytearray(self.mailbox.count())
-        count, octets = self.drop_stats()
-        self.reply("+OK maildrop has %d messages (%d octets)" % (count, octets))
-
-    # -- the end ------------------------------------------------------------------
-
-    def release(self):
-        """Close the mailbox and give up the maildrop lock."""
-        if self.mailbox is not None:
-            self.mailbox.close()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-    def end(self):
-        """Release the maildrop and close the socket; nothing is deleted here."""
-        self.release()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.reply("+OK maildrop has %d messages (%d octets)" % self.drop_stats())
 
 
 # --------------------------------------------------------------------------
 # The server loop
 # --------------------------------------------------------------------------
 
-class Server:
-    """Accepts connections and runs one session thread per connection."""
+class POP3Server(Server):
+    """The POP3 server: its sessions are POP3Sessions; it applies their deletions."""
 
-    def __init__(self, args):
-        self.host = args.host
-        self.port = args.port
-        self.timeout = args.timeout
-        self.verbose = args.verbose
-        self.tls = args.tls
-        self.require_tls = args.require_tls
-        self.users = UserTable(args.root)
-        self.slots = threading.BoundedSemaphore(args.max_connections)
-        self.updates = threading.Condition()
-        self.updating = 0               # QUIT rewrites in progress
-        self.stopping = False
-        self.listener = None
-
-    def listen(self):
-        self.listener = create_listener(self.host, self.port)
-        log.info("listening on %s port %d", self.host, self.listener.getsockname()[1])
-
-    def serve_forever(self):
-        """Accept connections until interrupted."""
-        while True:
-            try:
-                sock, address = self.listener.accept()
-            except OSError as exc:
-                # Out of file descriptors, or a client gone before accept: keep serving.
-                log.warning("accept failed: %s", exc)
-                time.sleep(ACCEPT_RETRY_DELAY)
-                continue
-            peer = "[%s]:%d" % address[:2] if ":" in address[0] else "%s:%d" % address[:2]
-            if not self.slots.acquire(blocking=False):
-                self.refuse(sock, peer)
-                continue
-            sock.settimeout(self.timeout)
-            session = Session(self, sock, peer)
-            try:
-                threading.Thread(target=self.run_session, args=(session,), daemon=True).start()
-            except RuntimeError as exc:          # the system cannot make more threads
-                self.slots.release()
-                self.refuse(sock, peer, str(exc))
-
-    def refuse(self, sock, peer, reason="too many connections"):
-        """Tell a client the server is full, and hang up."""
-        try:
-            sock.settimeout(1)
-            sock.sendall(b"-ERR [SYS/TEMP] server busy, try again later\r\n")
-        except OSError:
-            pass
-        finally:
-            sock.close()
-        log.warning("%s: refused, %s", peer, reason)
-
-    def run_session(self, session):
-        leave_signals_to_main_thread()
-        try:
-            session.run()
-        finally:
-            self.slots.release()
+    session_class = POP3Session
+    BUSY = BUSY
 
     def commit(self, mailbox, deleted):
         """Apply a session's deletions, unless the server is stopping (then delete nothing)."""
-        with self.updates:
+        with self.in_flight:
             if self.stopping:
                 raise OSError("server is shutting down")
-            self.updating += 1
-        try:
             mailbox.commit(deleted)
-        finally:
-            with self.updates:
-                self.updating -= 1
-                self.updates.notify_all()
 
-    def shutdown(self, signals):
-        """Stop accepting and let QUIT rewrites in progress finish (until a second signal).
 
-        A rewrite cut short leaves the old mailbox whole.
-        """
-        if self.listener is not None:
-            self.listener.close()
-            log.info("shutting down")
-        with self.updates:
-            self.stopping = True
-        wait_until_idle(self._no_updates, signals)
+# --------------------------------------------------------------------------
+# Speed-ups
+# --------------------------------------------------------------------------
 
-    def _no_updates(self, timeout):
-        """Wait up to timeout for the rewrites in progress; True when there are none."""
-        with self.updates:
-            return self.updates.wait_for(lambda: self.updating == 0, timeout)
+def cached_index_holds(f, known, limit):
+    """Whether the index file's part of a mailbox file is still right, checked by sampling.
 
+    Then a login indexes only what was appended after it (measured: 0.04 s
+    instead of 0.7 s for 100,000 messages).  Appends keep the known part; a
+    file emptied in place and refilled (same inode) is caught because the
+    sampled messages no longer hash the same.
+    """
+    count = len(known.sizes)
+    if known.starts[-1] > limit:
+        return False
+    samples = set(range(0, count, max(1, count // CACHE_SAMPLES)))
+    samples.add(count - 1)
+    for index in sorted(samples):
+        if index < 0:
+            continue
+        start, end = known.starts[index], known.starts[index + 1]
+        f.seek(start)
+        data = f.read(end - start)
+        if message_end(data, 0)[0] != len(data) or \
+                hashlib.blake2b(data[:-2], digest_size=DIGEST_SIZE).digest() != known.digest(index):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
 
 def main(argv=None):
     """Run the POP3 server until Ctrl-C or SIGTERM."""
-    args = parse_args(argv)
-    run_on_one_cpu()
-    configure_logging("pop3")
-    server = Server(args)
-    try:
-        server.listen()
-    except OSError as exc:
-        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
-        return 1
-    serve_until_signalled(server)
-    return 0
+    return run_server(POP3Server, parse_args(argv), "pop3")
 
 
 if __name__ == "__main__":

@@ -991,7 +991,7 @@ class ShutdownTest(unittest.TestCase):
     def test_shutdown_waits_for_a_rewrite_in_progress(self):
         root = support.make_mail_root({"alice": PASSWORD})
         self.addCleanup(support.remove_mail_root, root)
-        server = pop_server.Server(pop_server.parse_args(["0", "--root", root]))
+        server = pop_server.POP3Server(pop_server.parse_args(["0", "--root", root]))
         inside, release, finished = threading.Event(), threading.Event(), []
 
         class SlowMailbox:

@@ -723,8 +723,8 @@ class MessageFormTest(unittest.TestCase):
         self.assertEqual(message, b"From: s@x\nTo: r@x\nSubject: a\nReceived: T\n  indented\nbody\n.\n")
 
     def test_message_size_counts_crlf_but_not_stuffing_dots(self):
-        self.assertEqual(mailserver_smtp.message_size(b"ab\n..\n...x\n"), len(b"ab\r\n.\r\n..x\r\n"))
-        self.assertEqual(mailserver_smtp.message_size(b""), 0)
+        self.assertEqual(mailserver_smtp.wire_size(b"ab\n..\n...x\n"), len(b"ab\r\n.\r\n..x\r\n"))
+        self.assertEqual(mailserver_smtp.wire_size(b""), 0)
 
     def test_parse_path(self):
         parse = mailserver_smtp.parse_path
