@@ -6,215 +6,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import unittest
 
-try:
-    from tests import support
-except ImportError:  # run from inside tests/
-    import support
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import support  # noqa: E402
+from support import (ALICE, ALICE_MAILBOX, BOB, LISTED_DATE, SENT, ClientTestCase, FakeServer,  # noqa: E402
+                     NoTopPOP3Server, StandardSMTPServer, client_command, closed_port, mail, run_client)
 
-ALICE = "alice\nwonderland\n"          # the start-up Username/Password answers
-BOB = "bob\nbuilder\n"
-SENT = "Mail sent successfully"
-INCORRECT = "This is an incorrect format"
-CLIENT_TIMEOUT = support.DEADLINE / 2
-LISTED_DATE = r"\d{4}-\d{2}-\d{2} : \d{2} : \d{2}"
+import mail_client  # noqa: E402
 
-# alice's mailbox for the management tests, in the stored format (contract section 1):
-# message 1 has the body lines "." and "..", stored byte-stuffed as ".." and "...".
-ALICE_MAILBOX = (
-    "From: bob@example.org\n"
-    "To: alice@example.org\n"
-    "Subject: Lunch on Friday\n"
-    "Received: 2026-11-27 : 12 : 30\n"
-    "Shall we meet at noon?\n"
-    "..\n"
-    "...\n"
-    ".\n"
-    "From: carol@example.com\n"
-    "To: alice@example.org\n"
-    "Subject: Exam results\n"
-    "Received: 2026-11-28 : 09 : 05\n"
-    "The results are ONLINE.\n"
-    "Best, Carol\n"
-    ".\n")
-
-
-class Result:
-    """What a finished client run printed."""
-
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
-        self.lines = stdout.splitlines()
-
-
-def client_command(smtp_port, pop_port, host="127.0.0.1", *extra):
-    """The command line of the client; a server that hangs shows up as the client's own error."""
-    return [sys.executable, support.CLIENT_SCRIPT, host,
-            "--smtp-port", str(smtp_port), "--pop-port", str(pop_port),
-            "--timeout", str(CLIENT_TIMEOUT)] + list(extra)
-
-
-def run_client(stdin, smtp_port, pop_port, host="127.0.0.1", *extra):
-    """Run mail_client.py with stdin as its whole input; return a Result."""
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    proc = subprocess.run(
-        client_command(smtp_port, pop_port, host, *extra),
-        input=stdin.encode("utf-8"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        timeout=support.DEADLINE, env=env, cwd=support.REPO)
-    return Result(proc.returncode, proc.stdout.decode("utf-8", "replace").replace("\r\n", "\n"),
-                  proc.stderr.decode("utf-8", "replace"))
-
-
-def closed_port():
-    """A loopback port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def mail(sender="alice@example.org", to="bob@example.org", subject="Lunch", body=("Hi Bob",)):
-    """The menu choice and typed lines of one mail, final '.' included."""
-    return "a\n" + "\n".join(["From: " + sender, "To: " + to, "Subject: " + subject]
-                             + list(body) + ["."]) + "\n"
-
-
-class ClientTestCase(unittest.TestCase):
-
-    def assertClean(self, result):
-        """The client ended by itself with exit code 0 and printed nothing on stderr."""
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertEqual(result.stderr, "", result.stdout)
-
-    def assertNoError(self, result):
-        self.assertNotIn("Error", result.stdout)
+INCORRECT = mail_client.INCORRECT_FORMAT
 
 
 # --------------------------------------------------------------------------
 # Small scripted servers, for what the real ones cannot show
 # --------------------------------------------------------------------------
-
-class FakeServer:
-    """A scripted server on a free loopback port that records every line it receives."""
-
-    def __init__(self):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(5)
-        self.port = self.listener.getsockname()[1]
-        self.received = []
-        self.stopping = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self):
-        while True:
-            conn, _ = self.listener.accept()
-            if self.stopping:
-                conn.close()
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        conn.settimeout(support.DEADLINE)
-        rfile = conn.makefile("rb")
-        try:
-            self.session(conn, rfile)
-        except OSError:
-            pass
-        finally:
-            rfile.close()
-            conn.close()
-
-    def readline(self, rfile):
-        """The next line from the client, recorded; None at EOF."""
-        raw = rfile.readline()
-        if not raw:
-            return None
-        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-        self.received.append(line)
-        return line
-
-    @staticmethod
-    def send(conn, *lines):
-        conn.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
-
-    def session(self, conn, rfile):
-        """Hang up at once: a server that vanishes."""
-
-    def close(self):
-        self.stopping = True
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:
-            pass
-        self.thread.join(support.DEADLINE)
-        self.listener.close()
-
-
-class StandardSMTPServer(FakeServer):
-    """Speaks only RFC 5321: answers 500 to MAIL_FROM:, like Postfix or aiosmtpd."""
-
-    def session(self, conn, rfile):
-        self.send(conn, "220 fake.example ESMTP")
-        while True:
-            line = self.readline(rfile)
-            if line is None:
-                return
-            verb = line.upper()
-            if verb.startswith("EHLO "):
-                self.send(conn, "250-fake.example", "250-8BITMIME", "250 SIZE 100000")
-            elif verb.startswith("HELO "):
-                self.send(conn, "250 fake.example")
-            elif verb.startswith("MAIL FROM:") or verb.startswith("RCPT TO:"):
-                self.send(conn, "250 2.1.0 Ok")
-            elif verb == "DATA":
-                self.send(conn, "354 End data with <CR><LF>.<CR><LF>")
-                while self.readline(rfile) not in (".", None):
-                    pass
-                self.send(conn, "250 2.0.0 Ok: queued")
-            elif verb == "QUIT":
-                self.send(conn, "221 2.0.0 Bye")
-                return
-            else:
-                self.send(conn, "500 5.5.2 Error: command not recognized")
-
-
-class NoTopPOP3Server(FakeServer):
-    """A minimal RFC 1939 server without the optional TOP command."""
-
-    def __init__(self, messages):
-        self.messages = messages  # lists of lines, not byte-stuffed
-        super().__init__()
-
-    def session(self, conn, rfile):
-        self.send(conn, "+OK fake POP3 ready")
-        sizes = [sum(len(line) + 2 for line in m) for m in self.messages]
-        while True:
-            line = self.readline(rfile)
-            if line is None:
-                return
-            words = line.split()
-            verb = words[0].upper() if words else ""
-            if verb in ("USER", "PASS", "NOOP", "RSET", "DELE"):
-                self.send(conn, "+OK")
-            elif verb == "STAT":
-                self.send(conn, "+OK %d %d" % (len(sizes), sum(sizes)))
-            elif verb == "LIST":
-                self.send(conn, "+OK", *["%d %d" % (i + 1, s) for i, s in enumerate(sizes)] + ["."])
-            elif verb == "RETR":
-                lines = self.messages[int(words[1]) - 1]
-                stuffed = ["." + l if l.startswith(".") else l for l in lines]
-                self.send(conn, "+OK message follows", *stuffed + ["."])
-            elif verb == "QUIT":
-                self.send(conn, "+OK fake POP3 says bye")
-                return
-            else:
-                self.send(conn, "-ERR unknown command")
-
 
 class VanishingPOP3Server(NoTopPOP3Server):
     """Hangs up on the second RETR (the first one reads the headers for the listing)."""
@@ -234,23 +40,14 @@ class VanishingPOP3Server(NoTopPOP3Server):
 # Mail Sending
 # --------------------------------------------------------------------------
 
-class SendingTests(ClientTestCase):
+class SendingTests(support.OneServerTestCase, ClientTestCase):
     """Mail Sending against the real SMTP server."""
 
     @classmethod
     def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        try:
-            cls.smtp = support.ServerProcess(support.SMTP_SCRIPT, cls.root)
-        except BaseException:
-            support.remove_mail_root(cls.root)
-            raise
+        super().setUpClass()
+        cls.smtp = cls.server
         cls.no_pop = closed_port()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.smtp.close()
-        support.remove_mail_root(cls.root)
 
     def send(self, text):
         return run_client(ALICE + text + "c\n", self.smtp.port, self.no_pop)
@@ -486,13 +283,8 @@ class UnreachableTests(ClientTestCase):
         self.assertIn("Error: the POP3 server 127.0.0.1 port %d did not answer in time" % server.port,
                       result.lines)
 
-    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    @support.skip_unless_ipv6
     def test_ipv6_address(self):
-        try:
-            with socket.socket(socket.AF_INET6) as probe:
-                probe.bind(("::1", 0))
-        except OSError:
-            self.skipTest("no IPv6 loopback")
         root = support.make_mail_root()
         self.addCleanup(support.remove_mail_root, root)
         smtp = support.ServerProcess(support.SMTP_SCRIPT, root, host="::1")
@@ -512,23 +304,16 @@ class UnreachableTests(ClientTestCase):
 # Mail Management
 # --------------------------------------------------------------------------
 
-class ManagementTests(ClientTestCase):
+class ManagementTests(support.OneServerTestCase, ClientTestCase):
     """Mail Management against the real POP3 server, on a freshly written mailbox each test."""
+
+    script = support.POP_SCRIPT
 
     @classmethod
     def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        try:
-            cls.pop = support.ServerProcess(support.POP_SCRIPT, cls.root)
-        except BaseException:
-            support.remove_mail_root(cls.root)
-            raise
+        super().setUpClass()
+        cls.pop = cls.server
         cls.no_smtp = closed_port()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.pop.close()
-        support.remove_mail_root(cls.root)
 
     def setUp(self):
         with open(support.mailbox_path(self.root, "alice"), "w", newline="\n") as f:
