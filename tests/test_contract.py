@@ -11,25 +11,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
-try:
-    from tests import support
-    from tests import test_client as client_helpers
-except ImportError:  # run from inside tests/
-    import support
-    import test_client as client_helpers
-
-wait_for = support.wait_for
-
-run_client = client_helpers.run_client
-closed_port = client_helpers.closed_port
-FakeServer = client_helpers.FakeServer
-NoTopPOP3Server = client_helpers.NoTopPOP3Server
-ALICE = client_helpers.ALICE
-SENT = client_helpers.SENT
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import support  # noqa: E402
+from support import (ALICE, ALICE_MAILBOX, BOB, LISTED_DATE, SENT, ClientTestCase,  # noqa: E402
+                     FakeSMTPServer, NoTopPOP3Server, StartedServer, client_command, closed_port, deliver,
+                     expect, mail, pop_can_login, pop_login, rcpt_code, reported_lines, run_client,
+                     smtp_session, wait_for)
 
 # The Received: stamp must be local time; run the SMTP server in a zone far from UTC
 # (POSIX TZ syntax, no tz database needed: "TST-13:45" is UTC+13:45).
@@ -44,90 +34,8 @@ def message_of(octets, dot_lines=0):
     stuffing dots), with dot_lines body lines that start with '.'; returned dot-stuffed for DATA."""
     message = b"Subject: size\r\n" + b"".join(b".%d\r\n" % i for i in range(dot_lines))
     message += b"x" * (octets - len(message) - 2) + b"\r\n"
-    assert len(message) == octets
+    expect(len(message) == octets, "%d octets, not %d" % (len(message), octets))
     return message.replace(b"\r\n.", b"\r\n..")
-
-
-# --------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------
-
-class StartedServer(support.ServerProcess):
-    """A ServerProcess whose command line, working directory and environment the test chooses.
-
-    support.ServerProcess always passes --root and starts in the root, so it cannot tell
-    whether the server honours the start directory or --root; this one can.
-    """
-
-    def __init__(self, script, cwd, *args, env=None, host="127.0.0.1"):
-        self.root = cwd
-        self.host = host
-        self.lines = []
-        self._changed = threading.Condition()
-        self.proc = subprocess.Popen(
-            [sys.executable, script, "0", "--host", host] + list(args),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=cwd, env=env)
-        threading.Thread(target=self._collect, daemon=True).start()
-        match = self.wait_for_output(support.LISTENING)
-        self.port = int(match.group(2))
-
-
-def smtp_session(server, timeout=support.DEADLINE):
-    """A raw SMTP client past the greeting and HELO."""
-    client = server.connect(timeout)
-    code, lines = client.reply()
-    assert code == 220, lines
-    code, lines = client.cmd("HELO contract.test")
-    assert code == 250, lines
-    return client
-
-
-def rcpt_code(server, address):
-    """The reply code RCPT TO gets for address in a fresh transaction."""
-    with smtp_session(server) as client:
-        assert client.cmd("MAIL FROM:<sender@example.org>")[0] == 250
-        return client.cmd("RCPT TO:<%s>" % address)[0]
-
-
-def deliver(server, body, sender="carol@example.org", recipients=("alice@example.org",)):
-    """One raw SMTP delivery of body (CRLF lines, already dot-stuffed); return the final code."""
-    with smtp_session(server) as client:
-        assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
-        for rcpt in recipients:
-            code, lines = client.cmd("RCPT TO:<%s>" % rcpt)
-            assert code == 250, lines
-        assert client.cmd("DATA")[0] == 354
-        client.send(body + b".\r\n")
-        code = client.reply()[0]
-        client.cmd("QUIT")
-        return code
-
-
-def pop_login(server, user, password):
-    """Log in over raw POP3; return (client, reply to PASS)."""
-    client = server.connect()
-    greeting = client.line()
-    assert greeting.startswith("+OK"), greeting
-    client.send("USER %s\r\n" % user)
-    client.line()
-    client.send("PASS %s\r\n" % password)
-    return client, client.line()
-
-
-def pop_can_login(server, user, password):
-    client, reply = pop_login(server, user, password)
-    with client:
-        if reply.startswith("+OK"):
-            client.send("QUIT\r\n")
-            client.line()
-            return True
-        return False
-
-
-def reported_lines(server):
-    """The userinfo.txt line numbers a server has reported as malformed, in order."""
-    return [int(n) for n in re.findall(r"userinfo\.txt line (\d+) ", server.output())]
 
 
 # --------------------------------------------------------------------------
@@ -220,10 +128,8 @@ class MailRootTest(unittest.TestCase):
                 client, reply = pop_login(pop, "alice", "wonderland")
                 with client:
                     self.assertTrue(reply.startswith("+OK"), reply)
-                    client.send("STAT\r\n")
-                    self.assertEqual(client.line().split()[:2], ["+OK", "2"])
-                    client.send("QUIT\r\n")
-                    client.line()
+                    self.assertEqual(client.cmd("STAT").split()[:2], ["+OK", "2"])
+                    client.cmd("QUIT")
 
     def test_login_and_password_are_separated_by_one_or_more_spaces_or_tabs(self):
         """'userinfo.txt: one user a line: LOGIN<one or more spaces or tabs>PASSWORD'."""
@@ -305,20 +211,11 @@ class MailRootTest(unittest.TestCase):
 # Sections 1 and 2: what the SMTP server stores, and serving clients at once
 # --------------------------------------------------------------------------
 
-class SMTPContractTest(unittest.TestCase):
+class SMTPContractTest(support.OneServerTestCase):
     """The SMTP server, run in a time zone far from UTC."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        env = dict(os.environ, TZ=FAR_ZONE)
-        cls.server = StartedServer(support.SMTP_SCRIPT, cls.root, "--root", cls.root,
-                                   "--max-size", str(SMALL_MAX), env=env)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        support.remove_mail_root(cls.root)
+    server_args = ("--max-size", str(SMALL_MAX))
+    server_env = dict(os.environ, TZ=FAR_ZONE)
 
     def setUp(self):
         support.remove_mailboxes(self.root)
@@ -506,14 +403,11 @@ class POPLockTest(unittest.TestCase):
             other, reply = pop_login(server, user, "wonderland")
             with other:
                 self.assertTrue(reply.startswith("-ERR"), reply)
-                holder.send("QUIT\r\n")
-                self.assertTrue(holder.line().startswith("+OK"))
+                self.assertTrue(holder.cmd("QUIT").startswith("+OK"))
                 # Refused because of the lock, not for any other reason: now it is free.
-                other.send("USER %s\r\nPASS wonderland\r\n" % user)
-                other.line()
-                self.assertTrue(other.line().startswith("+OK"))
-                other.send("QUIT\r\n")
-                other.line()
+                other.cmd("USER " + user)
+                self.assertTrue(other.cmd("PASS wonderland").startswith("+OK"))
+                other.cmd("QUIT")
 
     def test_second_session_with_the_login_in_another_case_is_locked(self):
         """A second session gets -ERR also when it spells the login in another case."""
@@ -524,20 +418,14 @@ class POPLockTest(unittest.TestCase):
         self.check_locked(self.second, "alice")
 
 
-class POPShutdownTest(unittest.TestCase):
+class POPShutdownTest(support.OneServerTestCase):
     """'Messages marked with DELE disappear only when the session ends with QUIT' -- not when the server stops."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        with open(support.mailbox_path(cls.root, "alice"), "wb") as f:
-            f.write(OUTSIDE_MESSAGE * 3)
-        cls.server = support.ServerProcess(support.POP_SCRIPT, cls.root)
+    script = support.POP_SCRIPT
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        support.remove_mail_root(cls.root)
+    def setUp(self):
+        with open(support.mailbox_path(self.root, "alice"), "wb") as f:
+            f.write(OUTSIDE_MESSAGE * 3)
 
     def test_marked_messages_stay_when_the_server_stops_mid_session(self):
         """DELE marks are dropped when the session ends without QUIT because the server is stopped."""
@@ -555,40 +443,10 @@ class POPShutdownTest(unittest.TestCase):
 # Section 4: the client
 # --------------------------------------------------------------------------
 
-class CourseSMTPServer(FakeServer):
-    """Speaks the contract's SMTP dialogue, records what it gets; answers mail_from_code to MAIL_FROM:."""
+class Refusing502SMTPServer(FakeSMTPServer):
+    """The contract's SMTP dialogue, but MAIL_FROM: (the course spelling) gets 502."""
 
-    mail_from_code = None   # None: accept MAIL_FROM: like the course server
-
-    def session(self, conn, rfile):
-        self.send(conn, "220 fake.test Service ready")
-        while True:
-            line = self.readline(rfile)
-            if line is None:
-                return
-            verb = line.upper()
-            if verb.startswith(("HELO ", "EHLO ")):
-                self.send(conn, "250 OK Hello")
-            elif verb.startswith("MAIL_FROM:") and self.mail_from_code:
-                self.send(conn, "%d Command not recognized" % self.mail_from_code)
-            elif verb.startswith(("MAIL_FROM:", "MAIL FROM:")):
-                self.send(conn, "250 Sender ok")
-            elif verb.startswith(("RCPT_TO:", "RCPT TO:")):
-                self.send(conn, "250 Recipient ok")
-            elif verb == "DATA":
-                self.send(conn, '354 Enter mail, end with "." on a line by itself')
-                while self.readline(rfile) not in (".", None):
-                    pass
-                self.send(conn, "250 OK Message accepted for delivery")
-            elif verb == "QUIT":
-                self.send(conn, "221 fake.test closing connection")
-                return
-            else:
-                self.send(conn, "500 Unknown command")
-
-
-class Refusing502SMTPServer(CourseSMTPServer):
-    mail_from_code = 502
+    REPLIES = dict(FakeSMTPServer.REPLIES, **{"MAIL_FROM:": ("502 Command not recognized",)})
 
 
 class HangUpOnWrongPassword(NoTopPOP3Server):
@@ -613,13 +471,12 @@ def verbs(lines):
         if in_data:
             in_data = line != "."
             continue
-        word = re.match(r"(MAIL_FROM:|RCPT_TO:|MAIL FROM:|RCPT TO:|\S*)", line).group(1).upper()
-        result.append(word)
-        in_data = word == "DATA"
+        result.append(support.command_word(line))
+        in_data = result[-1] == "DATA"
     return result
 
 
-class ClientContractTest(client_helpers.ClientTestCase):
+class ClientContractTest(ClientTestCase):
     """mail_client.py as a subprocess with piped input, against scripted servers."""
 
     @classmethod
@@ -634,9 +491,9 @@ class ClientContractTest(client_helpers.ClientTestCase):
 
     def test_good_mail_is_sent_with_helo_mail_from_rcpt_to_data_quit(self):
         """'A good one is sent with HELO, MAIL_FROM, RCPT_TO, DATA, QUIT and prints Mail sent successfully.'"""
-        server = CourseSMTPServer()
+        server = FakeSMTPServer()
         self.addCleanup(server.close)
-        result = run_client(ALICE + client_helpers.mail(to="bob@example.org, carol@example.com") + "c\n",
+        result = run_client(ALICE + mail(to="bob@example.org, carol@example.com") + "c\n",
                             server.port, self.no_port)
         self.assertClean(result)
         self.assertIn(SENT, result.lines)
@@ -649,7 +506,7 @@ class ClientContractTest(client_helpers.ClientTestCase):
         """'If a server answers 500/502 to MAIL_FROM: the client retries with MAIL FROM: / RCPT TO:.'"""
         server = Refusing502SMTPServer()
         self.addCleanup(server.close)
-        result = run_client(ALICE + client_helpers.mail() + "c\n", server.port, self.no_port)
+        result = run_client(ALICE + mail() + "c\n", server.port, self.no_port)
         self.assertClean(result)
         self.assertIn(SENT, result.lines)
         self.assertIn("MAIL FROM:<alice@example.org>", server.received)
@@ -676,18 +533,18 @@ class ClientContractTest(client_helpers.ClientTestCase):
         """'Default ports: SMTP 2525, POP3 1110.'"""
         host = "127.0.0.2"   # a loopback address of its own, so running servers on 2525/1110 do not matter
         try:
-            smtp = SMTPOnAddress(host, 2525)
+            smtp = FakeSMTPServer(host, 2525)
         except OSError as exc:
             self.skipTest("cannot listen on %s port 2525: %s" % (host, exc))
         self.addCleanup(smtp.close)
         try:
-            pop = POPOnAddress(host, 1110, [["From: bob@example.org", "Subject: Default", "x"]])
+            pop = NoTopPOP3Server([["From: bob@example.org", "Subject: Default", "x"]], host, 1110)
         except OSError as exc:
             self.skipTest("cannot listen on %s port 1110: %s" % (host, exc))
         self.addCleanup(pop.close)
         env = dict(os.environ, PYTHONIOENCODING="utf-8")
         proc = subprocess.run([sys.executable, support.CLIENT_SCRIPT, host, "--timeout", "5"],
-                              input=(ALICE + client_helpers.mail() + "b\nQUIT\n").encode(),
+                              input=(ALICE + mail() + "b\nQUIT\n").encode(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=support.DEADLINE, env=env, cwd=support.REPO)
         stdout = proc.stdout.decode("utf-8", "replace")
@@ -707,7 +564,7 @@ class ClientContractTest(client_helpers.ClientTestCase):
                    XDG_DATA_HOME=os.path.join(home, ".local"), PYTHONIOENCODING="utf-8",
                    PYTHONDONTWRITEBYTECODE="1")
         typed = "alice\n%s\nb\nSTAT\nQUIT\n" % password
-        proc = subprocess.run(client_helpers.client_command(self.no_port, self.pop.port),
+        proc = subprocess.run(client_command(self.no_port, self.pop.port),
                               input=typed.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=support.DEADLINE, env=env, cwd=home)
         self.assertEqual(proc.returncode, 0, proc.stderr)
@@ -744,7 +601,7 @@ class ClientContractTest(client_helpers.ClientTestCase):
         root = support.make_mail_root()
         self.addCleanup(support.remove_mail_root, root)
         with open(support.mailbox_path(root, "alice"), "w", newline="\n") as f:
-            f.write(client_helpers.ALICE_MAILBOX)
+            f.write(ALICE_MAILBOX)
         pop = support.ServerProcess(support.POP_SCRIPT, root)
         self.addCleanup(pop.close)
         result = run_client(ALICE + "b\nretr 1\ndele 1\nrset\ndele 2\nquit\na\n", self.no_port, pop.port)
@@ -756,7 +613,7 @@ class ClientContractTest(client_helpers.ClientTestCase):
         self.assertNotIn(b"Subject: Exam results\n", stored)        # dele 2 then quit removed it
 
 
-class ClientThroughServersTest(support.BothServersTestCase, client_helpers.ClientTestCase):
+class ClientThroughServersTest(support.BothServersTestCase, ClientTestCase):
     """A mail typed into mail_client.py, delivered by the real SMTP server, listed through the real POP3 server."""
 
     # Found by this file (04:35) and fixed in ea64315: the client sends the course format (no
@@ -765,57 +622,16 @@ class ClientThroughServersTest(support.BothServersTestCase, client_helpers.Clien
     def test_a_first_body_line_starting_with_blanks_stays_body(self):
         """Section 4.3: everything after Subject: is the body; section 1: stored as Subject, Received, body."""
         smtp, pop = self.servers
-        sent = run_client(ALICE + client_helpers.mail(subject="Lunch", body=["    Indented greeting", "second"])
+        sent = run_client(ALICE + mail(subject="Lunch", body=["    Indented greeting", "second"])
                           + "c\n", smtp.port, pop.port)
         self.assertClean(sent)
         self.assertIn(SENT, sent.lines)
-        listed = run_client(client_helpers.BOB + "b\nQUIT\n", smtp.port, pop.port)
+        listed = run_client(BOB + "b\nQUIT\n", smtp.port, pop.port)
         self.assertClean(listed)
         self.assertRegex(support.read_mailbox(self.root, "bob"),
                          rb"\AFrom: alice@example.org\nTo: bob@example.org\nSubject: Lunch\n"
                          rb"Received: [^\n]+\n    Indented greeting\nsecond\n\.\n\Z")
-        self.assertRegex(listed.stdout, r"\n\s*1  alice@example.org  %s  Lunch\n" % client_helpers.LISTED_DATE)
-
-
-class OnAddress:
-    """Mixin for the client_helpers fake servers: listen on a chosen address and port."""
-
-    def listen_on(self, host, port):
-        listener = socket.socket()
-        # Reuse lets a listener come back past TIME_WAIT left by an earlier run; a port
-        # another program listens on still cannot be bound.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((host, port))
-        except OSError:
-            listener.close()
-            raise
-        listener.listen(5)
-        self.listener, self.host, self.port = listener, host, port
-        self.received = []
-        self.stopping = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stopping = True
-        try:
-            socket.create_connection((self.host, self.port), timeout=1).close()
-        except OSError:
-            pass
-        self.thread.join(support.DEADLINE)
-        self.listener.close()
-
-
-class SMTPOnAddress(OnAddress, CourseSMTPServer):
-    def __init__(self, host, port):
-        self.listen_on(host, port)
-
-
-class POPOnAddress(OnAddress, NoTopPOP3Server):
-    def __init__(self, host, port, messages):
-        self.messages = messages
-        self.listen_on(host, port)
+        self.assertRegex(listed.stdout, r"\n\s*1  alice@example.org  %s  Lunch\n" % LISTED_DATE)
 
 
 if __name__ == "__main__":
