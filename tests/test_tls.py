@@ -2,17 +2,13 @@
 
 import os
 import poplib
-import ssl
 import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
-from test_client import ALICE, SENT, closed_port, mail, run_client  # noqa: E402
-
-TLS_CERT = os.path.join(support.REPO, "tests", "tls", "test-only-cert.pem")
-TLS_KEY = os.path.join(support.REPO, "tests", "tls", "test-only-key.pem")
-TLS_ARGS = ("--tls-cert", TLS_CERT, "--tls-key", TLS_KEY)
+from support import (ALICE, SENT, TLS_ARGS, TLS_CERT, client_tls_context, closed_port, mail,  # noqa: E402
+                     run_client)
 
 
 class ClientSMTPTLSTest(unittest.TestCase):
@@ -75,10 +71,6 @@ class ClientSMTPTLSTest(unittest.TestCase):
         self.assertNotIn("Traceback", result.stderr)
 
 
-def trusting_context():
-    return ssl.create_default_context(cafile=TLS_CERT)
-
-
 class POP3STLSTest(unittest.TestCase):
     """STLS (RFC 2595) in pop_server.py, with and without --require-tls."""
 
@@ -105,7 +97,7 @@ class POP3STLSTest(unittest.TestCase):
     def test_poplib_stls_then_login(self):
         pop = self.poplib_session(self.server)
         self.assertIn(b"STLS", [c.encode() for c in pop.capa()])
-        self.assertTrue(pop.stls(context=trusting_context()).startswith(b"+OK"))
+        self.assertTrue(pop.stls(context=client_tls_context()).startswith(b"+OK"))
         self.assertNotIn("STLS", pop.capa(), "not offered again inside TLS")
         pop.user("alice")
         pop.pass_("wonderland")
@@ -118,8 +110,7 @@ class POP3STLSTest(unittest.TestCase):
         self.assertTrue(client.line().startswith("+OK"))
         client.send("STLS\r\nUSER alice\r\n")
         self.assertTrue(client.line().startswith("+OK"))
-        tls = trusting_context().wrap_socket(client.sock, server_hostname="localhost")
-        client.sock, client.file = tls, tls.makefile("rb")
+        client.wrap_tls()
         client.send("PASS wonderland\r\n")
         self.assertTrue(client.line().startswith("-ERR"), "the USER sent before the handshake was dropped")
         client.send("STAT\r\n")
@@ -147,7 +138,7 @@ class POP3STLSTest(unittest.TestCase):
             pop.user("alice")
         with self.assertRaises(poplib.error_proto):
             pop.pass_("wonderland")
-        pop.stls(context=trusting_context())
+        pop.stls(context=client_tls_context())
         self.assertIn("USER", pop.capa())
         pop.user("alice")
         self.assertTrue(pop.pass_("wonderland").startswith(b"+OK"))
