@@ -4,7 +4,6 @@ import os
 import re
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -14,9 +13,9 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
-from support import read_mailbox, wait_for  # noqa: E402
+from support import (TLS_ARGS, client_tls_context, expect, read_mailbox, send_message,  # noqa: E402
+                     wait_for)
 
-sys.path.insert(0, support.REPO)
 import mailserver_smtp  # noqa: E402
 
 DOMAIN = "mail.test"
@@ -29,7 +28,7 @@ def stored_messages(root, login):
     data = read_mailbox(root, login)
     if not data:
         return []
-    assert data.endswith(b"\n.\n"), data[-40:]
+    expect(data.endswith(b"\n.\n"), "the mailbox does not end with a message: %r" % data[-40:])
     return [piece + b"\n" for piece in data[:-3].split(b"\n.\n")]
 
 
@@ -40,40 +39,19 @@ def unstuffed_body_lines(message):
     return [line[1:] if line.startswith(b".") else line for line in lines[start:]]
 
 
-class ServerTestCase(unittest.TestCase):
-    """Starts one SMTP server in a fresh mail root for the whole class."""
+class ServerTestCase(support.OneServerTestCase):
+    """Starts one SMTP server in a fresh mail root for the whole class; each test starts with empty mailboxes."""
 
     server_args = ("--domain", DOMAIN, "--max-size", str(MAX_SIZE))
-
-    @classmethod
-    def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        cls.server = support.ServerProcess(support.SMTP_SCRIPT, cls.root, *cls.server_args)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        support.remove_mail_root(cls.root)
 
     def setUp(self):
         support.remove_mailboxes(self.root)
 
     def connect(self, helo=True):
-        client = self.server.connect()
+        """A raw client past the 220 greeting and, when helo is true, HELO; closed after the test."""
+        client = support.smtp_session(self.server, "client.test" if helo else None)
         self.addCleanup(client.close)
-        self.assertEqual(client.reply()[0], 220)
-        if helo:
-            self.assertEqual(client.cmd("HELO client.test")[0], 250)
         return client
-
-    def send_message(self, client, body, sender="carol@example.org", recipients=("alice@example.org",)):
-        """Run MAIL/RCPT/DATA with raw CRLF body bytes (already dot-stuffed); return the final reply."""
-        self.assertEqual(client.cmd("MAIL FROM:<%s>" % sender)[0], 250)
-        for rcpt in recipients:
-            self.assertEqual(client.cmd("RCPT TO:<%s>" % rcpt)[0], 250)
-        self.assertEqual(client.cmd("DATA")[0], 354)
-        client.send(body + b".\r\n")
-        return client.reply()
 
 
 class ContractDialogueTest(ServerTestCase):
@@ -195,7 +173,7 @@ class ContractDialogueTest(ServerTestCase):
 
     def test_several_recipients_each_get_a_copy(self):
         client = self.connect()
-        reply = self.send_message(client, b"Subject: both\r\nhi\r\n",
+        reply = send_message(client, b"Subject: both\r\nhi\r\n",
                                   recipients=("alice@x.org", "bob@y.org", "ALICE@x.org"))
         self.assertEqual(reply[0], 250)
         [for_alice] = stored_messages(self.root, "alice")
@@ -224,7 +202,7 @@ class StorageTest(ServerTestCase):
     def test_stored_form_and_received_line_in_local_time(self):
         client = self.connect()
         before = time.localtime()
-        reply = self.send_message(client, b"From: carol@example.org\r\nTo: alice@example.org\r\n"
+        reply = send_message(client, b"From: carol@example.org\r\nTo: alice@example.org\r\n"
                                           b"Subject: Lunch\r\nbody line 1\r\nbody line 2\r\n")
         after = time.localtime()
         self.assertEqual(reply[0], 250)
@@ -254,14 +232,14 @@ class StorageTest(ServerTestCase):
 
     def test_received_ends_the_header_block_when_there_is_no_subject(self):
         client = self.connect()
-        self.send_message(client, b"From: c@x.org\r\nTo: alice@x.org\r\nX-Tag: 1\r\n\r\nBody\r\n")
+        send_message(client, b"From: c@x.org\r\nTo: alice@x.org\r\nX-Tag: 1\r\n\r\nBody\r\n")
         [message] = stored_messages(self.root, "alice")
         self.assertRegex(message, rb"\AFrom: c@x.org\nTo: alice@x.org\nX-Tag: 1\n(Subject: ?\n)?"
                                   rb"Received: [^\n]+\n\nBody\n\Z")
 
     def test_missing_headers_come_from_the_envelope(self):
         client = self.connect()
-        self.send_message(client, b"just a body\r\n", sender="carol@example.org",
+        send_message(client, b"just a body\r\n", sender="carol@example.org",
                           recipients=("alice@example.org", "bob@example.org"))
         [message] = stored_messages(self.root, "alice")
         self.assertRegex(message, rb"\AFrom: carol@example.org\nTo: alice@example.org, bob@example.org\n"
@@ -280,7 +258,7 @@ class StorageTest(ServerTestCase):
     def test_eight_bit_body_is_kept_byte_for_byte(self):
         body = bytes(range(128, 256)) + b" \xff\xfe invalid utf-8 \xc3\x28 and \xe2\x82\xac"
         client = self.connect()
-        self.assertEqual(self.send_message(client, b"Subject: bytes\r\n" + body + b"\r\n")[0], 250)
+        self.assertEqual(send_message(client, b"Subject: bytes\r\n" + body + b"\r\n")[0], 250)
         [message] = stored_messages(self.root, "alice")
         self.assertEqual(unstuffed_body_lines(message), [body])
 
@@ -324,7 +302,7 @@ class StorageTest(ServerTestCase):
         client.close()
         # A later delivery on another connection proves the server has moved on.
         other = self.connect()
-        self.send_message(other, b"Subject: " + marker.encode() + b"\r\nwhole\r\n")
+        send_message(other, b"Subject: " + marker.encode() + b"\r\nwhole\r\n")
         wait_for(lambda: self.server.output().count("closed") >= 1)
         [message] = stored_messages(self.root, "alice")
         self.assertIn(marker.encode(), message)
@@ -334,7 +312,7 @@ class StorageTest(ServerTestCase):
         with open(support.mailbox_path(self.root, "alice"), "wb") as f:
             f.write(b"From: a@x.org\nTo: alice@x.org\nSubject: torn\nReceived: 2026-01-01 : 00 : 00\nhalf")
         client = self.connect()
-        self.assertEqual(self.send_message(client, b"Subject: next\r\nwhole\r\n")[0], 250)
+        self.assertEqual(send_message(client, b"Subject: next\r\nwhole\r\n")[0], 250)
         first, second = stored_messages(self.root, "alice")
         self.assertTrue(first.endswith(b"\nhalf\n"))
         self.assertTrue(second.startswith(b"From: carol@example.org\n"))
@@ -343,7 +321,7 @@ class StorageTest(ServerTestCase):
         os.mkdir(support.mailbox_path(self.root, "bob"))     # bob's mailbox cannot be written
         self.addCleanup(os.rmdir, support.mailbox_path(self.root, "bob"))
         client = self.connect()
-        reply = self.send_message(client, b"Subject: both\r\nx\r\n", recipients=("alice@x.org", "bob@x.org"))
+        reply = send_message(client, b"Subject: both\r\nx\r\n", recipients=("alice@x.org", "bob@x.org"))
         self.assertEqual(reply[0], 451)
         self.assertEqual(read_mailbox(self.root, "alice"), b"")
         self.assertEqual(client.cmd("NOOP")[0], 250)
@@ -363,7 +341,7 @@ class ConcurrencyTest(ServerTestCase):
                     for n in range(25):
                         tag = b"w%02d-m%02d" % (worker, n)
                         lines = b"".join(b"%s line %d\r\n" % (tag, i) for i in range(20))
-                        reply = self.send_message(client, b"Subject: " + tag + b"\r\n" + lines)
+                        reply = send_message(client, b"Subject: " + tag + b"\r\n" + lines)
                         if reply[0] != 250:
                             errors.append(reply)
             except Exception as exc:      # reported below, in the main thread
@@ -404,9 +382,8 @@ class UsersAndPathsTest(ServerTestCase):
         support.remove_mail_root(cls.outer)
 
     def rcpt(self, address):
-        client = self.connect()
-        self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 250)
-        return client.cmd("RCPT TO:<%s>" % address)[0]
+        """The reply code RCPT TO:<address> gets in a fresh transaction."""
+        return support.rcpt_code(self.server, address)
 
     def test_crafted_addresses_never_leave_the_mail_root(self):
         crafted = ["../alice@x.org", "..@x.org", ".@x.org", "alice/../bob@x.org", "/etc/passwd@x.org",
@@ -435,7 +412,7 @@ class UsersAndPathsTest(ServerTestCase):
         os.mkdir(os.path.join(self.root, "carol"))
         wait_for(lambda: self.rcpt("carol@x.org") == 250)
         self.server.wait_for_output(r"userinfo\.txt line 8 ")
-        self.assertEqual(re.findall(r"userinfo\.txt line (\d+) ", self.server.output()), ["7", "8"],
+        self.assertEqual(support.reported_lines(self.server), [7, 8],
                          "each malformed line is reported once, with its number")
         self.assertEqual(self.rcpt("alice@x.org"), 250, "well-formed lines still count")
 
@@ -456,15 +433,15 @@ class LimitsTest(ServerTestCase):
 
     def test_too_long_text_line_gets_500_and_nothing_is_stored(self):
         client = self.connect()
-        reply = self.send_message(client, b"Subject: long\r\n" + b"z" * 1200 + b"\r\n")
+        reply = send_message(client, b"Subject: long\r\n" + b"z" * 1200 + b"\r\n")
         self.assertEqual(reply[0], 500)
         self.assertEqual(read_mailbox(self.root, "alice"), b"")
-        self.assertEqual(self.send_message(client, b"Subject: ok\r\n" + b"z" * 998 + b"\r\n")[0], 250)
+        self.assertEqual(send_message(client, b"Subject: ok\r\n" + b"z" * 998 + b"\r\n")[0], 250)
 
     def test_a_message_over_the_size_limit_gets_552_and_is_not_stored(self):
         client = self.connect()
         big = (b"y" * 70 + b"\r\n") * (MAX_SIZE // 72 + 10)
-        self.assertEqual(self.send_message(client, big)[0], 552)
+        self.assertEqual(send_message(client, big)[0], 552)
         self.assertEqual(read_mailbox(self.root, "alice"), b"")
         self.assertEqual(client.cmd("MAIL FROM:<a@x.org> SIZE=%d" % (MAX_SIZE + 1))[0], 552)
         self.assertEqual(client.cmd("MAIL FROM:<a@x.org> SIZE=100")[0], 250)
@@ -588,14 +565,8 @@ class ConfiguredServerTest(unittest.TestCase):
         self.assertEqual(len(re.findall(r"delivered \d+ bytes from <a@x.org> to", output)), 2)
         self.assertNotIn("MAIL", output.upper().replace("MAILROOT", ""))
 
+    @support.skip_unless_ipv6
     def test_ipv6_loopback(self):
-        if not socket.has_ipv6:
-            self.skipTest("no IPv6")
-        try:
-            with socket.socket(socket.AF_INET6) as probe:
-                probe.bind(("::1", 0))
-        except OSError:
-            self.skipTest("no IPv6 loopback here")
         server, root = self.start(host="::1")
         smtp = smtplib.SMTP("::1", server.port, timeout=support.DEADLINE)
         smtp.sendmail("a@x.org", ["alice@x.org"], b"Subject: six\r\n\r\nhi\r\n")
@@ -626,18 +597,10 @@ class ConfiguredServerTest(unittest.TestCase):
         self.assertNotIn("Traceback", result.stderr)
 
 
-TLS_CERT = os.path.join(support.REPO, "tests", "tls", "test-only-cert.pem")
-TLS_KEY = os.path.join(support.REPO, "tests", "tls", "test-only-key.pem")
-
-
-def client_tls_context():
-    return ssl.create_default_context(cafile=TLS_CERT)
-
-
 class StartTLSTest(ServerTestCase):
     """STARTTLS (RFC 3207) with --tls-cert/--tls-key."""
 
-    server_args = ServerTestCase.server_args + ("--tls-cert", TLS_CERT, "--tls-key", TLS_KEY)
+    server_args = ServerTestCase.server_args + TLS_ARGS
 
     def test_smtplib_delivers_over_starttls(self):
         smtp = smtplib.SMTP("127.0.0.1", self.server.port, timeout=support.DEADLINE)
@@ -652,17 +615,12 @@ class StartTLSTest(ServerTestCase):
         smtp.quit()
         self.assertIn(b"hidden\n", read_mailbox(self.root, "alice"))
 
-    def handshake(self, client):
-        tls = client_tls_context().wrap_socket(client.sock, server_hostname="localhost")
-        client.sock, client.file = tls, tls.makefile("rb")
-        return client
-
     def test_commands_pipelined_behind_starttls_are_never_executed(self):
         client = self.connect(helo=False)
         client.cmd("EHLO x")
         client.send("STARTTLS\r\nMAIL FROM:<evil@x.org>\r\nRCPT TO:<alice@x.org>\r\n")
         self.assertEqual(client.reply()[0], 220)
-        self.handshake(client)
+        client.wrap_tls()
         self.assertEqual(client.cmd("MAIL FROM:<a@x.org>")[0], 503, "state is reset: EHLO first")
         self.assertEqual(client.cmd("EHLO again")[0], 250)
         self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 503, "the injected MAIL never ran")
