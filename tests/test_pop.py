@@ -4,16 +4,18 @@ import os
 import poplib
 import re
 import smtplib
-import socket
+import sys
 import threading
 import time
 import types
 import unittest
 
-from tests import support
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import support  # noqa: E402
+from support import PopClient  # noqa: E402
 
-import mailserver_smtp
-import pop_server
+import mailserver_smtp  # noqa: E402
+import pop_server  # noqa: E402
 
 PASSWORD = "open-Sesame_42"   # mixed case: passwords are compared exactly
 RECEIVED = "Received: 2026-11-28 : 14 : 05"
@@ -55,76 +57,17 @@ def append_delivered(root, login, data):
             os.fsync(f.fileno())
 
 
-class Pop:
-    """A raw POP3 client reading exact bytes, for protocol tests."""
-
-    def __init__(self, server, user=None, password=PASSWORD):
-        self.client = server.connect()
-        self.greeting = self.line()
-        if user is not None:
-            assert self.cmd("USER " + user).startswith("+OK")
-            reply = self.cmd("PASS " + password)
-            assert reply.startswith("+OK"), reply
-
-    def raw_line(self):
-        raw = self.client.file.readline()
-        if not raw:
-            raise EOFError("server closed the connection")
-        return raw
-
-    def line(self):
-        return self.raw_line().rstrip(b"\r\n").decode("utf-8", "replace")
-
-    def cmd(self, text):
-        self.client.send(text if isinstance(text, bytes) else text + "\r\n")
-        return self.line()
-
-    def body(self):
-        """The raw lines of a multi-line reply, up to and including '.\\r\\n', joined."""
-        lines = []
-        while True:
-            lines.append(self.raw_line())
-            if lines[-1] == b".\r\n":
-                return b"".join(lines)
-
-    def multi(self, text):
-        """Send a command with a multi-line answer; return (first line, body bytes)."""
-        first = self.cmd(text)
-        return first, (self.body() if first.startswith("+OK") else None)
-
-    def closed(self):
-        return self.client.closed()
-
-    def close(self):
-        self.client.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class MailRootCase(unittest.TestCase):
+class MailRootCase(support.OneServerTestCase):
     """A mail root and one POP3 server for a whole TestCase class; fresh users per test."""
 
-    server_args = ()
-
-    @classmethod
-    def setUpClass(cls):
-        cls.root = support.make_mail_root({})
-        cls.users = 0
-        cls.server = support.ServerProcess(support.POP_SCRIPT, cls.root, *cls.server_args)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        support.remove_mail_root(cls.root)
+    script = support.POP_SCRIPT
+    users = {}          # each test adds its own with new_user
+    added = 0
 
     def new_user(self, content=None, password=PASSWORD):
         """Add a user (with a mailbox holding content, when given) and return its login."""
-        type(self).users += 1
-        login = "user%d" % type(self).users
+        type(self).added += 1
+        login = "user%d" % type(self).added
         os.mkdir(os.path.join(self.root, login))
         if content is not None:
             with open(support.mailbox_path(self.root, login), "wb") as f:
@@ -137,14 +80,14 @@ class MailRootCase(unittest.TestCase):
         return support.read_mailbox(self.root, login)
 
     def login(self, login, password=PASSWORD):
-        return Pop(self.server, login, password)
+        """A raw client logged in as login (AssertionError unless the login succeeds)."""
+        return PopClient(self.server, login, password)
 
     def wait_unlocked(self, login):
         """Wait until a new session of login can start (the old one has ended), then end it."""
         def free():
-            with Pop(self.server) as pop:
-                pop.cmd("USER " + login)
-                reply = pop.cmd("PASS " + PASSWORD)
+            pop, reply = support.pop_login(self.server, login, PASSWORD)
+            with pop:
                 if reply.startswith("+OK"):
                     pop.cmd("QUIT")
                     return True
@@ -172,12 +115,12 @@ class DialogueTest(MailRootCase):
     server_args = ("--verbose",)
 
     def test_greeting(self):
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             self.assertEqual(pop.greeting, "+OK POP3 server is ready")
 
     def test_user_pass_then_stat_counts_every_message(self):
         login = self.new_user(b"".join(MESSAGES))
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             self.assertTrue(pop.cmd("USER " + login).startswith("+OK"))
             self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("+OK"))
             self.assertEqual(pop.cmd("STAT"), "+OK %d %d" % (
@@ -185,7 +128,7 @@ class DialogueTest(MailRootCase):
 
     def test_wrong_password_then_user_may_be_tried_again(self):
         login = self.new_user(MESSAGES[0])
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             pop.cmd("USER " + login)
             self.assertTrue(pop.cmd("PASS wrong").startswith("-ERR"))
             self.assertTrue(pop.cmd("STAT").startswith("-ERR"))
@@ -197,7 +140,7 @@ class DialogueTest(MailRootCase):
         login = self.new_user()
         replies = []
         for user, password in ((login, "wrong"), ("nosuchuser", PASSWORD), ("../etc", PASSWORD)):
-            with Pop(self.server) as pop:
+            with PopClient(self.server) as pop:
                 replies.append((pop.cmd("USER " + user), pop.cmd("PASS " + password)))
         self.assertEqual(len(set(replies)), 1, replies)
         self.assertTrue(replies[0][0].startswith("+OK"))
@@ -205,7 +148,7 @@ class DialogueTest(MailRootCase):
 
     def test_user_name_is_case_insensitive_and_password_exact(self):
         login = self.new_user()
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             pop.cmd("USER " + login.upper())
             self.assertTrue(pop.cmd("PASS " + PASSWORD.upper()).startswith("-ERR"))
             pop.cmd("USER " + login.upper())
@@ -213,19 +156,19 @@ class DialogueTest(MailRootCase):
 
     def test_password_is_the_rest_of_the_pass_line(self):
         login = self.new_user(password="two words")
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             pop.cmd("USER " + login)
             self.assertTrue(pop.cmd("PASS two").startswith("-ERR"))
             pop.cmd("USER " + login)
             self.assertTrue(pop.cmd("PASS two words").startswith("+OK"))
 
     def test_pass_before_user_is_refused(self):
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             self.assertTrue(pop.cmd("PASS " + PASSWORD).startswith("-ERR"))
 
     def test_commands_before_login_get_err(self):
         login = self.new_user(MESSAGES[0])
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             for command in ("STAT", "LIST", "LIST 1", "RETR 1", "DELE 1", "RSET", "NOOP",
                             "TOP 1 0", "UIDL", "UIDL 1"):
                 self.assertTrue(pop.cmd(command).startswith("-ERR"), command)
@@ -235,7 +178,7 @@ class DialogueTest(MailRootCase):
         self.assertEqual(self.mailbox(login), MESSAGES[0])
 
     def test_quit_before_login_says_goodbye_and_closes(self):
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
             self.assertTrue(pop.closed())
 
@@ -354,7 +297,7 @@ class DialogueTest(MailRootCase):
 
     def test_commands_are_case_insensitive(self):
         login = self.new_user(MESSAGES[0])
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             self.assertTrue(pop.cmd("user " + login).startswith("+OK"))
             self.assertTrue(pop.cmd("Pass " + PASSWORD).startswith("+OK"))
             self.assertEqual(pop.cmd("stat"), "+OK 1 %d" % octets(MESSAGES[0]))
@@ -362,7 +305,7 @@ class DialogueTest(MailRootCase):
     def test_second_session_of_a_user_gets_in_use_at_once(self):
         login = self.new_user(MESSAGES[0])
         with self.login(login) as first:
-            with Pop(self.server) as second:
+            with PopClient(self.server) as second:
                 second.cmd("USER " + login)
                 started = time.monotonic()
                 reply = second.cmd("PASS " + PASSWORD)
@@ -380,7 +323,7 @@ class DialogueTest(MailRootCase):
         pop = self.login(login)
         try:
             for _ in range(30):
-                successor = Pop(self.server)
+                successor = PopClient(self.server)
                 successor.cmd("USER " + login)
                 self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
                 pop.close()
@@ -455,7 +398,7 @@ class ExtensionTest(MailRootCase):
 
     def test_capa_in_both_states(self):
         login = self.new_user()
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             for _ in range(2):
                 first, body = pop.multi("CAPA")
                 self.assertTrue(first.startswith("+OK"))
@@ -540,10 +483,10 @@ class ExtensionTest(MailRootCase):
 
     def test_pipelined_commands_are_answered_in_order(self):
         login = self.new_user(b"".join(MESSAGES))
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             commands = ["USER " + login, "PASS " + PASSWORD, "STAT", "LIST 2", "RETR 1",
                         "BOGUS", "DELE 1", "NOOP", "RETR 1", "QUIT"]
-            pop.client.send("".join(c + "\r\n" for c in commands))
+            pop.send("".join(c + "\r\n" for c in commands))
             self.assertTrue(pop.line().startswith("+OK"))
             self.assertTrue(pop.line().startswith("+OK"))
             self.assertTrue(pop.line().startswith("+OK %d " % len(MESSAGES)))
@@ -601,15 +544,15 @@ class BadInputTest(MailRootCase):
 
     def test_bare_lf_line_ends_work(self):
         login = self.new_user(MESSAGES[0])
-        with Pop(self.server) as pop:
-            pop.client.send("USER %s\nPASS %s\nSTAT\n" % (login, PASSWORD))
+        with PopClient(self.server) as pop:
+            pop.send("USER %s\nPASS %s\nSTAT\n" % (login, PASSWORD))
             self.assertTrue(pop.line().startswith("+OK"))
             self.assertTrue(pop.line().startswith("+OK"))
             self.assertEqual(pop.line(), "+OK 1 %d" % octets(MESSAGES[0]))
 
     def test_repeated_failed_logins_are_slowed_down_then_closed(self):
         login = self.new_user()
-        with Pop(self.server) as pop:
+        with PopClient(self.server) as pop:
             started = time.monotonic()
             replies = []
             for _ in range(10):
@@ -628,8 +571,8 @@ class BadInputTest(MailRootCase):
         login = self.new_user(MESSAGES[0])
         for data in (b"USER " + login.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\nRETR",
                      b"\xff" * 1000, b"USER x"):
-            with Pop(self.server) as pop:
-                pop.client.send(data)
+            with PopClient(self.server) as pop:
+                pop.send(data)
         self.wait_unlocked(login)
         with self.login(login) as pop:
             self.assertEqual(pop.multi("RETR 1")[1], wire(MESSAGES[0]))
@@ -659,7 +602,7 @@ class ConnectionLimitTest(MailRootCase):
     server_args = ("--max-connections", "3")
 
     def test_one_connection_too_many_gets_sys_temp_and_is_closed(self):
-        clients = [Pop(self.server) for _ in range(3)]
+        clients = [PopClient(self.server) for _ in range(3)]
         try:
             extra = self.server.connect()
             self.assertRegex(extra.line(), r"^-ERR \[SYS/TEMP\]")
@@ -670,7 +613,7 @@ class ConnectionLimitTest(MailRootCase):
                 pop.close()
         # Slots come back once the sessions end.
         def served():
-            with Pop(self.server) as pop:
+            with PopClient(self.server) as pop:
                 return pop.greeting.startswith("+OK")
         support.wait_for(lambda: self._try(served))
 
@@ -708,33 +651,29 @@ class ProcessTest(unittest.TestCase):
         with open(support.mailbox_path(self.root, "alice"), "wb") as f:
             f.write(content)
         server = self.start()
-        pop = Pop(server, "alice")
+        pop = PopClient(server, "alice", PASSWORD)
         pop.cmd("DELE 1")
         pop.cmd("DELE 2")
         server.kill()
         pop.close()
         again = self.start()
-        with Pop(again, "alice") as pop:       # asserts the login is accepted at once
+        with PopClient(again, "alice", PASSWORD) as pop:       # asserts the login is accepted at once
             self.assertEqual(pop.cmd("STAT").split()[1], str(len(MESSAGES)))
         self.assertEqual(support.read_mailbox(self.root, "alice"), content)
 
     def test_sigterm_exits_cleanly(self):
         server = self.start()
-        pop = Pop(server, "alice")
+        pop = PopClient(server, "alice", PASSWORD)
         self.assertEqual(server.terminate(), 0)
         pop.close()
         self.assertIn("listening on 127.0.0.1 port %d" % server.port, server.output())
         self.assertNotIn("Traceback", server.output())
 
+    @support.skip_unless_ipv6
     def test_ipv6_loopback(self):
-        try:
-            with socket.socket(socket.AF_INET6) as probe:
-                probe.bind(("::1", 0))
-        except OSError:
-            self.skipTest("no IPv6 loopback here")
         server = self.start(host="::1")
         self.assertIn("listening on ::1 port", server.output())
-        with Pop(server, "alice") as pop:
+        with PopClient(server, "alice", PASSWORD) as pop:
             self.assertEqual(pop.cmd("STAT"), "+OK 0 0")
 
     def test_help_and_bad_arguments(self):
