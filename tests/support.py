@@ -373,6 +373,14 @@ def rcpt_code(server, address):
         return client.cmd("RCPT TO:<%s>" % address)[0]
 
 
+def data_code_after(server, address):
+    """The reply code DATA gets after RCPT TO:<address>, whatever RCPT got (354 only if address was taken)."""
+    with smtp_session(server) as client:
+        client.cmd_expecting("MAIL FROM:<sender@example.org>", 250)
+        client.cmd("RCPT TO:<%s>" % address)
+        return client.cmd("DATA")[0]
+
+
 class PopClient:
     """A raw POP3 client reading exact bytes, for protocol tests; logs in at once when given a user."""
 
