@@ -57,6 +57,7 @@ USERINFO = (
     b"frank\tfr\n"                     # 11 a single tab; after malformed lines: they were skipped
 )
 MALFORMED = [7, 8, 9, 10]
+NOT_DOT_STRINGS = ("..@example.org", "../victim@example.org")   # RFC 5321 4.1.2: no leading or double dot
 OUTSIDE_MESSAGE = (b"From: x@example.org\nTo: y@example.org\nSubject: outside\n"
                    b"Received: 2026-01-01 : 00 : 00\nnot yours\n.\n")
 
@@ -165,8 +166,8 @@ class MailRootTest(unittest.TestCase):
                 self.assertEqual(rcpt_code(smtp, "dave@example.org"), 550, "folder but no line")
                 self.assertEqual(rcpt_code(smtp, "bob@example.org"), 250, "line and folder")
                 with smtp_session(smtp) as client:
-                    self.assertEqual(client.cmd("VRFY erin")[1][0][:1], "5", "VRFY agrees: erin is no user")
-                    self.assertEqual(client.cmd("VRFY dave")[1][0][:1], "5", "VRFY agrees: dave is no user")
+                    self.assertEqual(client.cmd("VRFY erin")[0], 550, "VRFY agrees: erin is no user")
+                    self.assertEqual(client.cmd("VRFY dave")[0], 550, "VRFY agrees: dave is no user")
                     self.assertEqual(client.cmd("VRFY carol")[0], 250)
         for how, pop in self.both_pop():
             with self.subTest(pop=how):
@@ -194,8 +195,10 @@ class MailRootTest(unittest.TestCase):
         parent_box = os.path.join(self.outer, "my_mailbox")
         for how, smtp in self.both_smtp():
             with self.subTest(smtp=how):
-                for address in ("..@example.org", "../victim@example.org", "victim@example.org"):
-                    self.assertIn(rcpt_code(smtp, address), (501, 550), address)
+                self.assertEqual(rcpt_code(smtp, "victim@example.org"), 550, "a plain name, but no user")
+                # Which code the two malformed addresses get: the next test; here, that they are refused.
+                for address in NOT_DOT_STRINGS:
+                    self.assertEqual(support.data_code_after(smtp, address), 503, address)
         for how, pop in self.both_pop():
             with self.subTest(pop=how):
                 for login in ("..", "../victim", "victim"):
@@ -205,6 +208,15 @@ class MailRootTest(unittest.TestCase):
                 self.assertEqual(f.read(), OUTSIDE_MESSAGE, path)
         self.assertEqual(sorted(os.listdir(self.outer)), ["elsewhere", "my_mailbox", "root", "victim"])
         self.assertEqual(sorted(os.listdir(os.path.join(self.outer, "victim"))), ["my_mailbox"])
+
+    # Server bug: parse_path refuses only some characters, so these are looked up as logins
+    # and answered "550 No such user".
+    @unittest.expectedFailure
+    def test_an_address_whose_local_part_is_no_dot_string_gets_501(self):
+        """Section 2 'bad syntax 501': '..' and '../victim' are no RFC 5321 Dot-string, so no address."""
+        for how, smtp in self.both_smtp():
+            for address in NOT_DOT_STRINGS:
+                self.assertEqual(rcpt_code(smtp, address), 501, "%s (%s)" % (address, how))
 
 
 # --------------------------------------------------------------------------
@@ -316,9 +328,10 @@ class SMTPContractTest(support.OneServerTestCase):
             client = self.server.connect(timeout=2)
             self.addCleanup(client.close)
             self.assertEqual(client.reply()[0], 220)
-            for command in (b"HELO t", b"MAIL FROM:<carol@example.org>", b"RCPT TO:<alice@example.org>", b"DATA"):
+            for command, code in ((b"HELO t", 250), (b"MAIL FROM:<carol@example.org>", 250),
+                                  (b"RCPT TO:<alice@example.org>", 250), (b"DATA", 354)):
                 client.send(command + eol)
-                self.assertIn(client.reply()[0], (250, 354))
+                self.assertEqual(client.reply()[0], code, command)
             client.send(b"." + eol)
             sessions.append((eol, client))
         deadline = time.monotonic() + 2
@@ -329,25 +342,22 @@ class SMTPContractTest(support.OneServerTestCase):
                     code = client.reply()[0]
                 except socket.timeout:
                     self.fail("no reply to the lone '.' line")
-                self.assertTrue(code == 250 or 500 <= code < 600, code)
+                self.assertEqual(code, 250, "an empty message, stored (see the next test)")
                 client.sock.settimeout(support.DEADLINE)
                 client.send(b"NOOP" + eol)
                 self.assertEqual(client.reply()[0], 250, "the session goes on")
 
-    def test_an_empty_message_is_stored_with_a_body_line_or_refused(self):
+    def test_an_empty_message_is_stored_with_one_empty_body_line(self):
         """Section 1: each message is stored as From, To, Subject, Received, '<body: one or more lines>', '.'."""
         with smtp_session(self.server) as client:
             self.assertEqual(client.cmd("MAIL FROM:<carol@example.org>")[0], 250)
             self.assertEqual(client.cmd("RCPT TO:<alice@example.org>")[0], 250)
             client.send(b"DATA\n.\n")
             self.assertEqual(client.reply()[0], 354)
-            code = client.reply()[0]
-            self.assertTrue(code == 250 or 500 <= code < 600, code)
+            self.assertEqual(client.reply()[0], 250)
             self.assertEqual(client.cmd("NOOP")[0], 250)
-        if code == 250:
-            self.assertRegex(self.mailbox(), rb"\nReceived: [^\n]*\n[^\n]*\n\.\n\Z")
-        else:
-            self.assertEqual(self.mailbox(), b"")
+        self.assertRegex(self.mailbox(), rb"\AFrom: carol@example.org\nTo: alice@example.org\nSubject: \n"
+                                         rb"Received: [^\n]+\n\n\.\n\Z")
 
     def test_clients_are_served_at_once_not_one_after_another(self):
         """'Thread per connection, many clients at once.'"""
