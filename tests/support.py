@@ -1,4 +1,4 @@
-"""Shared test helpers: mail roots, real server processes, raw SMTP/POP3 clients, scripted servers, the client."""
+"""Shared test helpers: mail roots, real servers, raw SMTP/POP3 clients, scripted servers, the client runner."""
 
 import os
 import re
@@ -264,7 +264,7 @@ def reported_lines(server):
 # --------------------------------------------------------------------------
 
 class LineClient:
-    """A raw TCP client that sends bytes and reads CRLF lines: the raw SMTP client, and what PopClient reads with."""
+    """A raw TCP client that sends bytes and reads CRLF lines: the raw SMTP client, and PopClient's reader."""
 
     def __init__(self, host, port, timeout=DEADLINE):
         self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -626,12 +626,12 @@ SMTP_COMMAND = re.compile(r"(MAIL_FROM:|RCPT_TO:|MAIL FROM:|RCPT TO:|\S*)", re.I
 
 
 def command_word(line):
-    """The SMTP command of a line in upper case; MAIL_FROM:, RCPT_TO:, MAIL FROM:, RCPT TO: count as one word."""
+    """A line's SMTP command in upper case; MAIL_FROM:, RCPT_TO:, MAIL FROM:, RCPT TO: are one word each."""
     return SMTP_COMMAND.match(line).group(1).upper()
 
 
 class FakeSMTPServer(FakeServer):
-    """Speaks the contract's SMTP dialogue (section 2) and records every line; REPLIES says what each command gets."""
+    """Speaks the contract's SMTP dialogue (section 2), recording every line; REPLIES: what each command gets."""
 
     # Keys in lower case are events, not commands (command words are upper case).
     REPLIES = {

@@ -14,6 +14,7 @@ from support import (ALICE, ALICE_MAILBOX, BOB, LISTED_DATE, SENT, ClientTestCas
                      NoTopPOP3Server, StandardSMTPServer, client_command, closed_port, mail, run_client)
 
 import mail_client  # noqa: E402
+import pop_server  # noqa: E402
 
 INCORRECT = mail_client.INCORRECT_FORMAT
 
@@ -110,13 +111,13 @@ class SendingTests(support.OneServerTestCase, ClientTestCase):
                                     self.smtp.port, self.no_pop)
                 self.assertClean(result)
                 self.assertIn(SENT, result.lines)
-                self.assertIn("Goodbye.", result.lines)
+                self.assertIn(mail_client.GOODBYE, result.lines)
 
     def test_unknown_menu_choice_repeats_the_menu_with_a_hint(self):
         result = run_client(ALICE + "d\n3\n", self.smtp.port, self.no_pop)
         self.assertClean(result)
         self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
-        self.assertIn("Please choose a, b or c", result.stdout)
+        self.assertIn(mail_client.MENU_HINT, result.stdout)
 
 
 class FormatCheckTests(ClientTestCase):
@@ -136,6 +137,7 @@ class FormatCheckTests(ClientTestCase):
         self.assertNotIn("cannot connect", result.stdout)
         self.assertNotIn(SENT, result.stdout)
         self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
+        return result
 
     def test_from_line_missing(self):
         self.refused("Sender: alice@example.org\nTo: bob@example.org\nSubject: x\nbody\n.\n",
@@ -167,8 +169,10 @@ class FormatCheckTests(ClientTestCase):
         self.refused("From: alice@example.org\nTo: bob@example.org\nbody\n.\n", r"line 3 .*Subject:")
 
     def test_subject_longer_than_150_characters(self):
-        self.refused("From: alice@example.org\nTo: bob@example.org\nSubject: %s\nbody\n.\n" % ("s" * 151),
-                     r"line 3: the subject is 151 characters long; at most 150")
+        result = self.refused("From: alice@example.org\nTo: bob@example.org\nSubject: %s\nbody\n.\n"
+                              % ("s" * 151), r"line 3: the subject is 151 characters long; at most 150")
+        # The contract's words, not mail_client.INCORRECT_FORMAT: changing the constant must fail here.
+        self.assertIn("This is an incorrect format", result.lines)
 
     def test_no_body(self):
         self.refused("From: alice@example.org\nTo: bob@example.org\nSubject: x\n.\n", r"no body")
@@ -224,11 +228,11 @@ class FallbackTests(ClientTestCase):
         self.addCleanup(server.close)
         result = run_client(ALICE + "b\nQUIT\n", closed_port(), server.port)
         self.assertClean(result)
-        self.assertIn("+OK fake POP3 ready", result.lines)
+        self.assertIn(NoTopPOP3Server.GREETING, result.lines)
         self.assertRegex(result.stdout, r"\n\s*1  bob@example.org  %s  No TOP here\n" % LISTED_DATE)
         self.assertIn("TOP 1 0", server.received)
         self.assertIn("RETR 1", server.received)
-        self.assertIn("+OK fake POP3 says bye", result.lines)
+        self.assertIn(NoTopPOP3Server.GOODBYE, result.lines)
 
     def test_server_that_hangs_up_gives_one_line_errors(self):
         server = FakeServer()
@@ -239,7 +243,7 @@ class FallbackTests(ClientTestCase):
         self.assertEqual(len(errors), 2, result.stdout)
         for line in errors:
             self.assertIn("closed the connection", line)
-        self.assertIn("Goodbye.", result.lines)
+        self.assertIn(mail_client.GOODBYE, result.lines)
 
 
     def test_pop3_server_vanishing_mid_session_returns_to_the_menu(self):
@@ -252,7 +256,7 @@ class FallbackTests(ClientTestCase):
         self.assertEqual(errors, ["Error: the server closed the connection (POP3 server 127.0.0.1 port %d)"
                                   % server.port])
         self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
-        self.assertIn("Goodbye.", result.lines)
+        self.assertIn(mail_client.GOODBYE, result.lines)
 
 
 class UnreachableTests(ClientTestCase):
@@ -266,7 +270,7 @@ class UnreachableTests(ClientTestCase):
         self.assertIn("cannot connect to the SMTP server 127.0.0.1 port %d" % port, errors[0])
         self.assertIn("cannot connect to the POP3 server 127.0.0.1 port %d" % port, errors[1])
         self.assertNotIn(SENT, result.stdout)
-        self.assertIn("Goodbye.", result.lines)
+        self.assertIn(mail_client.GOODBYE, result.lines)
 
     def test_silent_server_times_out(self):
         class Silent(FakeServer):
@@ -328,7 +332,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         result = self.manage("QUIT")
         self.assertClean(result)
         self.assertNoError(result)
-        self.assertIn("+OK POP3 server is ready", result.lines)
+        self.assertIn(pop_server.GREETING, result.lines)
         rows = [line for line in result.lines if re.match(r"\s*\d+  ", line)]
         self.assertEqual(len(rows), 2, result.stdout)
         self.assertRegex(rows[0], r"^\s*1  bob@example.org    2026-11-27 : 12 : 30  Lunch on Friday$")
@@ -339,14 +343,14 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         result = self.manage("alice", "wonderland", "QUIT", login="alice\nwrong\n")
         self.assertClean(result)
         self.assertRegex(result.stdout, r"Error: login failed: -ERR")
-        self.assertEqual(result.stdout.count("Username:"), 2)
+        self.assertEqual(result.stdout.count(mail_client.USERNAME_PROMPT), 2)
         self.assertIn("Lunch on Friday", result.stdout)
 
     def test_empty_mailbox(self):
         os.remove(support.mailbox_path(self.root, "alice"))
         result = self.manage("STAT", "QUIT")
         self.assertClean(result)
-        self.assertIn("The mailbox is empty.", result.lines)
+        self.assertIn(mail_client.EMPTY_MAILBOX, result.lines)
         self.assertIn("0 messages, 0 octets", result.lines)
 
     def test_stat(self):
@@ -379,7 +383,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         result = self.manage("DELE 1", "QUIT")
         self.assertClean(result)
         self.assertNoError(result)
-        self.assertIn("+OK Thanks for using POP3 server", result.lines)
+        self.assertIn(pop_server.GOODBYE, result.lines)
         stored = support.read_mailbox(self.root, "alice")
         self.assertNotIn(b"Lunch on Friday", stored)
         self.assertIn(b"Subject: Exam results\n", stored)
@@ -387,13 +391,13 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
     def test_quit_ends_the_program(self):
         result = self.manage("QUIT", "a")
         self.assertClean(result)
-        self.assertEqual(result.lines[-1].strip(), "+OK Thanks for using POP3 server")
+        self.assertEqual(result.lines[-1].strip(), pop_server.GOODBYE)
 
     def test_rset_undeletes(self):
         result = self.manage("DELE 1", "RSET", "SEARCH noon", "QUIT")
         self.assertClean(result)
         self.assertNoError(result)
-        self.assertNotIn("No message matches.", result.lines)
+        self.assertNotIn(mail_client.NO_MATCH, result.lines)
         self.assertEqual(support.read_mailbox(self.root, "alice"), ALICE_MAILBOX.encode())
 
     def test_dele_then_end_of_input_deletes_nothing(self):
@@ -408,7 +412,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         found = [line.split()[0] for line in result.lines if re.match(r"\s*\d+  ", line)][2:]
         self.assertEqual(found, ["2", "1", "1"])  # "bob" is only in From:, not searched
         # ... and every word must occur: no message holds both "noon" and "results".
-        self.assertEqual(result.stdout.count("No message matches."), 3)
+        self.assertEqual(result.stdout.count(mail_client.NO_MATCH), 3)
 
     def test_search_from(self):
         result = self.manage("SEARCH FROM carol@example.com", "search from BOB", "SEARCH FROM eve@x.org",
@@ -417,7 +421,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         found = [line.split()[0] for line in result.lines if re.match(r"\s*\d+  ", line)][2:]
         # A whole address must match whole (any case); a part without "@" may match a part.
         self.assertEqual(found, ["2", "1", "2"])
-        self.assertEqual(result.stdout.count("No message matches."), 2)
+        self.assertEqual(result.stdout.count(mail_client.NO_MATCH), 2)
 
     def test_search_date(self):
         result = self.manage("SEARCH DATE 2026-11-28", "SEARCH DATE 2026-11-27", "SEARCH DATE 2026-01-01",
@@ -425,12 +429,12 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         self.assertClean(result)
         found = [line.split()[0] for line in result.lines if re.match(r"\s*\d+  ", line)][2:]
         self.assertEqual(found, ["2", "1"])
-        self.assertEqual(result.stdout.count("No message matches."), 1)
+        self.assertEqual(result.stdout.count(mail_client.NO_MATCH), 1)
         self.assertIn("Error: '28-11-2026' is not a date", result.stdout)
 
     def test_search_skips_deleted_messages(self):
         result = self.manage("DELE 2", "SEARCH results", "QUIT")
-        self.assertIn("No message matches.", result.lines)
+        self.assertIn(mail_client.NO_MATCH, result.lines)
 
     def test_help_and_unknown_commands(self):
         result = self.manage("help", "FETCH 1", "SEARCH", "QUIT")
@@ -495,13 +499,14 @@ class TerminalTests(ClientTestCase):
         return self.seen.decode("utf-8", "replace")
 
     def test_password_is_not_echoed(self):
+        # The contract's prompts (section 4.1), not mail_client's constants: changing them must fail here.
         self.read_until("Username: ")
         os.write(self.master, b"alice\n")
         self.read_until("Password: ")
         os.write(self.master, b"wonderland\n")
-        self.read_until("Your choice: ")
+        self.read_until(mail_client.CHOICE_PROMPT)
         os.write(self.master, b"c\n")
-        shown = self.read_until("Goodbye.")
+        shown = self.read_until(mail_client.GOODBYE)
         self.assertEqual(self.proc.wait(support.DEADLINE), 0)
         self.assertIn("alice", shown)  # the terminal echoes ordinary answers...
         self.assertNotIn("wonderland", shown)  # ...but not the password
@@ -548,7 +553,7 @@ class EndOfInputTests(ClientTestCase):
         self.addCleanup(proc.stderr.close)
         self.addCleanup(proc.stdin.close)
         seen = b""
-        while b"Username: " not in seen:  # the prompt is up: the client waits for input
+        while mail_client.USERNAME_PROMPT.encode() not in seen:  # the prompt is up: the client waits
             chunk = os.read(proc.stdout.fileno(), 1024)
             self.assertTrue(chunk, "client ended before asking")
             seen += chunk

@@ -21,6 +21,9 @@ from support import (ALICE, ALICE_MAILBOX, BOB, LISTED_DATE, SENT, ClientTestCas
                      expect, mail, pop_can_login, pop_login, rcpt_code, reported_lines, run_client,
                      smtp_session, wait_for)
 
+import mail_client  # noqa: E402
+import pop_server  # noqa: E402
+
 # The Received: stamp must be local time; run the SMTP server in a zone far from UTC
 # (POSIX TZ syntax, no tz database needed: "TST-13:45" is UTC+13:45).
 FAR_ZONE = "TST-13:45"
@@ -506,7 +509,7 @@ class ClientContractTest(ClientTestCase):
         result = run_client(ALICE + mail(to="bob@example.org, carol@example.com") + "c\n",
                             server.port, self.no_port)
         self.assertClean(result)
-        self.assertIn(SENT, result.lines)
+        self.assertIn("Mail sent successfully", result.lines)   # the contract's words, not SENT
         self.assertEqual(verbs(server.received), ["HELO", "MAIL_FROM:", "RCPT_TO:", "RCPT_TO:", "DATA", "QUIT"],
                          server.received)
         self.assertIn("MAIL_FROM: <alice@example.org>", server.received)
@@ -529,7 +532,7 @@ class ClientContractTest(ClientTestCase):
             with self.subTest(choice=choice):
                 result = run_client(ALICE + choice + "\nQUIT\n", self.no_port, self.pop.port)
                 self.assertClean(result)
-                self.assertIn("+OK fake POP3 ready", result.lines)
+                self.assertIn(NoTopPOP3Server.GREETING, result.lines)
                 self.assertIn("Menu test", result.stdout)
         for choice in ("c", "C", "3", "Exit", "exit", "EXIT"):
             with self.subTest(choice=choice):
@@ -561,7 +564,7 @@ class ClientContractTest(ClientTestCase):
         self.assertEqual(proc.returncode, 0, stdout + proc.stderr.decode())
         self.assertIn(SENT, stdout)
         self.assertIn("HELO", verbs(smtp.received))
-        self.assertIn("+OK fake POP3 ready", stdout)
+        self.assertIn(NoTopPOP3Server.GREETING, stdout)
         self.assertIn("USER alice", pop.received)
 
     def test_password_is_kept_in_memory_only(self):
@@ -578,7 +581,7 @@ class ClientContractTest(ClientTestCase):
                               input=typed.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=support.DEADLINE, env=env, cwd=home)
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertIn(b"+OK fake POP3 ready", proc.stdout)
+        self.assertIn(NoTopPOP3Server.GREETING.encode(), proc.stdout)
         self.assertIn("PASS " + password, self.pop.received, "the password did reach the server")
         self.assertNotIn(password.encode(), proc.stdout + proc.stderr, "never shown")
         written = []
@@ -600,11 +603,11 @@ class ClientContractTest(ClientTestCase):
         self.assertClean(result)
         failures = [line for line in result.lines if line.startswith("Error: login failed: -ERR")]
         self.assertEqual(len(failures), 6, result.stdout)
-        self.assertEqual(result.stdout.count("Username:"), 7)
+        self.assertEqual(result.stdout.count(mail_client.USERNAME_PROMPT), 7)
         self.assertEqual(server.received.count("PASS wrong"), 6, "each try reached a server")
         self.assertIn("PASS wonderland", server.received)
         self.assertEqual(server.received[-1], "QUIT")
-        self.assertEqual(result.lines[-1].strip(), "+OK fake POP3 says bye")
+        self.assertEqual(result.lines[-1].strip(), NoTopPOP3Server.GOODBYE)
 
     def test_mailbox_commands_are_case_insensitive(self):
         """'STAT, LIST, RETR n, DELE n, RSET, QUIT (case-insensitive)' -- retr, dele, rset, quit in lower case."""
@@ -617,7 +620,7 @@ class ClientContractTest(ClientTestCase):
         result = run_client(ALICE + "b\nretr 1\ndele 1\nrset\ndele 2\nquit\na\n", self.no_port, pop.port)
         self.assertClean(result)
         self.assertIn("----- Message 1 -----", result.lines)        # retr
-        self.assertEqual(result.lines[-1].strip(), "+OK Thanks for using POP3 server")   # quit ends it
+        self.assertEqual(result.lines[-1].strip(), pop_server.GOODBYE)   # quit ends it
         stored = support.read_mailbox(root, "alice")
         self.assertIn(b"Subject: Lunch on Friday\n", stored)        # rset undid dele 1
         self.assertNotIn(b"Subject: Exam results\n", stored)        # dele 2 then quit removed it

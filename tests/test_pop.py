@@ -116,6 +116,7 @@ class DialogueTest(MailRootCase):
 
     def test_greeting(self):
         with PopClient(self.server) as pop:
+            # The contract's words, not pop_server.GREETING: changing the constant must fail here.
             self.assertEqual(pop.greeting, "+OK POP3 server is ready")
 
     def test_user_pass_then_stat_counts_every_message(self):
@@ -179,6 +180,7 @@ class DialogueTest(MailRootCase):
 
     def test_quit_before_login_says_goodbye_and_closes(self):
         with PopClient(self.server) as pop:
+            # The contract's words, not pop_server.GOODBYE: changing the constant must fail here.
             self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
             self.assertTrue(pop.closed())
 
@@ -232,7 +234,7 @@ class DialogueTest(MailRootCase):
         with self.login(login) as pop:
             pop.cmd("DELE 1")
             pop.cmd("DELE 4")
-            self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
+            self.assertEqual(pop.cmd("QUIT"), pop_server.GOODBYE)
             self.assertTrue(pop.closed())
         self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2] + MESSAGES[4])
         leftovers = [n for n in os.listdir(os.path.join(self.root, login)) if "new" in n]
@@ -325,7 +327,7 @@ class DialogueTest(MailRootCase):
             for _ in range(30):
                 successor = PopClient(self.server)
                 successor.cmd("USER " + login)
-                self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
+                self.assertEqual(pop.cmd("QUIT"), pop_server.GOODBYE)
                 pop.close()
                 pop = successor
                 # Sent the moment the goodbye arrived: the lock must already be free.
@@ -354,7 +356,7 @@ class DialogueTest(MailRootCase):
         login = self.new_user(b"".join(messages))
         client = poplib.POP3(self.server.host, self.server.port, timeout=support.DEADLINE)
         try:
-            self.assertEqual(client.getwelcome(), b"+OK POP3 server is ready")
+            self.assertEqual(client.getwelcome(), pop_server.GREETING.encode())
             self.assertIn("UIDL", client.capa())
             client.user(login)
             client.pass_(PASSWORD)
@@ -373,7 +375,7 @@ class DialogueTest(MailRootCase):
             _, uids, _ = client.uidl()
             self.assertEqual(len(set(u.split()[1] for u in uids)), len(messages))
             client.dele(3)
-            self.assertEqual(client.quit(), b"+OK Thanks for using POP3 server")
+            self.assertEqual(client.quit(), pop_server.GOODBYE.encode())
         finally:
             client.close()
         self.assertEqual(self.mailbox(login), b"".join(messages[:2] + messages[3:]))
@@ -497,7 +499,7 @@ class ExtensionTest(MailRootCase):
             self.assertEqual(pop.line(), "+OK message 1 deleted")
             self.assertEqual(pop.line(), "+OK")
             self.assertTrue(pop.line().startswith("-ERR"))
-            self.assertEqual(pop.line(), "+OK Thanks for using POP3 server")
+            self.assertEqual(pop.line(), pop_server.GOODBYE)
             self.assertTrue(pop.closed())
         self.assertEqual(self.mailbox(login), b"".join(MESSAGES[1:]))
 

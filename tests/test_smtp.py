@@ -469,7 +469,7 @@ class LimitsTest(ServerTestCase):
     def test_a_message_over_the_size_limit_gets_552_and_is_not_stored(self):
         client = self.connect()
         big = (b"y" * 70 + b"\r\n") * (MAX_SIZE // 72 + 10)
-        self.assertEqual(send_message(client, big)[0], 552)
+        self.assertEqual(send_message(client, big), (552, [mailserver_smtp.MESSAGE_TOO_LARGE]))
         self.assertEqual(read_mailbox(self.root, "alice"), b"")
         self.assertEqual(client.cmd("MAIL FROM:<a@x.org> SIZE=%d" % (MAX_SIZE + 1))[0], 552)
         self.assertEqual(client.cmd("MAIL FROM:<a@x.org> SIZE=100")[0], 250)
