@@ -649,6 +649,7 @@ class FakeSMTPServer(FakeServer):
     }
 
     def session(self, conn, rfile):
+        """Greet, then answer each command from REPLIES, taking DATA up to its '.', until QUIT or EOF."""
         self.send(conn, *self.REPLIES["greeting"])
         while True:
             line = self.readline(rfile)
@@ -692,6 +693,7 @@ class NoTopPOP3Server(FakeServer):
         super().__init__(host, port)
 
     def session(self, conn, rfile):
+        """Greet, then answer USER, PASS, STAT, LIST, RETR, DELE, RSET, NOOP and QUIT (the rest -ERR)."""
         self.send(conn, self.GREETING)
         sizes = [sum(len(line) + 2 for line in m) for m in self.messages]
         while True:

@@ -96,6 +96,7 @@ class MailRootTest(unittest.TestCase):
 
     @classmethod
     def start(cls, script, cwd, *args):
+        """Start a server in cwd with args, stopped with the class."""
         server = StartedServer(script, cwd, *args)
         cls.servers.append(server)
         return server
@@ -114,9 +115,11 @@ class MailRootTest(unittest.TestCase):
                 pass
 
     def both_smtp(self):
+        """The SMTP servers, started in the root and with --root, with how each was started."""
         return (("started in the root", self.smtp), ("--root", self.smtp_opt))
 
     def both_pop(self):
+        """The POP3 servers, started in the root and with --root, with how each was started."""
         return (("started in the root", self.pop), ("--root", self.pop_opt))
 
     def test_mail_root_is_the_start_directory_or_the_root_option(self):
@@ -236,6 +239,7 @@ class SMTPContractTest(support.OneServerTestCase):
         support.remove_mailboxes(self.root)
 
     def mailbox(self, login="alice"):
+        """The raw bytes of a user's mailbox."""
         return support.read_mailbox(self.root, login)
 
     def test_received_is_the_servers_local_time(self):
@@ -276,6 +280,7 @@ class SMTPContractTest(support.OneServerTestCase):
         self.assertIn(b"\nX-Latin: \xe0\xe8\n", data)
 
     def advertised_size(self):
+        """The SIZE that EHLO advertises (checked to be the --max-size given)."""
         with smtp_session(self.server) as client:
             code, lines = client.cmd("EHLO contract.test")
         sizes = [int(line[9:]) for line in lines if line[4:9] == "SIZE "]
@@ -410,6 +415,7 @@ class POPLockTest(unittest.TestCase):
         support.remove_mail_root(cls.root)
 
     def check_locked(self, server, user):
+        """While alice is logged in on the first server, user on server gets -ERR; after her QUIT, +OK."""
         holder, reply = pop_login(self.first, "alice", "wonderland")
         with holder:
             self.assertTrue(reply.startswith("+OK"), reply)
@@ -466,10 +472,12 @@ class HangUpOnWrongPassword(NoTopPOP3Server):
     """A POP3 server that answers a wrong password with -ERR and hangs up."""
 
     def session(self, conn, rfile):
+        """Serve as NoTopPOP3Server does, remembering the connection for readline."""
         self.conn = conn          # the client under test holds one connection at a time
         super().session(conn, rfile)
 
     def readline(self, rfile):
+        """The next line; a PASS with a wrong password is answered with -ERR and the connection closed."""
         line = super().readline(rfile)
         if line is not None and line.upper().startswith("PASS ") and line[5:] != "wonderland":
             self.send(self.conn, "-ERR [AUTH] invalid password; closing")
@@ -594,8 +602,8 @@ class ClientContractTest(ClientTestCase):
         self.assertEqual(written, [], "the password was written to disk")
 
     def test_login_is_asked_again_even_after_the_server_hangs_up(self):
-        """'On failure it prints the error and asks for the username and password again' -- also when
-        the server closes the connection after a failed login (ours does after five)."""
+        """'On failure it ... asks for the username and password again' -- also after the server hangs up."""
+        # Our server closes the connection after the fifth failed login; the client must start anew.
         server = HangUpOnWrongPassword([])
         self.addCleanup(server.close)
         wrong = "alice\nwrong\n"
