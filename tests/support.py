@@ -122,9 +122,10 @@ def read_mailbox(root, login):
 # The real servers as subprocesses
 # --------------------------------------------------------------------------
 
+# ServerProcess always starts in the root and passes --root, so it cannot tell whether a server
+# honours the start directory or --root; StartedServer leaves both to the test.
 class StartedServer:
-    """One of our servers as a real subprocess on a free port, with the arguments, directory and
-    environment the test chooses (no --root unless the test passes one)."""
+    """One of our servers as a real subprocess on a free port, started where and how the test chooses."""
 
     def __init__(self, script, cwd, *args, env=None, host="127.0.0.1"):
         self.root = cwd
@@ -348,8 +349,7 @@ def smtp_session(server, helo="client.test", timeout=DEADLINE):
 
 
 def send_message(client, body, sender="carol@example.org", recipients=("alice@example.org",)):
-    """MAIL, RCPT for each recipient, DATA and body (raw CRLF bytes, already dot-stuffed) on a greeted
-    client; return the reply to the final '.'."""
+    """MAIL, RCPT to each recipient, DATA, body (CRLF lines, already dot-stuffed); return the reply to '.'."""
     client.cmd_expecting("MAIL FROM:<%s>" % sender, 250)
     for rcpt in recipients:
         client.cmd_expecting("RCPT TO:<%s>" % rcpt, 250)
