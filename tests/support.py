@@ -1,10 +1,11 @@
-"""Shared test helpers: temporary mail roots, real server processes, raw clients."""
+"""Shared test helpers: mail roots, real servers, raw SMTP/POP3 clients, scripted servers, the client runner."""
 
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -13,13 +14,30 @@ import time
 import unittest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:   # the scripts' reply constants are imported, whatever the current directory
+    sys.path.insert(0, REPO)
+
+import mail_client  # noqa: E402
+
 SMTP_SCRIPT = os.path.join(REPO, "mailserver_smtp.py")
 POP_SCRIPT = os.path.join(REPO, "pop_server.py")
 CLIENT_SCRIPT = os.path.join(REPO, "mail_client.py")
 
 DEFAULT_USERS = {"alice": "wonderland", "bob": "builder"}
+ALICE = "alice\n%s\n" % DEFAULT_USERS["alice"]    # the client's start-up Username/Password answers
+BOB = "bob\n%s\n" % DEFAULT_USERS["bob"]
 DEADLINE = 10.0  # seconds any single wait in a test may take before it fails
 LISTENING = re.compile(r"listening on (\S+) port (\d+)")
+
+TLS_CERT = os.path.join(REPO, "tests", "tls", "test-only-cert.pem")
+TLS_KEY = os.path.join(REPO, "tests", "tls", "test-only-key.pem")
+TLS_ARGS = ("--tls-cert", TLS_CERT, "--tls-key", TLS_KEY)
+
+
+def expect(condition, message):
+    """Raise AssertionError with message unless condition holds (a bare assert vanishes under -O)."""
+    if not condition:
+        raise AssertionError(message)
 
 
 def wait_for(predicate, timeout=DEADLINE, interval=0.005):
@@ -33,6 +51,31 @@ def wait_for(predicate, timeout=DEADLINE, interval=0.005):
             raise AssertionError("condition not met within %.1f s: %r" % (timeout, predicate))
         time.sleep(interval)
 
+
+def has_ipv6_loopback():
+    """True when this machine can listen on ::1."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# Decorates a test that needs ::1; probed once, when the test files are loaded.
+skip_unless_ipv6 = unittest.skipUnless(has_ipv6_loopback(), "no IPv6 loopback here")
+
+
+def client_tls_context():
+    """A client TLS context that trusts exactly the test certificate in tests/tls."""
+    return ssl.create_default_context(cafile=TLS_CERT)
+
+
+# --------------------------------------------------------------------------
+# Mail roots
+# --------------------------------------------------------------------------
 
 def make_mail_root(users=None, extra_lines=""):
     """Create a temporary mail root with userinfo.txt and one folder per user."""
@@ -48,6 +91,7 @@ def make_mail_root(users=None, extra_lines=""):
 
 
 def remove_mail_root(root):
+    """Delete a mail root made by make_mail_root, whatever is left in it."""
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -61,6 +105,7 @@ def remove_mailboxes(root, logins=tuple(DEFAULT_USERS)):
 
 
 def mailbox_path(root, login):
+    """Where a user's my_mailbox lives in a mail root."""
     return os.path.join(root, login, "my_mailbox")
 
 
@@ -73,18 +118,24 @@ def read_mailbox(root, login):
         return b""
 
 
-class ServerProcess:
-    """One of our servers running as a real subprocess on a free loopback port."""
+# --------------------------------------------------------------------------
+# The real servers as subprocesses
+# --------------------------------------------------------------------------
 
-    def __init__(self, script, root, *args, host="127.0.0.1"):
-        self.root = root
+# ServerProcess always starts in the root and passes --root, so it cannot tell whether a server
+# honours the start directory or --root; StartedServer leaves both to the test.
+class StartedServer:
+    """One of our servers as a real subprocess on a free port, started where and how the test chooses."""
+
+    def __init__(self, script, cwd, *args, env=None, host="127.0.0.1"):
+        self.root = cwd
         self.host = host
         self.lines = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, script, "0", "--host", host, "--root", root] + list(args),
+            [sys.executable, script, "0", "--host", host] + list(args),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=root)
+            cwd=cwd, env=env)
         threading.Thread(target=self._collect, daemon=True).start()
         match = self.wait_for_output(LISTENING)
         self.port = int(match.group(2))
@@ -99,6 +150,7 @@ class ServerProcess:
             self._changed.notify_all()
 
     def output(self):
+        """Everything the server has printed so far."""
         with self._changed:
             return "".join(line for line in self.lines if line)
 
@@ -124,9 +176,11 @@ class ServerProcess:
                 self._changed.wait(remaining)
 
     def connect(self, timeout=DEADLINE):
+        """A new raw connection to the server (its greeting not yet read)."""
         return LineClient(self.host, self.port, timeout)
 
     def alive(self):
+        """True while the server process runs."""
         return self.proc.poll() is None
 
     def terminate(self, timeout=DEADLINE):
@@ -136,16 +190,48 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def kill(self):
+        """Kill the server at once (SIGKILL: no clean-up of its own) and wait for it."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(DEADLINE)
 
     def close(self):
+        """Stop the server, by force if it does not stop by itself."""
         try:
             self.terminate()
         except subprocess.TimeoutExpired:
             self.kill()
         self.proc.stdout.close()
+
+
+class ServerProcess(StartedServer):
+    """One of our servers running as a real subprocess in root (with --root root) on a free loopback port."""
+
+    def __init__(self, script, root, *args, host="127.0.0.1", env=None):
+        super().__init__(script, root, "--root", root, *args, env=env, host=host)
+
+
+class OneServerTestCase(unittest.TestCase):
+    """Starts one real server (script with server_args) in a fresh mail root of users for the whole class."""
+
+    script = SMTP_SCRIPT
+    server_args = ()
+    server_env = None   # None: the tests' own environment
+    users = None        # None: DEFAULT_USERS
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = make_mail_root(cls.users)
+        try:
+            cls.server = ServerProcess(cls.script, cls.root, *cls.server_args, env=cls.server_env)
+        except BaseException:
+            remove_mail_root(cls.root)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        remove_mail_root(cls.root)
 
 
 class BothServersTestCase(unittest.TestCase):
@@ -169,24 +255,38 @@ class BothServersTestCase(unittest.TestCase):
         remove_mail_root(cls.root)
 
 
+def reported_lines(server):
+    """The userinfo.txt line numbers a server has reported as malformed, in order."""
+    return [int(n) for n in re.findall(r"userinfo\.txt line (\d+) ", server.output())]
+
+
+# --------------------------------------------------------------------------
+# Raw clients
+# --------------------------------------------------------------------------
+
 class LineClient:
-    """A raw TCP client that sends bytes and reads CRLF lines, for protocol tests."""
+    """A raw TCP client that sends bytes and reads CRLF lines: the raw SMTP client, and PopClient's reader."""
 
     def __init__(self, host, port, timeout=DEADLINE):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.file = self.sock.makefile("rb")
 
     def send(self, data):
+        """Send text (as UTF-8) or bytes, exactly as given."""
         if isinstance(data, str):
             data = data.encode("utf-8")
         self.sock.sendall(data)
 
-    def line(self):
-        """Read one line (without its line end) as text; b'' means the server closed."""
+    def raw_line(self):
+        """Read one line as bytes, line end included; EOFError when the server has closed."""
         raw = self.file.readline()
         if not raw:
             raise EOFError("server closed the connection")
-        return raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        return raw
+
+    def line(self):
+        """Read one line (without its line end) as text; EOFError when the server has closed."""
+        return self.raw_line().rstrip(b"\r\n").decode("utf-8", "replace")
 
     def reply(self):
         """Read a whole SMTP reply (all its continuation lines); return (code, [lines])."""
@@ -200,6 +300,18 @@ class LineClient:
         self.send(text + "\r\n")
         return self.reply()
 
+    def cmd_expecting(self, text, code):
+        """Send one SMTP command; return its reply, or raise AssertionError unless its code is code."""
+        reply = self.cmd(text)
+        expect(reply[0] == code, "%s got %r, not %d" % (text, reply[1], code))
+        return reply
+
+    def wrap_tls(self, context=None):
+        """Do the TLS handshake (after the server said yes to STARTTLS or STLS); read and write through it."""
+        context = context or client_tls_context()
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+        self.file = self.sock.makefile("rb")
+
     def closed(self):
         """True when the server has closed its side (reads return EOF)."""
         try:
@@ -208,6 +320,7 @@ class LineClient:
             return True
 
     def close(self):
+        """Close the connection (quietly, also when it is already broken)."""
         try:
             self.file.close()
             self.sock.close()
@@ -219,3 +332,388 @@ class LineClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def smtp_session(server, helo="client.test", timeout=DEADLINE):
+    """A raw SMTP client past the 220 greeting and, unless helo is None, a 250 HELO."""
+    client = server.connect(timeout)
+    try:
+        code, lines = client.reply()
+        expect(code == 220, "greeting %r, not 220" % lines)
+        if helo is not None:
+            client.cmd_expecting("HELO " + helo, 250)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def send_message(client, body, sender="carol@example.org", recipients=("alice@example.org",)):
+    """MAIL, RCPT to each recipient, DATA, body (CRLF lines, already dot-stuffed); return the reply to '.'."""
+    client.cmd_expecting("MAIL FROM:<%s>" % sender, 250)
+    for rcpt in recipients:
+        client.cmd_expecting("RCPT TO:<%s>" % rcpt, 250)
+    client.cmd_expecting("DATA", 354)
+    client.send(body + b".\r\n")
+    return client.reply()
+
+
+def deliver(server, body, sender="carol@example.org", recipients=("alice@example.org",)):
+    """One whole raw SMTP session that delivers body; return the code of the reply to the final '.'."""
+    with smtp_session(server) as client:
+        code = send_message(client, body, sender, recipients)[0]
+        client.cmd("QUIT")
+        return code
+
+
+def rcpt_code(server, address):
+    """The reply code RCPT TO:<address> gets in a fresh transaction."""
+    with smtp_session(server) as client:
+        client.cmd_expecting("MAIL FROM:<sender@example.org>", 250)
+        return client.cmd("RCPT TO:<%s>" % address)[0]
+
+
+def data_code_after(server, address):
+    """The reply code DATA gets after RCPT TO:<address>, whatever RCPT got (354 only if address was taken)."""
+    with smtp_session(server) as client:
+        client.cmd_expecting("MAIL FROM:<sender@example.org>", 250)
+        client.cmd("RCPT TO:<%s>" % address)
+        return client.cmd("DATA")[0]
+
+
+class PopClient:
+    """A raw POP3 client reading exact bytes, for protocol tests; logs in at once when given a user."""
+
+    def __init__(self, server, user=None, password=None, timeout=DEADLINE):
+        self.client = server.connect(timeout)
+        try:
+            self.greeting = self.line()
+            if user is not None:
+                self.login(user, password)
+        except BaseException:
+            self.close()
+            raise
+
+    def login(self, user, password):
+        """USER and PASS; raise AssertionError unless both get +OK."""
+        reply = self.cmd("USER " + user)
+        expect(reply.startswith("+OK"), "USER %s got %r" % (user, reply))
+        reply = self.cmd("PASS " + password)
+        expect(reply.startswith("+OK"), "PASS for %s got %r" % (user, reply))
+
+    def send(self, data):
+        """Send text or bytes exactly as given (no line end is added)."""
+        self.client.send(data)
+
+    def raw_line(self):
+        """One line as bytes, CRLF included."""
+        return self.client.raw_line()
+
+    def line(self):
+        """One line as text, without its line end."""
+        return self.client.line()
+
+    def cmd(self, text):
+        """Send a command (text gets CRLF; bytes are sent as they are) and return the first reply line."""
+        self.send(text if isinstance(text, bytes) else text + "\r\n")
+        return self.line()
+
+    def body(self):
+        """The raw lines of a multi-line reply, up to and including '.\\r\\n', joined."""
+        lines = []
+        while True:
+            lines.append(self.raw_line())
+            if lines[-1] == b".\r\n":
+                return b"".join(lines)
+
+    def multi(self, text):
+        """Send a command with a multi-line answer; return (first line, body bytes or None after -ERR)."""
+        first = self.cmd(text)
+        return first, (self.body() if first.startswith("+OK") else None)
+
+    def closed(self):
+        """True when the server has closed its side."""
+        return self.client.closed()
+
+    def close(self):
+        """Close the connection."""
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def pop_login(server, user, password):
+    """A PopClient past a +OK greeting and USER; return it and the reply to PASS."""
+    client = PopClient(server)
+    try:
+        expect(client.greeting.startswith("+OK"), "greeting %r" % client.greeting)
+        client.cmd("USER " + user)
+        return client, client.cmd("PASS " + password)
+    except BaseException:
+        client.close()
+        raise
+
+
+def pop_can_login(server, user, password):
+    """True when user and password open a POP3 session (which is then ended with QUIT)."""
+    client, reply = pop_login(server, user, password)
+    with client:
+        if reply.startswith("+OK"):
+            client.cmd("QUIT")
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------
+# mail_client.py as a subprocess
+# --------------------------------------------------------------------------
+
+SENT = mail_client.SENT_OK
+CLIENT_TIMEOUT = DEADLINE / 2
+LISTED_DATE = r"\d{4}-\d{2}-\d{2} : \d{2} : \d{2}"   # the date column of the client's listing
+
+# alice's mailbox for the management tests, in the stored format (contract section 1):
+# message 1 has the body lines "." and "..", stored byte-stuffed as ".." and "...".
+ALICE_MAILBOX = (
+    "From: bob@example.org\n"
+    "To: alice@example.org\n"
+    "Subject: Lunch on Friday\n"
+    "Received: 2026-11-27 : 12 : 30\n"
+    "Shall we meet at noon?\n"
+    "..\n"
+    "...\n"
+    ".\n"
+    "From: carol@example.com\n"
+    "To: alice@example.org\n"
+    "Subject: Exam results\n"
+    "Received: 2026-11-28 : 09 : 05\n"
+    "The results are ONLINE.\n"
+    "Best, Carol\n"
+    ".\n")
+
+
+class Result:
+    """What a finished client run printed."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.lines = stdout.splitlines()
+
+
+def client_command(smtp_port, pop_port, host="127.0.0.1", *extra):
+    """The command line of the client; a server that hangs shows up as the client's own error."""
+    return [sys.executable, CLIENT_SCRIPT, host,
+            "--smtp-port", str(smtp_port), "--pop-port", str(pop_port),
+            "--timeout", str(CLIENT_TIMEOUT)] + list(extra)
+
+
+def run_client(stdin, smtp_port, pop_port, host="127.0.0.1", *extra):
+    """Run mail_client.py with stdin as its whole input; return a Result."""
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    proc = subprocess.run(
+        client_command(smtp_port, pop_port, host, *extra),
+        input=stdin.encode("utf-8"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        timeout=DEADLINE, env=env, cwd=REPO)
+    return Result(proc.returncode, proc.stdout.decode("utf-8", "replace").replace("\r\n", "\n"),
+                  proc.stderr.decode("utf-8", "replace"))
+
+
+def closed_port():
+    """A loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mail(sender="alice@example.org", to="bob@example.org", subject="Lunch", body=("Hi Bob",)):
+    """The menu choice and typed lines of one mail, final '.' included."""
+    return "a\n" + "\n".join(["From: " + sender, "To: " + to, "Subject: " + subject]
+                             + list(body) + ["."]) + "\n"
+
+
+class ClientTestCase(unittest.TestCase):
+    """Assertions about a finished client run."""
+
+    def assertClean(self, result):
+        """The client ended by itself with exit code 0 and printed nothing on stderr."""
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(result.stderr, "", result.stdout)
+
+    def assertNoError(self, result):
+        """The client printed no error."""
+        self.assertNotIn("Error", result.stdout)
+
+
+# --------------------------------------------------------------------------
+# Scripted servers, for what the real ones cannot show
+# --------------------------------------------------------------------------
+
+class FakeServer:
+    """A scripted server on a loopback port (a free one unless given) that records every line it receives."""
+
+    def __init__(self, host="127.0.0.1", port=0):
+        self.listener = socket.socket()
+        if port:
+            # Reuse lets a fixed port come back past TIME_WAIT left by an earlier run; a port
+            # another program listens on still cannot be bound.
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind((host, port))
+        except OSError:
+            self.listener.close()
+            raise
+        self.listener.listen(5)
+        self.host, self.port = host, self.listener.getsockname()[1]
+        self.received = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            conn, _ = self.listener.accept()
+            if self.stopping:
+                conn.close()
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        conn.settimeout(DEADLINE)
+        rfile = conn.makefile("rb")
+        try:
+            self.session(conn, rfile)
+        except OSError:
+            pass
+        finally:
+            rfile.close()
+            conn.close()
+
+    def readline(self, rfile):
+        """The next line from the client, recorded; None at EOF."""
+        raw = rfile.readline()
+        if not raw:
+            return None
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        self.received.append(line)
+        return line
+
+    @staticmethod
+    def send(conn, *lines):
+        """Send each line with CRLF."""
+        conn.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
+    def session(self, conn, rfile):
+        """Hang up at once: a server that vanishes."""
+
+    def close(self):
+        """Stop accepting (a connection of our own wakes the accept loop) and free the port."""
+        self.stopping = True
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except OSError:
+            pass
+        self.thread.join(DEADLINE)
+        self.listener.close()
+
+
+SMTP_COMMAND = re.compile(r"(MAIL_FROM:|RCPT_TO:|MAIL FROM:|RCPT TO:|\S*)", re.IGNORECASE)
+
+
+def command_word(line):
+    """A line's SMTP command in upper case; MAIL_FROM:, RCPT_TO:, MAIL FROM:, RCPT TO: are one word each."""
+    return SMTP_COMMAND.match(line).group(1).upper()
+
+
+class FakeSMTPServer(FakeServer):
+    """Speaks the contract's SMTP dialogue (section 2), recording every line; REPLIES: what each command gets."""
+
+    # Keys in lower case are events, not commands (command words are upper case).
+    REPLIES = {
+        "greeting": ("220 fake.test Service ready",),
+        "HELO": ("250 OK Hello",),
+        "EHLO": ("250 OK Hello",),
+        "MAIL_FROM:": ("250 Sender ok",),
+        "MAIL FROM:": ("250 Sender ok",),
+        "RCPT_TO:": ("250 Recipient ok",),
+        "RCPT TO:": ("250 Recipient ok",),
+        "DATA": ('354 Enter mail, end with "." on a line by itself',),
+        "end of data": ("250 OK Message accepted for delivery",),
+        "QUIT": ("221 fake.test closing connection",),
+        "unknown": ("500 Unknown command",),
+    }
+
+    def session(self, conn, rfile):
+        """Greet, then answer each command from REPLIES, taking DATA up to its '.', until QUIT or EOF."""
+        self.send(conn, *self.REPLIES["greeting"])
+        while True:
+            line = self.readline(rfile)
+            if line is None:
+                return
+            word = command_word(line)
+            reply = self.REPLIES.get(word, self.REPLIES["unknown"])
+            self.send(conn, *reply)
+            if word == "DATA" and reply[-1].startswith("354"):
+                while self.readline(rfile) not in (".", None):
+                    pass
+                self.send(conn, *self.REPLIES["end of data"])
+            elif word == "QUIT":
+                return
+
+
+class StandardSMTPServer(FakeSMTPServer):
+    """Speaks only RFC 5321: answers 500 to MAIL_FROM:, like Postfix or aiosmtpd."""
+
+    REPLIES = {
+        "greeting": ("220 fake.example ESMTP",),
+        "EHLO": ("250-fake.example", "250-8BITMIME", "250 SIZE 100000"),
+        "HELO": ("250 fake.example",),
+        "MAIL FROM:": ("250 2.1.0 Ok",),
+        "RCPT TO:": ("250 2.1.0 Ok",),
+        "DATA": ("354 End data with <CR><LF>.<CR><LF>",),
+        "end of data": ("250 2.0.0 Ok: queued",),
+        "QUIT": ("221 2.0.0 Bye",),
+        "unknown": ("500 5.5.2 Error: command not recognized",),
+    }
+
+
+class NoTopPOP3Server(FakeServer):
+    """A minimal RFC 1939 server without the optional TOP command."""
+
+    GREETING = "+OK fake POP3 ready"
+    GOODBYE = "+OK fake POP3 says bye"
+
+    def __init__(self, messages, host="127.0.0.1", port=0):
+        self.messages = messages  # lists of lines, not byte-stuffed
+        super().__init__(host, port)
+
+    def session(self, conn, rfile):
+        """Greet, then answer USER, PASS, STAT, LIST, RETR, DELE, RSET, NOOP and QUIT (the rest -ERR)."""
+        self.send(conn, self.GREETING)
+        sizes = [sum(len(line) + 2 for line in m) for m in self.messages]
+        while True:
+            line = self.readline(rfile)
+            if line is None:
+                return
+            words = line.split()
+            verb = words[0].upper() if words else ""
+            if verb in ("USER", "PASS", "NOOP", "RSET", "DELE"):
+                self.send(conn, "+OK")
+            elif verb == "STAT":
+                self.send(conn, "+OK %d %d" % (len(sizes), sum(sizes)))
+            elif verb == "LIST":
+                self.send(conn, "+OK", *["%d %d" % (i + 1, s) for i, s in enumerate(sizes)] + ["."])
+            elif verb == "RETR":
+                lines = self.messages[int(words[1]) - 1]
+                stuffed = ["." + l if l.startswith(".") else l for l in lines]
+                self.send(conn, "+OK message follows", *stuffed + ["."])
+            elif verb == "QUIT":
+                self.send(conn, self.GOODBYE)
+                return
+            else:
+                self.send(conn, "-ERR unknown command")

@@ -11,25 +11,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
-try:
-    from tests import support
-    from tests import test_client as client_helpers
-except ImportError:  # run from inside tests/
-    import support
-    import test_client as client_helpers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import support  # noqa: E402
+from support import (ALICE, ALICE_MAILBOX, BOB, LISTED_DATE, SENT, ClientTestCase,  # noqa: E402
+                     FakeSMTPServer, NoTopPOP3Server, StartedServer, client_command, closed_port, deliver,
+                     expect, mail, pop_can_login, pop_login, rcpt_code, reported_lines, run_client,
+                     smtp_session, wait_for)
 
-wait_for = support.wait_for
-
-run_client = client_helpers.run_client
-closed_port = client_helpers.closed_port
-FakeServer = client_helpers.FakeServer
-NoTopPOP3Server = client_helpers.NoTopPOP3Server
-ALICE = client_helpers.ALICE
-SENT = client_helpers.SENT
+import mail_client  # noqa: E402
+import pop_server  # noqa: E402
 
 # The Received: stamp must be local time; run the SMTP server in a zone far from UTC
 # (POSIX TZ syntax, no tz database needed: "TST-13:45" is UTC+13:45).
@@ -44,90 +37,8 @@ def message_of(octets, dot_lines=0):
     stuffing dots), with dot_lines body lines that start with '.'; returned dot-stuffed for DATA."""
     message = b"Subject: size\r\n" + b"".join(b".%d\r\n" % i for i in range(dot_lines))
     message += b"x" * (octets - len(message) - 2) + b"\r\n"
-    assert len(message) == octets
+    expect(len(message) == octets, "%d octets, not %d" % (len(message), octets))
     return message.replace(b"\r\n.", b"\r\n..")
-
-
-# --------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------
-
-class StartedServer(support.ServerProcess):
-    """A ServerProcess whose command line, working directory and environment the test chooses.
-
-    support.ServerProcess always passes --root and starts in the root, so it cannot tell
-    whether the server honours the start directory or --root; this one can.
-    """
-
-    def __init__(self, script, cwd, *args, env=None, host="127.0.0.1"):
-        self.root = cwd
-        self.host = host
-        self.lines = []
-        self._changed = threading.Condition()
-        self.proc = subprocess.Popen(
-            [sys.executable, script, "0", "--host", host] + list(args),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=cwd, env=env)
-        threading.Thread(target=self._collect, daemon=True).start()
-        match = self.wait_for_output(support.LISTENING)
-        self.port = int(match.group(2))
-
-
-def smtp_session(server, timeout=support.DEADLINE):
-    """A raw SMTP client past the greeting and HELO."""
-    client = server.connect(timeout)
-    code, lines = client.reply()
-    assert code == 220, lines
-    code, lines = client.cmd("HELO contract.test")
-    assert code == 250, lines
-    return client
-
-
-def rcpt_code(server, address):
-    """The reply code RCPT TO gets for address in a fresh transaction."""
-    with smtp_session(server) as client:
-        assert client.cmd("MAIL FROM:<sender@example.org>")[0] == 250
-        return client.cmd("RCPT TO:<%s>" % address)[0]
-
-
-def deliver(server, body, sender="carol@example.org", recipients=("alice@example.org",)):
-    """One raw SMTP delivery of body (CRLF lines, already dot-stuffed); return the final code."""
-    with smtp_session(server) as client:
-        assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
-        for rcpt in recipients:
-            code, lines = client.cmd("RCPT TO:<%s>" % rcpt)
-            assert code == 250, lines
-        assert client.cmd("DATA")[0] == 354
-        client.send(body + b".\r\n")
-        code = client.reply()[0]
-        client.cmd("QUIT")
-        return code
-
-
-def pop_login(server, user, password):
-    """Log in over raw POP3; return (client, reply to PASS)."""
-    client = server.connect()
-    greeting = client.line()
-    assert greeting.startswith("+OK"), greeting
-    client.send("USER %s\r\n" % user)
-    client.line()
-    client.send("PASS %s\r\n" % password)
-    return client, client.line()
-
-
-def pop_can_login(server, user, password):
-    client, reply = pop_login(server, user, password)
-    with client:
-        if reply.startswith("+OK"):
-            client.send("QUIT\r\n")
-            client.line()
-            return True
-        return False
-
-
-def reported_lines(server):
-    """The userinfo.txt line numbers a server has reported as malformed, in order."""
-    return [int(n) for n in re.findall(r"userinfo\.txt line (\d+) ", server.output())]
 
 
 # --------------------------------------------------------------------------
@@ -149,6 +60,7 @@ USERINFO = (
     b"frank\tfr\n"                     # 11 a single tab; after malformed lines: they were skipped
 )
 MALFORMED = [7, 8, 9, 10]
+NOT_DOT_STRINGS = ("..@example.org", "../victim@example.org")   # RFC 5321 4.1.2: no leading or double dot
 OUTSIDE_MESSAGE = (b"From: x@example.org\nTo: y@example.org\nSubject: outside\n"
                    b"Received: 2026-01-01 : 00 : 00\nnot yours\n.\n")
 
@@ -184,6 +96,7 @@ class MailRootTest(unittest.TestCase):
 
     @classmethod
     def start(cls, script, cwd, *args):
+        """Start a server in cwd with args, stopped with the class."""
         server = StartedServer(script, cwd, *args)
         cls.servers.append(server)
         return server
@@ -202,9 +115,11 @@ class MailRootTest(unittest.TestCase):
                 pass
 
     def both_smtp(self):
+        """The SMTP servers, started in the root and with --root, with how each was started."""
         return (("started in the root", self.smtp), ("--root", self.smtp_opt))
 
     def both_pop(self):
+        """The POP3 servers, started in the root and with --root, with how each was started."""
         return (("started in the root", self.pop), ("--root", self.pop_opt))
 
     def test_mail_root_is_the_start_directory_or_the_root_option(self):
@@ -220,10 +135,8 @@ class MailRootTest(unittest.TestCase):
                 client, reply = pop_login(pop, "alice", "wonderland")
                 with client:
                     self.assertTrue(reply.startswith("+OK"), reply)
-                    client.send("STAT\r\n")
-                    self.assertEqual(client.line().split()[:2], ["+OK", "2"])
-                    client.send("QUIT\r\n")
-                    client.line()
+                    self.assertEqual(client.cmd("STAT").split()[:2], ["+OK", "2"])
+                    client.cmd("QUIT")
 
     def test_login_and_password_are_separated_by_one_or_more_spaces_or_tabs(self):
         """'userinfo.txt: one user a line: LOGIN<one or more spaces or tabs>PASSWORD'."""
@@ -259,8 +172,8 @@ class MailRootTest(unittest.TestCase):
                 self.assertEqual(rcpt_code(smtp, "dave@example.org"), 550, "folder but no line")
                 self.assertEqual(rcpt_code(smtp, "bob@example.org"), 250, "line and folder")
                 with smtp_session(smtp) as client:
-                    self.assertEqual(client.cmd("VRFY erin")[1][0][:1], "5", "VRFY agrees: erin is no user")
-                    self.assertEqual(client.cmd("VRFY dave")[1][0][:1], "5", "VRFY agrees: dave is no user")
+                    self.assertEqual(client.cmd("VRFY erin")[0], 550, "VRFY agrees: erin is no user")
+                    self.assertEqual(client.cmd("VRFY dave")[0], 550, "VRFY agrees: dave is no user")
                     self.assertEqual(client.cmd("VRFY carol")[0], 250)
         for how, pop in self.both_pop():
             with self.subTest(pop=how):
@@ -288,8 +201,10 @@ class MailRootTest(unittest.TestCase):
         parent_box = os.path.join(self.outer, "my_mailbox")
         for how, smtp in self.both_smtp():
             with self.subTest(smtp=how):
-                for address in ("..@example.org", "../victim@example.org", "victim@example.org"):
-                    self.assertIn(rcpt_code(smtp, address), (501, 550), address)
+                self.assertEqual(rcpt_code(smtp, "victim@example.org"), 550, "a plain name, but no user")
+                # Which code the two malformed addresses get: the next test; here, that they are refused.
+                for address in NOT_DOT_STRINGS:
+                    self.assertEqual(support.data_code_after(smtp, address), 503, address)
         for how, pop in self.both_pop():
             with self.subTest(pop=how):
                 for login in ("..", "../victim", "victim"):
@@ -300,30 +215,31 @@ class MailRootTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(self.outer)), ["elsewhere", "my_mailbox", "root", "victim"])
         self.assertEqual(sorted(os.listdir(os.path.join(self.outer, "victim"))), ["my_mailbox"])
 
+    # Server bug: parse_path refuses only some characters, so these are looked up as logins
+    # and answered "550 No such user".
+    @unittest.expectedFailure
+    def test_an_address_whose_local_part_is_no_dot_string_gets_501(self):
+        """Section 2 'bad syntax 501': '..' and '../victim' are no RFC 5321 Dot-string, so no address."""
+        for how, smtp in self.both_smtp():
+            for address in NOT_DOT_STRINGS:
+                self.assertEqual(rcpt_code(smtp, address), 501, "%s (%s)" % (address, how))
+
 
 # --------------------------------------------------------------------------
 # Sections 1 and 2: what the SMTP server stores, and serving clients at once
 # --------------------------------------------------------------------------
 
-class SMTPContractTest(unittest.TestCase):
+class SMTPContractTest(support.OneServerTestCase):
     """The SMTP server, run in a time zone far from UTC."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        env = dict(os.environ, TZ=FAR_ZONE)
-        cls.server = StartedServer(support.SMTP_SCRIPT, cls.root, "--root", cls.root,
-                                   "--max-size", str(SMALL_MAX), env=env)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        support.remove_mail_root(cls.root)
+    server_args = ("--max-size", str(SMALL_MAX))
+    server_env = dict(os.environ, TZ=FAR_ZONE)
 
     def setUp(self):
         support.remove_mailboxes(self.root)
 
     def mailbox(self, login="alice"):
+        """The raw bytes of a user's mailbox."""
         return support.read_mailbox(self.root, login)
 
     def test_received_is_the_servers_local_time(self):
@@ -364,6 +280,7 @@ class SMTPContractTest(unittest.TestCase):
         self.assertIn(b"\nX-Latin: \xe0\xe8\n", data)
 
     def advertised_size(self):
+        """The SIZE that EHLO advertises (checked to be the --max-size given)."""
         with smtp_session(self.server) as client:
             code, lines = client.cmd("EHLO contract.test")
         sizes = [int(line[9:]) for line in lines if line[4:9] == "SIZE "]
@@ -419,9 +336,10 @@ class SMTPContractTest(unittest.TestCase):
             client = self.server.connect(timeout=2)
             self.addCleanup(client.close)
             self.assertEqual(client.reply()[0], 220)
-            for command in (b"HELO t", b"MAIL FROM:<carol@example.org>", b"RCPT TO:<alice@example.org>", b"DATA"):
+            for command, code in ((b"HELO t", 250), (b"MAIL FROM:<carol@example.org>", 250),
+                                  (b"RCPT TO:<alice@example.org>", 250), (b"DATA", 354)):
                 client.send(command + eol)
-                self.assertIn(client.reply()[0], (250, 354))
+                self.assertEqual(client.reply()[0], code, command)
             client.send(b"." + eol)
             sessions.append((eol, client))
         deadline = time.monotonic() + 2
@@ -432,25 +350,22 @@ class SMTPContractTest(unittest.TestCase):
                     code = client.reply()[0]
                 except socket.timeout:
                     self.fail("no reply to the lone '.' line")
-                self.assertTrue(code == 250 or 500 <= code < 600, code)
+                self.assertEqual(code, 250, "an empty message, stored (see the next test)")
                 client.sock.settimeout(support.DEADLINE)
                 client.send(b"NOOP" + eol)
                 self.assertEqual(client.reply()[0], 250, "the session goes on")
 
-    def test_an_empty_message_is_stored_with_a_body_line_or_refused(self):
+    def test_an_empty_message_is_stored_with_one_empty_body_line(self):
         """Section 1: each message is stored as From, To, Subject, Received, '<body: one or more lines>', '.'."""
         with smtp_session(self.server) as client:
             self.assertEqual(client.cmd("MAIL FROM:<carol@example.org>")[0], 250)
             self.assertEqual(client.cmd("RCPT TO:<alice@example.org>")[0], 250)
             client.send(b"DATA\n.\n")
             self.assertEqual(client.reply()[0], 354)
-            code = client.reply()[0]
-            self.assertTrue(code == 250 or 500 <= code < 600, code)
+            self.assertEqual(client.reply()[0], 250)
             self.assertEqual(client.cmd("NOOP")[0], 250)
-        if code == 250:
-            self.assertRegex(self.mailbox(), rb"\nReceived: [^\n]*\n[^\n]*\n\.\n\Z")
-        else:
-            self.assertEqual(self.mailbox(), b"")
+        self.assertRegex(self.mailbox(), rb"\AFrom: carol@example.org\nTo: alice@example.org\nSubject: \n"
+                                         rb"Received: [^\n]+\n\n\.\n\Z")
 
     def test_clients_are_served_at_once_not_one_after_another(self):
         """'Thread per connection, many clients at once.'"""
@@ -500,20 +415,18 @@ class POPLockTest(unittest.TestCase):
         support.remove_mail_root(cls.root)
 
     def check_locked(self, server, user):
+        """While alice is logged in on the first server, user on server gets -ERR; after her QUIT, +OK."""
         holder, reply = pop_login(self.first, "alice", "wonderland")
         with holder:
             self.assertTrue(reply.startswith("+OK"), reply)
             other, reply = pop_login(server, user, "wonderland")
             with other:
                 self.assertTrue(reply.startswith("-ERR"), reply)
-                holder.send("QUIT\r\n")
-                self.assertTrue(holder.line().startswith("+OK"))
+                self.assertTrue(holder.cmd("QUIT").startswith("+OK"))
                 # Refused because of the lock, not for any other reason: now it is free.
-                other.send("USER %s\r\nPASS wonderland\r\n" % user)
-                other.line()
-                self.assertTrue(other.line().startswith("+OK"))
-                other.send("QUIT\r\n")
-                other.line()
+                other.cmd("USER " + user)
+                self.assertTrue(other.cmd("PASS wonderland").startswith("+OK"))
+                other.cmd("QUIT")
 
     def test_second_session_with_the_login_in_another_case_is_locked(self):
         """A second session gets -ERR also when it spells the login in another case."""
@@ -524,20 +437,14 @@ class POPLockTest(unittest.TestCase):
         self.check_locked(self.second, "alice")
 
 
-class POPShutdownTest(unittest.TestCase):
+class POPShutdownTest(support.OneServerTestCase):
     """'Messages marked with DELE disappear only when the session ends with QUIT' -- not when the server stops."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.root = support.make_mail_root()
-        with open(support.mailbox_path(cls.root, "alice"), "wb") as f:
-            f.write(OUTSIDE_MESSAGE * 3)
-        cls.server = support.ServerProcess(support.POP_SCRIPT, cls.root)
+    script = support.POP_SCRIPT
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        support.remove_mail_root(cls.root)
+    def setUp(self):
+        with open(support.mailbox_path(self.root, "alice"), "wb") as f:
+            f.write(OUTSIDE_MESSAGE * 3)
 
     def test_marked_messages_stay_when_the_server_stops_mid_session(self):
         """DELE marks are dropped when the session ends without QUIT because the server is stopped."""
@@ -555,50 +462,22 @@ class POPShutdownTest(unittest.TestCase):
 # Section 4: the client
 # --------------------------------------------------------------------------
 
-class CourseSMTPServer(FakeServer):
-    """Speaks the contract's SMTP dialogue, records what it gets; answers mail_from_code to MAIL_FROM:."""
+class Refusing502SMTPServer(FakeSMTPServer):
+    """The contract's SMTP dialogue, but MAIL_FROM: (the course spelling) gets 502."""
 
-    mail_from_code = None   # None: accept MAIL_FROM: like the course server
-
-    def session(self, conn, rfile):
-        self.send(conn, "220 fake.test Service ready")
-        while True:
-            line = self.readline(rfile)
-            if line is None:
-                return
-            verb = line.upper()
-            if verb.startswith(("HELO ", "EHLO ")):
-                self.send(conn, "250 OK Hello")
-            elif verb.startswith("MAIL_FROM:") and self.mail_from_code:
-                self.send(conn, "%d Command not recognized" % self.mail_from_code)
-            elif verb.startswith(("MAIL_FROM:", "MAIL FROM:")):
-                self.send(conn, "250 Sender ok")
-            elif verb.startswith(("RCPT_TO:", "RCPT TO:")):
-                self.send(conn, "250 Recipient ok")
-            elif verb == "DATA":
-                self.send(conn, '354 Enter mail, end with "." on a line by itself')
-                while self.readline(rfile) not in (".", None):
-                    pass
-                self.send(conn, "250 OK Message accepted for delivery")
-            elif verb == "QUIT":
-                self.send(conn, "221 fake.test closing connection")
-                return
-            else:
-                self.send(conn, "500 Unknown command")
-
-
-class Refusing502SMTPServer(CourseSMTPServer):
-    mail_from_code = 502
+    REPLIES = dict(FakeSMTPServer.REPLIES, **{"MAIL_FROM:": ("502 Command not recognized",)})
 
 
 class HangUpOnWrongPassword(NoTopPOP3Server):
     """A POP3 server that answers a wrong password with -ERR and hangs up."""
 
     def session(self, conn, rfile):
+        """Serve as NoTopPOP3Server does, remembering the connection for readline."""
         self.conn = conn          # the client under test holds one connection at a time
         super().session(conn, rfile)
 
     def readline(self, rfile):
+        """The next line; a PASS with a wrong password is answered with -ERR and the connection closed."""
         line = super().readline(rfile)
         if line is not None and line.upper().startswith("PASS ") and line[5:] != "wonderland":
             self.send(self.conn, "-ERR [AUTH] invalid password; closing")
@@ -613,13 +492,12 @@ def verbs(lines):
         if in_data:
             in_data = line != "."
             continue
-        word = re.match(r"(MAIL_FROM:|RCPT_TO:|MAIL FROM:|RCPT TO:|\S*)", line).group(1).upper()
-        result.append(word)
-        in_data = word == "DATA"
+        result.append(support.command_word(line))
+        in_data = result[-1] == "DATA"
     return result
 
 
-class ClientContractTest(client_helpers.ClientTestCase):
+class ClientContractTest(ClientTestCase):
     """mail_client.py as a subprocess with piped input, against scripted servers."""
 
     @classmethod
@@ -634,12 +512,12 @@ class ClientContractTest(client_helpers.ClientTestCase):
 
     def test_good_mail_is_sent_with_helo_mail_from_rcpt_to_data_quit(self):
         """'A good one is sent with HELO, MAIL_FROM, RCPT_TO, DATA, QUIT and prints Mail sent successfully.'"""
-        server = CourseSMTPServer()
+        server = FakeSMTPServer()
         self.addCleanup(server.close)
-        result = run_client(ALICE + client_helpers.mail(to="bob@example.org, carol@example.com") + "c\n",
+        result = run_client(ALICE + mail(to="bob@example.org, carol@example.com") + "c\n",
                             server.port, self.no_port)
         self.assertClean(result)
-        self.assertIn(SENT, result.lines)
+        self.assertIn("Mail sent successfully", result.lines)   # the contract's words, not SENT
         self.assertEqual(verbs(server.received), ["HELO", "MAIL_FROM:", "RCPT_TO:", "RCPT_TO:", "DATA", "QUIT"],
                          server.received)
         self.assertIn("MAIL_FROM: <alice@example.org>", server.received)
@@ -649,7 +527,7 @@ class ClientContractTest(client_helpers.ClientTestCase):
         """'If a server answers 500/502 to MAIL_FROM: the client retries with MAIL FROM: / RCPT TO:.'"""
         server = Refusing502SMTPServer()
         self.addCleanup(server.close)
-        result = run_client(ALICE + client_helpers.mail() + "c\n", server.port, self.no_port)
+        result = run_client(ALICE + mail() + "c\n", server.port, self.no_port)
         self.assertClean(result)
         self.assertIn(SENT, result.lines)
         self.assertIn("MAIL FROM:<alice@example.org>", server.received)
@@ -662,7 +540,7 @@ class ClientContractTest(client_helpers.ClientTestCase):
             with self.subTest(choice=choice):
                 result = run_client(ALICE + choice + "\nQUIT\n", self.no_port, self.pop.port)
                 self.assertClean(result)
-                self.assertIn("+OK fake POP3 ready", result.lines)
+                self.assertIn(NoTopPOP3Server.GREETING, result.lines)
                 self.assertIn("Menu test", result.stdout)
         for choice in ("c", "C", "3", "Exit", "exit", "EXIT"):
             with self.subTest(choice=choice):
@@ -676,25 +554,25 @@ class ClientContractTest(client_helpers.ClientTestCase):
         """'Default ports: SMTP 2525, POP3 1110.'"""
         host = "127.0.0.2"   # a loopback address of its own, so running servers on 2525/1110 do not matter
         try:
-            smtp = SMTPOnAddress(host, 2525)
+            smtp = FakeSMTPServer(host, 2525)
         except OSError as exc:
             self.skipTest("cannot listen on %s port 2525: %s" % (host, exc))
         self.addCleanup(smtp.close)
         try:
-            pop = POPOnAddress(host, 1110, [["From: bob@example.org", "Subject: Default", "x"]])
+            pop = NoTopPOP3Server([["From: bob@example.org", "Subject: Default", "x"]], host, 1110)
         except OSError as exc:
             self.skipTest("cannot listen on %s port 1110: %s" % (host, exc))
         self.addCleanup(pop.close)
         env = dict(os.environ, PYTHONIOENCODING="utf-8")
         proc = subprocess.run([sys.executable, support.CLIENT_SCRIPT, host, "--timeout", "5"],
-                              input=(ALICE + client_helpers.mail() + "b\nQUIT\n").encode(),
+                              input=(ALICE + mail() + "b\nQUIT\n").encode(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=support.DEADLINE, env=env, cwd=support.REPO)
         stdout = proc.stdout.decode("utf-8", "replace")
         self.assertEqual(proc.returncode, 0, stdout + proc.stderr.decode())
         self.assertIn(SENT, stdout)
         self.assertIn("HELO", verbs(smtp.received))
-        self.assertIn("+OK fake POP3 ready", stdout)
+        self.assertIn(NoTopPOP3Server.GREETING, stdout)
         self.assertIn("USER alice", pop.received)
 
     def test_password_is_kept_in_memory_only(self):
@@ -707,11 +585,11 @@ class ClientContractTest(client_helpers.ClientTestCase):
                    XDG_DATA_HOME=os.path.join(home, ".local"), PYTHONIOENCODING="utf-8",
                    PYTHONDONTWRITEBYTECODE="1")
         typed = "alice\n%s\nb\nSTAT\nQUIT\n" % password
-        proc = subprocess.run(client_helpers.client_command(self.no_port, self.pop.port),
+        proc = subprocess.run(client_command(self.no_port, self.pop.port),
                               input=typed.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=support.DEADLINE, env=env, cwd=home)
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertIn(b"+OK fake POP3 ready", proc.stdout)
+        self.assertIn(NoTopPOP3Server.GREETING.encode(), proc.stdout)
         self.assertIn("PASS " + password, self.pop.received, "the password did reach the server")
         self.assertNotIn(password.encode(), proc.stdout + proc.stderr, "never shown")
         written = []
@@ -724,8 +602,8 @@ class ClientContractTest(client_helpers.ClientTestCase):
         self.assertEqual(written, [], "the password was written to disk")
 
     def test_login_is_asked_again_even_after_the_server_hangs_up(self):
-        """'On failure it prints the error and asks for the username and password again' -- also when
-        the server closes the connection after a failed login (ours does after five)."""
+        """'On failure it ... asks for the username and password again' -- also after the server hangs up."""
+        # Our server closes the connection after the fifth failed login; the client must start anew.
         server = HangUpOnWrongPassword([])
         self.addCleanup(server.close)
         wrong = "alice\nwrong\n"
@@ -733,30 +611,30 @@ class ClientContractTest(client_helpers.ClientTestCase):
         self.assertClean(result)
         failures = [line for line in result.lines if line.startswith("Error: login failed: -ERR")]
         self.assertEqual(len(failures), 6, result.stdout)
-        self.assertEqual(result.stdout.count("Username:"), 7)
+        self.assertEqual(result.stdout.count(mail_client.USERNAME_PROMPT), 7)
         self.assertEqual(server.received.count("PASS wrong"), 6, "each try reached a server")
         self.assertIn("PASS wonderland", server.received)
         self.assertEqual(server.received[-1], "QUIT")
-        self.assertEqual(result.lines[-1].strip(), "+OK fake POP3 says bye")
+        self.assertEqual(result.lines[-1].strip(), NoTopPOP3Server.GOODBYE)
 
     def test_mailbox_commands_are_case_insensitive(self):
         """'STAT, LIST, RETR n, DELE n, RSET, QUIT (case-insensitive)' -- retr, dele, rset, quit in lower case."""
         root = support.make_mail_root()
         self.addCleanup(support.remove_mail_root, root)
         with open(support.mailbox_path(root, "alice"), "w", newline="\n") as f:
-            f.write(client_helpers.ALICE_MAILBOX)
+            f.write(ALICE_MAILBOX)
         pop = support.ServerProcess(support.POP_SCRIPT, root)
         self.addCleanup(pop.close)
         result = run_client(ALICE + "b\nretr 1\ndele 1\nrset\ndele 2\nquit\na\n", self.no_port, pop.port)
         self.assertClean(result)
         self.assertIn("----- Message 1 -----", result.lines)        # retr
-        self.assertEqual(result.lines[-1].strip(), "+OK Thanks for using POP3 server")   # quit ends it
+        self.assertEqual(result.lines[-1].strip(), pop_server.GOODBYE)   # quit ends it
         stored = support.read_mailbox(root, "alice")
         self.assertIn(b"Subject: Lunch on Friday\n", stored)        # rset undid dele 1
         self.assertNotIn(b"Subject: Exam results\n", stored)        # dele 2 then quit removed it
 
 
-class ClientThroughServersTest(support.BothServersTestCase, client_helpers.ClientTestCase):
+class ClientThroughServersTest(support.BothServersTestCase, ClientTestCase):
     """A mail typed into mail_client.py, delivered by the real SMTP server, listed through the real POP3 server."""
 
     # Found by this file (04:35) and fixed in ea64315: the client sends the course format (no
@@ -765,57 +643,16 @@ class ClientThroughServersTest(support.BothServersTestCase, client_helpers.Clien
     def test_a_first_body_line_starting_with_blanks_stays_body(self):
         """Section 4.3: everything after Subject: is the body; section 1: stored as Subject, Received, body."""
         smtp, pop = self.servers
-        sent = run_client(ALICE + client_helpers.mail(subject="Lunch", body=["    Indented greeting", "second"])
+        sent = run_client(ALICE + mail(subject="Lunch", body=["    Indented greeting", "second"])
                           + "c\n", smtp.port, pop.port)
         self.assertClean(sent)
         self.assertIn(SENT, sent.lines)
-        listed = run_client(client_helpers.BOB + "b\nQUIT\n", smtp.port, pop.port)
+        listed = run_client(BOB + "b\nQUIT\n", smtp.port, pop.port)
         self.assertClean(listed)
         self.assertRegex(support.read_mailbox(self.root, "bob"),
                          rb"\AFrom: alice@example.org\nTo: bob@example.org\nSubject: Lunch\n"
                          rb"Received: [^\n]+\n    Indented greeting\nsecond\n\.\n\Z")
-        self.assertRegex(listed.stdout, r"\n\s*1  alice@example.org  %s  Lunch\n" % client_helpers.LISTED_DATE)
-
-
-class OnAddress:
-    """Mixin for the client_helpers fake servers: listen on a chosen address and port."""
-
-    def listen_on(self, host, port):
-        listener = socket.socket()
-        # Reuse lets a listener come back past TIME_WAIT left by an earlier run; a port
-        # another program listens on still cannot be bound.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((host, port))
-        except OSError:
-            listener.close()
-            raise
-        listener.listen(5)
-        self.listener, self.host, self.port = listener, host, port
-        self.received = []
-        self.stopping = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stopping = True
-        try:
-            socket.create_connection((self.host, self.port), timeout=1).close()
-        except OSError:
-            pass
-        self.thread.join(support.DEADLINE)
-        self.listener.close()
-
-
-class SMTPOnAddress(OnAddress, CourseSMTPServer):
-    def __init__(self, host, port):
-        self.listen_on(host, port)
-
-
-class POPOnAddress(OnAddress, NoTopPOP3Server):
-    def __init__(self, host, port, messages):
-        self.messages = messages
-        self.listen_on(host, port)
+        self.assertRegex(listed.stdout, r"\n\s*1  alice@example.org  %s  Lunch\n" % LISTED_DATE)
 
 
 if __name__ == "__main__":

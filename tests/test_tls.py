@@ -2,17 +2,15 @@
 
 import os
 import poplib
-import ssl
 import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
-from test_client import ALICE, SENT, closed_port, mail, run_client  # noqa: E402
+from support import (ALICE, SENT, TLS_ARGS, TLS_CERT, client_tls_context, closed_port, mail,  # noqa: E402
+                     run_client)
 
-TLS_CERT = os.path.join(support.REPO, "tests", "tls", "test-only-cert.pem")
-TLS_KEY = os.path.join(support.REPO, "tests", "tls", "test-only-key.pem")
-TLS_ARGS = ("--tls-cert", TLS_CERT, "--tls-key", TLS_KEY)
+import pop_server  # noqa: E402
 
 
 class ClientSMTPTLSTest(unittest.TestCase):
@@ -32,19 +30,23 @@ class ClientSMTPTLSTest(unittest.TestCase):
         support.remove_mail_root(cls.root)
 
     def send(self, server, subject, *options):
+        """Send a mail with the client through server, with the client options given."""
         return run_client(ALICE + mail(subject=subject) + "c\n", server.port, closed_port(),
                           "127.0.0.1", *options)
 
     def test_cafile_makes_the_client_use_starttls(self):
+        """With --cafile the client sends through STARTTLS, to a server that takes mail only inside TLS."""
         result = self.send(self.tls_server, "over tls", "--cafile", TLS_CERT)
         self.assertIn(SENT, result.lines, result.stdout)
         self.assertIn(b"Subject: over tls\n", support.read_mailbox(self.root, "bob"))
 
     def test_tls_with_cafile_works_too(self):
+        """--tls with --cafile sends through STARTTLS."""
         result = self.send(self.tls_server, "required tls", "--tls", "--cafile", TLS_CERT)
         self.assertIn(SENT, result.lines, result.stdout)
 
     def test_an_untrusted_certificate_stops_the_mail(self):
+        """An untrusted certificate under --tls stops the mail with an error naming the certificate."""
         result = self.send(self.tls_server, "untrusted", "--tls")
         self.assertNotIn(SENT, result.lines)
         self.assertIn("certificate", result.stdout.lower())
@@ -52,31 +54,31 @@ class ClientSMTPTLSTest(unittest.TestCase):
         self.assertNotIn(b"untrusted", support.read_mailbox(self.root, "bob"))
 
     def test_insecure_skips_the_check_and_says_so(self):
+        """--insecure sends through TLS without checking the certificate, and warns that it does."""
         result = self.send(self.tls_server, "insecure", "--insecure")
         self.assertIn(SENT, result.lines, result.stdout)
         self.assertIn("Warning: --insecure", result.stdout)
 
     def test_tls_refuses_a_server_without_starttls(self):
+        """--tls refuses to send to a server that does not offer STARTTLS."""
         result = self.send(self.plain_server, "plain refused", "--tls", "--cafile", TLS_CERT)
         self.assertNotIn(SENT, result.lines)
         self.assertIn("does not offer STARTTLS", result.stdout)
         self.assertNotIn(b"plain refused", support.read_mailbox(self.root, "bob"))
 
     def test_without_tls_options_a_plain_server_is_used_as_before(self):
+        """Without --tls a plain server is used as before, also when --cafile is given."""
         result = self.send(self.plain_server, "plain ok", "--cafile", TLS_CERT)
         self.assertIn(SENT, result.lines, result.stdout)
         result = self.send(self.plain_server, "plain default")
         self.assertIn(SENT, result.lines, result.stdout)
 
     def test_a_bad_cafile_is_a_command_line_error(self):
+        """A --cafile that cannot be read exits with 2 and a message naming the option, no traceback."""
         result = run_client("", 1, 1, "127.0.0.1", "--cafile", "/nonexistent/ca.pem")
         self.assertEqual(result.returncode, 2)
         self.assertIn("--cafile", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
-
-
-def trusting_context():
-    return ssl.create_default_context(cafile=TLS_CERT)
 
 
 class POP3STLSTest(unittest.TestCase):
@@ -98,14 +100,16 @@ class POP3STLSTest(unittest.TestCase):
         support.remove_mail_root(cls.root)
 
     def poplib_session(self, server):
+        """A poplib connection to server, closed after the test."""
         pop = poplib.POP3("127.0.0.1", server.port, timeout=support.DEADLINE)
         self.addCleanup(pop.close)
         return pop
 
     def test_poplib_stls_then_login(self):
+        """poplib's STLS works; CAPA no longer offers STLS inside TLS, and mail is read through it."""
         pop = self.poplib_session(self.server)
         self.assertIn(b"STLS", [c.encode() for c in pop.capa()])
-        self.assertTrue(pop.stls(context=trusting_context()).startswith(b"+OK"))
+        self.assertTrue(pop.stls(context=client_tls_context()).startswith(b"+OK"))
         self.assertNotIn("STLS", pop.capa(), "not offered again inside TLS")
         pop.user("alice")
         pop.pass_("wonderland")
@@ -113,19 +117,20 @@ class POP3STLSTest(unittest.TestCase):
         pop.quit()
 
     def test_commands_pipelined_behind_stls_are_never_executed(self):
+        """Commands sent behind STLS before the handshake are thrown away, never executed."""
         client = self.server.connect()
         self.addCleanup(client.close)
         self.assertTrue(client.line().startswith("+OK"))
         client.send("STLS\r\nUSER alice\r\n")
         self.assertTrue(client.line().startswith("+OK"))
-        tls = trusting_context().wrap_socket(client.sock, server_hostname="localhost")
-        client.sock, client.file = tls, tls.makefile("rb")
+        client.wrap_tls()
         client.send("PASS wonderland\r\n")
         self.assertTrue(client.line().startswith("-ERR"), "the USER sent before the handshake was dropped")
         client.send("STAT\r\n")
         self.assertTrue(client.line().startswith("-ERR"))
 
     def test_garbage_instead_of_a_handshake_ends_only_that_connection(self):
+        """Junk instead of a TLS handshake closes that connection only; plain logins still work."""
         client = self.server.connect()
         self.addCleanup(client.close)
         client.line()
@@ -139,6 +144,7 @@ class POP3STLSTest(unittest.TestCase):
         pop.quit()
 
     def test_require_tls_refuses_user_and_pass_before_stls(self):
+        """Under --require-tls, USER and PASS are neither offered nor taken before STLS."""
         pop = self.poplib_session(self.strict)
         capabilities = pop.capa()
         self.assertNotIn("USER", capabilities)
@@ -147,13 +153,14 @@ class POP3STLSTest(unittest.TestCase):
             pop.user("alice")
         with self.assertRaises(poplib.error_proto):
             pop.pass_("wonderland")
-        pop.stls(context=trusting_context())
+        pop.stls(context=client_tls_context())
         self.assertIn("USER", pop.capa())
         pop.user("alice")
         self.assertTrue(pop.pass_("wonderland").startswith(b"+OK"))
         pop.quit()
 
     def test_stls_is_refused_after_login_and_with_an_argument(self):
+        """STLS gets -ERR with an argument and after login."""
         client = self.server.connect()
         self.addCleanup(client.close)
         client.line()
@@ -163,6 +170,7 @@ class POP3STLSTest(unittest.TestCase):
         self.assertEqual([client.line()[:3] for _ in range(4)], ["+OK", "+OK", "-ER", "+OK"])
 
     def test_the_client_manages_mail_over_stls(self):
+        """The client reads mail over STLS from a server that requires TLS."""
         result = run_client(ALICE + "b\nRETR 1\nQUIT\n", closed_port(), self.strict.port,
                             "127.0.0.1", "--tls", "--cafile", TLS_CERT)
         self.assertIn("The password is swordfish", result.stdout, result.stdout)
@@ -173,6 +181,7 @@ class PlainPOP3Test(unittest.TestCase):
     """Without a certificate there is no STLS, and --tls in the client refuses the server."""
 
     def test_no_stls_and_the_client_refuses_under_tls(self):
+        """A server without a certificate offers no STLS, and the client under --tls refuses it."""
         root = support.make_mail_root()
         self.addCleanup(support.remove_mail_root, root)
         server = support.ServerProcess(support.POP_SCRIPT, root)
@@ -185,7 +194,7 @@ class PlainPOP3Test(unittest.TestCase):
         result = run_client(ALICE + "b\n", closed_port(), server.port, "127.0.0.1", "--tls",
                             "--cafile", TLS_CERT)
         self.assertIn("does not offer STLS", result.stdout)
-        self.assertNotIn("+OK POP3 server is ready", result.stdout)
+        self.assertNotIn(pop_server.GREETING, result.stdout)
 
 
 if __name__ == "__main__":
