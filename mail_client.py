@@ -67,7 +67,7 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 ADDRESS = re.compile(r"(%s(?:\.%s)*)@(%s(?:\.%s)*)\Z" % (_ATOM, _ATOM, _LABEL, _LABEL))
 COURSE_DATE = re.compile(r"(\d{4}-\d{2}-\d{2})\s*:\s*(\d{1,2})\s*:\s*(\d{1,2})")
-HEADER_LINE = re.compile(r"([!-9;-~]+):(.*)\Z")
+HEADER_LINE = re.compile(r"[!-9;-~]+:")   # the header rule: a name of printable ASCII but ":"
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 MENU = """
@@ -274,29 +274,44 @@ def decode_text(raw):
         return raw.decode("latin-1")
 
 
-def split_message(lines):
-    """Split message lines (text) into ([(name, value)], body lines).
+def header_bounds(lines):
+    """(header lines, index of the first body line) of message lines, by the header rule.
 
-    The course servers store headers with no blank line before the body, so the
-    header block also ends at the first line that is not a header.
+    A header line is 'name:' with a name of printable ASCII but ':'; a continuation
+    line starts with a space or a tab and is never the first line.  In the leading
+    run of such lines, a run followed by an empty line is an RFC 5322 header block
+    (the empty line belongs to neither part).  Otherwise the message is in the
+    course form (headers, then the body at once) and the header block ends before
+    the first continuation-looking line, which starts the body.  No headers at all:
+    everything is body.
     """
-    headers = []
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        if line == "":
-            index += 1
+    run, first_fold = 0, None
+    while run < len(lines):
+        line = lines[run]
+        if run and line[:1] in (" ", "\t"):
+            if first_fold is None:
+                first_fold = run
+        elif not HEADER_LINE.match(line):
             break
-        if line[:1] in (" ", "\t") and headers:
+        run += 1
+    if run and run < len(lines) and lines[run] == "":
+        return run, run + 1
+    end = run if first_fold is None else first_fold
+    return end, end
+
+
+def split_message(lines):
+    """Split message lines (text) into ([(name, value)], body lines) by the header rule."""
+    count, body_start = header_bounds(lines)
+    headers = []
+    for line in lines[:count]:
+        if line[:1] in (" ", "\t"):
             name, value = headers[-1]
             headers[-1] = (name, value + " " + line.strip())
         else:
-            match = HEADER_LINE.match(line)
-            if not match:
-                break
-            headers.append((match.group(1), match.group(2).strip()))
-        index += 1
-    return headers, lines[index:]
+            name, _, value = line.partition(":")
+            headers.append((name, value.strip()))
+    return headers, lines[body_start:]
 
 
 def header(headers, name):
