@@ -12,11 +12,15 @@ to any standard SMTP or POP3 server.
 """
 
 import argparse
+import base64
+import binascii
 import codecs
 import datetime
 import email.policy
 import email.utils
 import getpass
+import hashlib
+import hmac
 import html
 import html.parser
 import mimetypes
@@ -71,6 +75,19 @@ COURSE_RCPT_TO = "RCPT_TO: <%s>"
 STANDARD_MAIL_FROM = "MAIL FROM:<%s>"
 STANDARD_RCPT_TO = "RCPT TO:<%s>"
 UNKNOWN_COMMAND = (500, 502)
+# Postfix takes "MAIL_FROM:" for a mail header sent as a command, answers 221 and hangs up.
+RECONNECT_CODES = UNKNOWN_COMMAND + (221,)
+
+# SMTP AUTH (RFC 4954).
+AUTH_OK, AUTH_CONTINUE, AUTH_REQUIRED, AUTH_FAILED = 235, 334, 530, 535
+CLEAR_MECHANISMS = ("PLAIN", "LOGIN")                  # the password itself goes over the wire
+MECHANISMS_IN_CLEAR = ("CRAM-MD5", "PLAIN", "LOGIN")   # PLAIN/LOGIN only with --insecure
+MECHANISMS_IN_TLS = ("PLAIN", "LOGIN", "CRAM-MD5")
+CLEAR_PASSWORD_REFUSED = ("the %s offers only %s without TLS, which would send your "
+                          "password readable by anyone on the way; use TLS (--cafile, --tls or "
+                          "--implicit-tls) or, to send it anyway, --insecure")
+CLEAR_PASSWORD_WARNING = ("Warning: --insecure: sending your password without TLS (AUTH %s) "
+                          "to the %s; anyone on the way can read it.")
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -148,6 +165,7 @@ MANAGE_HELP = """Commands (any case):
   HELP                    this list
   QUIT                    delete the marked messages, log out and end the program"""
 REPLY_HELP = 'Reply to message %d: type the body, end with a line holding only ".".'
+RETRIED = "sent again on a new connection, because the server answered MAIL_FROM: with %s"
 
 
 def parse_args(argv=None):
@@ -167,7 +185,14 @@ def parse_args(argv=None):
     parser.add_argument("--cafile", metavar="FILE",
                         help="trust the certificates in FILE (e.g. a server's self-signed one)")
     parser.add_argument("--insecure", action="store_true",
-                        help="use TLS without checking the server's certificate (not private!)")
+                        help="use TLS without checking the server's certificate, and allow AUTH "
+                             "PLAIN/LOGIN without TLS (not private!)")
+    parser.add_argument("--implicit-tls", action="store_true",
+                        help="TLS from the first byte on both connections (RFC 8314; ports "
+                             "465 and 995 by convention), no STARTTLS/STLS")
+    parser.add_argument("--auth", action="store_true",
+                        help="log in to the SMTP server (AUTH) with the username and password "
+                             "before sending; without it, only when the server asks (530)")
     args = parser.parse_args(argv)
     for name in ("smtp_port", "pop_port"):
         if not 1 <= getattr(args, name) <= 65535:
@@ -178,24 +203,26 @@ def parse_args(argv=None):
     if args.server.startswith("[") and args.server.endswith("]"):
         args.server = args.server[1:-1]
     try:
-        args.tls_policy = TLSPolicy(args.tls, args.cafile, args.insecure)
+        args.tls_policy = TLSPolicy(args.tls, args.cafile, args.insecure, args.implicit_tls)
     except (OSError, ssl.SSLError) as exc:
         parser.error("cannot read --cafile %s: %s" % (args.cafile, describe(exc)))
     return args
 
 
 class TLSPolicy:
-    """How the client uses TLS: when asked for, whenever a server offers it; only with it under --tls."""
+    """How the client uses TLS: from the first byte under --implicit-tls; else when asked for,
+    whenever a server offers it (STARTTLS/STLS), and only with it under --tls."""
 
-    def __init__(self, required=False, cafile=None, insecure=False):
+    def __init__(self, required=False, cafile=None, insecure=False, implicit=False):
         self.required = required
-        self.wanted = bool(required or cafile or insecure)
+        self.implicit = implicit
+        self.wanted = bool(required or cafile or insecure) and not implicit
         self.context = None
         if insecure:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             self.context.check_hostname = False
             self.context.verify_mode = ssl.CERT_NONE
-        elif self.wanted:
+        elif self.wanted or implicit:
             self.context = ssl.create_default_context(cafile=cafile)
 
 
@@ -920,6 +947,14 @@ class ServerError(ClientError):
     """The server refused a command; the text holds its reply."""
 
 
+class ConnectionLost(ClientError):
+    """The server closed the connection (or it broke) instead of answering."""
+
+
+class StandardNeeded(ClientError):
+    """The server refused the course spelling (500/502) or hung up on it (221): use RFC 5321."""
+
+
 class LineReader:
     """Buffered reader of lines (CRLF, or a bare LF from lenient servers) from a socket."""
 
@@ -942,7 +977,7 @@ class LineReader:
                 raise ClientError("the server sent a line longer than %d bytes" % MAX_REPLY_LINE)
             chunk = self.sock.recv(RECV_SIZE)
             if not chunk:
-                raise ClientError("the server closed the connection")
+                raise ConnectionLost("the server closed the connection")
             self.buffer += chunk
 
 
@@ -954,12 +989,15 @@ class Connection:
     def __init__(self, host, port, timeout, tls_policy):
         self.host = host
         self.where = "%s server %s port %d" % (self.PROTOCOL, host, port)
+        self.encrypted = False
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except (OSError, UnicodeError) as exc:
             raise ClientError("cannot connect to the %s: %s" % (self.where, describe(exc)))
         self.reader = LineReader(self.sock)
         try:
+            if tls_policy.implicit:
+                self.start_tls(tls_policy)   # RFC 8314: TLS from the first byte
             self.greet_and_secure(tls_policy)
         except ClientError:
             self.close()
@@ -975,7 +1013,7 @@ class Connection:
         try:
             self.sock.sendall(data)
         except OSError as exc:
-            raise ClientError("lost the connection to the %s: %s" % (self.where, describe(exc)))
+            raise ConnectionLost("lost the connection to the %s: %s" % (self.where, describe(exc)))
 
     def readline(self):
         """The next line from the server, as bytes."""
@@ -984,9 +1022,9 @@ class Connection:
         except socket.timeout:
             raise ClientError("the %s did not answer in time" % self.where)
         except OSError as exc:
-            raise ClientError("lost the connection to the %s: %s" % (self.where, describe(exc)))
+            raise ConnectionLost("lost the connection to the %s: %s" % (self.where, describe(exc)))
         except ClientError as exc:
-            raise ClientError("%s (%s)" % (exc, self.where))
+            raise exc.__class__("%s (%s)" % (exc, self.where))
 
     def start_tls(self, policy):
         """Run the TLS handshake on the connection; anything read before it is dropped."""
@@ -996,6 +1034,7 @@ class Connection:
             self.close()
             raise ClientError("TLS with the %s failed: %s" % (self.where, describe(exc)))
         self.reader = LineReader(self.sock)
+        self.encrypted = True
 
     def no_tls(self, policy, command):
         """The server offers no TLS: fine, unless --tls asked for it."""
@@ -1028,9 +1067,11 @@ class SMTPConnection(Connection):
 
     PROTOCOL = "SMTP"
 
-    def __init__(self, host, port, timeout, tls_policy):
+    def __init__(self, host, port, timeout, tls_policy, credentials):
         self.local_name = socket.gethostname() or "localhost"
         self.extensions = {}
+        self.credentials = credentials
+        self.authenticated = False
         super().__init__(host, port, timeout, tls_policy)
 
     def greet_and_secure(self, tls_policy):
@@ -1085,30 +1126,51 @@ class SMTPConnection(Connection):
         """Greet the standard way: EHLO (learning the extensions), HELO if EHLO is unknown."""
         code, lines = self.command("EHLO " + self.local_name)
         if code == 250:
-            self.extensions = {}
-            for item in lines[1:]:
-                keyword, _, params = item[4:].partition(" ")
-                self.extensions[keyword.upper()] = params
+            self.extensions = parse_extensions(lines[1:])
             return
         self.expect("HELO " + self.local_name, (250,), "HELO")
 
     def send_message(self, message):
-        """Run one mail transaction; ServerError (with the reply) on any refusal."""
+        """The course dialogue (HELO, MAIL_FROM:, RCPT_TO:, DATA); StandardNeeded when the
+        server wants RFC 5321 on a new connection, ServerError (with the reply) on a refusal."""
         self.greet()
-        code, lines = self.command(COURSE_MAIL_FROM % message.sender)
-        rcpt_to = COURSE_RCPT_TO
-        standard = code in UNKNOWN_COMMAND
-        if standard:
+        try:
+            code, lines = self.command(COURSE_MAIL_FROM % message.sender)
+        except ConnectionLost as exc:
+            raise StandardNeeded(str(exc))
+        if code in RECONNECT_CODES:
+            raise StandardNeeded(" ".join(lines))
+        if code == AUTH_REQUIRED:
             # EHLO also resets whatever state the refused command left behind.
             self.ehlo_or_helo()
-            parameters = ""
-            if "8BITMIME" in self.extensions and not _is_ascii("\n".join(message.body)):
-                parameters = " BODY=8BITMIME"
-            self.expect(STANDARD_MAIL_FROM % message.sender + parameters, (250,),
-                        "the sender %s" % message.sender)
-            rcpt_to = STANDARD_RCPT_TO
-        elif code != 250:
+            self.authenticate(lines)
+            return self.standard_transaction(message)
+        if code != 250:
             raise refusal("the sender " + message.sender, lines)
+        self.rest_of_transaction(message, COURSE_RCPT_TO, standard=False)
+
+    def send_standard(self, message, authenticate=False):
+        """The RFC 5321 dialogue: EHLO, AUTH when asked for (or on a 530), MAIL FROM:<a>..."""
+        self.ehlo_or_helo()
+        if authenticate:
+            self.authenticate()
+        self.standard_transaction(message)
+
+    def standard_transaction(self, message):
+        """MAIL FROM:<a> (AUTH first if the server answers 530), RCPT TO:<b>, DATA."""
+        mail_from = STANDARD_MAIL_FROM % message.sender
+        if "8BITMIME" in self.extensions and not _is_ascii("\n".join(message.body)):
+            mail_from += " BODY=8BITMIME"
+        code, lines = self.command(mail_from)
+        if code == AUTH_REQUIRED and not self.authenticated:
+            self.authenticate(lines)
+            code, lines = self.command(mail_from)
+        if code != 250:
+            raise refusal("the sender " + message.sender, lines)
+        self.rest_of_transaction(message, STANDARD_RCPT_TO, standard=True)
+
+    def rest_of_transaction(self, message, rcpt_to, standard):
+        """The recipients, then the message after DATA."""
         for recipient in message.recipients:
             self.expect(rcpt_to % recipient, (250, 251), "the recipient %s" % recipient)
         self.expect("DATA", (354,), "DATA")
@@ -1116,6 +1178,56 @@ class SMTPConnection(Connection):
         code, lines = self.reply()
         if code != 250:
             raise refusal("the mail", lines)
+
+    def authenticate(self, demand=None):
+        """AUTH (RFC 4954) with the user's login and password, by the safest mechanism offered."""
+        offered = self.extensions.get("AUTH", "").upper().split()
+        if not offered:
+            why = " (it answered %s)" % " ".join(demand) if demand else ""
+            raise ClientError("the %s offers no AUTH, so the client cannot log in%s"
+                              % (self.where, why))
+        mechanism = choose_mechanism(offered, self.encrypted, self.credentials.insecure, self.where)
+        if mechanism in CLEAR_MECHANISMS and not self.encrypted:
+            print(CLEAR_PASSWORD_WARNING % (mechanism, self.where))
+        login, password = self.credentials.login, self.credentials.password
+        code, lines = getattr(self, "auth_" + mechanism.replace("-", "_"))(login, password)
+        if code == AUTH_FAILED:
+            raise ServerError("the %s did not accept the login %r with its password (AUTH %s): %s"
+                              % (self.where, login, mechanism, " ".join(lines)))
+        if code != AUTH_OK:
+            raise refusal("AUTH " + mechanism, lines)
+        self.authenticated = True
+
+    def auth_PLAIN(self, login, password):
+        """AUTH PLAIN (RFC 4616): the login and password in the initial response."""
+        response = b64("\0%s\0%s" % (login, password))
+        code, lines = self.command("AUTH PLAIN " + response)
+        if code == AUTH_CONTINUE:      # a server that asks again for what it was given
+            code, lines = self.command(response)
+        return code, lines
+
+    def auth_LOGIN(self, login, password):
+        """AUTH LOGIN: the login, then the password, each asked for with a 334."""
+        code, lines = self.command("AUTH LOGIN")
+        for answer in (login, password):
+            if code != AUTH_CONTINUE:
+                return code, lines
+            code, lines = self.command(b64(answer))
+        return code, lines
+
+    def auth_CRAM_MD5(self, login, password):
+        """AUTH CRAM-MD5 (RFC 2195): an HMAC-MD5 of the server's challenge, no password sent."""
+        code, lines = self.command("AUTH CRAM-MD5")
+        if code != AUTH_CONTINUE:
+            return code, lines
+        try:
+            challenge = base64.b64decode(lines[-1][4:].strip(), validate=True)
+        except (binascii.Error, ValueError):
+            self.command("*")          # RFC 4954 4: cancel the exchange
+            raise ClientError("the %s sent a malformed CRAM-MD5 challenge" % self.where)
+        digest = hmac.new(password.encode(WIRE_ENCODING, "surrogateescape"), challenge,
+                          hashlib.md5).hexdigest()
+        return self.command(b64("%s %s" % (login, digest)))
 
     def quit(self):
         """Say goodbye and close; the mail is already sent or refused, so errors do not matter."""
@@ -1125,6 +1237,47 @@ class SMTPConnection(Connection):
         except (ClientError, OSError):
             pass
         self.close()
+
+
+class Credentials:
+    """Who the user is, for SMTP AUTH, and whether a password may go out in clear (--insecure)."""
+
+    def __init__(self, login, password, insecure=False):
+        self.login = login
+        self.password = password
+        self.insecure = insecure
+
+
+def parse_extensions(lines):
+    """{KEYWORD: parameters} from the lines after the first of an EHLO reply."""
+    extensions = {}
+    for item in lines:
+        keyword, _, params = item[4:].strip().partition(" ")
+        keyword = keyword.upper()
+        if keyword.startswith("AUTH="):      # the pre-RFC 4954 form some servers still send
+            keyword, params = "AUTH", keyword[len("AUTH="):] + " " + params
+        if keyword in extensions:
+            params = extensions[keyword] + " " + params
+        extensions[keyword] = params.strip()
+    return extensions
+
+
+def choose_mechanism(offered, encrypted, clear_allowed, where="SMTP server"):
+    """The AUTH mechanism to use of those offered; ClientError when none may be used."""
+    for mechanism in MECHANISMS_IN_TLS if encrypted else MECHANISMS_IN_CLEAR:
+        if mechanism not in offered:
+            continue
+        if mechanism in CLEAR_MECHANISMS and not (encrypted or clear_allowed):
+            raise ClientError(CLEAR_PASSWORD_REFUSED % (where, " and ".join(
+                m for m in MECHANISMS_IN_CLEAR if m in offered)))
+        return mechanism
+    raise ClientError("the %s offers no login method this client knows (it offers AUTH %s)"
+                      % (where, " ".join(offered)))
+
+
+def b64(text):
+    """Text as UTF-8 in base64, as SASL exchanges carry it."""
+    return base64.b64encode(text.encode(WIRE_ENCODING, "surrogateescape")).decode("ascii")
 
 
 def refusal(what, lines):
@@ -1584,13 +1737,33 @@ class MailClient:
         print(SENT_OK)
 
     def transmit(self, message):
-        """Send a checked mail by SMTP; ClientError says what went wrong."""
-        smtp = SMTPConnection(self.args.server, self.args.smtp_port, self.args.timeout,
-                              self.args.tls_policy)
+        """Send a checked mail: the course dialogue, then, if the server wants it, the RFC 5321
+        one on a new connection (once, silently unless that fails too)."""
+        smtp = self.connect_smtp()
         try:
-            smtp.send_message(message)
+            if self.args.auth:
+                return smtp.send_standard(message, authenticate=True)
+            return smtp.send_message(message)
+        except StandardNeeded as exc:
+            first_answer = str(exc)
         finally:
             smtp.quit()
+        try:
+            smtp = self.connect_smtp()
+        except ClientError as exc:
+            raise ClientError("%s (%s)" % (exc, RETRIED % first_answer))
+        try:
+            smtp.send_standard(message)
+        except ClientError as exc:
+            raise exc.__class__("%s (%s)" % (exc, RETRIED % first_answer))
+        finally:
+            smtp.quit()
+
+    def connect_smtp(self):
+        """A new SMTP session with the server of the command line."""
+        return SMTPConnection(self.args.server, self.args.smtp_port, self.args.timeout,
+                              self.args.tls_policy,
+                              Credentials(self.username, self.password, self.args.insecure))
 
     def manage_mail(self):
         """Log in by POP3 and run the mailbox commands; True when the user QUIT."""

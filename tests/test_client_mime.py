@@ -1,13 +1,20 @@
-"""Tests of mail_client.py for real-world mail: MIME reading, RAW, SAVE, SEARCH, REPLY.
+"""Tests of mail_client.py for real-world mail: MIME reading, RAW, SAVE, SEARCH, REPLY,
+sending through any server (Postfix's 221), SMTP AUTH and implicit TLS.
 
-Messages are built with email.message.EmailMessage and delivered through the real SMTP server.
+Messages are built with email.message.EmailMessage and delivered through the real SMTP
+server; AUTH and implicit TLS are tested against strict scripted servers in this file.
 """
 
+import base64
+import hashlib
+import hmac
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import smtplib
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,6 +38,9 @@ FakeServer = client_helpers.FakeServer
 NoTopPOP3Server = client_helpers.NoTopPOP3Server
 StandardSMTPServer = client_helpers.StandardSMTPServer
 
+TLS_CERT = os.path.join(support.REPO, "tests", "tls", "test-only-cert.pem")
+TLS_KEY = os.path.join(support.REPO, "tests", "tls", "test-only-key.pem")
+POSTFIX_GOODBYE = "221 2.7.0 Error: I can break rules, too. Goodbye."
 ROW = re.compile(r"\s*(\d+)  ")
 
 
@@ -372,6 +382,403 @@ class MimeThroughServersTest(support.BothServersTestCase, client_helpers.ClientT
 
 
 # --------------------------------------------------------------------------
+# Sending through any server: Postfix's 221 to MAIL_FROM:
+# --------------------------------------------------------------------------
+
+class PostfixLikeSMTPServer(FakeServer):
+    """Speaks RFC 5321 and answers MAIL_FROM: as Postfix does: 221, then it hangs up.
+
+    first_answer None hangs up without a word; a 500 answer keeps the connection.
+    Each connection's commands are kept apart in connections, the mails taken in messages.
+    """
+
+    def __init__(self, first_answer=POSTFIX_GOODBYE, rcpt_answer="250 2.1.5 Ok"):
+        self.first_answer = first_answer
+        self.rcpt_answer = rcpt_answer
+        self.connections = []
+        self.messages = []
+        super().__init__()
+
+    def session(self, conn, rfile):
+        lines = []
+        self.connections.append(lines)
+        self.send(conn, "220 lab.example ESMTP Postfix")
+        while True:
+            line = self.readline(rfile)
+            if line is None:
+                return
+            lines.append(line)
+            verb = line.upper()
+            if verb.startswith("EHLO "):
+                self.send(conn, "250-lab.example", "250-PIPELINING", "250 8BITMIME")
+            elif verb.startswith("HELO "):
+                self.send(conn, "250 lab.example")
+            elif verb.startswith("MAIL_FROM:"):
+                if self.first_answer:
+                    self.send(conn, self.first_answer)
+                if self.first_answer is None or self.first_answer.startswith("221"):
+                    return
+            elif verb.startswith("MAIL FROM:"):
+                self.send(conn, "250 2.1.0 Ok")
+            elif verb.startswith("RCPT TO:"):
+                self.send(conn, self.rcpt_answer)
+            elif verb == "DATA":
+                self.send(conn, "354 End data with <CR><LF>.<CR><LF>")
+                self.messages.append([])
+                while True:
+                    line = self.readline(rfile)
+                    if line in (".", None):
+                        break
+                    self.messages[-1].append(line)
+                self.send(conn, "250 2.0.0 Ok: queued as 4711")
+            elif verb == "QUIT":
+                self.send(conn, "221 2.0.0 Bye")
+                return
+            else:
+                self.send(conn, "502 5.5.2 Error: command not recognized")
+
+
+def commands(lines):
+    """The command words of one connection's commands."""
+    return [re.match(r"(MAIL_FROM:|MAIL FROM:|RCPT TO:|\S*)", line).group(1).upper() for line in lines]
+
+
+class AnyServerTest(client_helpers.ClientTestCase):
+    """A server that hangs up on (or refuses) MAIL_FROM: gets the mail on a second connection."""
+
+    def send_through(self, server):
+        self.addCleanup(server.close)
+        return run_client(ALICE + mail(body=["Hi Bob", ".dot"]) + "c\n", server.port, closed_port())
+
+    def test_postfix_221_and_close_then_the_second_connection_gets_the_mail(self):
+        server = PostfixLikeSMTPServer()
+        result = self.send_through(server)
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        self.assertNotIn("Error", result.stdout)     # silently: nothing to report
+        first, second = server.connections
+        self.assertEqual(commands(first), ["HELO", "MAIL_FROM:"])
+        self.assertEqual(commands(second), ["EHLO", "MAIL FROM:", "RCPT TO:", "DATA", "QUIT"])
+        self.assertIn("MAIL FROM:<alice@example.org>", second)
+        self.assertIn("RCPT TO:<bob@example.org>", second)
+        self.assertEqual(server.messages[0][-2:], ["Hi Bob", "..dot"])
+        self.assertEqual(len(server.messages), 1)
+
+    def test_a_close_without_a_reply_is_taken_the_same_way(self):
+        server = PostfixLikeSMTPServer(first_answer=None)
+        result = self.send_through(server)
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        self.assertEqual(len(server.connections), 2)
+        self.assertEqual(commands(server.connections[1])[:2], ["EHLO", "MAIL FROM:"])
+
+    def test_500_leaves_the_first_connection_with_quit(self):
+        server = PostfixLikeSMTPServer(first_answer="500 5.5.2 Error: bad syntax")
+        result = self.send_through(server)
+        self.assertIn(SENT, result.lines)
+        self.assertEqual(commands(server.connections[0]), ["HELO", "MAIL_FROM:", "QUIT"])
+        self.assertEqual(commands(server.connections[1])[:2], ["EHLO", "MAIL FROM:"])
+
+    def test_only_one_second_try_and_its_failure_says_why_it_was_made(self):
+        server = PostfixLikeSMTPServer(rcpt_answer="550 5.1.1 <bob@example.org>: User unknown")
+        result = self.send_through(server)
+        self.assertClean(result)
+        self.assertNotIn(SENT, result.stdout)
+        self.assertEqual(len(server.connections), 2)
+        errors = [line for line in result.lines if line.startswith("Error:")]
+        self.assertEqual(len(errors), 1, result.stdout)
+        self.assertIn("550 5.1.1 <bob@example.org>: User unknown", errors[0])
+        self.assertIn("sent again on a new connection, because the server answered MAIL_FROM: "
+                      "with " + POSTFIX_GOODBYE, errors[0])
+        self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
+
+
+# --------------------------------------------------------------------------
+# SMTP AUTH and implicit TLS, against strict scripted servers
+# --------------------------------------------------------------------------
+
+def server_tls_context():
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS_CERT, TLS_KEY)
+    return context
+
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text):
+    """Strict base64 decoding: ValueError on anything RFC 4648 does not allow."""
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+class AuthSMTPServer(FakeServer):
+    """A submission server: MAIL gets 530 until AUTH succeeds; checks each SASL exchange to the byte.
+
+    Every departure from RFC 4954/4616/2195 by the client lands in problems; auths records
+    (mechanism, inside TLS?, accepted?) and delivered the envelope of each mail taken.
+    """
+
+    LOGIN, PASSWORD = "alice", "wonderland"
+
+    def __init__(self, mechanisms=("PLAIN", "LOGIN", "CRAM-MD5"), starttls=False, implicit=False):
+        self.mechanisms, self.starttls, self.implicit = mechanisms, starttls, implicit
+        self.context = server_tls_context() if (starttls or implicit) else None
+        self.problems, self.auths, self.delivered, self.commands = [], [], [], []
+        super().__init__()
+
+    def _serve(self, conn):
+        if self.implicit:
+            conn.settimeout(support.DEADLINE)
+            try:
+                conn = self.context.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                self.problems.append("TLS handshake failed: %s" % exc)
+                conn.close()
+                return
+        super()._serve(conn)
+
+    def session(self, conn, rfile):
+        state = {"tls": self.implicit, "ehlo": False, "authed": False, "conn": conn, "rfile": rfile}
+        self.send(conn, "220 submit.example ESMTP")
+        try:
+            while True:
+                line = self.readline(state["rfile"])
+                if line is None:
+                    return
+                self.commands.append(line)
+                verb, _, rest = line.partition(" ")
+                handler = getattr(self, "on_" + verb.upper().replace(":", "").replace("_", ""), None)
+                reply = handler(state, rest) if handler else "500 5.5.2 unknown command"
+                if reply:
+                    self.send(state["conn"], reply)
+                if verb.upper() == "QUIT":
+                    return
+        finally:
+            if state["conn"] is not conn:      # the TLS socket STARTTLS made
+                state["rfile"].close()
+                state["conn"].close()
+
+    def on_EHLO(self, state, rest):
+        state["ehlo"] = True
+        extensions = ["STARTTLS"] if self.starttls and not state["tls"] else []
+        extensions += ["AUTH " + " ".join(self.mechanisms), "8BITMIME"]
+        self.send(state["conn"], "250-submit.example", *["250-" + e for e in extensions[:-1]])
+        return "250 " + extensions[-1]
+
+    def on_HELO(self, state, rest):
+        return "250 submit.example"
+
+    def on_STARTTLS(self, state, rest):
+        self.send(state["conn"], "220 2.0.0 Ready to start TLS")
+        state["conn"] = self.context.wrap_socket(state["conn"], server_side=True)
+        state["rfile"] = state["conn"].makefile("rb")
+        state.update(tls=True, ehlo=False, authed=False)   # RFC 3207 4.2: start again
+
+    def on_AUTH(self, state, rest):
+        mechanism, _, initial = rest.partition(" ")
+        if not state["ehlo"] or state["authed"] or mechanism not in self.mechanisms:
+            self.problems.append("AUTH %s out of place" % mechanism)
+            return "503 5.5.1 bad sequence"
+        try:
+            accepted = getattr(self, "sasl_" + mechanism.replace("-", "_"))(state, initial)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.problems.append("malformed %s exchange: %s" % (mechanism, exc))
+            return "501 5.5.2 malformed"
+        self.auths.append((mechanism, state["tls"], accepted))
+        state["authed"] = accepted
+        return "235 2.7.0 Authentication successful" if accepted else \
+            "535 5.7.8 Authentication credentials invalid"
+
+    def ask(self, state, challenge):
+        """Send a 334 challenge; the client's answer line."""
+        self.send(state["conn"], "334 " + challenge)
+        answer = self.readline(state["rfile"])
+        if answer is None or answer == "*":
+            raise ValueError("cancelled")
+        return answer
+
+    def sasl_PLAIN(self, state, initial):
+        response = unb64(initial or self.ask(state, ""))
+        return response == ("\0%s\0%s" % (self.LOGIN, self.PASSWORD)).encode()
+
+    def sasl_LOGIN(self, state, initial):
+        if initial:
+            raise ValueError("this client sends no initial response with LOGIN")
+        login = unb64(self.ask(state, b64(b"Username:")))
+        password = unb64(self.ask(state, b64(b"Password:")))
+        return (login, password) == (self.LOGIN.encode(), self.PASSWORD.encode())
+
+    def sasl_CRAM_MD5(self, state, initial):
+        if initial:
+            raise ValueError("CRAM-MD5 has no initial response")
+        challenge = ("<%s.%d@submit.example>" % (secrets.token_hex(8), os.getpid())).encode()
+        login, _, digest = unb64(self.ask(state, b64(challenge))).decode().partition(" ")
+        expected = hmac.new(self.PASSWORD.encode(), challenge, hashlib.md5).hexdigest()
+        if not re.fullmatch(r"[0-9a-f]{32}", digest):
+            raise ValueError("the digest is not 32 lower-case hex digits: %r" % digest)
+        return (login, digest) == (self.LOGIN, expected)
+
+    def on_MAILFROM(self, state, rest):
+        if not state["authed"]:
+            return "530 5.7.0 Authentication required"
+        if not rest.startswith("FROM:<") and not rest.startswith("<"):
+            self.problems.append("MAIL without the RFC 5321 spelling: %r" % rest)
+        state["envelope"] = [rest]
+        return "250 2.1.0 Ok"
+
+    def on_MAIL(self, state, rest):
+        return self.on_MAILFROM(state, rest)
+
+    def on_RCPT(self, state, rest):
+        if "envelope" not in state:
+            return "503 5.5.1 need MAIL"
+        state["envelope"].append(rest)
+        return "250 2.1.5 Ok"
+
+    def on_DATA(self, state, rest):
+        if "envelope" not in state:
+            return "503 5.5.1 need RCPT"
+        self.send(state["conn"], "354 go ahead")
+        while self.readline(state["rfile"]) not in (".", None):
+            pass
+        self.delivered.append(state.pop("envelope"))
+        return "250 2.0.0 Ok: queued"
+
+    def on_QUIT(self, state, rest):
+        return "221 2.0.0 Bye"
+
+
+class ImplicitTLSPOP3Server(NoTopPOP3Server):
+    """A POP3 server that speaks TLS from the first byte (POP3S, RFC 8314)."""
+
+    def _serve(self, conn):
+        conn.settimeout(support.DEADLINE)
+        try:
+            conn = server_tls_context().wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
+        super()._serve(conn)
+
+
+class AuthTest(client_helpers.ClientTestCase):
+    """The client side of SMTP AUTH (RFC 4954) and of implicit TLS (RFC 8314)."""
+
+    def send(self, server, *options, login=ALICE, pop_port=None):
+        self.addCleanup(server.close)
+        return run_client(login + mail() + "c\n", server.port, pop_port or closed_port(),
+                          "127.0.0.1", *options)
+
+    def assertSent(self, server, result):
+        self.assertClean(result)
+        self.assertIn(SENT, result.lines)
+        self.assertEqual(server.problems, [])
+        self.assertEqual(len(server.delivered), 1)
+        self.assertNotIn("wonderland", result.stdout)
+
+    def test_530_to_mail_from_is_answered_with_cram_md5_on_the_same_connection(self):
+        server = AuthSMTPServer()
+        result = self.send(server)
+        self.assertSent(server, result)
+        self.assertEqual(server.auths, [("CRAM-MD5", False, True)])
+        self.assertEqual([c.split(" ")[0] for c in server.commands if not c.startswith(("EHLO", "HELO"))][:2],
+                         ["MAIL_FROM:", "AUTH"])
+        self.assertEqual(server.delivered, [["FROM:<alice@example.org>", "TO:<bob@example.org>"]])
+        self.assertEqual(sum(c.startswith("HELO") for c in server.commands), 1)   # one connection
+
+    def test_auth_option_authenticates_from_the_start(self):
+        server = AuthSMTPServer()
+        result = self.send(server, "--auth")
+        self.assertSent(server, result)
+        self.assertEqual([c.split(" ")[0] for c in server.commands[:3]], ["EHLO", "AUTH", "MAIL"])
+        self.assertNotIn("HELO", " ".join(server.commands))
+
+    def test_plain_and_login_are_never_sent_in_clear_without_insecure(self):
+        server = AuthSMTPServer(mechanisms=("PLAIN", "LOGIN"))
+        result = self.send(server)
+        self.assertClean(result)
+        self.assertNotIn(SENT, result.stdout)
+        errors = [line for line in result.lines if line.startswith("Error:")]
+        self.assertEqual(len(errors), 1, result.stdout)
+        self.assertRegex(errors[0], r"offers only PLAIN and LOGIN without TLS.*--insecure")
+        self.assertEqual(server.auths, [])
+        self.assertFalse(any(c.startswith("AUTH") for c in server.commands))
+        self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
+
+    def test_insecure_allows_plain_in_clear_with_a_warning(self):
+        server = AuthSMTPServer(mechanisms=("LOGIN", "PLAIN"))
+        result = self.send(server, "--insecure")
+        self.assertSent(server, result)
+        self.assertEqual(server.auths, [("PLAIN", False, True)])
+        self.assertRegex(result.stdout, r"Warning: --insecure: sending your password without TLS "
+                                        r"\(AUTH PLAIN\)")
+
+    def test_login_exchange_when_it_is_all_there_is(self):
+        server = AuthSMTPServer(mechanisms=("LOGIN",))
+        result = self.send(server, "--insecure", "--auth")
+        self.assertSent(server, result)
+        self.assertEqual(server.auths, [("LOGIN", False, True)])
+
+    def test_a_wrong_password_gets_a_clear_error_and_the_menu(self):
+        server = AuthSMTPServer()
+        result = self.send(server, login="alice\nwrong\n")
+        self.assertClean(result)
+        self.assertNotIn(SENT, result.stdout)
+        self.assertEqual(server.auths, [("CRAM-MD5", False, False)])
+        self.assertIn("Error: the SMTP server 127.0.0.1 port %d did not accept the login 'alice' with "
+                      "its password (AUTH CRAM-MD5): 535 5.7.8 Authentication credentials invalid"
+                      % server.port, result.lines)
+        self.assertEqual(server.delivered, [])
+        self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
+        self.assertEqual(server.commands[-1], "QUIT")
+
+    def test_plain_is_preferred_inside_starttls(self):
+        server = AuthSMTPServer(starttls=True)
+        result = self.send(server, "--cafile", TLS_CERT)
+        self.assertSent(server, result)
+        self.assertEqual(server.auths, [("PLAIN", True, True)])
+
+    def test_login_is_the_fallback_inside_tls(self):
+        server = AuthSMTPServer(mechanisms=("CRAM-MD5", "LOGIN"), starttls=True)
+        result = self.send(server, "--cafile", TLS_CERT, "--auth")
+        self.assertSent(server, result)
+        self.assertEqual(server.auths, [("LOGIN", True, True)])
+
+    def test_implicit_tls_on_both_connections(self):
+        smtp = AuthSMTPServer(implicit=True)
+        pop = ImplicitTLSPOP3Server([["From: bob@example.org", "Subject: Over TLS", "", "secret"]])
+        self.addCleanup(pop.close)
+        result = self.send(smtp, "--implicit-tls", "--cafile", TLS_CERT)
+        self.assertSent(smtp, result)
+        self.assertEqual(smtp.auths, [("PLAIN", True, True)])
+        self.assertNotIn("STARTTLS", smtp.commands)
+        read = run_client(ALICE + "b\nRETR 1\nQUIT\n", closed_port(), pop.port, "127.0.0.1",
+                          "--implicit-tls", "--cafile", TLS_CERT)
+        self.assertClean(read)
+        self.assertIn("secret", message_lines(read, 1))
+        self.assertNotIn("STLS", pop.received)
+        self.assertNotIn("CAPA", pop.received)
+
+    def test_implicit_tls_checks_the_certificate_with_the_system_defaults(self):
+        server = AuthSMTPServer(implicit=True)
+        result = self.send(server, "--implicit-tls")
+        self.assertClean(result)
+        self.assertNotIn(SENT, result.stdout)
+        self.assertRegex(result.stdout, r"Error: TLS with the SMTP server 127.0.0.1 port \d+ "
+                                        r"failed: .*CERTIFICATE")
+        self.assertEqual(server.delivered, [])
+
+    def test_auth_option_with_a_server_without_auth_is_a_clear_error(self):
+        server = StandardSMTPServer()
+        result = self.send(server, "--auth")
+        self.assertClean(result)
+        self.assertIn("Error: the SMTP server 127.0.0.1 port %d offers no AUTH, so the client "
+                      "cannot log in" % server.port, result.lines)
+
+
+
+# --------------------------------------------------------------------------
 # The pure parts, one by one
 # --------------------------------------------------------------------------
 
@@ -457,7 +864,7 @@ class ReplyHeadersTest(unittest.TestCase):
 
 
 class TextTest(unittest.TestCase):
-    """HTML to text and the terminal width."""
+    """HTML to text, the terminal width and the choice of AUTH mechanism."""
 
     def test_html_text_keeps_link_texts_and_decodes_entities(self):
         self.assertEqual(client.html_to_text(
@@ -475,6 +882,19 @@ class TextTest(unittest.TestCase):
         self.assertEqual(client.cut_to_width("abcdef", 4), "abc\u2026")
         self.assertEqual(client.cut_to_width("\u65e5\u672c\u8a9e", 5), "\u65e5\u672c\u2026")
         self.assertEqual(client.cut_to_width("abc", 0), "\u2026")
+
+    def test_mechanism_choice(self):
+        choose = client.choose_mechanism
+        self.assertEqual(choose(["PLAIN", "LOGIN", "CRAM-MD5"], False, False), "CRAM-MD5")
+        self.assertEqual(choose(["PLAIN", "LOGIN", "CRAM-MD5"], True, False), "PLAIN")
+        self.assertEqual(choose(["LOGIN", "CRAM-MD5"], True, False), "LOGIN")
+        self.assertEqual(choose(["CRAM-MD5"], True, False), "CRAM-MD5")
+        self.assertEqual(choose(["LOGIN"], False, True), "LOGIN")
+        for offered in (["PLAIN"], ["LOGIN", "PLAIN"]):
+            with self.assertRaisesRegex(client.ClientError, "--insecure"):
+                choose(offered, False, False)
+        with self.assertRaisesRegex(client.ClientError, "XOAUTH2"):
+            choose(["XOAUTH2"], True, True)
 
 
 # --------------------------------------------------------------------------
