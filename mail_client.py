@@ -16,7 +16,7 @@ import base64
 import binascii
 import codecs
 import datetime
-import email.policy
+import email.errors
 import email.utils
 import getpass
 import hashlib
@@ -32,7 +32,6 @@ import ssl
 import sys
 import unicodedata
 from email.header import Header, decode_header, make_header
-from email.parser import BytesParser
 from email.utils import formatdate, make_msgid, parseaddr, parsedate_to_datetime
 
 # --------------------------------------------------------------------------
@@ -412,7 +411,8 @@ def decode_words(value):
         return value
     try:
         return str(make_header(decode_header(value)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, email.errors.MessageError):
+        # e.g. CharsetError for a charset name with a non-ASCII byte: show the words as sent
         return value
 
 
@@ -587,10 +587,14 @@ def is_mime(headers):
 
 def parse_email(raw_lines):
     """The message as an email.message.EmailMessage, its header block cut by the header rule."""
+    # Imported here: email.policy takes longer to load than the rest of the client, and only
+    # MIME messages need it.
+    import email.parser
+    import email.policy
     text_lines = [decode_text(line) for line in raw_lines]
     count, body_start = header_bounds(text_lines)
     data = b"\n".join(raw_lines[:count]) + b"\n\n" + b"\n".join(raw_lines[body_start:]) + b"\n"
-    return BytesParser(policy=email.policy.default).parsebytes(data)
+    return email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
 
 
 def header_text(message, name):

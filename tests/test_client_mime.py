@@ -924,6 +924,16 @@ class HelpAndInputTest(client_helpers.ClientTestCase):
         # In a pipe the listing is never cut.
         self.assertIn("A very long subject " * 7 + "A very long subject", result.stdout)
 
+    def test_a_hostile_encoded_word_does_not_crash_the_listing(self):
+        # Found by fuzzing: email.header raised CharsetError, a traceback for the whole listing.
+        pop = NoTopPOP3Server([["From: bob@example.org", "Subject: =?utf\u00e9-8?q?K=C3=A4se?=",
+                                "Hi"]])
+        self.addCleanup(pop.close)
+        result = run_client(ALICE + "b\nRETR 1\nSEARCH hi\nQUIT\n", closed_port(), pop.port)
+        self.assertClean(result)
+        self.assertIn("=?utf\u00e9-8?q?K=C3=A4se?=", result.stdout)
+        self.assertEqual(listed(result), [1, 1])
+
     def test_end_of_input_while_typing_a_reply(self):
         for typed in ("REPLY 1\n", "REPLY 1\nhalf a line"):
             with self.subTest(typed=typed):
