@@ -513,6 +513,7 @@ class HTMLText(html.parser.HTMLParser):
         self.links = []        # open <a>: (address, where its text starts in pieces)
 
     def handle_starttag(self, tag, attrs):
+        """A tag opens: maybe a line break, a bullet, hidden text or a link."""
         if tag in HTML_HIDDEN:
             self.hidden += 1
         elif tag in HTML_BLOCKS:
@@ -525,6 +526,7 @@ class HTMLText(html.parser.HTMLParser):
             self.links.append((dict(attrs).get("href") or "", len(self.pieces)))
 
     def handle_endtag(self, tag):
+        """A tag closes: maybe a line break, or a link's address after its text."""
         if tag in HTML_HIDDEN:
             self.hidden = max(0, self.hidden - 1)
         elif tag in HTML_BLOCKS:
@@ -541,6 +543,7 @@ class HTMLText(html.parser.HTMLParser):
                 self.pieces.append(" [%s]" % address)
 
     def handle_data(self, data):
+        """Text between tags, its spaces collapsed outside <pre>."""
         if self.hidden:
             return
         if not self.preformatted:
@@ -644,19 +647,26 @@ def decode_charset(data, charset, what, problems):
         codecs.lookup(charset)
     except LookupError:
         problems.append("%s: unknown charset %r; shown as UTF-8 (or Latin-1)" % (what, charset))
-        return "\n".join(decode_text(line) for line in data.split(b"\n"))
+        return guessed_text(data)
     try:
         return data.decode(charset)
     except UnicodeDecodeError:
         if charset in ("us-ascii", "ascii"):
             # Mail labelled ASCII that holds 8-bit text is nearly always UTF-8 or Latin-1.
-            return "\n".join(decode_text(line) for line in data.split(b"\n"))
-        problems.append("%s: not valid %s; the bad bytes are shown as %s"
-                        % (what, charset, REPLACEMENT))
-        return data.decode(charset, "replace")
-    except Exception:  # a codec that is not a text codec (e.g. "zlib_codec")
+            return guessed_text(data)
+    except Exception:  # codecs that are no text codecs ("zlib_codec") or fail their own way
         problems.append("%s: %r is not a text charset; shown as UTF-8 (or Latin-1)" % (what, charset))
-        return "\n".join(decode_text(line) for line in data.split(b"\n"))
+        return guessed_text(data)
+    problems.append("%s: not valid %s; the bad bytes are shown as %s" % (what, charset, REPLACEMENT))
+    try:
+        return data.decode(charset, "replace")
+    except Exception:  # a codec that knows no "replace" (e.g. "idna")
+        return guessed_text(data)
+
+
+def guessed_text(data):
+    """Bytes of unknown charset as text, line by line UTF-8 or else Latin-1 (never fails)."""
+    return "\n".join(decode_text(line) for line in data.split(b"\n"))
 
 
 def part_text_lines(part, what, problems):

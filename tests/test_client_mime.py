@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import importlib.util
 import os
+import random
 import re
 import secrets
 import shutil
@@ -895,6 +896,47 @@ class TextTest(unittest.TestCase):
                 choose(offered, False, False)
         with self.assertRaisesRegex(client.ClientError, "XOAUTH2"):
             choose(["XOAUTH2"], True, True)
+
+
+class MangledMessagesTest(unittest.TestCase):
+    """Hundreds of damaged copies of the test messages: reading them never raises."""
+
+    JUNK = [b"=?", b"?=", b"=?utf-8?b?", b"=?utf\xe9-8?q?x?=", b"\x00", b"\xff\xfe", b"--", b";",
+            b"boundary=", b"charset=", b'"', b"\n", b"\n\n", b" ", b"\t", b"=\n", b"=ZZ", b"<",
+            b"&#x110000;", b"filename*=utf-8''%ff%00", b"message/rfc822", b"charset=idna",
+            b"charset=zlib_codec", b"Content-Type: multipart/mixed; boundary=x\n",
+            b"Content-Transfer-Encoding: base64\n"]
+
+    def mangled(self, rng, data):
+        data = bytearray(data)
+        for _ in range(rng.randint(1, 6)):
+            where, what = rng.randrange(len(data) + 1), rng.random()
+            if what < 0.4:
+                data[where:where] = rng.choice(self.JUNK)
+            elif what < 0.7:
+                del data[where:where + rng.randint(1, 40)]
+            else:
+                data[where:where] = bytes([rng.randrange(256)])
+        return bytes(data).replace(b"\r\n", b"\n").split(b"\n")
+
+    def test_never_raises(self):
+        rng = random.Random(2026)   # the same cases every run
+        seeds = [build().as_bytes() for build in (quoted_printable_mail, base64_text_mail,
+                                                  html_only_mail, two_attachments_mail)]
+        seeds += [BROKEN_BASE64, UNKNOWN_CHARSET]
+        for case in range(400):
+            lines = self.mangled(rng, rng.choice(seeds))
+            with self.subTest(case=case):
+                mail = client.ReadMail(lines)
+                mail.shown_lines()
+                mail.searchable_lines()
+                for attachment in mail.attachments:
+                    attachment.describe()
+                try:
+                    client.reply_draft(mail, "alice")
+                except client.ReplyError:
+                    pass
+                client.summarize(1, [client.decode_text(line) for line in lines])
 
 
 # --------------------------------------------------------------------------
