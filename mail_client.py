@@ -2,13 +2,20 @@
 """Interactive mail client of the course mail system: sends mail by SMTP, reads it by POP3.
 
     python mail_client.py SERVER_IP [--smtp-port 2525] [--pop-port 1110] [--tls]
+                          [--cafile FILE] [--insecure] [--implicit-tls] [--auth]
 
 Both protocols are spoken over plain sockets.  Given --tls, --cafile or
 --insecure, the client makes them private with STARTTLS (SMTP) or STLS (POP3)
 whenever the server offers it; without those options it speaks exactly the
-plain dialogue of the course contract (HELO first, no capability probes).  The client talks to the course
-servers (which also accept the assignment's MAIL_FROM:/RCPT_TO: spellings) and
-to any standard SMTP or POP3 server.
+plain dialogue of the course contract (HELO first, no capability probes).
+--implicit-tls speaks TLS from the first byte instead (RFC 8314).
+
+The client talks to the course servers (which also accept the assignment's
+MAIL_FROM:/RCPT_TO: spellings) and to any standard SMTP or POP3 server: one
+that refuses or hangs up on MAIL_FROM: (Postfix does) gets the mail again on a
+new connection in the RFC 5321 spelling, and one that answers 530 gets SMTP
+AUTH with the login and password given at the start.  Mail is read the way
+mail programs read it: MIME decoded, attachments listed and saved safely.
 """
 
 import argparse
@@ -147,24 +154,23 @@ MENU_CHOICES = {
 }
 COMPOSE_HELP = """Type the mail: a From: line, a To: line (several addresses separated by commas),
 a Subject: line, then the body. End with a line holding only "."."""
-MANAGE_HINT = ("Commands: STAT, LIST, RETR n, RAW n, SAVE n, REPLY n, DELE n, RSET, "
-               "SEARCH ..., HELP, QUIT")
+MANAGE_HINT = "Commands: STAT, LIST, RETR, RAW, SAVE, REPLY, DELE, RSET, SEARCH, HELP, QUIT"
 MANAGE_HELP = """Commands (any case):
   STAT                    number of messages and their total size
   LIST [n]                size of every message (or of message n)
-  RETR n                  show message n readably: headers, text, numbered attachments
+  RETR n                  show message n readably: headers, text, attachments
   RAW n                   show message n exactly as the server sent it
-  SAVE n [k|all] [DIR]    save attachment k (default: all) of message n in DIR (default: here)
-  REPLY n                 answer message n: type the body and a "." line, as in Mail Sending
+  SAVE n [k|all] [DIR]    save attachment k (or all) of message n to DIR or here
+  REPLY n                 answer message n: type the body, then a "." line
   DELE n                  mark message n for deletion (done when you QUIT)
   RSET                    unmark all messages marked for deletion
   SEARCH words...         messages whose subject or text holds all the words
   SEARCH FROM address     messages from that sender (a part of it is enough)
   SEARCH DATE YYYY-MM-DD  messages received on that day
   HELP                    this list
-  QUIT                    delete the marked messages, log out and end the program"""
+  QUIT                    delete the marked messages, log out, end the program"""
 REPLY_HELP = 'Reply to message %d: type the body, end with a line holding only ".".'
-RETRIED = "sent again on a new connection, because the server answered MAIL_FROM: with %s"
+RETRIED = "sent again on a new connection, because %s"
 
 
 def parse_args(argv=None):
@@ -1150,10 +1156,10 @@ class SMTPConnection(Connection):
         self.greet()
         try:
             code, lines = self.command(COURSE_MAIL_FROM % message.sender)
-        except ConnectionLost as exc:
-            raise StandardNeeded(str(exc))
+        except ConnectionLost:
+            raise StandardNeeded("the server hung up on MAIL_FROM:")
         if code in RECONNECT_CODES:
-            raise StandardNeeded(" ".join(lines))
+            raise StandardNeeded("the server answered MAIL_FROM: with " + " ".join(lines))
         if code == AUTH_REQUIRED:
             # EHLO also resets whatever state the refused command left behind.
             self.ehlo_or_helo()
@@ -1759,17 +1765,17 @@ class MailClient:
                 return smtp.send_standard(message, authenticate=True)
             return smtp.send_message(message)
         except StandardNeeded as exc:
-            first_answer = str(exc)
+            why = str(exc)
         finally:
             smtp.quit()
         try:
             smtp = self.connect_smtp()
         except ClientError as exc:
-            raise ClientError("%s (%s)" % (exc, RETRIED % first_answer))
+            raise ClientError("%s (%s)" % (exc, RETRIED % why))
         try:
             smtp.send_standard(message)
         except ClientError as exc:
-            raise exc.__class__("%s (%s)" % (exc, RETRIED % first_answer))
+            raise exc.__class__("%s (%s)" % (exc, RETRIED % why))
         finally:
             smtp.quit()
 
