@@ -285,9 +285,9 @@ class MimeThroughServersTest(support.BothServersTestCase, client_helpers.ClientT
     def test_search_looks_in_decoded_text_not_in_the_transfer_encoding(self):
         result = self.manage("SEARCH K\u00e4sekuchen fertig", "SEARCH gr\u00fc\u00dfe", "SEARCH welcome",
                              "SEARCH story", "SEARCH K=C3=A4sekuchen", "SEARCH SGVsbG8",
-                             "SEARCH tlhIngan", "QUIT")
+                             "SEARCH tlhIngan", "SEARCH hello world", "QUIT")
         self.assertClean(result)
-        self.assertEqual(listed(result)[6:], [QP, B64, HTML, HTML, CHARSET])
+        self.assertEqual(listed(result)[6:], [QP, B64, HTML, HTML, CHARSET, BROKEN])
         self.assertEqual(result.stdout.count("No message matches."), 2)
 
     def test_save_all_writes_safe_names_inside_the_folder(self):
@@ -365,6 +365,19 @@ class MimeThroughServersTest(support.BothServersTestCase, client_helpers.ClientT
         self.assertIn("In-Reply-To: <files@example.org>", header)
         references = header.index("References: <older@example.org>")
         self.assertEqual(header[references + 1], " <files@example.org>")
+
+    def test_every_message_can_be_answered(self):
+        server = StandardSMTPServer()
+        self.addCleanup(server.close)
+        typed = [line for n in range(1, 7) for line in ("REPLY %d" % n, "Thanks.", ".")]
+        result = self.manage(*typed + ["QUIT"], smtp_port=server.port)
+        self.assertClean(result)
+        self.assertEqual(result.stdout.count(SENT), 6, result.stdout)
+        subjects = [line for line in server.received if line.startswith("Subject: ")]
+        self.assertEqual(subjects, ["Subject: =?utf-8?q?Re=3A_K=C3=A4sekuchen_f=C3=BCr_dich?=",
+                                    "Subject: =?utf-8?q?Re=3A_Aus_K=C3=B6ln?=",
+                                    "Subject: Re: Newsletter", "Subject: Re: Files",
+                                    "Subject: Re: Damaged", "Subject: Re: Klingon"])
 
     def test_a_reply_is_checked_like_any_mail(self):
         result = self.manage("REPLY %d" % QP, ".", "REPLY 99", "QUIT")
