@@ -775,7 +775,7 @@ class ReadMail:
         shared = {id(p) for p in body_parents if p.get_content_type() == "multipart/alternative"}
         for part, parents in parts:
             if part is body:
-                self.texts.append(part_text_lines(part, "the text", self.problems))
+                self.texts.append(part_text_lines(part, "the text part", self.problems))
             elif part.get_content_maintype() == "multipart":   # no boundary: nothing to split
                 self.problems.append("a %s part has no boundary; shown as it came"
                                      % part.get_content_type())
