@@ -513,13 +513,13 @@ def client_command(smtp_port, pop_port, host="127.0.0.1", *extra):
             "--timeout", str(CLIENT_TIMEOUT)] + list(extra)
 
 
-def run_client(stdin, smtp_port, pop_port, host="127.0.0.1", *extra):
-    """Run mail_client.py with stdin as its whole input; return a Result."""
+def run_client(stdin, smtp_port, pop_port, host="127.0.0.1", *extra, cwd=REPO):
+    """Run mail_client.py (in folder cwd) with stdin as its whole input; return a Result."""
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     proc = subprocess.run(
         client_command(smtp_port, pop_port, host, *extra),
         input=stdin.encode("utf-8"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        timeout=DEADLINE, env=env, cwd=REPO)
+        timeout=DEADLINE, env=env, cwd=cwd)
     return Result(proc.returncode, proc.stdout.decode("utf-8", "replace").replace("\r\n", "\n"),
                   proc.stderr.decode("utf-8", "replace"))
 

@@ -223,15 +223,18 @@ class FallbackTests(ClientTestCase):
         self.assertIn(SENT, result.lines)
         got = server.received
         self.assertEqual(got[1], "MAIL_FROM: <alice@example.org>")
-        self.assertRegex(got[2], r"^EHLO ")     # contract 4.7: "again ... with EHLO and the RFC spelling"
-        self.assertEqual(got[3:6], ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.org>",
+        # Contract 4.7: the first connection is left with QUIT, the mail goes on a new one
+        # "with EHLO and the RFC spelling".
+        self.assertEqual(got[2], "QUIT")
+        self.assertRegex(got[3], r"^EHLO ")
+        self.assertEqual(got[4:7], ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.org>",
                                     "RCPT TO:<carol@example.com>"])
-        self.assertEqual(got[6:10], ["DATA", "From: alice@example.org",
+        self.assertEqual(got[7:11], ["DATA", "From: alice@example.org",
                                      "To: bob@example.org, carol@example.com", "Subject: Lunch"])
         # A standard server gets an RFC 5322 message: Date and Message-ID, a blank line, the body.
-        self.assertRegex(got[10], r"^Date: \w{3}, \d{1,2} \w{3} \d{4} ")
-        self.assertRegex(got[11], r"^Message-ID: <.+@example.org>$")
-        self.assertEqual(got[12:], ["", "Hello", "..dot", ".", "QUIT"])
+        self.assertRegex(got[11], r"^Date: \w{3}, \d{1,2} \w{3} \d{4} ")
+        self.assertRegex(got[12], r"^Message-ID: <.+@example.org>$")
+        self.assertEqual(got[13:], ["", "Hello", "..dot", ".", "QUIT"])
 
     def test_standard_smtp_server_gets_8bit_text_labelled(self):
         """To a standard server 8-bit text goes with BODY=8BITMIME, an encoded subject and a charset."""
@@ -241,7 +244,7 @@ class FallbackTests(ClientTestCase):
                             server.port, closed_port())
         self.assertIn(SENT, result.lines)
         got = server.received
-        self.assertEqual(got[3], "MAIL FROM:<alice@example.org> BODY=8BITMIME")
+        self.assertEqual(got[4], "MAIL FROM:<alice@example.org> BODY=8BITMIME")
         self.assertIn("Subject: =?utf-8?b?Q2Fmw6k=?=", got)
         self.assertIn("Content-Type: text/plain; charset=utf-8", got)
         self.assertEqual(got[-4:], ["", "Gr\u00fc\u00dfe", ".", "QUIT"])
