@@ -1,0 +1,117 @@
+"""Tests of what both servers share: the mailbox format rules, the lock protocol, the wire."""
+
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import support  # noqa: E402
+
+import mail_client  # noqa: E402
+import mailserver_smtp  # noqa: E402
+
+QUICK = 3.0    # seconds: a reply owed now must not wait for a read to time out
+
+
+def stored_messages(root, login):
+    """The messages of a mailbox file, each as its stored lines (without the final '.')."""
+    data = support.read_mailbox(root, login)
+    messages, start = [], 0
+    while start < len(data):
+        end, _ = mailserver_smtp.message_end(data, start)
+        support.expect(end > 0, "torn mailbox: %r" % data[start:])
+        messages.append(data[start:end - 2].split(b"\n")[:-1])
+        start = end
+    return messages
+
+
+class HeaderRuleTest(support.BothServersTestCase):
+    """SMTP's Received, POP3's TOP n 0 and the client's split_message agree on every header block."""
+
+    # What a client sends after DATA, and the body lines the stored message must have
+    # by the one header rule (mailserver_smtp.header_block).
+    TABLE = [
+        ("an indented first body line of the course format",
+         [b"Subject: s", b"  indented first line", b"more"], [b"  indented first line", b"more"]),
+        ("a body line with a colon right after the headers (a header, by the rule)",
+         [b"Subject: s", b"Note: a colon line", b"plain body"], [b"plain body"]),
+        ("no headers at all",
+         [b"just a body", b"Subject: late"], [b"just a body", b"Subject: late"]),
+        ("a full RFC 5322 message: folded Subject, a blank line, then the body",
+         [b"From: carol@example.org", b"To: alice@example.org", b"Subject: folded", b"  continued",
+          b"Date: Tue, 1 Dec 2026 10:00:00 +0000", b"", b"body line", b"  indented body"],
+         [b"body line", b"  indented body"]),
+        ("an indented line after a header that is not Subject, no blank line",
+         [b"X-Tag: 1", b"  looks folded", b"body"], [b"  looks folded", b"body"]),
+    ]
+
+    def test_every_copy_of_the_header_rule_finds_the_same_body(self):
+        """For each tricky message, the stored form, TOP n 0 and the client split at the same line."""
+        smtp, pop = self.servers
+        for number, (case, lines, body) in enumerate(self.TABLE, 1):
+            with self.subTest(case):
+                code = support.deliver(smtp, b"".join(line + b"\r\n" for line in lines))
+                self.assertEqual(code, 250)
+                stored = stored_messages(self.root, "alice")[-1]
+                count, blank = mailserver_smtp.header_block(stored)
+                self.assertEqual(stored[count + blank:], body, "header_block on the stored form")
+                received = [i for i, line in enumerate(stored) if line.startswith(b"Received: ")]
+                self.assertEqual(len(received), 1)
+                self.assertLess(received[0], count, "Received: is inside the header block")
+                with support.PopClient(pop, "alice", support.DEFAULT_USERS["alice"]) as client:
+                    _, top = client.multi("TOP %d 0" % number)
+                    _, whole = client.multi("RETR %d" % number)
+                    client.cmd("QUIT")
+                self.assertTrue(whole.startswith(top[:-3]), "TOP is a prefix of RETR")
+                self.assertEqual(whole[len(top) - 3:-3].split(b"\r\n")[:-1], body, "POP3 TOP n 0")
+                text = [line.decode("utf-8") for line in whole[:-3].split(b"\r\n")[:-1]]
+                self.assertEqual(mail_client.split_message(text)[1], [line.decode() for line in body],
+                                 "the client's split_message")
+
+
+class DeliveryLockTest(support.OneServerTestCase):
+    """A delivery that fails while taking its locks gives back every lock it took."""
+
+    def test_a_second_lock_that_cannot_be_taken_leaves_the_first_mailbox_unlocked(self):
+        """A message for alice and bob fails on bob's lock with 451; alice's next message gets 250."""
+        bobs_lock = os.path.join(self.root, "bob", mailserver_smtp.DELIVERY_LOCK_NAME)
+        os.mkdir(bobs_lock)                  # opening the lock file now fails (EISDIR)
+        try:
+            code = support.deliver(self.server, b"Subject: both\r\n\r\nfor two\r\n",
+                                   recipients=("alice@example.org", "bob@example.org"))
+        finally:
+            os.rmdir(bobs_lock)
+        self.assertEqual(code, 451)
+        with support.smtp_session(self.server, timeout=QUICK) as client:
+            self.assertEqual(support.send_message(client, b"Subject: alone\r\n\r\nfor one\r\n")[0], 250)
+        self.assertEqual([m[2] for m in stored_messages(self.root, "alice")], [b"Subject: alone"])
+        self.assertEqual(support.read_mailbox(self.root, "bob"), b"")
+
+
+class PipelinedRepliesTest(support.BothServersTestCase):
+    """Both servers send the replies they owe before they wait for the rest of a partial line (RFC 2920 3.2)."""
+
+    def test_smtp_answers_whole_lines_before_a_partial_one_is_complete(self):
+        """HELO x, NOOP, then half a line: both replies come at once; the rest of the line then gets its own."""
+        smtp, _ = self.servers
+        with smtp.connect(QUICK) as client:
+            self.assertEqual(client.reply()[0], 220)
+            client.send(b"HELO x\r\nNOOP\r\nNO")
+            self.assertEqual(client.reply()[1], ["250 OK Hello x"])
+            self.assertEqual(client.reply()[1], ["250 OK"])
+            self.assertEqual(client.cmd("OP")[1], ["250 OK"])
+
+    def test_pop3_answers_whole_lines_before_a_partial_one_is_complete(self):
+        """CAPA, USER, then half of PASS: both replies come at once; the whole PASS then logs in."""
+        _, pop = self.servers
+        with support.PopClient(pop, timeout=QUICK) as client:
+            client.send(b"CAPA\r\nUSER alice\r\nPASS wonder")
+            self.assertEqual(client.line(), "+OK Capability list follows")
+            client.body()
+            self.assertEqual(client.line(), "+OK send PASS")
+            self.assertTrue(client.cmd("land").startswith("+OK alice's maildrop"))
+            client.cmd("QUIT")
+
+
+if __name__ == "__main__":
+    unittest.main()
