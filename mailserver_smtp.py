@@ -48,6 +48,10 @@ MAX_RECIPIENTS = 100         # RFC 5321 4.5.3.1.8
 MAX_BAD_COMMANDS = 10        # in a row, then 421 and close
 
 LF_DATA_END = re.compile(rb"\r?\n\.\r?\n")  # a lone '.' line, in a session typed with bare LF
+_ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\ud7ff\ue000-\U0010ffff-]+"   # RFC 5321 4.1.2, RFC 6531
+_LABEL = "[A-Za-z0-9\u0080-\ud7ff\ue000-\U0010ffff-]+"
+DOT_STRING = re.compile(r"%s(?:\.%s)*\Z" % (_ATOM, _ATOM))
+DOMAIN = re.compile(r"(?:%s(?:\.%s)*|\[[!-Z^-~]+\])\Z" % (_LABEL, _LABEL))   # a name, or [address literal]
 
 MESSAGE_TOO_LARGE = "552 Message exceeds fixed maximum message size"
 
@@ -444,7 +448,12 @@ def received_stamp():
 
 
 def parse_path(text):
-    """Split '<addr> PARAMS' into (addr, [params]); None when it is not a valid path."""
+    """Split '<addr> PARAMS' into (addr, [params]); None when addr is no RFC 5321 path.
+
+    The local part must be a Dot-string (4.1.2): atoms joined by single
+    dots, so no address can be '..' or start with a dot.  UTF-8 is taken
+    in both parts (RFC 6531); bytes that are not UTF-8 are not.
+    """
     text = text.strip()
     if text.startswith("<"):
         end = text.find(">")
@@ -455,11 +464,10 @@ def parse_path(text):
         address, _, rest = text.partition(" ")
     if address.startswith("@") and ":" in address:    # obsolete source route: ignore it
         address = address.split(":", 1)[1]
-    if len(address) > MAX_PATH or any(c in address for c in ' <>"\\,;') or \
-            any(ord(c) < 33 or ord(c) == 127 for c in address):
+    if len(address) > MAX_PATH:
         return None
-    local, at, domain = address.rpartition("@")
-    if at and not (local and domain):
+    local, at, domain = address.partition("@")
+    if address and not DOT_STRING.match(local) or at and not DOMAIN.match(domain):
         return None
     return address, rest.split()
 
@@ -857,7 +865,7 @@ class SMTPSession(Session):
 
     def do_HELO(self, argument):
         """Greet the client; a new greeting also ends any transaction."""
-        if not argument:
+        if not argument.isprintable() or not argument:    # bytes that are no UTF-8 show as unprintable
             return self.reply("501 Syntax: HELO hostname")
         self._reset()
         self.client_name = argument
@@ -865,7 +873,7 @@ class SMTPSession(Session):
 
     def do_EHLO(self, argument):
         """Greet the client and list the service extensions (RFC 5321 4.1.1.1)."""
-        if not argument:
+        if not argument.isprintable() or not argument:    # bytes that are no UTF-8 show as unprintable
             return self.reply("501 Syntax: EHLO hostname")
         self._reset()
         self.client_name = argument
