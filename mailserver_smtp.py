@@ -60,7 +60,7 @@ RECV_SIZE = 65536            # bytes asked of the socket at a time
 SEND_THRESHOLD = 256 * 1024  # queued replies are sent once they reach this size
 ACCEPT_RETRY_DELAY = 0.05    # seconds to wait after accept() fails, e.g. out of descriptors
 SHUTDOWN_GRACE = 30          # seconds the work in flight gets to finish after Ctrl-C/SIGTERM
-THREAD_STACK_SIZE = 512 * 1024
+THREAD_STACK_SIZE = 512 * 1024   # bytes (see use_small_thread_stacks)
 
 log = logging.getLogger("smtp")
 
@@ -1265,7 +1265,7 @@ def leave_signals_to_main_thread():
 
 def run_server(server_class, args, name):
     """Run a server until Ctrl-C or SIGTERM; return the exit code."""
-    threading.stack_size(THREAD_STACK_SIZE)
+    use_small_thread_stacks()
     run_on_one_cpu()
     configure_logging(name)
     try:
@@ -1408,6 +1408,15 @@ def set_idle_timeout(sock, seconds):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
     else:
         sock.settimeout(seconds)
+
+
+def use_small_thread_stacks():
+    """Give the threads started from now on small stacks (call before starting any).
+
+    Small stacks fit many more in glibc's cache of freed stacks, so a thread
+    per connection does not map and unmap 8 MiB each time.
+    """
+    threading.stack_size(THREAD_STACK_SIZE)
 
 
 def run_on_one_cpu():
