@@ -13,6 +13,7 @@ and the server loop skeleton, each headed "shared with pop_server.py" below.
 
 import argparse
 import contextlib
+import errno
 import hmac
 import io
 import itertools
@@ -22,8 +23,10 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
+import tempfile
 import threading
 import time
 import _thread
@@ -46,14 +49,19 @@ MAX_TEXT_LINE = 1000         # RFC 5321 4.5.3.1.6, CRLF included
 MAX_PATH = 256               # RFC 5321 4.5.3.1.3
 MAX_RECIPIENTS = 100         # RFC 5321 4.5.3.1.8
 MAX_BAD_COMMANDS = 10        # in a row, then 421 and close
+MIN_DATA_RATE = 500          # bytes/s a slow DATA sender must keep up (Postfix's smtpd_min_data_rate)
+SPOOL_THRESHOLD = 256 * 1024 # bytes of a message kept in memory; a larger one goes to ROOT/.spool
+COPY_CHUNK = 1 << 20         # bytes copied from a spool file at a time
 
-LF_DATA_END = re.compile(rb"\r?\n\.\r?\n")  # a lone '.' line, in a session typed with bare LF
+LF_DATA_END = re.compile(rb"(\r?\n)\.\r?\n")  # a lone '.' line, in a session typed with bare LF
 _ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\ud7ff\ue000-\U0010ffff-]+"   # RFC 5321 4.1.2, RFC 6531
 _LABEL = "[A-Za-z0-9\u0080-\ud7ff\ue000-\U0010ffff-]+"
 DOT_STRING = re.compile(r"%s(?:\.%s)*\Z" % (_ATOM, _ATOM))
 DOMAIN = re.compile(r"(?:%s(?:\.%s)*|\[[!-Z^-~]+\])\Z" % (_LABEL, _LABEL))   # a name, or [address literal]
 
 MESSAGE_TOO_LARGE = "552 Message exceeds fixed maximum message size"
+LINE_TOO_LONG = "500 Line too long"
+LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error in processing"
 
 # Both servers (the skeleton below reads these too).
 RECV_SIZE = 65536            # bytes asked of the socket at a time
@@ -93,6 +101,14 @@ def parse_args(argv=None):
 #   .my_mailbox.index      POP3's unique ids and index cache; only POP3 writes
 #                          it, holding the session lock
 #   .my_mailbox.new        a POP3 rewrite, until it is renamed over my_mailbox
+#   .my_mailbox.torn       what crashed appends left: bytes of messages never
+#                          acknowledged, set aside (appended, never served)
+#
+# and ROOT/.spool holds SMTP's large messages while they arrive.  The
+# servers open every one of these files without following a symlink and
+# use it only if it is a regular file, so a link planted in a user's folder
+# cannot make them write or read anywhere else (a user's folder may itself
+# be a symlink: that is the admin's choice).
 #
 # The lock protocol.  Each mailbox has two locks.  Both are kernel locks
 # (flock, or msvcrt on Windows) on a lock file of their own, which every
@@ -136,8 +152,13 @@ SESSION_LOCK_NAME = ".my_mailbox.pop.lock"
 INDEX_NAME = ".my_mailbox.index"
 NEW_INDEX_NAME = ".my_mailbox.index.new"
 NEW_MAILBOX_NAME = ".my_mailbox.new"
+TORN_NAME = ".my_mailbox.torn"
+SPOOL_NAME = ".spool"
 
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows: no newline translation in mailboxes
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # POSIX: a symlink is refused, not followed
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # a FIFO planted as a mailbox must not hang the open
+READ_BACK = 65536                           # bytes read at a time when looking back for a message end
 LOGIN_PATTERN = re.compile(r"[A-Za-z0-9._-]+\Z")
 HEADER_LINE = re.compile(rb"[!-9;-~]+:")     # RFC 5322 2.2: a field name, then ':'
 
@@ -236,7 +257,7 @@ class FileLock:
 
     def acquire(self, blocking=True):
         """Take the lock; with blocking=False return False at once if someone holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o600)
+        fd, _ = open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
             locked = _lock_fd(fd, blocking)
         except BaseException:
@@ -288,6 +309,22 @@ def _unlock_fd(fd):
     else:
         os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+def open_regular(path, flags, mode=0o600):
+    """Open a file of the mail root for os-level I/O: (fd, its os.stat_result).
+
+    OSError if the path is a symlink or not a regular file.
+    """
+    fd = os.open(path, flags | O_NOFOLLOW | O_NONBLOCK | O_BINARY, mode)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def delivery_lock(mailbox_path):
@@ -363,6 +400,57 @@ def header_block(lines):
     return (count if before_folding is None else before_folding), False
 
 
+def whole_messages_end(fd, size):
+    """Where the last whole message of a mailbox file of size bytes ends (0 if it holds none).
+
+    A message ends with "\\n.\\n", which occurs nowhere else, so the file is
+    read backwards until one shows (almost always in its last 3 bytes).
+    """
+    later = b""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - (3 if pos == size else READ_BACK))
+        os.lseek(fd, start, os.SEEK_SET)
+        chunk = os.read(fd, pos - start)
+        found = (chunk + later[:2]).rfind(b"\n.\n")
+        if found >= 0:
+            return start + found + 3
+        later, pos = chunk, start
+    return 2 if later.startswith(b".\n") else 0     # an empty first message
+
+
+def set_torn_tail_aside(fd, path, size):
+    """Move what follows the last whole message of a mailbox of size bytes to its .torn file; return the new size.
+
+    The caller holds the delivery lock, so no append is under way: bytes
+    after the last '.' line belong to an append a crash cut short, which no
+    client was told had worked.  They are kept in .my_mailbox.torn (added
+    to its end) and logged, and never served as a message.
+    """
+    end = whole_messages_end(fd, size)
+    if end == size:
+        return size
+    torn_path = os.path.join(os.path.dirname(path), TORN_NAME)
+    torn, _ = open_regular(torn_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.lseek(fd, end, os.SEEK_SET)
+        while True:
+            chunk = os.read(fd, READ_BACK)
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(torn, view):]
+        os.fsync(torn)
+    finally:
+        os.close(torn)
+    os.ftruncate(fd, end)
+    os.fsync(fd)
+    log.warning("%s ended in %d bytes of a message cut short; they are now at the end of %s",
+                path, size - end, torn_path)
+    return end
+
+
 def fsync_directory(path):
     """Make a new or renamed directory entry durable (where a directory can be opened)."""
     try:
@@ -381,26 +469,26 @@ def fsync_directory(path):
 # Parsing: from SMTP DATA to the stored form
 # --------------------------------------------------------------------------
 
-def stored_body(data, strict):
-    """Turn the DATA bytes (without their terminator) into mailbox lines ending in \\n.
+def stored_lines(run, strict):
+    """Turn whole lines of DATA, as they came on the wire, into mailbox lines ending in \\n.
 
-    The mailbox keeps SMTP's dot-stuffing, so well-formed lines are stored as
-    they came.  In a CRLF session a bare LF is not a line end on the wire,
-    but it is one in the file: each piece it starts is unstuffed/stuffed on
-    its own so that no piece can ever read as a lone "." terminator.
-    Returns (stored bytes, longest wire line length).
+    run ends with a line end.  The mailbox keeps SMTP's dot-stuffing, so
+    well-formed lines are stored as they came, less their CR.  In a CRLF
+    (strict) session a bare LF is not a line end on the wire, but it is one
+    in the file: each piece it starts is unstuffed/stuffed on its own so
+    that no piece can ever read as a lone "." line.
+    Returns (stored bytes, length of the longest wire line without its end).
     """
-    if not data:
-        return b"", 0
     if not strict:
-        lines = [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n")]
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in run.split(b"\n")[:-1]]
         return b"\n".join(lines) + b"\n", max(map(len, lines))
-    lines = data.split(b"\r\n")
-    longest = max(map(len, lines))
-    if data.count(b"\n") == len(lines) - 1:   # no bare LF: the wire form is the stored form
-        return data.replace(b"\r\n", b"\n") + b"\n", longest
+    stored = run.replace(b"\r\n", b"\n")
+    wire_lines = run.split(b"\r\n")
+    longest = max(map(len, wire_lines))
+    if stored.count(b"\n") == len(run) - len(stored):   # no bare LF: each \n was a CRLF
+        return stored, longest
     pieces = []
-    for line in lines:
+    for line in wire_lines[:-1]:
         if line.startswith(b"."):
             line = line[1:]
         for piece in line.split(b"\n"):
@@ -408,18 +496,20 @@ def stored_body(data, strict):
     return b"\n".join(pieces) + b"\n", longest
 
 
-def stored_message(body, sender, recipients, received):
-    """Add the headers the mailbox format asks for to a stored body; end it with '.'.
+def stored_layout(lines, size, sender, recipients, received):
+    """The stored message as pieces: bytes to add, and (start, end) ranges of the stored body.
 
-    Missing From/To come from the envelope; Received goes right after
-    Subject (and its folded lines), or, with no Subject, an empty Subject
-    and then Received close the header block.
+    lines() gives the stored body's lines from the first (only the header
+    block is read); size is the body's length.  Missing From/To come from
+    the envelope; Received goes right after Subject (and its folded lines),
+    or, with no Subject, an empty Subject and then Received close the header
+    block.  A body with no line gets an empty one, and '.' ends the message.
     """
-    count, _ = header_block(io.BytesIO(body))
+    count, _ = header_block(lines())
     present = set()
     pos = 0                  # where the header block ends
     subject_end = None       # after the Subject line and its folded lines
-    for line in itertools.islice(io.BytesIO(body), count):
+    for line in itertools.islice(lines(), count):
         if line[:1] in (b" ", b"\t"):
             if subject_end == pos:
                 subject_end += len(line)
@@ -435,11 +525,16 @@ def stored_message(body, sender, recipients, received):
     if b"to" not in present:
         head += b"To: " + b", ".join(recipients) + b"\n"
     received = b"Received: " + received + b"\n"
-    if pos == len(body):                   # the mailbox format wants one body line at least
-        body += b"\n"
+    end = b"\n.\n" if pos == size else b".\n"     # the format wants one body line at least
     if subject_end is None:
-        return b"".join((head, body[:pos], b"Subject: \n", received, body[pos:], b".\n"))
-    return b"".join((head, body[:subject_end], received, body[subject_end:], b".\n"))
+        return [head, (0, pos), b"Subject: \n" + received, (pos, size), end]
+    return [head, (0, subject_end), received, (subject_end, size), end]
+
+
+def stored_message(body, sender, recipients, received):
+    """The whole stored form of a stored body held in memory (see stored_layout)."""
+    pieces = stored_layout(lambda: io.BytesIO(body), len(body), sender, recipients, received)
+    return b"".join(body[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
 
 
 def received_stamp():
@@ -476,8 +571,89 @@ def parse_path(text):
 # Delivery: appending a message to the recipients' mailboxes
 # --------------------------------------------------------------------------
 
+class Spool:
+    """A message's stored body while it arrives: in memory while small, then in a file in ROOT/.spool.
+
+    The file has no name (it is removed as soon as it is made, or made
+    without one), so nothing of it outlives the process, even a kill -9.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.parts = []              # the body, while it is in memory
+        self.file = None
+        self.size = 0                # bytes stored
+        self.wire_size = 0           # their RFC 1870 size
+
+    def write(self, stored):
+        """Add stored lines (ending with \\n) to the body."""
+        self.size += len(stored)
+        self.wire_size += wire_size(stored)
+        if self.file is not None:
+            self.file.write(stored)
+            return
+        self.parts.append(stored)
+        if self.size > SPOOL_THRESHOLD:
+            self.file = spool_file(self.folder)
+            self.file.write(b"".join(self.parts))
+            self.parts = None
+
+    def body(self):
+        """The body, while it is in memory."""
+        if len(self.parts) > 1:
+            self.parts = [b"".join(self.parts)]
+        return self.parts[0] if self.parts else b""
+
+    def lines(self):
+        """An iterator over the body's lines, from the first."""
+        if self.file is None:
+            return io.BytesIO(self.body())
+        self.file.seek(0)
+        return self.file
+
+    def message(self, layout):
+        """The stored message laid out by stored_layout: bytes, or a SpooledMessage when large."""
+        if self.file is None:
+            body = self.body()
+            return b"".join([body[p[0]:p[1]] if isinstance(p, tuple) else p for p in layout])
+        self.file.flush()
+        return SpooledMessage(self.file, layout)
+
+    def close(self):
+        """Forget the body (a spool file vanishes)."""
+        if self.file is not None:
+            self.file.close()
+        self.file, self.parts = None, []
+
+
+class SpooledMessage:
+    """A stored message too large for memory: bytes to add and ranges of a spool file, in order."""
+
+    def __init__(self, file, layout):
+        self.file = file
+        self.layout = layout
+
+    def __len__(self):
+        return sum(p[1] - p[0] if isinstance(p, tuple) else len(p) for p in self.layout)
+
+    def write_to(self, fd):
+        """Write the message to fd, a chunk at a time."""
+        for piece in self.layout:
+            if not isinstance(piece, tuple):
+                write_all(fd, piece)
+                continue
+            start, end = piece
+            while start < end:
+                self.file.seek(start)
+                chunk = self.file.read(min(COPY_CHUNK, end - start))
+                if not chunk:
+                    raise OSError("the spool file shrank")
+                write_all(fd, chunk)
+                start += len(chunk)
+
+
 def deliver(message, mailbox_paths):
-    """Append one stored-form message to every mailbox; return once it is on disk in all of them.
+    """Append one stored message to every mailbox; return once it is on disk in all of them.
 
     Holding the delivery locks of all the mailboxes (in sorted order, as the
     lock protocol asks), append the message to each and fsync each; on any
@@ -493,10 +669,10 @@ def deliver(message, mailbox_paths):
         try:
             for path in paths:
                 held.enter_context(delivery_lock(path))
-                fd = open_mailbox(path)
+                fd, st = open_mailbox(path)
                 held.callback(os.close, fd)
-                appended.append((fd, os.fstat(fd).st_size))
-                append_message(fd, appended[-1][1], message)
+                appended.append((fd, set_torn_tail_aside(fd, path, st.st_size)))
+                append_message(fd, message)
             for fd, _ in appended:
                 os.fsync(fd)
         except BaseException:
@@ -506,41 +682,48 @@ def deliver(message, mailbox_paths):
 
 
 def open_mailbox(path):
-    """Open a mailbox for appending, creating it (durably) when it is absent."""
-    flags = os.O_RDWR | os.O_APPEND | O_BINARY
+    """Open a mailbox for appending, creating it (durably) when it is absent: (fd, os.stat_result)."""
+    flags = os.O_RDWR | os.O_APPEND
     try:
-        return os.open(path, flags)
+        return open_regular(path, flags)
     except FileNotFoundError:
-        fd = os.open(path, flags | os.O_CREAT, 0o600)
+        opened = open_regular(path, flags | os.O_CREAT)
         fsync_directory(os.path.dirname(path))
-        return fd
+        return opened
 
 
-def append_message(fd, size, message):
-    """Write message at the end of a mailbox of size bytes (its lock held); return the new size.
+def append_message(fd, message):
+    """Write a message (bytes, or a SpooledMessage) at the end of a mailbox whose lock is held."""
+    if isinstance(message, bytes):
+        write_all(fd, message)
+    else:
+        message.write_to(fd)
 
-    A crash during an earlier append can leave a torn last message, without
-    its '.' line: closing it first keeps the new message apart from it.
-    """
-    seal = b""
-    if size:
-        os.lseek(fd, max(0, size - 3), os.SEEK_SET)
-        tail = os.read(fd, 3)
-        if tail != b"\n.\n" and not (size == 2 and tail == b".\n"):    # the format's message end
-            seal = (b"" if tail.endswith(b"\n") else b"\n") + b".\n"
-    data = memoryview(seal + message)
-    while data:
-        data = data[os.write(fd, data):]
-    return size + len(seal) + len(message)
+
+def write_all(fd, data):
+    """Write all of data to fd."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def cut_back(fd, size):
-    """Undo a failed append: nothing partial may stay in a mailbox."""
+    """Undo a failed append, so that nothing unacknowledged stays in a mailbox; False if that failed."""
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
+        return True
+    except OSError as exc:
+        log.critical("could not cut a mailbox back to %d bytes (it has %s) after a failed delivery: %s",
+                     size, _size_of(fd), exc)
+        return False
+
+
+def _size_of(fd):
+    try:
+        return os.fstat(fd).st_size
     except OSError:
-        log.exception("could not cut a mailbox back to %d bytes after a failed delivery", size)
+        return "an unknown size"
 
 
 # --------------------------------------------------------------------------
@@ -576,8 +759,10 @@ class Wire:
     behind a half-sent line: RFC 2920 3.2), or when the queue grows large.
     """
 
-    def __init__(self, sock):
+    def __init__(self, sock, timeout):
         self.sock = sock
+        self.timeout = timeout        # seconds a read may wait for the client
+        self.waiting = timeout        # seconds the socket is set to wait now
         self.buffer = bytearray()     # received, not read yet
         self.pending = []             # queued to send (bytes)
         self.pending_size = 0
@@ -596,21 +781,40 @@ class Wire:
             self.pending, self.pending_size = [], 0
             self.sock.sendall(data)
 
-    def fill(self):
-        """Send what is queued, then wait for more bytes from the client."""
+    def fill(self, deadline=None):
+        """Send what is queued, then wait for more bytes from the client; return how many came.
+
+        deadline (a time.monotonic() value) cuts the wait short: past it,
+        socket.timeout is raised as for a client silent too long.
+        """
         self.flush()
+        wait = self.timeout
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("deadline passed")
+            # A deadline further off than half the timeout leaves the wait as
+            # it is: changing it costs two system calls, and it is checked again
+            # after the read.
+            if left < self.timeout / 2:
+                wait = left
+        if wait != self.waiting:
+            set_idle_timeout(self.sock, wait)
+            self.waiting = wait
         chunk = self.sock.recv(RECV_SIZE)
         if not chunk:
             raise ConnectionClosed()
         self.buffer += chunk
+        return len(chunk)
 
     def readline(self, limit):
         """Return (line without its end, True if it ended in CRLF); raise LineTooLong past limit.
 
         limit counts the line end too.  A longer line is thrown away as it
-        comes in, so it never sits in memory whole.
+        comes in, so it never sits in memory whole.  A line must be complete
+        within the timeout of its first byte, so it cannot be trickled in.
         """
-        scanned = 0
+        scanned, deadline = 0, None
         while True:
             end = self.buffer.find(b"\n", scanned)
             if end >= 0:
@@ -621,7 +825,9 @@ class Wire:
                 limit = -1
             else:
                 scanned = len(self.buffer)
-            self.fill()
+            if deadline is None and (scanned or limit < 0):
+                deadline = time.monotonic() + self.timeout
+            self.fill(deadline)
         line = bytes(self.buffer[:end])
         del self.buffer[:end + 1]
         if limit < 0 or end + 1 > limit:
@@ -630,7 +836,7 @@ class Wire:
             return line[:-1], True
         return line, False
 
-    def start_tls(self, context, timeout):
+    def start_tls(self, context):
         """Send what is queued, then run a server-side TLS handshake (raises ssl.SSLError, OSError).
 
         What the client sent behind the command came before the handshake:
@@ -638,8 +844,9 @@ class Wire:
         """
         self.flush()
         del self.buffer[:]
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(self.timeout)
         self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.waiting = self.timeout
 
     def close(self):
         """Send what is queued (if the client still listens) and close."""
@@ -668,7 +875,7 @@ class Session:
         self.server = server
         self.peer = peer
         self.verbose = server.verbose
-        self.wire = Wire(sock)
+        self.wire = Wire(sock, server.timeout)
         self.last_reply = ""          # the last line queued
         self.tls_active = False
         self.crlf = True              # did the last command line end in CRLF?
@@ -726,7 +933,7 @@ class Session:
         Then the protocol forgets what was said before (RFC 3207 4.2, RFC 2595 4).
         """
         try:
-            self.wire.start_tls(self.server.tls, self.server.timeout)
+            self.wire.start_tls(self.server.tls)
         except (ssl.SSLError, OSError) as exc:
             log.info("%s TLS handshake failed: %s", self.peer, exc)
             raise SessionEnd("TLS handshake failed")
@@ -763,40 +970,93 @@ class Session:
 
 # -- The SMTP session
 
-def read_data(wire, strict, max_size):
-    """Read a DATA block up to its lone '.' line; return its bytes, or None past max_size bytes.
+def read_data(wire, strict, spool, max_size, timeout):
+    """Read a DATA block up to its lone '.' line into spool, stored; return why it is refused, or None.
 
     In a CRLF (strict) session only <CRLF>.<CRLF> ends the data, so a body
     holding "\\n.\\n" or "\\r.\\n" cannot end the message early and smuggle
     what follows in as a second message.  A session typed with bare LF
-    ends at any line holding only '.'.  Oversized data is read and
-    thrown away, keeping only the last few bytes to spot the end.
+    ends at any line holding only '.'.  Each whole line goes to the spool
+    as soon as it is in, so memory holds only a chunk and one line; once
+    the message is too large or a line too long, the rest is read and
+    thrown away to find the end.  A client that trickles gets its
+    `timeout` as a budget, refilled by a second for every MIN_DATA_RATE
+    bytes it sends (as Postfix's smtpd_min_data_rate does).
     """
     buffer = wire.buffer
     # The DATA command's own line end, put back so that a '.' on the very
     # first line is found like any other end of data.
     buffer[:0] = b"\r\n"
-    scanned = 0
-    dropped = False
+    start, refused = 2, None          # start: the first line not stored yet
+    budget = DataBudget(timeout)
+    line_end = b"\r\n" if strict else b"\n"
+    if len(buffer) == 2:              # nothing of the message has come yet
+        budget.spend(wire.fill(budget.deadline()))
     while True:
-        if strict:
-            end = buffer.find(b"\r\n.\r\n", scanned)
-            if end >= 0:
-                skip = 5
-                break
-        else:
-            found = LF_DATA_END.search(buffer, scanned)
-            if found:
-                end, skip = found.start(), len(found.group())
-                break
-        if len(buffer) > max_size + 5:
-            del buffer[:-4]
-            dropped = True
-        scanned = max(0, len(buffer) - 4)
-        wire.fill()
-    data = None if dropped or end - 2 > max_size else bytes(buffer[2:end])
-    del buffer[:end + skip]
-    return data
+        dot, after = data_end(buffer, start - 2, strict)
+        if dot >= 0:
+            if refused is None and dot > start:        # the last line, before the '.' line
+                refused = _store(spool, buffer[start:dot], strict, max_size)
+            del buffer[:after]
+            return refused
+        whole = buffer.rfind(line_end, start) + len(line_end)
+        if refused is None and whole > start:
+            refused = _store(spool, buffer[start:whole], strict, max_size)
+            start = whole
+        if refused is None and len(buffer) - start > MAX_TEXT_LINE:
+            refused = LINE_TOO_LONG
+        if refused is not None:
+            start = len(buffer) - 2                    # keep what could begin the '.' line
+        del buffer[:start - 2]
+        start = 2
+        budget.spend(wire.fill(budget.deadline()))
+
+
+def data_end(buffer, start, strict):
+    """Where the '.' line that ends DATA begins in buffer (searched from start), and what follows it.
+
+    Returns (dot, after), the offsets of the '.' and of the byte after its
+    line; (-1, -1) if the '.' line is not there yet.
+    """
+    if strict:
+        end = buffer.find(b"\r\n.\r\n", max(start, 0))
+        return (end + 2, end + 5) if end >= 0 else (-1, -1)
+    found = LF_DATA_END.search(buffer, max(start, 0))
+    return (found.end(1), found.end()) if found else (-1, -1)
+
+
+def _store(spool, run, strict, max_size):
+    """Add whole wire lines to the spool in their stored form; return why the message is refused, or None."""
+    stored, longest = stored_lines(run, strict)
+    if longest > MAX_TEXT_LINE - 2:
+        return LINE_TOO_LONG
+    try:
+        spool.write(stored)
+    except OSError as exc:
+        log.error("cannot spool a message in %s: %s", spool.folder, exc)
+        return LOCAL_ERROR
+    if spool.wire_size > max_size:
+        return MESSAGE_TOO_LARGE
+    return None
+
+
+class DataBudget:
+    """The time a client has left to send its DATA: `timeout`, refilled by what it sends."""
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self.left = timeout
+        self.since = time.monotonic()
+
+    def deadline(self):
+        """When the client runs out of time, if it sends nothing more."""
+        return self.since + self.left
+
+    def spend(self, received):
+        """Charge the time since the last read; credit `received` bytes at MIN_DATA_RATE."""
+        now = time.monotonic()
+        self.left = min(self.timeout, self.left - (now - self.since) + received / MIN_DATA_RATE)
+        self.since = now
 
 
 class SMTPSession(Session):
@@ -940,33 +1200,28 @@ class SMTPSession(Session):
             return self.reply("503 Need RCPT (recipient)")
         with self.server.in_flight:     # from the 354 on, a shutdown waits for this message
             self.reply('354 Enter mail, end with "." on a line by itself')
-            # Dot-stuffing can make the wire form up to 4/3 of the message size;
-            # past that the message is surely too large and is not kept in memory.
-            data = read_data(self.wire, self.crlf, self.server.max_size * 4 // 3 + 5)
-            if data is None:
-                self.reply(MESSAGE_TOO_LARGE)
-            else:
-                self._accept(data)
+            spool = Spool(self.server.spool_folder)
+            try:
+                refused = read_data(self.wire, self.crlf, spool, self.server.max_size, self.server.timeout)
+                self.reply(refused or self._accept(spool))
+            finally:
+                spool.close()
         self._reset()
 
-    def _accept(self, data):
-        """Store a received message for every recipient, then say 250 (or why not)."""
-        body, longest = stored_body(data, self.crlf)
-        if longest > MAX_TEXT_LINE - 2:
-            return self.reply("500 Line too long")
-        if wire_size(body) > self.server.max_size:
-            return self.reply(MESSAGE_TOO_LARGE)
+    def _accept(self, spool):
+        """Store a received message for every recipient; return the reply (250, or why not)."""
         encode = lambda text: text.encode("utf-8", "surrogateescape")
-        message = stored_message(body, encode(self.sender), [encode(r) for r in self.recipients],
-                                 received_stamp())
+        layout = stored_layout(spool.lines, spool.size, encode(self.sender),
+                               [encode(r) for r in self.recipients], received_stamp())
+        message = spool.message(layout)
         try:
             deliver(message, [self.server.users.mailbox_path(login) for login in self.logins])
         except OSError as exc:
             log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(self.logins), exc)
-            return self.reply("451 Requested action aborted: local error in processing")
+            return LOCAL_ERROR
         self.delivered += 1
         log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
-        self.reply("250 OK Message accepted for delivery")
+        return "250 OK Message accepted for delivery"
 
     def do_STARTTLS(self, argument):
         """Turn the connection into a TLS one (RFC 3207); the client greets again."""
@@ -1295,6 +1550,35 @@ class SMTPServer(Server):
         self.domain = args.domain
         self.max_size = args.max_size
         self.BUSY = "421 %s Too many connections, try again later" % self.domain
+        self.spool_folder = prepare_spool(self.users.root)
+
+
+def prepare_spool(root):
+    """The path of ROOT/.spool, emptied of what a crash may have left there."""
+    path = os.path.join(root, SPOOL_NAME)
+    try:
+        names = os.listdir(path) if stat.S_ISDIR(os.lstat(path).st_mode) else []
+    except OSError:
+        names = []
+    for name in names:     # only a crash on a system without unnamed files leaves any
+        remove_file(os.path.join(path, name))
+    return path
+
+
+def spool_file(folder):
+    """A new unnamed file in the spool folder (made private on first use; never through a symlink)."""
+    os.makedirs(folder, 0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", folder)
+    return tempfile.TemporaryFile(dir=folder)
+
+
+def remove_file(path):
+    """Remove a file if it is there (never a folder, never what a symlink points to)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------
@@ -1330,11 +1614,19 @@ class GroupCommit:
 
 
 class _QueuedMailbox:
-    """One mailbox as the deliveries of this process share it: a queue and a writer lock."""
+    """One mailbox as the deliveries of this process share it: a queue, a writer lock, its lock file.
+
+    Between batches it keeps its delivery lock file open, and remembers
+    where the file ended after its own last append: a file that still ends
+    there ends in a whole message, so its tail need not be read.  Both save
+    system calls on every message.
+    """
 
     def __init__(self, path):
         self.path = path
-        self.lock = delivery_lock(path)
+        self.lock_path = os.path.join(os.path.dirname(path), DELIVERY_LOCK_NAME)
+        self.lock_fd = None
+        self.clean_end = None        # (inode, size) after our last append
         self.writer = threading.Lock()
         self._guard = threading.Lock()
         self._queue = []             # [message, outcome] pairs not taken by a writer yet
@@ -1360,24 +1652,39 @@ class _QueuedMailbox:
 
     def _write(self, messages):
         """Append messages under the delivery lock, fsync once; return each one's error or None."""
+        if self.lock_fd is None:
+            self.lock_fd, _ = open_regular(self.lock_path, os.O_RDWR | os.O_CREAT)
+        _lock_fd(self.lock_fd, True)
+        try:
+            return self._append(messages)
+        finally:
+            _unlock_fd(self.lock_fd)
+
+    def _append(self, messages):
+        """Append messages to the mailbox (its lock held) and fsync once; each one's error or None."""
         errors = [None] * len(messages)
-        with self.lock:
-            fd = open_mailbox(self.path)
-            try:
-                start = size = os.fstat(fd).st_size
-                for index, message in enumerate(messages):
-                    try:
-                        size = append_message(fd, size, message)
-                    except OSError as exc:
-                        cut_back(fd, size)
-                        errors[index] = exc
+        fd, st = open_mailbox(self.path)
+        try:
+            size = st.st_size
+            if (st.st_ino, size) != self.clean_end:
+                size = set_torn_tail_aside(fd, self.path, size)
+            start, self.clean_end = size, None
+            for index, message in enumerate(messages):
                 try:
-                    os.fsync(fd)
+                    append_message(fd, message)
+                    size += len(message)
                 except OSError as exc:
-                    cut_back(fd, start)
-                    errors = [error or exc for error in errors]
-            finally:
-                os.close(fd)
+                    errors[index] = exc
+                    if not cut_back(fd, size):     # the rest would follow the debris: drop them too
+                        return [error or exc for error in errors[:index]] + [exc] * (len(messages) - index)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                cut_back(fd, start)
+                return [error or exc for error in errors]
+            self.clean_end = (st.st_ino, size)
+        finally:
+            os.close(fd)
         return errors
 
 
@@ -1401,7 +1708,7 @@ def set_idle_timeout(sock, seconds):
     kernel's SO_RCVTIMEO/SO_SNDTIMEO cost nothing until they fire (as
     BlockingIOError).  Where they are missing, fall back to settimeout.
     """
-    if os.name == "posix" and hasattr(socket, "SO_RCVTIMEO"):
+    if os.name == "posix" and hasattr(socket, "SO_RCVTIMEO") and not isinstance(sock, ssl.SSLSocket):
         whole = int(seconds)
         value = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)

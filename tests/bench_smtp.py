@@ -1,30 +1,42 @@
-"""Benchmark of mailserver_smtp.py: messages per second and latency under concurrent clients.
+"""Benchmark of mailserver_smtp.py: messages and megabytes per second, latency, peak memory.
 
-    python tests/bench_smtp.py [--seconds 3] [--runs 3] [--clients 1,10,50]
+    python3 tests/bench_smtp.py [--seconds 3] [--runs 3] [--clients 1,10,50] [--size 2100]
+    python3 tests/bench_smtp.py --clients 10 --size 1048576      # throughput of 1 MiB messages
+    python3 tests/bench_smtp.py --memory                         # 20 clients x 9 MiB at once
 
 Starts the real server in a temporary mail root and drives N concurrent
 clients over raw sockets (one thread and a selector drive them all, so the
-load generator costs little CPU); each connection delivers one 2 KB message
-(220, HELO, MAIL_FROM, RCPT_TO, DATA, body, QUIT, each waiting for its
-reply) to one of --users mailboxes.  Prints msgs/s and p50/p99 latency per level,
-the median over the runs.  Not part of the test suite.
+load generator costs little CPU); each connection delivers one message of
+--size bytes (220, HELO, MAIL_FROM, RCPT_TO, DATA, body, QUIT, each waiting
+for its reply) to one of --users mailboxes.  Prints msgs/s, MB/s and
+p50/p99 latency per level, the median over the runs, and the server's peak
+resident memory (VmHWM).  --memory instead sends 20 messages of 9 MiB at
+once and prints the peak memory.  Not part of the test suite.
 """
 
 import argparse
 import os
+import selectors
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import selectors
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
 
 LINE = b"x" * 66 + b"\r\n"
-BODY = b"From: bench@example.org\r\nTo: user0@example.org\r\nSubject: bench\r\n" + LINE * 29
+HEAD = b"From: bench@example.org\r\nTo: user0@example.org\r\nSubject: bench\r\n"
+DEFAULT_SIZE = len(HEAD) + 29 * len(LINE)       # about 2 KB, the figure quoted since round 1
+MEMORY_CLIENTS = 20
+MEMORY_SIZE = 9 * 1024 * 1024
+
+
+def body_of(size):
+    """A message body of about size bytes: three headers, then 68-byte lines."""
+    return HEAD + LINE * max(1, (size - len(HEAD)) // len(LINE))
 
 
 class Conversation:
@@ -32,15 +44,16 @@ class Conversation:
 
     EXPECTED = (b"220", b"250", b"250", b"250", b"354", b"250", b"221")
 
-    def __init__(self, login):
+    def __init__(self, login, body, selector):
         self.script = (
             b"HELO bench.example.org\r\n",
             b"MAIL_FROM: <bench@example.org>\r\n",
             b"RCPT_TO: <%s@example.org>\r\n" % login.encode(),
             b"DATA\r\n",
-            BODY + b".\r\n",
+            body + b".\r\n",
             b"QUIT\r\n",
         )
+        self.selector = selector
         self.sock = None
 
     def start(self, port):
@@ -49,7 +62,9 @@ class Conversation:
         self.sock.connect_ex(("127.0.0.1", port))
         self.step = 0
         self.buffer = b""
+        self.out = memoryview(b"")
         self.started = time.monotonic()
+        self.selector.register(self.sock, selectors.EVENT_READ, self)
 
     def readable(self):
         """Handle arriving bytes; return True when the conversation is over, False to go on."""
@@ -63,12 +78,26 @@ class Conversation:
                 raise ConnectionError("unexpected reply %r" % line)
             if self.step == len(self.script):
                 return True
-            self.sock.send(self.script[self.step])    # small: fits the socket buffer
+            self.out = memoryview(self.script[self.step])
             self.step += 1
+            self.writable()
         return False
 
+    def writable(self):
+        """Send what the socket takes of the pending command or message; wait to send the rest."""
+        try:
+            self.out = self.out[self.sock.send(self.out):]
+        except BlockingIOError:
+            pass
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        self.selector.modify(self.sock, events, self)
 
-def run_level(port, clients, users, seconds):
+    def finish(self):
+        self.selector.unregister(self.sock)
+        self.sock.close()
+
+
+def run_level(port, clients, users, seconds, body):
     """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors.
 
     One thread drives every connection through a selector, so the load
@@ -79,27 +108,25 @@ def run_level(port, clients, users, seconds):
     errors = 0
     stop_at = time.monotonic() + seconds
     for i in range(clients):
-        conversation = Conversation("user%d" % (i % users))
-        conversation.start(port)
-        selector.register(conversation.sock, selectors.EVENT_READ, conversation)
+        Conversation("user%d" % (i % users), body, selector).start(port)
     started = time.monotonic()
     while selector.get_map():
-        for key, _ in selector.select(timeout=support.DEADLINE):
+        for key, events in selector.select(timeout=support.DEADLINE):
             conversation = key.data
             try:
-                done = conversation.readable()
+                if events & selectors.EVENT_WRITE:
+                    conversation.writable()
+                done = conversation.readable() if events & selectors.EVENT_READ else False
             except OSError:
                 done, errors = None, errors + 1
             if done is False:
                 continue
-            selector.unregister(conversation.sock)
-            conversation.sock.close()
+            conversation.finish()
             now = time.monotonic()
             if done:
                 latencies.append(now - conversation.started)
             if now < stop_at:
                 conversation.start(port)
-                selector.register(conversation.sock, selectors.EVENT_READ, conversation)
     elapsed = time.monotonic() - started
     latencies.sort()
     if not latencies:
@@ -109,11 +136,11 @@ def run_level(port, clients, users, seconds):
     return len(latencies) / elapsed, p50 * 1000, p99 * 1000, errors
 
 
-def start_server(root):
+def start_server(root, *extra):
     """Start the server with its log in a file (as in real use), not in a pipe we must drain."""
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, support.SMTP_SCRIPT, "0", "--host", "127.0.0.1",
-                             "--root", root, "--max-connections", "500"],
+                             "--root", root, "--max-connections", "500"] + list(extra),
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
     def port():
@@ -123,27 +150,87 @@ def start_server(root):
     return proc, support.wait_for(port)
 
 
+def count_messages(path):
+    """How many messages a mailbox file holds, read a chunk at a time."""
+    count, tail = 0, b""
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                data = tail + chunk
+                count += data.count(b"\n.\n") - tail.count(b"\n.\n")
+                tail = data[-2:]
+    except FileNotFoundError:
+        pass
+    return count
+
+
+def peak_rss_mb(pid):
+    """The peak resident memory of a process in MB (Linux), or nan."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def measure_memory(port, pid):
+    """Send MEMORY_CLIENTS messages of MEMORY_SIZE bytes at once; print the server's peak memory."""
+    before = peak_rss_mb(pid)
+    selector = selectors.DefaultSelector()
+    body = body_of(MEMORY_SIZE)
+    for i in range(MEMORY_CLIENTS):
+        Conversation("user%d" % i, body, selector).start(port)
+    started, done, errors = time.monotonic(), 0, 0
+    while selector.get_map():
+        for key, events in selector.select(timeout=60):
+            conversation = key.data
+            try:
+                if events & selectors.EVENT_WRITE:
+                    conversation.writable()
+                over = conversation.readable() if events & selectors.EVENT_READ else False
+            except OSError:
+                over, errors = None, errors + 1
+            if over is not False:
+                done += bool(over)
+                conversation.finish()
+    print("%d clients x %.1f MiB at once: %d delivered, %d errors, %.1f s; "
+          "peak server RSS %.1f MB (%.1f MB before)" % (
+              MEMORY_CLIENTS, len(body) / 2 ** 20, done, errors, time.monotonic() - started,
+              peak_rss_mb(pid), before))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
     parser.add_argument("--runs", type=int, default=3, help="runs per level; the median is printed")
     parser.add_argument("--clients", default="1,10,50", help="comma-separated client counts")
     parser.add_argument("--users", type=int, default=10, help="mailboxes the clients deliver to")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="bytes per message")
+    parser.add_argument("--memory", action="store_true",
+                        help="measure peak memory with %d clients x 9 MiB instead" % MEMORY_CLIENTS)
     args = parser.parse_args()
-    users = {"user%d" % i: "pw" for i in range(args.users)}
+    users = {"user%d" % i: "pw" for i in range(max(args.users, MEMORY_CLIENTS))}
     root = support.make_mail_root(users)
     proc, port = start_server(root)
     try:
-        print("%8s %10s %9s %9s %7s" % ("clients", "msgs/s", "p50 ms", "p99 ms", "errors"))
+        if args.memory:
+            return measure_memory(port, proc.pid)
+        body = body_of(args.size)
+        print("%d-byte messages" % len(body))
+        print("%8s %10s %8s %9s %9s %7s" % ("clients", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors"))
         for clients in [int(n) for n in args.clients.split(",")]:
-            results = [run_level(port, clients, args.users, args.seconds) for _ in range(args.runs)]
+            results = [run_level(port, clients, args.users, args.seconds, body) for _ in range(args.runs)]
             rates = [r[0] for r in results]
-            print("%8d %10.0f %9.2f %9.2f %7d   runs: %s" % (
-                clients, statistics.median(rates), statistics.median(r[1] for r in results),
+            rate = statistics.median(rates)
+            print("%8d %10.0f %8.1f %9.2f %9.2f %7d   runs: %s" % (
+                clients, rate, rate * len(body) / 1e6, statistics.median(r[1] for r in results),
                 statistics.median(r[2] for r in results), sum(r[3] for r in results),
                 " ".join("%.0f" % r for r in rates)), flush=True)
-        stored = sum(support.read_mailbox(root, u).count(b"\n.\n") for u in users)
-        print("messages stored: %d" % stored)
+        stored = sum(count_messages(support.mailbox_path(root, u)) for u in users)
+        print("messages stored: %d; peak server RSS %.1f MB" % (stored, peak_rss_mb(proc.pid)))
     finally:
         proc.terminate()
         proc.wait()

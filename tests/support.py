@@ -104,6 +104,14 @@ def remove_mailboxes(root, logins=tuple(DEFAULT_USERS)):
             pass
 
 
+def remove_file(path):
+    """Remove a file if it is there."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def mailbox_path(root, login):
     """Where a user's my_mailbox lives in a mail root."""
     return os.path.join(root, login, "my_mailbox")

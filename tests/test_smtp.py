@@ -331,15 +331,22 @@ class StorageTest(ServerTestCase):
         self.assertIn(marker.encode(), message)
         self.assertNotIn(b"half a message", read_mailbox(self.root, "alice"))
 
-    def test_a_torn_last_message_is_closed_before_the_next_is_appended(self):
-        """A torn last message in a mailbox is closed with "." before the next one is appended."""
+    def test_a_torn_last_message_is_set_aside_before_the_next_is_appended(self):
+        """A torn last message (an append cut short) moves to .my_mailbox.torn, logged, before the next append."""
+        whole = b"From: a@x.org\nTo: alice@x.org\nSubject: whole\nReceived: 2026-01-01 : 00 : 00\nbody\n.\n"
+        torn = b"From: a@x.org\nTo: alice@x.org\nSubject: torn\nReceived: 2026-01-01 : 00 : 00\nhalf"
         with open(support.mailbox_path(self.root, "alice"), "wb") as f:
-            f.write(b"From: a@x.org\nTo: alice@x.org\nSubject: torn\nReceived: 2026-01-01 : 00 : 00\nhalf")
+            f.write(whole + torn)
+        torn_path = os.path.join(self.root, "alice", ".my_mailbox.torn")
+        self.addCleanup(support.remove_file, torn_path)
         client = self.connect()
         self.assertEqual(send_message(client, b"Subject: next\r\nwhole\r\n")[0], 250)
         first, second = stored_messages(self.root, "alice")
-        self.assertTrue(first.endswith(b"\nhalf\n"))
+        self.assertEqual(first + b".\n", whole)
         self.assertTrue(second.startswith(b"From: carol@example.org\n"))
+        with open(torn_path, "rb") as f:
+            self.assertEqual(f.read(), torn)
+        self.server.wait_for_output(r"my_mailbox ended in %d bytes of a message cut short" % len(torn))
 
     def test_a_message_for_several_mailboxes_is_in_all_or_none(self):
         """A message that cannot be written to one recipient's mailbox gets 451 and is stored for none."""
@@ -754,7 +761,7 @@ class MessageFormTest(unittest.TestCase):
 
     def test_bare_lf_pieces_in_a_crlf_session_can_never_end_a_stored_message(self):
         """Bare-LF pieces of a CRLF session's body are stored so that they never end a message."""
-        body, _ = mailserver_smtp.stored_body(b"a\r\n.\nb\r\nc\n.\r\nd\n..e", strict=True)
+        body, _ = mailserver_smtp.stored_lines(b"a\r\n.\nb\r\nc\n.\r\nd\n..e\r\n", strict=True)
         self.assertNotIn(b"\n.\n", b"\n" + body)
         self.assertEqual(body, b"a\n\nb\nc\n..\nd\n...e\n")
 
