@@ -23,10 +23,10 @@ import re
 import sys
 import time
 
-from mailserver_smtp import (INDEX_NAME, NEW_INDEX_NAME, NEW_MAILBOX_NAME, O_BINARY, Server, Session,
-                             SessionEnd, check_server_arguments, delivery_lock, fsync_directory,
-                             header_block, message_end, run_server, server_arguments, session_lock,
-                             wire_size)
+from mailserver_smtp import (INDEX_NAME, NEW_INDEX_NAME, NEW_MAILBOX_NAME, Server, Session, SessionEnd,
+                             check_server_arguments, delivery_lock, fsync_directory, header_block,
+                             message_end, open_regular, remove_file, run_server, server_arguments,
+                             session_lock, set_torn_tail_aside, wire_size)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -49,6 +49,7 @@ MAX_AUTH_FAILURES = 5            # then the connection is closed
 GREETING = "+OK POP3 server is ready"
 GOODBYE = "+OK Thanks for using POP3 server"
 BUSY = "-ERR [SYS/TEMP] server busy, try again later"
+BUSY_CLIENT = "-ERR [SYS/TEMP] too many connections from your address"
 CAPABILITIES = ["USER", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
                 "EXPIRE NEVER", "IMPLEMENTATION course-pop3"]
 
@@ -166,14 +167,17 @@ class IndexFile:
         self.sections = []
 
     def load(self):
-        """Read the file; a missing or damaged one just starts a new epoch."""
+        """Read the file; a missing or damaged one just starts a new epoch (OSError if it is no file)."""
         try:
-            with open(self.path, "rb") as f:
-                self._parse(f)
-            return
+            fd, _ = open_regular(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            pass
-        except (OSError, ValueError, IndexError, TypeError, AttributeError) as exc:
+            fd = None
+        try:
+            if fd is not None:
+                with os.fdopen(fd, "rb") as f:
+                    self._parse(f)
+                return
+        except (ValueError, IndexError, TypeError, AttributeError) as exc:
             log.warning("%s is unusable (%s); starting new ids", self.path, exc)
         self.epoch = os.urandom(6).hex()
         self.next_serial = 1
@@ -220,7 +224,8 @@ class IndexFile:
     def save(self, sections):
         """Write the file atomically with the given sections (the current mailbox file first)."""
         try:
-            with open(self.temp_path, "wb") as f:
+            fd, _ = open_regular(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as f:
                 f.write(b"%s\nepoch %s\nnext %d\norder %s\n" % (
                     INDEX_MAGIC, self.epoch.encode("ascii"), self.next_serial,
                     sys.byteorder.encode("ascii")))
@@ -234,18 +239,10 @@ class IndexFile:
                 os.fsync(f.fileno())
             os.replace(self.temp_path, self.path)
         except BaseException:
-            remove_quietly(self.temp_path)
+            remove_file(self.temp_path)
             raise
         fsync_directory(os.path.dirname(self.path))
         self.sections = list(sections)
-
-
-def remove_quietly(path):
-    """Remove a file if it is there."""
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 class Mailbox:
@@ -263,15 +260,24 @@ class Mailbox:
         self.index_file = IndexFile(self.folder)
 
     def open(self):
-        """Index the mailbox as it is now and give every message its unique id."""
-        # The delivery lock only guarantees that no append is half done at the size we read.
+        """Index the mailbox as it is now and give every message its unique id.
+
+        The caller holds the session lock, so what a crashed rewrite left
+        behind can go, and a torn last message (an append a crash cut short)
+        is set aside before it could be seen.
+        """
+        remove_file(os.path.join(self.folder, NEW_MAILBOX_NAME))
+        remove_file(self.index_file.temp_path)
+        # Under the delivery lock no append is half done at the size we read.
         with delivery_lock(self.path):
             try:
-                self.file = open(self.path, "rb")
+                fd, st = open_regular(self.path, os.O_RDWR)
             except FileNotFoundError:
-                self.file = None
-            limit = os.fstat(self.file.fileno()).st_size if self.file else 0
-        self.inode = os.fstat(self.file.fileno()).st_ino if self.file else 0
+                fd, limit = None, 0
+            if fd is not None:
+                self.file = os.fdopen(fd, "rb")
+                self.inode = st.st_ino
+                limit = set_torn_tail_aside(fd, self.path, st.st_size)
         self.index_file.load()
         known = self.index_file.section_for(self.inode)
         if self.file is None:
@@ -342,13 +348,9 @@ class Mailbox:
             yield piece
 
     def top(self, index, body_lines):
-        """The header block, the blank line after it if there is one, then body_lines lines."""
-        lines = self._lines(index)
-        seen = []                                   # the lines header_block looked at
-        count, blank = header_block(_recording(lines, seen))
-        head = seen[:count + blank]
-        body = itertools.chain(seen[count + blank:], lines)
-        return b"".join(itertools.chain(head, itertools.islice(body, body_lines)))
+        """The header block, the blank line after it if there is one, then body_lines lines, in pieces."""
+        count, blank = header_block(self._lines(index))
+        return _batches(itertools.islice(self._lines(index), count + blank + body_lines))
 
     def _lines(self, index):
         """The stored lines of a message, each with its LF, read piece by piece."""
@@ -379,7 +381,7 @@ class Mailbox:
                 self.close()          # Windows cannot rename over an open file
                 os.replace(temp_path, self.path)
             except BaseException:
-                remove_quietly(temp_path)
+                remove_file(temp_path)
                 raise
             fsync_directory(self.folder)
 
@@ -387,8 +389,8 @@ class Mailbox:
         """Write the kept messages and what follows them to temp_path, fsync'd; return their Section."""
         kept = Section(0, array.array("q"), array.array("q"), array.array("q"), bytearray())
         # Private from the start; the mode of the old file is copied before the rename.
-        fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o600)
-        with open(fd, "wb") as out:
+        fd, _ = open_regular(temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "wb") as out:
             index, count = 0, len(self.sizes)
             while index < count:
                 if deleted[index]:
@@ -429,11 +431,17 @@ class Mailbox:
             self.file = None
 
 
-def _recording(lines, seen):
-    """Yield from lines, keeping a copy of each in seen."""
+def _batches(lines):
+    """The lines joined into pieces of about READ_CHUNK bytes."""
+    batch, size = [], 0
     for line in lines:
-        seen.append(line)
-        yield line
+        batch.append(line)
+        size += len(line)
+        if size >= READ_CHUNK:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
 
 
 # --------------------------------------------------------------------------
@@ -509,11 +517,14 @@ class POP3Session(Session):
                 self.reply("-ERR [SYS/TEMP] cannot read the maildrop")
                 raise SessionEnd("mailbox error")
 
-    def send_message_lines(self, status, data):
-        """Send a status line, then stored lines (already byte-stuffed) with CRLF ends, then '.'."""
+    def send_stored(self, status, pieces):
+        """Send a status line, then stored bytes (lines already byte-stuffed) with CRLF ends, then '.'."""
         if self.verbose:
             log.info("%s S: %s", self.peer, status)
-        self.wire.send(status.encode("ascii") + b"\r\n" + data.replace(b"\n", b"\r\n") + b".\r\n")
+        self.wire.send(status.encode("ascii") + b"\r\n")
+        for piece in pieces:
+            self.wire.send(piece.replace(b"\n", b"\r\n"))
+        self.wire.send(b".\r\n")
 
     def send_listing(self, values, prefix=b""):
         """Send "n <prefix><value>" for each message not deleted, then the final dot.
@@ -573,17 +584,17 @@ class POP3Session(Session):
     def open_maildrop(self, login):
         """Lock the maildrop of a user who has proved who they are, index it, enter TRANSACTION."""
         path = self.server.users.mailbox_path(login)
-        lock = session_lock(path)
-        if not lock.acquire(blocking=False):
-            return self.reply("-ERR [IN-USE] maildrop already locked by another session")
-        mailbox = Mailbox(path)
+        lock, mailbox = session_lock(path), Mailbox(path)
         try:
-            mailbox.open()
-        except BaseException as exc:
-            mailbox.close()
-            lock.release()
-            if not isinstance(exc, OSError):
+            if not lock.acquire(blocking=False):
+                return self.reply("-ERR [IN-USE] maildrop already locked by another session")
+            try:
+                mailbox.open()
+            except BaseException:
+                mailbox.close()
+                lock.release()
                 raise
+        except OSError as exc:       # the log names the path: a symlink, a folder, a disk error
             log.error("cannot open the mailbox of %s: %s", login, exc)
             return self.reply("-ERR [SYS/TEMP] cannot open the maildrop")
         self.login, self.lock, self.mailbox = login, lock, mailbox
@@ -685,16 +696,8 @@ class POP3Session(Session):
     def do_RETR(self, argument):
         """Send a whole message, a piece at a time."""
         index = self.message_number(argument)
-        if index is None:
-            return
-        # Stored lines are already byte-stuffed; only the line ends change on the wire.
-        status = "+OK %d octets" % self.mailbox.sizes[index]
-        if self.verbose:
-            log.info("%s S: %s", self.peer, status)
-        self.wire.send(status.encode("ascii") + b"\r\n")
-        for piece in self.mailbox.chunks(index):
-            self.wire.send(piece.replace(b"\n", b"\r\n"))
-        self.wire.send(b".\r\n")
+        if index is not None:
+            self.send_stored("+OK %d octets" % self.mailbox.sizes[index], self.mailbox.chunks(index))
 
     def do_TOP(self, argument):
         """Send the header block and the first n body lines of a message.
@@ -709,7 +712,7 @@ class POP3Session(Session):
             return self.reply("-ERR usage: TOP message non-negative-line-count")
         index = self.message_number(number)
         if index is not None:
-            self.send_message_lines("+OK top of message follows", self.mailbox.top(index, int(lines)))
+            self.send_stored("+OK top of message follows", self.mailbox.top(index, int(lines)))
 
     def do_DELE(self, argument):
         """Mark a message for removal at QUIT."""
@@ -733,6 +736,28 @@ class POP3Server(Server):
 
     session_class = POP3Session
     BUSY = BUSY
+    BUSY_CLIENT = BUSY_CLIENT
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.remove_leftovers()
+
+    def remove_leftovers(self):
+        """Remove what rewrites cut short by a crash left, in every maildrop no session holds."""
+        for login in self.users.logins():
+            path = self.users.mailbox_path(login)
+            lock = session_lock(path)
+            try:
+                if not lock.acquire(blocking=False):
+                    continue
+            except OSError as exc:
+                log.error("cannot lock the maildrop of %s: %s", login, exc)
+                continue
+            try:
+                for name in (NEW_MAILBOX_NAME, NEW_INDEX_NAME):
+                    remove_file(os.path.join(os.path.dirname(path), name))
+            finally:
+                lock.release()
 
     def commit(self, mailbox, deleted):
         """Apply a session's deletions, unless the server is stopping (then delete nothing)."""

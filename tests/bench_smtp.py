@@ -140,7 +140,7 @@ def start_server(root, *extra):
     """Start the server with its log in a file (as in real use), not in a pipe we must drain."""
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, support.SMTP_SCRIPT, "0", "--host", "127.0.0.1",
-                             "--root", root, "--max-connections", "500"] + list(extra),
+                             "--root", root, "--max-connections", "500", "--max-per-client", "500"] + list(extra),
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
     def port():

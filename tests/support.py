@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -183,9 +184,9 @@ class StartedServer:
                                          % (pattern.pattern, self.output()))
                 self._changed.wait(remaining)
 
-    def connect(self, timeout=DEADLINE):
-        """A new raw connection to the server (its greeting not yet read)."""
-        return LineClient(self.host, self.port, timeout)
+    def connect(self, timeout=DEADLINE, source=None):
+        """A new raw connection to the server (its greeting not yet read), from address source if given."""
+        return LineClient(self.host, self.port, timeout, source)
 
     def alive(self):
         """True while the server process runs."""
@@ -210,6 +211,37 @@ class StartedServer:
         except subprocess.TimeoutExpired:
             self.kill()
         self.proc.stdout.close()
+
+
+FAULTS = """\
+# Injected by the tests: the next os.fsync of a my_mailbox fails once FAULT_FSYNC names a file that exists.
+import errno, os
+_fsync, _flag = os.fsync, os.environ.get("FAULT_FSYNC")
+def fsync(fd):
+    if _flag and os.path.exists(_flag):
+        try:
+            target = os.readlink("/proc/self/fd/%d" % fd)
+        except OSError:
+            target = ""
+        if target.endswith("/my_mailbox"):
+            os.remove(_flag)
+            raise OSError(errno.EIO, "injected fsync failure")
+    return _fsync(fd)
+os.fsync = fsync
+"""
+
+
+def failing_fsync_env(folder):
+    """An environment for a server whose next fsync of a mailbox fails once folder/fail-fsync exists.
+
+    Returns (env, flag path).  The hook is a sitecustomize module, which
+    Python imports at start from the PYTHONPATH, so the scripts carry no
+    test code.
+    """
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(FAULTS)
+    flag = os.path.join(folder, "fail-fsync")
+    return dict(os.environ, PYTHONPATH=folder, FAULT_FSYNC=flag), flag
 
 
 class ServerProcess(StartedServer):
@@ -275,8 +307,12 @@ def reported_lines(server):
 class LineClient:
     """A raw TCP client that sends bytes and reads CRLF lines: the raw SMTP client, and PopClient's reader."""
 
-    def __init__(self, host, port, timeout=DEADLINE):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host, port, timeout=DEADLINE, source=None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
+        if source:
+            # Closed with RST, so that no port of the extra address lingers in TIME_WAIT.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.file = self.sock.makefile("rb")
 
     def send(self, data):
@@ -342,14 +378,14 @@ class LineClient:
         self.close()
 
 
-def smtp_session(server, helo="client.test", timeout=DEADLINE):
-    """A raw SMTP client past the 220 greeting and, unless helo is None, a 250 HELO."""
+def smtp_session(server, helo="client.test", timeout=DEADLINE, ehlo=False):
+    """A raw SMTP client past the 220 greeting and, unless helo is None, a 250 HELO (or EHLO)."""
     client = server.connect(timeout)
     try:
         code, lines = client.reply()
         expect(code == 220, "greeting %r, not 220" % lines)
         if helo is not None:
-            client.cmd_expecting("HELO " + helo, 250)
+            client.cmd_expecting(("EHLO " if ehlo else "HELO ") + helo, 250)
     except BaseException:
         client.close()
         raise

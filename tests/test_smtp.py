@@ -558,7 +558,7 @@ class ConfiguredServerTest(unittest.TestCase):
 
     def test_one_connection_over_the_limit_gets_421(self):
         """One connection over --max-connections gets 421; a freed place goes to the next client."""
-        server, _ = self.start("--max-connections", "2")
+        server, _ = self.start("--max-connections", "2", "--max-per-client", "2")
         first, second = server.connect(), server.connect()
         self.addCleanup(first.close)
         self.addCleanup(second.close)
