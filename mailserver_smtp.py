@@ -55,15 +55,57 @@ SPOOL_THRESHOLD = 256 * 1024 # bytes of a message kept in memory; a larger one g
 COPY_CHUNK = 1 << 20         # bytes copied from a spool file at a time
 
 LF_DATA_END = re.compile(rb"(\r?\n)\.\r?\n")  # a lone '.' line, in a session typed with bare LF
-ENHANCED_CODE = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3} ")   # RFC 3463 after the reply code
+ENHANCED_CODE = re.compile(r"^(\d{3}[ -])[245]\.\d{1,3}\.\d{1,3} ")   # RFC 3463, after the reply code
 _ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\ud7ff\ue000-\U0010ffff-]+"   # RFC 5321 4.1.2, RFC 6531
 _LABEL = "[A-Za-z0-9\u0080-\ud7ff\ue000-\U0010ffff-]+"
 DOT_STRING = re.compile(r"%s(?:\.%s)*\Z" % (_ATOM, _ATOM))
 DOMAIN = re.compile(r"(?:%s(?:\.%s)*|\[[!-Z^-~]+\])\Z" % (_LABEL, _LABEL))   # a name, or [address literal]
 
-MESSAGE_TOO_LARGE = "552 Message exceeds fixed maximum message size"
-LINE_TOO_LONG = "500 Line too long"
-LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error in processing"
+
+
+class Replies:
+    """What the SMTP server answers, with the RFC 3463 enhanced status code of each.
+
+    RFC 2034 4: every 2xx, 4xx and 5xx reply carries its code, except the
+    greeting and the replies to HELO and EHLO; 3xx replies carry none.  A
+    session that did not begin with EHLO gets PLAIN_REPLIES, the same texts
+    without codes: the words of the course dialogue (CONTRACT.md section 2).
+    """
+
+    GREETING = "220 %s Service ready"
+    HELLO = "250 OK Hello %s"
+    EHLO = "250-%s Hello %s"
+    SENDER_OK = "250 2.1.0 <%s>... Sender ok"
+    RECIPIENT_OK = "250 2.1.5 %s... Recipient ok"
+    START_DATA = '354 Enter mail, end with "." on a line by itself'
+    ACCEPTED = "250 2.0.0 OK Message accepted for delivery"
+    OK = "250 2.0.0 OK"
+    USER = "250 2.1.5 %s <%s@%s>"
+    HELP = ("214-2.0.0 Commands: HELO EHLO%s MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
+            "214 2.0.0 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
+    READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
+    GOODBYE = "221 2.0.0 %s closing connection"
+    SHUTTING_DOWN = "421 4.3.2 %s Shutting down, try again later"
+    TIMEOUT = "421 4.4.2 %s Timeout, closing connection"
+    TOO_MANY_ERRORS = "421 4.7.0 %s Too many errors, closing connection"
+    LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error in processing"
+    TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+    UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
+    LINE_TOO_LONG = "500 5.5.2 Line too long"
+    SYNTAX = "501 5.5.4 Syntax: %s"
+    NOT_IMPLEMENTED = "502 5.5.1 Command not implemented"
+    HELO_FIRST = "503 5.5.1 Send HELO or EHLO first"
+    SENDER_GIVEN = "503 5.5.1 Sender already given"
+    MAIL_FIRST = "503 5.5.1 Need MAIL before RCPT"
+    NO_SENDER = "503 5.5.1 Need MAIL command"
+    NO_RECIPIENT = "503 5.5.1 Need RCPT (recipient)"
+    TLS_ACTIVE = "503 5.5.1 TLS already active"
+    STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+    NO_SUCH_USER = "550 5.1.1 No such user"
+    MESSAGE_TOO_LARGE = "552 5.3.4 Message exceeds fixed maximum message size"
+    MAIL_PARAMETER = "555 5.5.4 MAIL FROM parameter %s not recognized"
+    RCPT_PARAMETERS = "555 5.5.4 RCPT TO parameters not recognized"
+
 
 # Both servers (the skeleton below reads these too).
 RECV_SIZE = 65536            # bytes asked of the socket at a time
@@ -90,6 +132,19 @@ def parse_args(argv=None):
     if args.max_size < 1:
         parser.error("--max-size must be positive")
     return check_server_arguments(parser, args)
+
+
+def without_codes(replies):
+    """The replies class with every enhanced status code taken out ("250 2.1.0 ok" becomes "250 ok")."""
+    def plain(text):
+        if isinstance(text, tuple):
+            return tuple(plain(line) for line in text)
+        return ENHANCED_CODE.sub(lambda m: m.group(1), text)
+    return type("PlainReplies", (), {name: plain(text) for name, text in vars(replies).items()
+                                     if name.isupper()})
+
+
+PLAIN_REPLIES = without_codes(Replies)
 
 
 # ==========================================================================
@@ -895,13 +950,8 @@ class Session:
             for line in lines:
                 log.info("%s S: %s", self.peer, line)
         self.last_reply = lines[-1]
-        self.wire.send(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
-
-    def handler(self, verb):
-        """The do_ method that serves a command verb (already upper case), or None."""
-        if verb.isalpha() and verb.isascii():
-            return getattr(self, "do_" + verb, None)
-        return None
+        # Replies are small, so they simply wait in the queue for the next flush.
+        self.wire.pending.append(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
 
     # -- the session from start to end
 
@@ -979,17 +1029,8 @@ class Session:
 
 # -- The SMTP session
 
-def without_enhanced_code(line):
-    """A reply line without its RFC 3463 enhanced status code: "250 2.1.0 ok" becomes "250 ok"."""
-    # The code's class is the reply's first digit, so a domain name there is never taken for one.
-    if line[4:5] != line[:1] or line[5:6] != ".":
-        return line
-    found = ENHANCED_CODE.match(line)
-    return line[:4] + line[found.end():] if found else line
-
-
 def read_data(wire, strict, spool, max_size, timeout):
-    """Read a DATA block up to its lone '.' line into spool, stored; return why it is refused, or None.
+    """Read a DATA block up to its lone '.' line into spool, stored; None, or the Replies name of why not.
 
     In a CRLF (strict) session only <CRLF>.<CRLF> ends the data, so a body
     holding "\\n.\\n" or "\\r.\\n" cannot end the message early and smuggle
@@ -1006,10 +1047,8 @@ def read_data(wire, strict, spool, max_size, timeout):
     # first line is found like any other end of data.
     buffer[:0] = b"\r\n"
     start, refused = 2, None          # start: the first line not stored yet
-    budget = DataBudget(timeout)
+    budget, since = timeout, time.monotonic()    # the time the client has left, from when
     line_end = b"\r\n" if strict else b"\n"
-    if len(buffer) == 2:              # nothing of the message has come yet
-        budget.spend(wire.fill(budget.deadline()))
     while True:
         dot, after = data_end(buffer, start - 2, strict)
         if dot >= 0:
@@ -1022,12 +1061,15 @@ def read_data(wire, strict, spool, max_size, timeout):
             refused = _store(spool, buffer[start:whole], strict, max_size)
             start = whole
         if refused is None and len(buffer) - start > MAX_TEXT_LINE:
-            refused = LINE_TOO_LONG
+            refused = "LINE_TOO_LONG"
         if refused is not None:
             start = len(buffer) - 2                    # keep what could begin the '.' line
         del buffer[:start - 2]
         start = 2
-        budget.spend(wire.fill(budget.deadline()))
+        received = wire.fill(since + budget)
+        now = time.monotonic()
+        budget = min(timeout, budget - (now - since) + received / MIN_DATA_RATE)
+        since = now
 
 
 def data_end(buffer, start, strict):
@@ -1044,37 +1086,18 @@ def data_end(buffer, start, strict):
 
 
 def _store(spool, run, strict, max_size):
-    """Add whole wire lines to the spool in their stored form; return why the message is refused, or None."""
+    """Add whole wire lines to the spool in their stored form; None, or the Replies name of why not."""
     stored, longest = stored_lines(run, strict)
     if longest > MAX_TEXT_LINE - 2:
-        return LINE_TOO_LONG
+        return "LINE_TOO_LONG"
     try:
         spool.write(stored)
     except OSError as exc:
         log.error("cannot spool a message in %s: %s", spool.folder, exc)
-        return LOCAL_ERROR
+        return "LOCAL_ERROR"
     if spool.wire_size > max_size:
-        return MESSAGE_TOO_LARGE
+        return "MESSAGE_TOO_LARGE"
     return None
-
-
-class DataBudget:
-    """The time a client has left to send its DATA: `timeout`, refilled by what it sends."""
-
-    def __init__(self, timeout):
-        self.timeout = timeout
-        self.left = timeout
-        self.since = time.monotonic()
-
-    def deadline(self):
-        """When the client runs out of time, if it sends nothing more."""
-        return self.since + self.left
-
-    def spend(self, received):
-        """Charge the time since the last read; credit `received` bytes at MIN_DATA_RATE."""
-        now = time.monotonic()
-        self.left = min(self.timeout, self.left - (now - self.since) + received / MIN_DATA_RATE)
-        self.since = now
 
 
 class SMTPSession(Session):
@@ -1083,9 +1106,9 @@ class SMTPSession(Session):
     def __init__(self, server, sock, peer):
         super().__init__(server, sock, peer)
         self.domain = server.domain
+        self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
         self.bad_commands = 0        # syntax and sequence errors in a row
         self.client_name = None      # from HELO/EHLO
-        self.extended = False        # did the client greet with EHLO?
         self.delivered = 0
         self._reset()
 
@@ -1095,25 +1118,19 @@ class SMTPSession(Session):
         self.recipients = []         # addresses as given, in order
         self.logins = []             # their mailbox owners, without repeats
 
-    def reply(self, *lines):
-        """Queue a reply; without EHLO it goes without its enhanced status code (RFC 2034)."""
-        if not self.extended:
-            lines = [without_enhanced_code(line) for line in lines]
-        Session.reply(self, *lines)
-
     def start(self):
-        self.reply("220 %s Service ready" % self.domain)
+        self.reply(self.replies.GREETING % self.domain)
 
     def line_too_long(self):
-        self.reply("500 Line too long")
+        self.reply(self.replies.LINE_TOO_LONG)
         self.count_bad_command()
 
     def timed_out(self):
-        self.reply("421 4.4.2 %s Timeout, closing connection" % self.domain)
+        self.reply(self.replies.TIMEOUT % self.domain)
 
     def forget(self):
         self.client_name = None      # RFC 3207 4.2: the client starts again with EHLO
-        self.extended = False
+        self.replies = PLAIN_REPLIES
         self._reset()
 
     def summary(self, reason):
@@ -1129,12 +1146,13 @@ class SMTPSession(Session):
         # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
         if verb[:5] in ("MAIL_", "RCPT_"):
             verb, argument = verb[:4], text[5:]
-        handler = self.handler(verb)
+        handler = getattr(self, "do_" + verb, None) if verb.isalpha() and verb.isascii() else None
         if handler is None:
-            self.reply("500 Command not recognized")
+            self.reply(self.replies.UNKNOWN_COMMAND)
         else:
             handler(argument.strip())
-        self.count_bad_command()
+        if self.bad_commands or self.last_reply[0] == "5":
+            self.count_bad_command()
 
     def count_bad_command(self):
         """Count a syntax or sequence error (500-504) in a row; too many end the session."""
@@ -1142,7 +1160,7 @@ class SMTPSession(Session):
         if "500" <= code <= "504":
             self.bad_commands += 1
             if self.bad_commands >= MAX_BAD_COMMANDS:
-                self.reply("421 %s Too many errors, closing connection" % self.domain)
+                self.reply(self.replies.TOO_MANY_ERRORS % self.domain)
                 raise SessionEnd("too many errors")
         elif code[0] in "23":
             self.bad_commands = 0
@@ -1152,90 +1170,90 @@ class SMTPSession(Session):
     def do_HELO(self, argument):
         """Greet the client; a new greeting also ends any transaction."""
         if not argument.isprintable() or not argument:    # bytes that are no UTF-8 show as unprintable
-            return self.reply("501 Syntax: HELO hostname")
+            return self.reply(self.replies.SYNTAX % "HELO hostname")
         self._reset()
-        self.client_name, self.extended = argument, False
-        self.reply("250 OK Hello %s" % argument)
+        self.client_name, self.replies = argument, PLAIN_REPLIES
+        self.reply(self.replies.HELLO % argument)
 
     def do_EHLO(self, argument):
         """Greet the client and list the service extensions (RFC 5321 4.1.1.1)."""
         if not argument.isprintable() or not argument:    # bytes that are no UTF-8 show as unprintable
-            return self.reply("501 Syntax: EHLO hostname")
+            return self.reply(self.replies.SYNTAX % "EHLO hostname")
         self._reset()
-        self.client_name, self.extended = argument, True
-        keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING"]
+        self.client_name, self.replies = argument, Replies
+        keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
         if self.server.tls and not self.tls_active:
             keywords.append("STARTTLS")
         keywords.append("HELP")
-        self.reply("250-%s Hello %s" % (self.domain, argument),
+        self.reply(self.replies.EHLO % (self.domain, argument),
                    *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
     def do_MAIL(self, argument):
         """Start a transaction with the sender (MAIL FROM: or MAIL_FROM:)."""
         if self.client_name is None:
-            return self.reply("503 Send HELO or EHLO first")
+            return self.reply(self.replies.HELO_FIRST)
         if self.sender is not None:
-            return self.reply("503 Sender already given")
+            return self.reply(self.replies.SENDER_GIVEN)
         if self.server.require_tls and not self.tls_active:
-            return self.reply("530 Must issue a STARTTLS command first")
+            return self.reply(self.replies.STARTTLS_FIRST)
         if self.server.stopping:
-            self.reply("421 %s Shutting down, try again later" % self.domain)
+            self.reply(self.replies.SHUTTING_DOWN % self.domain)
             raise SessionEnd("server shutting down")
         path = self._path_after(argument, "FROM:")
         if path is None:
-            return self.reply("501 Syntax: MAIL FROM:<address>")
+            return self.reply(self.replies.SYNTAX % "MAIL FROM:<address>")
         address, parameters = path
         for parameter in parameters:
             keyword, _, value = parameter.upper().partition("=")
             if keyword == "SIZE" and value.isdigit():
                 if int(value) > self.server.max_size:
-                    return self.reply(MESSAGE_TOO_LARGE)
+                    return self.reply(self.replies.MESSAGE_TOO_LARGE)
             elif not (keyword == "BODY" and value in ("7BIT", "8BITMIME")):
-                return self.reply("555 MAIL FROM parameter %s not recognized" % parameter)
+                return self.reply(self.replies.MAIL_PARAMETER % parameter)
         self.sender = address
-        self.reply("250 <%s>... Sender ok" % address)
+        self.reply(self.replies.SENDER_OK % address)
 
     def do_RCPT(self, argument):
         """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
         if self.sender is None:
-            return self.reply("503 Need MAIL before RCPT")
+            return self.reply(self.replies.MAIL_FIRST)
         path = self._path_after(argument, "TO:")
         if path is None or not path[0]:
-            return self.reply("501 Syntax: RCPT TO:<address>")
+            return self.reply(self.replies.SYNTAX % "RCPT TO:<address>")
         address, parameters = path
         if parameters:
-            return self.reply("555 RCPT TO parameters not recognized")
+            return self.reply(self.replies.RCPT_PARAMETERS)
         local = address.rpartition("@")[0] or address
         login = self.server.users.canonical(local)
         if login is None:
-            return self.reply("550 No such user")
+            return self.reply(self.replies.NO_SUCH_USER)
         if len(self.recipients) >= MAX_RECIPIENTS:
-            return self.reply("452 Too many recipients")
+            return self.reply(self.replies.TOO_MANY_RECIPIENTS)
         self.recipients.append(address)
         if login not in self.logins:
             self.logins.append(login)
-        self.reply("250 %s... Recipient ok" % local)
+        self.reply(self.replies.RECIPIENT_OK % local)
 
     def do_DATA(self, argument):
         """Receive the message and deliver it to every recipient."""
         if argument:
-            return self.reply("501 Syntax: DATA")
+            return self.reply(self.replies.SYNTAX % "DATA")
         if self.sender is None:
-            return self.reply("503 Need MAIL command")
+            return self.reply(self.replies.NO_SENDER)
         if not self.recipients:
-            return self.reply("503 Need RCPT (recipient)")
+            return self.reply(self.replies.NO_RECIPIENT)
         with self.server.in_flight:     # from the 354 on, a shutdown waits for this message
-            self.reply('354 Enter mail, end with "." on a line by itself')
+            self.reply(self.replies.START_DATA)
             spool = Spool(self.server.spool_folder)
             try:
                 refused = read_data(self.wire, self.crlf, spool, self.server.max_size, self.server.timeout)
-                self.reply(refused or self._accept(spool))
+                self.reply(getattr(self.replies, refused or self._accept(spool)))
             finally:
                 spool.close()
         self._reset()
 
     def _accept(self, spool):
-        """Store a received message for every recipient; return the reply (250, or why not)."""
+        """Store a received message for every recipient; return the name of the reply."""
         encode = lambda text: text.encode("utf-8", "surrogateescape")
         layout = stored_layout(spool.lines, spool.size, encode(self.sender),
                                [encode(r) for r in self.recipients], received_stamp())
@@ -1244,59 +1262,58 @@ class SMTPSession(Session):
             deliver(message, [self.server.users.mailbox_path(login) for login in self.logins])
         except OSError as exc:
             log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(self.logins), exc)
-            return LOCAL_ERROR
+            return "LOCAL_ERROR"
         self.delivered += 1
         log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
-        return "250 OK Message accepted for delivery"
+        return "ACCEPTED"
 
     def do_STARTTLS(self, argument):
         """Turn the connection into a TLS one (RFC 3207); the client greets again."""
         if argument:
-            return self.reply("501 Syntax: STARTTLS")
+            return self.reply(self.replies.SYNTAX % "STARTTLS")
         if self.server.tls is None:
-            return self.reply("502 Command not implemented")
+            return self.reply(self.replies.NOT_IMPLEMENTED)
         if self.tls_active:
-            return self.reply("503 TLS already active")
-        self.reply("220 Ready to start TLS")
+            return self.reply(self.replies.TLS_ACTIVE)
+        self.reply(self.replies.READY_FOR_TLS)
         self.start_tls()
 
     def do_RSET(self, argument):
         """Drop the transaction in progress."""
         if argument:
-            return self.reply("501 Syntax: RSET")
+            return self.reply(self.replies.SYNTAX % "RSET")
         self._reset()
-        self.reply("250 OK")
+        self.reply(self.replies.OK)
 
     def do_NOOP(self, argument):
         """Do nothing, successfully."""
-        self.reply("250 OK")
+        self.reply(self.replies.OK)
 
     def do_VRFY(self, argument):
         """Tell whether a name is a user of this server."""
         path = parse_path(argument) if argument else None
         if not path or not path[0]:
-            return self.reply("501 Syntax: VRFY <address>")
+            return self.reply(self.replies.SYNTAX % "VRFY <address>")
         local = path[0].rpartition("@")[0] or path[0]
         login = self.server.users.canonical(local)
         if login is None:
-            return self.reply("550 No such user")
-        self.reply("250 %s <%s@%s>" % (login, login, self.domain))
+            return self.reply(self.replies.NO_SUCH_USER)
+        self.reply(self.replies.USER % (login, login, self.domain))
 
     def do_HELP(self, argument):
         """List the commands."""
-        tls = " STARTTLS" if self.server.tls else ""
-        self.reply("214-Commands: HELO EHLO%s MAIL RCPT DATA RSET NOOP VRFY HELP QUIT" % tls,
-                   "214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
+        first, last = self.replies.HELP
+        self.reply(first % (" STARTTLS" if self.server.tls else ""), last)
 
     def do_EXPN(self, argument):
         """Known but not offered: mailing lists, relaying turns, logins."""
-        self.reply("502 Command not implemented")
+        self.reply(self.replies.NOT_IMPLEMENTED)
 
     do_TURN = do_AUTH = do_EXPN
 
     def do_QUIT(self, argument):
         """Say goodbye and end the session."""
-        self.reply("221 %s closing connection" % self.domain)
+        self.reply(self.replies.GOODBYE % self.domain)
         raise SessionEnd("quit")
 
     @staticmethod

@@ -510,7 +510,7 @@ class POP3Session(Session):
                        else "-ERR already logged in")
         else:
             try:
-                self.handler(keyword)(argument)
+                getattr(self, "do_" + keyword)(argument)
             except OSError as exc:
                 # Part of a reply may be out already, so the connection cannot go on.
                 log.error("%s: mailbox of %s unreadable: %s", self.peer, self.login, exc)

@@ -506,7 +506,7 @@ class LimitsTest(ServerTestCase):
         """A message larger than SIZE gets 552 and is not stored; so does MAIL with a larger SIZE=."""
         client = self.connect()
         big = (b"y" * 70 + b"\r\n") * (MAX_SIZE // 72 + 10)
-        self.assertEqual(send_message(client, big), (552, [mailserver_smtp.MESSAGE_TOO_LARGE]))
+        self.assertEqual(send_message(client, big), (552, [mailserver_smtp.PLAIN_REPLIES.MESSAGE_TOO_LARGE]))
         self.assertEqual(read_mailbox(self.root, "alice"), b"")
         self.assertEqual(client.cmd("MAIL FROM:<a@x.org> SIZE=%d" % (MAX_SIZE + 1))[0], 552)
         self.assertEqual(client.cmd("MAIL FROM:<a@x.org> SIZE=100")[0], 250)
@@ -634,7 +634,7 @@ class ConfiguredServerTest(unittest.TestCase):
         server.wait_for_output(r"connection from \S+ closed")
         output = server.output()
         for text in ["C: ehlo", "S: 250-SIZE", "C: mail from:<a@x.org>", "S: 354 Enter mail",
-                     "delivered", "S: 221 %s closing connection" % DOMAIN]:
+                     "delivered", "S: 221 2.0.0 %s closing connection" % DOMAIN]:
             self.assertIn(text.lower(), output.lower())     # smtplib's case varies by version
 
     def test_quiet_server_logs_a_line_per_connection_and_per_message(self):
