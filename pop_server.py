@@ -785,15 +785,27 @@ def cached_index_holds(f, known, limit):
     samples = set(range(0, count, max(1, count // CACHE_SAMPLES)))
     samples.add(count - 1)
     for index in sorted(samples):
-        if index < 0:
-            continue
-        start, end = known.starts[index], known.starts[index + 1]
-        f.seek(start)
-        data = f.read(end - start)
-        if message_end(data, 0)[0] != len(data) or \
-                hashlib.blake2b(data[:-2], digest_size=DIGEST_SIZE).digest() != known.digest(index):
+        if index >= 0 and not _still_there(f, known.starts[index], known.starts[index + 1],
+                                           known.digest(index)):
             return False
     return True
+
+
+def _still_there(f, start, end, digest):
+    """Whether bytes start..end of f are one whole message with this content hash (read in chunks)."""
+    hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    f.seek(start)
+    tail = b""                                   # the last two bytes read: the '.' line is not hashed
+    while start < end:
+        chunk = f.read(min(READ_CHUNK, end - start))
+        if not chunk:
+            return False
+        start += len(chunk)
+        data = tail + chunk
+        with memoryview(data) as view:
+            hasher.update(view[:-2])
+        tail = data[-2:]
+    return tail == b".\n" and hasher.digest() == digest
 
 
 # --------------------------------------------------------------------------

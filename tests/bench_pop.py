@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark of pop_server.py: login+STAT, LIST, RETR of every message, concurrency, memory.
 
-    python3 tests/bench_pop.py [--repeat 3] [--sizes 1000,10000,100000]
+    python3 tests/bench_pop.py [--repeat 3] [--sizes 1000,10000,100000] [--big 64]
 
 Generates mailboxes of 2 KB messages in a temporary mail root, runs the real
 server as a subprocess and prints the median of several runs.  Not part of
@@ -53,7 +53,7 @@ class Client:
 
     def __init__(self, port):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        self.buf = b""
+        self.buf = bytearray()
         self.line()
 
     def _fill(self):
@@ -65,7 +65,9 @@ class Client:
     def line(self):
         while b"\r\n" not in self.buf:
             self._fill()
-        line, self.buf = self.buf.split(b"\r\n", 1)
+        end = self.buf.index(b"\r\n")
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 2]
         return line
 
     def cmd(self, text):
@@ -79,13 +81,14 @@ class Client:
         """Send a command with a multi-line reply; return the reply without its first line."""
         self.cmd(text)
         if self.buf.startswith(b".\r\n"):
-            body, self.buf = b"", self.buf[3:]
-            return body
+            del self.buf[:3]
+            return b""
         searched = 0
         while True:
             end = self.buf.find(b"\r\n.\r\n", searched)
             if end >= 0:
-                body, self.buf = self.buf[:end + 2], self.buf[end + 5:]
+                body = bytes(self.buf[:end + 2])
+                del self.buf[:end + 5]
                 return body
             searched = max(0, len(self.buf) - 4)
             self._fill()
@@ -174,6 +177,39 @@ def bench_concurrent(port, logins):
     return time.perf_counter() - started
 
 
+def write_big_mailbox(root, login, count, megabytes):
+    """A mailbox of count messages of megabytes MB each, written a line block at a time."""
+    os.mkdir(os.path.join(root, login))
+    block = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\n" * 14000
+    with open(support.mailbox_path(root, login), "wb") as f:
+        for number in range(count):
+            f.write(b"From: big@example.org\nTo: bench@example.org\nSubject: big %d\n"
+                    b"Received: 2026-11-28 : 14 : 05\n" % number)
+            for _ in range(megabytes * 2 ** 20 // len(block)):
+                f.write(block)
+            f.write(b".\n")
+    with open(os.path.join(root, "userinfo.txt"), "a") as f:
+        f.write("%s %s\n" % (login, PASSWORD))
+
+
+def bench_big(root, megabytes):
+    """Log in (twice) to a mailbox of four big messages and RETR one; print times and peak memory."""
+    write_big_mailbox(root, "big", 4, megabytes)
+    server = support.ServerProcess(support.POP_SCRIPT, root)
+    try:
+        first, (client, count) = timed(lambda: login_stat(server.port, "big"))
+        retr, _ = timed(lambda: client.multi("RETR 1"))
+        client.close()
+        again, (client, _) = timed(lambda: login_stat(server.port, "big"))
+        client.close()
+        peak = peak_rss_mb(server.proc.pid)
+    finally:
+        server.close()
+    print("\n%d messages of %d MB: 1st login %.2f s, login again %.3f s, RETR of one %.2f s "
+          "(%.0f MB/s); peak server RSS %s" % (count, megabytes, first, again, retr, megabytes / retr,
+                                                "%.1f MB" % peak if peak else "n/a"))
+
+
 def median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -182,6 +218,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (default 3)")
     parser.add_argument("--sizes", default="1000,10000,100000", help="mailbox sizes in messages")
+    parser.add_argument("--big", type=int, default=64, metavar="MB",
+                        help="size of each of four big messages in another mailbox (0: none; default 64)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -230,6 +268,8 @@ def main():
             print("  %-7d messages: %s" % (count, "%.1f MB" % peak if peak else "n/a"))
         print("  %d concurrent: %s" % (CONCURRENT_USERS, "%.1f MB" % crowd_peak if crowd_peak else "n/a"))
         print("\nmedians of %d runs; '1st login' includes creating the UIDL sidecar" % args.repeat)
+        if args.big:
+            bench_big(root, args.big)
     finally:
         support.remove_mail_root(root)
 
