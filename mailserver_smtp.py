@@ -100,9 +100,12 @@ class Replies:
     NO_SENDER = "503 5.5.1 Need MAIL command"
     NO_RECIPIENT = "503 5.5.1 Need RCPT (recipient)"
     TLS_ACTIVE = "503 5.5.1 TLS already active"
+    MAILBOX_FULL = "452 4.2.2 Mailbox full"
     STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
     NO_SUCH_USER = "550 5.1.1 No such user"
+    OVER_QUOTA = "552 5.2.2 Message larger than the mailbox may hold"
     MESSAGE_TOO_LARGE = "552 5.3.4 Message exceeds fixed maximum message size"
+    NEEDS_SMTPUTF8 = "553 5.6.7 Address is not ASCII: SMTPUTF8 needed"
     MAIL_PARAMETER = "555 5.5.4 MAIL FROM parameter %s not recognized"
     RCPT_PARAMETERS = "555 5.5.4 RCPT TO parameters not recognized"
 
@@ -128,9 +131,11 @@ def parse_args(argv=None):
                         help="name the server gives itself in replies (default: this host's name)")
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help="largest message accepted, in bytes (default: 10 MiB)")
+    parser.add_argument("--quota", type=int, metavar="BYTES",
+                        help="the most a mailbox may hold on disk (default: no limit)")
     args = parser.parse_args(argv)
-    if args.max_size < 1:
-        parser.error("--max-size must be positive")
+    if args.max_size < 1 or args.quota is not None and args.quota < 1:
+        parser.error("--max-size and --quota must be positive")
     return check_server_arguments(parser, args)
 
 
@@ -716,31 +721,40 @@ class SpooledMessage:
                 start += len(chunk)
 
 
-def deliver(message, mailbox_paths):
+class MailboxFull(Exception):
+    """A message would make a mailbox hold more than its quota; it was stored for nobody."""
+
+
+def deliver(message, mailbox_paths, quota=None):
     """Append one stored message to every mailbox; return once it is on disk in all of them.
 
     Holding the delivery locks of all the mailboxes (in sorted order, as the
     lock protocol asks), append the message to each and fsync each; on any
     error cut every one back to its old size, so a message is in all of the
-    mailboxes or in none.  A message for one mailbox takes the same steps
-    in a GroupCommit (see Speed-ups), which shares them with its neighbours.
+    mailboxes or in none.  A mailbox it would take past quota bytes stops
+    it before anything is written (MailboxFull).  A message for one mailbox
+    takes the same steps in a GroupCommit (see Speed-ups), which shares them
+    with its neighbours.
     """
     paths = sorted(set(mailbox_paths))
     if len(paths) == 1:
-        return GROUP_COMMIT.deliver(paths[0], message)
+        return GROUP_COMMIT.deliver(paths[0], message, quota)
     with contextlib.ExitStack() as held:     # whatever was taken is given back, on any error too
-        appended = []                        # (fd, size before the append)
+        opened = []                          # (fd, size before the append)
+        for path in paths:
+            held.enter_context(delivery_lock(path))
+            fd, st = open_mailbox(path)
+            held.callback(os.close, fd)
+            opened.append((fd, set_torn_tail_aside(fd, path, st.st_size)))
+            if quota is not None and opened[-1][1] + len(message) > quota:
+                raise MailboxFull(path)
         try:
-            for path in paths:
-                held.enter_context(delivery_lock(path))
-                fd, st = open_mailbox(path)
-                held.callback(os.close, fd)
-                appended.append((fd, set_torn_tail_aside(fd, path, st.st_size)))
+            for fd, _ in opened:
                 append_message(fd, message)
-            for fd, _ in appended:
+            for fd, _ in opened:
                 os.fsync(fd)
         except BaseException:
-            for fd, size in appended:
+            for fd, size in opened:
                 cut_back(fd, size)
             raise
 
@@ -1066,10 +1080,14 @@ def read_data(wire, strict, spool, max_size, timeout):
             start = len(buffer) - 2                    # keep what could begin the '.' line
         del buffer[:start - 2]
         start = 2
-        received = wire.fill(since + budget)
-        now = time.monotonic()
-        budget = min(timeout, budget - (now - since) + received / MIN_DATA_RATE)
-        since = now
+        budget, since = fill_within(wire, budget, since, timeout)
+
+
+def fill_within(wire, budget, since, timeout):
+    """Wait for more of a message, charging the wait to the client's budget; (budget left, now)."""
+    received = wire.fill(since + budget)
+    now = time.monotonic()
+    return min(timeout, budget - (now - since) + received / MIN_DATA_RATE), now
 
 
 def data_end(buffer, start, strict):
@@ -1115,6 +1133,8 @@ class SMTPSession(Session):
     def _reset(self):
         """Forget the transaction in progress (sender and recipients)."""
         self.sender = None
+        self.utf8 = False            # MAIL FROM had SMTPUTF8 (RFC 6531)
+        self.declared_size = 0       # MAIL FROM's SIZE= (RFC 1870)
         self.recipients = []         # addresses as given, in order
         self.logins = []             # their mailbox owners, without repeats
 
@@ -1181,7 +1201,8 @@ class SMTPSession(Session):
             return self.reply(self.replies.SYNTAX % "EHLO hostname")
         self._reset()
         self.client_name, self.replies = argument, Replies
-        keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
+                    "SMTPUTF8"]
         if self.server.tls and not self.tls_active:
             keywords.append("STARTTLS")
         keywords.append("HELP")
@@ -1203,14 +1224,20 @@ class SMTPSession(Session):
         if path is None:
             return self.reply(self.replies.SYNTAX % "MAIL FROM:<address>")
         address, parameters = path
+        utf8, size = False, 0
         for parameter in parameters:
             keyword, _, value = parameter.upper().partition("=")
             if keyword == "SIZE" and value.isdigit():
-                if int(value) > self.server.max_size:
-                    return self.reply(self.replies.MESSAGE_TOO_LARGE)
+                size = int(value)
+            elif keyword == "SMTPUTF8" and not value:
+                utf8 = True
             elif not (keyword == "BODY" and value in ("7BIT", "8BITMIME")):
                 return self.reply(self.replies.MAIL_PARAMETER % parameter)
-        self.sender = address
+        if size > self.server.max_size:
+            return self.reply(self.replies.MESSAGE_TOO_LARGE)
+        if not (utf8 or address.isascii()):
+            return self.reply(self.replies.NEEDS_SMTPUTF8)
+        self.sender, self.utf8, self.declared_size = address, utf8, size
         self.reply(self.replies.SENDER_OK % address)
 
     def do_RCPT(self, argument):
@@ -1223,16 +1250,34 @@ class SMTPSession(Session):
         address, parameters = path
         if parameters:
             return self.reply(self.replies.RCPT_PARAMETERS)
+        if not (self.utf8 or address.isascii()):
+            return self.reply(self.replies.NEEDS_SMTPUTF8)
         local = address.rpartition("@")[0] or address
         login = self.server.users.canonical(local)
         if login is None:
             return self.reply(self.replies.NO_SUCH_USER)
         if len(self.recipients) >= MAX_RECIPIENTS:
             return self.reply(self.replies.TOO_MANY_RECIPIENTS)
+        full = self._over_quota(login)
+        if full:
+            return self.reply(full)
         self.recipients.append(address)
         if login not in self.logins:
             self.logins.append(login)
         self.reply(self.replies.RECIPIENT_OK % local)
+
+    def _over_quota(self, login):
+        """The reply for a recipient whose mailbox cannot take the declared message, or None."""
+        quota = self.server.quota
+        if quota is None:
+            return None
+        if self.declared_size > quota:
+            return self.replies.OVER_QUOTA
+        try:
+            held = os.stat(self.server.users.mailbox_path(login)).st_size
+        except OSError:
+            held = 0
+        return self.replies.MAILBOX_FULL if held >= quota or held + self.declared_size > quota else None
 
     def do_DATA(self, argument):
         """Receive the message and deliver it to every recipient."""
@@ -1259,7 +1304,11 @@ class SMTPSession(Session):
                                [encode(r) for r in self.recipients], received_stamp())
         message = spool.message(layout)
         try:
-            deliver(message, [self.server.users.mailbox_path(login) for login in self.logins])
+            deliver(message, [self.server.users.mailbox_path(login) for login in self.logins],
+                    self.server.quota)
+        except MailboxFull as full:
+            log.info("not delivered from <%s>: %s is full", self.sender, full)
+            return "MAILBOX_FULL"
         except OSError as exc:
             log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(self.logins), exc)
             return "LOCAL_ERROR"
@@ -1657,6 +1706,7 @@ class SMTPServer(Server):
         super().__init__(args)
         self.domain = args.domain
         self.max_size = args.max_size
+        self.quota = args.quota
         self.BUSY = "421 %s Too many connections, try again later" % self.domain
         self.BUSY_CLIENT = "421 4.7.0 %s Too many connections from your address" % self.domain
         self.spool_folder = prepare_spool(self.users.root)
@@ -1713,13 +1763,13 @@ class GroupCommit:
         self._guard = threading.Lock()
         self._mailboxes = {}         # path -> _QueuedMailbox
 
-    def deliver(self, path, message):
-        """Append message to the mailbox at path; return once it is on disk."""
+    def deliver(self, path, message, quota):
+        """Append message to the mailbox at path (unless that passes quota); return once it is on disk."""
         box = self._mailboxes.get(path)
         if box is None:
             with self._guard:
                 box = self._mailboxes.setdefault(path, _QueuedMailbox(path))
-        box.deliver(message)
+        box.deliver(message, quota)
 
 
 class _QueuedMailbox:
@@ -1738,47 +1788,50 @@ class _QueuedMailbox:
         self._guard = threading.Lock()
         self._queue = []             # [message, outcome] pairs not taken by a writer yet
 
-    def deliver(self, message):
-        mine = [message, _PENDING]
+    def deliver(self, message, quota):
+        mine = [message, quota, _PENDING]
         with self._guard:
             self._queue.append(mine)
         with self.writer:
-            if mine[1] is _PENDING:
+            if mine[2] is _PENDING:
                 with self._guard:
                     batch, self._queue = self._queue, []
                 try:
-                    errors = self._write([message for message, _ in batch])
+                    errors = self._write(batch)
                 except BaseException as exc:
                     errors = [exc] * len(batch)
                     raise
                 finally:
                     for entry, error in zip(batch, errors):
-                        entry[1] = error
-        if mine[1] is not None:
-            raise mine[1]
+                        entry[2] = error
+        if mine[2] is not None:
+            raise mine[2]
 
-    def _write(self, messages):
-        """Append messages under the delivery lock, fsync once; return each one's error or None."""
+    def _write(self, batch):
+        """Append the batch's messages under the delivery lock, fsync once; each one's error or None."""
         with self.lock:
-            return self._append(messages)
+            return self._append(batch)
 
-    def _append(self, messages):
-        """Append messages to the mailbox (its lock held) and fsync once; each one's error or None."""
-        errors = [None] * len(messages)
+    def _append(self, batch):
+        """Append the batch's messages to the mailbox (its lock held), fsync once; each one's error or None."""
+        errors = [None] * len(batch)
         fd, st = open_mailbox(self.path)
         try:
             size = st.st_size
             if (st.st_ino, size) != self.clean_end:
                 size = set_torn_tail_aside(fd, self.path, size)
             start, self.clean_end = size, None
-            for index, message in enumerate(messages):
+            for index, (message, quota, _) in enumerate(batch):
+                if quota is not None and size + len(message) > quota:
+                    errors[index] = MailboxFull(self.path)
+                    continue
                 try:
                     append_message(fd, message)
                     size += len(message)
                 except OSError as exc:
                     errors[index] = exc
                     if not cut_back(fd, size):     # the rest would follow the debris: drop them too
-                        return [error or exc for error in errors[:index]] + [exc] * (len(messages) - index)
+                        return [error or exc for error in errors[:index]] + [exc] * (len(batch) - index)
             try:
                 os.fsync(fd)
             except OSError as exc:
