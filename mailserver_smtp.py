@@ -12,7 +12,10 @@ and the server loop skeleton, each headed "shared with pop_server.py" below.
 """
 
 import argparse
+import base64
 import contextlib
+import getpass
+import hashlib
 import hmac
 import io
 import itertools
@@ -61,6 +64,11 @@ SEND_THRESHOLD = 256 * 1024  # queued replies are sent once they reach this size
 ACCEPT_RETRY_DELAY = 0.05    # seconds to wait after accept() fails, e.g. out of descriptors
 SHUTDOWN_GRACE = 30          # seconds the work in flight gets to finish after Ctrl-C/SIGTERM
 THREAD_STACK_SIZE = 512 * 1024   # bytes (see use_small_thread_stacks)
+PBKDF2_ITERATIONS = 600000   # OWASP's 2023 figure for PBKDF2-HMAC-SHA256
+SCRYPT_COST = (("n", 2 ** 14), ("r", 8), ("p", 5))   # OWASP's scrypt setting that needs 16 MiB
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+SALT_SIZE = 16               # bytes
+HASH_SIZE = 32               # bytes
 
 log = logging.getLogger("smtp")
 
@@ -72,6 +80,8 @@ def parse_args(argv=None):
                               "STARTTLS", "refuse mail until the client has used STARTTLS")
     parser.add_argument("--domain", default=socket.gethostname(),
                         help="name the server gives itself in replies (default: this host's name)")
+    parser.epilog = ("python3 mailserver_smtp.py --hash-password [--scheme scrypt] reads a password "
+                     "(not echoed) and prints a hashed password field for userinfo.txt.")
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help="largest message accepted, in bytes (default: 10 MiB)")
     args = parser.parse_args(argv)
@@ -147,6 +157,85 @@ def is_valid_login(name):
     return bool(LOGIN_PATTERN.match(name)) and name not in (".", "..")
 
 
+# Passwords.  A password field in userinfo.txt is the password itself, or a
+# salted slow hash as --hash-password prints it, "{SCHEME}cost$salt$hash"
+# with salt and hash in base64: {PBKDF2-SHA256}i=600000$...$... or
+# {SCRYPT}n=16384,r=8,p=5$...$...  A hash is computed anew at every login;
+# nothing is cached.  CRAM-MD5 and APOP need the password itself, so a user
+# whose field is a hash logs in only by the methods that send the password
+# (USER/PASS, AUTH PLAIN, AUTH LOGIN).
+
+def _pbkdf2_sha256(password, salt, cost, size):
+    return hashlib.pbkdf2_hmac("sha256", password, salt, cost["i"], size)
+
+
+def _scrypt(password, salt, cost, size):
+    return hashlib.scrypt(password, salt=salt, n=cost["n"], r=cost["r"], p=cost["p"],
+                          maxmem=SCRYPT_MAXMEM, dklen=size)
+
+
+PASSWORD_SCHEMES = {         # scheme -> (its default cost, the hash function)
+    "PBKDF2-SHA256": ((("i", PBKDF2_ITERATIONS),), _pbkdf2_sha256),
+    "SCRYPT": (SCRYPT_COST, _scrypt),
+}
+HASHED_FIELD = re.compile(rb"\{(PBKDF2-SHA256|SCRYPT)\}(.*)\Z", re.IGNORECASE | re.DOTALL)
+NO_PASSWORD = b"\0no password"      # what an unknown user's login attempt is checked against
+
+
+class HashedPassword:
+    """A password field "{SCHEME}cost$salt$hash": what a password must hash to."""
+
+    def __init__(self, scheme, text):
+        """Parse the part after {SCHEME}; ValueError if it is malformed."""
+        cost, salt, digest = text.split(b"$")
+        self.scheme = scheme
+        self.cost = {}
+        for item in cost.decode("ascii").split(","):
+            name, _, value = item.partition("=")
+            self.cost[name] = int(value)
+        if sorted(self.cost) != sorted(name for name, _ in PASSWORD_SCHEMES[scheme][0]) \
+                or not all(1 <= value <= 10 ** 9 for value in self.cost.values()):
+            raise ValueError("wrong cost parameters")
+        self.salt = base64.b64decode(salt, validate=True)
+        self.digest = base64.b64decode(digest, validate=True)
+        if len(self.digest) < 16 or scheme == "SCRYPT" and not hasattr(hashlib, "scrypt"):
+            raise ValueError("hash too short, or no scrypt in this Python")
+
+    def matches(self, password):
+        """Whether password (bytes) hashes to this field."""
+        try:
+            computed = PASSWORD_SCHEMES[self.scheme][1](password, self.salt, self.cost, len(self.digest))
+        except (ValueError, MemoryError) as exc:     # e.g. a cost that needs more than SCRYPT_MAXMEM
+            log.warning("cannot check a %s password: %s", self.scheme, exc)
+            return False
+        return hmac.compare_digest(computed, self.digest)
+
+
+def parse_password(field):
+    """A userinfo.txt password field as UserTable keeps it: bytes, or a HashedPassword (ValueError)."""
+    hashed = HASHED_FIELD.match(field)
+    if hashed is None:
+        return field
+    return HashedPassword(hashed.group(1).decode("ascii").upper(), hashed.group(2))
+
+
+def hash_password(password, scheme="PBKDF2-SHA256"):
+    """The userinfo.txt field for a password (bytes): a new salt and the scheme's default cost."""
+    cost, function = PASSWORD_SCHEMES[scheme]
+    salt = os.urandom(SALT_SIZE)
+    digest = function(password, salt, dict(cost), HASH_SIZE)
+    return "{%s}%s$%s$%s" % (scheme, ",".join("%s=%d" % item for item in cost),
+                             base64.b64encode(salt).decode("ascii"),
+                             base64.b64encode(digest).decode("ascii"))
+
+
+def password_matches(stored, password):
+    """Whether password (bytes) is the one a stored field (bytes or HashedPassword) holds."""
+    if isinstance(stored, HashedPassword):
+        return stored.matches(password)
+    return hmac.compare_digest(password, stored)
+
+
 class UserTable:
     """The users of a mail root, read from userinfo.txt again whenever the file changes."""
 
@@ -155,8 +244,9 @@ class UserTable:
         self.path = os.path.join(self.root, USERINFO_NAME)
         self._guard = threading.Lock()
         self._stamp = None
-        self._passwords = {}   # login -> password bytes
+        self._passwords = {}   # login -> password bytes or HashedPassword, in file order
         self._folded = {}      # login.lower() -> login
+        self._decoy = NO_PASSWORD   # checked for unknown users: a hash, if the file has one
 
     def refresh(self):
         """Read userinfo.txt again if it has changed since it was last read."""
@@ -174,6 +264,8 @@ class UserTable:
             if stamp is None:
                 log.warning("%s is missing: no users", self.path)
             self._passwords = passwords
+            self._decoy = next((p for p in passwords.values() if isinstance(p, HashedPassword)),
+                               NO_PASSWORD)
             self._folded = {}
             for login in passwords:
                 self._folded.setdefault(login.lower(), login)
@@ -201,7 +293,11 @@ class UserTable:
             elif login in passwords:
                 log.warning("%s line %d repeats user %r; skipped", USERINFO_NAME, number, login)
             else:
-                passwords[login] = fields[1]
+                try:
+                    passwords[login] = parse_password(fields[1])
+                except ValueError:
+                    log.warning("%s line %d: the password of %r is a malformed {SCHEME} hash; skipped",
+                                USERINFO_NAME, number, login)
         return passwords
 
     def canonical(self, name):
@@ -215,12 +311,15 @@ class UserTable:
         return None
 
     def authenticate(self, name, password):
-        """The login of name if password (bytes) is its password, else None; in constant time."""
+        """The login of name if password (bytes) is its password, else None.
+
+        An unknown name is checked against a decoy of the same cost, so that
+        timing does not tell users and strangers apart.
+        """
         login = self.canonical(name)
-        expected = self._passwords.get(login) if login else None
-        # Compare even for unknown users, so timing does not tell them apart.
-        matches = hmac.compare_digest(password, expected or b"\0unknown user")
-        return login if expected is not None and matches else None
+        stored = self._passwords.get(login) if login else None
+        matches = password_matches(self._decoy if stored is None else stored, password)
+        return login if stored is not None and matches else None
 
     def mailbox_path(self, login):
         """Where a user's mailbox file is."""
@@ -1473,8 +1572,45 @@ def configure_logging(name):
 # --------------------------------------------------------------------------
 
 def main(argv=None):
-    """Run the SMTP server until Ctrl-C or SIGTERM."""
+    """Run the SMTP server until Ctrl-C or SIGTERM (or, with --hash-password, hash a password)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--hash-password" in argv:
+        return hash_password_main(argv)
     return run_server(SMTPServer, parse_args(argv), "smtp")
+
+
+def hash_password_main(argv):
+    """Read a password (not echoed on a terminal) and print it hashed, as a userinfo.txt field."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py --hash-password",
+                                     description="Print a hashed password field for userinfo.txt: "
+                                                 "LOGIN<space>FIELD.")
+    parser.add_argument("--hash-password", action="store_true", required=True)
+    parser.add_argument("--scheme", type=str.upper, choices=sorted(PASSWORD_SCHEMES),
+                        default="PBKDF2-SHA256", help="the hash (default: PBKDF2-SHA256)")
+    args = parser.parse_args(argv)
+    if args.scheme == "SCRYPT" and not hasattr(hashlib, "scrypt"):
+        parser.error("this Python has no scrypt (it needs OpenSSL 1.1 or newer)")
+    try:
+        password = read_new_password()
+    except (EOFError, KeyboardInterrupt, ValueError) as exc:
+        print("no password hashed: %s" % (str(exc) or "no input"), file=sys.stderr)
+        return 1
+    print(hash_password(password, args.scheme))
+    return 0
+
+
+def read_new_password():
+    """The password to hash (bytes): typed twice on a terminal, else the first line of input."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise ValueError("the two passwords differ")
+        password = password.encode("utf-8")
+    else:
+        password = sys.stdin.buffer.readline().rstrip(b"\r\n")
+    if not password or password != password.strip():
+        raise ValueError("a password must be given, without spaces at its ends")
+    return password
 
 
 if __name__ == "__main__":
