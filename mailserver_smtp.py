@@ -13,7 +13,9 @@ and the server loop skeleton, each headed "shared with pop_server.py" below.
 
 import argparse
 import base64
+import binascii
 import contextlib
+import email.utils
 import getpass
 import hashlib
 import hmac
@@ -57,6 +59,18 @@ DOT_STRING = re.compile(r"%s(?:\.%s)*\Z" % (_ATOM, _ATOM))
 DOMAIN = re.compile(r"(?:%s(?:\.%s)*|\[[!-Z^-~]+\])\Z" % (_LABEL, _LABEL))   # a name, or [address literal]
 
 MESSAGE_TOO_LARGE = "552 Message exceeds fixed maximum message size"
+SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
+AUTH_OK = "235 2.7.0 Authentication successful"                    # RFC 4954 6
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+NOT_YOURS = "553 5.7.1 Sender <%s> is not an address of %s"         # RFC 6409 6.1
+SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (RFC 4954 4 and 6)
+    "cancelled": "501 5.7.0 Authentication cancelled",
+    "malformed": "501 5.5.2 Cannot decode the response (base64 expected)",
+    "too long": "500 5.5.6 Authentication exchange line is too long",
+    "invalid": AUTH_INVALID,
+}
 
 # Both servers (the skeleton below reads these too).
 RECV_SIZE = 65536            # bytes asked of the socket at a time
@@ -64,6 +78,12 @@ SEND_THRESHOLD = 256 * 1024  # queued replies are sent once they reach this size
 ACCEPT_RETRY_DELAY = 0.05    # seconds to wait after accept() fails, e.g. out of descriptors
 SHUTDOWN_GRACE = 30          # seconds the work in flight gets to finish after Ctrl-C/SIGTERM
 THREAD_STACK_SIZE = 512 * 1024   # bytes (see use_small_thread_stacks)
+MAX_SASL_LINE = 12288        # RFC 4954 4: a SASL response line, CRLF included
+AUTH_DELAY_FROM = 3          # failed authentication number from which replies are slowed down
+AUTH_DELAY_STEP = 0.2        # seconds added per further failure
+MAX_AUTH_FAILURES = 5        # then the connection is closed
+MASKED_COMMANDS = {"AUTH": 1, "PASS": 0, "APOP": 1}   # verb -> words shown before the secret
+HEX_DIGEST = re.compile(r"[0-9a-fA-F]{32}\Z")          # an MD5 digest (RFC 1939 7, RFC 2195)
 PBKDF2_ITERATIONS = 600000   # OWASP's 2023 figure for PBKDF2-HMAC-SHA256
 SCRYPT_COST = (("n", 2 ** 14), ("r", 8), ("p", 5))   # OWASP's scrypt setting that needs 16 MiB
 SCRYPT_MAXMEM = 64 * 1024 * 1024
@@ -77,13 +97,13 @@ def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
-                              "STARTTLS", "refuse mail until the client has used STARTTLS")
-    parser.add_argument("--domain", default=socket.gethostname(),
-                        help="name the server gives itself in replies (default: this host's name)")
+                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS")
     parser.epilog = ("python3 mailserver_smtp.py --hash-password [--scheme scrypt] reads a password "
                      "(not echoed) and prints a hashed password field for userinfo.txt.")
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help="largest message accepted, in bytes (default: 10 MiB)")
+    parser.add_argument("--require-auth", action="store_true",
+                        help="submission: refuse MAIL (530) until the client has logged in with AUTH")
     args = parser.parse_args(argv)
     if args.max_size < 1:
         parser.error("--max-size must be positive")
@@ -320,6 +340,18 @@ class UserTable:
         stored = self._passwords.get(login) if login else None
         matches = password_matches(self._decoy if stored is None else stored, password)
         return login if stored is not None and matches else None
+
+    def authenticate_digest(self, name, digest, expected_for):
+        """The login of name if digest is expected_for(its password), else None (CRAM-MD5, APOP).
+
+        A hashed password cannot give the digest, so such a user fails here
+        as with a wrong password.
+        """
+        login = self.canonical(name)
+        stored = self._passwords.get(login) if login else None
+        clear = stored if isinstance(stored, bytes) else NO_PASSWORD
+        matches = hmac.compare_digest(expected_for(clear), digest)
+        return login if isinstance(stored, bytes) and matches else None
 
     def mailbox_path(self, login):
         """Where a user's mailbox file is."""
@@ -571,6 +603,43 @@ def parse_path(text):
     return address, rest.split()
 
 
+def local_part(address):
+    """The part of an address before its last '@' (all of it when it has none)."""
+    return address.rpartition("@")[0] if "@" in address else address
+
+
+def printable(text):
+    """Text from a message fit to go into a reply line: printable characters only, not too many."""
+    return "".join(c for c in text[:MAX_PATH] if c.isprintable())
+
+
+def foreign_sender(lines, login):
+    """The first From: or Sender: address of a message that is not login's own, else None.
+
+    lines: the message's lines as stored (bytes), its header block first, as
+    header_block() finds it.  An address is login's own when its local part
+    is login, in any case, whatever the display name.  A From: or Sender:
+    that holds no address at all is not login's own either ('' is returned).
+    """
+    lines, scanned = itertools.tee(lines)
+    count, _ = header_block(scanned)
+    fields = []
+    for line in itertools.islice(lines, count):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line                 # a folded line continues its field
+        else:
+            fields.append(line)
+    for field in fields:
+        name, _, value = field.partition(b":")
+        if name.lower() in (b"from", b"sender"):
+            text = " ".join(value.decode("utf-8", "replace").split())
+            addresses = [address for _, address in email.utils.getaddresses([text]) if address]
+            for address in addresses or [""]:
+                if local_part(address).lower() != login.lower():
+                    return address
+    return None
+
+
 # --------------------------------------------------------------------------
 # Delivery: appending a message to the recipients' mailboxes
 # --------------------------------------------------------------------------
@@ -657,6 +726,59 @@ class LineTooLong(Exception):
 
 class SessionEnd(Exception):
     """Ends a session; its text says why, for the log."""
+
+
+class SASLError(Exception):
+    """A SASL exchange that cannot go on; its text says why: "cancelled", "malformed", "too long"."""
+
+
+def decode_sasl(text):
+    """The bytes of a SASL response (RFC 4954 4, RFC 5034 4): base64, "=" for none, "*" cancels."""
+    text = text.strip()
+    if text == "*":
+        raise SASLError("cancelled")
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SASLError("malformed")
+
+
+def plain_credentials(data):
+    """The (login name, password) of a PLAIN response (RFC 4616); (None, b"") if it is malformed.
+
+    Logging in as one user to act as another (an authzid of its own) is not offered.
+    """
+    parts = data.split(b"\0")
+    if len(parts) != 3:
+        return None, b""
+    authzid, authcid, password = parts
+    try:
+        name, acting_as = authcid.decode("utf-8"), authzid.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, b""
+    if acting_as and acting_as.lower() != name.lower():
+        return None, b""
+    return name, password
+
+
+def name_and_digest(text):
+    """Split "name digest" (a CRAM-MD5 response, APOP's argument) into (name, digest), or None."""
+    name, _, digest = text.strip().rpartition(" ")
+    if not name or not HEX_DIGEST.match(digest):
+        return None
+    return name, digest.lower()
+
+
+def fresh_timestamp(domain):
+    """A new "<number.random@domain>": a CRAM-MD5 challenge (RFC 2195), the APOP timestamp (RFC 1939 7)."""
+    return "<%d.%s@%s>" % (os.getpid(), os.urandom(8).hex(), domain)
+
+
+def shown_name(name):
+    """A login name as given by a client, fit for a log line (quoted, control characters escaped, cut)."""
+    return repr(name[:64]) if name else "-"
 
 
 # What a read or write past the idle timeout raises: socket.timeout for a
@@ -762,6 +884,8 @@ class Session:
     """
 
     MAX_LINE = MAX_COMMAND_LINE       # the longest command line, its line end included
+    SASL_CONTINUE = ""                # what starts a SASL challenge line: "334 " (SMTP), "+ " (POP3)
+    SASL_REPLIES = {}                 # why a SASL exchange failed -> the reply
 
     def __init__(self, server, sock, peer):
         self.server = server
@@ -771,6 +895,7 @@ class Session:
         self.last_reply = ""          # the last line queued
         self.tls_active = False
         self.crlf = True              # did the last command line end in CRLF?
+        self.auth_failures = 0
 
     def reply(self, *lines):
         """Queue a reply of one or more lines (text); it is sent before the session next waits."""
@@ -785,6 +910,15 @@ class Session:
         if verb.isalpha() and verb.isascii():
             return getattr(self, "do_" + verb, None)
         return None
+
+    def log_command(self, verb, text):
+        """Log a command line (--verbose), with the password, SASL data or digest it carries masked."""
+        shown = MASKED_COMMANDS.get(verb)
+        if shown is not None:
+            words = text.split(" ", shown + 1)
+            if len(words) > shown + 1:
+                text = " ".join(words[:shown + 1]) + " ****"
+        log.info("%s C: %s", self.peer, text)
 
     # -- the session from start to end
 
@@ -832,6 +966,75 @@ class Session:
         self.tls_active = True
         self.forget()
 
+    # -- authentication, the same for every method of both protocols
+
+    def login_result(self, mechanism, name, login, failure):
+        """Log one authentication (who, how, the outcome); answer a failure; return login (None: failed).
+
+        A failure, by any method, is answered more slowly from the 3rd on,
+        AUTH_DELAY_STEP more each time, and the 5th ends the session.
+        """
+        log.info("%s: authentication %s: login %s, mechanism %s", self.peer,
+                 "failed" if login is None else "succeeded", login or shown_name(name), mechanism)
+        if login is not None:
+            return login
+        self.auth_failures += 1
+        if self.auth_failures >= AUTH_DELAY_FROM:
+            time.sleep(AUTH_DELAY_STEP * (self.auth_failures - AUTH_DELAY_FROM + 1))
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            self.too_many_failures(failure)
+            raise SessionEnd("too many failed logins")
+        self.reply(failure)
+        return None
+
+    def sasl(self, mechanism, initial):
+        """Run one SASL exchange (the AUTH command); return the login it proves, or None after a failure.
+
+        mechanism: PLAIN, LOGIN or CRAM-MD5; initial: the initial response
+        from the command line, or None.
+        """
+        name, login, why = None, None, "invalid"
+        try:
+            name, login = getattr(self, "sasl_" + mechanism.replace("-", "_"))(initial)
+        except SASLError as exc:
+            why = str(exc)
+        return self.login_result(mechanism, name, login, self.SASL_REPLIES[why])
+
+    def sasl_response(self, initial, challenge=b""):
+        """The client's next SASL response, decoded: initial if given, else its answer to challenge."""
+        if initial is None:
+            self.reply(self.SASL_CONTINUE + base64.b64encode(challenge).decode("ascii"))
+            try:
+                line, _ = self.wire.readline(MAX_SASL_LINE)
+            except LineTooLong:
+                raise SASLError("too long")
+            if self.verbose:
+                log.info("%s C: ****", self.peer)      # SASL data is never logged
+            initial = line.decode("ascii", "replace")
+        return decode_sasl(initial)
+
+    def sasl_PLAIN(self, initial):
+        """RFC 4616: the login name and the password, in one response."""
+        name, password = plain_credentials(self.sasl_response(initial))
+        return name, (self.server.users.authenticate(name, password) if name else None)
+
+    def sasl_LOGIN(self, initial):
+        """The LOGIN mechanism: the login name, then the password, each asked for in turn."""
+        name = self.sasl_response(initial, b"Username:").decode("utf-8", "replace")
+        password = self.sasl_response(None, b"Password:")
+        return name, self.server.users.authenticate(name, password)
+
+    def sasl_CRAM_MD5(self, initial):
+        """RFC 2195: the client proves it knows the password by an HMAC-MD5 of a new challenge."""
+        if initial is not None:
+            raise SASLError("malformed")             # the server speaks first
+        challenge = fresh_timestamp(self.server.domain).encode("utf-8")
+        answer = name_and_digest(self.sasl_response(None, challenge).decode("utf-8", "replace"))
+        if answer is None:
+            return None, None
+        return answer[0], self.server.users.authenticate_digest(
+            answer[0], answer[1], lambda password: hmac.new(password, challenge, hashlib.md5).hexdigest())
+
     # -- what each protocol says
 
     def start(self):
@@ -848,6 +1051,10 @@ class Session:
 
     def timed_out(self):
         """Say goodbye to a client that was silent too long (if the protocol does)."""
+
+    def too_many_failures(self, reply):
+        """Answer the failed authentication that ends the session."""
+        self.reply(reply)
 
     def forget(self):
         """Forget the dialogue so far: TLS has just begun."""
@@ -901,11 +1108,15 @@ def read_data(wire, strict, max_size):
 class SMTPSession(Session):
     """One client's SMTP conversation: its state and one do_VERB method per command."""
 
+    SASL_CONTINUE = "334 "
+    SASL_REPLIES = SMTP_SASL_REPLIES
+
     def __init__(self, server, sock, peer):
         super().__init__(server, sock, peer)
         self.domain = server.domain
         self.bad_commands = 0        # syntax and sequence errors in a row
         self.client_name = None      # from HELO/EHLO
+        self.login = None            # the user AUTH proved the client is
         self.delivered = 0
         self._reset()
 
@@ -925,8 +1136,12 @@ class SMTPSession(Session):
     def timed_out(self):
         self.reply("421 %s Timeout, closing connection" % self.domain)
 
+    def too_many_failures(self, reply):
+        self.reply(reply, "421 4.7.0 %s Too many failed authentications, closing connection" % self.domain)
+
     def forget(self):
-        self.client_name = None      # RFC 3207 4.2: the client starts again with EHLO
+        self.client_name = None      # RFC 3207 4.2: the client starts again with EHLO and AUTH
+        self.login = None
         self._reset()
 
     def summary(self, reason):
@@ -935,10 +1150,10 @@ class SMTPSession(Session):
     def handle(self, line):
         """Run one command line through the do_ method its verb names; count the bad ones."""
         text = line.decode("utf-8", "surrogateescape")
-        if self.verbose:
-            log.info("%s C: %s", self.peer, text)
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
+        if self.verbose:
+            self.log_command(verb, text)
         # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
         if verb[:5] in ("MAIL_", "RCPT_"):
             verb, argument = verb[:4], text[5:]
@@ -977,6 +1192,8 @@ class SMTPSession(Session):
         self._reset()
         self.client_name = argument
         keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING"]
+        if self.tls_active or not self.server.require_tls:
+            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
         if self.server.tls and not self.tls_active:
             keywords.append("STARTTLS")
         keywords.append("HELP")
@@ -991,6 +1208,8 @@ class SMTPSession(Session):
             return self.reply("503 Sender already given")
         if self.server.require_tls and not self.tls_active:
             return self.reply("530 Must issue a STARTTLS command first")
+        if self.server.require_auth and self.login is None:
+            return self.reply(AUTH_REQUIRED)
         if self.server.stopping:
             self.reply("421 %s Shutting down, try again later" % self.domain)
             raise SessionEnd("server shutting down")
@@ -998,6 +1217,8 @@ class SMTPSession(Session):
         if path is None:
             return self.reply("501 Syntax: MAIL FROM:<address>")
         address, parameters = path
+        if self.login is not None and local_part(address).lower() != self.login.lower():
+            return self.reply(NOT_YOURS % (address, self.login))
         for parameter in parameters:
             keyword, _, value = parameter.upper().partition("=")
             if keyword == "SIZE" and value.isdigit():
@@ -1018,7 +1239,7 @@ class SMTPSession(Session):
         address, parameters = path
         if parameters:
             return self.reply("555 RCPT TO parameters not recognized")
-        local = address.rpartition("@")[0] or address
+        local = local_part(address)
         login = self.server.users.canonical(local)
         if login is None:
             return self.reply("550 No such user")
@@ -1055,6 +1276,9 @@ class SMTPSession(Session):
             return self.reply("500 Line too long")
         if wire_size(body) > self.server.max_size:
             return self.reply(MESSAGE_TOO_LARGE)
+        foreign = foreign_sender(io.BytesIO(body), self.login) if self.login else None
+        if foreign is not None:
+            return self.reply(NOT_YOURS % (printable(foreign), self.login))
         encode = lambda text: text.encode("utf-8", "surrogateescape")
         message = stored_message(body, encode(self.sender), [encode(r) for r in self.recipients],
                                  received_stamp())
@@ -1066,6 +1290,26 @@ class SMTPSession(Session):
         self.delivered += 1
         log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
         self.reply("250 OK Message accepted for delivery")
+
+    def do_AUTH(self, argument):
+        """Log the client in with SASL (RFC 4954): PLAIN, LOGIN or CRAM-MD5."""
+        mechanism, _, initial = argument.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if self.client_name is None:
+            return self.reply("503 5.5.1 Send EHLO first")
+        if self.login is not None:
+            return self.reply("503 5.5.1 Already authenticated")
+        if self.sender is not None:
+            return self.reply("503 5.5.1 AUTH is not allowed during a mail transaction")
+        if not mechanism or " " in initial:
+            return self.reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+        if self.server.require_tls and not self.tls_active:
+            return self.reply(AUTH_NEEDS_TLS)
+        if mechanism not in SMTP_MECHANISMS:
+            return self.reply("504 5.5.4 Unrecognized authentication mechanism")
+        self.login = self.sasl(mechanism, initial or None)
+        if self.login is not None:
+            self.reply(AUTH_OK)
 
     def do_STARTTLS(self, argument):
         """Turn the connection into a TLS one (RFC 3207); the client greets again."""
@@ -1094,8 +1338,7 @@ class SMTPSession(Session):
         path = parse_path(argument) if argument else None
         if not path or not path[0]:
             return self.reply("501 Syntax: VRFY <address>")
-        local = path[0].rpartition("@")[0] or path[0]
-        login = self.server.users.canonical(local)
+        login = self.server.users.canonical(local_part(path[0]))
         if login is None:
             return self.reply("550 No such user")
         self.reply("250 %s <%s@%s>" % (login, login, self.domain))
@@ -1103,14 +1346,14 @@ class SMTPSession(Session):
     def do_HELP(self, argument):
         """List the commands."""
         tls = " STARTTLS" if self.server.tls else ""
-        self.reply("214-Commands: HELO EHLO%s MAIL RCPT DATA RSET NOOP VRFY HELP QUIT" % tls,
+        self.reply("214-Commands: HELO EHLO%s AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT" % tls,
                    "214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
 
     def do_EXPN(self, argument):
         """Known but not offered: mailing lists, relaying turns, logins."""
         self.reply("502 Command not implemented")
 
-    do_TURN = do_AUTH = do_EXPN
+    do_TURN = do_EXPN
 
     def do_QUIT(self, argument):
         """Say goodbye and end the session."""
@@ -1138,6 +1381,8 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
     parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
+    parser.add_argument("--domain", default=socket.gethostname(),
+                        help="name the server gives itself in replies (default: this host's name)")
     parser.add_argument("--timeout", type=float, default=default_timeout,
                         help="%s (default: %g)" % (timeout_help, default_timeout))
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
@@ -1241,6 +1486,7 @@ class Server:
 
     def __init__(self, args):
         self.users = UserTable(args.root)
+        self.domain = args.domain
         self.timeout = args.timeout
         self.verbose = args.verbose
         self.tls = args.tls
@@ -1391,9 +1637,10 @@ class SMTPServer(Server):
 
     def __init__(self, args):
         super().__init__(args)
-        self.domain = args.domain
         self.max_size = args.max_size
+        self.require_auth = args.require_auth
         self.BUSY = "421 %s Too many connections, try again later" % self.domain
+
 
 
 # --------------------------------------------------------------------------
