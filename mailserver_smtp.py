@@ -59,12 +59,14 @@ DOT_STRING = re.compile(r"%s(?:\.%s)*\Z" % (_ATOM, _ATOM))
 DOMAIN = re.compile(r"(?:%s(?:\.%s)*|\[[!-Z^-~]+\])\Z" % (_LABEL, _LABEL))   # a name, or [address literal]
 
 MESSAGE_TOO_LARGE = "552 Message exceeds fixed maximum message size"
+POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
 SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
 AUTH_OK = "235 2.7.0 Authentication successful"                    # RFC 4954 6
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 NOT_YOURS = "553 5.7.1 Sender <%s> is not an address of %s"         # RFC 6409 6.1
+RELAYING_DENIED = "550 5.7.1 relaying denied"
 SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (RFC 4954 4 and 6)
     "cancelled": "501 5.7.0 Authentication cancelled",
     "malformed": "501 5.5.2 Cannot decode the response (base64 expected)",
@@ -104,10 +106,24 @@ def parse_args(argv=None):
                         help="largest message accepted, in bytes (default: 10 MiB)")
     parser.add_argument("--require-auth", action="store_true",
                         help="submission: refuse MAIL (530) until the client has logged in with AUTH")
+    parser.add_argument("--local-domains", metavar="A,B", type=domain_list,
+                        help="the only domains mail is taken for; others get 550 (default: every domain)")
+    parser.add_argument("--postmaster", metavar="USER",
+                        help="the user who gets the mail for postmaster (default: the first user)")
     args = parser.parse_args(argv)
     if args.max_size < 1:
         parser.error("--max-size must be positive")
+    if args.postmaster is not None and not is_valid_login(args.postmaster):
+        parser.error("--postmaster must be a login name")
     return check_server_arguments(parser, args)
+
+
+def domain_list(text):
+    """The set of domains in a comma-separated --local-domains, in lower case."""
+    domains = {name.strip().lower() for name in text.split(",")}
+    if "" in domains:
+        raise argparse.ArgumentTypeError("a comma-separated list of domain names, none empty")
+    return frozenset(domains)
 
 
 # ==========================================================================
@@ -328,6 +344,14 @@ class UserTable:
         login = name if name in self._passwords else self._folded.get(name.lower())
         if login and os.path.isdir(os.path.join(self.root, login)):
             return login
+        return None
+
+    def first_user(self):
+        """The first login in userinfo.txt that is a user (its folder exists), or None."""
+        self.refresh()
+        for login in self._passwords:
+            if os.path.isdir(os.path.join(self.root, login)):
+                return login
         return None
 
     def authenticate(self, name, password):
@@ -1240,7 +1264,12 @@ class SMTPSession(Session):
         if parameters:
             return self.reply("555 RCPT TO parameters not recognized")
         local = local_part(address)
-        login = self.server.users.canonical(local)
+        if "@" in address and not self.server.is_local_domain(address.rpartition("@")[2]):
+            return self.reply(RELAYING_DENIED)
+        if local.lower() == POSTMASTER:
+            login = self.server.postmaster()
+        else:
+            login = self.server.users.canonical(local)
         if login is None:
             return self.reply("550 No such user")
         if len(self.recipients) >= MAX_RECIPIENTS:
@@ -1639,8 +1668,19 @@ class SMTPServer(Server):
         super().__init__(args)
         self.max_size = args.max_size
         self.require_auth = args.require_auth
+        self.local_domains = args.local_domains
+        self.postmaster_name = args.postmaster
         self.BUSY = "421 %s Too many connections, try again later" % self.domain
 
+    def is_local_domain(self, domain):
+        """Whether mail for this domain is ours to take (--local-domains; without it, every domain)."""
+        return self.local_domains is None or domain.lower() in self.local_domains
+
+    def postmaster(self):
+        """The login that mail for postmaster goes to: --postmaster, else the first user."""
+        if self.postmaster_name is not None:
+            return self.users.canonical(self.postmaster_name)
+        return self.users.first_user()
 
 
 # --------------------------------------------------------------------------
