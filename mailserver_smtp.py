@@ -84,6 +84,10 @@ MAX_SASL_LINE = 12288        # RFC 4954 4: a SASL response line, CRLF included
 AUTH_DELAY_FROM = 3          # failed authentication number from which replies are slowed down
 AUTH_DELAY_STEP = 0.2        # seconds added per further failure
 MAX_AUTH_FAILURES = 5        # then the connection is closed
+CLOSE_NOTIFY_WAIT = 2.0      # seconds a TLS close waits for the client's close_notify (RFC 8446 6.1)
+# OpenSSL 3's SSL_OP_IGNORE_UNEXPECTED_EOF, which Python names from 3.10 on
+IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
+                                0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
 MASKED_COMMANDS = {"AUTH": 1, "PASS": 0, "APOP": 1}   # verb -> words shown before the secret
 HEX_DIGEST = re.compile(r"[0-9a-fA-F]{32}\Z")          # an MD5 digest (RFC 1939 7, RFC 2195)
 PBKDF2_ITERATIONS = 600000   # OWASP's 2023 figure for PBKDF2-HMAC-SHA256
@@ -886,16 +890,32 @@ class Wire:
         self.sock.settimeout(timeout)
         self.sock = context.wrap_socket(self.sock, server_side=True)
 
-    def close(self):
-        """Send what is queued (if the client still listens) and close."""
+    def close(self, notify_wait=0.0):
+        """Send what is queued (if the client still listens), end TLS with a close_notify, and close."""
         try:
             self.flush()
-        except OSError:
+            if isinstance(self.sock, ssl.SSLSocket):
+                self.end_tls(notify_wait)
+        except (OSError, ValueError):
             pass
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def end_tls(self, wait):
+        """Send a TLS close_notify, then wait up to wait seconds for the client's (RFC 8446 6.1).
+
+        Without it the client cannot tell our close from a connection cut
+        by an attacker ("unexpected eof").
+        """
+        self.sock.settimeout(wait)
+        self.sock = self.sock.unwrap()
+
+    def wake(self):
+        """Make the read the session waits in end as if the client had closed (at shutdown)."""
+        # socket.socket's own shutdown: SSLSocket's would drop the TLS state the goodbye needs.
+        socket.socket.shutdown(self.sock, socket.SHUT_RD)
 
 
 class Session:
@@ -949,7 +969,12 @@ class Session:
     def run(self):
         """Serve the connection until the session ends; then close it and log one line about it."""
         reason = "closed by the client"
+        self.server.sessions.add(self)
         try:
+            if self.server.stopping:          # came in while the server was stopping
+                raise ConnectionClosed()
+            if self.server.implicit_tls:
+                self.start_tls()              # RFC 8314: TLS from the first byte
             self.start()
             while True:
                 try:
@@ -964,7 +989,9 @@ class Session:
             reason = "timed out"
             self.timed_out()
         except (ConnectionClosed, OSError):
-            pass
+            if self.server.stopping:          # woken by the shutdown (see OpenSessions)
+                reason = "server shutting down"
+                self.shutting_down()
         except Exception:
             reason = "failed"
             log.exception("session with %s failed", self.peer)
@@ -973,9 +1000,12 @@ class Session:
 
     def finish(self, reason):
         """Give back what the session holds, close the connection, log one line."""
-        self.release()
-        self.wire.close()
-        log.info("%s", self.summary(reason))
+        try:
+            self.release()
+            self.wire.close(min(CLOSE_NOTIFY_WAIT, self.server.timeout))
+            log.info("%s", self.summary(reason))
+        finally:
+            self.server.sessions.remove(self)
 
     def start_tls(self):
         """Turn the connection into a TLS one (STARTTLS, STLS), after the go-ahead reply is queued.
@@ -1076,6 +1106,9 @@ class Session:
     def timed_out(self):
         """Say goodbye to a client that was silent too long (if the protocol does)."""
 
+    def shutting_down(self):
+        """Say goodbye to a client whose session the server's shutdown ends (if the protocol does)."""
+
     def too_many_failures(self, reply):
         """Answer the failed authentication that ends the session."""
         self.reply(reply)
@@ -1160,6 +1193,9 @@ class SMTPSession(Session):
     def timed_out(self):
         self.reply("421 %s Timeout, closing connection" % self.domain)
 
+    def shutting_down(self):
+        self.reply("421 %s Shutting down, try again later" % self.domain)
+
     def too_many_failures(self, reply):
         self.reply(reply, "421 4.7.0 %s Too many failed authentications, closing connection" % self.domain)
 
@@ -1235,7 +1271,7 @@ class SMTPSession(Session):
         if self.server.require_auth and self.login is None:
             return self.reply(AUTH_REQUIRED)
         if self.server.stopping:
-            self.reply("421 %s Shutting down, try again later" % self.domain)
+            self.shutting_down()
             raise SessionEnd("server shutting down")
         path = self._path_after(argument, "FROM:")
         if path is None:
@@ -1374,7 +1410,7 @@ class SMTPSession(Session):
 
     def do_HELP(self, argument):
         """List the commands."""
-        tls = " STARTTLS" if self.server.tls else ""
+        tls = " STARTTLS" if self.server.tls and not self.tls_active else ""
         self.reply("214-Commands: HELO EHLO%s AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT" % tls,
                    "214 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
 
@@ -1422,6 +1458,9 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
     parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for %s" % tls_command)
     parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for %s" % tls_command)
     parser.add_argument("--require-tls", action="store_true", help=require_tls_help)
+    parser.add_argument("--implicit-tls", action="store_true",
+                        help="TLS from the first byte instead of %s (RFC 8314; SMTP usually on "
+                             "port 465, POP3 on 995); needs --tls-cert and --tls-key" % tls_command)
     return parser
 
 
@@ -1433,7 +1472,7 @@ def check_server_arguments(parser, args):
         parser.error("--max-connections and --timeout must be positive")
     if not os.path.isdir(args.root):
         parser.error("--root %s is not a directory" % args.root)
-    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls)
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls or args.implicit_tls)
     return args
 
 
@@ -1441,11 +1480,16 @@ def tls_context(parser, cert, key, required):
     """The server's TLS context from --tls-cert/--tls-key (None without them)."""
     if not cert and not key:
         if required:
-            parser.error("--require-tls needs --tls-cert and --tls-key")
+            parser.error("--require-tls and --implicit-tls need --tls-cert and --tls-key")
         return None
     if not (cert and key):
         parser.error("--tls-cert and --tls-key go together")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # A client's close without close_notify then ends the reading like any
+    # EOF, instead of OpenSSL 3 failing the connection with an alert: the
+    # session can still say goodbye and send its own close_notify.  No EOF
+    # is ever taken as a command, so a truncation attack gains nothing.
+    context.options |= IGNORE_UNEXPECTED_EOF
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
@@ -1504,6 +1548,40 @@ class InFlight:
             return self._idle.wait_for(lambda: not self._count, timeout)
 
 
+class OpenSessions:
+    """The sessions being served, so that a shutdown can end each with a goodbye.
+
+    Without it the sessions still open at the end would be cut off by the
+    exit, without SMTP's 421 and without a TLS close_notify.
+    """
+
+    def __init__(self):
+        self._sessions = set()
+        self._changed = threading.Condition()
+
+    def add(self, session):
+        with self._changed:
+            self._sessions.add(session)
+
+    def remove(self, session):
+        with self._changed:
+            self._sessions.discard(session)
+            if not self._sessions:
+                self._changed.notify_all()
+
+    def end_all(self, timeout):
+        """Wake every session so it says goodbye and closes; wait for them up to timeout seconds."""
+        with self._changed:
+            sessions = list(self._sessions)
+        for session in sessions:
+            try:
+                session.wire.wake()
+            except OSError:       # closed meanwhile
+                pass
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._sessions, timeout)
+
+
 class Server:
     """Accepts connections and serves each in a thread of its own, with a session_class session.
 
@@ -1520,6 +1598,8 @@ class Server:
         self.verbose = args.verbose
         self.tls = args.tls
         self.require_tls = args.require_tls
+        self.implicit_tls = args.implicit_tls
+        self.sessions = OpenSessions()
         self.max_connections = args.max_connections
         self.connections = 0
         self._count_guard = threading.Lock()
@@ -1598,6 +1678,7 @@ class Server:
                 # What is cut short here was never acknowledged, and nothing is half stored.
                 log.warning("stopping before the work in progress has finished")
                 return
+        self.sessions.end_all(min(CLOSE_NOTIFY_WAIT + 1, max(0.0, deadline - time.monotonic())))
 
 
 class Shutdown(BaseException):
