@@ -905,6 +905,22 @@ class PasswordTest(unittest.TestCase):
                 self.assertNotIn(b"Traceback", done.stderr)
 
 
+class CommandLineTest(unittest.TestCase):
+    """The new options are checked at start: a bad one exits with 2 and a message, no traceback."""
+
+    def test_bad_new_options(self):
+        """--implicit-tls without a certificate, an empty --local-domains entry, a --postmaster path."""
+        for script, args in ((support.SMTP_SCRIPT, ["--implicit-tls"]), (support.POP_SCRIPT, ["--implicit-tls"]),
+                             (support.SMTP_SCRIPT, ["--local-domains", "a.example,,b.example"]),
+                             (support.SMTP_SCRIPT, ["--postmaster", "../alice"])):
+            with self.subTest(args=args):
+                done = subprocess.run([sys.executable, script, "0"] + args, capture_output=True, text=True,
+                                      timeout=DEADLINE)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn(args[0], done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+
+
 class SASLPartsTest(unittest.TestCase):
     """The SASL decoding both servers share, and the From:/Sender: rule."""
 
