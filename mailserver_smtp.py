@@ -12,8 +12,13 @@ and the server loop skeleton, each headed "shared with pop_server.py" below.
 """
 
 import argparse
+import base64
+import binascii
 import contextlib
+import email.utils
 import errno
+import getpass
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -81,7 +86,7 @@ class Replies:
     ACCEPTED = "250 2.0.0 OK Message accepted for delivery"
     OK = "250 2.0.0 OK"
     USER = "250 2.1.5 %s <%s@%s>"
-    HELP = ("214-2.0.0 Commands: HELO EHLO%s MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
+    HELP = ("214-2.0.0 Commands: HELO EHLO%s AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
             "214 2.0.0 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
     READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
     GOODBYE = "221 2.0.0 %s closing connection"
@@ -108,7 +113,32 @@ class Replies:
     NEEDS_SMTPUTF8 = "553 5.6.7 Address is not ASCII: SMTPUTF8 needed"
     MAIL_PARAMETER = "555 5.5.4 MAIL FROM parameter %s not recognized"
     RCPT_PARAMETERS = "555 5.5.4 RCPT TO parameters not recognized"
+    # SMTP AUTH (RFC 4954 4 and 6) and submission (RFC 6409)
+    AUTH_OK = "235 2.7.0 Authentication successful"
+    AUTH_REQUIRED = "530 5.7.0 Authentication required"
+    AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+    AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+    AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
+    AUTH_MALFORMED = "501 5.5.2 Cannot decode the response (base64 expected)"
+    AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
+    AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
+    AUTH_MECHANISM = "504 5.5.4 Unrecognized authentication mechanism"
+    EHLO_FIRST = "503 5.5.1 Send EHLO first"
+    AUTHENTICATED = "503 5.5.1 Already authenticated"
+    AUTH_IN_TRANSACTION = "503 5.5.1 AUTH is not allowed during a mail transaction"
+    TOO_MANY_FAILURES = "421 4.7.0 %s Too many failed authentications, closing connection"
+    NOT_YOURS = "553 5.7.1 Sender <%s> is not an address of %s"
+    RELAYING_DENIED = "550 5.7.1 relaying denied"
 
+
+POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
+SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
+SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only after EHLO, so with codes)
+    "cancelled": Replies.AUTH_CANCELLED,
+    "malformed": Replies.AUTH_MALFORMED,
+    "too long": Replies.AUTH_LINE_TOO_LONG,
+    "invalid": Replies.AUTH_INVALID,
+}
 
 # Both servers (the skeleton below reads these too).
 RECV_SIZE = 65536            # bytes asked of the socket at a time
@@ -118,6 +148,21 @@ REFUSAL_LOG_INTERVAL = 60    # seconds: a client refused again and again is logg
 IPV6_CLIENT_PREFIX = 64      # an IPv6 client is its /64: one site's prefix, as RFC 6177 hands them out
 SHUTDOWN_GRACE = 30          # seconds the work in flight gets to finish after Ctrl-C/SIGTERM
 THREAD_STACK_SIZE = 512 * 1024   # bytes (see use_small_thread_stacks)
+MAX_SASL_LINE = 12288        # RFC 4954 4: a SASL response line, CRLF included
+AUTH_DELAY_FROM = 3          # failed authentication number from which replies are slowed down
+AUTH_DELAY_STEP = 0.2        # seconds added per further failure
+MAX_AUTH_FAILURES = 5        # then the connection is closed
+CLOSE_NOTIFY_WAIT = 2.0      # seconds a TLS close waits for the client's close_notify (RFC 8446 6.1)
+# OpenSSL 3's SSL_OP_IGNORE_UNEXPECTED_EOF, which Python names from 3.10 on
+IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
+                                0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
+MASKED_COMMANDS = {"AUTH": 1, "PASS": 0, "APOP": 1}   # verb -> words shown before the secret
+HEX_DIGEST = re.compile(r"[0-9a-fA-F]{32}\Z")          # an MD5 digest (RFC 1939 7, RFC 2195)
+PBKDF2_ITERATIONS = 600000   # OWASP's 2023 figure for PBKDF2-HMAC-SHA256
+SCRYPT_COST = (("n", 2 ** 14), ("r", 8), ("p", 5))   # OWASP's scrypt setting that needs 16 MiB
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+SALT_SIZE = 16               # bytes
+HASH_SIZE = 32               # bytes
 
 log = logging.getLogger("smtp")
 
@@ -126,17 +171,33 @@ def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
-                              "STARTTLS", "refuse mail until the client has used STARTTLS")
-    parser.add_argument("--domain", default=socket.gethostname(),
-                        help="name the server gives itself in replies (default: this host's name)")
+                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS")
+    parser.epilog = ("python3 mailserver_smtp.py --hash-password [--scheme scrypt] reads a password "
+                     "(not echoed) and prints a hashed password field for userinfo.txt.")
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help="largest message accepted, in bytes (default: 10 MiB)")
     parser.add_argument("--quota", type=int, metavar="BYTES",
                         help="the most a mailbox may hold on disk (default: no limit)")
+    parser.add_argument("--require-auth", action="store_true",
+                        help="submission: refuse MAIL (530) until the client has logged in with AUTH")
+    parser.add_argument("--local-domains", metavar="A,B", type=domain_list,
+                        help="the only domains mail is taken for; others get 550 (default: every domain)")
+    parser.add_argument("--postmaster", metavar="USER",
+                        help="the user who gets the mail for postmaster (default: the first user)")
     args = parser.parse_args(argv)
     if args.max_size < 1 or args.quota is not None and args.quota < 1:
         parser.error("--max-size and --quota must be positive")
+    if args.postmaster is not None and not is_valid_login(args.postmaster):
+        parser.error("--postmaster must be a login name")
     return check_server_arguments(parser, args)
+
+
+def domain_list(text):
+    """The set of domains in a comma-separated --local-domains, in lower case."""
+    domains = {name.strip().lower() for name in text.split(",")}
+    if "" in domains:
+        raise argparse.ArgumentTypeError("a comma-separated list of domain names, none empty")
+    return frozenset(domains)
 
 
 def without_codes(replies):
@@ -232,6 +293,85 @@ def is_valid_login(name):
     return bool(LOGIN_PATTERN.match(name)) and name not in (".", "..")
 
 
+# Passwords.  A password field in userinfo.txt is the password itself, or a
+# salted slow hash as --hash-password prints it, "{SCHEME}cost$salt$hash"
+# with salt and hash in base64: {PBKDF2-SHA256}i=600000$...$... or
+# {SCRYPT}n=16384,r=8,p=5$...$...  A hash is computed anew at every login;
+# nothing is cached.  CRAM-MD5 and APOP need the password itself, so a user
+# whose field is a hash logs in only by the methods that send the password
+# (USER/PASS, AUTH PLAIN, AUTH LOGIN).
+
+def _pbkdf2_sha256(password, salt, cost, size):
+    return hashlib.pbkdf2_hmac("sha256", password, salt, cost["i"], size)
+
+
+def _scrypt(password, salt, cost, size):
+    return hashlib.scrypt(password, salt=salt, n=cost["n"], r=cost["r"], p=cost["p"],
+                          maxmem=SCRYPT_MAXMEM, dklen=size)
+
+
+PASSWORD_SCHEMES = {         # scheme -> (its default cost, the hash function)
+    "PBKDF2-SHA256": ((("i", PBKDF2_ITERATIONS),), _pbkdf2_sha256),
+    "SCRYPT": (SCRYPT_COST, _scrypt),
+}
+HASHED_FIELD = re.compile(rb"\{(PBKDF2-SHA256|SCRYPT)\}(.*)\Z", re.IGNORECASE | re.DOTALL)
+NO_PASSWORD = b"\0no password"      # what an unknown user's login attempt is checked against
+
+
+class HashedPassword:
+    """A password field "{SCHEME}cost$salt$hash": what a password must hash to."""
+
+    def __init__(self, scheme, text):
+        """Parse the part after {SCHEME}; ValueError if it is malformed."""
+        cost, salt, digest = text.split(b"$")
+        self.scheme = scheme
+        self.cost = {}
+        for item in cost.decode("ascii").split(","):
+            name, _, value = item.partition("=")
+            self.cost[name] = int(value)
+        if sorted(self.cost) != sorted(name for name, _ in PASSWORD_SCHEMES[scheme][0]) \
+                or not all(1 <= value <= 10 ** 9 for value in self.cost.values()):
+            raise ValueError("wrong cost parameters")
+        self.salt = base64.b64decode(salt, validate=True)
+        self.digest = base64.b64decode(digest, validate=True)
+        if len(self.digest) < 16 or scheme == "SCRYPT" and not hasattr(hashlib, "scrypt"):
+            raise ValueError("hash too short, or no scrypt in this Python")
+
+    def matches(self, password):
+        """Whether password (bytes) hashes to this field."""
+        try:
+            computed = PASSWORD_SCHEMES[self.scheme][1](password, self.salt, self.cost, len(self.digest))
+        except (ValueError, MemoryError) as exc:     # e.g. a cost that needs more than SCRYPT_MAXMEM
+            log.warning("cannot check a %s password: %s", self.scheme, exc)
+            return False
+        return hmac.compare_digest(computed, self.digest)
+
+
+def parse_password(field):
+    """A userinfo.txt password field as UserTable keeps it: bytes, or a HashedPassword (ValueError)."""
+    hashed = HASHED_FIELD.match(field)
+    if hashed is None:
+        return field
+    return HashedPassword(hashed.group(1).decode("ascii").upper(), hashed.group(2))
+
+
+def hash_password(password, scheme="PBKDF2-SHA256"):
+    """The userinfo.txt field for a password (bytes): a new salt and the scheme's default cost."""
+    cost, function = PASSWORD_SCHEMES[scheme]
+    salt = os.urandom(SALT_SIZE)
+    digest = function(password, salt, dict(cost), HASH_SIZE)
+    return "{%s}%s$%s$%s" % (scheme, ",".join("%s=%d" % item for item in cost),
+                             base64.b64encode(salt).decode("ascii"),
+                             base64.b64encode(digest).decode("ascii"))
+
+
+def password_matches(stored, password):
+    """Whether password (bytes) is the one a stored field (bytes or HashedPassword) holds."""
+    if isinstance(stored, HashedPassword):
+        return stored.matches(password)
+    return hmac.compare_digest(password, stored)
+
+
 class UserTable:
     """The users of a mail root, read from userinfo.txt again whenever the file changes."""
 
@@ -240,8 +380,9 @@ class UserTable:
         self.path = os.path.join(self.root, USERINFO_NAME)
         self._guard = threading.Lock()
         self._stamp = None
-        self._passwords = {}   # login -> password bytes
+        self._passwords = {}   # login -> password bytes or HashedPassword, in file order
         self._folded = {}      # login.lower() -> login
+        self._decoy = NO_PASSWORD   # checked for unknown users: a hash, if the file has one
 
     def refresh(self):
         """Read userinfo.txt again if it has changed since it was last read."""
@@ -259,6 +400,8 @@ class UserTable:
             if stamp is None:
                 log.warning("%s is missing: no users", self.path)
             self._passwords = passwords
+            self._decoy = next((p for p in passwords.values() if isinstance(p, HashedPassword)),
+                               NO_PASSWORD)
             self._folded = {}
             for login in passwords:
                 self._folded.setdefault(login.lower(), login)
@@ -286,7 +429,11 @@ class UserTable:
             elif login in passwords:
                 log.warning("%s line %d repeats user %r; skipped", USERINFO_NAME, number, login)
             else:
-                passwords[login] = fields[1]
+                try:
+                    passwords[login] = parse_password(fields[1])
+                except ValueError:
+                    log.warning("%s line %d: the password of %r is a malformed {SCHEME} hash; skipped",
+                                USERINFO_NAME, number, login)
         return passwords
 
     def canonical(self, name):
@@ -300,17 +447,32 @@ class UserTable:
         return None
 
     def logins(self):
-        """Every user (a line in userinfo.txt and a folder)."""
+        """Every user (a line in userinfo.txt and a folder), in the file's order."""
         self.refresh()
         return [login for login in self._passwords if os.path.isdir(os.path.join(self.root, login))]
 
     def authenticate(self, name, password):
-        """The login of name if password (bytes) is its password, else None; in constant time."""
+        """The login of name if password (bytes) is its password, else None.
+
+        An unknown name is checked against a decoy of the same cost, so that
+        timing does not tell users and strangers apart.
+        """
         login = self.canonical(name)
-        expected = self._passwords.get(login) if login else None
-        # Compare even for unknown users, so timing does not tell them apart.
-        matches = hmac.compare_digest(password, expected or b"\0unknown user")
-        return login if expected is not None and matches else None
+        stored = self._passwords.get(login) if login else None
+        matches = password_matches(self._decoy if stored is None else stored, password)
+        return login if stored is not None and matches else None
+
+    def authenticate_digest(self, name, digest, expected_for):
+        """The login of name if digest is expected_for(its password), else None (CRAM-MD5, APOP).
+
+        A hashed password cannot give the digest, so such a user fails here
+        as with a wrong password.
+        """
+        login = self.canonical(name)
+        stored = self._passwords.get(login) if login else None
+        clear = stored if isinstance(stored, bytes) else NO_PASSWORD
+        matches = hmac.compare_digest(expected_for(clear), digest)
+        return login if isinstance(stored, bytes) and matches else None
 
     def mailbox_path(self, login):
         """Where a user's mailbox file is."""
@@ -394,6 +556,14 @@ def open_regular(path, flags, mode=0o600):
         os.close(fd)
         raise
     return fd, st
+
+
+def remove_file(path):
+    """Remove a file if it is there (never a folder, never what a symlink points to)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def delivery_lock(mailbox_path):
@@ -636,6 +806,43 @@ def parse_path(text):
     return address, rest.split()
 
 
+def local_part(address):
+    """The part of an address before its last '@' (all of it when it has none)."""
+    return address.rpartition("@")[0] if "@" in address else address
+
+
+def printable(text):
+    """Text from a message fit to go into a reply line: printable characters only, not too many."""
+    return "".join(c for c in text[:MAX_PATH] if c.isprintable())
+
+
+def foreign_sender(lines, login):
+    """The first From: or Sender: address of a message that is not login's own, else None.
+
+    lines: the message's lines as stored (bytes), its header block first, as
+    header_block() finds it.  An address is login's own when its local part
+    is login, in any case, whatever the display name.  A From: or Sender:
+    that holds no address at all is not login's own either ('' is returned).
+    """
+    lines, scanned = itertools.tee(lines)
+    count, _ = header_block(scanned)
+    fields = []
+    for line in itertools.islice(lines, count):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line                 # a folded line continues its field
+        else:
+            fields.append(line)
+    for field in fields:
+        name, _, value = field.partition(b":")
+        if name.lower() in (b"from", b"sender"):
+            text = " ".join(value.decode("utf-8", "replace").split())
+            addresses = [address for _, address in email.utils.getaddresses([text]) if address]
+            for address in addresses or [""]:
+                if local_part(address).lower() != login.lower():
+                    return address
+    return None
+
+
 # --------------------------------------------------------------------------
 # Delivery: appending a message to the recipients' mailboxes
 # --------------------------------------------------------------------------
@@ -821,6 +1028,59 @@ class SessionEnd(Exception):
     """Ends a session; its text says why, for the log."""
 
 
+class SASLError(Exception):
+    """A SASL exchange that cannot go on; its text says why: "cancelled", "malformed", "too long"."""
+
+
+def decode_sasl(text):
+    """The bytes of a SASL response (RFC 4954 4, RFC 5034 4): base64, "=" for none, "*" cancels."""
+    text = text.strip()
+    if text == "*":
+        raise SASLError("cancelled")
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SASLError("malformed")
+
+
+def plain_credentials(data):
+    """The (login name, password) of a PLAIN response (RFC 4616); (None, b"") if it is malformed.
+
+    Logging in as one user to act as another (an authzid of its own) is not offered.
+    """
+    parts = data.split(b"\0")
+    if len(parts) != 3:
+        return None, b""
+    authzid, authcid, password = parts
+    try:
+        name, acting_as = authcid.decode("utf-8"), authzid.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, b""
+    if acting_as and acting_as.lower() != name.lower():
+        return None, b""
+    return name, password
+
+
+def name_and_digest(text):
+    """Split "name digest" (a CRAM-MD5 response, APOP's argument) into (name, digest), or None."""
+    name, _, digest = text.strip().rpartition(" ")
+    if not name or not HEX_DIGEST.match(digest):
+        return None
+    return name, digest.lower()
+
+
+def fresh_timestamp(domain):
+    """A new "<number.random@domain>": a CRAM-MD5 challenge (RFC 2195), the APOP timestamp (RFC 1939 7)."""
+    return "<%d.%s@%s>" % (os.getpid(), os.urandom(8).hex(), domain)
+
+
+def shown_name(name):
+    """A login name as given by a client, fit for a log line (quoted, control characters escaped, cut)."""
+    return repr(name[:64]) if name else "-"
+
+
 # What a read or write past the idle timeout raises: socket.timeout for a
 # Python timeout, BlockingIOError for SO_RCVTIMEO (see Speed-ups), and ssl's
 # errors for the same inside TLS.
@@ -926,16 +1186,32 @@ class Wire:
         self.sock = context.wrap_socket(self.sock, server_side=True)
         self.waiting = self.timeout
 
-    def close(self):
-        """Send what is queued (if the client still listens) and close."""
+    def close(self, notify_wait=0.0):
+        """Send what is queued (if the client still listens), end TLS with a close_notify, and close."""
         try:
             self.flush()
-        except OSError:
+            if isinstance(self.sock, ssl.SSLSocket):
+                self.end_tls(notify_wait)
+        except (OSError, ValueError):
             pass
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def end_tls(self, wait):
+        """Send a TLS close_notify, then wait up to wait seconds for the client's (RFC 8446 6.1).
+
+        Without it the client cannot tell our close from a connection cut
+        by an attacker ("unexpected eof").
+        """
+        self.sock.settimeout(wait)
+        self.sock = self.sock.unwrap()
+
+    def wake(self):
+        """Make the read the session waits in end as if the client had closed (at shutdown)."""
+        # socket.socket's own shutdown: SSLSocket's would drop the TLS state the goodbye needs.
+        socket.socket.shutdown(self.sock, socket.SHUT_RD)
 
 
 class Session:
@@ -948,6 +1224,8 @@ class Session:
     """
 
     MAX_LINE = MAX_COMMAND_LINE       # the longest command line, its line end included
+    SASL_CONTINUE = ""                # what starts a SASL challenge line: "334 " (SMTP), "+ " (POP3)
+    SASL_REPLIES = {}                 # why a SASL exchange failed -> the reply
 
     def __init__(self, server, sock, peer):
         self.server = server
@@ -957,6 +1235,7 @@ class Session:
         self.last_reply = ""          # the last line queued
         self.tls_active = False
         self.crlf = True              # did the last command line end in CRLF?
+        self.auth_failures = 0
 
     def reply(self, *lines):
         """Queue a reply of one or more lines (text); it is sent before the session next waits."""
@@ -967,12 +1246,26 @@ class Session:
         # Replies are small, so they simply wait in the queue for the next flush.
         self.wire.pending.append(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
 
+    def log_command(self, verb, text):
+        """Log a command line (--verbose), with the password, SASL data or digest it carries masked."""
+        shown = MASKED_COMMANDS.get(verb)
+        if shown is not None:
+            words = text.split(" ", shown + 1)
+            if len(words) > shown + 1:
+                text = " ".join(words[:shown + 1]) + " ****"
+        log.info("%s C: %s", self.peer, text)
+
     # -- the session from start to end
 
     def run(self):
         """Serve the connection until the session ends; then close it and log one line about it."""
         reason = "closed by the client"
+        self.server.sessions.add(self)
         try:
+            if self.server.stopping:          # came in while the server was stopping
+                raise ConnectionClosed()
+            if self.server.implicit_tls:
+                self.start_tls()              # RFC 8314: TLS from the first byte
             self.start()
             while True:
                 try:
@@ -987,7 +1280,9 @@ class Session:
             reason = "timed out"
             self.timed_out()
         except (ConnectionClosed, OSError):
-            pass
+            if self.server.stopping:          # woken by the shutdown (see OpenSessions)
+                reason = "server shutting down"
+                self.shutting_down()
         except Exception:
             reason = "failed"
             log.exception("session with %s failed", self.peer)
@@ -996,9 +1291,12 @@ class Session:
 
     def finish(self, reason):
         """Give back what the session holds, close the connection, log one line."""
-        self.release()
-        self.wire.close()
-        log.info("%s", self.summary(reason))
+        try:
+            self.release()
+            self.wire.close(min(CLOSE_NOTIFY_WAIT, self.server.timeout))
+            log.info("%s", self.summary(reason))
+        finally:
+            self.server.sessions.remove(self)
 
     def start_tls(self):
         """Turn the connection into a TLS one (STARTTLS, STLS), after the go-ahead reply is queued.
@@ -1012,6 +1310,75 @@ class Session:
             raise SessionEnd("TLS handshake failed")
         self.tls_active = True
         self.forget()
+
+    # -- authentication, the same for every method of both protocols
+
+    def login_result(self, mechanism, name, login, failure):
+        """Log one authentication (who, how, the outcome); answer a failure; return login (None: failed).
+
+        A failure, by any method, is answered more slowly from the 3rd on,
+        AUTH_DELAY_STEP more each time, and the 5th ends the session.
+        """
+        log.info("%s: authentication %s: login %s, mechanism %s", self.peer,
+                 "failed" if login is None else "succeeded", login or shown_name(name), mechanism)
+        if login is not None:
+            return login
+        self.auth_failures += 1
+        if self.auth_failures >= AUTH_DELAY_FROM:
+            time.sleep(AUTH_DELAY_STEP * (self.auth_failures - AUTH_DELAY_FROM + 1))
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            self.too_many_failures(failure)
+            raise SessionEnd("too many failed logins")
+        self.reply(failure)
+        return None
+
+    def sasl(self, mechanism, initial):
+        """Run one SASL exchange (the AUTH command); return the login it proves, or None after a failure.
+
+        mechanism: PLAIN, LOGIN or CRAM-MD5; initial: the initial response
+        from the command line, or None.
+        """
+        name, login, why = None, None, "invalid"
+        try:
+            name, login = getattr(self, "sasl_" + mechanism.replace("-", "_"))(initial)
+        except SASLError as exc:
+            why = str(exc)
+        return self.login_result(mechanism, name, login, self.SASL_REPLIES[why])
+
+    def sasl_response(self, initial, challenge=b""):
+        """The client's next SASL response, decoded: initial if given, else its answer to challenge."""
+        if initial is None:
+            self.reply(self.SASL_CONTINUE + base64.b64encode(challenge).decode("ascii"))
+            try:
+                line, _ = self.wire.readline(MAX_SASL_LINE)
+            except LineTooLong:
+                raise SASLError("too long")
+            if self.verbose:
+                log.info("%s C: ****", self.peer)      # SASL data is never logged
+            initial = line.decode("ascii", "replace")
+        return decode_sasl(initial)
+
+    def sasl_PLAIN(self, initial):
+        """RFC 4616: the login name and the password, in one response."""
+        name, password = plain_credentials(self.sasl_response(initial))
+        return name, (self.server.users.authenticate(name, password) if name else None)
+
+    def sasl_LOGIN(self, initial):
+        """The LOGIN mechanism: the login name, then the password, each asked for in turn."""
+        name = self.sasl_response(initial, b"Username:").decode("utf-8", "replace")
+        password = self.sasl_response(None, b"Password:")
+        return name, self.server.users.authenticate(name, password)
+
+    def sasl_CRAM_MD5(self, initial):
+        """RFC 2195: the client proves it knows the password by an HMAC-MD5 of a new challenge."""
+        if initial is not None:
+            raise SASLError("malformed")             # the server speaks first
+        challenge = fresh_timestamp(self.server.domain).encode("utf-8")
+        answer = name_and_digest(self.sasl_response(None, challenge).decode("utf-8", "replace"))
+        if answer is None:
+            return None, None
+        return answer[0], self.server.users.authenticate_digest(
+            answer[0], answer[1], lambda password: hmac.new(password, challenge, hashlib.md5).hexdigest())
 
     # -- what each protocol says
 
@@ -1029,6 +1396,13 @@ class Session:
 
     def timed_out(self):
         """Say goodbye to a client that was silent too long (if the protocol does)."""
+
+    def shutting_down(self):
+        """Say goodbye to a client whose session the server's shutdown ends (if the protocol does)."""
+
+    def too_many_failures(self, reply):
+        """Answer the failed authentication that ends the session."""
+        self.reply(reply)
 
     def forget(self):
         """Forget the dialogue so far: TLS has just begun."""
@@ -1121,12 +1495,16 @@ def _store(spool, run, strict, max_size):
 class SMTPSession(Session):
     """One client's SMTP conversation: its state and one do_VERB method per command."""
 
+    SASL_CONTINUE = "334 "
+    SASL_REPLIES = SMTP_SASL_REPLIES
+
     def __init__(self, server, sock, peer):
         super().__init__(server, sock, peer)
         self.domain = server.domain
         self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
         self.bad_commands = 0        # syntax and sequence errors in a row
         self.client_name = None      # from HELO/EHLO
+        self.login = None            # the user AUTH proved the client is
         self.delivered = 0
         self._reset()
 
@@ -1148,9 +1526,16 @@ class SMTPSession(Session):
     def timed_out(self):
         self.reply(self.replies.TIMEOUT % self.domain)
 
+    def shutting_down(self):
+        self.reply(self.replies.SHUTTING_DOWN % self.domain)
+
+    def too_many_failures(self, reply):
+        self.reply(reply, self.replies.TOO_MANY_FAILURES % self.domain)
+
     def forget(self):
-        self.client_name = None      # RFC 3207 4.2: the client starts again with EHLO
+        self.client_name = None      # RFC 3207 4.2: the client starts again with EHLO and AUTH
         self.replies = PLAIN_REPLIES
+        self.login = None
         self._reset()
 
     def summary(self, reason):
@@ -1159,10 +1544,10 @@ class SMTPSession(Session):
     def handle(self, line):
         """Run one command line through the do_ method its verb names; count the bad ones."""
         text = line.decode("utf-8", "surrogateescape")
-        if self.verbose:
-            log.info("%s C: %s", self.peer, text)
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
+        if self.verbose:
+            self.log_command(verb, text)
         # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
         if verb[:5] in ("MAIL_", "RCPT_"):
             verb, argument = verb[:4], text[5:]
@@ -1203,6 +1588,8 @@ class SMTPSession(Session):
         self.client_name, self.replies = argument, Replies
         keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
                     "SMTPUTF8"]
+        if self.tls_active or not self.server.require_tls:
+            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
         if self.server.tls and not self.tls_active:
             keywords.append("STARTTLS")
         keywords.append("HELP")
@@ -1217,13 +1604,17 @@ class SMTPSession(Session):
             return self.reply(self.replies.SENDER_GIVEN)
         if self.server.require_tls and not self.tls_active:
             return self.reply(self.replies.STARTTLS_FIRST)
+        if self.server.require_auth and self.login is None:
+            return self.reply(self.replies.AUTH_REQUIRED)
         if self.server.stopping:
-            self.reply(self.replies.SHUTTING_DOWN % self.domain)
+            self.shutting_down()
             raise SessionEnd("server shutting down")
         path = self._path_after(argument, "FROM:")
         if path is None:
             return self.reply(self.replies.SYNTAX % "MAIL FROM:<address>")
         address, parameters = path
+        if self.login is not None and local_part(address).lower() != self.login.lower():
+            return self.reply(self.replies.NOT_YOURS % (address, self.login))
         utf8, size = False, 0
         for parameter in parameters:
             keyword, _, value = parameter.upper().partition("=")
@@ -1252,8 +1643,13 @@ class SMTPSession(Session):
             return self.reply(self.replies.RCPT_PARAMETERS)
         if not (self.utf8 or address.isascii()):
             return self.reply(self.replies.NEEDS_SMTPUTF8)
-        local = address.rpartition("@")[0] or address
-        login = self.server.users.canonical(local)
+        local = local_part(address)
+        if "@" in address and not self.server.is_local_domain(address.rpartition("@")[2]):
+            return self.reply(self.replies.RELAYING_DENIED)
+        if local.lower() == POSTMASTER:
+            login = self.server.postmaster()
+        else:
+            login = self.server.users.canonical(local)
         if login is None:
             return self.reply(self.replies.NO_SUCH_USER)
         if len(self.recipients) >= MAX_RECIPIENTS:
@@ -1292,13 +1688,16 @@ class SMTPSession(Session):
             spool = Spool(self.server.spool_folder)
             try:
                 refused = read_data(self.wire, self.crlf, spool, self.server.max_size, self.server.timeout)
-                self.reply(getattr(self.replies, refused or self._accept(spool)))
+                self.reply(getattr(self.replies, refused) if refused else self._accept(spool))
             finally:
                 spool.close()
         self._reset()
 
     def _accept(self, spool):
-        """Store a received message for every recipient; return the name of the reply."""
+        """Store a received message for every recipient; return the reply (250, or why not)."""
+        foreign = foreign_sender(spool.lines(), self.login) if self.login else None
+        if foreign is not None:
+            return self.replies.NOT_YOURS % (printable(foreign), self.login)
         encode = lambda text: text.encode("utf-8", "surrogateescape")
         layout = stored_layout(spool.lines, spool.size, encode(self.sender),
                                [encode(r) for r in self.recipients], received_stamp())
@@ -1308,13 +1707,33 @@ class SMTPSession(Session):
                     self.server.quota)
         except MailboxFull as full:
             log.info("not delivered from <%s>: %s is full", self.sender, full)
-            return "MAILBOX_FULL"
+            return self.replies.MAILBOX_FULL
         except OSError as exc:
             log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(self.logins), exc)
-            return "LOCAL_ERROR"
+            return self.replies.LOCAL_ERROR
         self.delivered += 1
         log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
-        return "ACCEPTED"
+        return self.replies.ACCEPTED
+
+    def do_AUTH(self, argument):
+        """Log the client in with SASL (RFC 4954): PLAIN, LOGIN or CRAM-MD5."""
+        mechanism, _, initial = argument.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if self.replies is not Replies:             # AUTH is an extension: EHLO first (RFC 4954 4)
+            return self.reply(self.replies.EHLO_FIRST)
+        if self.login is not None:
+            return self.reply(self.replies.AUTHENTICATED)
+        if self.sender is not None:
+            return self.reply(self.replies.AUTH_IN_TRANSACTION)
+        if not mechanism or " " in initial:
+            return self.reply(self.replies.AUTH_SYNTAX)
+        if self.server.require_tls and not self.tls_active:
+            return self.reply(self.replies.AUTH_NEEDS_TLS)
+        if mechanism not in SMTP_MECHANISMS:
+            return self.reply(self.replies.AUTH_MECHANISM)
+        self.login = self.sasl(mechanism, initial or None)
+        if self.login is not None:
+            self.reply(self.replies.AUTH_OK)
 
     def do_STARTTLS(self, argument):
         """Turn the connection into a TLS one (RFC 3207); the client greets again."""
@@ -1343,8 +1762,7 @@ class SMTPSession(Session):
         path = parse_path(argument) if argument else None
         if not path or not path[0]:
             return self.reply(self.replies.SYNTAX % "VRFY <address>")
-        local = path[0].rpartition("@")[0] or path[0]
-        login = self.server.users.canonical(local)
+        login = self.server.users.canonical(local_part(path[0]))
         if login is None:
             return self.reply(self.replies.NO_SUCH_USER)
         self.reply(self.replies.USER % (login, login, self.domain))
@@ -1352,13 +1770,13 @@ class SMTPSession(Session):
     def do_HELP(self, argument):
         """List the commands."""
         first, last = self.replies.HELP
-        self.reply(first % (" STARTTLS" if self.server.tls else ""), last)
+        self.reply(first % (" STARTTLS" if self.server.tls and not self.tls_active else ""), last)
 
     def do_EXPN(self, argument):
         """Known but not offered: mailing lists, relaying turns, logins."""
         self.reply(self.replies.NOT_IMPLEMENTED)
 
-    do_TURN = do_AUTH = do_EXPN
+    do_TURN = do_EXPN
 
     def do_QUIT(self, argument):
         """Say goodbye and end the session."""
@@ -1386,6 +1804,8 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
     parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
+    parser.add_argument("--domain", default=socket.gethostname(),
+                        help="name the server gives itself in replies (default: this host's name)")
     parser.add_argument("--timeout", type=float, default=default_timeout,
                         help="%s (default: %g)" % (timeout_help, default_timeout))
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
@@ -1399,6 +1819,9 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
     parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for %s" % tls_command)
     parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for %s" % tls_command)
     parser.add_argument("--require-tls", action="store_true", help=require_tls_help)
+    parser.add_argument("--implicit-tls", action="store_true",
+                        help="TLS from the first byte instead of %s (RFC 8314; SMTP usually on "
+                             "port 465, POP3 on 995); needs --tls-cert and --tls-key" % tls_command)
     return parser
 
 
@@ -1412,7 +1835,7 @@ def check_server_arguments(parser, args):
         parser.error("--max-connections, --max-per-client and --timeout must be positive")
     if not os.path.isdir(args.root):
         parser.error("--root %s is not a directory" % args.root)
-    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls)
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls or args.implicit_tls)
     return args
 
 
@@ -1420,11 +1843,16 @@ def tls_context(parser, cert, key, required):
     """The server's TLS context from --tls-cert/--tls-key (None without them)."""
     if not cert and not key:
         if required:
-            parser.error("--require-tls needs --tls-cert and --tls-key")
+            parser.error("--require-tls and --implicit-tls need --tls-cert and --tls-key")
         return None
     if not (cert and key):
         parser.error("--tls-cert and --tls-key go together")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # A client's close without close_notify then ends the reading like any
+    # EOF, instead of OpenSSL 3 failing the connection with an alert: the
+    # session can still say goodbye and send its own close_notify.  No EOF
+    # is ever taken as a command, so a truncation attack gains nothing.
+    context.options |= IGNORE_UNEXPECTED_EOF
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
@@ -1546,6 +1974,40 @@ class InFlight:
             return self._idle.wait_for(lambda: not self._count, timeout)
 
 
+class OpenSessions:
+    """The sessions being served, so that a shutdown can end each with a goodbye.
+
+    Without it the sessions still open at the end would be cut off by the
+    exit, without SMTP's 421 and without a TLS close_notify.
+    """
+
+    def __init__(self):
+        self._sessions = set()
+        self._changed = threading.Condition()
+
+    def add(self, session):
+        with self._changed:
+            self._sessions.add(session)
+
+    def remove(self, session):
+        with self._changed:
+            self._sessions.discard(session)
+            if not self._sessions:
+                self._changed.notify_all()
+
+    def end_all(self, timeout):
+        """Wake every session so it says goodbye and closes; wait for them up to timeout seconds."""
+        with self._changed:
+            sessions = list(self._sessions)
+        for session in sessions:
+            try:
+                session.wire.wake()
+            except OSError:       # closed meanwhile
+                pass
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._sessions, timeout)
+
+
 class Server:
     """Accepts connections and serves each in a thread of its own, with a session_class session.
 
@@ -1558,10 +2020,13 @@ class Server:
 
     def __init__(self, args):
         self.users = UserTable(args.root)
+        self.domain = args.domain
         self.timeout = args.timeout
         self.verbose = args.verbose
         self.tls = args.tls
         self.require_tls = args.require_tls
+        self.implicit_tls = args.implicit_tls
+        self.sessions = OpenSessions()
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
         self.listener = create_listener(args.host, args.port)
@@ -1636,6 +2101,7 @@ class Server:
                 # What is cut short here was never acknowledged, and nothing is half stored.
                 log.warning("stopping before the work in progress has finished")
                 return
+        self.sessions.end_all(min(CLOSE_NOTIFY_WAIT + 1, max(0.0, deadline - time.monotonic())))
 
 
 class Shutdown(BaseException):
@@ -1704,12 +2170,25 @@ class SMTPServer(Server):
 
     def __init__(self, args):
         super().__init__(args)
-        self.domain = args.domain
         self.max_size = args.max_size
         self.quota = args.quota
+        self.require_auth = args.require_auth
+        self.local_domains = args.local_domains
+        self.postmaster_name = args.postmaster
         self.BUSY = "421 %s Too many connections, try again later" % self.domain
         self.BUSY_CLIENT = "421 4.7.0 %s Too many connections from your address" % self.domain
         self.spool_folder = prepare_spool(self.users.root)
+
+    def is_local_domain(self, domain):
+        """Whether mail for this domain is ours to take (--local-domains; without it, every domain)."""
+        return self.local_domains is None or domain.lower() in self.local_domains
+
+    def postmaster(self):
+        """The login that mail for postmaster goes to: --postmaster, else the first user."""
+        if self.postmaster_name is not None:
+            return self.users.canonical(self.postmaster_name)
+        users = self.users.logins()
+        return users[0] if users else None
 
 
 def prepare_spool(root):
@@ -1731,13 +2210,6 @@ def spool_file(folder):
         raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", folder)
     return tempfile.TemporaryFile(dir=folder)
 
-
-def remove_file(path):
-    """Remove a file if it is there (never a folder, never what a symlink points to)."""
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------
@@ -1935,8 +2407,45 @@ def configure_logging(name):
 # --------------------------------------------------------------------------
 
 def main(argv=None):
-    """Run the SMTP server until Ctrl-C or SIGTERM."""
+    """Run the SMTP server until Ctrl-C or SIGTERM (or, with --hash-password, hash a password)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--hash-password" in argv:
+        return hash_password_main(argv)
     return run_server(SMTPServer, parse_args(argv), "smtp")
+
+
+def hash_password_main(argv):
+    """Read a password (not echoed on a terminal) and print it hashed, as a userinfo.txt field."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py --hash-password",
+                                     description="Print a hashed password field for userinfo.txt: "
+                                                 "LOGIN<space>FIELD.")
+    parser.add_argument("--hash-password", action="store_true", required=True)
+    parser.add_argument("--scheme", type=str.upper, choices=sorted(PASSWORD_SCHEMES),
+                        default="PBKDF2-SHA256", help="the hash (default: PBKDF2-SHA256)")
+    args = parser.parse_args(argv)
+    if args.scheme == "SCRYPT" and not hasattr(hashlib, "scrypt"):
+        parser.error("this Python has no scrypt (it needs OpenSSL 1.1 or newer)")
+    try:
+        password = read_new_password()
+    except (EOFError, KeyboardInterrupt, ValueError) as exc:
+        print("no password hashed: %s" % (str(exc) or "no input"), file=sys.stderr)
+        return 1
+    print(hash_password(password, args.scheme))
+    return 0
+
+
+def read_new_password():
+    """The password to hash (bytes): typed twice on a terminal, else the first line of input."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise ValueError("the two passwords differ")
+        password = password.encode("utf-8")
+    else:
+        password = sys.stdin.buffer.readline().rstrip(b"\r\n")
+    if not password or password != password.strip():
+        raise ValueError("a password must be given, without spaces at its ends")
+    return password
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ import logging
 import os
 import re
 import sys
-import time
 
 from mailserver_smtp import (INDEX_NAME, NEW_INDEX_NAME, NEW_MAILBOX_NAME, Server, Session, SessionEnd,
-                             check_server_arguments, delivery_lock, fsync_directory, header_block,
-                             message_end, open_regular, remove_file, run_server, server_arguments,
-                             session_lock, set_torn_tail_aside, wire_size)
+                             check_server_arguments, delivery_lock, fresh_timestamp, fsync_directory,
+                             header_block, message_end, name_and_digest, open_regular, remove_file,
+                             run_server, server_arguments, session_lock, set_torn_tail_aside, wire_size)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -42,20 +41,24 @@ CACHE_SAMPLES = 32               # messages re-hashed at login to trust the cach
 DIGEST_SIZE = 8                  # bytes of the content hash kept per message for UIDL
 INDEX_MAGIC = b"pop3-index 2"
 
-AUTH_DELAY_FROM = 3              # failed login number from which replies are slowed down
-AUTH_DELAY_STEP = 0.2            # seconds added per further failure
-MAX_AUTH_FAILURES = 5            # then the connection is closed
-
-GREETING = "+OK POP3 server is ready"
+GREETING = "+OK POP3 server is ready"      # then the APOP timestamp (RFC 1939 7)
 GOODBYE = "+OK Thanks for using POP3 server"
 BUSY = "-ERR [SYS/TEMP] server busy, try again later"
 BUSY_CLIENT = "-ERR [SYS/TEMP] too many connections from your address"
 CAPABILITIES = ["USER", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
                 "EXPIRE NEVER", "IMPLEMENTATION course-pop3"]
+SASL_MECHANISMS = ("PLAIN", "CRAM-MD5")      # RFC 5034; CAPA says "SASL PLAIN CRAM-MD5"
+AUTH_FAILED = "-ERR [AUTH] invalid user name or password"
+SASL_REPLIES = {             # why an AUTH exchange failed -> the reply (RFC 5034 4)
+    "cancelled": "-ERR authentication cancelled",
+    "malformed": "-ERR [AUTH] cannot decode the response (base64 expected)",
+    "too long": "-ERR [AUTH] authentication line too long",
+    "invalid": AUTH_FAILED,
+}
 
 AUTHORIZATION, TRANSACTION = "AUTHORIZATION", "TRANSACTION"   # RFC 1939 section 3
 COMMANDS = {
-    AUTHORIZATION: {"USER", "PASS", "QUIT", "CAPA", "STLS"},
+    AUTHORIZATION: {"USER", "PASS", "APOP", "AUTH", "QUIT", "CAPA", "STLS"},
     TRANSACTION: {"STAT", "LIST", "RETR", "DELE", "RSET", "NOOP", "QUIT",
                   "TOP", "UIDL", "CAPA"},
 }
@@ -70,7 +73,7 @@ def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("POP3 server: serves the mailboxes ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before it is logged out",
-                              "STLS", "refuse USER and PASS until the client has used STLS")
+                              "STLS", "refuse USER/PASS and AUTH PLAIN until the client has used STLS")
     return check_server_arguments(parser, parser.parse_args(argv))
 
 
@@ -452,6 +455,8 @@ class POP3Session(Session):
     """One client's POP3 dialogue: its state, its maildrop, one do_VERB method per command."""
 
     MAX_LINE = MAX_LINE
+    SASL_CONTINUE = "+ "
+    SASL_REPLIES = SASL_REPLIES
 
     def __init__(self, server, sock, peer):
         super().__init__(server, sock, peer)
@@ -461,11 +466,11 @@ class POP3Session(Session):
         self.lock = None              # the session lock of the maildrop
         self.mailbox = None
         self.deleted = None           # bytearray: 1 for each message marked by DELE
-        self.auth_failures = 0
         self.commands = 0
+        self.timestamp = fresh_timestamp(server.domain)
 
     def start(self):
-        self.reply(GREETING)
+        self.reply("%s %s" % (GREETING, self.timestamp))
 
     def line_too_long(self):
         self.commands += 1
@@ -473,6 +478,9 @@ class POP3Session(Session):
 
     def forget(self):
         self.user_name = None         # RFC 2595 4: forget what was said before
+
+    def too_many_failures(self, reply):
+        self.reply(reply + "; closing")
 
     def release(self):
         """Close the mailbox and give up the maildrop lock."""
@@ -502,7 +510,7 @@ class POP3Session(Session):
         keyword, _, argument = text.partition(" ")
         keyword = keyword.upper()
         if self.verbose:
-            log.info("%s C: %s", self.peer, "PASS ****" if keyword == "PASS" else text)
+            self.log_command(keyword, text)
         if keyword not in ALL_COMMANDS:
             self.reply("-ERR unknown command")
         elif keyword not in COMMANDS[self.state]:
@@ -571,18 +579,10 @@ class POP3Session(Session):
             return True
         return False
 
-    def auth_failed(self):
-        """Answer a failed login: from the 3rd failure more slowly each time; the 5th ends the session."""
-        self.auth_failures += 1
-        if self.auth_failures >= AUTH_DELAY_FROM:
-            time.sleep(AUTH_DELAY_STEP * (self.auth_failures - AUTH_DELAY_FROM + 1))
-        if self.auth_failures >= MAX_AUTH_FAILURES:
-            self.reply("-ERR [AUTH] invalid user name or password; closing")
-            raise SessionEnd("too many failed logins")
-        self.reply("-ERR [AUTH] invalid user name or password")
-
     def open_maildrop(self, login):
-        """Lock the maildrop of a user who has proved who they are, index it, enter TRANSACTION."""
+        """Lock, index and open the maildrop of a user who has proved who they are (None: do nothing)."""
+        if login is None:
+            return
         path = self.server.users.mailbox_path(login)
         lock, mailbox = session_lock(path), Mailbox(path)
         try:
@@ -623,15 +623,42 @@ class POP3Session(Session):
             return self.reply("-ERR send USER first")
         name, self.user_name = self.user_name, None
         login = self.server.users.authenticate(name, argument.encode("utf-8"))
-        if login is None:
-            return self.auth_failed()
-        self.open_maildrop(login)
+        self.open_maildrop(self.login_result("USER/PASS", name, login, AUTH_FAILED))
+
+    def do_APOP(self, argument):
+        """Log in with an MD5 digest of the greeting's timestamp and the password (RFC 1939 section 7)."""
+        self.user_name = None
+        answer = name_and_digest(argument)
+        if answer is None:
+            self.login_result("APOP", None, None, "-ERR usage: APOP name digest (32 hex digits)")
+            return
+        stamp = self.timestamp.encode("utf-8")
+        login = self.server.users.authenticate_digest(
+            answer[0], answer[1], lambda password: hashlib.md5(stamp + password).hexdigest())
+        self.open_maildrop(self.login_result("APOP", answer[0], login, AUTH_FAILED))
+
+    def do_AUTH(self, argument):
+        """Log in with SASL (RFC 5034): PLAIN or CRAM-MD5."""
+        mechanism, _, initial = argument.strip().partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if not mechanism or " " in initial:
+            return self.reply("-ERR usage: AUTH mechanism [initial-response]")
+        if mechanism not in SASL_MECHANISMS:
+            return self.reply("-ERR unsupported authentication mechanism; CAPA lists them")
+        if mechanism == "PLAIN" and self.plaintext_refused():
+            return
+        self.user_name = None
+        self.open_maildrop(self.sasl(mechanism, initial or None))
 
     def do_CAPA(self, argument):
         """List the capabilities (RFC 2449): only what the client may use now."""
         capabilities = list(CAPABILITIES)
+        mechanisms = list(SASL_MECHANISMS)
         if self.server.require_tls and not self.tls_active:
             capabilities.remove("USER")
+            mechanisms.remove("PLAIN")
+        if self.state == AUTHORIZATION:
+            capabilities.append("SASL " + " ".join(mechanisms))
         if self.server.tls and not self.tls_active and self.state == AUTHORIZATION:
             capabilities.append("STLS")
         self.reply("+OK Capability list follows", *capabilities, ".")

@@ -350,10 +350,14 @@ class LineClient:
         expect(reply[0] == code, "%s got %r, not %d" % (text, reply[1], code))
         return reply
 
-    def wrap_tls(self, context=None):
-        """Do the TLS handshake (after the server said yes to STARTTLS or STLS); read and write through it."""
+    def wrap_tls(self, context=None, strict_eof=False):
+        """Do the TLS handshake (after STARTTLS or STLS, or at once for implicit TLS); read and write through it.
+
+        strict_eof: a close without a TLS close_notify raises ssl.SSLEOFError on reading, not EOF.
+        """
         context = context or client_tls_context()
-        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost",
+                                        suppress_ragged_eofs=not strict_eof)
         self.file = self.sock.makefile("rb")
 
     def closed(self):

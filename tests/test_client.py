@@ -372,7 +372,8 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         result = self.manage("QUIT")
         self.assertClean(result)
         self.assertNoError(result)
-        self.assertIn(pop_server.GREETING, result.lines)
+        self.assertTrue(any(line.startswith(pop_server.GREETING + " <") for line in result.lines),
+                        result.stdout)
         rows = [line for line in result.lines if re.match(r"\s*\d+  ", line)]
         self.assertEqual(len(rows), 2, result.stdout)
         self.assertRegex(rows[0], r"^\s*1  bob@example.org    2026-11-27 : 12 : 30  Lunch on Friday$")
