@@ -63,8 +63,8 @@ LF_DATA_END = re.compile(rb"(\r?\n)\.\r?\n")  # a lone '.' line, in a session ty
 ENHANCED_CODE = re.compile(r"^(\d{3}[ -])[245]\.\d{1,3}\.\d{1,3} ")   # RFC 3463, after the reply code
 _ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\ud7ff\ue000-\U0010ffff-]+"   # RFC 5321 4.1.2, RFC 6531
 _LABEL = "[A-Za-z0-9\u0080-\ud7ff\ue000-\U0010ffff-]+"
-DOT_STRING = re.compile(r"%s(?:\.%s)*\Z" % (_ATOM, _ATOM))
-DOMAIN = re.compile(r"(?:%s(?:\.%s)*|\[[!-Z^-~]+\])\Z" % (_LABEL, _LABEL))   # a name, or [address literal]
+# A path's address: a Dot-string, then "@" and a domain name or [address literal] (RFC 5321 4.1.2).
+ADDRESS = re.compile(r"%s(?:\.%s)*(?:@(?:%s(?:\.%s)*|\[[!-Z^-~]+\]))?\Z" % (_ATOM, _ATOM, _LABEL, _LABEL))
 
 
 
@@ -800,8 +800,7 @@ def parse_path(text):
         address = address.split(":", 1)[1]
     if len(address) > MAX_PATH:
         return None
-    local, at, domain = address.partition("@")
-    if address and not DOT_STRING.match(local) or at and not DOMAIN.match(domain):
+    if address and not ADDRESS.match(address):
         return None
     return address, rest.split()
 
@@ -1260,7 +1259,7 @@ class Session:
     def run(self):
         """Serve the connection until the session ends; then close it and log one line about it."""
         reason = "closed by the client"
-        self.server.sessions.add(self)
+        self.server.open_sessions.add(self)
         try:
             if self.server.stopping:          # came in while the server was stopping
                 raise ConnectionClosed()
@@ -1280,7 +1279,7 @@ class Session:
             reason = "timed out"
             self.timed_out()
         except (ConnectionClosed, OSError):
-            if self.server.stopping:          # woken by the shutdown (see OpenSessions)
+            if self.server.stopping:          # woken by the shutdown (see Server.end_sessions)
                 reason = "server shutting down"
                 self.shutting_down()
         except Exception:
@@ -1296,7 +1295,7 @@ class Session:
             self.wire.close(min(CLOSE_NOTIFY_WAIT, self.server.timeout))
             log.info("%s", self.summary(reason))
         finally:
-            self.server.sessions.remove(self)
+            self.server.open_sessions.discard(self)
 
     def start_tls(self):
         """Turn the connection into a TLS one (STARTTLS, STLS), after the go-ahead reply is queued.
@@ -1441,12 +1440,12 @@ def read_data(wire, strict, spool, max_size, timeout):
         dot, after = data_end(buffer, start - 2, strict)
         if dot >= 0:
             if refused is None and dot > start:        # the last line, before the '.' line
-                refused = _store(spool, buffer[start:dot], strict, max_size)
+                refused = _store(spool, _taken(buffer, start, dot), strict, max_size)
             del buffer[:after]
             return refused
         whole = buffer.rfind(line_end, start) + len(line_end)
         if refused is None and whole > start:
-            refused = _store(spool, buffer[start:whole], strict, max_size)
+            refused = _store(spool, _taken(buffer, start, whole), strict, max_size)
             start = whole
         if refused is None and len(buffer) - start > MAX_TEXT_LINE:
             refused = "LINE_TOO_LONG"
@@ -1455,6 +1454,12 @@ def read_data(wire, strict, spool, max_size, timeout):
         del buffer[:start - 2]
         start = 2
         budget, since = fill_within(wire, budget, since, timeout)
+
+
+def _taken(buffer, start, end):
+    """buffer[start:end] as bytes: its lines then are bytes too, cheaper objects than bytearrays."""
+    with memoryview(buffer) as view:
+        return bytes(view[start:end])
 
 
 def fill_within(wire, budget, since, timeout):
@@ -1644,7 +1649,8 @@ class SMTPSession(Session):
         if not (self.utf8 or address.isascii()):
             return self.reply(self.replies.NEEDS_SMTPUTF8)
         local = local_part(address)
-        if "@" in address and not self.server.is_local_domain(address.rpartition("@")[2]):
+        domains = self.server.local_domains
+        if domains is not None and "@" in address and address.rpartition("@")[2].lower() not in domains:
             return self.reply(self.replies.RELAYING_DENIED)
         if local.lower() == POSTMASTER:
             login = self.server.postmaster()
@@ -1654,7 +1660,7 @@ class SMTPSession(Session):
             return self.reply(self.replies.NO_SUCH_USER)
         if len(self.recipients) >= MAX_RECIPIENTS:
             return self.reply(self.replies.TOO_MANY_RECIPIENTS)
-        full = self._over_quota(login)
+        full = self.server.quota is not None and self._over_quota(login)
         if full:
             return self.reply(full)
         self.recipients.append(address)
@@ -1663,10 +1669,8 @@ class SMTPSession(Session):
         self.reply(self.replies.RECIPIENT_OK % local)
 
     def _over_quota(self, login):
-        """The reply for a recipient whose mailbox cannot take the declared message, or None."""
+        """The reply for a recipient whose mailbox (under --quota) cannot take the declared message, or None."""
         quota = self.server.quota
-        if quota is None:
-            return None
         if self.declared_size > quota:
             return self.replies.OVER_QUOTA
         try:
@@ -1698,9 +1702,9 @@ class SMTPSession(Session):
         foreign = foreign_sender(spool.lines(), self.login) if self.login else None
         if foreign is not None:
             return self.replies.NOT_YOURS % (printable(foreign), self.login)
-        encode = lambda text: text.encode("utf-8", "surrogateescape")
-        layout = stored_layout(spool.lines, spool.size, encode(self.sender),
-                               [encode(r) for r in self.recipients], received_stamp())
+        layout = stored_layout(spool.lines, spool.size, self.sender.encode("utf-8", "surrogateescape"),
+                               [r.encode("utf-8", "surrogateescape") for r in self.recipients],
+                               received_stamp())
         message = spool.message(layout)
         try:
             deliver(message, [self.server.users.mailbox_path(login) for login in self.logins],
@@ -1949,63 +1953,25 @@ class InFlight:
     """Counts the work under way that a shutdown waits for (a delivery, a mailbox rewrite)."""
 
     def __init__(self):
-        self.stopping = False
         self._count = 0
-        self._idle = threading.Condition()
+        self._guard = threading.Lock()
 
     def __enter__(self):
-        with self._idle:
+        with self._guard:
             self._count += 1
 
     def __exit__(self, *exc):
-        with self._idle:
+        with self._guard:
             self._count -= 1
-            if not self._count:
-                self._idle.notify_all()
-
-    def stop(self):
-        """From now on, work that checks `stopping` after entering does not start."""
-        with self._idle:
-            self.stopping = True
 
     def wait(self, timeout):
         """Wait until nothing is in flight; return False if timeout passed first."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._count, timeout)
-
-
-class OpenSessions:
-    """The sessions being served, so that a shutdown can end each with a goodbye.
-
-    Without it the sessions still open at the end would be cut off by the
-    exit, without SMTP's 421 and without a TLS close_notify.
-    """
-
-    def __init__(self):
-        self._sessions = set()
-        self._changed = threading.Condition()
-
-    def add(self, session):
-        with self._changed:
-            self._sessions.add(session)
-
-    def remove(self, session):
-        with self._changed:
-            self._sessions.discard(session)
-            if not self._sessions:
-                self._changed.notify_all()
-
-    def end_all(self, timeout):
-        """Wake every session so it says goodbye and closes; wait for them up to timeout seconds."""
-        with self._changed:
-            sessions = list(self._sessions)
-        for session in sessions:
-            try:
-                session.wire.wake()
-            except OSError:       # closed meanwhile
-                pass
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._sessions, timeout)
+        deadline = time.monotonic() + timeout
+        while self._count:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)      # only at shutdown: not worth a condition on every message
+        return True
 
 
 class Server:
@@ -2026,16 +1992,12 @@ class Server:
         self.tls = args.tls
         self.require_tls = args.require_tls
         self.implicit_tls = args.implicit_tls
-        self.sessions = OpenSessions()
+        self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
+        self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
         self.listener = create_listener(args.host, args.port)
         self.address = self.listener.getsockname()
-
-    @property
-    def stopping(self):
-        """True once a shutdown has begun."""
-        return self.in_flight.stopping
 
     def serve_forever(self):
         """Accept connections until shutdown() closes the listener."""
@@ -2092,7 +2054,7 @@ class Server:
 
     def shutdown(self, signals):
         """Stop accepting; give the work in flight time to finish (until a second signal)."""
-        self.in_flight.stop()
+        self.stopping = True         # work that checks it after entering in_flight does not start
         self.listener.close()
         log.info("shutting down")
         deadline = time.monotonic() + SHUTDOWN_GRACE
@@ -2101,7 +2063,21 @@ class Server:
                 # What is cut short here was never acknowledged, and nothing is half stored.
                 log.warning("stopping before the work in progress has finished")
                 return
-        self.sessions.end_all(min(CLOSE_NOTIFY_WAIT + 1, max(0.0, deadline - time.monotonic())))
+        self.end_sessions(min(CLOSE_NOTIFY_WAIT + 1, max(0.0, deadline - time.monotonic())))
+
+    def end_sessions(self, timeout):
+        """Wake every session still open so it says goodbye and closes itself; wait up to timeout seconds.
+
+        Without it they would be cut off by the exit: no SMTP 421, no TLS close_notify.
+        """
+        for session in list(self.open_sessions):
+            try:
+                session.wire.wake()
+            except OSError:       # closed meanwhile
+                pass
+        deadline = time.monotonic() + timeout
+        while self.open_sessions and time.monotonic() < deadline:
+            time.sleep(0.02)      # a few sessions saying goodbye: nothing to wake us for
 
 
 class Shutdown(BaseException):
@@ -2178,10 +2154,6 @@ class SMTPServer(Server):
         self.BUSY = "421 %s Too many connections, try again later" % self.domain
         self.BUSY_CLIENT = "421 4.7.0 %s Too many connections from your address" % self.domain
         self.spool_folder = prepare_spool(self.users.root)
-
-    def is_local_domain(self, domain):
-        """Whether mail for this domain is ours to take (--local-domains; without it, every domain)."""
-        return self.local_domains is None or domain.lower() in self.local_domains
 
     def postmaster(self):
         """The login that mail for postmaster goes to: --postmaster, else the first user."""
