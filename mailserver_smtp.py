@@ -105,6 +105,9 @@ class Replies:
     NO_SENDER = "503 5.5.1 Need MAIL command"
     NO_RECIPIENT = "503 5.5.1 Need RCPT (recipient)"
     TLS_ACTIVE = "503 5.5.1 TLS already active"
+    CHUNK_OK = "250 2.0.0 %d octets received"
+    DATA_AFTER_BDAT = "503 5.5.1 DATA after BDAT in one transaction"
+    BDAT_FAILED = "503 5.5.1 Send RSET: this message has failed"
     MAILBOX_FULL = "452 4.2.2 Mailbox full"
     STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
     NO_SUCH_USER = "550 5.1.1 No such user"
@@ -1469,6 +1472,58 @@ def fill_within(wire, budget, since, timeout):
     return min(timeout, budget - (now - since) + received / MIN_DATA_RATE), now
 
 
+def read_octets(wire, count, timeout):
+    """The next count octets from the client (a BDAT chunk), in pieces, within DATA's time budget."""
+    budget, since = timeout, time.monotonic()
+    while count:
+        if not wire.buffer:
+            budget, since = fill_within(wire, budget, since, timeout)
+        piece = bytes(wire.buffer[:count])
+        del wire.buffer[:len(piece)]
+        count -= len(piece)
+        yield piece
+
+
+class ChunkedMessage:
+    """A message arriving in BDAT chunks (RFC 3030), stored as it comes, exactly as DATA is.
+
+    The chunks carry the message as it is, without dot-stuffing; their lines
+    are stuffed as DATA's wire form would be, then stored by the same code,
+    so the mailbox cannot tell the two apart.
+    """
+
+    def __init__(self, spool, max_size):
+        self.spool = spool
+        self.max_size = max_size
+        self.partial = b""           # a line begun in one piece and not ended yet
+        self.refused = None          # the Replies name of why the message is refused
+        self.failed = False          # a chunk was refused: only RSET goes on
+
+    def read(self, wire, count, timeout):
+        """Take the next count octets from the client: stored, or thrown away once refused."""
+        for piece in read_octets(wire, count, timeout):
+            if self.refused is None:
+                self._add(piece)
+
+    def _add(self, piece):
+        data = self.partial + piece
+        whole = data.rfind(b"\r\n") + 2
+        if whole > 1:
+            run = data[:whole].replace(b"\r\n.", b"\r\n..")
+            self.refused = _store(self.spool, b"." + run if run.startswith(b".") else run,
+                                  True, self.max_size)
+            data = data[whole:]
+        self.partial = data
+        if self.refused is None and len(self.partial) > MAX_TEXT_LINE:
+            self.refused = "LINE_TOO_LONG"
+
+    def finish(self):
+        """The last chunk is in: end a last line that has no line end; None, or why refused."""
+        if self.refused is None and self.partial:
+            self._add(b"\r\n")
+        return self.refused
+
+
 def data_end(buffer, start, strict):
     """Where the '.' line that ends DATA begins in buffer (searched from start), and what follows it.
 
@@ -1511,6 +1566,7 @@ class SMTPSession(Session):
         self.client_name = None      # from HELO/EHLO
         self.login = None            # the user AUTH proved the client is
         self.delivered = 0
+        self.chunked = None          # the message BDAT chunks are building (RFC 3030)
         self._reset()
 
     def _reset(self):
@@ -1520,6 +1576,9 @@ class SMTPSession(Session):
         self.declared_size = 0       # MAIL FROM's SIZE= (RFC 1870)
         self.recipients = []         # addresses as given, in order
         self.logins = []             # their mailbox owners, without repeats
+        if self.chunked is not None:
+            self.chunked.spool.close()
+            self.chunked = None
 
     def start(self):
         self.reply(self.replies.GREETING % self.domain)
@@ -1542,6 +1601,9 @@ class SMTPSession(Session):
         self.replies = PLAIN_REPLIES
         self.login = None
         self._reset()
+
+    def release(self):
+        self._reset()                # a message half sent in BDAT chunks goes
 
     def summary(self, reason):
         return "connection from %s closed, %d message(s) delivered" % (self.peer, self.delivered)
@@ -1592,7 +1654,7 @@ class SMTPSession(Session):
         self._reset()
         self.client_name, self.replies = argument, Replies
         keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
-                    "SMTPUTF8"]
+                    "SMTPUTF8", "CHUNKING"]
         if self.tls_active or not self.server.require_tls:
             keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
         if self.server.tls and not self.tls_active:
@@ -1687,6 +1749,8 @@ class SMTPSession(Session):
             return self.reply(self.replies.NO_SENDER)
         if not self.recipients:
             return self.reply(self.replies.NO_RECIPIENT)
+        if self.chunked is not None:
+            return self.reply(self.replies.DATA_AFTER_BDAT)
         with self.server.in_flight:     # from the 354 on, a shutdown waits for this message
             self.reply(self.replies.START_DATA)
             spool = Spool(self.server.spool_folder)
@@ -1695,6 +1759,43 @@ class SMTPSession(Session):
                 self.reply(getattr(self.replies, refused) if refused else self._accept(spool))
             finally:
                 spool.close()
+        self._reset()
+
+    def do_BDAT(self, argument):
+        """Take a chunk of exactly n octets of the message (RFC 3030); BDAT n LAST delivers it."""
+        words = argument.split()
+        if not words or not words[0].isdigit():
+            return self.reply(self.replies.SYNTAX % "BDAT size [LAST]")
+        count, last = int(words[0]), len(words) == 2 and words[1].upper() == "LAST"
+        if len(words) > 1 and not last:
+            refusal = self.replies.SYNTAX % "BDAT size [LAST]"
+        elif self.sender is None:
+            refusal = self.replies.NO_SENDER
+        elif not self.recipients:
+            refusal = self.replies.NO_RECIPIENT
+        elif self.chunked is not None and self.chunked.failed:
+            refusal = self.replies.BDAT_FAILED
+        else:
+            return self._chunk(count, last)
+        # The client sends the octets whatever the reply: read them, to stay in step.
+        for _ in read_octets(self.wire, count, self.server.timeout):
+            pass
+        self.reply(refusal)
+
+    def _chunk(self, count, last):
+        """Store a chunk; with the last one, deliver the message."""
+        if self.chunked is None:
+            self.chunked = ChunkedMessage(Spool(self.server.spool_folder), self.server.max_size)
+        chunked = self.chunked
+        chunked.read(self.wire, count, self.server.timeout)
+        if not last:
+            if chunked.refused is None:
+                return self.reply(self.replies.CHUNK_OK % count)
+            chunked.failed = True            # RFC 3030 4: the client is to send RSET next
+            return self.reply(getattr(self.replies, chunked.refused))
+        with self.server.in_flight:          # from the last chunk on, a shutdown waits for it
+            refused = chunked.finish()
+            self.reply(getattr(self.replies, refused) if refused else self._accept(chunked.spool))
         self._reset()
 
     def _accept(self, spool):
