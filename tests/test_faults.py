@@ -123,10 +123,15 @@ class StreamingTest(unittest.TestCase):
                          ("LINE_TOO_LONG", None, b"NEXT\r\n"))
 
 
-class MemoryTest(support.OneServerTestCase):
+class MemoryTest(unittest.TestCase):
     """Memory per connection stays bounded whatever the message size."""
 
-    server_args = ("--max-size", str(40 * 1024 * 1024))
+    def setUp(self):
+        # A server of its own for each test: its peak memory (VmHWM) is then this test's.
+        self.root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, self.root)
+        self.server = support.ServerProcess(support.SMTP_SCRIPT, self.root, "--max-size", str(40 * 2 ** 20))
+        self.addCleanup(self.server.close)
 
     @unittest.skipUnless(os.path.exists("/proc/self/status"), "needs Linux /proc")
     def test_three_messages_of_eight_mib_at_once_use_a_few_megabytes(self):
@@ -151,6 +156,20 @@ class MemoryTest(support.OneServerTestCase):
         self.assertLess(peak_rss_mb(self.server.proc.pid) - before, 8, "MB more at the peak")
         self.assertEqual(len(whole_messages(read_mailbox(self.root, "alice"))), 3)
         self.assertEqual(os.listdir(os.path.join(self.root, ".spool")), [], "spool files have no name")
+
+    @unittest.skipUnless(os.path.exists("/proc/self/status"), "needs Linux /proc")
+    def test_a_message_of_eight_mib_in_bdat_chunks_uses_a_few_megabytes(self):
+        """BDAT streams too: 8 MiB in 1 MiB chunks raise the peak memory by far less than the message."""
+        chunk = (b"z" * 98 + b"\r\n") * (1024 * 1024 // 100)
+        before = peak_rss_mb(self.server.proc.pid)
+        with support.smtp_session(self.server, ehlo=True) as client:
+            client.cmd_expecting("MAIL FROM:<big@example.org>", 250)
+            client.cmd_expecting("RCPT TO:<bob@example.org>", 250)
+            for number in range(8):
+                client.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if number == 7 else b"") + chunk)
+                self.assertEqual(client.reply()[0], 250)
+        self.assertLess(peak_rss_mb(self.server.proc.pid) - before, 8, "MB more at the peak")
+        self.assertEqual(len(whole_messages(read_mailbox(self.root, "bob"))), 1)
 
 
 @unittest.skipUnless(has_second_address(), "needs 127.0.0.2 on the loopback")
@@ -196,6 +215,14 @@ class PerClientLimitTest(unittest.TestCase):
         self.assertTrue(reply.startswith("-ERR [SYS/TEMP] "), reply)
         with server.connect(source=SECOND_ADDRESS) as other:
             self.assertTrue(other.line().startswith(pop_server.GREETING + " <"))
+
+    def test_the_default_share_of_a_client_is_half_the_connections(self):
+        """Without --max-per-client, one address gets half of --max-connections: the 3rd of 4 is refused."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        server = support.ServerProcess(support.SMTP_SCRIPT, root, "--max-connections", "4")
+        self.addCleanup(server.close)
+        self.assertRegex(self.crowd(server, lambda client: client.reply()), r"^421 4\.7\.0 ")
 
     def test_a_client_is_its_ipv4_address_or_its_ipv6_slash_64(self):
         """client_key: an IPv4 address, the /64 of an IPv6 one, and the IPv4 address in a mapped one."""
@@ -356,6 +383,24 @@ class NoEscapeTest(support.BothServersTestCase):
                 pop.wait_for_output(r"cannot open the mailbox of alice: .*%s" % path)
                 with open(self.target, "rb") as f:
                     self.assertEqual(f.read(), b"not mail\n")
+
+    def test_a_spool_folder_that_is_a_symlink_gets_451_and_nothing_is_written(self):
+        """A ROOT/.spool made a symlink: a message too large for memory gets 451 4.3.0, the target stays empty."""
+        smtp, _ = self.servers
+        target = os.path.join(self.outside, "spool-target")
+        os.mkdir(target)
+        spool = os.path.join(self.root, ".spool")
+        if os.path.isdir(spool) and not os.path.islink(spool):
+            os.rmdir(spool)
+        os.symlink(target, spool)
+        self.addCleanup(os.remove, spool)
+        large = b"Subject: large\r\n\r\n" + (b"s" * 98 + b"\r\n") * 4000      # over the in-memory part
+        with support.smtp_session(smtp, ehlo=True) as client:
+            reply = support.send_message(client, large, recipients=("bob@example.org",))
+        self.assertRegex(reply[1][0], r"^451 4\.3\.0 ")
+        self.assertEqual(os.listdir(target), [])
+        self.assertEqual(read_mailbox(self.root, "bob"), b"")
+        smtp.wait_for_output(r"cannot spool a message in .*\.spool")
 
     def test_a_user_folder_that_is_a_symlink_keeps_working(self):
         """A user folder the admin made a symlink works for both servers."""
