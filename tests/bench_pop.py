@@ -105,18 +105,6 @@ class Client:
             self.sock.close()
 
 
-def peak_rss_mb(pid):
-    """The peak resident memory of a process in MB (Linux), or None."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def timed(function):
     started = time.perf_counter()
     result = function()
@@ -202,7 +190,7 @@ def bench_big(root, megabytes):
         client.close()
         again, (client, _) = timed(lambda: login_stat(server.port, "big"))
         client.close()
-        peak = peak_rss_mb(server.proc.pid)
+        peak = support.peak_rss_mb(server.proc.pid)
     finally:
         server.close()
     print("\n%d messages of %d MB: 1st login %.2f s, login again %.3f s, RETR of one %.2f s "
@@ -247,7 +235,7 @@ def main():
                                                  args.repeat, retr)
                 if not retr:          # one full RETR pass of the big mailbox is enough
                     retrs = bench_user(server.port, "m%d" % count, count, 1, True)[2]
-                peaks[count] = peak_rss_mb(server.proc.pid)
+                peaks[count] = support.peak_rss_mb(server.proc.pid)
             finally:
                 server.close()
             rate = count / median(retrs)
@@ -257,7 +245,7 @@ def main():
         server = support.ServerProcess(support.POP_SCRIPT, root)
         try:
             walls = [bench_concurrent(server.port, crowd) for _ in range(args.repeat)]
-            crowd_peak = peak_rss_mb(server.proc.pid)
+            crowd_peak = support.peak_rss_mb(server.proc.pid)
         finally:
             server.close()
         total = CONCURRENT_USERS * CONCURRENT_MESSAGES

@@ -97,43 +97,53 @@ class Conversation:
         self.sock.close()
 
 
-def run_level(port, clients, users, seconds, body):
-    """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors.
+def drive(selector, ended):
+    """Run every conversation in selector until all are over; ended(conversation, True/None) at each end.
 
     One thread drives every connection through a selector, so the load
     generator stays cheap and leaves the CPU to the server under test.
+    True means the conversation went through, None that it failed.
     """
-    selector = selectors.DefaultSelector()
-    latencies = []
-    errors = 0
-    stop_at = time.monotonic() + seconds
-    for i in range(clients):
-        Conversation("user%d" % (i % users), body, selector).start(port)
-    started = time.monotonic()
     while selector.get_map():
-        for key, events in selector.select(timeout=support.DEADLINE):
+        for key, events in selector.select(timeout=60):
             conversation = key.data
             try:
                 if events & selectors.EVENT_WRITE:
                     conversation.writable()
                 done = conversation.readable() if events & selectors.EVENT_READ else False
             except OSError:
-                done, errors = None, errors + 1
-            if done is False:
-                continue
-            conversation.finish()
-            now = time.monotonic()
-            if done:
-                latencies.append(now - conversation.started)
-            if now < stop_at:
-                conversation.start(port)
+                done = None
+            if done is not False:
+                conversation.finish()
+                ended(conversation, done)
+
+
+def run_level(port, clients, users, seconds, body):
+    """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors."""
+    selector = selectors.DefaultSelector()
+    latencies, errors = [], []
+    stop_at = time.monotonic() + seconds
+
+    def ended(conversation, done):
+        now = time.monotonic()
+        if done:
+            latencies.append(now - conversation.started)
+        else:
+            errors.append(conversation)
+        if now < stop_at:
+            conversation.start(port)
+
+    for i in range(clients):
+        Conversation("user%d" % (i % users), body, selector).start(port)
+    started = time.monotonic()
+    drive(selector, ended)
     elapsed = time.monotonic() - started
     latencies.sort()
     if not latencies:
-        return 0.0, float("nan"), float("nan"), errors
+        return 0.0, float("nan"), float("nan"), len(errors)
     p50 = latencies[len(latencies) // 2]
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    return len(latencies) / elapsed, p50 * 1000, p99 * 1000, errors
+    return len(latencies) / elapsed, p50 * 1000, p99 * 1000, len(errors)
 
 
 def start_server(root, *extra):
@@ -164,42 +174,19 @@ def count_messages(path):
     return count
 
 
-def peak_rss_mb(pid):
-    """The peak resident memory of a process in MB (Linux), or nan."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def measure_memory(port, pid):
     """Send MEMORY_CLIENTS messages of MEMORY_SIZE bytes at once; print the server's peak memory."""
-    before = peak_rss_mb(pid)
+    before = support.peak_rss_mb(pid)
     selector = selectors.DefaultSelector()
     body = body_of(MEMORY_SIZE)
     for i in range(MEMORY_CLIENTS):
         Conversation("user%d" % i, body, selector).start(port)
-    started, done, errors = time.monotonic(), 0, 0
-    while selector.get_map():
-        for key, events in selector.select(timeout=60):
-            conversation = key.data
-            try:
-                if events & selectors.EVENT_WRITE:
-                    conversation.writable()
-                over = conversation.readable() if events & selectors.EVENT_READ else False
-            except OSError:
-                over, errors = None, errors + 1
-            if over is not False:
-                done += bool(over)
-                conversation.finish()
+    started, outcomes = time.monotonic(), []
+    drive(selector, lambda conversation, done: outcomes.append(done))
     print("%d clients x %.1f MiB at once: %d delivered, %d errors, %.1f s; "
           "peak server RSS %.1f MB (%.1f MB before)" % (
-              MEMORY_CLIENTS, len(body) / 2 ** 20, done, errors, time.monotonic() - started,
-              peak_rss_mb(pid), before))
+              MEMORY_CLIENTS, len(body) / 2 ** 20, outcomes.count(True), outcomes.count(None),
+              time.monotonic() - started, support.peak_rss_mb(pid), before))
 
 
 def main():
@@ -230,7 +217,7 @@ def main():
                 statistics.median(r[2] for r in results), sum(r[3] for r in results),
                 " ".join("%.0f" % r for r in rates)), flush=True)
         stored = sum(count_messages(support.mailbox_path(root, u)) for u in users)
-        print("messages stored: %d; peak server RSS %.1f MB" % (stored, peak_rss_mb(proc.pid)))
+        print("messages stored: %d; peak server RSS %.1f MB" % (stored, support.peak_rss_mb(proc.pid)))
     finally:
         proc.terminate()
         proc.wait()

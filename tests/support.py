@@ -35,6 +35,18 @@ TLS_KEY = os.path.join(REPO, "tests", "tls", "test-only-key.pem")
 TLS_ARGS = ("--tls-cert", TLS_CERT, "--tls-key", TLS_KEY)
 
 
+def peak_rss_mb(pid):
+    """The peak resident memory of a process in MB (Linux /proc's VmHWM), or nan where unknown."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def expect(condition, message):
     """Raise AssertionError with message unless condition holds (a bare assert vanishes under -O)."""
     if not condition:

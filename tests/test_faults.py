@@ -32,15 +32,6 @@ def has_second_address():
     return True
 
 
-def peak_rss_mb(pid):
-    """The peak resident memory of a process in MB (Linux /proc)."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM for %d" % pid)
-
-
 def whole_messages(data):
     """The stored messages of a mailbox, each with its '.' line; AssertionError if it ends torn."""
     messages, start = [], 0
@@ -138,7 +129,7 @@ class MemoryTest(unittest.TestCase):
         """Three 8 MiB messages at once raise the server's peak memory by far less than one message."""
         line = b"y" * 98 + b"\r\n"
         body = b"Subject: large\r\n" + line * (8 * 1024 * 1024 // len(line))
-        before = peak_rss_mb(self.server.proc.pid)
+        before = support.peak_rss_mb(self.server.proc.pid)
         clients = [support.smtp_session(self.server) for _ in range(3)]
         for client in clients:
             client.cmd_expecting("MAIL FROM:<big@example.org>", 250)
@@ -153,7 +144,7 @@ class MemoryTest(unittest.TestCase):
         for client in clients:
             client.close()
         self.assertEqual(replies, [250, 250, 250])
-        self.assertLess(peak_rss_mb(self.server.proc.pid) - before, 8, "MB more at the peak")
+        self.assertLess(support.peak_rss_mb(self.server.proc.pid) - before, 8, "MB more at the peak")
         self.assertEqual(len(whole_messages(read_mailbox(self.root, "alice"))), 3)
         self.assertEqual(os.listdir(os.path.join(self.root, ".spool")), [], "spool files have no name")
 
@@ -161,14 +152,14 @@ class MemoryTest(unittest.TestCase):
     def test_a_message_of_eight_mib_in_bdat_chunks_uses_a_few_megabytes(self):
         """BDAT streams too: 8 MiB in 1 MiB chunks raise the peak memory by far less than the message."""
         chunk = (b"z" * 98 + b"\r\n") * (1024 * 1024 // 100)
-        before = peak_rss_mb(self.server.proc.pid)
+        before = support.peak_rss_mb(self.server.proc.pid)
         with support.smtp_session(self.server, ehlo=True) as client:
             client.cmd_expecting("MAIL FROM:<big@example.org>", 250)
             client.cmd_expecting("RCPT TO:<bob@example.org>", 250)
             for number in range(8):
                 client.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if number == 7 else b"") + chunk)
                 self.assertEqual(client.reply()[0], 250)
-        self.assertLess(peak_rss_mb(self.server.proc.pid) - before, 8, "MB more at the peak")
+        self.assertLess(support.peak_rss_mb(self.server.proc.pid) - before, 8, "MB more at the peak")
         self.assertEqual(len(whole_messages(read_mailbox(self.root, "bob"))), 1)
 
 
