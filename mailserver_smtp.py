@@ -2448,13 +2448,18 @@ class LineWriteHandler(logging.Handler):
     logging's StreamHandler holds a lock around write and flush, and under
     load session threads queue on it.  One write() of a line is atomic on
     pipes and terminals and never overlaps another on files, so no lock is
-    needed to keep lines whole.
+    needed to keep lines whole.  The line is the one logging.Formatter
+    would make of "%(asctime)s NAME %(levelname)s %(message)s", made
+    directly: the date and time are formatted once a second, not per line
+    (a third of what a record cost, measured).
     """
 
     def __init__(self, fd, name):
         super().__init__()
         self.fd = fd
-        self.setFormatter(logging.Formatter("%(asctime)s " + name + " %(levelname)s %(message)s"))
+        self.tag = name
+        self.formatter = logging.Formatter()    # for tracebacks only
+        self._clock = (None, "")                # (second, its date and time as text)
 
     def handle(self, record):
         if self.filter(record):
@@ -2463,15 +2468,28 @@ class LineWriteHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            line = self.format(record) + "\n"
-            os.write(self.fd, line.encode("utf-8", "backslashreplace"))
+            os.write(self.fd, self.line(record).encode("utf-8", "backslashreplace"))
         except Exception:
             self.handleError(record)
+
+    def line(self, record):
+        """The record as one line of text (with its traceback, if any, on the lines after)."""
+        second, stamp = self._clock
+        if int(record.created) != second:
+            second = int(record.created)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._clock = (second, stamp)       # one assignment: threads see the old pair or the new
+        text = "%s,%03d %s %s %s\n" % (stamp, record.msecs, self.tag, record.levelname, record.getMessage())
+        if record.exc_info:
+            text += self.formatter.formatException(record.exc_info) + "\n"
+        return text
 
 
 def configure_logging(name):
     """INFO and above to stderr, one line per record, tagged with the server's name."""
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly
+    # Which thread, process and source line made a record: unused here, and costly to find.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     logging.basicConfig(level=logging.INFO, handlers=[LineWriteHandler(sys.stderr.fileno(), name)])
 
 
