@@ -90,35 +90,13 @@ def index_messages(f, offset, limit):
     DIGEST_SIZE-byte hash of each.  Reads a chunk at a time and never holds
     more than a chunk and one line, however large a message is.
     """
-    starts, sizes, digests = array.array("q"), array.array("q"), bytearray()
-    blake2b = hashlib.blake2b
+    scan = MessageScan(offset)
     f.seek(offset)
     buf = bytearray()
-    base = start = offset           # file offsets of buf[0] and of the current message
-    pos = 0                         # in buf: the first line of the message not yet counted
-    size, hasher = 0, None          # of the lines before pos, when the message began in an earlier chunk
+    base, pos = offset, 0           # the file offset of buf[0]; in buf, the first line not yet scanned
     remaining = limit - offset
     while True:
-        with memoryview(buf) as view:
-            end, stuffed = message_end(buf, pos)
-            while end >= 0:         # a complete message: record it
-                if hasher is None:
-                    hasher = blake2b(view[pos:end - 2], digest_size=DIGEST_SIZE)
-                else:
-                    hasher.update(view[pos:end - 2])
-                starts.append(start)
-                sizes.append(size + wire_size(buf, pos, end - 2, stuffed))
-                digests += hasher.digest()
-                pos, start = end, base + end
-                size, hasher = 0, None
-                end, stuffed = message_end(buf, pos)
-            whole = buf.rfind(b"\n", pos) + 1    # count the whole lines of the message begun
-            if whole > pos:
-                if hasher is None:
-                    hasher = blake2b(digest_size=DIGEST_SIZE)
-                hasher.update(view[pos:whole])
-                size += wire_size(buf, pos, whole)
-                pos = whole
+        pos = scan.take(buf, base, pos)
         chunk = f.read(min(READ_CHUNK, remaining)) if remaining > 0 else b""
         if not chunk:
             break
@@ -126,8 +104,45 @@ def index_messages(f, offset, limit):
         del buf[:pos]
         base, pos = base + pos, 0
         buf += chunk
-    starts.append(start)
-    return starts, sizes, bytes(digests)
+    scan.starts.append(scan.start)
+    return scan.starts, scan.sizes, bytes(scan.digests)
+
+
+class MessageScan:
+    """What index_messages knows so far: the messages found, and the lines seen of the one begun."""
+
+    def __init__(self, offset):
+        self.starts, self.sizes, self.digests = array.array("q"), array.array("q"), bytearray()
+        self.start = offset         # the file offset of the message begun
+        self.size = 0               # its wire size, of the lines seen in earlier chunks
+        self.hasher = None          # their hash, if any
+
+    def take(self, buf, base, pos):
+        """Record every complete message in buf from pos, then the whole lines of the one begun; the new pos.
+
+        base is the file offset of buf[0].
+        """
+        with memoryview(buf) as view:
+            end, stuffed = message_end(buf, pos)
+            while end >= 0:
+                hasher = self.hasher
+                if hasher is None:
+                    hasher = hashlib.blake2b(view[pos:end - 2], digest_size=DIGEST_SIZE)
+                else:
+                    hasher.update(view[pos:end - 2])
+                self.starts.append(self.start)
+                self.sizes.append(self.size + wire_size(buf, pos, end - 2, stuffed))
+                self.digests += hasher.digest()
+                pos, self.start, self.size, self.hasher = end, base + end, 0, None
+                end, stuffed = message_end(buf, pos)
+            whole = buf.rfind(b"\n", pos) + 1
+            if whole > pos:
+                if self.hasher is None:
+                    self.hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+                self.hasher.update(view[pos:whole])
+                self.size += wire_size(buf, pos, whole)
+                pos = whole
+        return pos
 
 
 class Section:
