@@ -67,7 +67,6 @@ _LABEL = "[A-Za-z0-9\u0080-\ud7ff\ue000-\U0010ffff-]+"
 ADDRESS = re.compile(r"%s(?:\.%s)*(?:@(?:%s(?:\.%s)*|\[[!-Z^-~]+\]))?\Z" % (_ATOM, _ATOM, _LABEL, _LABEL))
 
 
-
 class Replies:
     """What the SMTP server answers, with the RFC 3463 enhanced status code of each.
 
@@ -264,7 +263,8 @@ PLAIN_REPLIES = without_codes(Replies)
 #   What locks cannot do, fsync and the format do: an append is fsync'd
 #   before the client hears 250 (so it survives a power cut), and an append
 #   cut short by a crash leaves a torn last message, which readers skip and
-#   the next append first closes.
+#   the next holder of the delivery lock (an append, a POP3 login) first
+#   sets aside in .my_mailbox.torn.
 #
 # The mailbox format.  Messages follow each other; each ends with a line
 # holding only ".".  Lines end with "\n".  A line that starts with "." is
@@ -661,6 +661,13 @@ def whole_messages_end(fd, size):
     return 2 if later.startswith(b".\n") else 0     # an empty first message
 
 
+def write_all(fd, data):
+    """Write all of data to fd (os.write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def set_torn_tail_aside(fd, path, size):
     """Move what follows the last whole message of a mailbox of size bytes to its .torn file; return the new size.
 
@@ -680,9 +687,7 @@ def set_torn_tail_aside(fd, path, size):
             chunk = os.read(fd, READ_BACK)
             if not chunk:
                 break
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(torn, view):]
+            write_all(torn, chunk)
         os.fsync(torn)
     finally:
         os.close(torn)
@@ -775,8 +780,12 @@ def stored_layout(lines, size, sender, recipients, received):
 
 def stored_message(body, sender, recipients, received):
     """The whole stored form of a stored body held in memory (see stored_layout)."""
-    pieces = stored_layout(lambda: io.BytesIO(body), len(body), sender, recipients, received)
-    return b"".join(body[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
+    return laid_out(body, stored_layout(lambda: io.BytesIO(body), len(body), sender, recipients, received))
+
+
+def laid_out(body, layout):
+    """The message a stored_layout describes, for a body held in memory (bytes)."""
+    return b"".join([body[p[0]:p[1]] if isinstance(p, tuple) else p for p in layout])
 
 
 def received_stamp():
@@ -849,6 +858,26 @@ def foreign_sender(lines, login):
 # Delivery: appending a message to the recipients' mailboxes
 # --------------------------------------------------------------------------
 
+def prepare_spool(root):
+    """The path of ROOT/.spool, emptied of what a crash may have left there."""
+    path = os.path.join(root, SPOOL_NAME)
+    try:
+        names = os.listdir(path) if stat.S_ISDIR(os.lstat(path).st_mode) else []
+    except OSError:
+        names = []
+    for name in names:     # only a crash on a system without unnamed files leaves any
+        remove_file(os.path.join(path, name))
+    return path
+
+
+def spool_file(folder):
+    """A new unnamed file in the spool folder (made private on first use; never through a symlink)."""
+    os.makedirs(folder, 0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", folder)
+    return tempfile.TemporaryFile(dir=folder)
+
+
 class Spool:
     """A message's stored body while it arrives: in memory while small, then in a file in ROOT/.spool.
 
@@ -892,8 +921,7 @@ class Spool:
     def message(self, layout):
         """The stored message laid out by stored_layout: bytes, or a SpooledMessage when large."""
         if self.file is None:
-            body = self.body()
-            return b"".join([body[p[0]:p[1]] if isinstance(p, tuple) else p for p in layout])
+            return laid_out(self.body(), layout)
         self.file.flush()
         return SpooledMessage(self.file, layout)
 
@@ -985,13 +1013,6 @@ def append_message(fd, message):
         write_all(fd, message)
     else:
         message.write_to(fd)
-
-
-def write_all(fd, data):
-    """Write all of data to fd."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def cut_back(fd, size):
@@ -2262,27 +2283,6 @@ class SMTPServer(Server):
             return self.users.canonical(self.postmaster_name)
         users = self.users.logins()
         return users[0] if users else None
-
-
-def prepare_spool(root):
-    """The path of ROOT/.spool, emptied of what a crash may have left there."""
-    path = os.path.join(root, SPOOL_NAME)
-    try:
-        names = os.listdir(path) if stat.S_ISDIR(os.lstat(path).st_mode) else []
-    except OSError:
-        names = []
-    for name in names:     # only a crash on a system without unnamed files leaves any
-        remove_file(os.path.join(path, name))
-    return path
-
-
-def spool_file(folder):
-    """A new unnamed file in the spool folder (made private on first use; never through a symlink)."""
-    os.makedirs(folder, 0o700, exist_ok=True)
-    if not stat.S_ISDIR(os.lstat(folder).st_mode):
-        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", folder)
-    return tempfile.TemporaryFile(dir=folder)
-
 
 
 # --------------------------------------------------------------------------
