@@ -157,8 +157,10 @@ class Section:
         self.serials = serials      # array q: the number in each message's unique id
         self.digests = digests      # bytes: DIGEST_SIZE-byte content hash of each message
 
-    def digest(self, index):
-        return self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
+
+def digest_at(digests, index):
+    """The content hash of message index in a run of DIGEST_SIZE-byte hashes."""
+    return digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
 
 
 class IndexFile:
@@ -321,8 +323,8 @@ class Mailbox:
             self.serials = array.array("q")
             j, known = 0, len(previous.serials)
             for i in range(count):
-                mine = self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
-                while j < known and previous.digest(j) != mine:
+                mine = digest_at(self.digests, i)
+                while j < known and digest_at(previous.digests, j) != mine:
                     j += 1
                 if j == known:
                     break
@@ -419,7 +421,7 @@ class Mailbox:
                     kept.starts.append(position + self.starts[index] - self.starts[run_start])
                     kept.sizes.append(self.sizes[index])
                     kept.serials.append(self.serials[index])
-                    kept.digests += self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
+                    kept.digests += digest_at(self.digests, index)
                     index += 1
                 self._copy(out, self.starts[run_start], self.starts[index])
             kept.starts.append(out.tell())
@@ -828,7 +830,7 @@ def cached_index_holds(f, known, limit):
     samples.add(count - 1)
     for index in sorted(samples):
         if index >= 0 and not _still_there(f, known.starts[index], known.starts[index + 1],
-                                           known.digest(index)):
+                                           digest_at(known.digests, index)):
             return False
     return True
 
