@@ -594,13 +594,15 @@ def is_mime(headers):
     return False
 
 
-def parse_email(raw_lines):
-    """The message as an email.message.EmailMessage, its header block cut by the header rule."""
+def parse_email(raw_lines, text_lines):
+    """The message as an email.message.EmailMessage, its header block cut by the header rule.
+
+    text_lines: the same lines decoded (decode_text), which the rule reads.
+    """
     # Imported here: email.policy takes longer to load than the rest of the client, and only
     # MIME messages need it.
     import email.parser
     import email.policy
-    text_lines = [decode_text(line) for line in raw_lines]
     count, body_start = header_bounds(text_lines)
     data = b"\n".join(raw_lines[:count]) + b"\n\n" + b"\n".join(raw_lines[body_start:]) + b"\n"
     return email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
@@ -760,7 +762,7 @@ class ReadMail:
         self.attachments = []
         if self.mime:
             try:
-                self.message = parse_email(raw_lines)
+                self.message = parse_email(raw_lines, self.lines)
                 self.collect_parts()
             except Exception as exc:  # never a traceback for a hostile message: show it raw
                 self.mime, self.texts, self.alternatives, self.attachments = False, [], [], []
