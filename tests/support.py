@@ -19,6 +19,7 @@ if REPO not in sys.path:   # the scripts' reply constants are imported, whatever
     sys.path.insert(0, REPO)
 
 import mail_client  # noqa: E402
+import mailserver_smtp  # noqa: E402
 
 SMTP_SCRIPT = os.path.join(REPO, "mailserver_smtp.py")
 POP_SCRIPT = os.path.join(REPO, "pop_server.py")
@@ -137,6 +138,21 @@ def read_mailbox(root, login):
             return f.read()
     except FileNotFoundError:
         return b""
+
+
+def stored_messages(root, login):
+    """The messages of a user's my_mailbox, each its stored bytes without the final '.' line.
+
+    Fails the test if the file ends in a torn message.
+    """
+    data = read_mailbox(root, login)
+    messages, start = [], 0
+    while start < len(data):
+        end, _ = mailserver_smtp.message_end(data, start)
+        expect(end > 0, "the mailbox ends torn: %r" % data[start:][-40:])
+        messages.append(data[start:end - 2])
+        start = end
+    return messages
 
 
 # --------------------------------------------------------------------------

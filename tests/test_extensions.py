@@ -13,13 +13,6 @@ from support import read_mailbox  # noqa: E402
 DOMAIN = "mail.test"
 
 
-def stored(root, login):
-    """The stored messages of a mailbox, each without its final '.' line."""
-    data = read_mailbox(root, login)
-    support.expect(not data or data.endswith(b"\n.\n"), "mailbox ends torn: %r" % data[-40:])
-    return [part + b"\n" for part in data[:-3].split(b"\n.\n")] if data else []
-
-
 class EnhancedStatusCodesTest(support.OneServerTestCase):
     """After EHLO every reply carries its RFC 3463 code; after HELO the course's words, without."""
 
@@ -84,7 +77,7 @@ class SMTPUTF8Test(support.BothServersTestCase):
             client.ehlo()
             self.assertIn("smtputf8", client.esmtp_features)
             client.send_message(message, mail_options=["SMTPUTF8"])
-        [mail] = stored(self.root, "bob")
+        [mail] = support.stored_messages(self.root, "bob")
         self.assertIn("From: Jürgen <jürgen@bücher.example>\n".encode("utf-8"), mail)
         self.assertIn("Subject: Grüße aus Köln\n".encode("utf-8"), mail)
         self.assertIn("Käsekuchen für alle.".encode("utf-8"), mail)
@@ -140,7 +133,7 @@ class ChunkingTest(support.OneServerTestCase):
         self.assertEqual(self.bdat(client, b"\n.starts with a dot\r\n.\r\n"), ["250 2.0.0 24 octets received"])
         self.assertEqual(self.bdat(client, b"last line\r\n", last=True),
                          ["250 2.0.0 OK Message accepted for delivery"])
-        [mail] = stored(self.root, "alice")
+        [mail] = support.stored_messages(self.root, "alice")
         self.assertRegex(mail, rb"^From: carol@example.org\nTo: alice@example.org\nSubject: chunks\n"
                                rb"Received: [^\n]+\n\nfirst\n\.\.starts with a dot\n\.\.\nlast line\n$")
         self.assertEqual(client.cmd("QUIT")[0], 221)
@@ -149,7 +142,7 @@ class ChunkingTest(support.OneServerTestCase):
         """BDAT 0 LAST ends the message; an empty one is stored with its one empty body line."""
         client = self.transaction()
         self.assertEqual(self.bdat(client, b"", last=True), ["250 2.0.0 OK Message accepted for delivery"])
-        [mail] = stored(self.root, "alice")
+        [mail] = support.stored_messages(self.root, "alice")
         self.assertRegex(mail, rb"^From: [^\n]+\nTo: [^\n]+\nSubject: \nReceived: [^\n]+\n\n$")
 
     def test_bdat_before_rcpt_and_data_after_bdat_get_503(self):
@@ -183,7 +176,7 @@ class ChunkingTest(support.OneServerTestCase):
         client.cmd_expecting("MAIL FROM:<carol@example.org>", 250)
         client.cmd_expecting("RCPT TO:<alice@example.org>", 250)
         self.assertEqual(self.bdat(client, b"Subject: small\r\n\r\nok\r\n", last=True)[0][:4], "250 ")
-        self.assertEqual(len(stored(self.root, "alice")), 1)
+        self.assertEqual(len(support.stored_messages(self.root, "alice")), 1)
 
     def test_a_large_message_in_chunks_comes_out_of_the_spool_whole(self):
         """Chunks adding up to more than the in-memory part are stored byte for byte."""
@@ -192,7 +185,7 @@ class ChunkingTest(support.OneServerTestCase):
         for _ in range(8):
             self.assertEqual(self.bdat(client, line * 100)[0][:4], "250 ")
         self.assertEqual(self.bdat(client, b"", last=True)[0][:4], "250 ")
-        [mail] = stored(self.root, "alice")
+        [mail] = support.stored_messages(self.root, "alice")
         self.assertTrue(mail.endswith(b"Subject: \n" + mail[mail.index(b"Received"):].split(b"\n")[0] +
                                       b"\n" + line.replace(b"\r\n", b"\n") * 800))
 
@@ -227,8 +220,8 @@ class QuotaTest(support.BothServersTestCase):
             client.cmd_expecting("DATA", 354)
             client.send(b"Subject: for bob\r\n\r\nhi\r\n.\r\n")
             self.assertEqual(client.reply()[0], 250)
-        self.assertEqual(len(stored(self.root, "bob")), 1)
-        self.assertEqual(len(stored(self.root, "alice")), 1)
+        self.assertEqual(len(support.stored_messages(self.root, "bob")), 1)
+        self.assertEqual(len(support.stored_messages(self.root, "alice")), 1)
 
     def test_a_declared_size_decides_at_rcpt(self):
         """SIZE= that would pass the quota gets 452 4.2.2; one larger than the quota itself 552 5.2.2."""
@@ -250,7 +243,7 @@ class QuotaTest(support.BothServersTestCase):
             reply = support.send_message(client, body, recipients=("alice@example.org", "bob@example.org"))
         self.assertEqual(reply[1], ["452 4.2.2 Mailbox full"])
         self.assertEqual(read_mailbox(self.root, "bob"), b"")
-        self.assertEqual(len(stored(self.root, "alice")), 1)
+        self.assertEqual(len(support.stored_messages(self.root, "alice")), 1)
 
     def test_deleting_mail_frees_the_room_at_once(self):
         """After POP3 deletes the message that filled the mailbox, the next RCPT is taken."""

@@ -13,16 +13,9 @@ import mailserver_smtp  # noqa: E402
 QUICK = 3.0    # seconds: a reply owed now must not wait for a read to time out
 
 
-def stored_messages(root, login):
+def stored_lines(root, login):
     """The messages of a mailbox file, each as its stored lines (without the final '.')."""
-    data = support.read_mailbox(root, login)
-    messages, start = [], 0
-    while start < len(data):
-        end, _ = mailserver_smtp.message_end(data, start)
-        support.expect(end > 0, "torn mailbox: %r" % data[start:])
-        messages.append(data[start:end - 2].split(b"\n")[:-1])
-        start = end
-    return messages
+    return [message.split(b"\n")[:-1] for message in support.stored_messages(root, login)]
 
 
 class HeaderRuleTest(support.BothServersTestCase):
@@ -52,7 +45,7 @@ class HeaderRuleTest(support.BothServersTestCase):
             with self.subTest(case):
                 code = support.deliver(smtp, b"".join(line + b"\r\n" for line in lines))
                 self.assertEqual(code, 250)
-                stored = stored_messages(self.root, "alice")[-1]
+                stored = stored_lines(self.root, "alice")[-1]
                 count, blank = mailserver_smtp.header_block(stored)
                 self.assertEqual(stored[count + blank:], body, "header_block on the stored form")
                 received = [i for i, line in enumerate(stored) if line.startswith(b"Received: ")]
@@ -84,7 +77,7 @@ class DeliveryLockTest(support.OneServerTestCase):
         self.assertEqual(code, 451)
         with support.smtp_session(self.server, timeout=QUICK) as client:
             self.assertEqual(support.send_message(client, b"Subject: alone\r\n\r\nfor one\r\n")[0], 250)
-        self.assertEqual([m[2] for m in stored_messages(self.root, "alice")], [b"Subject: alone"])
+        self.assertEqual([m[2] for m in stored_lines(self.root, "alice")], [b"Subject: alone"])
         self.assertEqual(support.read_mailbox(self.root, "bob"), b"")
 
 

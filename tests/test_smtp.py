@@ -13,7 +13,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
-from support import (TLS_ARGS, client_tls_context, expect, read_mailbox, send_message,  # noqa: E402
+from support import (TLS_ARGS, client_tls_context, read_mailbox, send_message,  # noqa: E402
                      wait_for)
 
 import mailserver_smtp  # noqa: E402
@@ -21,15 +21,6 @@ import mailserver_smtp  # noqa: E402
 DOMAIN = "mail.test"
 MAX_SIZE = 65536
 RECEIVED = re.compile(rb"Received: (\d{4}-\d\d-\d\d) : (\d\d) : (\d\d)\n")
-
-
-def stored_messages(root, login):
-    """The messages of a mailbox file, each as its stored lines without the final '.' line."""
-    data = read_mailbox(root, login)
-    if not data:
-        return []
-    expect(data.endswith(b"\n.\n"), "the mailbox does not end with a message: %r" % data[-40:])
-    return [piece + b"\n" for piece in data[:-3].split(b"\n.\n")]
 
 
 def unstuffed_body_lines(message):
@@ -72,7 +63,7 @@ class ContractDialogueTest(ServerTestCase):
         self.assertEqual(client.reply()[1], ["250 OK Message accepted for delivery"])
         self.assertEqual(client.cmd("QUIT")[1], ["221 %s closing connection" % DOMAIN])
         self.assertTrue(client.closed())
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         self.assertRegex(message, rb"\AFrom: cnlab@kuleuven.be\nTo: alice@kuleuven.be\nSubject: Lab\n"
                                   rb"Received: \d{4}-\d\d-\d\d : \d\d : \d\d\nHello\n\Z")
 
@@ -136,7 +127,7 @@ class ContractDialogueTest(ServerTestCase):
         self.assertEqual(client.cmd("RCPT TO:<alice@x.org>")[0], 250, "the transaction survives a 503")
         reply = self.send_data(client, b"Subject: kept\r\nstill the first sender\r\n")
         self.assertEqual(reply[0], 250)
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         self.assertTrue(message.startswith(b"From: a@x.org\n"), message)
 
     def send_data(self, client, body):
@@ -187,8 +178,8 @@ class ContractDialogueTest(ServerTestCase):
         reply = send_message(client, b"Subject: both\r\nhi\r\n",
                                   recipients=("alice@x.org", "bob@y.org", "ALICE@x.org"))
         self.assertEqual(reply[0], 250)
-        [for_alice] = stored_messages(self.root, "alice")
-        [for_bob] = stored_messages(self.root, "bob")
+        [for_alice] = support.stored_messages(self.root, "alice")
+        [for_bob] = support.stored_messages(self.root, "bob")
         self.assertEqual(for_alice, for_bob)
         self.assertIn(b"hi\n", for_alice)
 
@@ -206,7 +197,7 @@ class ContractDialogueTest(ServerTestCase):
         self.assertEqual([client.reply()[0] for _ in range(5)], [250, 250, 250, 550, 354])
         client.send("Subject: piped\r\nbody\r\n.\r\nQUIT\r\n")
         self.assertEqual([client.reply()[0] for _ in range(2)], [250, 221])
-        self.assertEqual(len(stored_messages(self.root, "alice")), 1)
+        self.assertEqual(len(support.stored_messages(self.root, "alice")), 1)
 
 
 class StorageTest(ServerTestCase):
@@ -237,7 +228,7 @@ class StorageTest(ServerTestCase):
                    b"Message-ID: <1@example.org>\r\nMIME-Version: 1.0\r\n\r\n")
         smtp.sendmail("carol@example.org", ["alice@example.org"], headers + b"Body\r\n")
         smtp.quit()
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         lines = message.split(b"\n")
         self.assertEqual(lines[:4], [b"From: Carol <carol@example.org>", b"To: alice@example.org",
                                      b"Date: Sat, 28 Nov 2026 10:00:00 +0000", b"Subject: Full"])
@@ -249,7 +240,7 @@ class StorageTest(ServerTestCase):
         """Without Subject: an empty one from the envelope and Received: end the header block."""
         client = self.connect()
         send_message(client, b"From: c@x.org\r\nTo: alice@x.org\r\nX-Tag: 1\r\n\r\nBody\r\n")
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         # The missing Subject comes from the envelope, empty, and ends the header block before Received.
         self.assertRegex(message, rb"\AFrom: c@x.org\nTo: alice@x.org\nX-Tag: 1\nSubject: \n"
                                   rb"Received: [^\n]+\n\nBody\n\Z")
@@ -259,7 +250,7 @@ class StorageTest(ServerTestCase):
         client = self.connect()
         send_message(client, b"just a body\r\n", sender="carol@example.org",
                           recipients=("alice@example.org", "bob@example.org"))
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         self.assertRegex(message, rb"\AFrom: carol@example.org\nTo: alice@example.org, bob@example.org\n"
                                   rb"Subject: \nReceived: [^\n]+\njust a body\n\Z")
 
@@ -270,7 +261,7 @@ class StorageTest(ServerTestCase):
         self.addCleanup(smtp.close)
         smtp.sendmail("c@x.org", ["alice@x.org"], b"Subject: dots\r\n" + b"\r\n".join(body_lines) + b"\r\n")
         smtp.quit()
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         self.assertIn(b"\nbefore\n..\n...\n..x\n....\nafter\n", message)
         self.assertEqual(unstuffed_body_lines(message), body_lines)
 
@@ -279,7 +270,7 @@ class StorageTest(ServerTestCase):
         body = bytes(range(128, 256)) + b" \xff\xfe invalid utf-8 \xc3\x28 and \xe2\x82\xac"
         client = self.connect()
         self.assertEqual(send_message(client, b"Subject: bytes\r\n" + body + b"\r\n")[0], 250)
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         self.assertEqual(unstuffed_body_lines(message), [body])
 
     def test_a_hand_typed_session_with_bare_lf_works(self):
@@ -295,7 +286,7 @@ class StorageTest(ServerTestCase):
         self.assertEqual(client.reply()[0], 250)
         client.send("QUIT\n")
         self.assertEqual(client.reply()[0], 221)
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         self.assertTrue(message.endswith(b"hello\n"))
 
     def test_a_crafted_body_cannot_smuggle_a_second_message(self):
@@ -310,7 +301,7 @@ class StorageTest(ServerTestCase):
         self.assertEqual(client.reply()[0], 250)
         self.assertEqual(client.cmd("NOOP")[0], 250, "exactly one reply for the whole DATA")
         self.assertEqual(read_mailbox(self.root, "bob"), b"")
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         self.assertIn(b"smuggled", message)
         self.assertIn(b"still body", message)
 
@@ -327,7 +318,7 @@ class StorageTest(ServerTestCase):
         other = self.connect()
         send_message(other, b"Subject: " + marker.encode() + b"\r\nwhole\r\n")
         wait_for(lambda: self.server.output().count("closed") >= 1)
-        [message] = stored_messages(self.root, "alice")
+        [message] = support.stored_messages(self.root, "alice")
         self.assertIn(marker.encode(), message)
         self.assertNotIn(b"half a message", read_mailbox(self.root, "alice"))
 
@@ -341,7 +332,7 @@ class StorageTest(ServerTestCase):
         self.addCleanup(support.remove_file, torn_path)
         client = self.connect()
         self.assertEqual(send_message(client, b"Subject: next\r\nwhole\r\n")[0], 250)
-        first, second = stored_messages(self.root, "alice")
+        first, second = support.stored_messages(self.root, "alice")
         self.assertEqual(first + b".\n", whole)
         self.assertTrue(second.startswith(b"From: carol@example.org\n"))
         with open(torn_path, "rb") as f:
@@ -386,7 +377,7 @@ class ConcurrencyTest(ServerTestCase):
         for t in threads:
             t.join(60)
         self.assertEqual(errors, [])
-        messages = stored_messages(self.root, "alice")
+        messages = support.stored_messages(self.root, "alice")
         self.assertEqual(len(messages), 500)
         seen = set()
         for message in messages:
