@@ -14,6 +14,7 @@ and the server loop skeleton, each headed "shared with pop_server.py" below.
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import email.utils
 import errno
@@ -27,6 +28,7 @@ import logging
 import os
 import re
 import signal
+import smtplib
 import socket
 import ssl
 import stat
@@ -64,7 +66,8 @@ ENHANCED_CODE = re.compile(r"^(\d{3}[ -])[245]\.\d{1,3}\.\d{1,3} ")   # RFC 3463
 _ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\ud7ff\ue000-\U0010ffff-]+"   # RFC 5321 4.1.2, RFC 6531
 _LABEL = "[A-Za-z0-9\u0080-\ud7ff\ue000-\U0010ffff-]+"
 # A path's address: a Dot-string, then "@" and a domain name or [address literal] (RFC 5321 4.1.2).
-ADDRESS = re.compile(r"%s(?:\.%s)*(?:@(?:%s(?:\.%s)*|\[[!-Z^-~]+\]))?\Z" % (_ATOM, _ATOM, _LABEL, _LABEL))
+# A domain may end in a dot (a fully qualified name, as DNS writes it): it means the same without.
+ADDRESS = re.compile(r"%s(?:\.%s)*(?:@(?:%s(?:\.%s)*\.?|\[[!-Z^-~]+\]))?\Z" % (_ATOM, _ATOM, _LABEL, _LABEL))
 
 
 class Replies:
@@ -83,6 +86,7 @@ class Replies:
     RECIPIENT_OK = "250 2.1.5 %s... Recipient ok"
     START_DATA = '354 Enter mail, end with "." on a line by itself'
     ACCEPTED = "250 2.0.0 OK Message accepted for delivery"
+    QUEUED = "250 2.0.0 OK Message accepted for delivery, queued as %s"
     OK = "250 2.0.0 OK"
     USER = "250 2.1.5 %s <%s@%s>"
     HELP = ("214-2.0.0 Commands: HELO EHLO%s AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
@@ -186,17 +190,76 @@ def parse_args(argv=None):
                         help="the only domains mail is taken for; others get 550 (default: every domain)")
     parser.add_argument("--postmaster", metavar="USER",
                         help="the user who gets the mail for postmaster (default: the first user)")
+    relay_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_size < 1 or args.quota is not None and args.quota < 1:
         parser.error("--max-size and --quota must be positive")
     if args.postmaster is not None and not is_valid_login(args.postmaster):
         parser.error("--postmaster must be a login name")
+    check_relay_arguments(parser, args)
     return check_server_arguments(parser, args)
 
 
+def relay_arguments(parser):
+    """The options of mail for other domains (with --local-domains only)."""
+    group = parser.add_argument_group("mail for other domains (only with --local-domains)")
+    group.add_argument("--relay-networks", metavar="CIDRS", type=network_list,
+                       default=network_list(DEFAULT_RELAY_NETWORKS),
+                       help="clients that may send to other domains without AUTH (default: %s; '' for none)"
+                       % DEFAULT_RELAY_NETWORKS)
+    group.add_argument("--relay-host", metavar="HOST[:PORT]",
+                       help="send all outgoing mail through this server, with TLS (default port: %d, "
+                       "%d with --relay-implicit-tls); default: to each domain's MX" % (SUBMISSION_PORT, SUBMISSIONS_PORT))
+    group.add_argument("--relay-implicit-tls", action="store_true",
+                       help="TLS from the first byte to --relay-host instead of STARTTLS")
+    group.add_argument("--relay-cafile", metavar="FILE",
+                       help="CA certificates (PEM) --relay-host's certificate is checked against "
+                       "(default: the system's)")
+    group.add_argument("--relay-auth", metavar="FILE",
+                       help="file holding one line 'LOGIN PASSWORD' to log in to --relay-host with")
+    group.add_argument("--relay-concurrency", metavar="N", type=int, default=DEFAULT_RELAY_CONCURRENCY,
+                       help="messages sent at once (default: %d)" % DEFAULT_RELAY_CONCURRENCY)
+    group.add_argument("--relay-timeout", metavar="SECONDS", type=float, default=RELAY_TIMEOUT,
+                       help="how long a remote server may stay silent (default: %d)" % RELAY_TIMEOUT)
+    group.add_argument("--queue-lifetime", metavar="SECONDS", type=float, default=QUEUE_LIFETIME,
+                       help="how long a message is retried before it bounces (default: %d, 5 days)"
+                       % QUEUE_LIFETIME)
+    group.add_argument("--retry-base", metavar="SECONDS", type=float, default=RETRY_BASE,
+                       help="the first wait before a retry, doubled each time up to %d s (default: %d)"
+                       % (RETRY_MAX, RETRY_BASE))
+    group.add_argument("--dns-server", metavar="ADDR[:PORT]",
+                       help="the DNS server for MX lookups (default: those of /etc/resolv.conf)")
+    group.add_argument("--mx-port", metavar="PORT", type=int, default=SMTP_PORT,
+                       help="the port of other domains' mail exchangers (default: %d)" % SMTP_PORT)
+
+
+def check_relay_arguments(parser, args):
+    """Check the relay options; read --relay-auth (its password is never shown)."""
+    if args.relay_concurrency < 1 or args.relay_timeout <= 0 or args.queue_lifetime <= 0 \
+            or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
+        parser.error("--relay-concurrency, --relay-timeout, --queue-lifetime, --retry-base and "
+                     "--mx-port must be positive")
+    try:
+        if args.relay_host:
+            args.relay_host = host_and_port(args.relay_host, SUBMISSIONS_PORT if args.relay_implicit_tls
+                                            else SUBMISSION_PORT)
+        if args.dns_server:
+            args.dns_server = [host_and_port(args.dns_server, DNS_PORT)]
+    except ValueError:
+        parser.error("--relay-host and --dns-server take HOST[:PORT] ([IPv6]:PORT)")
+    args.relay_credentials = None
+    if args.relay_auth:
+        try:
+            args.relay_credentials = read_relay_credentials(args.relay_auth)
+        except (OSError, ValueError) as exc:
+            parser.error("--relay-auth: %s" % exc)
+    if args.relay_cafile and not os.path.isfile(args.relay_cafile):
+        parser.error("--relay-cafile %s is not a file" % args.relay_cafile)
+
+
 def domain_list(text):
-    """The set of domains in a comma-separated --local-domains, in lower case."""
-    domains = {name.strip().lower() for name in text.split(",")}
+    """The set of domains in a comma-separated --local-domains, in lower case, without a trailing dot."""
+    domains = {name.strip().lower().rstrip(".") for name in text.split(",")}
     if "" in domains:
         raise argparse.ArgumentTypeError("a comma-separated list of domain names, none empty")
     return frozenset(domains)
@@ -962,19 +1025,22 @@ class MailboxFull(Exception):
     """A message would make a mailbox hold more than its quota; it was stored for nobody."""
 
 
-def deliver(message, mailbox_paths, quota=None):
+def deliver(message, mailbox_paths, quota=None, commit=None):
     """Append one stored message to every mailbox; return once it is on disk in all of them.
 
     Holding the delivery locks of all the mailboxes (in sorted order, as the
     lock protocol asks), append the message to each and fsync each; on any
     error cut every one back to its old size, so a message is in all of the
     mailboxes or in none.  A mailbox it would take past quota bytes stops
-    it before anything is written (MailboxFull).  A message for one mailbox
-    takes the same steps in a GroupCommit (see Speed-ups), which shares them
-    with its neighbours.
+    it before anything is written (MailboxFull).  commit, if given, is run
+    once the message is on disk everywhere, the locks still held: if it
+    raises, the mailboxes are cut back too (the outbound queue's rename,
+    so that local and remote recipients get a message all or none).  A
+    message for one mailbox, without commit, takes the same steps in a
+    GroupCommit (see Speed-ups), which shares them with its neighbours.
     """
     paths = sorted(set(mailbox_paths))
-    if len(paths) == 1:
+    if len(paths) == 1 and commit is None:
         return GROUP_COMMIT.deliver(paths[0], message, quota)
     with contextlib.ExitStack() as held:     # whatever was taken is given back, on any error too
         opened = []                          # (fd, size before the append)
@@ -990,6 +1056,8 @@ def deliver(message, mailbox_paths, quota=None):
                 append_message(fd, message)
             for fd, _ in opened:
                 os.fsync(fd)
+            if commit is not None:
+                commit()
         except BaseException:
             for fd, size in opened:
                 cut_back(fd, size)
@@ -1250,9 +1318,10 @@ class Session:
     SASL_CONTINUE = ""                # what starts a SASL challenge line: "334 " (SMTP), "+ " (POP3)
     SASL_REPLIES = {}                 # why a SASL exchange failed -> the reply
 
-    def __init__(self, server, sock, peer):
+    def __init__(self, server, sock, address):
         self.server = server
-        self.peer = peer
+        self.address = address        # the client's (host, port): relaying and the trace header use it
+        self.peer = peer_text(address)
         self.verbose = server.verbose
         self.wire = Wire(sock, server.timeout)
         self.last_reply = ""          # the last line queued
@@ -1579,8 +1648,8 @@ class SMTPSession(Session):
     SASL_CONTINUE = "334 "
     SASL_REPLIES = SMTP_SASL_REPLIES
 
-    def __init__(self, server, sock, peer):
-        super().__init__(server, sock, peer)
+    def __init__(self, server, sock, address):
+        super().__init__(server, sock, address)
         self.domain = server.domain
         self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
         self.bad_commands = 0        # syntax and sequence errors in a row
@@ -1596,7 +1665,8 @@ class SMTPSession(Session):
         self.utf8 = False            # MAIL FROM had SMTPUTF8 (RFC 6531)
         self.declared_size = 0       # MAIL FROM's SIZE= (RFC 1870)
         self.recipients = []         # addresses as given, in order
-        self.logins = []             # their mailbox owners, without repeats
+        self.logins = []             # the local ones' mailbox owners, without repeats
+        self.remote = []             # the addresses for other servers (the queue), without repeats
         if self.chunked is not None:
             self.chunked.spool.close()
             self.chunked = None
@@ -1732,9 +1802,8 @@ class SMTPSession(Session):
         if not (self.utf8 or address.isascii()):
             return self.reply(self.replies.NEEDS_SMTPUTF8)
         local = local_part(address)
-        domains = self.server.local_domains
-        if domains is not None and "@" in address and address.rpartition("@")[2].lower() not in domains:
-            return self.reply(self.replies.RELAYING_DENIED)
+        if is_remote(address, self.server.local_domains):
+            return self._remote_recipient(address)
         if local.lower() == POSTMASTER:
             login = self.server.postmaster()
         else:
@@ -1750,6 +1819,17 @@ class SMTPSession(Session):
         if login not in self.logins:
             self.logins.append(login)
         self.reply(self.replies.RECIPIENT_OK % local)
+
+    def _remote_recipient(self, address):
+        """Add a recipient in another domain, for the queue: only for a logged-in or a trusted client."""
+        if self.login is None and not in_networks(self.address[0], self.server.relay_networks):
+            return self.reply(self.replies.RELAYING_DENIED)
+        if len(self.recipients) >= MAX_RECIPIENTS:
+            return self.reply(self.replies.TOO_MANY_RECIPIENTS)
+        self.recipients.append(address)
+        if address not in self.remote:
+            self.remote.append(address)
+        self.reply(self.replies.RECIPIENT_OK % local_part(address))
 
     def _over_quota(self, login):
         """The reply for a recipient whose mailbox (under --quota) cannot take the declared message, or None."""
@@ -1828,18 +1908,38 @@ class SMTPSession(Session):
                                [r.encode("utf-8", "surrogateescape") for r in self.recipients],
                                received_stamp())
         message = spool.message(layout)
+        queued = None
         try:
+            if self.remote:          # durable under its .tmp name before any mailbox is touched
+                queued = self._queue(spool)
             deliver(message, [self.server.users.mailbox_path(login) for login in self.logins],
-                    self.server.quota)
+                    self.server.quota, queued and queued.publish)
         except MailboxFull as full:
             log.info("not delivered from <%s>: %s is full", self.sender, full)
             return self.replies.MAILBOX_FULL
         except OSError as exc:
-            log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(self.logins), exc)
+            log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(self.logins + self.remote), exc)
             return self.replies.LOCAL_ERROR
+        finally:
+            if queued is not None:
+                queued.close()
         self.delivered += 1
-        log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
-        return self.replies.ACCEPTED
+        if queued is None:
+            log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
+            return self.replies.ACCEPTED
+        queue_id = os.path.basename(queued.path)
+        log.info("%s: from=<%s> client=%s login=%s, queued for %s%s", queue_id, self.sender, self.peer,
+                 self.login or "-", ", ".join(self.remote),
+                 ", delivered to " + ", ".join(self.logins) if self.logins else "")
+        self.server.queue.wake(queue_id)
+        return self.replies.QUEUED % queue_id
+
+    def _queue(self, spool):
+        """Write the message for the remote recipients into a sealed .tmp queue file (a QueueFile)."""
+        queue_id = new_queue_id()
+        trace = trace_header(self.client_name, self.address[0], self.domain,
+                             trace_protocol(self.replies is Replies, self.tls_active, self.login), queue_id)
+        return self.server.queue.write(queue_id, spool, self.sender, self.remote, self.login, trace, self.utf8)
 
     def do_AUTH(self, argument):
         """Log the client in with SASL (RFC 4954): PLAIN, LOGIN or CRAM-MD5."""
@@ -1915,6 +2015,1069 @@ class SMTPSession(Session):
         if argument[:len(keyword)].upper() != keyword:
             return None
         return parse_path(argument[len(keyword):])
+
+
+# ==========================================================================
+# The outbound queue
+# ==========================================================================
+#
+# With --local-domains, mail for other domains is taken only from a client
+# that has logged in with AUTH or connects from --relay-networks, and waits
+# in ROOT/.queue until a runner thread has sent it on (Delivery to other
+# servers, below).
+#
+# Files.  One file per message, named by its queue id:
+#
+#   ROOT/.queue/<id>        the envelope, a blank line, then the message
+#   ROOT/.queue/<id>.tmp    a queue file being written; renamed to <id>
+#   ROOT/.queue/<id>.lock   the message's lock (below)
+#   ROOT/.queue/.flush      touched by --flush: every runner on the root retries all
+#
+# The envelope is text, a line per field, each "NAME<TAB>VALUE":
+#
+#   mailserver-queue 1                  the format and its version
+#   id        <id>
+#   sender    <address>                 <> for a bounce
+#   arrived   <epoch seconds>
+#   login     <login, or ->             who submitted it with AUTH
+#   needs     <8bit,smtputf8 or ->      what the message asks of the next server
+#   hops      <n>                       its Received: headers, ours included
+#   rcpt      <state> <attempts> <next try> <address> <last reply>   (one per recipient)
+#
+# state is pending, sent or failed.  The message follows the blank line
+# exactly as it goes out: CRLF lines, not dot-stuffed, our Received: first.
+#
+# Durability.  A new queue file is written under its .tmp name and fsync'd
+# before the local mailboxes are appended to; it is renamed into place
+# (and the folder fsync'd) while their delivery locks are still held, so
+# the client's 250 means both are durable, and a failure of either leaves
+# neither.  A change of a recipient's state writes a whole new file under
+# the .tmp name and renames it over the old one: a crash leaves the old
+# state or the new, never half of each.  A .tmp file is locked by its
+# writer (a kernel lock on the file itself) from its creation to its
+# rename, so a server starting on the root removes only those whose
+# writer has died.
+#
+# At least once.  A recipient is marked sent after the remote server's 250:
+# a crash between the two sends it again at the next try.  Nothing is ever
+# lost, at worst a message is sent twice.
+#
+# Several servers may share one root.  A runner sends a message only
+# holding its lock, a kernel lock on <id>.lock taken without waiting: a
+# message is never sent by two runners at once, and a runner that dies
+# lets it go.  The lock file is removed by the holder once the message is
+# gone; whoever then holds a lock file that is no longer at its path, or
+# whose message is gone, lets it go.
+
+QUEUE_NAME = ".queue"
+QUEUE_FORMAT = "mailserver-queue 1"
+QUEUE_ID = re.compile(r"[0-9A-F]{21}\Z")      # see new_queue_id
+TEMP_SUFFIX = ".tmp"
+LOCK_SUFFIX = ".lock"
+FLUSH_NAME = ".flush"
+MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
+MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
+RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
+RETRY_MAX = 4000             # minimal_backoff_time and maximal_backoff_time)
+QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_queue_lifetime)
+RESCAN_INTERVAL = 60         # seconds between looks at the whole queue (other servers' messages)
+FLUSH_POLL = 1.0             # seconds between looks at the --flush trigger
+DEFAULT_RELAY_CONCURRENCY = 4
+DEFAULT_RELAY_NETWORKS = "127.0.0.0/8,::1/128"   # this machine only, like Postfix's mynetworks_style = host
+
+_queue_serials = itertools.count(int.from_bytes(os.urandom(2), "big"))
+
+
+def new_queue_id():
+    """A new queue id, unique among the servers of one root: milliseconds, pid, a counter, in hex.
+
+    Names in the order messages arrived, and safe in a path and a log line.
+    """
+    return "%011X%06X%04X" % (int(time.time() * 1000) & (16 ** 11 - 1), os.getpid() & (16 ** 6 - 1),
+                              next(_queue_serials) & 0xFFFF)
+
+
+def network_list(text):
+    """The networks of a comma-separated --relay-networks (empty: none)."""
+    try:
+        return [ipaddress.ip_network(item.strip(), strict=False) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def in_networks(host, networks):
+    """Whether a client address (text) is in one of networks; an IPv4-mapped IPv6 one counts as IPv4."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+def recipient_domain(address):
+    """The domain of an address in lower case, without a trailing dot; None when it has no '@'."""
+    if "@" not in address:
+        return None
+    domain = address.rpartition("@")[2].lower()
+    return domain[:-1] if domain.endswith(".") else domain
+
+
+def is_remote(address, local_domains):
+    """Whether an address is for another server: --local-domains given and its domain not in them.
+
+    An address literal ([192.0.2.1]) is never local, whatever it names.
+    """
+    domain = recipient_domain(address)
+    if local_domains is None or domain is None:
+        return False
+    return domain.startswith("[") or domain not in local_domains
+
+
+class QueuedRecipient:
+    """One recipient of a queued message: where it stands."""
+
+    __slots__ = ("state", "attempts", "next_try", "address", "reply")
+
+    def __init__(self, address, state="pending", attempts=0, next_try=0.0, reply=""):
+        self.address = address
+        self.state = state           # pending, sent or failed
+        self.attempts = attempts
+        self.next_try = next_try     # epoch seconds
+        self.reply = reply           # the last reply, or why it failed
+
+    def line(self):
+        return "rcpt\t%s\t%d\t%d\t%s\t%s" % (self.state, self.attempts, self.next_try, self.address,
+                                             self.reply or "-")
+
+    @classmethod
+    def parse(cls, value):
+        state, attempts, next_try, address, reply = value.split("\t")
+        if state not in ("pending", "sent", "failed") or not address:
+            raise ValueError("bad recipient")
+        return cls(address, state, int(attempts), float(next_try), "" if reply == "-" else reply)
+
+
+class QueuedMessage:
+    """A queue file's envelope: the message's id, sender, arrival, needs and recipients."""
+
+    def __init__(self, queue_id, sender, recipients, login=None, arrived=None, needs=(), hops=0):
+        self.id = queue_id
+        self.sender = sender
+        self.recipients = recipients  # QueuedRecipients
+        self.login = login
+        self.arrived = time.time() if arrived is None else arrived
+        self.needs = frozenset(needs)   # "8bit", "smtputf8"
+        self.hops = hops
+        self.offset = 0              # where the message starts in the file
+        self.size = 0                # the message's bytes
+
+    def pending(self):
+        """The recipients not sent to, and not failed, yet."""
+        return [r for r in self.recipients if r.state == "pending"]
+
+    def next_try(self):
+        """When the earliest pending recipient is due (epoch seconds), or None when none is pending."""
+        return min((r.next_try for r in self.pending()), default=None)
+
+    def envelope(self):
+        """The envelope as the file holds it, the blank line included."""
+        lines = [QUEUE_FORMAT, "id\t" + self.id, "sender\t<%s>" % self.sender, "arrived\t%.3f" % self.arrived,
+                 "login\t" + (self.login or "-"), "needs\t" + (",".join(sorted(self.needs)) or "-"),
+                 "hops\t%d" % self.hops]
+        lines += [r.line() for r in self.recipients]
+        return ("\n".join(lines) + "\n\n").encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def parse(cls, data):
+        """The envelope of a file's first bytes (up to the blank line, excluded); ValueError if malformed."""
+        lines = data.decode("utf-8", "surrogateescape").split("\n")
+        if lines[0] != QUEUE_FORMAT:
+            raise ValueError("not a queue file of this format")
+        fields, recipients = {}, []
+        for line in lines[1:]:
+            name, _, value = line.partition("\t")
+            if name == "rcpt":
+                recipients.append(QueuedRecipient.parse(value))
+            elif name in ("id", "sender", "arrived", "login", "needs", "hops") and name not in fields:
+                fields[name] = value
+            else:
+                raise ValueError("unknown line %r" % line[:40])
+        sender = fields["sender"]
+        if not (sender.startswith("<") and sender.endswith(">")) or not recipients:
+            raise ValueError("bad sender or no recipient")
+        needs = fields["needs"]
+        return cls(fields["id"], sender[1:-1], recipients, None if fields["login"] == "-" else fields["login"],
+                   float(fields["arrived"]), () if needs == "-" else needs.split(","), int(fields["hops"]))
+
+
+def read_queued(path):
+    """The envelope of the queue file at path, with its offset and size (OSError, ValueError)."""
+    fd, st = open_regular(path, os.O_RDONLY)
+    try:
+        data = b""
+        while True:
+            end = data.find(b"\n\n")
+            if end >= 0:
+                break
+            chunk = os.read(fd, 8192)
+            if not chunk or len(data) > MAX_ENVELOPE:
+                raise ValueError("no envelope end")
+            data += chunk
+    finally:
+        os.close(fd)
+    entry = QueuedMessage.parse(data[:end])
+    entry.offset = end + 2
+    entry.size = st.st_size - entry.offset
+    return entry
+
+
+class QueueFile:
+    """A queue file being written under its .tmp name, locked until it is renamed into place or dropped."""
+
+    def __init__(self, folder, queue_id):
+        self.folder = folder
+        self.path = os.path.join(folder, queue_id)
+        self.temp = self.path + TEMP_SUFFIX
+        fd, _ = open_regular(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            _lock_fd(fd, False)      # a server starting meanwhile must not take it for debris
+        except BaseException:
+            os.close(fd)
+            remove_file(self.temp)
+            raise
+        self.file = os.fdopen(fd, "wb", COPY_CHUNK)
+        self.published = False
+
+    def write(self, data):
+        self.file.write(data)
+
+    def copy_from(self, path, offset):
+        """Add the bytes of the file at path from offset on, a chunk at a time."""
+        fd, _ = open_regular(path, os.O_RDONLY)
+        with open(fd, "rb", 0) as source:
+            source.seek(offset)
+            while True:
+                chunk = source.read(COPY_CHUNK)
+                if not chunk:
+                    return
+                self.file.write(chunk)
+
+    def seal(self):
+        """Make what was written durable (still under the .tmp name)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def publish(self):
+        """Rename the sealed file into place and make the rename durable: deliver()'s commit hook."""
+        os.replace(self.temp, self.path)
+        self.published = True
+        fsync_directory(self.folder)
+
+    def close(self):
+        """Give the file up; one never published is removed."""
+        if not self.published:
+            remove_file(self.temp)
+        self.file.close()
+
+
+def prepare_queue(root):
+    """The path of ROOT/.queue (made private if absent), emptied of the .tmp files of dead writers."""
+    path = os.path.join(root, QUEUE_NAME)
+    os.makedirs(path, 0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", path)
+    for name in os.listdir(path):
+        if name.endswith(TEMP_SUFFIX):
+            remove_orphan(os.path.join(path, name))
+    return path
+
+
+def remove_orphan(path):
+    """Remove a .tmp queue file unless its writer, still alive, holds its lock."""
+    try:
+        fd, _ = open_regular(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if _lock_fd(fd, False):
+            remove_file(path)
+            log.info("removed %s, left half-written by a server that stopped", path)
+    finally:
+        os.close(fd)
+
+
+def outgoing_chunks(spool):
+    """The stored body of a spool (LF lines, dot-stuffed) as it goes out, in chunks: CRLF, unstuffed."""
+    if spool.file is None:
+        chunks = [spool.body()]
+    else:
+        spool.file.seek(0)
+        chunks = iter(lambda: spool.file.read(COPY_CHUNK), b"")
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk
+        whole = data.rfind(b"\n") + 1       # whole lines only: a chunk may end inside one
+        carry = data[whole:]
+        if whole:
+            yield outgoing_lines(data[:whole])
+    if carry:
+        yield outgoing_lines(carry + b"\n")
+
+
+def outgoing_lines(stored):
+    """Whole stored lines (LF, dot-stuffed) as they go out: CRLF, the stuffing dots taken away."""
+    data = stored.replace(b"\n.", b"\n")
+    if data.startswith(b"."):
+        data = data[1:]
+    return data.replace(b"\n", b"\r\n")
+
+
+def dot_stuffed_chunks(file, offset):
+    """A queued message (CRLF, not stuffed) read from offset, a chunk at a time, dot-stuffed for DATA."""
+    file.seek(offset)
+    carry = b""
+    while True:
+        chunk = file.read(COPY_CHUNK)
+        data = carry + chunk
+        whole = data.rfind(b"\n") + 1 if chunk else len(data)   # each piece starts at a line start
+        carry = data[whole:]
+        piece = data[:whole].replace(b"\n.", b"\n..")
+        if piece.startswith(b"."):
+            piece = b"." + piece
+        if piece:
+            yield piece
+        if not chunk:
+            return
+
+
+def spool_is_ascii(spool):
+    """Whether a spooled body is all 7-bit."""
+    if spool.file is None:
+        return spool.body().isascii()
+    spool.file.seek(0)
+    return all(chunk.isascii() for chunk in iter(lambda: spool.file.read(COPY_CHUNK), b""))
+
+
+def header_facts(spool):
+    """(names of the header fields present, in lower case; Received: count; header block is ASCII)."""
+    count, _ = header_block(spool.lines())
+    names, received, ascii_only = set(), 0, True
+    for line in itertools.islice(spool.lines(), count):
+        ascii_only = ascii_only and line.isascii()
+        if line[:1] not in (b" ", b"\t"):
+            name = line.partition(b":")[0].strip().lower()
+            names.add(name)
+            received += name == b"received"
+    return names, received, ascii_only
+
+
+def trace_header(client_name, client_ip, domain, protocol, queue_id):
+    """Our Received: field (RFC 5321 4.4), folded, with its CRLF."""
+    name = printable(client_name or "unknown").replace("(", "").replace(")", "")
+    return ("Received: from %s ([%s])\r\n\tby %s with %s id %s;\r\n\t%s\r\n"
+            % (name, client_ip, domain, protocol, queue_id,
+               email.utils.formatdate(localtime=True))).encode("utf-8", "surrogateescape")
+
+
+def trace_protocol(esmtp, tls, auth):
+    """The 'with' word of Received: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA (RFC 3848)."""
+    if not esmtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
+
+
+def submission_headers(names, domain):
+    """Date: and Message-ID: for a submitted message that lacks them (RFC 6409 8.2, 8.3), with CRLFs."""
+    added = b""
+    if b"date" not in names:
+        added += b"Date: " + email.utils.formatdate(localtime=True).encode("ascii") + b"\r\n"
+    if b"message-id" not in names:
+        added += b"Message-ID: " + email.utils.make_msgid(domain=domain).encode("ascii") + b"\r\n"
+    return added
+
+
+def write_queued(folder, entry, head, chunks):
+    """Write a new queue file (envelope, head bytes, then the message's chunks) under its .tmp name, sealed.
+
+    Returns the QueueFile, to be published (renamed) or closed by the caller.
+    """
+    queued = QueueFile(folder, entry.id)
+    try:
+        queued.write(entry.envelope())
+        queued.write(head)
+        for chunk in chunks:
+            queued.write(chunk)
+        queued.seal()
+    except BaseException:
+        queued.close()
+        raise
+    return queued
+
+
+def rewrite_queued(folder, entry, path):
+    """Record new recipient states: a new file (the envelope, the message copied) renamed over the old."""
+    offset = entry.offset
+    queued = QueueFile(folder, entry.id)
+    try:
+        queued.write(entry.envelope())
+        queued.copy_from(path, offset)
+        queued.seal()
+        queued.publish()
+    finally:
+        queued.close()
+    entry.offset = len(entry.envelope())
+
+
+class MessageLock:
+    """A queued message's lock: its .lock file, kernel-locked without waiting (see The outbound queue)."""
+
+    def __init__(self, path):
+        self.path = path + LOCK_SUFFIX
+        self.fd = None
+
+    def acquire(self):
+        """Take the lock; False if another runner (of any process) holds it."""
+        try:
+            fd, st = open_regular(self.path, os.O_RDWR | os.O_CREAT)
+        except OSError:
+            return False
+        try:
+            if _lock_fd(fd, False):
+                now = os.stat(self.path)     # the file is still the lock: its holder did not remove it
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    self.fd = fd
+                    return True
+        except OSError:
+            pass
+        os.close(fd)
+        return False
+
+    def release(self, remove=False):
+        """Give the lock up; remove its file first when the message is gone."""
+        if remove:
+            remove_file(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+def backoff(attempts, base):
+    """Seconds to wait after the attempts-th failed try: base, doubling, at most RETRY_MAX."""
+    return min(RETRY_MAX, base * 2 ** min(attempts - 1, 32))
+
+
+# ==========================================================================
+# DNS (a stand-in until the resolver is pasted here)
+# ==========================================================================
+
+DNS_PORT = 53
+DNS_BAD_LITERAL = "invalid address literal"
+DNS_NULL_MX = "null MX: the domain accepts no mail (RFC 7505)"
+
+
+class DNSError(Exception):
+    """A failed lookup; temporary says whether trying later may help."""
+
+    def __init__(self, reason, name="", temporary=True):
+        super().__init__("%s: %s" % (name, reason) if name else reason)
+        self.reason = reason
+        self.name = name
+        self.temporary = temporary
+
+
+class Resolver:
+    def __init__(self, servers=None, timeout=5.0):
+        self.servers = servers
+
+
+def mail_exchangers(resolver, domain):
+    raise DNSError("no resolver yet", domain)
+
+
+class OutboundQueue:
+    """One server's outbound queue: new messages written in, runner threads sending them out.
+
+    --relay-concurrency runners each take one message at a time: a message
+    just queued at once (it is handed over in memory), the others from a
+    look at the whole folder, one name at a time, when one is due (the
+    earliest next try any runner has seen), every RESCAN_INTERVAL (messages
+    of other servers on the root) or when --flush has touched ROOT/.queue/.flush.
+    """
+
+    def __init__(self, server, args):
+        self.server = server
+        self.folder = prepare_queue(server.users.root)
+        self.concurrency = args.relay_concurrency
+        self.lifetime = args.queue_lifetime
+        self.retry_base = args.retry_base
+        self.relay = Relay(args, server.domain)
+        self.flush_path = os.path.join(self.folder, FLUSH_NAME)
+        self.flush_seen = flush_stamp(self.flush_path)
+        self.flush_checked = 0.0
+        self.changed = threading.Condition()
+        self.fresh = collections.deque()     # ids of messages just queued by this server
+        self.scan = None             # the folder listing being gone through, if any
+        self.scan_forced = False     # it is a --flush: everything is due
+        self.next_scan = 0.0         # epoch seconds: at start, at once
+        self.stopping = False
+
+    # -- messages in
+
+    def write(self, queue_id, spool, sender, recipients, login, trace, utf8):
+        """Write a received message for recipients into a sealed .tmp queue file (see QueueFile)."""
+        names, hops, ascii_headers = header_facts(spool)
+        head = trace + (submission_headers(names, self.server.domain) if login else b"")
+        needs = set() if spool_is_ascii(spool) else {"8bit"}
+        if utf8 and not (ascii_headers and sender.isascii() and all(r.isascii() for r in recipients)):
+            needs.add("smtputf8")
+        entry = QueuedMessage(queue_id, sender, [QueuedRecipient(r) for r in recipients], login,
+                              needs=needs, hops=hops + 1)
+        return write_queued(self.folder, entry, head, outgoing_chunks(spool))
+
+    def queue_message(self, sender, recipient, message):
+        """Queue a message we made (a bounce: bytes, CRLF lines) for one recipient; return its id."""
+        entry = QueuedMessage(new_queue_id(), sender, [QueuedRecipient(recipient)],
+                              needs=() if message.isascii() else ("8bit",))
+        queued = write_queued(self.folder, entry, b"", [message])
+        try:
+            queued.publish()
+        finally:
+            queued.close()
+        self.wake(entry.id)
+        return entry.id
+
+    def wake(self, queue_id):
+        """Hand a message just queued to a runner, to be tried at once."""
+        with self.changed:
+            self.fresh.append(queue_id)
+            self.changed.notify()
+
+    # -- the runners
+
+    def start(self):
+        """Start the runner threads."""
+        for _ in range(self.concurrency):
+            threading.Thread(target=self._run, name="queue runner", daemon=True).start()
+
+    def stop(self):
+        """Make the runners take no more work (an attempt under way is cut by the exit: at least once)."""
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+
+    def _run(self):
+        leave_signals_to_main_thread()
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            try:
+                self.attempt(*job)
+            except Exception:
+                log.exception("%s: delivery attempt failed", job[0])
+
+    def _next_job(self):
+        """The next (queue id, forced) to try, waiting until there is one; None once stopping."""
+        with self.changed:
+            while not self.stopping:
+                if self.fresh:
+                    return self.fresh.popleft(), False
+                if self.scan is not None:
+                    for item in self.scan:
+                        if QUEUE_ID.match(item.name):
+                            return item.name, self.scan_forced
+                    self.scan.close()
+                    self.scan = None
+                now = time.time()
+                flushed = self._flushed(now)
+                if flushed or now >= self.next_scan:
+                    self._start_scan(now, flushed)
+                else:
+                    self.changed.wait(min(FLUSH_POLL, self.next_scan - now))
+            return None
+
+    def _flushed(self, now):
+        """Whether --flush has touched the trigger since we last looked (at most once per FLUSH_POLL)."""
+        if now - self.flush_checked < FLUSH_POLL:
+            return False
+        self.flush_checked = now
+        stamp = flush_stamp(self.flush_path)
+        if stamp == self.flush_seen:
+            return False
+        self.flush_seen = stamp
+        log.info("flush requested: trying every queued message now")
+        return True
+
+    def _start_scan(self, now, forced):
+        self.next_scan = now + RESCAN_INTERVAL
+        try:
+            self.scan = os.scandir(self.folder)
+        except OSError as exc:
+            log.error("cannot list the queue %s: %s", self.folder, exc)
+            return
+        self.scan_forced = forced
+
+    def due_at(self, when):
+        """A message will be due at when (epoch seconds): look at the queue then at the latest."""
+        with self.changed:
+            if when < self.next_scan:
+                self.next_scan = when
+                self.changed.notify()
+
+    # -- one attempt at one message
+
+    def attempt(self, queue_id, forced):
+        """Try the due recipients of one message, unless another runner holds it."""
+        path = os.path.join(self.folder, queue_id)
+        lock = MessageLock(path)
+        if not lock.acquire():
+            return
+        gone = False
+        try:
+            try:
+                entry = read_queued(path)
+            except FileNotFoundError:
+                gone = True
+                return
+            except (OSError, ValueError) as exc:
+                gone = self._set_aside(path, exc)
+                return
+            gone = self._attempt(entry, path, forced)
+        finally:
+            lock.release(remove=gone)
+
+    def _attempt(self, entry, path, forced):
+        """Send to the due recipients, record what happened; True once the message is done and removed."""
+        now = time.time()
+        due = [r for r in entry.pending() if forced or r.next_try <= now]
+        if not due:
+            self.due_at(entry.next_try())
+            return False
+        outcomes = self.relay.send_message(entry, path, due)
+        failed = self._record(entry, due, outcomes)
+        if failed and not self._bounce(entry, path, failed):
+            for recipient, _ in failed:       # tried again later, and bounced then
+                recipient.state = "pending"
+                recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
+        if not entry.pending():
+            remove_file(path)
+            fsync_directory(self.folder)
+            log.info("%s: removed", entry.id)
+            return True
+        rewrite_queued(self.folder, entry, path)
+        self.due_at(entry.next_try())
+        return False
+
+    def _record(self, entry, due, outcomes):
+        """Set each tried recipient's new state and log it; return [(recipient, outcome)] of the failed."""
+        now = time.time()
+        expires = entry.arrived + self.lifetime
+        failed = []
+        for recipient in due:
+            outcome = outcomes[recipient.address]
+            recipient.attempts += 1
+            if outcome.status == "deferred" and now >= expires:
+                outcome = outcome.expired()
+            recipient.reply = outcome.reply
+            if outcome.status == "sent":
+                recipient.state = "sent"
+            elif outcome.status == "bounced":
+                recipient.state = "failed"
+                failed.append((recipient, outcome))
+            else:
+                recipient.next_try = min(now + backoff(recipient.attempts, self.retry_base), expires)
+            log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, recipient.address,
+                     outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
+        return failed
+
+    def _set_aside(self, path, exc):
+        """Move a queue file we cannot read out of the way (never deleted: an admin may look); True if moved."""
+        log.critical("%s cannot be read (%s): moved to %s.bad", path, exc, path)
+        try:
+            os.replace(path, path + ".bad")
+            return True
+        except OSError:
+            return False
+
+    def _bounce(self, entry, path, failed):
+        """Tell the sender what failed (never for <>); False when that could not be done now."""
+        if not entry.sender:
+            log.info("%s: a bounce (from <>) failed; dropped", entry.id)
+            return True
+        try:
+            report = delivery_status_notification(entry, path, failed, self.server.domain)
+            return self._send_bounce(entry, report)
+        except (OSError, ValueError) as exc:
+            log.error("%s: cannot bounce to <%s>: %s", entry.id, entry.sender, exc)
+            return False
+
+    def _send_bounce(self, entry, report):
+        """Put a bounce into the sender's mailbox when the sender is a user here, else into the queue."""
+        local_domains = self.server.local_domains
+        if not is_remote(entry.sender, local_domains):
+            login = self.server.local_login(local_part(entry.sender))
+            if login is None:
+                log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
+                return True
+            deliver(stored_message(stored_form(report), b"MAILER-DAEMON@" + self.server.domain.encode("utf-8"),
+                                   [entry.sender.encode("utf-8", "surrogateescape")], received_stamp()),
+                    [self.server.users.mailbox_path(login)])
+            log.info("%s: bounce delivered to %s", entry.id, login)
+            return True
+        bounce_id = self.queue_message("", entry.sender, report)
+        log.info("%s: bounce queued as %s", entry.id, bounce_id)
+        return True
+
+
+def flush_stamp(path):
+    """What tells one touch of the --flush trigger from the next (None while it is absent)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino, st.st_size
+
+
+def request_flush(folder):
+    """Touch ROOT/.queue/.flush: every runner on the root sees it within FLUSH_POLL and tries everything."""
+    fd, _ = open_regular(os.path.join(folder, FLUSH_NAME), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        write_all(fd, ("%d %.6f\n" % (os.getpid(), time.time())).encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def queue_listing(folder, out):
+    """Print what is queued, as mailq does: each message, then its pending recipients and why they wait."""
+    try:
+        names = sorted(name for name in os.listdir(folder) if QUEUE_ID.match(name))
+    except FileNotFoundError:
+        names = []
+    total = count = 0
+    for name in names:
+        try:
+            entry = read_queued(os.path.join(folder, name))
+        except (OSError, ValueError):
+            continue                 # sent and removed meanwhile, or unreadable (the server logs it)
+        if count == 0:
+            out.write("%-21s %9s %-24s %s\n" % ("-Queue ID-", "--Size--", "----Arrival Time----",
+                                                "-Sender/Recipient-"))
+        count += 1
+        total += entry.size
+        out.write("%-21s %9d %-24s %s\n" % (entry.id, entry.size, time.ctime(entry.arrived),
+                                            entry.sender or "MAILER-DAEMON"))
+        for recipient in entry.pending():
+            out.write("%57s(%s; next try %s)\n" % ("", recipient.reply or "not tried yet",
+                                                    time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                  time.localtime(recipient.next_try))))
+            out.write("%57s%s\n" % ("", recipient.address))
+    if count == 0:
+        out.write("Mail queue is empty\n")
+    else:
+        out.write("-- %d Kbytes in %d Request%s.\n" % ((total + 1023) // 1024, count, "s" * (count != 1)))
+
+
+# ==========================================================================
+# Delivery to other servers
+# ==========================================================================
+#
+# A runner sends a message's due recipients with smtplib: through the
+# smarthost (--relay-host) when there is one, else to each domain's mail
+# exchangers (RFC 5321 5.1) found by the resolver above, one connection per
+# destination for all of its recipients.  The smarthost gets TLS with a
+# checked certificate (STARTTLS, or --relay-implicit-tls) and our AUTH
+# login; a mail exchanger gets STARTTLS when it offers it, without a
+# certificate check (RFC 7435: encryption against eavesdroppers, better
+# than none), and the message in clear when TLS fails.
+
+SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
+SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
+SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
+RELAY_TIMEOUT = 300          # seconds a remote server may stay silent (RFC 5321 4.5.3.2: 5 to 10 minutes)
+MAX_RECEIVED = 50            # Received: headers a message may carry (Postfix's hopcount_limit); more is a loop
+REPLY_CODE = re.compile(r"\d{3} ([245]\.\d{1,3}\.\d{1,3})\b")   # an RFC 3463 code after a reply code
+
+
+class Outcome:
+    """What happened to one recipient in one attempt: sent, deferred or bounced, and the reply why."""
+
+    def __init__(self, status, reply, relay="none", remote=None):
+        self.status = status         # sent, deferred, bounced
+        self.reply = reply[:MAX_REPLY_TEXT]   # "CODE [d.d.d] text": the remote's, or ours in its form
+        self.relay = relay           # host[ip]:port as the log shows it
+        self.remote = remote         # the remote server's name when the reply is its own
+
+    @classmethod
+    def of_reply(cls, code, text, relay, remote):
+        """The outcome of a remote server's reply (code, text bytes)."""
+        words = " ".join(text.decode("utf-8", "replace").split())
+        status = "sent" if 200 <= code < 300 else "bounced" if 500 <= code < 600 else "deferred"
+        return cls(status, printable("%d %s" % (code, words)), relay, remote)
+
+    def expired(self):
+        """This deferral, past --queue-lifetime: a failure with the last reply (RFC 3463 4.4.7)."""
+        return Outcome("bounced", self.reply + " (delivery time expired)", self.relay, self.remote)
+
+    def dsn_status(self):
+        """The RFC 3463 status of this failure for a bounce."""
+        if self.reply.endswith("(delivery time expired)"):
+            return "4.4.7"
+        found = REPLY_CODE.match(self.reply)
+        return found.group(1) if found else ("5.0.0" if self.reply.startswith("5") else "4.0.0")
+
+
+def host_and_port(text, default):
+    """(host, port) of 'HOST', 'HOST:PORT', '[IPv6]' or '[IPv6]:PORT' (ValueError if malformed)."""
+    host, port = text, default
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(text)
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+        port = int(port)
+    if not host or not 0 < port < 65536:
+        raise ValueError(text)
+    return host, port
+
+
+def read_relay_credentials(path):
+    """The (login, password) of a --relay-auth file: one line 'LOGIN PASSWORD' (ValueError, OSError)."""
+    with open(path, "rb") as f:
+        lines = [line.strip() for line in f.read().decode("utf-8").splitlines()
+                 if line.strip() and not line.startswith("#")]
+    if len(lines) != 1 or len(lines[0].split(None, 1)) != 2:
+        raise ValueError("%s must hold one line: LOGIN PASSWORD" % path)
+    login, password = lines[0].split(None, 1)
+    return login, password
+
+
+class Relay:
+    """How a runner reaches other servers: the smarthost, or the mail exchangers of each domain."""
+
+    def __init__(self, args, domain):
+        self.domain = domain
+        self.host = args.relay_host                  # (host, port), or None
+        self.implicit_tls = args.relay_implicit_tls
+        self.credentials = args.relay_credentials    # (login, password), or None; never logged
+        self.timeout = args.relay_timeout
+        self.mx_port = args.mx_port
+        self.dns_servers = args.dns_server
+        self.verified = ssl.create_default_context(cafile=args.relay_cafile)
+        self.opportunistic = ssl.create_default_context()
+        self.opportunistic.check_hostname = False
+        self.opportunistic.verify_mode = ssl.CERT_NONE
+        self._resolver = None
+
+    def destination(self, address):
+        """Where a recipient's mail goes: '' (the smarthost), or its domain."""
+        return "" if self.host else recipient_domain(address)
+
+    def routes(self, destination):
+        """The servers to try for a destination, in order: [(name, [addresses], port)] (DNSError)."""
+        if self.host:
+            return [(self.host[0], [self.host[0]], self.host[1])]
+        if destination.startswith("["):               # an address literal (RFC 5321 4.1.3)
+            literal = destination[1:-1]
+            literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
+            try:
+                return [(destination, [str(ipaddress.ip_address(literal))], self.mx_port)]
+            except ValueError:
+                raise DNSError(DNS_BAD_LITERAL, destination, temporary=False)
+        if self._resolver is None:
+            self._resolver = Resolver(self.dns_servers)
+        return [(name, addresses, self.mx_port) for name, addresses in mail_exchangers(self._resolver, destination)]
+
+    def send_message(self, entry, path, recipients):
+        """Send a queued message to its due recipients; {address: Outcome}."""
+        if entry.hops > MAX_RECEIVED:
+            reply = "554 5.4.6 mail loop: %d Received: headers" % entry.hops
+            return {r.address: Outcome("bounced", reply) for r in recipients}
+        groups = {}
+        for recipient in recipients:
+            groups.setdefault(self.destination(recipient.address), []).append(recipient.address)
+        outcomes = {}
+        fd, _ = open_regular(path, os.O_RDONLY)
+        with open(fd, "rb") as file:
+            for destination, addresses in groups.items():
+                outcomes.update(self.send_to(entry, file, destination, addresses))
+        return outcomes
+
+    def send_to(self, entry, file, destination, addresses):
+        """Send to one destination's recipients: each server in turn until one answers; {address: Outcome}."""
+        try:
+            routes = self.routes(destination)
+        except DNSError as exc:
+            reply = ("451 4.4.3 " if exc.temporary else
+                     "556 5.1.10 " if exc.reason == DNS_NULL_MX else "550 5.1.2 ") + str(exc)
+            return dict.fromkeys(addresses, Outcome("deferred" if exc.temporary else "bounced", reply))
+        last = Outcome("deferred", "451 4.4.4 no server to try for %s" % destination)
+        for name, servers, port in routes:
+            for server in servers:
+                result = self.session(entry, file, name, server, port, addresses, True)
+                if result == "no tls":                 # RFC 7435: in clear rather than not at all
+                    result = self.session(entry, file, name, server, port, addresses, False)
+                if isinstance(result, dict):
+                    return result
+                last = result
+        return dict.fromkeys(addresses, last)
+
+    def session(self, entry, file, name, server, port, addresses, tls):
+        """One SMTP session: {address: Outcome}, an Outcome when the next server should be tried,
+        or "no tls" when an opportunistic TLS handshake failed."""
+        relay = "%s[%s]:%d" % (name, server, port)
+        smtp = (smtplib.SMTP_SSL(local_hostname=self.domain, timeout=self.timeout, context=self.verified)
+                if self.host and self.implicit_tls else
+                smtplib.SMTP(local_hostname=self.domain, timeout=self.timeout))
+        try:
+            code, text = smtp.connect(server, port)
+            relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
+            if code != 220:
+                return Outcome.of_reply(code, text, relay, name)
+            result = self.converse(smtp, entry, file, relay, name, addresses, tls)
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                smtp.quit()
+            return result
+        except ssl.SSLError as exc:
+            if not self.host and tls:
+                log.info("%s: TLS with %s failed (%s): sending in clear", entry.id, relay, exc)
+                return "no tls"
+            return Outcome("deferred", "451 4.7.5 TLS with %s failed: %s" % (relay, exc), relay)
+        except (OSError, smtplib.SMTPException) as exc:
+            return Outcome("deferred", "451 4.4.1 conversation with %s failed: %s" % (relay, exc or
+                                                                                   type(exc).__name__), relay)
+        finally:
+            smtp.close()
+
+    def converse(self, smtp, entry, file, relay, name, addresses, tls):
+        """Greet, secure, log in, then the transaction (see session)."""
+        code, text = smtp.ehlo()
+        if code != 250:
+            code, text = smtp.helo()
+            if code != 250:
+                return Outcome.of_reply(code, text, relay, name)
+        if self.host and not self.implicit_tls or not self.host and tls and smtp.has_extn("starttls"):
+            if not smtp.has_extn("starttls"):
+                return Outcome("deferred", "451 4.7.4 the relay host %s offers no STARTTLS" % relay, relay)
+            smtp.starttls(context=self.verified if self.host else self.opportunistic)
+            smtp.ehlo()
+        if self.credentials:
+            try:
+                smtp.login(*self.credentials)
+            except smtplib.SMTPAuthenticationError as exc:
+                return Outcome("deferred", "451 4.7.0 the relay host %s refused our login: %d %s"
+                               % (relay, exc.smtp_code, exc.smtp_error.decode("utf-8", "replace")), relay)
+        refusal = self.refusal(smtp, entry)
+        if refusal:
+            return dict.fromkeys(addresses, Outcome("bounced", refusal, relay))
+        return self.transaction(smtp, entry, file, relay, name, addresses)
+
+    def refusal(self, smtp, entry):
+        """Why this server cannot take the message at all (our reply text), or None."""
+        if "smtputf8" in entry.needs and not smtp.has_extn("smtputf8"):
+            return "553 5.6.7 the next server does not support SMTPUTF8 (RFC 6531 3.2)"
+        limit = smtp.esmtp_features.get("size", "").strip()
+        if limit.isdigit() and 0 < int(limit) < entry.size:
+            return "552 5.3.4 message size %d exceeds the next server's limit %s" % (entry.size, limit)
+        return None
+
+    def transaction(self, smtp, entry, file, relay, name, addresses):
+        """MAIL, a RCPT per recipient, DATA with the message streamed; {address: Outcome}."""
+        options = ""
+        if smtp.has_extn("size"):
+            options += " SIZE=%d" % entry.size
+        if "8bit" in entry.needs and smtp.has_extn("8bitmime"):
+            options += " BODY=8BITMIME"
+        if "smtputf8" in entry.needs:
+            options += " SMTPUTF8"
+            smtp.command_encoding = "utf-8"
+        code, text = smtp.docmd("MAIL", "FROM:<%s>%s" % (entry.sender, options))
+        if code != 250:
+            return dict.fromkeys(addresses, Outcome.of_reply(code, text, relay, name))
+        outcomes, accepted = {}, []
+        for address in addresses:
+            code, text = smtp.docmd("RCPT", "TO:<%s>" % address)
+            if code in (250, 251):
+                accepted.append(address)
+            else:
+                outcomes[address] = Outcome.of_reply(code, text, relay, name)
+        if accepted:
+            code, text = smtp.docmd("DATA")
+            if code == 354:
+                for piece in dot_stuffed_chunks(file, entry.offset):
+                    smtp.send(piece)
+                smtp.send(b".\r\n")
+                code, text = smtp.getreply()
+            outcomes.update(dict.fromkeys(accepted, Outcome.of_reply(code, text, relay, name)))
+        return outcomes
+
+
+# ==========================================================================
+# Bounces
+# ==========================================================================
+#
+# A recipient that fails for good, or whose time in the queue runs out,
+# makes a delivery status notification (RFC 3464) from <> to the sender:
+# into the sender's mailbox when the sender is a user here, else through
+# the queue.  Mail from <> is never bounced (RFC 5321 4.5.5), so two
+# servers can never bounce a message to each other for ever.
+
+MAX_BOUNCED_HEADERS = 64 * 1024   # bytes of the original header block a bounce carries back
+
+
+def delivery_status_notification(entry, path, failed, domain):
+    """The bounce of the failed [(QueuedRecipient, Outcome)] of a queued message: bytes, CRLF lines."""
+    boundary = "%s/%s" % (entry.id, domain)
+    reasons = "".join("<%s>: %s\r\n" % (r.address, o.reply) for r, o in failed)
+    readable = ("This is the mail system at %s.\r\n\r\nYour message could not be delivered to the "
+                "recipients below, and will not be tried again:\r\n\r\n%s\r\nThe headers of your "
+                "message follow this report.\r\n" % (domain, reasons))
+    status = ["Reporting-MTA: dns; %s" % domain,
+              "Arrival-Date: %s" % email.utils.formatdate(entry.arrived, localtime=True)]
+    for recipient, outcome in failed:
+        status += ["", "Final-Recipient: rfc822; %s" % recipient.address, "Action: failed",
+                   "Status: %s" % outcome.dsn_status()]
+        if outcome.remote:
+            status += ["Remote-MTA: dns; %s" % outcome.remote, "Diagnostic-Code: smtp; %s" % outcome.reply]
+    head = "\r\n".join([
+        "From: Mail Delivery System <MAILER-DAEMON@%s>" % domain,
+        "To: <%s>" % entry.sender,
+        "Subject: Undelivered mail: %s" % ("your message of %s" % time.ctime(entry.arrived)),
+        "Date: %s" % email.utils.formatdate(localtime=True),
+        "Message-ID: %s" % email.utils.make_msgid(domain=domain),
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="%s"' % boundary,
+        "", "This is a MIME-formatted delivery report.", "",
+        "--" + boundary, "Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: 8bit", "",
+        readable + "--" + boundary, "Content-Type: message/delivery-status", "",
+        "\r\n".join(status), "", "--" + boundary, "Content-Type: text/rfc822-headers", "", ""])
+    return (head.encode("utf-8", "surrogateescape") + original_headers(path, entry.offset)
+            + ("\r\n--%s--\r\n" % boundary).encode("ascii"))
+
+
+def original_headers(path, offset):
+    """The header block of a queued message (at most MAX_BOUNCED_HEADERS of it), CRLF lines."""
+    fd, _ = open_regular(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, MAX_BOUNCED_HEADERS)
+    finally:
+        os.close(fd)
+    lines = data.split(b"\r\n")[:-1]       # whole lines only
+    count, _ = header_block(lines)
+    return b"".join(line + b"\r\n" for line in lines[:count])
+
+
+def stored_form(message):
+    """A message we made (CRLF lines) as the mailbox stores a body: LF lines, dot-stuffed."""
+    lines = message.split(b"\r\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\n" for line in lines)
 
 
 # --------------------------------------------------------------------------
@@ -2146,7 +3309,7 @@ class Server:
             return self.refuse(sock, peer, client, self.BUSY_CLIENT,
                                "%d connections open from %s" % (self.slots.per_client, client))
         try:
-            start_thread(self.serve, sock, peer, client)
+            start_thread(self.serve, sock, address, client)
         except RuntimeError as exc:               # the system cannot make more threads
             self.slots.give_back(client)
             self.refuse(sock, peer, client, self.BUSY, str(exc))
@@ -2162,14 +3325,14 @@ class Server:
             pass
         sock.close()
 
-    def serve(self, sock, peer, client):
+    def serve(self, sock, address, client):
         """Run one session (in its own thread)."""
         leave_signals_to_main_thread()
         try:
             set_idle_timeout(sock, self.timeout)
-            self.session_class(self, sock, peer).run()
+            self.session_class(self, sock, address).run()
         except Exception:
-            log.exception("session with %s failed", peer)
+            log.exception("session with %s failed", peer_text(address))
             sock.close()
         finally:
             self.slots.give_back(client)
@@ -2272,10 +3435,29 @@ class SMTPServer(Server):
         self.quota = args.quota
         self.require_auth = args.require_auth
         self.local_domains = args.local_domains
+        self.relay_networks = args.relay_networks
         self.postmaster_name = args.postmaster
         self.BUSY = "421 %s Too many connections, try again later" % self.domain
         self.BUSY_CLIENT = "421 4.7.0 %s Too many connections from your address" % self.domain
         self.spool_folder = prepare_spool(self.users.root)
+        # Mail goes out only when some domains are not ours (CONTRACT.md section 7).
+        self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
+
+    def serve_forever(self):
+        if self.queue is not None:
+            self.queue.start()
+        super().serve_forever()
+
+    def shutdown(self, signals):
+        if self.queue is not None:
+            self.queue.stop()
+        super().shutdown(signals)
+
+    def local_login(self, name):
+        """The login mail for a local part goes to (postmaster included), or None."""
+        if name.lower() == POSTMASTER:
+            return self.postmaster()
+        return self.users.canonical(name)
 
     def postmaster(self):
         """The login that mail for postmaster goes to: --postmaster, else the first user."""
@@ -2502,6 +3684,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--hash-password" in argv:
         return hash_password_main(argv)
+    if "--queue" in argv or "--flush" in argv:
+        return queue_main(argv)
     return run_server(SMTPServer, parse_args(argv), "smtp")
 
 
@@ -2522,6 +3706,33 @@ def hash_password_main(argv):
         print("no password hashed: %s" % (str(exc) or "no input"), file=sys.stderr)
         return 1
     print(hash_password(password, args.scheme))
+    return 0
+
+
+def queue_main(argv):
+    """--queue: list the outbound queue of a mail root; --flush: make its servers try everything now."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py --queue | --flush",
+                                     description="List the outbound queue (--queue), or make the servers "
+                                                 "running on the mail root try every queued message now (--flush).")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--queue", action="store_true", help="list the queue, as mailq does")
+    action.add_argument("--flush", action="store_true", help="retry every queued message now")
+    parser.add_argument("--root", default=".", help="the mail root (default: .)")
+    args = parser.parse_args(argv)
+    folder = os.path.join(args.root, QUEUE_NAME)
+    if not os.path.isdir(folder):
+        print("no queue in %s (a server with --local-domains makes it)" % args.root, file=sys.stderr)
+        return 1
+    if args.flush:
+        try:
+            request_flush(folder)
+        except OSError as exc:
+            print("cannot flush the queue: %s" % exc, file=sys.stderr)
+            return 1
+        print("flush requested: the servers on %s try every queued message within %g s"
+              % (args.root, FLUSH_POLL))
+        return 0
+    queue_listing(folder, sys.stdout)
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared test helpers: mail roots, real servers, raw SMTP/POP3 clients, scripted servers, the client runner."""
 
+import base64
 import os
 import re
 import shutil
@@ -793,3 +794,148 @@ class NoTopPOP3Server(FakeServer):
                 return
             else:
                 self.send(conn, "-ERR unknown command")
+
+
+# --------------------------------------------------------------------------
+# Mail for other domains (test_queue.py): a scripted remote SMTP server, queue files, faults
+# --------------------------------------------------------------------------
+
+class RemoteSMTPServer(FakeServer):
+    """A scripted ESMTP server on loopback standing in for another domain's MX or a smarthost.
+
+    Each reply can be set: greeting (None: say nothing, a server that hangs),
+    rcpt (address -> reply, else "250 2.1.5 Ok"), data (the replies to the
+    end of data, one per message, the last one repeated).  tls offers
+    STARTTLS with the test certificate; login ("user", "password") offers
+    AUTH PLAIN and checks it.  What each accepted message was is in
+    messages: dicts of sender, recipients, data (the bytes between DATA and
+    its '.', still dot-stuffed), mail (the MAIL command line), tls (bool).
+    """
+
+    def __init__(self, host="127.0.0.1", port=0, tls=False, login=None, extensions=("8BITMIME", "SMTPUTF8")):
+        self.greeting = "220 remote.test ESMTP"
+        self.rcpt = {}
+        self.data = ["250 2.0.0 Ok: queued"]
+        self.tls = tls
+        self.login = login
+        self.extensions = list(extensions)
+        self.messages = []
+        self.sessions = 0
+        super().__init__(host, port)
+
+    def keywords(self, secure):
+        """What EHLO advertises now."""
+        words = ["SIZE 10485760"] + self.extensions
+        if self.tls and not secure:
+            words.append("STARTTLS")
+        if self.login:
+            words.append("AUTH PLAIN")
+        return words
+
+    def session(self, conn, rfile):
+        """Greet (or hang), then answer EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET, QUIT."""
+        self.sessions += 1
+        if self.greeting is None:
+            while self.readline(rfile) is not None:
+                pass
+            return
+        self.send(conn, self.greeting)
+        state = {"secure": False, "sender": None, "recipients": [], "mail": ""}
+        while True:
+            line = self.readline(rfile)
+            if line is None:
+                return
+            verb = line.split(" ")[0].upper()
+            if verb == "STARTTLS" and self.tls:
+                self.send(conn, "220 2.0.0 go ahead")
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(TLS_CERT, TLS_KEY)
+                conn = context.wrap_socket(conn, server_side=True)
+                rfile = conn.makefile("rb")
+                state["secure"] = True
+            elif verb == "DATA":
+                self.receive_data(conn, rfile, state)
+            elif verb == "QUIT":
+                self.send(conn, "221 2.0.0 Bye")
+                return
+            else:
+                self.send(conn, *self.answer(verb, line, state))
+
+    def answer(self, verb, line, state):
+        """The reply lines to a command other than STARTTLS, DATA and QUIT."""
+        if verb == "EHLO":
+            words = ["remote.test"] + self.keywords(state["secure"])
+            return ["250-" + w for w in words[:-1]] + ["250 " + words[-1]]
+        if verb == "AUTH":
+            expected = "\0%s\0%s" % self.login if self.login else None
+            given = base64.b64decode(line.split()[-1]).decode() if len(line.split()) == 3 else ""
+            return ["235 2.7.0 Ok" if given == expected else "535 5.7.8 bad login"]
+        if verb == "MAIL":
+            state.update(sender=line[10:].partition(">")[0].lstrip("<"), recipients=[], mail=line)
+            return ["250 2.1.0 Ok"]
+        if verb == "RCPT":
+            address = line[8:].partition(">")[0].lstrip("<")
+            reply = self.rcpt.get(address, "250 2.1.5 Ok")
+            if reply.startswith("250"):
+                state["recipients"].append(address)
+            return [reply]
+        if verb in ("RSET", "NOOP", "HELO"):
+            return ["250 2.0.0 Ok"]
+        return ["502 5.5.1 not here"]
+
+    def receive_data(self, conn, rfile, state):
+        """Take a message after DATA; record it when the scripted reply accepts it."""
+        if not state["recipients"]:
+            return self.send(conn, "554 5.5.1 no valid recipients")
+        self.send(conn, "354 go ahead")
+        lines = []
+        while True:
+            raw = rfile.readline()
+            if raw in (b".\r\n", b""):
+                break
+            lines.append(raw)
+        reply = self.data.pop(0) if len(self.data) > 1 else self.data[0]
+        if reply.startswith("250"):
+            self.messages.append({"sender": state["sender"], "recipients": state["recipients"],
+                                  "data": b"".join(lines), "mail": state["mail"], "tls": state["secure"]})
+        self.send(conn, reply)
+
+
+def queue_folder(root):
+    """Where a mail root's outbound queue lives."""
+    return os.path.join(root, ".queue")
+
+
+def queue_files(root, suffix=""):
+    """The names in a root's queue folder that are queue files (suffix "") or end with suffix."""
+    try:
+        names = os.listdir(queue_folder(root))
+    except FileNotFoundError:
+        return []
+    if suffix:
+        return sorted(name for name in names if name.endswith(suffix))
+    return sorted(name for name in names if re.match(r"[0-9A-F]{21}\Z", name))
+
+
+QUEUE_FAULTS = """\
+# Injected by the tests: renaming a file into ROOT/.queue fails once FAULT_QUEUE names a file that exists.
+import errno, os
+_replace, _flag = os.replace, os.environ.get("FAULT_QUEUE")
+def replace(src, dst, *args, **kwargs):
+    if _flag and os.path.exists(_flag) and "/.queue/" in str(dst):
+        os.remove(_flag)
+        raise OSError(errno.EIO, "injected rename failure")
+    return _replace(src, dst, *args, **kwargs)
+os.replace = replace
+"""
+
+
+def failing_queue_env(folder):
+    """An environment for a server whose next rename into its queue fails once folder/fail-queue exists.
+
+    Returns (env, flag path); a sitecustomize module, as failing_fsync_env.
+    """
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(QUEUE_FAULTS)
+    flag = os.path.join(folder, "fail-queue")
+    return dict(os.environ, PYTHONPATH=folder, FAULT_QUEUE=flag), flag

@@ -454,15 +454,20 @@ class SubmissionTest(AuthServerCase):
         self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
         self.assertNotIn(b"never sent", read_mailbox(self.root, "bob"))
 
-    def test_local_domains_only_and_no_subdomains(self):
-        """Other domains, subdomains included, get '550 5.7.1 relaying denied'; listed ones any case."""
+    def test_local_domains_in_any_case_and_other_domains_for_a_logged_in_client(self):
+        """Listed domains in any case are local; others, subdomains and literals included, are taken for the queue.
+
+        (Refusals of clients that may not relay: test_queue.py.)
+        """
         client = self.logged_in()
         client.cmd_expecting("MAIL FROM:<alice@example.org>", 250)
         for address in ("alice@example.org", "alice@EXAMPLE.ORG", "bob@lab.example"):
             self.assertEqual(client.cmd("RCPT TO:<%s>" % address)[0], 250, address)
+        self.assertEqual(client.cmd("RCPT TO:<nobody@example.org>")[1], ["550 5.1.1 No such user"])
         for address in ("alice@sub.example.org", "alice@other.example", "postmaster@other.example",
                         "alice@[127.0.0.1]"):
-            self.assertEqual(client.cmd("RCPT TO:<%s>" % address)[1], ["550 5.7.1 relaying denied"], address)
+            self.assertEqual(client.cmd("RCPT TO:<%s>" % address)[1], ["250 2.1.5 %s... Recipient ok"
+                                                                      % address.partition("@")[0]], address)
 
     def test_postmaster_bare_or_at_a_local_domain_goes_to_the_postmaster_user(self):
         """postmaster and postmaster@<local domain> (any case) are taken and delivered to --postmaster."""
