@@ -2929,28 +2929,33 @@ class Relay:
         """One SMTP session: {address: Outcome}, an Outcome when the next server should be tried,
         or "no tls" when an opportunistic TLS handshake failed."""
         relay = "%s[%s]:%d" % (name, server, port)
-        smtp = (smtplib.SMTP_SSL(local_hostname=self.domain, timeout=self.timeout, context=self.verified)
-                if self.host and self.implicit_tls else
-                smtplib.SMTP(local_hostname=self.domain, timeout=self.timeout))
+        smtp = None
         try:
-            code, text = smtp.connect(server, port)
+            smtp = self.connect(server, port)
             relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
-            if code != 220:
-                return Outcome.of_reply(code, text, relay, name)
             result = self.converse(smtp, entry, file, relay, name, addresses, tls)
             with contextlib.suppress(OSError, smtplib.SMTPException):
                 smtp.quit()
             return result
+        except smtplib.SMTPConnectError as exc:          # a greeting other than 220
+            return Outcome.of_reply(exc.smtp_code, exc.smtp_error, relay, name)
         except ssl.SSLError as exc:
             if not self.host and tls:
                 log.info("%s: TLS with %s failed (%s): sending in clear", entry.id, relay, exc)
                 return "no tls"
             return Outcome("deferred", "451 4.7.5 TLS with %s failed: %s" % (relay, exc), relay)
         except (OSError, smtplib.SMTPException) as exc:
-            return Outcome("deferred", "451 4.4.1 conversation with %s failed: %s" % (relay, exc or
-                                                                                   type(exc).__name__), relay)
+            return Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
+                           % (relay, exc or type(exc).__name__), relay)
         finally:
-            smtp.close()
+            if smtp is not None:
+                smtp.close()
+
+    def connect(self, server, port):
+        """An smtplib client connected to server (its name: the smarthost's certificate must match it)."""
+        if self.host and self.implicit_tls:
+            return smtplib.SMTP_SSL(server, port, self.domain, timeout=self.timeout, context=self.verified)
+        return smtplib.SMTP(server, port, self.domain, timeout=self.timeout)
 
     def converse(self, smtp, entry, file, relay, name, addresses, tls):
         """Greet, secure, log in, then the transaction (see session)."""

@@ -805,7 +805,8 @@ class RemoteSMTPServer(FakeServer):
 
     Each reply can be set: greeting (None: say nothing, a server that hangs),
     rcpt (address -> reply, else "250 2.1.5 Ok"), data (the replies to the
-    end of data, one per message, the last one repeated).  tls offers
+    end of data, one per message, the last one repeated; "hang": no reply
+    until release is set).  tls offers
     STARTTLS with the test certificate; login ("user", "password") offers
     AUTH PLAIN and checks it.  What each accepted message was is in
     messages: dicts of sender, recipients, data (the bytes between DATA and
@@ -821,6 +822,8 @@ class RemoteSMTPServer(FakeServer):
         self.extensions = list(extensions)
         self.messages = []
         self.sessions = 0
+        self.hung = threading.Event()     # a "hang" reply to the end of data has been reached
+        self.release = threading.Event()  # ends that hang (the connection is closed unanswered)
         super().__init__(host, port)
 
     def keywords(self, secure):
@@ -835,12 +838,22 @@ class RemoteSMTPServer(FakeServer):
     def session(self, conn, rfile):
         """Greet (or hang), then answer EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET, QUIT."""
         self.sessions += 1
+        if self.host != "127.0.0.1":      # an extra loopback address: closed with RST, no TIME_WAIT
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if self.greeting is None:
             while self.readline(rfile) is not None:
                 pass
             return
         self.send(conn, self.greeting)
         state = {"secure": False, "sender": None, "recipients": [], "mail": ""}
+        try:
+            self.dialogue(conn, rfile, state)
+        finally:
+            if state["secure"]:           # FakeServer closes the plain socket, not its TLS wrapper
+                state["secure"].close()
+
+    def dialogue(self, conn, rfile, state):
+        """Answer commands until QUIT or EOF."""
         while True:
             line = self.readline(rfile)
             if line is None:
@@ -852,7 +865,7 @@ class RemoteSMTPServer(FakeServer):
                 context.load_cert_chain(TLS_CERT, TLS_KEY)
                 conn = context.wrap_socket(conn, server_side=True)
                 rfile = conn.makefile("rb")
-                state["secure"] = True
+                state["secure"] = conn
             elif verb == "DATA":
                 self.receive_data(conn, rfile, state)
             elif verb == "QUIT":
@@ -895,9 +908,13 @@ class RemoteSMTPServer(FakeServer):
                 break
             lines.append(raw)
         reply = self.data.pop(0) if len(self.data) > 1 else self.data[0]
+        if reply == "hang":               # the message is in, the reply never comes
+            self.hung.set()
+            self.release.wait(DEADLINE)
+            return
         if reply.startswith("250"):
             self.messages.append({"sender": state["sender"], "recipients": state["recipients"],
-                                  "data": b"".join(lines), "mail": state["mail"], "tls": state["secure"]})
+                                  "data": b"".join(lines), "mail": state["mail"], "tls": bool(state["secure"])})
         self.send(conn, reply)
 
 
