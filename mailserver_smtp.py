@@ -2204,12 +2204,15 @@ class QueuedMessage:
                 fields[name] = value
             else:
                 raise ValueError("unknown line %r" % line[:40])
-        sender = fields["sender"]
+        sender = fields.get("sender", "")
         if not (sender.startswith("<") and sender.endswith(">")) or not recipients:
             raise ValueError("bad sender or no recipient")
-        needs = fields["needs"]
-        return cls(fields["id"], sender[1:-1], recipients, None if fields["login"] == "-" else fields["login"],
-                   float(fields["arrived"]), () if needs == "-" else needs.split(","), int(fields["hops"]))
+        try:
+            needs, login = fields["needs"], fields["login"]
+            return cls(fields["id"], sender[1:-1], recipients, None if login == "-" else login,
+                       float(fields["arrived"]), () if needs == "-" else needs.split(","), int(fields["hops"]))
+        except KeyError as missing:
+            raise ValueError("no %s line" % missing)
 
 
 def read_queued(path):
@@ -2242,7 +2245,8 @@ class QueueFile:
         self.temp = self.path + TEMP_SUFFIX
         fd, _ = open_regular(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
-            _lock_fd(fd, False)      # a server starting meanwhile must not take it for debris
+            if not _lock_fd(fd, False):      # a server starting meanwhile must not take it for debris
+                raise OSError(errno.EAGAIN, "taken for debris by a server starting", self.temp)
         except BaseException:
             os.close(fd)
             remove_file(self.temp)
@@ -2652,8 +2656,10 @@ class OutboundQueue:
         now = time.time()
         due = [r for r in entry.pending() if forced or r.next_try <= now]
         if not due:
-            self.due_at(entry.next_try())
-            return False
+            if entry.pending():
+                self.due_at(entry.next_try())
+                return False
+            return self._remove(entry, path)
         outcomes = self.relay.send_message(entry, path, due)
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
@@ -2661,13 +2667,17 @@ class OutboundQueue:
                 recipient.state = "pending"
                 recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
         if not entry.pending():
-            remove_file(path)
-            fsync_directory(self.folder)
-            log.info("%s: removed", entry.id)
-            return True
+            return self._remove(entry, path)
         rewrite_queued(self.folder, entry, path)
         self.due_at(entry.next_try())
         return False
+
+    def _remove(self, entry, path):
+        """A message is done (every recipient sent or failed): remove its file; True."""
+        remove_file(path)
+        fsync_directory(self.folder)
+        log.info("%s: removed", entry.id)
+        return True
 
     def _record(self, entry, due, outcomes):
         """Set each tried recipient's new state and log it; return [(recipient, outcome)] of the failed."""
@@ -2804,7 +2814,8 @@ class Outcome:
 
     def __init__(self, status, reply, relay="none", remote=None):
         self.status = status         # sent, deferred, bounced
-        self.reply = reply[:MAX_REPLY_TEXT]   # "CODE [d.d.d] text": the remote's, or ours in its form
+        # "CODE [d.d.d] text": the remote's, or ours in its form; one printable line for the envelope
+        self.reply = "".join(c for c in reply if c.isprintable())[:MAX_REPLY_TEXT]
         self.relay = relay           # host[ip]:port as the log shows it
         self.remote = remote         # the remote server's name when the reply is its own
 
@@ -2813,7 +2824,7 @@ class Outcome:
         """The outcome of a remote server's reply (code, text bytes)."""
         words = " ".join(text.decode("utf-8", "replace").split())
         status = "sent" if 200 <= code < 300 else "bounced" if 500 <= code < 600 else "deferred"
-        return cls(status, printable("%d %s" % (code, words)), relay, remote)
+        return cls(status, "%d %s" % (code, words), relay, remote)
 
     def expired(self):
         """This deferral, past --queue-lifetime: a failure with the last reply (RFC 3463 4.4.7)."""
