@@ -26,7 +26,9 @@ import ipaddress
 import itertools
 import logging
 import os
+import random
 import re
+import secrets
 import signal
 import smtplib
 import socket
@@ -245,8 +247,9 @@ def check_relay_arguments(parser, args):
                                             else SUBMISSION_PORT)
         if args.dns_server:
             args.dns_server = [host_and_port(args.dns_server, DNS_PORT)]
+            ipaddress.ip_address(args.dns_server[0][0])
     except ValueError:
-        parser.error("--relay-host and --dns-server take HOST[:PORT] ([IPv6]:PORT)")
+        parser.error("--relay-host takes HOST[:PORT], --dns-server ADDR[:PORT] ([IPv6]:PORT)")
     args.relay_credentials = None
     if args.relay_auth:
         try:
@@ -2471,34 +2474,6 @@ def backoff(attempts, base):
     return min(RETRY_MAX, base * 2 ** min(attempts - 1, 32))
 
 
-# ==========================================================================
-# DNS (a stand-in until the resolver is pasted here)
-# ==========================================================================
-
-DNS_PORT = 53
-DNS_BAD_LITERAL = "invalid address literal"
-DNS_NULL_MX = "null MX: the domain accepts no mail (RFC 7505)"
-
-
-class DNSError(Exception):
-    """A failed lookup; temporary says whether trying later may help."""
-
-    def __init__(self, reason, name="", temporary=True):
-        super().__init__("%s: %s" % (name, reason) if name else reason)
-        self.reason = reason
-        self.name = name
-        self.temporary = temporary
-
-
-class Resolver:
-    def __init__(self, servers=None, timeout=5.0):
-        self.servers = servers
-
-
-def mail_exchangers(resolver, domain):
-    raise DNSError("no resolver yet", domain)
-
-
 class OutboundQueue:
     """One server's outbound queue: new messages written in, runner threads sending them out.
 
@@ -2789,6 +2764,467 @@ def queue_listing(folder, out):
 
 
 # ==========================================================================
+# DNS: a stub resolver for MX lookup (RFC 1035, RFC 5321 5.1, RFC 7505)
+# ==========================================================================
+# The standard library resolves host names but has no MX lookup, so outbound
+# delivery asks the servers of /etc/resolv.conf (or --dns-server) itself.
+# Only what mail needs is here: MX, A, AAAA and the CNAMEs on the way.
+
+RESOLV_CONF = "/etc/resolv.conf"
+DNS_PORT = 53                # RFC 1035 4.2
+DNS_MAX_SERVERS = 3          # resolv.conf(5): only the first three nameserver lines count
+DNS_FALLBACK_SERVER = ("127.0.0.1", DNS_PORT)   # resolv.conf(5): no nameserver line means the local one
+DNS_TIMEOUT = 5.0            # seconds one server gets to answer one try
+DNS_ATTEMPTS = 2             # rounds over the servers before a temporary failure
+DNS_MAX_MESSAGE = 65535      # RFC 1035 4.2.2: the TCP length prefix is 16 bits, so no reply is longer
+DNS_HEADER = struct.Struct("!HHHHHH")   # RFC 1035 4.1.1: id, flags, then the four section counts
+DNS_QUESTION_TAIL = struct.Struct("!HH")   # RFC 1035 4.1.2: QTYPE, QCLASS
+DNS_RECORD_TAIL = struct.Struct("!HHIH")   # RFC 1035 4.1.3: TYPE, CLASS, TTL, RDLENGTH
+DNS_TCP_LENGTH = struct.Struct("!H")       # RFC 1035 4.2.2: the length before a message over TCP
+DNS_FLAG_QR = 0x8000         # RFC 1035 4.1.1: this is a response
+DNS_OPCODE_MASK = 0x7800     # RFC 1035 4.1.1: 0 is a standard query
+DNS_FLAG_TC = 0x0200         # RFC 1035 4.1.1: truncated, ask again over TCP (RFC 7766 5)
+DNS_FLAG_RD = 0x0100         # RFC 1035 4.1.1: recursion desired: we are a stub
+DNS_RCODE_MASK = 0x000F
+DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN, DNS_REFUSED = 0, 2, 3, 5   # RFC 1035 4.1.1
+DNS_CLASS_IN = 1             # RFC 1035 3.2.4
+DNS_TYPES = {"A": 1, "CNAME": 5, "MX": 15, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_POINTER = 0xC0           # RFC 1035 4.1.4: the two high bits of a compression pointer
+DNS_MAX_LABEL = 63           # RFC 1035 2.3.4, octets
+DNS_MAX_NAME = 255           # RFC 1035 2.3.4, octets of a name on the wire
+DNS_MAX_POINTERS = 64        # jumps one name may take: more is a loop
+DNS_MAX_CNAMES = 8           # links of a CNAME chain followed before giving up
+DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
+
+DNS_NO_SUCH_DOMAIN = "no such domain"
+DNS_NULL_MX = "null MX: the domain accepts no mail (RFC 7505)"
+DNS_NO_ADDRESS = "no MX and no address"
+DNS_NO_EXCHANGER_ADDRESS = "no address for any mail exchanger"
+DNS_SERVER_FAILURE = "DNS server failure (SERVFAIL)"
+DNS_SERVER_REFUSED = "DNS server refused the query (REFUSED)"
+DNS_SERVER_ERROR = "DNS server error (rcode %d)"
+DNS_TIME_OUT = "DNS timeout"
+DNS_UNREACHABLE = "DNS server unreachable (%s)"
+DNS_MALFORMED = "malformed DNS reply (%s)"
+DNS_CNAME_CHAIN = "CNAME chain too long or looping"
+DNS_BAD_NAME = "invalid domain name"
+DNS_BAD_LITERAL = "invalid address literal"
+
+_dns_random = random.SystemRandom()   # thread safe, and not predictable by whoever sees our mail
+
+
+class DNSError(Exception):
+    """A failed lookup; temporary says whether trying later may help (4xx/defer) or not (5xx/bounce)."""
+
+    def __init__(self, reason, name="", temporary=True):
+        super().__init__("%s: %s" % (name, reason) if name else reason)
+        self.reason = reason      # the words alone, e.g. DNS_NO_SUCH_DOMAIN
+        self.name = name
+        self.temporary = temporary
+
+
+def _dns_malformed(why):
+    """The error for a reply we cannot trust: temporary, another server or a later try may do better."""
+    return DNSError(DNS_MALFORMED % why)
+
+
+def _dns_normalize(name):
+    """A domain name as it goes on the wire: lower case, no trailing dot, IDNA for non-ASCII (RFC 5890)."""
+    text = name.lower()
+    if text.endswith("."):
+        text = text[:-1]
+    try:
+        text.encode("ascii")
+    except UnicodeError:
+        try:    # the stdlib codec is IDNA 2003 (RFC 3490): the only one without a package
+            text = text.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise DNSError(DNS_BAD_NAME, name, temporary=False) from None
+    labels = text.split(".")
+    if (not text or len(text) + 2 > DNS_MAX_NAME
+            or not all(len(label) <= DNS_MAX_LABEL and DNS_HOST_LABEL.match(label) for label in labels)):
+        raise DNSError(DNS_BAD_NAME, name, temporary=False)
+    return text
+
+
+def _dns_encode_name(name):
+    """A normalized name in wire form (RFC 1035 3.1): length-prefixed labels, then the root's 0."""
+    return b"".join(bytes((len(label),)) + label.encode("ascii") for label in name.split(".")) + b"\0"
+
+
+def _dns_build_query(qid, name, qtype):
+    """One standard query with recursion desired (RFC 1035 4.1)."""
+    return (DNS_HEADER.pack(qid, DNS_FLAG_RD, 1, 0, 0, 0) + _dns_encode_name(name)
+            + DNS_QUESTION_TAIL.pack(qtype, DNS_CLASS_IN))
+
+
+def _dns_read_name(message, offset):
+    """The name at offset, following compression pointers (RFC 1035 4.1.4); returns (name, offset after it).
+
+    Every pointer must point before itself, jumps are counted and the name
+    may not outgrow 255 octets, so a looping or forward pointer is an error.
+    """
+    labels, end, jumps, size = [], None, 0, 1
+    while True:
+        if offset >= len(message):
+            raise _dns_malformed("name runs past the end")
+        length = message[offset]
+        if length & DNS_POINTER == DNS_POINTER:
+            if offset + 1 >= len(message):
+                raise _dns_malformed("pointer cut short")
+            target = (length & ~DNS_POINTER) << 8 | message[offset + 1]
+            jumps += 1
+            if target >= offset or jumps > DNS_MAX_POINTERS:
+                raise _dns_malformed("compression loop")
+            end = offset + 2 if end is None else end
+            offset = target
+            continue
+        if length & DNS_POINTER:   # 0x40 and 0x80: label types RFC 6891 retired
+            raise _dns_malformed("unknown label type")
+        offset += 1
+        if length == 0:
+            return ".".join(labels), offset if end is None else end
+        label = message[offset:offset + length]
+        size += length + 1
+        if len(label) < length or size > DNS_MAX_NAME:
+            raise _dns_malformed("label cut short or name too long")
+        labels.append(_dns_decode_label(label))
+        offset += length
+
+
+def _dns_decode_label(label):
+    """A label in lower case; one that no host name could hold (a dot, non-ASCII) is an error."""
+    try:
+        text = label.decode("ascii").lower()
+    except UnicodeError:
+        raise _dns_malformed("non-ASCII label") from None
+    if "." in text:
+        raise _dns_malformed("dot inside a label")
+    return text
+
+
+def _dns_parse_reply(message, qid, name, qtype):
+    """(flags, answers) of a reply to our query, answers as (owner, type, data); None if it is not ours.
+
+    A reply with another id or question is someone else's (a late answer,
+    or a spoof), so it is ignored, not an error (RFC 5452 9.1).
+    """
+    if len(message) < DNS_HEADER.size:
+        raise _dns_malformed("shorter than a header")
+    rid, flags, qdcount, ancount, _, _ = DNS_HEADER.unpack_from(message)
+    if rid != qid:
+        return None
+    if not flags & DNS_FLAG_QR or flags & DNS_OPCODE_MASK:
+        raise _dns_malformed("not a response to a query")
+    rcode = flags & DNS_RCODE_MASK
+    if qdcount == 0 and rcode not in (DNS_NOERROR, DNS_NXDOMAIN):
+        return flags, []   # RFC 1035 leaves the question out of some errors; these are temporary anyway
+    if qdcount != 1:
+        raise _dns_malformed("%d questions" % qdcount)
+    qname, offset = _dns_read_name(message, DNS_HEADER.size)
+    if offset + DNS_QUESTION_TAIL.size > len(message):
+        raise _dns_malformed("question cut short")
+    if (qname, DNS_QUESTION_TAIL.unpack_from(message, offset)) != (name, (qtype, DNS_CLASS_IN)):
+        return None
+    offset += DNS_QUESTION_TAIL.size
+    if flags & DNS_FLAG_TC:
+        return flags, []   # the answers are asked again over TCP
+    return flags, _dns_read_answers(message, offset, ancount)
+
+
+def _dns_read_answers(message, offset, count):
+    """The count records of the answer section from offset, each as (owner, type, data); others skipped."""
+    answers = []
+    for _ in range(count):   # each record takes at least 11 octets, so count is bounded by the length
+        owner, offset = _dns_read_name(message, offset)
+        if offset + DNS_RECORD_TAIL.size > len(message):
+            raise _dns_malformed("record cut short")
+        rtype, rclass, _, length = DNS_RECORD_TAIL.unpack_from(message, offset)
+        offset += DNS_RECORD_TAIL.size
+        if offset + length > len(message):
+            raise _dns_malformed("record data cut short")
+        if rclass == DNS_CLASS_IN and rtype in DNS_TYPES.values():
+            answers.append((owner, rtype, _dns_read_rdata(message, rtype, offset, length)))
+        offset += length
+    return answers
+
+
+def _dns_read_rdata(message, rtype, start, length):
+    """A record's data: an address string (A, AAAA), a name (CNAME), (preference, exchange) (MX)."""
+    if rtype in (DNS_TYPES["A"], DNS_TYPES["AAAA"]):
+        size = 4 if rtype == DNS_TYPES["A"] else 16    # RFC 1035 3.4.1, RFC 3596 2.2
+        if length != size:
+            raise _dns_malformed("address of %d octets" % length)
+        return str(ipaddress.ip_address(message[start:start + length]))
+    name_start = start + 2 if rtype == DNS_TYPES["MX"] else start   # RFC 1035 3.3.9: preference first
+    if length < name_start - start + 1:
+        raise _dns_malformed("record data too short")
+    name, end = _dns_read_name(message, name_start)
+    if end != start + length:
+        raise _dns_malformed("name does not fill its record")
+    if rtype == DNS_TYPES["MX"]:
+        return DNS_TCP_LENGTH.unpack_from(message, start)[0], name
+    return name
+
+
+def _dns_follow_cnames(answers, name, qtype):
+    """(records of qtype, whether a CNAME chain from name ends without them) in the answer section."""
+    owner, seen = name, {name}
+    while True:
+        found = [data for o, t, data in answers if o == owner and t == qtype]
+        if found:
+            return found, None
+        targets = [data for o, t, data in answers if o == owner and t == DNS_TYPES["CNAME"]]
+        if not targets or qtype == DNS_TYPES["CNAME"]:
+            return [], (owner if owner != name else None)
+        owner = targets[0]
+        if owner in seen or len(seen) > DNS_MAX_CNAMES:
+            raise DNSError(DNS_CNAME_CHAIN, name)
+        seen.add(owner)
+
+
+def _dns_same_address(one, other):
+    """True when two socket addresses name the same IP and port (IPv6 has several spellings)."""
+    try:
+        return (ipaddress.ip_address(one[0].split("%")[0]) == ipaddress.ip_address(other[0].split("%")[0])
+                and one[1] == other[1])
+    except ValueError:
+        return False
+
+
+def _dns_family(ip):
+    """The socket family of an IP address string."""
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def _dns_recv_exactly(sock, size, deadline):
+    """size bytes from a TCP socket before deadline (monotonic), or DNSError."""
+    data = b""
+    while len(data) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DNSError(DNS_TIME_OUT)
+        sock.settimeout(remaining)
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise _dns_malformed("connection closed mid-reply")
+        data += chunk
+    return data
+
+
+def _dns_read_resolv_conf(path):
+    """The (ip, port) of the first nameserver lines of a resolv.conf; [] when it has none or is unreadable."""
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as conf:
+            lines = conf.readlines()
+    except OSError:
+        return servers
+    for line in lines:
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue
+        try:    # a scoped IPv6 address keeps its %zone for the socket
+            ipaddress.ip_address(words[1].split("%")[0])
+        except ValueError:
+            continue
+        servers.append((words[1], DNS_PORT))
+    return servers[:DNS_MAX_SERVERS]
+
+
+class Resolver:
+    """A DNS stub resolver: asks recursive servers over UDP, and TCP for truncated replies (RFC 1035 4.2).
+
+    It keeps no state between queries (each has its own socket, id and
+    port), so the queue runner threads may share one.
+    """
+
+    def __init__(self, servers=None, timeout=DNS_TIMEOUT, attempts=DNS_ATTEMPTS):
+        """servers: [(ip, port)], None for those of /etc/resolv.conf; ValueError if one is not an IP."""
+        if servers is None:
+            servers = _dns_read_resolv_conf(RESOLV_CONF)
+        self.servers = [(str(ip), int(port)) for ip, port in servers] or [DNS_FALLBACK_SERVER]
+        for ip, _ in self.servers:   # a host name here would fail every query, silently
+            ipaddress.ip_address(ip.split("%")[0])
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+
+    @classmethod
+    def from_resolv_conf(cls, path=RESOLV_CONF, timeout=DNS_TIMEOUT, attempts=DNS_ATTEMPTS):
+        """A resolver asking the nameservers of a resolv.conf file (127.0.0.1 if it names none)."""
+        return cls(_dns_read_resolv_conf(path), timeout, attempts)
+
+    def query(self, name, rtype):
+        """The records of type rtype ("MX", "A", "AAAA", "CNAME") for name, CNAMEs followed; [] if none.
+
+        MX records come as (preference, exchange), addresses as strings.
+        """
+        qtype = DNS_TYPES[rtype]
+        owner = _dns_normalize(name)
+        for _ in range(DNS_MAX_CNAMES):
+            # A chain the server did not finish in its answer is asked for again from its end.
+            found, dangling = _dns_follow_cnames(self._ask(owner, qtype), owner, qtype)
+            if dangling is None:
+                return found
+            owner = dangling
+        raise DNSError(DNS_CNAME_CHAIN, name)
+
+    def _ask(self, name, qtype):
+        """The answer records for one question, from the first server that answers it in one of the rounds."""
+        error = None
+        for _ in range(self.attempts):
+            for server in self.servers:
+                try:
+                    return self._ask_server(server, name, qtype)
+                except DNSError as failure:
+                    if not failure.temporary:
+                        raise
+                    error = failure
+        raise DNSError(error.reason, name, temporary=True)
+
+    def _ask_server(self, server, name, qtype):
+        """The answer records from one server: over UDP, again over TCP when truncated (RFC 7766 5)."""
+        qid = secrets.randbits(16)   # RFC 5452 9.2: an unpredictable id, and a random port below
+        query = _dns_build_query(qid, name, qtype)
+        try:
+            flags, answers = self._udp_exchange(server, query, qid, name, qtype)
+            if flags & DNS_FLAG_TC:
+                flags, answers = self._tcp_exchange(server, query, qid, name, qtype)
+        except socket.timeout:
+            raise DNSError(DNS_TIME_OUT, name) from None
+        except OSError as failure:
+            raise DNSError(DNS_UNREACHABLE % (failure.strerror or failure), name) from None
+        return self._answers_or_error(flags, answers, name)
+
+    @staticmethod
+    def _answers_or_error(flags, answers, name):
+        """The answers of a NOERROR reply; the DNSError that any other rcode means."""
+        rcode = flags & DNS_RCODE_MASK
+        if rcode == DNS_NOERROR:
+            return answers
+        if rcode == DNS_NXDOMAIN:
+            raise DNSError(DNS_NO_SUCH_DOMAIN, name, temporary=False)
+        if rcode == DNS_SERVFAIL:
+            raise DNSError(DNS_SERVER_FAILURE, name)
+        if rcode == DNS_REFUSED:
+            raise DNSError(DNS_SERVER_REFUSED, name)
+        raise DNSError(DNS_SERVER_ERROR % rcode, name)
+
+    def _udp_exchange(self, server, query, qid, name, qtype):
+        """Send query over UDP and return the parsed reply that comes from server, for this query, in time."""
+        deadline = time.monotonic() + self.timeout
+        family = _dns_family(server[0])
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))   # port 0: the kernel's random one
+            sock.connect(server)   # the kernel drops other senders, and reports a closed port
+            sock.send(query)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DNSError(DNS_TIME_OUT, name)
+                sock.settimeout(remaining)
+                reply, source = sock.recvfrom(DNS_MAX_MESSAGE)
+                parsed = _dns_same_address(source, server) and _dns_parse_reply(reply, qid, name, qtype)
+                if parsed:
+                    return parsed
+
+    def _tcp_exchange(self, server, query, qid, name, qtype):
+        """Send query over TCP with its length prefix (RFC 1035 4.2.2) and return the parsed reply."""
+        deadline = time.monotonic() + self.timeout
+        with socket.create_connection(server, timeout=self.timeout) as sock:
+            sock.sendall(DNS_TCP_LENGTH.pack(len(query)) + query)
+            size = DNS_TCP_LENGTH.unpack(_dns_recv_exactly(sock, DNS_TCP_LENGTH.size, deadline))[0]
+            parsed = _dns_parse_reply(_dns_recv_exactly(sock, size, deadline), qid, name, qtype)
+        if not parsed:   # one query per connection: a reply to another one is nonsense
+            raise _dns_malformed("TCP reply to another question")
+        return parsed
+
+
+def mail_exchangers(resolver, domain):
+    """Where mail for domain goes (RFC 5321 5.1): [(host, [addresses, A then AAAA])], best first.
+
+    An address literal needs no DNS; a domain without MX is its own
+    exchanger; a null MX (RFC 7505) or no address at all raise a
+    permanent DNSError.
+    """
+    if domain.startswith("[") and domain.endswith("]"):
+        return [(domain, [_dns_address_literal(domain)])]
+    name = _dns_normalize(domain)
+    records = resolver.query(name, "MX")
+    if not records:
+        addresses = _dns_host_addresses(resolver, name)   # RFC 5321 5.1: the implicit MX
+        if not addresses:
+            raise DNSError(DNS_NO_ADDRESS, domain, temporary=False)
+        return [(name, addresses)]
+    hosts = _dns_order_mx(records)
+    if not hosts:   # RFC 7505 3: "." alone as the exchange says no mail is taken
+        raise DNSError(DNS_NULL_MX, domain, temporary=False)
+    return _dns_exchanger_addresses(resolver, domain, hosts)
+
+
+def _dns_address_literal(literal):
+    """The IP address in "[192.0.2.1]" or "[IPv6:2001:db8::1]" (RFC 5321 4.1.3), or a permanent DNSError."""
+    inner = literal[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return str(ipaddress.IPv6Address(inner[5:]))
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        raise DNSError(DNS_BAD_LITERAL, literal, temporary=False) from None
+
+
+def _dns_order_mx(records):
+    """The exchangers of MX records, lowest preference first, shuffled among equals (RFC 5321 5.1).
+
+    The root (a null MX) and repeated names are left out.
+    """
+    by_preference = {}
+    for preference, host in records:
+        by_preference.setdefault(preference, []).append(host)
+    hosts = []
+    for preference in sorted(by_preference):
+        equals = by_preference[preference]
+        _dns_random.shuffle(equals)
+        for host in equals:
+            if host and host not in hosts:
+                hosts.append(host)
+    return hosts
+
+
+def _dns_host_addresses(resolver, host):
+    """The A then AAAA addresses of host; a temporary failure raises only if it leaves none."""
+    addresses, error = [], None
+    for rtype in ("A", "AAAA"):
+        try:
+            addresses.extend(resolver.query(host, rtype))
+        except DNSError as failure:
+            if not failure.temporary:   # NXDOMAIN: the AAAA query would say the same
+                break
+            error = failure
+    if not addresses and error:
+        raise error
+    return addresses
+
+
+def _dns_exchanger_addresses(resolver, domain, hosts):
+    """[(host, addresses)] for the hosts that have any; DNSError (temporary if any lookup was) if none has."""
+    exchangers, error = [], None
+    for host in hosts:
+        try:
+            addresses = _dns_host_addresses(resolver, host)
+        except DNSError as failure:
+            error = failure
+            continue
+        if addresses:
+            exchangers.append((host, addresses))
+    if exchangers:
+        return exchangers
+    if error:
+        raise DNSError(error.reason, domain, temporary=True)
+    raise DNSError(DNS_NO_EXCHANGER_ADDRESS, domain, temporary=False)
+
+
+# ==========================================================================
 # Delivery to other servers
 # ==========================================================================
 #
@@ -2876,12 +3312,11 @@ class Relay:
         self.credentials = args.relay_credentials    # (login, password), or None; never logged
         self.timeout = args.relay_timeout
         self.mx_port = args.mx_port
-        self.dns_servers = args.dns_server
+        self.resolver = Resolver(args.dns_server)    # shared by the runners: it keeps no state
         self.verified = ssl.create_default_context(cafile=args.relay_cafile)
         self.opportunistic = ssl.create_default_context()
         self.opportunistic.check_hostname = False
         self.opportunistic.verify_mode = ssl.CERT_NONE
-        self._resolver = None
 
     def destination(self, address):
         """Where a recipient's mail goes: '' (the smarthost), or its domain."""
@@ -2891,16 +3326,7 @@ class Relay:
         """The servers to try for a destination, in order: [(name, [addresses], port)] (DNSError)."""
         if self.host:
             return [(self.host[0], [self.host[0]], self.host[1])]
-        if destination.startswith("["):               # an address literal (RFC 5321 4.1.3)
-            literal = destination[1:-1]
-            literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
-            try:
-                return [(destination, [str(ipaddress.ip_address(literal))], self.mx_port)]
-            except ValueError:
-                raise DNSError(DNS_BAD_LITERAL, destination, temporary=False)
-        if self._resolver is None:
-            self._resolver = Resolver(self.dns_servers)
-        return [(name, addresses, self.mx_port) for name, addresses in mail_exchangers(self._resolver, destination)]
+        return [(name, addresses, self.mx_port) for name, addresses in mail_exchangers(self.resolver, destination)]
 
     def send_message(self, entry, path, recipients):
         """Send a queued message to its due recipients; {address: Outcome}."""

@@ -956,3 +956,229 @@ def failing_queue_env(folder):
         f.write(QUEUE_FAULTS)
     flag = os.path.join(folder, "fail-queue")
     return dict(os.environ, PYTHONPATH=folder, FAULT_QUEUE=flag), flag
+
+
+# The DNS responder for the MX tests.  Written apart from the resolver in
+# mailserver_smtp.py, on purpose: a misreading of RFC 1035 shared by both would
+# otherwise go unseen.
+
+DNS_TEST_TYPES = {"A": 1, "CNAME": 5, "MX": 15, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TEST_RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
+DNS_TEST_UDP_LIMIT = 512        # RFC 1035 4.2.1: a longer answer goes out truncated (TC=1)
+DNS_TEST_QR_AA_RA = 0x8580      # RFC 1035 4.1.1: response, authoritative, recursion available
+DNS_TEST_TC = 0x0200
+DNS_TEST_RD = 0x0100
+DNS_TEST_POINTER_TO_QUESTION = b"\xc0\x0c"   # RFC 1035 4.1.4: the question's name, right after the header
+DNS_TEST_BIND_TRIES = 20        # ports tried for a UDP port whose TCP twin is free too
+DNS_TEST_TCP_TIMEOUT = 10.0     # seconds a TCP client of the responder may idle
+
+
+def dns_test_name(name):
+    """A zone name as the responder compares it: lower case, without the trailing dot."""
+    return name.lower().rstrip(".")
+
+
+def dns_test_encode_name(name):
+    """A name in wire form (RFC 1035 3.1); "" and "." are the root."""
+    name = dns_test_name(name)
+    labels = name.split(".") if name else []
+    return b"".join(bytes((len(label),)) + label.encode("ascii") for label in labels) + b"\0"
+
+
+def dns_test_read_question(query):
+    """(id, flags, name, type number, question bytes) of a query; None if it is not a plain one."""
+    if len(query) < 12:
+        return None
+    qid, flags, qdcount = struct.unpack_from("!HHH", query)
+    offset, labels = 12, []
+    while offset < len(query) and query[offset] and query[offset] < 64:
+        labels.append(query[offset + 1:offset + 1 + query[offset]].decode("ascii", "replace").lower())
+        offset += 1 + query[offset]
+    if qdcount != 1 or offset + 5 > len(query) or query[offset]:
+        return None
+    qtype = struct.unpack_from("!H", query, offset + 1)[0]
+    return qid, flags, ".".join(labels), qtype, query[12:offset + 5]
+
+
+def dns_test_type_name(qtype):
+    """The zone's name of a type number ("MX"), or the number as text for a type the zone cannot hold."""
+    return next((name for name, number in DNS_TEST_TYPES.items() if number == qtype), str(qtype))
+
+
+def dns_test_rdata(rtype, value):
+    """The wire data of one record given as the zone holds it."""
+    if rtype == "A":
+        return socket.inet_pton(socket.AF_INET, value)
+    if rtype == "AAAA":
+        return socket.inet_pton(socket.AF_INET6, value)
+    if rtype == "MX":
+        return struct.pack("!H", value[0]) + dns_test_encode_name(value[1])
+    return dns_test_encode_name(value)   # CNAME
+
+
+class DNSResponder:
+    """A threaded DNS server on a loopback port (UDP, and TCP on the same port) answering from a zone dict.
+
+    zone maps (name, type) to a list of records (MX as (preference,
+    exchange), A, AAAA and CNAME as strings) or to an rcode name such as
+    "SERVFAIL", "NXDOMAIN", "REFUSED"; type "*" stands for every type.  A
+    name in no key gets NXDOMAIN, a known name without the type an empty
+    NOERROR, and CNAMEs are followed as a recursive server does.
+
+    Behaviour per name, in sets (and a dict) that a test may change at any time:
+    truncate: TC=1 over UDP, the answer only over TCP;  drop: never answered;
+    wrong_id: a false NXDOMAIN with another id first;  spoof: a false NXDOMAIN
+    with the right id from another port first;  unchased: its CNAME is not
+    followed in the answer;  raw[name]: a function from the query's bytes to
+    the reply's bytes, for malformed replies.
+    """
+
+    def __init__(self, zone, host="127.0.0.1", truncate=(), drop=(), wrong_id=(), spoof=(), unchased=()):
+        self.zone = {(dns_test_name(name), rtype): value for (name, rtype), value in zone.items()}
+        self.truncate, self.drop, self.wrong_id = set(truncate), set(drop), set(wrong_id)
+        self.spoof, self.unchased, self.raw = set(spoof), set(unchased), {}
+        self.queries = []        # (name, type) of every question, UDP and TCP, in arrival order
+        self.tcp_queries = []    # those that came over TCP
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.udp, self.tcp = self._bind(host)
+        self.address = self.udp.getsockname()[:2]
+        self.stopping = False
+        self.threads = [threading.Thread(target=loop, daemon=True) for loop in (self._serve_udp, self._accept)]
+        for thread in self.threads:
+            thread.start()
+
+    def _bind(self, host):
+        """A UDP socket on a free port and a TCP listener on the same port number."""
+        for _ in range(DNS_TEST_BIND_TRIES):
+            udp = socket.socket(self.family, socket.SOCK_DGRAM)
+            udp.bind((host, 0))
+            tcp = socket.socket(self.family, socket.SOCK_STREAM)
+            try:
+                tcp.bind((host, udp.getsockname()[1]))
+            except OSError:   # that TCP port is taken: try another UDP one
+                udp.close()
+                tcp.close()
+                continue
+            tcp.listen(5)
+            return udp, tcp
+        raise OSError("no port free for both UDP and TCP")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        """Stop both loops (a datagram and a connection of our own wake them) and free the port."""
+        self.stopping = True
+        with socket.socket(self.family, socket.SOCK_DGRAM) as waker:
+            waker.sendto(b"", self.address)
+        try:
+            socket.create_connection(self.address, timeout=1).close()
+        except OSError:
+            pass
+        for thread in self.threads:
+            thread.join(DNS_TEST_TCP_TIMEOUT)
+        self.udp.close()
+        self.tcp.close()
+
+    def lookup(self, name, rtype):
+        """(rcode name, [(owner, type, value)]) for a question, as a recursive server would answer it."""
+        answers, owner = [], name
+        for _ in range(16):   # a CNAME loop in a test zone ends as SERVFAIL, as in real servers
+            value = self.zone.get((owner, rtype), self.zone.get((owner, "*")))
+            if isinstance(value, str):
+                return value, answers
+            if value is not None:
+                return "NOERROR", answers + [(owner, rtype, record) for record in value]
+            cname = self.zone.get((owner, "CNAME"))
+            if not cname or rtype == "CNAME":
+                known = any(key[0] == owner for key in self.zone)
+                return ("NOERROR" if known else "NXDOMAIN"), answers
+            answers.append((owner, "CNAME", cname[0]))
+            if owner in self.unchased:
+                return "NOERROR", answers
+            owner = dns_test_name(cname[0])
+        return "SERVFAIL", answers
+
+    def reply(self, question, limit=None):
+        """The reply's bytes to a parsed question; over UDP (limit given) a long one is cut to TC=1."""
+        qid, flags, name, qtype, question_bytes = question
+        rcode, answers = self.lookup(name, dns_test_type_name(qtype))
+        body = b"".join(self._record(name, owner, kind, value) for owner, kind, value in answers)
+        header = DNS_TEST_QR_AA_RA | (flags & DNS_TEST_RD) | DNS_TEST_RCODES[rcode]
+        message = struct.pack("!HHHHHH", qid, header, 1, len(answers), 0, 0) + question_bytes + body
+        if limit is not None and (len(message) > limit or name in self.truncate):
+            message = struct.pack("!HHHHHH", qid, header | DNS_TEST_TC, 1, 0, 0, 0) + question_bytes
+        return message
+
+    @staticmethod
+    def _record(qname, owner, rtype, value):
+        """One answer record; an owner equal to the question's name is a pointer to it."""
+        data = dns_test_rdata(rtype, value)
+        owner_bytes = DNS_TEST_POINTER_TO_QUESTION if owner == qname else dns_test_encode_name(owner)
+        return owner_bytes + struct.pack("!HHIH", DNS_TEST_TYPES[rtype], 1, 300, len(data)) + data
+
+    def _answer(self, query, tcp):
+        """The reply to a query's bytes, recorded; None when it gets none (unreadable, or dropped)."""
+        question = dns_test_read_question(query)
+        if question is None:
+            return None
+        name, rtype = question[2], dns_test_type_name(question[3])
+        self.queries.append((name, rtype))
+        if tcp:
+            self.tcp_queries.append((name, rtype))
+        if name in self.drop:
+            return None
+        if name in self.raw:
+            return self.raw[name](query)
+        return self.reply(question, None if tcp else DNS_TEST_UDP_LIMIT)
+
+    def _false_answer(self, query, qid):
+        """An NXDOMAIN for the query with the id qid: what a resolver must not believe."""
+        flags = DNS_TEST_QR_AA_RA | DNS_TEST_RCODES["NXDOMAIN"]
+        return struct.pack("!HHHHHH", qid, flags, 1, 0, 0, 0) + dns_test_read_question(query)[4]
+
+    def _serve_udp(self):
+        """Answer each datagram, sending the false answers first for the names that get them."""
+        while True:
+            query, client = self.udp.recvfrom(65535)
+            if self.stopping:
+                return
+            reply = self._answer(query, tcp=False)
+            if reply is None:
+                continue
+            qid, _, name, _, _ = dns_test_read_question(query)
+            if name in self.wrong_id:
+                self.udp.sendto(self._false_answer(query, qid ^ 0x5A5A), client)
+            if name in self.spoof:
+                with socket.socket(self.family, socket.SOCK_DGRAM) as other:
+                    other.bind((self.address[0], 0))
+                    other.sendto(self._false_answer(query, qid), client)
+            self.udp.sendto(reply, client)
+
+    def _accept(self):
+        """Take TCP connections, one thread each, until closed."""
+        while True:
+            conn, _ = self.tcp.accept()
+            if self.stopping:
+                conn.close()
+                return
+            threading.Thread(target=self._serve_tcp, args=(conn,), daemon=True).start()
+
+    def _serve_tcp(self, conn):
+        """Answer length-prefixed queries (RFC 1035 4.2.2) until the client closes."""
+        conn.settimeout(DNS_TEST_TCP_TIMEOUT)
+        with conn, conn.makefile("rb") as rfile:
+            try:
+                while True:
+                    prefix = rfile.read(2)
+                    query = rfile.read(struct.unpack("!H", prefix)[0]) if len(prefix) == 2 else b""
+                    if not query:
+                        return
+                    reply = self._answer(query, tcp=True)
+                    if reply is not None:
+                        conn.sendall(struct.pack("!H", len(reply)) + reply)
+            except OSError:
+                pass

@@ -9,11 +9,18 @@ import base64
 import email
 import email.policy
 import os
+import random
 import re
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import unittest
+
+import mailserver_smtp as dns
 
 import support
 from support import SMTP_SCRIPT, read_mailbox, wait_for
@@ -456,6 +463,404 @@ class SmarthostWithoutTLSTest(QueueCase):
         queued = queue_id(self.submit(("friend@far.example",)))
         self.assertIn("offers no STARTTLS", self.outcome(queued, "friend@far.example", "deferred"))
         self.assertEqual(self.remote.messages, [])
+
+
+class MXDeliveryTest(QueueCase):
+    """Delivery by MX lookup (RFC 5321 5.1) with a DNS responder on loopback (--dns-server, --mx-port)."""
+
+    remote_kwargs = {"tls": True}
+    ZONE = {
+        ("mx.test", "MX"): [(10, "mx1.mx.test")],
+        ("mx1.mx.test", "A"): ["127.0.0.1"],
+        ("backup.test", "MX"): [(10, "down.backup.test"), (20, "up.backup.test")],
+        ("down.backup.test", "A"): ["127.0.0.4"],          # nobody listens there: refused
+        ("up.backup.test", "A"): ["127.0.0.1"],
+        ("bare.test", "A"): ["127.0.0.1"],                  # no MX: the domain's own address
+        ("null.test", "MX"): [(0, ".")],
+        ("gone.test", "*"): "NXDOMAIN",
+        ("broken.test", "*"): "SERVFAIL",
+    }
+
+    @classmethod
+    def extra_args(cls):
+        cls.responder = support.DNSResponder(cls.ZONE)
+        return ("--dns-server", "%s:%d" % cls.responder.address)
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.responder.close()
+
+    def test_mail_goes_to_the_mx_with_opportunistic_starttls(self):
+        """user@mx.test reaches the MX found in DNS, inside STARTTLS (the test certificate, unchecked)."""
+        queued = queue_id(self.submit(("user@mx.test",)))
+        got = self.received_by(self.remote, queued)
+        self.assertEqual((got["recipients"], got["tls"]), (["user@mx.test"], True))
+        self.assertIn("relay=mx1.mx.test[127.0.0.1]:%d" % self.remote.port,
+                      self.outcome(queued, "user@mx.test", "sent"))
+
+    def test_an_unreachable_mx_falls_back_to_the_next(self):
+        """The preferred MX refuses the connection: the one of the next preference gets the message."""
+        queued = queue_id(self.submit(("user@backup.test",)))
+        self.received_by(self.remote, queued)
+        self.assertIn("relay=up.backup.test[127.0.0.1]", self.outcome(queued, "user@backup.test", "sent"))
+
+    def test_a_domain_without_mx_gets_mail_at_its_address(self):
+        """No MX record: the domain's own A record is the exchanger."""
+        queued = queue_id(self.submit(("user@bare.test",)))
+        self.received_by(self.remote, queued)
+
+    def test_a_null_mx_bounces_5_1_10(self):
+        """A null MX (RFC 7505) bounces at once with 556 5.1.10."""
+        queued = queue_id(self.submit(("user@null.test",)))
+        self.assertIn("556 5.1.10", self.outcome(queued, "user@null.test", "bounced"))
+        bounce = wait_for(lambda: [b for b in self.bounces() if queued in b.as_string()])[0]
+        self.assertIn("Status: 5.1.10", bounce.get_payload()[1].as_string())
+
+    def test_an_unknown_domain_bounces_5_1_2(self):
+        """NXDOMAIN bounces at once with 550 5.1.2."""
+        queued = queue_id(self.submit(("user@gone.test",)))
+        self.assertIn("550 5.1.2 gone.test: no such domain", self.outcome(queued, "user@gone.test", "bounced"))
+
+    def test_a_dns_failure_is_retried(self):
+        """SERVFAIL defers (4.4.3) and the message stays queued for a retry."""
+        queued = queue_id(self.submit(("user@broken.test",)))
+        self.assertIn("451 4.4.3 ", self.outcome(queued, "user@broken.test", "deferred"))
+        wait_for(lambda: self.server.output().count("%s: to=<user@broken.test> relay=none" % queued) >= 2)
+        self.assertIn(queued, support.queue_files(self.root))
+
+
+# --------------------------------------------------------------------------
+# DNS: the resolver (mailserver_smtp.Resolver, mail_exchangers) against support.DNSResponder
+# --------------------------------------------------------------------------
+
+SHORT_TIMEOUT = 0.2   # seconds: a dropped query fails fast
+ZONE = {
+    ("example.net", "MX"): [(20, "mx2.example.net"), (10, "mx1.example.net")],
+    ("mx1.example.net", "A"): ["127.0.0.1"],
+    ("mx1.example.net", "AAAA"): ["::1"],
+    ("mx2.example.net", "A"): ["127.0.0.2"],
+    ("equal.test", "MX"): [(10, "a.equal.test"), (10, "b.equal.test")],
+    ("a.equal.test", "A"): ["127.0.0.3"],
+    ("b.equal.test", "A"): ["127.0.0.4"],
+    ("plain.test", "A"): ["127.0.0.5"],
+    ("plain.test", "AAAA"): ["::1"],
+    ("bare.test", "MX"): [],
+    ("null.test", "MX"): [(0, ".")],
+    ("broken.test", "*"): "SERVFAIL",
+    ("refused.test", "*"): "REFUSED",
+    ("gone.test", "*"): "NXDOMAIN",
+    ("www.example.net", "CNAME"): ["host.example.net"],
+    ("host.example.net", "A"): ["127.0.0.6"],
+    ("alias.test", "CNAME"): ["www.example.net"],
+    ("big.test", "A"): ["10.0.%d.%d" % (i // 256, i % 256) for i in range(60)],
+    ("xn--bcher-kva.example", "MX"): [(5, "mx1.example.net")],
+    ("flaky.test", "MX"): [(10, "broken.test"), (20, "mx2.example.net")],
+    ("allflaky.test", "MX"): [(10, "broken.test"), (20, "refused.test")],
+    ("nohost.test", "MX"): [(10, "gone.test")],
+}
+
+
+def closed_udp_port():
+    """A loopback UDP port nobody listens on (just freed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ResponderTestCase(unittest.TestCase):
+    """Each test gets a responder serving ZONE and a resolver asking only it."""
+
+    def setUp(self):
+        self.responder = support.DNSResponder(ZONE)
+        self.addCleanup(self.responder.close)
+        self.resolver = dns.Resolver([self.responder.address], timeout=SHORT_TIMEOUT * 5, attempts=1)
+
+    def assertFails(self, temporary, reason, call, *args):
+        """call(*args) raises DNSError with that temporary flag and reason (a regex)."""
+        with self.assertRaises(dns.DNSError) as caught:
+            call(*args)
+        self.assertEqual(caught.exception.temporary, temporary, str(caught.exception))
+        self.assertRegex(caught.exception.reason, reason)
+        return caught.exception
+
+
+class MailExchangerTest(ResponderTestCase):
+    """mail_exchangers: RFC 5321 5.1 and RFC 7505."""
+
+    def test_order_by_preference(self):
+        """MX records come lowest preference first, each with its A then AAAA addresses."""
+        self.assertEqual(dns.mail_exchangers(self.resolver, "example.net"),
+                         [("mx1.example.net", ["127.0.0.1", "::1"]), ("mx2.example.net", ["127.0.0.2"])])
+
+    def test_equal_preferences_shuffled(self):
+        """Exchangers of equal preference come in both orders (2**-39 chance of a false failure)."""
+        orders = set()
+        for _ in range(40):
+            orders.add(tuple(host for host, _ in dns.mail_exchangers(self.resolver, "equal.test")))
+            if len(orders) == 2:
+                break
+        self.assertEqual(orders, {("a.equal.test", "b.equal.test"), ("b.equal.test", "a.equal.test")})
+
+    def test_implicit_mx(self):
+        """A domain without MX records is its own exchanger, at its A and AAAA addresses."""
+        self.assertEqual(dns.mail_exchangers(self.resolver, "Plain.Test."), [("plain.test", ["127.0.0.5", "::1"])])
+
+    def test_no_mx_no_address_is_permanent(self):
+        """A domain with neither MX nor address records fails permanently."""
+        self.assertFails(False, dns.DNS_NO_ADDRESS, dns.mail_exchangers, self.resolver, "bare.test")
+
+    def test_null_mx_is_permanent(self):
+        """A null MX fails permanently, with RFC 7505 named, and its "." is never looked up."""
+        error = self.assertFails(False, re.escape(dns.DNS_NULL_MX), dns.mail_exchangers, self.resolver, "null.test")
+        self.assertIn("null.test", str(error))
+        self.assertEqual(self.responder.queries, [("null.test", "MX")])
+
+    def test_nxdomain_is_permanent(self):
+        """A domain that does not exist fails permanently."""
+        self.assertFails(False, dns.DNS_NO_SUCH_DOMAIN, dns.mail_exchangers, self.resolver, "gone.test")
+
+    def test_servfail_is_temporary(self):
+        """SERVFAIL fails temporarily."""
+        self.assertFails(True, re.escape(dns.DNS_SERVER_FAILURE), dns.mail_exchangers, self.resolver, "broken.test")
+
+    def test_exchanger_failing_temporarily_is_skipped(self):
+        """An exchanger whose address lookup fails temporarily is left out; the next one is used."""
+        self.assertEqual(dns.mail_exchangers(self.resolver, "flaky.test"), [("mx2.example.net", ["127.0.0.2"])])
+
+    def test_all_exchangers_failing_temporarily(self):
+        """When every exchanger's address lookup fails temporarily, the failure is temporary."""
+        self.assertFails(True, "REFUSED", dns.mail_exchangers, self.resolver, "allflaky.test")
+
+    def test_no_exchanger_with_address_is_permanent(self):
+        """When no exchanger exists, the failure is permanent."""
+        self.assertFails(False, dns.DNS_NO_EXCHANGER_ADDRESS, dns.mail_exchangers, self.resolver, "nohost.test")
+
+    def test_idna_domain(self):
+        """A non-ASCII domain is asked for in its IDNA form."""
+        self.assertEqual(dns.mail_exchangers(self.resolver, "Bücher.example"),
+                         [("mx1.example.net", ["127.0.0.1", "::1"])])
+        self.assertEqual(self.responder.queries[0], ("xn--bcher-kva.example", "MX"))
+
+    def test_address_literals(self):
+        """IPv4 and IPv6 address literals are their own exchangers, without any DNS query."""
+        self.assertEqual(dns.mail_exchangers(self.resolver, "[192.0.2.1]"), [("[192.0.2.1]", ["192.0.2.1"])])
+        self.assertEqual(dns.mail_exchangers(self.resolver, "[IPv6:2001:DB8:0::1]"),
+                         [("[IPv6:2001:DB8:0::1]", ["2001:db8::1"])])
+        self.assertEqual(self.responder.queries, [])
+
+    def test_bad_address_literal_is_permanent(self):
+        """An address literal that is no address fails permanently."""
+        for literal in ("[192.0.2.300]", "[IPv6:192.0.2.1]", "[tag:stuff]", "[]"):
+            self.assertFails(False, dns.DNS_BAD_LITERAL, dns.mail_exchangers, self.resolver, literal)
+
+
+class QueryTest(ResponderTestCase):
+    """Resolver.query: names, rcodes, transports."""
+
+    def test_noerror_without_records(self):
+        """A known name without records of the type gives an empty list."""
+        self.assertEqual(self.resolver.query("mx2.example.net", "AAAA"), [])
+
+    def test_refused_is_temporary(self):
+        """REFUSED fails temporarily."""
+        self.assertFails(True, "REFUSED", self.resolver.query, "refused.test", "A")
+
+    def test_timeout_is_temporary(self):
+        """A server that never answers gives a temporary DNS timeout, after the timeout for each try."""
+        self.responder.drop.add("example.net")
+        resolver = dns.Resolver([self.responder.address], timeout=SHORT_TIMEOUT, attempts=2)
+        started = time.monotonic()
+        self.assertFails(True, dns.DNS_TIME_OUT, resolver.query, "example.net", "MX")
+        self.assertLess(time.monotonic() - started, 4 * SHORT_TIMEOUT + 1)
+        self.assertEqual(self.responder.queries, [("example.net", "MX")] * 2)
+
+    def test_unreachable_server_is_temporary(self):
+        """A closed server port fails temporarily."""
+        resolver = dns.Resolver([("127.0.0.1", closed_udp_port())], timeout=SHORT_TIMEOUT, attempts=1)
+        self.assertFails(True, "unreachable", resolver.query, "example.net", "MX")
+
+    def test_next_server_after_failure(self):
+        """A server that fails temporarily is followed by the next one."""
+        with support.DNSResponder({("example.net", "*"): "SERVFAIL"}) as failing:
+            resolver = dns.Resolver([failing.address, self.responder.address], timeout=1, attempts=1)
+            self.assertEqual(resolver.query("example.net", "MX"),
+                             [(20, "mx2.example.net"), (10, "mx1.example.net")])
+            self.assertEqual(failing.queries, [("example.net", "MX")])
+
+    def test_truncated_reply_asked_again_over_tcp(self):
+        """A reply with TC=1 is asked for again over TCP, whose answer counts."""
+        self.responder.truncate.add("example.net")
+        self.assertEqual(self.resolver.query("example.net", "MX"), [(20, "mx2.example.net"), (10, "mx1.example.net")])
+        self.assertEqual(self.responder.tcp_queries, [("example.net", "MX")])
+
+    def test_large_answer_over_tcp(self):
+        """An answer too long for 512 octets arrives whole over TCP."""
+        self.assertEqual(self.resolver.query("big.test", "A"), ZONE[("big.test", "A")])
+        self.assertEqual(self.responder.tcp_queries, [("big.test", "A")])
+
+    def test_cname_followed(self):
+        """A CNAME chain in the answer is followed to the records of the type asked."""
+        self.assertEqual(self.resolver.query("alias.test", "A"), ["127.0.0.6"])
+        self.assertEqual(self.responder.queries, [("alias.test", "A")])
+
+    def test_cname_not_finished_is_asked_again(self):
+        """A CNAME whose target's records the server left out is asked for at the target."""
+        self.responder.unchased.add("www.example.net")
+        self.assertEqual(self.resolver.query("www.example.net", "A"), ["127.0.0.6"])
+        self.assertEqual(self.responder.queries, [("www.example.net", "A"), ("host.example.net", "A")])
+
+    def test_cname_loop(self):
+        """A CNAME loop is a DNSError, not a hang."""
+        with support.DNSResponder({("a.test", "CNAME"): ["b.test"], ("b.test", "CNAME"): ["a.test"]},
+                                  unchased=("a.test", "b.test")) as looping:
+            resolver = dns.Resolver([looping.address], timeout=1, attempts=1)
+            self.assertFails(True, dns.DNS_CNAME_CHAIN, resolver.query, "a.test", "A")
+
+    def test_reply_with_another_id_ignored(self):
+        """A reply with another id is ignored: the real answer after it counts."""
+        self.responder.wrong_id.add("example.net")
+        self.assertEqual(len(self.resolver.query("example.net", "MX")), 2)
+
+    def test_reply_from_another_port_ignored(self):
+        """A reply with the right id from another port is ignored: the real answer after it counts."""
+        self.responder.spoof.add("example.net")
+        self.assertEqual(len(self.resolver.query("example.net", "MX")), 2)
+
+    def test_names_normalized(self):
+        """Names are asked in lower case without the trailing dot."""
+        self.resolver.query("MX1.Example.NET.", "A")
+        self.assertEqual(self.responder.queries, [("mx1.example.net", "A")])
+
+    def test_bad_names_refused(self):
+        """Empty labels, labels over 63 octets and non-host characters fail permanently, unasked."""
+        for name in ("", ".", "a..test", ".a.test", "x" * 64 + ".test", "a b.test", "a.test..", "\u00e9" * 70):
+            self.assertFails(False, dns.DNS_BAD_NAME, self.resolver.query, name, "A")
+        self.assertEqual(self.responder.queries, [])
+
+    def test_threads_share_a_resolver(self):
+        """Concurrent queries on one resolver each get their own answer."""
+        names = ["mx1.example.net", "mx2.example.net", "a.equal.test", "b.equal.test", "plain.test"] * 4
+        results = {}
+
+        def ask(index, name):
+            results[index] = self.resolver.query(name, "A")
+
+        threads = [threading.Thread(target=ask, args=item) for item in enumerate(names)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
+        self.assertEqual([results.get(i) for i in range(len(names))], [ZONE[(name, "A")] for name in names])
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    def test_ipv6_server(self):
+        """A server on an IPv6 address is asked over IPv6."""
+        try:
+            responder = support.DNSResponder(ZONE, host="::1")
+        except OSError:
+            self.skipTest("no ::1")
+        with responder:
+            resolver = dns.Resolver([responder.address], timeout=1, attempts=1)
+            self.assertEqual(resolver.query("mx1.example.net", "A"), ["127.0.0.1"])
+
+
+def query_of(reply_maker):
+    """A raw[name] function: the query's id and question, then what reply_maker adds after them."""
+    def reply(query):
+        qid = struct.unpack_from("!H", query)[0]
+        return reply_maker(qid, support.dns_test_read_question(query)[4])
+    return reply
+
+
+class MalformedReplyTest(ResponderTestCase):
+    """Replies that break RFC 1035 give a temporary DNSError, never another exception or a hang."""
+
+    def malformed(self, reply_maker):
+        """Asking for bad.test, answered by reply_maker, fails temporarily as malformed."""
+        self.responder.raw["bad.test"] = query_of(reply_maker)
+        self.assertFails(True, "^malformed", self.resolver.query, "bad.test", "A")
+
+    def test_compression_loop(self):
+        """A name whose pointer leads back into itself is an error."""
+        # the answer's owner, right after the question: label "a", then a pointer back to that label
+        self.malformed(lambda qid, question: struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + question
+                       + b"\x01a" + struct.pack("!H", 0xC000 | 12 + len(question))
+                       + struct.pack("!HHIH", 1, 1, 0, 4) + b"\x7f\0\0\1")
+
+    def test_pointer_to_itself(self):
+        """A pointer to its own position is an error."""
+        self.malformed(lambda qid, question: struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + question
+                       + struct.pack("!H", 0xC000 | 12 + len(question))
+                       + struct.pack("!HHIH", 1, 1, 0, 4) + b"\x7f\0\0\1")
+
+    def test_pointer_past_the_end(self):
+        """A pointer beyond the message is an error."""
+        self.malformed(lambda qid, question: struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + question
+                       + b"\xc3\xff" + struct.pack("!HHIH", 1, 1, 0, 4) + b"\x7f\0\0\1")
+
+    def test_cut_short(self):
+        """A reply whose answer count promises more than it holds is an error."""
+        self.malformed(lambda qid, question: struct.pack("!HHHHHH", qid, 0x8180, 1, 2, 0, 0) + question
+                       + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 4) + b"\x7f\0\0\1")
+
+    def test_bad_address_length(self):
+        """An A record of 3 octets is an error."""
+        self.malformed(lambda qid, question: struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + question
+                       + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 3) + b"\x7f\0\0")
+
+    def test_header_only(self):
+        """A reply of a few octets is an error."""
+        self.malformed(lambda qid, question: struct.pack("!HH", qid, 0x8180))
+
+    def test_random_damage_gives_only_dns_errors(self):
+        """Any truncation or byte change of a good reply parses or raises DNSError, nothing else."""
+        question = support.dns_test_read_question(dns._dns_build_query(7, "example.net", 15))
+        good = self.responder.reply(question)
+        rng = random.Random(5321)
+        damaged = [good[:cut] for cut in range(len(good))]
+        for _ in range(2000):
+            message = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                message[rng.randrange(len(message))] = rng.randrange(256)
+            damaged.append(bytes(message))
+        for message in damaged:
+            try:
+                dns._dns_parse_reply(message, 7, "example.net", 15)
+            except dns.DNSError:
+                pass
+
+
+class ResolvConfTest(unittest.TestCase):
+    """Resolver.from_resolv_conf reads nameserver lines as resolv.conf(5) says."""
+
+    def resolver_from(self, text):
+        """The resolver made from a resolv.conf holding text."""
+        with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as conf:
+            conf.write(text)
+        self.addCleanup(os.unlink, conf.name)
+        return dns.Resolver.from_resolv_conf(conf.name, timeout=1)
+
+    def test_nameservers(self):
+        """IPv4 and IPv6 nameserver lines become servers on port 53; other lines and bad addresses do not."""
+        resolver = self.resolver_from("# local\nsearch example.net\nnameserver 192.0.2.53\n"
+                                      "nameserver   2001:db8::53  \nnameserver not-an-ip\n; nameserver 192.0.2.9\n")
+        self.assertEqual(resolver.servers, [("192.0.2.53", 53), ("2001:db8::53", 53)])
+        self.assertEqual(resolver.timeout, 1)
+
+    def test_only_three_servers(self):
+        """Only the first three nameservers count (MAXNS)."""
+        resolver = self.resolver_from("".join("nameserver 192.0.2.%d\n" % i for i in range(1, 6)))
+        self.assertEqual(resolver.servers, [("192.0.2.1", 53), ("192.0.2.2", 53), ("192.0.2.3", 53)])
+
+    def test_no_nameserver(self):
+        """A resolv.conf without nameserver lines means the local server."""
+        self.assertEqual(self.resolver_from("search example.net\n").servers, [("127.0.0.1", 53)])
+
+    def test_missing_file(self):
+        """A missing resolv.conf means the local server."""
+        missing = os.path.join(tempfile.gettempdir(), "no-such-dir-%d" % os.getpid(), "resolv.conf")
+        self.assertEqual(dns.Resolver.from_resolv_conf(missing).servers, [("127.0.0.1", 53)])
 
 
 if __name__ == "__main__":
