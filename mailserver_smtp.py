@@ -237,6 +237,9 @@ def relay_arguments(parser):
 
 def check_relay_arguments(parser, args):
     """Check the relay options; read --relay-auth (its password is never shown)."""
+    if args.local_domains is None and (args.relay_host or args.relay_auth or args.dns_server):
+        parser.error("--relay-host, --relay-auth and --dns-server need --local-domains "
+                     "(without it every domain is local and nothing goes out)")
     if args.relay_concurrency < 1 or args.relay_timeout <= 0 or args.queue_lifetime <= 0 \
             or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
         parser.error("--relay-concurrency, --relay-timeout, --queue-lifetime, --retry-base and "

@@ -465,6 +465,47 @@ class SmarthostWithoutTLSTest(QueueCase):
         self.assertEqual(self.remote.messages, [])
 
 
+class OurServerAsSmarthostTest(unittest.TestCase):
+    """Our own server, with --implicit-tls and AUTH, as the smarthost of another: end to end, ours to ours."""
+
+    def test_relayed_with_implicit_tls_and_auth_into_the_smarthosts_mailbox(self):
+        """alice@far.example goes through the smarthost (TLS from the first byte, AUTH) into its alice's mailbox."""
+        far, near = support.make_mail_root(), support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, far)
+        self.addCleanup(support.remove_mail_root, near)
+        smarthost = support.ServerProcess(SMTP_SCRIPT, far, "--implicit-tls", *support.TLS_ARGS)
+        self.addCleanup(smarthost.close)
+        auth = os.path.join(near, "relay-auth")
+        with open(auth, "w") as f:
+            f.write("alice wonderland\n")
+        server = support.ServerProcess(SMTP_SCRIPT, near, "--local-domains", "example.org",
+                                       "--relay-host", "localhost:%d" % smarthost.port, "--relay-implicit-tls",
+                                       "--relay-cafile", support.TLS_CERT, "--relay-auth", auth)
+        self.addCleanup(server.close)
+        with support.smtp_session(server) as client:
+            queued = queue_id(support.send_message(client, SUBJECT % b"via the smarthost", "alice@example.org",
+                                                   ("alice@far.example",)))
+        server.wait_for_output(r"%s: to=<alice@far\.example> relay=localhost\[127\.0\.0\.1\]:%d .* status=sent"
+                               % (queued, smarthost.port))
+        stored = read_mailbox(far, "alice")
+        self.assertIn(b"Subject: via the smarthost\n", stored)
+        self.assertIn((" id %s;" % queued).encode(), stored)
+        smarthost.wait_for_output("authentication succeeded: login alice, mechanism ")
+
+
+class RelayOptionsTest(unittest.TestCase):
+    """The relay options on the command line."""
+
+    def test_relay_options_without_local_domains_exit_2(self):
+        """--relay-host or --dns-server without --local-domains: exit 2 and a one-line error, no traceback."""
+        for args in (["--relay-host", "smtp.example.net"], ["--dns-server", "127.0.0.1"]):
+            proc = subprocess.run([sys.executable, SMTP_SCRIPT, "0"] + args, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=support.DEADLINE)
+            self.assertEqual(proc.returncode, 2, args)
+            self.assertIn(b"need --local-domains", proc.stderr)
+            self.assertNotIn(b"Traceback", proc.stderr)
+
+
 class MXDeliveryTest(QueueCase):
     """Delivery by MX lookup (RFC 5321 5.1) with a DNS responder on loopback (--dns-server, --mx-port)."""
 
