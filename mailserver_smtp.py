@@ -2036,7 +2036,6 @@ class SMTPSession(Session):
 #
 #   ROOT/.queue/<id>        the envelope, a blank line, then the message
 #   ROOT/.queue/<id>.tmp    a queue file being written; renamed to <id>
-#   ROOT/.queue/<id>.lock   the message's lock (below)
 #   ROOT/.queue/.flush      touched by --flush: every runner on the root retries all
 #
 # The envelope is text, a line per field, each "NAME<TAB>VALUE":
@@ -2069,17 +2068,19 @@ class SMTPSession(Session):
 # lost, at worst a message is sent twice.
 #
 # Several servers may share one root.  A runner sends a message only
-# holding its lock, a kernel lock on <id>.lock taken without waiting: a
-# message is never sent by two runners at once, and a runner that dies
-# lets it go.  The lock file is removed by the holder once the message is
-# gone; whoever then holds a lock file that is no longer at its path, or
-# whose message is gone, lets it go.
+# holding its lock, a kernel lock on the queue file itself taken without
+# waiting: a message is never sent by two runners at once, and a runner
+# that dies lets it go.  A state change renames a new file over the locked
+# one; the new file is locked by its writer from its creation (above) until
+# after the rename, so the message is never unlocked in between, and a
+# runner that has locked a file no longer at the path (replaced, removed)
+# lets it go.  (No lock file beside each message: creating and removing one
+# cost more than the rest of a delivery's file work, measured.)
 
 QUEUE_NAME = ".queue"
 QUEUE_FORMAT = "mailserver-queue 1"
 QUEUE_ID = re.compile(r"[0-9A-F]{21}\Z")      # see new_queue_id
 TEMP_SUFFIX = ".tmp"
-LOCK_SUFFIX = ".lock"
 FLUSH_NAME = ".flush"
 MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
 MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
@@ -2223,22 +2224,28 @@ class QueuedMessage:
 
 def read_queued(path):
     """The envelope of the queue file at path, with its offset and size (OSError, ValueError)."""
-    fd, st = open_regular(path, os.O_RDONLY)
+    fd, _ = open_regular(path, os.O_RDONLY)
     try:
-        data = b""
-        while True:
-            end = data.find(b"\n\n")
-            if end >= 0:
-                break
-            chunk = os.read(fd, 8192)
-            if not chunk or len(data) > MAX_ENVELOPE:
-                raise ValueError("no envelope end")
-            data += chunk
+        return read_envelope(fd)
     finally:
         os.close(fd)
+
+
+def read_envelope(fd):
+    """The envelope of an open queue file, with its offset and size (OSError, ValueError)."""
+    data = b""
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        end = data.find(b"\n\n")
+        if end >= 0:
+            break
+        chunk = os.read(fd, 8192)
+        if not chunk or len(data) > MAX_ENVELOPE:
+            raise ValueError("no envelope end")
+        data += chunk
     entry = QueuedMessage.parse(data[:end])
     entry.offset = end + 2
-    entry.size = st.st_size - entry.offset
+    entry.size = os.fstat(fd).st_size - entry.offset
     return entry
 
 
@@ -2441,21 +2448,21 @@ def rewrite_queued(folder, entry, path):
 
 
 class MessageLock:
-    """A queued message's lock: its .lock file, kernel-locked without waiting (see The outbound queue)."""
+    """A queued message's lock: a kernel lock on its queue file, taken without waiting (see The outbound queue)."""
 
     def __init__(self, path):
-        self.path = path + LOCK_SUFFIX
-        self.fd = None
+        self.path = path
+        self.fd = None               # the queue file, open for reading while the lock is held
 
     def acquire(self):
-        """Take the lock; False if another runner (of any process) holds it."""
+        """Take the lock; False if another runner (of any process) holds it, or the message is gone."""
         try:
-            fd, st = open_regular(self.path, os.O_RDWR | os.O_CREAT)
+            fd, st = open_regular(self.path, os.O_RDONLY)
         except OSError:
             return False
         try:
             if _lock_fd(fd, False):
-                now = os.stat(self.path)     # the file is still the lock: its holder did not remove it
+                now = os.stat(self.path)     # still the message's file, not one replaced meanwhile
                 if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
                     self.fd = fd
                     return True
@@ -2464,10 +2471,8 @@ class MessageLock:
         os.close(fd)
         return False
 
-    def release(self, remove=False):
-        """Give the lock up; remove its file first when the message is gone."""
-        if remove:
-            remove_file(self.path)
+    def release(self):
+        """Give the lock up."""
         os.close(self.fd)
         self.fd = None
 
@@ -2615,22 +2620,17 @@ class OutboundQueue:
         lock = MessageLock(path)
         if not lock.acquire():
             return
-        gone = False
         try:
             try:
-                entry = read_queued(path)
-            except FileNotFoundError:
-                gone = True
-                return
+                entry = read_envelope(lock.fd)
             except (OSError, ValueError) as exc:
-                gone = self._set_aside(path, exc)
-                return
-            gone = self._attempt(entry, path, forced)
+                return self._set_aside(path, exc)
+            self._attempt(entry, path, lock.fd, forced)
         finally:
-            lock.release(remove=gone)
+            lock.release()
 
-    def _attempt(self, entry, path, forced):
-        """Send to the due recipients, record what happened; True once the message is done and removed."""
+    def _attempt(self, entry, path, fd, forced):
+        """Send to the due recipients (the file open at fd), record what happened; True once it is done."""
         now = time.time()
         due = [r for r in entry.pending() if forced or r.next_try <= now]
         if not due:
@@ -2638,7 +2638,7 @@ class OutboundQueue:
                 self.due_at(entry.next_try())
                 return False
             return self._remove(entry, path)
-        outcomes = self.relay.send_message(entry, path, due)
+        outcomes = self.relay.send_message(entry, fd, due)
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
             for recipient, _ in failed:       # tried again later, and bounced then
@@ -2651,9 +2651,12 @@ class OutboundQueue:
         return False
 
     def _remove(self, entry, path):
-        """A message is done (every recipient sent or failed): remove its file; True."""
+        """A message is done (every recipient sent or failed): remove its file; True.
+
+        The removal is not fsync'd: a crash that undoes it sends the message
+        again, which at least once allows, and it saves an fsync per message.
+        """
         remove_file(path)
-        fsync_directory(self.folder)
         log.info("%s: removed", entry.id)
         return True
 
@@ -2680,13 +2683,10 @@ class OutboundQueue:
         return failed
 
     def _set_aside(self, path, exc):
-        """Move a queue file we cannot read out of the way (never deleted: an admin may look); True if moved."""
+        """Move a queue file we cannot read out of the way (never deleted: an admin may look)."""
         log.critical("%s cannot be read (%s): moved to %s.bad", path, exc, path)
-        try:
+        with contextlib.suppress(OSError):
             os.replace(path, path + ".bad")
-            return True
-        except OSError:
-            return False
 
     def _bounce(self, entry, path, failed):
         """Tell the sender what failed (never for <>); False when that could not be done now."""
@@ -3331,8 +3331,8 @@ class Relay:
             return [(self.host[0], [self.host[0]], self.host[1])]
         return [(name, addresses, self.mx_port) for name, addresses in mail_exchangers(self.resolver, destination)]
 
-    def send_message(self, entry, path, recipients):
-        """Send a queued message to its due recipients; {address: Outcome}."""
+    def send_message(self, entry, fd, recipients):
+        """Send a queued message (its file open at fd) to its due recipients; {address: Outcome}."""
         if entry.hops > MAX_RECEIVED:
             reply = "554 5.4.6 mail loop: %d Received: headers" % entry.hops
             return {r.address: Outcome("bounced", reply) for r in recipients}
@@ -3340,8 +3340,7 @@ class Relay:
         for recipient in recipients:
             groups.setdefault(self.destination(recipient.address), []).append(recipient.address)
         outcomes = {}
-        fd, _ = open_regular(path, os.O_RDONLY)
-        with open(fd, "rb") as file:
+        with open(fd, "rb", closefd=False) as file:
             for destination, addresses in groups.items():
                 outcomes.update(self.send_to(entry, file, destination, addresses))
         return outcomes
@@ -3372,6 +3371,9 @@ class Relay:
         smtp = None
         try:
             smtp = self.connect(server, port)
+            # Commands go one by one, each waiting for its reply: without this, Nagle's
+            # algorithm holds back the short ones until the remote's delayed ACK (40 ms).
+            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
             result = self.converse(smtp, entry, file, relay, name, addresses, tls)
             with contextlib.suppress(OSError, smtplib.SMTPException):

@@ -10,7 +10,7 @@ for <user@[127.0.0.1]> (the server sends them to the sink, as to an MX, on
 --mx-port), each thread in one session.  Prints the rate at which the
 server acknowledged them (each 250 after the queue file's fsync), the
 end-to-end rate (the first submission to the sink's last message), and the
-server's peak resident memory (VmHWM).  Not part of the test suite.
+server's CPU time per message and peak resident memory (VmHWM).  Not part of the test suite.
 """
 
 import argparse
@@ -92,6 +92,16 @@ class Sink:
             sock.sendall(b"".join(replies))
 
 
+def cpu_seconds(pid):
+    """The CPU time (user + system) a process has used so far, from /proc (nan where unknown)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def submit(port, count, body, results):
     """Send count messages in one session; record how long it took."""
     started = time.monotonic()
@@ -133,6 +143,7 @@ def main():
               % (total, len(body), args.clients, args.concurrency))
         print("accepted (250 after fsync): %8.1f msgs/s" % (total / accepted))
         print("end to end (at the sink):   %8.1f msgs/s" % (total / end_to_end))
+        print("server CPU per message:     %8.2f ms" % (1000 * cpu_seconds(server.proc.pid) / total))
         print("server peak RSS:            %8.1f MB" % support.peak_rss_mb(server.proc.pid))
     finally:
         server.close()
