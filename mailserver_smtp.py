@@ -2543,9 +2543,21 @@ class OutboundQueue:
     # -- the runners
 
     def start(self):
-        """Start the runner threads."""
+        """Start the runner threads, and the timer that closes idle connections."""
         for _ in range(self.concurrency):
             threading.Thread(target=self._run, name="queue runner", daemon=True).start()
+        threading.Thread(target=self._close_idle, name="idle connections", daemon=True).start()
+
+    def _close_idle(self):
+        leave_signals_to_main_thread()
+        with self.changed:
+            while not self.stopping:
+                self.changed.wait(CONNECTION_CACHE_TIME / 2)
+                self.changed.release()
+                try:
+                    self.relay.idle.close_expired()
+                finally:
+                    self.changed.acquire()
 
     def stop(self):
         """Make the runners take no more work (an attempt under way is cut by the exit: at least once)."""
@@ -3245,6 +3257,8 @@ SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
 SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
 RELAY_TIMEOUT = 300          # seconds a remote server may stay silent (RFC 5321 4.5.3.2: 5 to 10 minutes)
 MAX_RECEIVED = 50            # Received: headers a message may carry (Postfix's hopcount_limit); more is a loop
+CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection waits for another message (Postfix's
+                             # smtp_connection_cache_time_limit)
 REPLY_CODE = re.compile(r"\d{3} ([245]\.\d{1,3}\.\d{1,3})\b")   # an RFC 3463 code after a reply code
 
 
@@ -3275,6 +3289,58 @@ class Outcome:
             return "4.4.7"
         found = REPLY_CODE.match(self.reply)
         return found.group(1) if found else ("5.0.0" if self.reply.startswith("5") else "4.0.0")
+
+
+class IdleConnections:
+    """Connections kept open after a message, for the next one to the same server (as Postfix's cache).
+
+    A burst of mail for one destination then costs one connection, EHLO,
+    STARTTLS and AUTH, not one per message.  A connection idle for
+    CONNECTION_CACHE_TIME is closed with QUIT (close_expired, from a timer).
+    """
+
+    def __init__(self, limit):
+        self.limit = limit           # connections kept per server
+        self._guard = threading.Lock()
+        self._idle = {}              # (name, address, port) -> [(smtplib client, relay, since)]
+
+    def keep(self, key, smtp, relay):
+        """Keep a connection whose transaction is over, or close it when enough are kept."""
+        with self._guard:
+            kept = self._idle.setdefault(key, [])
+            if len(kept) < self.limit:
+                kept.append((smtp, relay, time.monotonic()))
+                return
+        quit_quietly(smtp)
+
+    def take(self, key):
+        """(smtplib client, relay) of a kept connection to key's server, or None."""
+        with self._guard:
+            kept = self._idle.get(key)
+            if not kept:
+                return None
+            smtp, relay, _ = kept.pop()
+            return smtp, relay
+
+    def close_expired(self, everything=False):
+        """Close the connections idle for CONNECTION_CACHE_TIME (every one, with everything)."""
+        oldest = time.monotonic() - (0 if everything else CONNECTION_CACHE_TIME)
+        expired = []
+        with self._guard:
+            for key, kept in list(self._idle.items()):
+                expired += [smtp for smtp, _, since in kept if since <= oldest]
+                kept[:] = [item for item in kept if item[2] > oldest]
+                if not kept:
+                    del self._idle[key]
+        for smtp in expired:
+            quit_quietly(smtp)
+
+
+def quit_quietly(smtp):
+    """End an SMTP connection with QUIT, whatever state it is in."""
+    with contextlib.suppress(OSError, smtplib.SMTPException):
+        smtp.quit()
+    smtp.close()
 
 
 def host_and_port(text, default):
@@ -3320,6 +3386,7 @@ class Relay:
         self.opportunistic = ssl.create_default_context()
         self.opportunistic.check_hostname = False
         self.opportunistic.verify_mode = ssl.CERT_NONE
+        self.idle = IdleConnections(args.relay_concurrency)
 
     def destination(self, address):
         """Where a recipient's mail goes: '' (the smarthost), or its domain."""
@@ -3367,6 +3434,11 @@ class Relay:
     def session(self, entry, file, name, server, port, addresses, tls):
         """One SMTP session: {address: Outcome}, an Outcome when the next server should be tried,
         or "no tls" when an opportunistic TLS handshake failed."""
+        key = (name, server, port)
+        if tls:
+            result = self.reuse(key, entry, file, addresses)
+            if result is not None:
+                return result
         relay = "%s[%s]:%d" % (name, server, port)
         smtp = None
         try:
@@ -3376,8 +3448,12 @@ class Relay:
             smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
             result = self.converse(smtp, entry, file, relay, name, addresses, tls)
-            with contextlib.suppress(OSError, smtplib.SMTPException):
-                smtp.quit()
+            if isinstance(result, dict) and tls:
+                self.idle.keep(key, smtp, relay)
+                smtp = None
+            else:
+                with contextlib.suppress(OSError, smtplib.SMTPException):
+                    smtp.quit()
             return result
         except smtplib.SMTPConnectError as exc:          # a greeting other than 220
             return Outcome.of_reply(exc.smtp_code, exc.smtp_error, relay, name)
@@ -3417,10 +3493,36 @@ class Relay:
             except smtplib.SMTPAuthenticationError as exc:
                 return Outcome("deferred", "451 4.7.0 the relay host %s refused our login: %d %s"
                                % (relay, exc.smtp_code, exc.smtp_error.decode("utf-8", "replace")), relay)
+        return self.deliver_over(smtp, entry, file, relay, name, addresses)
+
+    def deliver_over(self, smtp, entry, file, relay, name, addresses):
+        """The message over a ready connection: refused by what the server lacks, or the transaction."""
         refusal = self.refusal(smtp, entry)
         if refusal:
             return dict.fromkeys(addresses, Outcome("bounced", refusal, relay))
         return self.transaction(smtp, entry, file, relay, name, addresses)
+
+    def reuse(self, key, entry, file, addresses):
+        """Send over an idle connection to the same server, if one answers RSET: {address: Outcome}, or None."""
+        cached = self.idle.take(key)
+        if cached is None:
+            return None
+        smtp, relay = cached
+        try:
+            code, _ = smtp.rset()          # also sets the commands back to ASCII
+        except (OSError, smtplib.SMTPException):
+            code = None
+        if code != 250:                    # closed by the server meanwhile: a new connection
+            smtp.close()
+            return None
+        try:
+            result = self.deliver_over(smtp, entry, file, relay, key[0], addresses)
+        except (OSError, smtplib.SMTPException) as exc:
+            smtp.close()
+            return dict.fromkeys(addresses, Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
+                                                    % (relay, exc or type(exc).__name__), relay))
+        self.idle.keep(key, smtp, relay)
+        return result
 
     def refusal(self, smtp, entry):
         """Why this server cannot take the message at all (our reply text), or None."""

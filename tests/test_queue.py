@@ -20,10 +20,10 @@ import threading
 import time
 import unittest
 
-import mailserver_smtp as dns
-
 import support
 from support import SMTP_SCRIPT, read_mailbox, wait_for
+
+import mailserver_smtp as dns  # noqa: E402  (support puts the repository on the path)
 
 QUEUED = re.compile(r"^250 (?:2\.0\.0 )?OK Message accepted for delivery, queued as ([0-9A-F]{21})$")
 SUBJECT = b"Subject: %s\r\n\r\nhello\r\n"
@@ -61,7 +61,7 @@ class QueueCase(support.OneServerTestCase):
     SMTPUTF8.  Retries are quick (--retry-base 0.3) and the lifetime short.
     """
 
-    lifetime = "4"
+    lifetime = "30"
     remote_kwargs = {}
 
     @classmethod
@@ -212,6 +212,14 @@ class DeliveryTest(QueueCase):
         queued = queue_id(self.submit(("carol@[127.0.0.1]",), SUBJECT % b"relayed"))
         self.assertNotIn(b"\r\nDate:", self.received_by(self.remote, queued)["data"])
 
+    def test_messages_in_a_row_share_one_connection(self):
+        """Messages for one server in quick succession go over the connection the first one opened."""
+        self.received_by(self.remote, queue_id(self.submit(("first@[127.0.0.1]",))))
+        sessions = self.remote.sessions
+        for number in range(3):
+            self.received_by(self.remote, queue_id(self.submit(("next%d@[127.0.0.1]" % number,))))
+        self.assertEqual(self.remote.sessions, sessions)
+
     def test_retry_after_4xx(self):
         """A 451 to RCPT is retried (--retry-base 0.3) until the remote takes it; sent once."""
         self.remote.rcpt["later@[127.0.0.1]"] = "451 4.3.0 try again later"
@@ -270,15 +278,6 @@ class DeliveryTest(QueueCase):
         self.server.wait_for_output("%s: removed" % queued)
         self.assertNotIn("%s: bounce" % queued, self.server.output())
 
-    def test_bounce_after_the_lifetime(self):
-        """A recipient deferred until --queue-lifetime (4 s) runs out bounces with Status 4.4.7."""
-        self.remote.rcpt["never@[127.0.0.1]"] = "450 4.2.1 mailbox unavailable"
-        queued = queue_id(self.submit(("never@[127.0.0.1]",), SUBJECT % b"patience"))
-        bounce = wait_for(lambda: [b for b in self.bounces() if queued in b.as_string()], timeout=15)[0]
-        status = bounce.get_payload()[1].as_string()
-        self.assertIn("Status: 4.4.7", status)
-        self.assertIn("Diagnostic-Code: smtp; 450 4.2.1 mailbox unavailable (delivery time expired)", status)
-
     def test_utf8_mail_to_a_server_without_smtputf8_bounces_5_6_7(self):
         """An SMTPUTF8 message with UTF-8 headers, to a server that lacks SMTPUTF8: bounced with 5.6.7."""
         with support.smtp_session(self.server, ehlo=True) as client:
@@ -307,6 +306,21 @@ class DeliveryTest(QueueCase):
         bounce = wait_for(lambda: [b for b in self.bounces() if queued in b.as_string()])[0]
         self.assertIn("Status: 5.4.6", bounce.get_payload()[1].as_string())
         self.assertFalse([m for m in self.remote.messages if queued.encode() in m["data"]])
+
+
+class LifetimeTest(QueueCase):
+    """A remote that answers 4xx for ever, and a --queue-lifetime of 1.5 s."""
+
+    lifetime = "1.5"
+
+    def test_bounce_after_the_lifetime(self):
+        """A recipient deferred until --queue-lifetime (1.5 s) runs out bounces with Status 4.4.7."""
+        self.remote.rcpt["never@[127.0.0.1]"] = "450 4.2.1 mailbox unavailable"
+        queued = queue_id(self.submit(("never@[127.0.0.1]",), SUBJECT % b"patience"))
+        bounce = wait_for(lambda: [b for b in self.bounces() if queued in b.as_string()], timeout=15)[0]
+        status = bounce.get_payload()[1].as_string()
+        self.assertIn("Status: 4.4.7", status)
+        self.assertIn("Diagnostic-Code: smtp; 450 4.2.1 mailbox unavailable (delivery time expired)", status)
 
 
 class UnreachableTest(QueueCase):
