@@ -2393,8 +2393,9 @@ def header_facts(spool):
 def trace_header(client_name, client_ip, domain, protocol, queue_id):
     """Our Received: field (RFC 5321 4.4), folded, with its CRLF."""
     name = printable(client_name or "unknown").replace("(", "").replace(")", "")
+    literal = ("IPv6:" if ":" in client_ip else "") + client_ip     # RFC 5321 4.1.3
     return ("Received: from %s ([%s])\r\n\tby %s with %s id %s;\r\n\t%s\r\n"
-            % (name, client_ip, domain, protocol, queue_id,
+            % (name, literal, domain, protocol, queue_id,
                email.utils.formatdate(localtime=True))).encode("utf-8", "surrogateescape")
 
 
@@ -2508,6 +2509,7 @@ class OutboundQueue:
         self.scan_forced = False     # it is a --flush: everything is due
         self.next_scan = 0.0         # epoch seconds: at start, at once
         self.stopping = False
+        self.stopped = threading.Event()     # the same, for the idle connection timer
 
     # -- messages in
 
@@ -2549,21 +2551,17 @@ class OutboundQueue:
         threading.Thread(target=self._close_idle, name="idle connections", daemon=True).start()
 
     def _close_idle(self):
+        # Not a waiter on self.changed: a notify() meant for a runner must never wake this instead.
         leave_signals_to_main_thread()
-        with self.changed:
-            while not self.stopping:
-                self.changed.wait(CONNECTION_CACHE_TIME / 2)
-                self.changed.release()
-                try:
-                    self.relay.idle.close_expired()
-                finally:
-                    self.changed.acquire()
+        while not self.stopped.wait(CONNECTION_CACHE_TIME / 2):
+            self.relay.idle.close_expired()
 
     def stop(self):
         """Make the runners take no more work (an attempt under way is cut by the exit: at least once)."""
         with self.changed:
             self.stopping = True
             self.changed.notify_all()
+        self.stopped.set()
 
     def _run(self):
         leave_signals_to_main_thread()

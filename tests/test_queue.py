@@ -199,6 +199,17 @@ class DeliveryTest(QueueCase):
                                         r"with ESMTP id %s;\r\n\t\w{3}, \d\d \w{3} \d{4} " % queued)
         self.assertTrue(data.endswith(b"Subject: trace\r\n\r\n..dot\r\nend\r\n"))   # '..' is stuffing on the wire
 
+    def test_a_message_in_bdat_chunks_goes_out_like_one_in_data(self):
+        """CHUNKING (RFC 3030): BDAT ... LAST to a remote recipient is queued and sent, its lines intact."""
+        body = b"Subject: chunked\r\n\r\n.starts with a dot\r\n"
+        with support.smtp_session(self.server, ehlo=True) as client:
+            client.cmd_expecting("MAIL FROM:<alice@example.org>", 250)
+            client.cmd_expecting("RCPT TO:<carol@[127.0.0.1]>", 250)
+            client.send(b"BDAT %d LAST\r\n" % len(body) + body)
+            queued = queue_id(client.reply())
+        self.assertTrue(self.received_by(self.remote, queued)["data"].endswith(
+            b"Subject: chunked\r\n\r\n..starts with a dot\r\n"))      # stuffed again on the wire
+
     def test_a_logged_in_submission_gets_date_and_message_id(self):
         """AUTH-submitted mail lacking Date:/Message-ID: gets both (RFC 6409 8.2, 8.3), with ESMTPA."""
         queued = queue_id(self.submit(("carol@[127.0.0.1]",), SUBJECT % b"bare", login="alice"))
