@@ -2256,7 +2256,12 @@ class QueueFile:
         self.folder = folder
         self.path = os.path.join(folder, queue_id)
         self.temp = self.path + TEMP_SUFFIX
-        fd, _ = open_regular(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd, _ = open_regular(self.temp, flags)
+        except FileExistsError:      # a state change of a writer that died (a live one holds its lock)
+            remove_orphan(self.temp)
+            fd, _ = open_regular(self.temp, flags)
         try:
             if not _lock_fd(fd, False):      # a server starting meanwhile must not take it for debris
                 raise OSError(errno.EAGAIN, "taken for debris by a server starting", self.temp)
