@@ -211,7 +211,8 @@ def relay_arguments(parser):
                        % DEFAULT_RELAY_NETWORKS)
     group.add_argument("--relay-host", metavar="HOST[:PORT]",
                        help="send all outgoing mail through this server, with TLS (default port: %d, "
-                       "%d with --relay-implicit-tls); default: to each domain's MX" % (SUBMISSION_PORT, SUBMISSIONS_PORT))
+                       "%d with --relay-implicit-tls); default: to each domain's MX"
+                       % (SUBMISSION_PORT, SUBMISSIONS_PORT))
     group.add_argument("--relay-implicit-tls", action="store_true",
                        help="TLS from the first byte to --relay-host instead of STARTTLS")
     group.add_argument("--relay-cafile", metavar="FILE",
@@ -1924,7 +1925,8 @@ class SMTPSession(Session):
             log.info("not delivered from <%s>: %s is full", self.sender, full)
             return self.replies.MAILBOX_FULL
         except OSError as exc:
-            log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(self.logins + self.remote), exc)
+            log.error("delivery from %s to %s failed: %s", self.peer,
+                      ", ".join(self.logins + self.remote), exc)
             return self.replies.LOCAL_ERROR
         finally:
             if queued is not None:
@@ -1945,7 +1947,8 @@ class SMTPSession(Session):
         queue_id = new_queue_id()
         trace = trace_header(self.client_name, self.address[0], self.domain,
                              trace_protocol(self.replies is Replies, self.tls_active, self.login), queue_id)
-        return self.server.queue.write(queue_id, spool, self.sender, self.remote, self.login, trace, self.utf8)
+        return self.server.queue.write(queue_id, spool, self.sender, self.remote, self.login, trace,
+                                       self.utf8)
 
     def do_AUTH(self, argument):
         """Log the client in with SASL (RFC 4954): PLAIN, LOGIN or CRAM-MD5."""
@@ -2217,7 +2220,8 @@ class QueuedMessage:
         try:
             needs, login = fields["needs"], fields["login"]
             return cls(fields["id"], sender[1:-1], recipients, None if login == "-" else login,
-                       float(fields["arrived"]), () if needs == "-" else needs.split(","), int(fields["hops"]))
+                       float(fields["arrived"]), () if needs == "-" else needs.split(","),
+                       int(fields["hops"]))
         except KeyError as missing:
             raise ValueError("no %s line" % missing)
 
@@ -2454,7 +2458,7 @@ def rewrite_queued(folder, entry, path):
 
 
 class MessageLock:
-    """A queued message's lock: a kernel lock on its queue file, taken without waiting (see The outbound queue)."""
+    """A queued message's lock: a kernel lock on its queue file, taken without waiting (see above)."""
 
     def __init__(self, path):
         self.path = path
@@ -2723,8 +2727,9 @@ class OutboundQueue:
             if login is None:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
                 return True
-            deliver(stored_message(stored_form(report), b"MAILER-DAEMON@" + self.server.domain.encode("utf-8"),
-                                   [entry.sender.encode("utf-8", "surrogateescape")], received_stamp()),
+            daemon = b"MAILER-DAEMON@" + self.server.domain.encode("utf-8")
+            sender = entry.sender.encode("utf-8", "surrogateescape")
+            deliver(stored_message(stored_form(report), daemon, [sender], received_stamp()),
                     [self.server.users.mailbox_path(login)])
             log.info("%s: bounce delivered to %s", entry.id, login)
             return True
@@ -3259,7 +3264,7 @@ SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
 SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
 SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
 RELAY_TIMEOUT = 300          # seconds a remote server may stay silent (RFC 5321 4.5.3.2: 5 to 10 minutes)
-MAX_RECEIVED = 50            # Received: headers a message may carry (Postfix's hopcount_limit); more is a loop
+MAX_RECEIVED = 50            # Received: headers a message may carry (Postfix's hopcount_limit): more, a loop
 CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection waits for another message (Postfix's
                              # smtp_connection_cache_time_limit)
 REPLY_CODE = re.compile(r"\d{3} ([245]\.\d{1,3}\.\d{1,3})\b")   # an RFC 3463 code after a reply code
@@ -3399,7 +3404,8 @@ class Relay:
         """The servers to try for a destination, in order: [(name, [addresses], port)] (DNSError)."""
         if self.host:
             return [(self.host[0], [self.host[0]], self.host[1])]
-        return [(name, addresses, self.mx_port) for name, addresses in mail_exchangers(self.resolver, destination)]
+        return [(name, addresses, self.mx_port)
+                for name, addresses in mail_exchangers(self.resolver, destination)]
 
     def send_message(self, entry, fd, recipients):
         """Send a queued message (its file open at fd) to its due recipients; {address: Outcome}."""
@@ -3506,7 +3512,7 @@ class Relay:
         return self.transaction(smtp, entry, file, relay, name, addresses)
 
     def reuse(self, key, entry, file, addresses):
-        """Send over an idle connection to the same server, if one answers RSET: {address: Outcome}, or None."""
+        """Send over a kept connection to the same server if it answers RSET: {address: Outcome}, or None."""
         cached = self.idle.take(key)
         if cached is None:
             return None
