@@ -1509,9 +1509,9 @@ def run_on_one_cpu(chosen=None):
     Only one thread runs Python at a time (the GIL).  When session threads
     sit on different CPUs, every hand-over of the GIL is a cross-CPU
     wake-up, which costs far more than a switch on one CPU.  --cpu N picks
-    the CPU; else the first CPU no other of our servers has claimed (a lock
-    file per CPU in the system's temporary folder, held while the process
-    lives), so servers started side by side spread over the CPUs.
+    the CPU; else the one fewest other servers of ours have claimed (lock
+    files in the system's temporary folder, held while the process lives),
+    so servers started side by side spread over the CPUs.
     """
     if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
         return
@@ -1524,18 +1524,26 @@ def run_on_one_cpu(chosen=None):
 
 
 _CPU_CLAIM = []              # the lock on the claimed CPU, held until the process ends
+CPU_CLAIM_LAYERS = 64        # claims per CPU: the 65th server process on one CPU picks by its pid
 
 
 def unclaimed_cpu(allowed):
-    """The first allowed CPU no other server process holds a claim on (claimed now); else one by our pid."""
-    for cpu in allowed:
-        claim = FileLock(os.path.join(tempfile.gettempdir(), "mailserver-cpu-%d.lock" % cpu))
-        try:
-            if claim.acquire(blocking=False):
-                _CPU_CLAIM.append(claim)
-                return cpu
-        except OSError:
-            break
+    """The allowed CPU with the fewest of our servers on it (claimed now, by a lock file held for life).
+
+    Claims come in layers: the first server of each CPU claims its layer 0,
+    the next ones layer 1, and so on, so n servers started side by side on n
+    CPUs run one on each, and 2n two on each.
+    """
+    for layer in range(CPU_CLAIM_LAYERS):
+        for cpu in allowed:
+            name = "mailserver-cpu-%d-%d.lock" % (cpu, layer)
+            claim = FileLock(os.path.join(tempfile.gettempdir(), name))
+            try:
+                if claim.acquire(blocking=False):
+                    _CPU_CLAIM.append(claim)
+                    return cpu
+            except OSError:
+                return allowed[os.getpid() % len(allowed)]
     return allowed[os.getpid() % len(allowed)]
 
 
