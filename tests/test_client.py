@@ -372,7 +372,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         result = self.manage("QUIT")
         self.assertClean(result)
         self.assertNoError(result)
-        self.assertTrue(any(line.startswith(pop_server.GREETING + " <") for line in result.lines),
+        self.assertTrue(any(line.startswith((pop_server.Replies.GREETING % "<")) for line in result.lines),
                         result.stdout)
         rows = [line for line in result.lines if re.match(r"\s*\d+  ", line)]
         self.assertEqual(len(rows), 2, result.stdout)
@@ -431,7 +431,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         result = self.manage("DELE 1", "QUIT")
         self.assertClean(result)
         self.assertNoError(result)
-        self.assertIn(pop_server.GOODBYE, result.lines)
+        self.assertIn(pop_server.Replies.GOODBYE, result.lines)
         stored = support.read_mailbox(self.root, "alice")
         self.assertNotIn(b"Lunch on Friday", stored)
         self.assertIn(b"Subject: Exam results\n", stored)
@@ -440,7 +440,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         """QUIT ends the program: nothing typed after it is read."""
         result = self.manage("QUIT", "a")
         self.assertClean(result)
-        self.assertEqual(result.lines[-1].strip(), pop_server.GOODBYE)
+        self.assertEqual(result.lines[-1].strip(), pop_server.Replies.GOODBYE)
 
     def test_rset_undeletes(self):
         """RSET undeletes what DELE marked, in the session and in the file."""
