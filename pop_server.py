@@ -15,6 +15,7 @@ format, the session skeleton and the server loop are the ones SMTP uses.
 """
 
 import array
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -346,7 +347,7 @@ class Maildrop:
         remove_file(os.path.join(self.folder, NEW_MAILBOX_NAME))
         remove_file(self.index_file.temp_path)
         # Under the delivery lock no append is half done at the size we read.
-        with delivery_lock(self.path):
+        with held(delivery_lock(self.path)):
             try:
                 fd, st = open_regular(self.path, os.O_RDWR)
             except FileNotFoundError:
@@ -453,12 +454,14 @@ class Maildrop:
         """Remove the messages marked deleted: new file beside the old one, then rename over.
 
         Keeps every byte after the last indexed message (mail delivered during
-        the session, or a torn message).  On any failure the old file stays.
+        the session, or a torn message).  On any failure the old file stays;
+        once the new file is renamed over it, it stands, even if unlocking
+        the delivery lock then fails (see give_up).
         """
         if not any(deleted):
             return
         temp_path = os.path.join(self.folder, NEW_MAILBOX_NAME)
-        with delivery_lock(self.path):
+        with held(delivery_lock(self.path)):
             try:
                 kept = self._write_kept(temp_path, deleted)
                 self.index_file.save([kept, Section(self.inode, self.starts, self.sizes,
@@ -529,9 +532,33 @@ def lock_and_open(path):
         maildrop.open()
     except BaseException:
         maildrop.close()
-        lock.release()
+        give_up(lock)
         raise
     return lock, maildrop
+
+
+@contextlib.contextmanager
+def held(lock):
+    """Hold lock for a with-block, then give it up as give_up does."""
+    lock.acquire()
+    try:
+        yield lock
+    finally:
+        give_up(lock)
+
+
+def give_up(lock):
+    """Release a lock whose work is done (or failed); an unlock that fails is logged, not raised.
+
+    FileLock.release closes the lock file even when the unlock fails (EIO),
+    and the kernel drops a lock with the last descriptor of its file: the
+    lock is free either way, and what was done under it stands, so a
+    rewrite that was renamed into place is not reported as failed.
+    """
+    try:
+        lock.release()
+    except OSError as exc:
+        log.warning("unlocking %s failed (%s); closing it released the lock", lock.path, exc)
 
 
 def _batches(lines):
@@ -583,12 +610,12 @@ class POP3Session(Session):
         self.reply(Replies.TOO_MANY_FAILURES % reply)
 
     def release(self):
-        """Close the maildrop and give up its session lock."""
+        """Close the maildrop and give up its session lock; called again by finish, it does nothing."""
         if self.maildrop is not None:
             self.maildrop.close()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            give_up(lock)
 
     def summary(self, reason):
         return "%s: user %s, %d commands, %d failed logins, %s" % (
@@ -872,7 +899,7 @@ class POP3Server(Server):
                 for name in (NEW_MAILBOX_NAME, NEW_INDEX_NAME):
                     remove_file(os.path.join(os.path.dirname(path), name))
             finally:
-                lock.release()
+                give_up(lock)
 
 
 # --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import re
 import smtplib
 import socket
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -1020,6 +1021,59 @@ class ShutdownTest(unittest.TestCase):
         with self.assertRaises(OSError):              # no rewrite starts once stopping
             quitting_session().update()
         self.assertEqual(finished, [True])
+
+
+class UnlockFailureTest(MailRootCase):
+    """An unlock that fails (EIO) after the QUIT rewrite: the deletions are done, so QUIT says +OK."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.hooks = tempfile.mkdtemp(prefix="hooks-")
+        cls.server_env, cls.flag = support.failing_unlock_env(cls.hooks)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        support.remove_mail_root(cls.hooks)
+
+    def quit_failing_to_unlock(self, lock_name):
+        """DELE 1 of a new user's three messages, then QUIT with the next unlock of lock_name failing.
+
+        Returns the login and the reply to QUIT, once the server has closed the connection.
+        """
+        login = self.new_user(b"".join(MESSAGES[:3]))
+        with self.login(login) as pop:
+            pop.cmd("DELE 1")
+            with open(self.flag, "w") as f:
+                f.write(lock_name)
+            reply = pop.cmd("QUIT")
+            self.assertTrue(pop.closed())
+        self.assertFalse(os.path.exists(self.flag), "the fault fired")
+        return login, reply
+
+    def assertEndedByQuit(self, login):
+        """The session's one log line says it ended by QUIT, and no traceback: finish released nothing twice."""
+        self.server.wait_for_output(r"user %s, \d+ commands, 0 failed logins, quit$" % login)
+        self.assertNotIn("Traceback", self.server.output())
+
+    def test_quit_says_goodbye_when_the_delivery_lock_fails_to_unlock(self):
+        """EIO unlocking the delivery lock after the rewrite: QUIT says +OK, message 1 is gone, the lock is free."""
+        login, reply = self.quit_failing_to_unlock(".my_mailbox.lock")
+        self.assertEqual(reply, pop_server.Replies.GOODBYE)
+        self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2])
+        lock = mailserver_smtp.delivery_lock(support.mailbox_path(self.root, login))
+        self.assertTrue(lock.acquire(blocking=False), "closing the lock file released it")
+        lock.release()
+        self.assertEndedByQuit(login)
+
+    def test_quit_says_goodbye_when_the_session_lock_fails_to_unlock(self):
+        """EIO unlocking the session lock at QUIT: QUIT says +OK, message 1 is gone, a new session logs in."""
+        login, reply = self.quit_failing_to_unlock(".my_mailbox.pop.lock")
+        self.assertEqual(reply, pop_server.Replies.GOODBYE)
+        self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2])
+        self.assertEndedByQuit(login)
+        self.assertTrue(support.pop_can_login(self.server, login, PASSWORD))
 
 
 class LargeMessageTest(MailRootCase):
