@@ -104,6 +104,13 @@ class SendingTests(support.OneServerTestCase, ClientTestCase):
         self.assertIn(SENT, result.lines)
         self.assertIn(("Subject: %s\n" % subject).encode(), support.read_mailbox(self.root, "bob"))
 
+    def test_body_line_of_998_characters_is_delivered(self):
+        """A body line of 998 characters, the longest RFC 5321 allows, is sent and stored whole."""
+        line = "w" * 998
+        result = self.send(mail(subject="Longest line", body=[line]))
+        self.assertIn(SENT, result.lines)
+        self.assertIn(("\n%s\n.\n" % line).encode(), support.read_mailbox(self.root, "bob"))
+
     def test_utf8_text_arrives_unchanged(self):
         """UTF-8 in the subject and body reaches the mailbox unchanged."""
         result = self.send(mail(subject="Caf\u00e9", body=["Gr\u00fc\u00dfe \u2603"]))
