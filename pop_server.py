@@ -15,7 +15,6 @@ format, the session skeleton and the server loop are the ones SMTP uses.
 """
 
 import array
-import contextlib
 import hashlib
 import itertools
 import logging
@@ -26,7 +25,7 @@ import sys
 from mailserver_smtp import (INDEX_NAME, NEW_INDEX_NAME, NEW_MAILBOX_NAME, Server, Session, SessionEnd,
                              check_server_arguments, delivery_lock, fresh_timestamp, fsync_directory,
                              header_block, message_end, name_and_digest, open_regular, remove_file,
-                             run_server, server_arguments, session_lock, set_torn_tail_aside, wire_size)
+                             make_whole, run_server, server_arguments, session_lock, wire_size)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -133,11 +132,11 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------
 # The maildrop: index, unique ids, the rewrite at QUIT
 # --------------------------------------------------------------------------
-# Where a stored message ends is found by the format's own rule, message_end
-# (index_messages calls it).  Past that, this part knows one more thing of
-# the format: the last two bytes of each message are its '.' line, which
-# is neither sent nor hashed (MessageScan.take, Maildrop.chunks and
-# _still_there leave it out).
+# Where a stored message ends is found by the format's own rule, message_end,
+# which index_messages calls.  Past that, this part knows one more thing of
+# the format: the last two bytes of each message are its '.' line, which is
+# neither sent nor hashed (MessageScan.take, Maildrop.chunks and
+# _still_there, the index cache check, rely on it).
 
 def index_messages(f, offset, limit):
     """Scan f from offset (where a message starts) up to limit for complete messages.
@@ -347,7 +346,7 @@ class Maildrop:
         remove_file(os.path.join(self.folder, NEW_MAILBOX_NAME))
         remove_file(self.index_file.temp_path)
         # Under the delivery lock no append is half done at the size we read.
-        with held(delivery_lock(self.path)):
+        with delivery_lock(self.path):
             try:
                 fd, st = open_regular(self.path, os.O_RDWR)
             except FileNotFoundError:
@@ -355,7 +354,7 @@ class Maildrop:
             if fd is not None:
                 self.file = os.fdopen(fd, "rb")
                 self.inode = st.st_ino
-                limit = set_torn_tail_aside(fd, self.path, st.st_size)
+                limit = make_whole(fd, self.path, st.st_size)
         self.index_file.load()
         known = self.index_file.section_for(self.inode)
         if self.file is None:
@@ -456,13 +455,14 @@ class Maildrop:
         Keeps every byte after the last indexed message (mail delivered during
         the session, or a torn message).  On any failure the old file stays;
         once the new file is renamed over it, it stands, even if unlocking
-        the delivery lock then fails (see give_up).
+        the delivery lock then fails (FileLock.release never raises).
         """
         if not any(deleted):
             return
         temp_path = os.path.join(self.folder, NEW_MAILBOX_NAME)
-        with held(delivery_lock(self.path)):
+        with delivery_lock(self.path):
             try:
+                self._make_whole()
                 kept = self._write_kept(temp_path, deleted)
                 self.index_file.save([kept, Section(self.inode, self.starts, self.sizes,
                                                     self.serials, self.digests)])
@@ -473,6 +473,14 @@ class Maildrop:
                 remove_file(temp_path)
                 raise
             fsync_directory(self.folder)
+
+    def _make_whole(self):
+        """Set aside what a delivery that died during the session left (see make_whole), before the copy."""
+        fd, st = open_regular(self.path, os.O_RDWR)     # its own offset: self.file's buffer stays right
+        try:
+            make_whole(fd, self.path, st.st_size)
+        finally:
+            os.close(fd)
 
     def _write_kept(self, temp_path, deleted):
         """Write the kept messages and what follows them to temp_path, fsync'd; return their Section."""
@@ -532,33 +540,9 @@ def lock_and_open(path):
         maildrop.open()
     except BaseException:
         maildrop.close()
-        give_up(lock)
+        lock.release()
         raise
     return lock, maildrop
-
-
-@contextlib.contextmanager
-def held(lock):
-    """Hold lock for a with-block, then give it up as give_up does."""
-    lock.acquire()
-    try:
-        yield lock
-    finally:
-        give_up(lock)
-
-
-def give_up(lock):
-    """Release a lock whose work is done (or failed); an unlock that fails is logged, not raised.
-
-    FileLock.release closes the lock file even when the unlock fails (EIO),
-    and the kernel drops a lock with the last descriptor of its file: the
-    lock is free either way, and what was done under it stands, so a
-    rewrite that was renamed into place is not reported as failed.
-    """
-    try:
-        lock.release()
-    except OSError as exc:
-        log.warning("unlocking %s failed (%s); closing it released the lock", lock.path, exc)
 
 
 def _batches(lines):
@@ -613,9 +597,9 @@ class POP3Session(Session):
         """Close the maildrop and give up its session lock; called again by finish, it does nothing."""
         if self.maildrop is not None:
             self.maildrop.close()
-        lock, self.lock = self.lock, None
-        if lock is not None:
-            give_up(lock)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def summary(self, reason):
         return "%s: user %s, %d commands, %d failed logins, %s" % (
@@ -877,8 +861,7 @@ class POP3Server(Server):
     """The POP3 server: its sessions are POP3Sessions."""
 
     session_class = POP3Session
-    BUSY = Replies.BUSY
-    BUSY_CLIENT = Replies.BUSY_CLIENT
+    replies = Replies
 
     def __init__(self, args):
         super().__init__(args)
@@ -899,7 +882,7 @@ class POP3Server(Server):
                 for name in (NEW_MAILBOX_NAME, NEW_INDEX_NAME):
                     remove_file(os.path.join(os.path.dirname(path), name))
             finally:
-                give_up(lock)
+                lock.release()
 
 
 # --------------------------------------------------------------------------
@@ -930,8 +913,10 @@ def _still_there(f, start, end, digest):
     """Whether bytes start..end of f still hold the message indexed there (read in chunks).
 
     The content hash (of all but the '.' line) must match, and the last two
-    bytes must be the '.' line: the index found the end by message_end, so
-    the same bytes end a message again.
+    bytes must be the '.' line.  It does not look for a message end inside,
+    as message_end would: the index found the end there, and bytes with the
+    same hash are the same bytes.  (Scanning as index_messages does made a
+    login to 64 MB messages twice as slow.)
     """
     hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
     f.seek(start)

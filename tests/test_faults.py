@@ -66,13 +66,16 @@ class StreamingTest(unittest.TestCase):
     """DATA is stored as it comes, chunk by chunk, exactly as if it had come whole."""
 
     def receive(self, wire_data, sizes, strict=True, max_size=10 ** 7):
-        """Run read_data over wire_data cut into chunks of sizes; return (refusal, stored body, rest)."""
+        """Run read_data over wire_data cut into chunks of sizes; return (refusal reply, stored body, rest)."""
         wire = mailserver_smtp.Wire(FakeWireSocket(wire_data, sizes), 30)
         folder = tempfile.mkdtemp()
         self.addCleanup(support.remove_mail_root, folder)
         spool = mailserver_smtp.Spool(folder)
-        refused = mailserver_smtp.read_data(wire, strict, spool, max_size, 30)
-        body = b"".join(spool.lines()) if refused is None else None
+        try:
+            mailserver_smtp.read_data(wire, strict, spool, max_size, 30)
+            refused, body = None, b"".join(spool.lines())
+        except mailserver_smtp.Refused as exc:
+            refused, body = exc.reply, None
         spool.close()
         return refused, body, bytes(wire.buffer) + wire.sock.data
 
@@ -108,10 +111,10 @@ class StreamingTest(unittest.TestCase):
         """Past the size limit, or with a line over 1000 octets, the rest is read, thrown away, refused."""
         big = b"a" * 90 + b"\r\n"
         self.assertEqual(self.receive(big * 50 + b".\r\nNEXT\r\n", [7], max_size=1000),
-                         ("MESSAGE_TOO_LARGE", None, b"NEXT\r\n"))
+                         (mailserver_smtp.Replies.MESSAGE_TOO_LARGE, None, b"NEXT\r\n"))
         long_line = b"b" * 5000 + b"\r\n"
         self.assertEqual(self.receive(long_line + b".\r\nNEXT\r\n", [64]),
-                         ("LINE_TOO_LONG", None, b"NEXT\r\n"))
+                         (mailserver_smtp.Replies.LINE_TOO_LONG, None, b"NEXT\r\n"))
 
 
 class MemoryTest(unittest.TestCase):
