@@ -955,7 +955,6 @@ class Session:
         self.peer = peer
         self.verbose = server.verbose
         self.wire = Wire(sock, server.timeout)
-        self.last_reply = ""          # the last line queued
         self.tls_active = False
         self.crlf = True              # did the last command line end in CRLF?
         self.auth_failures = 0
@@ -965,7 +964,6 @@ class Session:
         if self.verbose:
             for line in lines:
                 log.info("%s S: %s", self.peer, line)
-        self.last_reply = lines[-1]
         # Replies are small, so they simply wait in the queue for the next flush.
         self.wire.pending.append(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
 
@@ -1725,6 +1723,14 @@ def parse_path(text):
     return address, rest.split()
 
 
+def path_after(argument, keyword, syntax):
+    """Parse 'FROM:<addr> params' / 'TO:<addr>' (any case) into (address, [params]); Refused if malformed."""
+    path = parse_path(argument[len(keyword):]) if argument[:len(keyword)].upper() == keyword else None
+    if path is None:
+        raise Refused(Replies.SYNTAX % syntax)
+    return path
+
+
 def local_part(address):
     """The part of an address before its last '@' (all of it when it has none)."""
     return address.rpartition("@")[0] if "@" in address else address
@@ -1753,6 +1759,13 @@ class Envelope:
         self.recipients = []         # the addresses as given, in order
         self.logins = []             # their mailboxes' owners, without repeats
         self.chunked = None          # the message BDAT chunks are building (RFC 3030)
+
+    def ready_for_message(self):
+        """Refuse DATA or BDAT before MAIL and RCPT."""
+        if self.sender is None:
+            raise Refused(Replies.NO_SENDER)
+        if not self.recipients:
+            raise Refused(Replies.NO_RECIPIENT)
 
     def discard(self):
         """Drop the message the chunks were building, if any (its spool file vanishes)."""
@@ -1866,13 +1879,7 @@ class SMTPSession(Session):
             return self.replies.SYNTAX % "EHLO hostname"
         self.reset()
         self.client_name, self.replies = argument, Replies
-        keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
-                    "SMTPUTF8", "CHUNKING"]
-        if self.tls_active or not self.server.require_tls:
-            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
-        if self.server.tls and not self.tls_active:
-            keywords.append("STARTTLS")
-        keywords.append("HELP")
+        keywords = self.server.extensions(self.tls_active)
         return (self.replies.EHLO % (self.domain, argument),
                 *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
@@ -1900,7 +1907,7 @@ class SMTPSession(Session):
         self.may_send()
         if self.envelope.sender is not None:
             return self.replies.SENDER_GIVEN
-        address, parameters = self.path_after(argument, "FROM:", "MAIL FROM:<address>")
+        address, parameters = path_after(argument, "FROM:", "MAIL FROM:<address>")
         if self.login is not None and local_part(address).lower() != self.login.lower():
             return self.replies.NOT_YOURS % (address, self.login)
         utf8, size = False, 0
@@ -1936,51 +1943,28 @@ class SMTPSession(Session):
         envelope = self.envelope
         if envelope.sender is None:
             return self.replies.MAIL_FIRST
-        address, parameters = self.path_after(argument, "TO:", "RCPT TO:<address>")
+        address, parameters = path_after(argument, "TO:", "RCPT TO:<address>")
         if not address:
             return self.replies.SYNTAX % "RCPT TO:<address>"
         if parameters:
             return self.replies.RCPT_PARAMETERS
         if not (envelope.utf8 or address.isascii()):
             return self.replies.NEEDS_SMTPUTF8
-        login = self.mailbox_owner(address)
+        login = self.server.mailbox_owner(address)
         if len(envelope.recipients) >= MAX_RECIPIENTS:
             return self.replies.TOO_MANY_RECIPIENTS
         if self.server.quota is not None:
-            self.check_quota(login)
+            self.server.check_quota(login, envelope.declared_size)
         envelope.recipients.append(address)
         if login not in envelope.logins:
             envelope.logins.append(login)
         return self.replies.RECIPIENT_OK % local_part(address)
 
-    def mailbox_owner(self, address):
-        """The login whose mailbox takes mail for address; Refused for another domain or no such user."""
-        domains = self.server.local_domains
-        if domains is not None and "@" in address and address.rpartition("@")[2].lower() not in domains:
-            raise Refused(Replies.RELAYING_DENIED)
-        local = local_part(address)
-        login = self.server.postmaster() if local.lower() == POSTMASTER else self.server.users.canonical(local)
-        if login is None:
-            raise Refused(Replies.NO_SUCH_USER)
-        return login
-
-    def check_quota(self, login):
-        """Refuse a recipient whose mailbox (under --quota) cannot take the declared message."""
-        quota = self.server.quota
-        if self.envelope.declared_size > quota:
-            raise Refused(Replies.OVER_QUOTA)
-        try:
-            held = os.stat(self.server.users.mailbox_path(login)).st_size
-        except OSError:
-            held = 0
-        if held >= quota or held + self.envelope.declared_size > quota:
-            raise Refused(Replies.MAILBOX_FULL)
-
     def do_DATA(self, argument):
         """Receive the message (up to its lone '.' line) and deliver it to every recipient."""
         if argument:
             return self.replies.SYNTAX % "DATA"
-        self.may_take_message()
+        self.envelope.ready_for_message()
         if self.envelope.chunked is not None:
             return self.replies.DATA_AFTER_BDAT
         with self.server.in_flight:     # from the 354 on, a shutdown waits for this message
@@ -1988,17 +1972,10 @@ class SMTPSession(Session):
             spool = Spool(self.server.spool_folder)
             try:
                 read_data(self.wire, self.crlf, spool, self.server.max_size, self.server.timeout)
-                return self.accept(spool)
+                return take_message(self, spool)
             finally:
                 spool.close()
                 self.reset()
-
-    def may_take_message(self):
-        """Refuse DATA or BDAT before MAIL and RCPT."""
-        if self.envelope.sender is None:
-            raise Refused(Replies.NO_SENDER)
-        if not self.envelope.recipients:
-            raise Refused(Replies.NO_RECIPIENT)
 
     def do_BDAT(self, argument):
         """Take a chunk of exactly n octets of the message (RFC 3030); BDAT n LAST delivers it."""
@@ -2009,7 +1986,7 @@ class SMTPSession(Session):
         try:
             if len(words) > 1 and not last:
                 raise Refused(Replies.SYNTAX % "BDAT size [LAST]")
-            self.may_take_message()
+            self.envelope.ready_for_message()
             if self.envelope.chunked is not None and self.envelope.chunked.failed:
                 raise Refused(Replies.BDAT_FAILED)
         except Refused:
@@ -2034,33 +2011,9 @@ class SMTPSession(Session):
         with self.server.in_flight:          # from the last chunk on, a shutdown waits for it
             try:
                 chunked.finish()
-                return self.accept(chunked.spool)
+                return take_message(self, chunked.spool)
             finally:
                 self.reset()
-
-    def accept(self, spool):
-        """Store a received message for every recipient: the 250, or Refused with why not."""
-        envelope = self.envelope
-        header = Header(spool.lines())
-        foreign = foreign_sender(header, self.login) if self.login else None
-        if foreign is not None:
-            raise Refused(Replies.NOT_YOURS % (printable(foreign), self.login))
-        layout = stored_layout(header, spool.size, envelope.sender.encode("utf-8", "surrogateescape"),
-                               [r.encode("utf-8", "surrogateescape") for r in envelope.recipients],
-                               received_stamp())
-        message = spool.message(layout)
-        try:
-            deliver(message, [self.server.users.mailbox_path(login) for login in envelope.logins],
-                    self.server.quota)
-        except MailboxFull as full:
-            log.info("not delivered from <%s>: %s is full", envelope.sender, full)
-            raise Refused(Replies.MAILBOX_FULL)
-        except OSError as exc:
-            log.error("delivery from %s to %s failed: %s", self.peer, ", ".join(envelope.logins), exc)
-            raise Refused(Replies.LOCAL_ERROR)
-        self.delivered += 1
-        log.info("delivered %d bytes from <%s> to %s", len(message), envelope.sender, ", ".join(envelope.logins))
-        return self.replies.ACCEPTED
 
     # -- commands outside a transaction
 
@@ -2115,14 +2068,6 @@ class SMTPSession(Session):
         """Say goodbye and end the session."""
         self.reply(self.replies.GOODBYE % self.domain)
         raise SessionEnd("quit")
-
-    def path_after(self, argument, keyword, syntax):
-        """Parse 'FROM:<addr> params' / 'TO:<addr>' (any case) into (address, [params]); Refused if malformed."""
-        path = parse_path(argument[len(keyword):]) if argument[:len(keyword)].upper() == keyword else None
-        if path is None:
-            raise Refused(Replies.SYNTAX % syntax)
-        return path
-
 
 # --------------------------------------------------------------------------
 # Reading DATA and BDAT
@@ -2267,6 +2212,34 @@ def store(spool, run, strict, max_size):
 # --------------------------------------------------------------------------
 # The stored form: from the lines on the wire to the lines in a mailbox
 # --------------------------------------------------------------------------
+
+def take_message(session, spool):
+    """Store a received message for every recipient of the session's envelope: the 250, or Refused.
+
+    The message's header block is read once: for the sender check of a
+    logged-in client, and to lay the stored form out.
+    """
+    envelope, server, login = session.envelope, session.server, session.login
+    header = Header(spool.lines())
+    foreign = foreign_sender(header, login) if login else None
+    if foreign is not None:
+        raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
+    layout = stored_layout(header, spool.size, envelope.sender.encode("utf-8", "surrogateescape"),
+                           [r.encode("utf-8", "surrogateescape") for r in envelope.recipients],
+                           received_stamp())
+    message = spool.message(layout)
+    try:
+        deliver(message, [server.users.mailbox_path(login) for login in envelope.logins], server.quota)
+    except MailboxFull as full:
+        log.info("not delivered from <%s>: %s is full", envelope.sender, full)
+        raise Refused(Replies.MAILBOX_FULL)
+    except OSError as exc:
+        log.error("delivery from %s to %s failed: %s", session.peer, ", ".join(envelope.logins), exc)
+        raise Refused(Replies.LOCAL_ERROR)
+    session.delivered += 1
+    log.info("delivered %d bytes from <%s> to %s", len(message), envelope.sender, ", ".join(envelope.logins))
+    return session.replies.ACCEPTED
+
 
 def stored_lines(run, strict):
     """Turn whole lines of DATA, as they came on the wire, into mailbox lines ending in \\n.
@@ -2727,6 +2700,39 @@ class SMTPServer(Server):
         self.local_domains = args.local_domains
         self.postmaster_name = args.postmaster
         self.spool_folder = prepare_spool(self.users.root)
+
+    def extensions(self, tls_active):
+        """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not."""
+        keywords = ["SIZE %d" % self.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
+                    "SMTPUTF8", "CHUNKING"]
+        if tls_active or not self.require_tls:
+            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
+        if self.tls and not tls_active:
+            keywords.append("STARTTLS")
+        return keywords + ["HELP"]
+
+    def mailbox_owner(self, address):
+        """The login whose mailbox takes mail for address; Refused for another domain or no such user."""
+        domains = self.local_domains
+        if domains is not None and "@" in address and address.rpartition("@")[2].lower() not in domains:
+            raise Refused(Replies.RELAYING_DENIED)
+        local = local_part(address)
+        login = self.postmaster() if local.lower() == POSTMASTER else self.users.canonical(local)
+        if login is None:
+            raise Refused(Replies.NO_SUCH_USER)
+        return login
+
+    def check_quota(self, login, declared_size):
+        """Refuse a recipient whose mailbox (under --quota) cannot take a message of the declared size."""
+        quota = self.quota
+        if declared_size > quota:
+            raise Refused(Replies.OVER_QUOTA)
+        try:
+            held = os.stat(self.users.mailbox_path(login)).st_size
+        except OSError:
+            held = 0
+        if held >= quota or held + declared_size > quota:
+            raise Refused(Replies.MAILBOX_FULL)
 
     def postmaster(self):
         """The login that mail for postmaster goes to: --postmaster, else the first user."""
