@@ -297,6 +297,39 @@ def failing_fsync_env(folder):
     return dict(os.environ, PYTHONPATH=folder, FAULT_FSYNC=flag), flag
 
 
+UNLOCK_FAULT = """\
+# Injected by the tests: the next unlock of the lock file whose name FAULT_UNLOCK (a file) holds fails once, with EIO.
+import errno, fcntl, os
+_flock, _flag = fcntl.flock, os.environ.get("FAULT_UNLOCK")
+def flock(fd, operation):
+    if operation == fcntl.LOCK_UN and _flag:
+        try:
+            with open(_flag) as f:
+                name = f.read()
+            target = os.readlink("/proc/self/fd/%d" % fd)
+        except (OSError, TypeError):
+            name = target = ""
+        if name and os.path.basename(target) == name:
+            os.remove(_flag)
+            raise OSError(errno.EIO, "injected unlock failure")     # still locked, as after a real EIO
+    return _flock(fd, operation)
+fcntl.flock = flock
+"""
+
+
+def failing_unlock_env(folder):
+    """An environment for a server whose next unlock of a lock file fails (EIO) once folder/fail-unlock names it.
+
+    Returns (env, flag path); writing a lock file's name (".my_mailbox.lock")
+    into the flag arms the fault.  A sitecustomize module, as for
+    failing_fsync_env (so the two cannot be used together).
+    """
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(UNLOCK_FAULT)
+    flag = os.path.join(folder, "fail-unlock")
+    return dict(os.environ, PYTHONPATH=folder, FAULT_UNLOCK=flag), flag
+
+
 class ServerProcess(StartedServer):
     """One of our servers running as a real subprocess in root (with --root root) on a free loopback port."""
 

@@ -211,7 +211,7 @@ class PerClientLimitTest(unittest.TestCase):
         reply = self.crowd(server, lambda client: client.line())
         self.assertTrue(reply.startswith("-ERR [SYS/TEMP] "), reply)
         with server.connect(source=SECOND_ADDRESS) as other:
-            self.assertTrue(other.line().startswith(pop_server.GREETING + " <"))
+            self.assertTrue(other.line().startswith((pop_server.Replies.GREETING % "<")))
 
     def test_the_default_share_of_a_client_is_half_the_connections(self):
         """Without --max-per-client, one address gets half of --max-connections: the 3rd of 4 is refused."""
@@ -287,7 +287,7 @@ class DeadlineTest(support.BothServersTestCase):
         """POP3 bounds each command line the same way: the session ends without a reply (RFC 1939)."""
         _, pop = self.servers
         client = pop.connect()
-        self.assertTrue(client.line().startswith(pop_server.GREETING + " <"))
+        self.assertTrue(client.line().startswith((pop_server.Replies.GREETING % "<")))
         self.assertEqual(self.cut_within(client, [bytes([b]) for b in b"NOOP NOOP NOOP NOOP\r\n"], 0.3, 4), [])
         client.close()
 
