@@ -1828,6 +1828,11 @@ class SMTPSession(Session):
                                [r.encode("utf-8", "surrogateescape") for r in self.recipients],
                                received_stamp())
         message = spool.message(layout)
+        quota = self.server.quota
+        if quota is not None and len(message) > quota:
+            # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
+            log.info("not delivered from <%s>: %d bytes, more than the quota", self.sender, len(message))
+            return self.replies.OVER_QUOTA
         try:
             deliver(message, [self.server.users.mailbox_path(login) for login in self.logins],
                     self.server.quota)
