@@ -25,7 +25,7 @@ import sys
 from mailserver_smtp import (INDEX_NAME, NEW_INDEX_NAME, NEW_MAILBOX_NAME, Server, Session, SessionEnd,
                              check_server_arguments, delivery_lock, fresh_timestamp, fsync_directory,
                              header_block, message_end, name_and_digest, open_regular, remove_file,
-                             run_server, server_arguments, session_lock, set_torn_tail_aside, wire_size)
+                             make_whole, run_server, server_arguments, session_lock, wire_size)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -297,7 +297,7 @@ class Mailbox:
             if fd is not None:
                 self.file = os.fdopen(fd, "rb")
                 self.inode = st.st_ino
-                limit = set_torn_tail_aside(fd, self.path, st.st_size)
+                limit = make_whole(fd, self.path, st.st_size)
         self.index_file.load()
         known = self.index_file.section_for(self.inode)
         if self.file is None:
@@ -394,6 +394,7 @@ class Mailbox:
         temp_path = os.path.join(self.folder, NEW_MAILBOX_NAME)
         with delivery_lock(self.path):
             try:
+                self._make_whole()
                 kept = self._write_kept(temp_path, deleted)
                 self.index_file.save([kept, Section(self.inode, self.starts, self.sizes,
                                                     self.serials, self.digests)])
@@ -404,6 +405,14 @@ class Mailbox:
                 remove_file(temp_path)
                 raise
             fsync_directory(self.folder)
+
+    def _make_whole(self):
+        """Set aside what a delivery that died during the session left (see make_whole), before the copy."""
+        fd, st = open_regular(self.path, os.O_RDWR)     # its own offset: self.file's buffer stays right
+        try:
+            make_whole(fd, self.path, st.st_size)
+        finally:
+            os.close(fd)
 
     def _write_kept(self, temp_path, deleted):
         """Write the kept messages and what follows them to temp_path, fsync'd; return their Section."""
@@ -779,8 +788,7 @@ class POP3Server(Server):
     """The POP3 server: its sessions are POP3Sessions; it applies their deletions."""
 
     session_class = POP3Session
-    BUSY = BUSY
-    BUSY_CLIENT = BUSY_CLIENT
+    replies = type("POP3Busy", (), {"BUSY": BUSY, "BUSY_CLIENT": BUSY_CLIENT})
 
     def __init__(self, args):
         super().__init__(args)

@@ -256,7 +256,32 @@ def fsync(fd):
             raise OSError(errno.EIO, "injected fsync failure")
     return _fsync(fd)
 os.fsync = fsync
+# ... and the process kills itself (SIGKILL, as kill -9) at the FAULT_KILL_WRITE'th write to a my_mailbox.
+import signal
+_write, _writev = os.write, getattr(os, "writev", None)
+_kill_at, _writes = int(os.environ.get("FAULT_KILL_WRITE", "0")), [0]
+def _count_write(fd):
+    if _kill_at and os.readlink("/proc/self/fd/%d" % fd).endswith("/my_mailbox"):
+        _writes[0] += 1
+        if _writes[0] == _kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+def write(fd, data):
+    _count_write(fd)
+    return _write(fd, data)
+def writev(fd, buffers):
+    _count_write(fd)
+    return _writev(fd, buffers)
+os.write = write
+if _writev is not None:
+    os.writev = writev
 """
+
+
+def killed_at_write_env(folder, count):
+    """An environment for a server that kills itself with SIGKILL at its count'th write to a mailbox."""
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(FAULTS)
+    return dict(os.environ, PYTHONPATH=folder, FAULT_KILL_WRITE=str(count))
 
 
 def failing_fsync_env(folder):

@@ -910,7 +910,7 @@ class MailboxFileTest(unittest.TestCase):
         """The index cache takes in appended messages after a torn tail went to .my_mailbox.torn."""
         torn = b"From: x@example.org\nSubject: cut\nhalf"
         self.write(MESSAGES[0] + torn)
-        with self.assertLogs("smtp", "WARNING"):
+        with self.assertLogs("mail", "WARNING"):
             first = self.uids()
         self.assertEqual(len(first), 1)
         self.assertEqual(support.read_mailbox(self.root, "alice"), MESSAGES[0])
