@@ -73,6 +73,53 @@ def closed_unanswered(client):
         return True
 
 
+class ProxyHeaderParsingTest(unittest.TestCase):
+    """read_proxy_header and its parsers, in this process, on a socket pair: what is taken and what is refused."""
+
+    OWN = ("127.0.0.1", 5555)     # the balancer's own address, as accept() gave it
+
+    def read(self, data):
+        """What read_proxy_header makes of data, and the bytes it left on the socket."""
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            theirs.sendall(data)
+            theirs.shutdown(socket.SHUT_WR)
+            address = mailserver_smtp.read_proxy_header(ours, self.OWN, support.DEADLINE)
+            left = b""
+            while True:
+                chunk = ours.recv(4096)
+                if not chunk:
+                    return address, left
+                left += chunk
+
+    def test_exactly_the_header_is_consumed(self):
+        """v1 and v2 headers: the client's address, and every byte after the header still unread."""
+        self.assertEqual(self.read(proxy_v1("192.0.2.1", 1) + b"EHLO a\r\n"), (("192.0.2.1", 1), b"EHLO a\r\n"))
+        self.assertEqual(self.read(proxy_v2("192.0.2.2", 2, tlvs=b"\x04\x00\x01x") + b"\x16\x03\x01"),
+                         (("192.0.2.2", 2), b"\x16\x03\x01"))
+
+    def test_local_unknown_and_unspec_keep_the_balancers_address(self):
+        """v2 LOCAL, v1 UNKNOWN and a v2 PROXY of family UNSPEC name no client: the balancer stays."""
+        unspec = mailserver_smtp.PROXY_V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x00, 0)
+        for header in (proxy_v2_local(), b"PROXY UNKNOWN\r\n", unspec):
+            with self.subTest(header=header):
+                self.assertEqual(self.read(header)[0], self.OWN)
+
+    def test_malformed_v1_lines_are_refused(self):
+        """A port past 65535, a family that does not match, double spaces, a bare LF: each refused."""
+        for line in (b"PROXY TCP4 192.0.2.1 192.0.2.2 65536 25\r\n",
+                     b"PROXY TCP4 2001:db8::1 2001:db8::2 4000 25\r\n",
+                     b"PROXY TCP4  192.0.2.1 192.0.2.2 4000 25\r\n",
+                     b"PROXY TCP4 192.0.2.1 192.0.2.2 4000 25\n"):
+            with self.subTest(line=line), self.assertRaises(mailserver_smtp.ProxyHeaderError):
+                self.read(line)
+
+    def test_a_v2_header_of_another_version_is_refused(self):
+        """Version 1 in the binary header's version nibble: refused before its length is read."""
+        with self.assertRaises(mailserver_smtp.ProxyHeaderError):
+            self.read(mailserver_smtp.PROXY_V2_SIGNATURE + struct.pack("!BBH", 0x11, 0x11, 65535))
+
+
 class SMTPBehindBalancerTest(support.OneServerTestCase):
     """--proxy-from: the PROXY header's client is the client, for the log and the per-client limit."""
 
