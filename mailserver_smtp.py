@@ -8,8 +8,8 @@ shared with the POP3 server, and fsync'd before the client hears 250.
 
 The file has two parts, split at one line:
   Part 1, "shared with pop_server.py": the mail root (users, mailbox files,
-    the lock protocol, the mailbox format), the session skeleton and the
-    server skeleton.  pop_server.py imports this part and nothing else.
+    the lock protocol, the mailbox format), the session skeleton, the
+    PROXY protocol and the server skeleton.  pop_server.py imports this part and nothing else.
   Part 2, "the SMTP server", in the order a message travels: its replies,
     the session and its commands, reading DATA and BDAT, the stored form,
     the spool, delivery into the mailboxes; then the server and main().
@@ -33,6 +33,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -72,6 +73,16 @@ AUTH_DELAY_FROM = 3          # failed authentication number from which replies a
 AUTH_DELAY_STEP = 0.2        # seconds added per further failure
 MAX_AUTH_FAILURES = 5        # then the connection is closed
 CLOSE_NOTIFY_WAIT = 2.0      # seconds a TLS close waits for the client's close_notify (RFC 8446 6.1)
+CERT_CHECK_INTERVAL = 2.0    # seconds between looks at --tls-cert/--tls-key for a renewed pair
+# HAProxy's PROXY protocol (its proxy-protocol.txt), read only from --proxy-from addresses
+PROXY_V1_PREFIX = b"PROXY "  # 2.1: a v1 header is a text line starting so
+PROXY_V1_MAX = 107           # 2.1: the longest v1 line, CRLF included
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"   # 2.2: the first 12 bytes of a v2 header
+PROXY_V2_FIXED = 16          # 2.2: signature, version and command, family and transport, length
+PROXY_V2_LOCAL = 0x20        # 2.2: version 2, LOCAL: the balancer's own connection (a health check)
+PROXY_V2_PROXY = 0x21        # 2.2: version 2, PROXY: a relayed client
+PROXY_V2_TCP = {0x11: (socket.AF_INET, 4), 0x21: (socket.AF_INET6, 16)}   # 2.2: TCP over IPv4/IPv6
+PROXY_FIRST_READ = 6         # bytes read before the version is known: no header is shorter than 15
 # OpenSSL 3's SSL_OP_IGNORE_UNEXPECTED_EOF, which Python names from 3.10 on
 IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
                                 0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
@@ -950,9 +961,10 @@ class Session:
     SASL_CONTINUE = ""                # what starts a SASL challenge line: "334 " (SMTP), "+ " (POP3)
     SASL_REPLIES = {}                 # why a SASL exchange failed -> the reply
 
-    def __init__(self, server, sock, peer):
+    def __init__(self, server, sock, address):
         self.server = server
-        self.peer = peer
+        self.address = address        # the client's (host, port): the socket's peer, or a PROXY header's
+        self.peer = peer_text(address)
         self.verbose = server.verbose
         self.wire = Wire(sock, server.timeout)
         self.tls_active = False
@@ -1025,7 +1037,7 @@ class Session:
         Then the protocol forgets what was said before (RFC 3207 4.2, RFC 2595 4).
         """
         try:
-            self.wire.start_tls(self.server.tls)
+            self.wire.start_tls(self.server.tls.context())
         except (ssl.SSLError, OSError) as exc:
             log.info("%s TLS handshake failed: %s", self.peer, exc)
             raise SessionEnd("TLS handshake failed")
@@ -1137,6 +1149,144 @@ class Session:
 
 
 # --------------------------------------------------------------------------
+# The PROXY protocol: the client's address from a load balancer
+# --------------------------------------------------------------------------
+# Shared with pop_server.py.  Behind a TCP load balancer (HAProxy) every
+# connection comes from the balancer; with HAProxy's PROXY protocol it
+# first sends a header naming the client, as a text line (version 1) or in
+# binary (version 2).  Read only from --proxy-from addresses, in the
+# session's thread, before the greeting and before any TLS.
+
+class ProxyHeaderError(Exception):
+    """A PROXY header that is malformed, or none where one was due."""
+
+
+def read_proxy_header(sock, own, timeout):
+    """Read a PROXY header from sock within timeout seconds; return the client's (host, port).
+
+    own is the connection's own peer (the balancer), which a LOCAL or
+    UNKNOWN header keeps.  Exactly the header's bytes are read, never one
+    of the protocol after it, so a TLS handshake or the first command
+    behind it is left whole.  Raises ProxyHeaderError (malformed, or no
+    header), ConnectionClosed (cut short) or socket.timeout (too slow).
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        start = recv_exactly(sock, PROXY_FIRST_READ, deadline)
+        if start == PROXY_V1_PREFIX:
+            address = parse_proxy_v1(start + recv_line(sock, PROXY_V1_MAX - len(start), deadline))
+        elif start == PROXY_V2_SIGNATURE[:len(start)]:
+            head = start + recv_exactly(sock, PROXY_V2_FIXED - len(start), deadline)
+            address = parse_proxy_v2(head, recv_exactly(sock, proxy_v2_length(head), deadline))
+        else:
+            raise ProxyHeaderError("no PROXY header")
+    finally:
+        sock.settimeout(None)        # the session sets its own timeout
+    return address or own
+
+
+def recv_exactly(sock, count, deadline):
+    """Read exactly count bytes from sock by deadline (a time.monotonic() value)."""
+    data = b""
+    while len(data) < count:
+        data += _recv_by(sock, deadline, count - len(data))
+    return data
+
+
+def recv_line(sock, limit, deadline):
+    """Read a line, its LF included, of at most limit bytes from sock by deadline; not a byte more.
+
+    What has come is looked at first (MSG_PEEK), and only the line's own
+    bytes are taken from the socket.
+    """
+    data = b""
+    while len(data) < limit:
+        seen = _recv_by(sock, deadline, limit - len(data), socket.MSG_PEEK)
+        end = seen.find(b"\n")
+        data += sock.recv(end + 1 if end >= 0 else len(seen))   # all there: peeked
+        if end >= 0:
+            return data
+    raise ProxyHeaderError("v1 header longer than %d bytes" % PROXY_V1_MAX)
+
+
+def _recv_by(sock, deadline, size, flags=0):
+    """One recv of up to size bytes, waiting no later than deadline; ConnectionClosed at EOF."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("PROXY header too slow")
+    sock.settimeout(left)
+    data = sock.recv(size, flags)
+    if not data:
+        raise ConnectionClosed()
+    return data
+
+
+def parse_proxy_v1(line):
+    """The client's (host, port) in a v1 header line (CRLF included); None for UNKNOWN."""
+    if not line.endswith(b"\r\n"):
+        raise ProxyHeaderError("v1 header without CRLF")
+    words = line[:-2].split(b" ")
+    if words[1:2] == [b"UNKNOWN"]:
+        return None                  # 2.1: the rest of the line is to be ignored
+    if len(words) != 6 or words[1] not in (b"TCP4", b"TCP6"):
+        raise ProxyHeaderError("malformed v1 header")
+    version = 4 if words[1] == b"TCP4" else 6
+    try:
+        source, destination = (ipaddress.ip_address(w.decode("ascii")) for w in words[2:4])
+    except (UnicodeDecodeError, ValueError):
+        raise ProxyHeaderError("bad address in v1 header")
+    ports = words[4:6]
+    if source.version != version or destination.version != version or not all(
+            p.isdigit() and len(p) <= 5 and int(p) <= 65535 for p in ports):
+        raise ProxyHeaderError("bad address or port in v1 header")
+    return str(source), int(ports[0])
+
+
+def proxy_v2_length(head):
+    """How many bytes follow the fixed 16 of a v2 header, once its signature and command are checked."""
+    if head[:12] != PROXY_V2_SIGNATURE:
+        raise ProxyHeaderError("bad v2 signature")
+    if head[12] not in (PROXY_V2_LOCAL, PROXY_V2_PROXY):
+        raise ProxyHeaderError("unknown v2 version or command 0x%02x" % head[12])
+    return struct.unpack("!H", head[14:16])[0]
+
+
+def parse_proxy_v2(head, body):
+    """The client's (host, port) in a checked v2 header (its fixed 16 bytes, then the rest); None for LOCAL.
+
+    A relayed connection of another kind than TCP (UNSPEC, UNIX) keeps the
+    balancer's address, as 2.2 allows.  What follows the addresses (TLVs)
+    is read and ignored.
+    """
+    if head[12] == PROXY_V2_LOCAL or head[13] not in PROXY_V2_TCP:
+        return None
+    family, size = PROXY_V2_TCP[head[13]]
+    if len(body) < 2 * size + 4:
+        raise ProxyHeaderError("v2 header too short for its addresses")
+    port, = struct.unpack("!H", body[2 * size:2 * size + 2])
+    return socket.inet_ntop(family, body[:size]), port
+
+
+def network_list(text):
+    """The networks of a comma-separated --proxy-from (addresses or CIDRs)."""
+    try:
+        return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def in_networks(host, networks):
+    """Whether a peer's host (as accept() gives it) is in one of networks."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:      # an IPv4 client of a dual-stack listener
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+# --------------------------------------------------------------------------
 # The server: options, the accept loop, a thread per connection, shutdown
 # --------------------------------------------------------------------------
 
@@ -1167,6 +1317,9 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
     parser.add_argument("--implicit-tls", action="store_true",
                         help="TLS from the first byte instead of %s (RFC 8314; SMTP usually on "
                              "port 465, POP3 on 995); needs --tls-cert and --tls-key" % tls_command)
+    parser.add_argument("--proxy-from", metavar="CIDRS", type=network_list, default=[],
+                        help="load balancers (comma-separated addresses or networks) whose connections "
+                             "start with a PROXY protocol v1 or v2 header naming the client")
     return parser
 
 
@@ -1185,24 +1338,92 @@ def check_server_arguments(parser, args):
 
 
 def tls_context(parser, cert, key, required):
-    """The server's TLS context from --tls-cert/--tls-key (None without them)."""
+    """The server's TLS certificate from --tls-cert/--tls-key, a ServerCertificate (None without them)."""
     if not cert and not key:
         if required:
             parser.error("--require-tls and --implicit-tls need --tls-cert and --tls-key")
         return None
     if not (cert and key):
         parser.error("--tls-cert and --tls-key go together")
+    try:
+        return ServerCertificate(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error("cannot load the TLS certificate or key: %s" % exc)
+
+
+def load_tls_context(cert, key):
+    """A new server TLS context with the pair in the files cert and key (raises OSError, ssl.SSLError)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     # A client's close without close_notify then ends the reading like any
     # EOF, instead of OpenSSL 3 failing the connection with an alert: the
     # session can still say goodbye and send its own close_notify.  No EOF
     # is ever taken as a command, so a truncation attack gains nothing.
     context.options |= IGNORE_UNEXPECTED_EOF
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        parser.error("cannot load the TLS certificate or key: %s" % exc)
+    context.load_cert_chain(cert, key)
     return context
+
+
+class ServerCertificate:
+    """The server's TLS context, renewed when the certificate or key file changes on disk.
+
+    An ACME client replaces the pair every 60-90 days; a restart would drop
+    every open session.  So when a connection needs TLS, the files are
+    looked at (at most every CERT_CHECK_INTERVAL seconds, or at the next
+    one after SIGHUP) and a changed pair is loaded into a new context:
+    sessions already in TLS keep the old one.  A new pair that does not
+    load (unreadable, a key that does not match, a file half written) is
+    logged once per change, and the old context stays.
+    """
+
+    def __init__(self, cert, key):
+        self.cert, self.key = cert, key
+        self._stamp = self._files_stamp()      # taken before the load: a change during it is seen next time
+        self._context = load_tls_context(cert, key)
+        self._broken = None                    # the stamp of a new pair that failed to load
+        self._next_check = time.monotonic() + CERT_CHECK_INTERVAL
+        self._guard = threading.Lock()
+
+    def context(self):
+        """The TLS context for a new connection: the newest pair that loaded."""
+        now = time.monotonic()
+        # One session looks at the files; the others meanwhile take the context as it is.
+        if now >= self._next_check and self._guard.acquire(blocking=False):
+            try:
+                self._next_check = now + CERT_CHECK_INTERVAL
+                self._reload_if_changed()
+            finally:
+                self._guard.release()
+        return self._context
+
+    def check_soon(self):
+        """Look at the files at the next connection that needs TLS (SIGHUP: a renewal's deploy hook)."""
+        self._next_check = 0.0
+
+    def _reload_if_changed(self):
+        """Load the pair into a new context if the files changed since the last load or failure."""
+        stamp = self._files_stamp()
+        if stamp in (self._stamp, self._broken):
+            return
+        try:
+            context = load_tls_context(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            self._broken = stamp
+            log.error("new TLS certificate or key not loaded, keeping the old pair: %s", exc)
+            return
+        self._context, self._stamp, self._broken = context, stamp, None
+        log.info("TLS certificate %s reloaded", self.cert)
+
+    def _files_stamp(self):
+        """What a replaced or rewritten file changes: each file's (mtime, size, inode), None if missing."""
+        stamp = []
+        for path in (self.cert, self.key):
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamp.append(None)
+            else:
+                stamp.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamp)
 
 
 def create_listener(host, port):
@@ -1244,7 +1465,9 @@ class Slots:
     """Who may connect now: at most `total` connections, at most `per_client` from one client.
 
     take() answers True (a slot is taken), False (the client has its share)
-    or None (the server is full).
+    or None (the server is full).  A connection whose client is not known
+    yet (a balancer's, before its PROXY header) takes a slot for client
+    None, counted in the total only, and claim()s the client's share later.
     """
 
     def __init__(self, total, per_client):
@@ -1264,13 +1487,25 @@ class Slots:
             if mine >= self.per_client:
                 return False
             self.open += 1
+            if client is not None:
+                self.by_client[client] = mine + 1
+        return True
+
+    def claim(self, client):
+        """Count a slot taken for client None as client's: True, or False when client has all its own."""
+        with self._guard:
+            mine = self.by_client.get(client, 0)
+            if mine >= self.per_client:
+                return False
             self.by_client[client] = mine + 1
         return True
 
     def give_back(self, client):
-        """A connection of client has ended."""
+        """A connection of client (None: not known yet) has ended."""
         with self._guard:
             self.open -= 1
+            if client is None:
+                return
             left = self.by_client[client] - 1
             if left:
                 self.by_client[client] = left
@@ -1332,6 +1567,7 @@ class Server:
         self.tls = args.tls
         self.require_tls = args.require_tls
         self.implicit_tls = args.implicit_tls
+        self.proxy_from = args.proxy_from      # the load balancers that send PROXY headers
         self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
         self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
@@ -1355,8 +1591,13 @@ class Server:
             self.start_session(sock, address)
 
     def start_session(self, sock, address):
-        """Serve a new connection in a thread of its own, or refuse it when there is no slot for it."""
-        peer, client = peer_text(address), client_key(address[0])
+        """Serve a new connection in a thread of its own, or refuse it when there is no slot for it.
+
+        A balancer's connection is counted in the total only: its client is
+        known, and counted, once the session's thread has read the PROXY header.
+        """
+        from_balancer = self.proxy_from and in_networks(address[0], self.proxy_from)
+        peer, client = peer_text(address), None if from_balancer else client_key(address[0])
         taken = self.slots.take(client)
         if taken is None:
             return self.refuse(sock, peer, client, self.replies.BUSY, "%d connections open" % self.slots.total)
@@ -1364,7 +1605,7 @@ class Server:
             return self.refuse(sock, peer, client, self.replies.BUSY_CLIENT,
                                "%d connections open from %s" % (self.slots.per_client, client))
         try:
-            threading.Thread(target=self.serve, args=(sock, peer, client), daemon=True).start()
+            threading.Thread(target=self.serve, args=(sock, address, client), daemon=True).start()
         except RuntimeError as exc:               # the system cannot make more threads
             self.slots.give_back(client)
             self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
@@ -1381,17 +1622,44 @@ class Server:
             pass
         sock.close()
 
-    def serve(self, sock, peer, client):
-        """Run one session (in its own thread)."""
+    def serve(self, sock, address, client):
+        """Run one session (in its own thread); client None: a balancer's, whose PROXY header comes first."""
         leave_signals_to_main_thread()
         try:
+            if client is None:
+                address, client = self.proxied_client(sock, address)
+                if client is None:
+                    return
             sock.settimeout(self.timeout)
-            self.session_class(self, sock, peer).run()
+            self.session_class(self, sock, address).run()
         except Exception:
-            log.exception("session with %s failed", peer)
+            log.exception("session with %s failed", peer_text(address))
             sock.close()
         finally:
             self.slots.give_back(client)
+
+    def proxied_client(self, sock, address):
+        """Read a balancer's PROXY header and claim a slot for the client it names: (address, client).
+
+        The client is None when the connection is closed unanswered (no
+        valid header within --timeout) or refused (the client has all its
+        connections open).
+        """
+        try:
+            address = read_proxy_header(sock, address, self.timeout)
+        except (ProxyHeaderError, ConnectionClosed, OSError) as exc:
+            why = ("cut short" if isinstance(exc, ConnectionClosed) else
+                   "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__)
+            log.warning("%s: closed, no valid PROXY header: %s", peer_text(address), why)
+            sock.close()
+            return address, None
+        client = client_key(address[0])
+        if not self.slots.claim(client):
+            self.refuse(sock, peer_text(address), client, self.replies.BUSY_CLIENT,
+                        "%d connections open from %s" % (self.slots.per_client, client))
+            return address, None
+        return address, client
+
 
     def shutdown(self, signals):
         """Stop accepting; give the work in flight time to finish (until a second signal)."""
@@ -1448,14 +1716,14 @@ class ShutdownSignals:
 
 
 def leave_signals_to_main_thread():
-    """Block Ctrl-C and SIGTERM in the calling (session) thread.
+    """Block Ctrl-C, SIGTERM and SIGHUP in the calling (session) thread.
 
     Python runs signal handlers in the main thread only; a signal the kernel
     delivers to a session thread would wait, unseen, until the main thread
     next wakes up by itself.
     """
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def run_server(server_class, args, name):
@@ -1469,6 +1737,10 @@ def run_server(server_class, args, name):
         log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
         return 1
     signals = ShutdownSignals()
+    if args.tls is not None and hasattr(signal, "SIGHUP"):
+        # Only flags the files to be looked at: the handler runs in the main thread, between
+        # two steps of the accept loop, where loading and logging could meet a held lock.
+        signal.signal(signal.SIGHUP, lambda signum, frame: args.tls.check_soon())
     try:
         server.serve_forever()
     except Shutdown:
@@ -1793,8 +2065,8 @@ class SMTPSession(Session):
     SASL_REPLIES = SMTP_SASL_REPLIES
     NOT_OFFERED = ("EXPN", "TURN")   # known verbs, answered 502
 
-    def __init__(self, server, sock, peer):
-        super().__init__(server, sock, peer)
+    def __init__(self, server, sock, address):
+        super().__init__(server, sock, address)
         self.domain = server.domain
         self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
         self.bad_commands = 0        # syntax and sequence errors in a row
@@ -2236,6 +2508,10 @@ def take_message(session, spool):
                            [r.encode("utf-8", "surrogateescape") for r in envelope.recipients],
                            received_stamp())
     message = spool.message(layout)
+    if server.quota is not None and len(message) > server.quota:
+        # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
+        log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, len(message))
+        raise Refused(Replies.OVER_QUOTA)
     try:
         deliver(message, [server.users.mailbox_path(login) for login in envelope.logins], server.quota)
     except MailboxFull as full:

@@ -569,8 +569,8 @@ class POP3Session(Session):
     SASL_CONTINUE = "+ "
     SASL_REPLIES = SASL_REPLIES
 
-    def __init__(self, server, sock, peer):
-        super().__init__(server, sock, peer)
+    def __init__(self, server, sock, address):
+        super().__init__(server, sock, address)
         self.state = AUTHORIZATION
         self.user_name = None         # as given by USER, until PASS
         self.login = None
