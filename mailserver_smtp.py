@@ -656,10 +656,12 @@ def rewrite_commit_record(record, sizes):
 # stored with one more "." (SMTP's dot-stuffing), so "\n.\n" occurs only
 # where a message ends.  That one rule, "a message ends at the first line
 # holding only '.'", is message_end(); whole_messages_end() applies it
-# backwards from the end of a file.  Every reader of a mailbox (SMTP's torn
-# tail check, POP3's index and its cache check, the tests) finds message
-# ends through these two.  wire_size() and header_block() say what a
-# message's size on the wire is and where its header block ends.
+# backwards from the end of a file.  The readers of a mailbox (SMTP's torn
+# tail check, POP3's index, the tests) find message ends through these two;
+# only POP3's check of its cached index, for speed, takes a known message's
+# end from the cache and looks at its last line alone ('.').  wire_size()
+# and header_block() say what a message's size on the wire is and where
+# its header block ends.
 
 HEADER_LINE = re.compile(rb"[!-9;-~]+:")     # RFC 5322 2.2: a field name, then ':'
 

@@ -16,7 +16,6 @@ import poplib
 import re
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import time

@@ -289,7 +289,7 @@ class POP3BehindBalancerTest(support.OneServerTestCase):
         client = self.server.connect(source=source)
         self.addCleanup(client.close)
         client.send(header)
-        self.assertTrue(client.line().startswith(pop_server.GREETING + " <"))
+        self.assertTrue(client.line().startswith(pop_server.Replies.GREETING.split(" %s")[0] + " <"))
         return client
 
     def test_a_v1_header_names_the_client_in_the_log(self):
@@ -304,7 +304,7 @@ class POP3BehindBalancerTest(support.OneServerTestCase):
         self.greeted(proxy_v2("192.0.2.31", 40021))
         with self.server.connect() as again:
             again.send(proxy_v1("192.0.2.31", 40022))
-            self.assertEqual(again.line(), pop_server.BUSY_CLIENT)
+            self.assertEqual(again.line(), pop_server.Replies.BUSY_CLIENT)
         self.greeted(proxy_v1("192.0.2.32", 40023))
 
     @unittest.skipUnless(has_unlisted_address(), "needs 127.0.0.2 on the loopback")
