@@ -2388,7 +2388,7 @@ def read_data(wire, strict, spool, max_size, timeout):
         if refused is None and whole > start:
             refused = store(spool, _taken(buffer, start, whole), strict, max_size)
             start = whole
-        if refused is None and len(buffer) - start > MAX_TEXT_LINE:
+        if refused is None and len(buffer) - start > MAX_TEXT_LINE + 1:    # + a stuffing dot
             refused = Refused(Replies.LINE_TOO_LONG)
         if refused is not None:
             start = len(buffer) - 2                    # keep what could begin the '.' line
@@ -2479,7 +2479,7 @@ def data_end(buffer, start, strict):
 def store(spool, run, strict, max_size):
     """Add whole wire lines to the spool in their stored form; None, or the Refused that ends the message."""
     stored, longest = stored_lines(run, strict)
-    if longest > MAX_TEXT_LINE - 2:
+    if longest > MAX_TEXT_LINE - 2 and too_long(run, strict):
         return Refused(Replies.LINE_TOO_LONG)
     try:
         spool.write(stored)
@@ -2525,6 +2525,14 @@ def take_message(session, spool):
     session.delivered += 1
     log.info("delivered %d bytes from <%s> to %s", len(message), envelope.sender, ", ".join(envelope.logins))
     return session.replies.ACCEPTED
+
+
+def too_long(run, strict):
+    """Whether a wire line of run passes the text line limit, a stuffing dot not counted (RFC 5321 4.5.3.1.6)."""
+    for line in run.split(b"\r\n" if strict else b"\n"):
+        if len(line) - line.startswith(b".") - (not strict and line.endswith(b"\r")) > MAX_TEXT_LINE - 2:
+            return True
+    return False
 
 
 def stored_lines(run, strict):

@@ -494,6 +494,16 @@ class LimitsTest(ServerTestCase):
         self.assertEqual(read_mailbox(self.root, "alice"), b"")
         self.assertEqual(send_message(client, b"Subject: ok\r\n" + b"z" * 998 + b"\r\n")[0], 250)
 
+    def test_a_text_line_of_998_octets_is_taken_its_stuffing_dot_not_counted(self):
+        """998 octets before CRLF, plus a stuffing dot on the wire: 250, stored whole; 999 get 500."""
+        client = self.connect()
+        line = "." + "z" * 997
+        self.assertEqual(send_message(client, b"Subject: long\r\n." + line.encode() + b"\r\n")[0], 250)
+        [message] = support.stored_messages(self.root, "alice")
+        self.assertEqual(unstuffed_body_lines(message)[-1], line.encode())
+        self.assertEqual(send_message(client, b"Subject: longer\r\n.." + line.encode() + b"\r\n")[1],
+                         ["500 Line too long"])
+
     def test_a_message_over_the_size_limit_gets_552_and_is_not_stored(self):
         """A message larger than SIZE gets 552 and is not stored; so does MAIL with a larger SIZE=."""
         client = self.connect()
