@@ -1662,7 +1662,6 @@ class Server:
             return address, None
         return address, client
 
-
     def shutdown(self, signals):
         """Stop accepting; give the work in flight time to finish (until a second signal)."""
         self.stopping = True         # work that checks it after entering in_flight does not start
