@@ -54,7 +54,7 @@ RECV_SIZE = 65536
 MAX_REPLY_LINE = 1024 * 1024  # longer is a broken or hostile server, not mail
 
 MAX_SUBJECT = 150            # contract section 1
-MAX_TEXT_LINE = 998          # RFC 5322 2.1.1: the server refuses longer lines anyway
+MAX_TEXT_LINE = 1000         # RFC 5321 4.5.3.1.6, CRLF included, as the SMTP server counts it
 MAX_ADDRESS = 254            # RFC 5321 4.5.3.1.3 path minus the brackets
 MAX_LOCAL_PART = 64          # RFC 5321 4.5.3.1.1
 
@@ -313,8 +313,8 @@ def parse_message(lines):
     for number, line in enumerate(lines, 1):
         if CONTROL_CHARS.search(line):
             raise FormatError("line %d contains a control character" % number)
-        if len(line.encode(WIRE_ENCODING, "surrogateescape")) > MAX_TEXT_LINE:
-            raise FormatError("line %d is longer than %d characters" % (number, MAX_TEXT_LINE))
+        if len(line.encode(WIRE_ENCODING, "surrogateescape")) + len(CRLF) > MAX_TEXT_LINE:
+            raise FormatError("line %d is longer than %d characters" % (number, MAX_TEXT_LINE - len(CRLF)))
 
     sender_text = _header_value(lines, 0, "From")
     if "," in sender_text:
@@ -1470,8 +1470,8 @@ def listing_width():
     return shutil.get_terminal_size().columns - 1
 
 
-class Mailbox:
-    """The mail management commands on a logged-in POP3 session, one do_ method each."""
+class MailManagement:
+    """Mail Management: the commands on a logged-in POP3 session, one do_ method each."""
 
     def __init__(self, pop, login, send):
         self.pop = pop
@@ -1792,10 +1792,10 @@ class MailClient:
         try:
             self.pop = self.login()
             print(self.pop.greeting)
-            mailbox = Mailbox(self.pop, self.username, self.check_and_send)
-            mailbox.load_listing()
-            mailbox.show_listing()
-            done = mailbox.run()
+            management = MailManagement(self.pop, self.username, self.check_and_send)
+            management.load_listing()
+            management.show_listing()
+            done = management.run()
             self.pop = None
             return done
         except ClientError as exc:

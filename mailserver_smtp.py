@@ -6,9 +6,13 @@
 One thread serves each connection.  A message is written whole, under a lock
 shared with the POP3 server, and fsync'd before the client hears 250.
 
-pop_server.py is built on this file: it imports the shared mail root (users,
-mailbox files, the lock protocol, the mailbox format), the session skeleton
-and the server loop skeleton, each headed "shared with pop_server.py" below.
+The file has two parts, split at one line:
+  Part 1, "shared with pop_server.py": the mail root (users, mailbox files,
+    the lock protocol, the mailbox format), the session skeleton, the
+    PROXY protocol and the server skeleton.  pop_server.py imports this part and nothing else.
+  Part 2, "the SMTP server", in the order a message travels: its replies,
+    the session and its commands, reading DATA and BDAT, the stored form,
+    the spool, delivery into the mailboxes; then the server and main().
 """
 
 import argparse
@@ -39,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import _thread
 
 try:
     import fcntl
@@ -47,108 +50,22 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
+
+# ##########################################################################
+#
+#   PART 1: SHARED WITH pop_server.py
+#
+#   What both servers are made of.  pop_server.py imports from this part
+#   only; nothing here knows SMTP.
+#
+# ##########################################################################
+
 # --------------------------------------------------------------------------
-# Configuration
+# Constants of both servers
 # --------------------------------------------------------------------------
 
-DEFAULT_MAX_SIZE = 10 * 1024 * 1024
-DEFAULT_TIMEOUT = 300        # RFC 5321 4.5.3.2.7 asks for at least 5 minutes
 DEFAULT_MAX_CONNECTIONS = 100
 MAX_COMMAND_LINE = 512       # RFC 5321 4.5.3.1.4, CRLF included
-MAX_TEXT_LINE = 1000         # RFC 5321 4.5.3.1.6, CRLF included
-MAX_PATH = 256               # RFC 5321 4.5.3.1.3
-MAX_RECIPIENTS = 100         # RFC 5321 4.5.3.1.8
-MAX_BAD_COMMANDS = 10        # in a row, then 421 and close
-MIN_DATA_RATE = 500          # bytes/s a slow DATA sender must keep up (Postfix's smtpd_min_data_rate)
-SPOOL_THRESHOLD = 256 * 1024 # bytes of a message kept in memory; a larger one goes to ROOT/.spool
-COPY_CHUNK = 1 << 20         # bytes copied from a spool file at a time
-
-LF_DATA_END = re.compile(rb"(\r?\n)\.\r?\n")  # a lone '.' line, in a session typed with bare LF
-ENHANCED_CODE = re.compile(r"^(\d{3}[ -])[245]\.\d{1,3}\.\d{1,3} ")   # RFC 3463, after the reply code
-_ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\ud7ff\ue000-\U0010ffff-]+"   # RFC 5321 4.1.2, RFC 6531
-_LABEL = "[A-Za-z0-9\u0080-\ud7ff\ue000-\U0010ffff-]+"
-# A path's address: a Dot-string, then "@" and a domain name or [address literal] (RFC 5321 4.1.2).
-# A domain may end in a dot (a fully qualified name, as DNS writes it): it means the same without.
-ADDRESS = re.compile(r"%s(?:\.%s)*(?:@(?:%s(?:\.%s)*\.?|\[[!-Z^-~]+\]))?\Z" % (_ATOM, _ATOM, _LABEL, _LABEL))
-
-
-class Replies:
-    """What the SMTP server answers, with the RFC 3463 enhanced status code of each.
-
-    RFC 2034 4: every 2xx, 4xx and 5xx reply carries its code, except the
-    greeting and the replies to HELO and EHLO; 3xx replies carry none.  A
-    session that did not begin with EHLO gets PLAIN_REPLIES, the same texts
-    without codes: the words of the course dialogue (CONTRACT.md section 2).
-    """
-
-    GREETING = "220 %s Service ready"
-    HELLO = "250 OK Hello %s"
-    EHLO = "250-%s Hello %s"
-    SENDER_OK = "250 2.1.0 <%s>... Sender ok"
-    RECIPIENT_OK = "250 2.1.5 %s... Recipient ok"
-    START_DATA = '354 Enter mail, end with "." on a line by itself'
-    ACCEPTED = "250 2.0.0 OK Message accepted for delivery"
-    QUEUED = "250 2.0.0 OK Message accepted for delivery, queued as %s"
-    OK = "250 2.0.0 OK"
-    USER = "250 2.1.5 %s <%s@%s>"
-    HELP = ("214-2.0.0 Commands: HELO EHLO%s AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
-            "214 2.0.0 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
-    READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
-    GOODBYE = "221 2.0.0 %s closing connection"
-    SHUTTING_DOWN = "421 4.3.2 %s Shutting down, try again later"
-    TIMEOUT = "421 4.4.2 %s Timeout, closing connection"
-    TOO_MANY_ERRORS = "421 4.7.0 %s Too many errors, closing connection"
-    LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error in processing"
-    TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
-    UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
-    LINE_TOO_LONG = "500 5.5.2 Line too long"
-    SYNTAX = "501 5.5.4 Syntax: %s"
-    NOT_IMPLEMENTED = "502 5.5.1 Command not implemented"
-    HELO_FIRST = "503 5.5.1 Send HELO or EHLO first"
-    SENDER_GIVEN = "503 5.5.1 Sender already given"
-    MAIL_FIRST = "503 5.5.1 Need MAIL before RCPT"
-    NO_SENDER = "503 5.5.1 Need MAIL command"
-    NO_RECIPIENT = "503 5.5.1 Need RCPT (recipient)"
-    TLS_ACTIVE = "503 5.5.1 TLS already active"
-    CHUNK_OK = "250 2.0.0 %d octets received"
-    DATA_AFTER_BDAT = "503 5.5.1 DATA after BDAT in one transaction"
-    BDAT_FAILED = "503 5.5.1 Send RSET: this message has failed"
-    MAILBOX_FULL = "452 4.2.2 Mailbox full"
-    STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
-    NO_SUCH_USER = "550 5.1.1 No such user"
-    OVER_QUOTA = "552 5.2.2 Message larger than the mailbox may hold"
-    MESSAGE_TOO_LARGE = "552 5.3.4 Message exceeds fixed maximum message size"
-    NEEDS_SMTPUTF8 = "553 5.6.7 Address is not ASCII: SMTPUTF8 needed"
-    MAIL_PARAMETER = "555 5.5.4 MAIL FROM parameter %s not recognized"
-    RCPT_PARAMETERS = "555 5.5.4 RCPT TO parameters not recognized"
-    # SMTP AUTH (RFC 4954 4 and 6) and submission (RFC 6409)
-    AUTH_OK = "235 2.7.0 Authentication successful"
-    AUTH_REQUIRED = "530 5.7.0 Authentication required"
-    AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
-    AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
-    AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
-    AUTH_MALFORMED = "501 5.5.2 Cannot decode the response (base64 expected)"
-    AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
-    AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
-    AUTH_MECHANISM = "504 5.5.4 Unrecognized authentication mechanism"
-    EHLO_FIRST = "503 5.5.1 Send EHLO first"
-    AUTHENTICATED = "503 5.5.1 Already authenticated"
-    AUTH_IN_TRANSACTION = "503 5.5.1 AUTH is not allowed during a mail transaction"
-    TOO_MANY_FAILURES = "421 4.7.0 %s Too many failed authentications, closing connection"
-    NOT_YOURS = "553 5.7.1 Sender <%s> is not an address of %s"
-    RELAYING_DENIED = "550 5.7.1 relaying denied"
-
-
-POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
-SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
-SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only after EHLO, so with codes)
-    "cancelled": Replies.AUTH_CANCELLED,
-    "malformed": Replies.AUTH_MALFORMED,
-    "too long": Replies.AUTH_LINE_TOO_LONG,
-    "invalid": Replies.AUTH_INVALID,
-}
-
-# Both servers (the skeleton below reads these too).
 RECV_SIZE = 65536            # bytes asked of the socket at a time
 SEND_THRESHOLD = 256 * 1024  # queued replies are sent once they reach this size
 ACCEPT_RETRY_DELAY = 0.05    # seconds to wait after accept() fails, e.g. out of descriptors
@@ -161,6 +78,16 @@ AUTH_DELAY_FROM = 3          # failed authentication number from which replies a
 AUTH_DELAY_STEP = 0.2        # seconds added per further failure
 MAX_AUTH_FAILURES = 5        # then the connection is closed
 CLOSE_NOTIFY_WAIT = 2.0      # seconds a TLS close waits for the client's close_notify (RFC 8446 6.1)
+CERT_CHECK_INTERVAL = 2.0    # seconds between looks at --tls-cert/--tls-key for a renewed pair
+# HAProxy's PROXY protocol (its proxy-protocol.txt), read only from --proxy-from addresses
+PROXY_V1_PREFIX = b"PROXY "  # 2.1: a v1 header is a text line starting so
+PROXY_V1_MAX = 107           # 2.1: the longest v1 line, CRLF included
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"   # 2.2: the first 12 bytes of a v2 header
+PROXY_V2_FIXED = 16          # 2.2: signature, version and command, family and transport, length
+PROXY_V2_LOCAL = 0x20        # 2.2: version 2, LOCAL: the balancer's own connection (a health check)
+PROXY_V2_PROXY = 0x21        # 2.2: version 2, PROXY: a relayed client
+PROXY_V2_TCP = {0x11: (socket.AF_INET, 4), 0x21: (socket.AF_INET6, 16)}   # 2.2: TCP over IPv4/IPv6
+PROXY_FIRST_READ = 6         # bytes read before the version is known: no header is shorter than 15
 # OpenSSL 3's SSL_OP_IGNORE_UNEXPECTED_EOF, which Python names from 3.10 on
 IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
                                 0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
@@ -172,193 +99,15 @@ SCRYPT_MAXMEM = 64 * 1024 * 1024
 SALT_SIZE = 16               # bytes
 HASH_SIZE = 32               # bytes
 
-log = logging.getLogger("smtp")
+log = logging.getLogger("mail")     # both servers log through it; each line names the server
 
 
-def parse_args(argv=None):
-    """Read the command line."""
-    parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
-                              DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
-                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS")
-    parser.epilog = ("python3 mailserver_smtp.py --hash-password [--scheme scrypt] reads a password "
-                     "(not echoed) and prints a hashed password field for userinfo.txt.")
-    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
-                        help="largest message accepted, in bytes (default: 10 MiB)")
-    parser.add_argument("--quota", type=int, metavar="BYTES",
-                        help="the most a mailbox may hold on disk (default: no limit)")
-    parser.add_argument("--require-auth", action="store_true",
-                        help="submission: refuse MAIL (530) until the client has logged in with AUTH")
-    parser.add_argument("--local-domains", metavar="A,B", type=domain_list,
-                        help="the only domains mail is taken for; others get 550 (default: every domain)")
-    parser.add_argument("--postmaster", metavar="USER",
-                        help="the user who gets the mail for postmaster (default: the first user)")
-    relay_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.max_size < 1 or args.quota is not None and args.quota < 1:
-        parser.error("--max-size and --quota must be positive")
-    if args.postmaster is not None and not is_valid_login(args.postmaster):
-        parser.error("--postmaster must be a login name")
-    check_relay_arguments(parser, args)
-    return check_server_arguments(parser, args)
-
-
-def relay_arguments(parser):
-    """The options of mail for other domains (with --local-domains only)."""
-    group = parser.add_argument_group("mail for other domains (only with --local-domains)")
-    group.add_argument("--relay-networks", metavar="CIDRS", type=network_list,
-                       default=network_list(DEFAULT_RELAY_NETWORKS),
-                       help="clients that may send to other domains without AUTH (default: %s; '' for none)"
-                       % DEFAULT_RELAY_NETWORKS)
-    group.add_argument("--relay-host", metavar="HOST[:PORT]",
-                       help="send all outgoing mail through this server, with TLS (default port: %d, "
-                       "%d with --relay-implicit-tls); default: to each domain's MX"
-                       % (SUBMISSION_PORT, SUBMISSIONS_PORT))
-    group.add_argument("--relay-implicit-tls", action="store_true",
-                       help="TLS from the first byte to --relay-host instead of STARTTLS")
-    group.add_argument("--relay-cafile", metavar="FILE",
-                       help="CA certificates (PEM) --relay-host's certificate is checked against "
-                       "(default: the system's)")
-    group.add_argument("--relay-auth", metavar="FILE",
-                       help="file holding one line 'LOGIN PASSWORD' to log in to --relay-host with")
-    group.add_argument("--relay-concurrency", metavar="N", type=int, default=DEFAULT_RELAY_CONCURRENCY,
-                       help="messages sent at once (default: %d)" % DEFAULT_RELAY_CONCURRENCY)
-    group.add_argument("--relay-timeout", metavar="SECONDS", type=float, default=RELAY_TIMEOUT,
-                       help="how long a remote server may stay silent (default: %d)" % RELAY_TIMEOUT)
-    group.add_argument("--queue-lifetime", metavar="SECONDS", type=float, default=QUEUE_LIFETIME,
-                       help="how long a message is retried before it bounces (default: %d, 5 days)"
-                       % QUEUE_LIFETIME)
-    group.add_argument("--retry-base", metavar="SECONDS", type=float, default=RETRY_BASE,
-                       help="the first wait before a retry, doubled each time up to %d s (default: %d)"
-                       % (RETRY_MAX, RETRY_BASE))
-    group.add_argument("--dns-server", metavar="ADDR[:PORT]",
-                       help="the DNS server for MX lookups (default: those of /etc/resolv.conf)")
-    group.add_argument("--mx-port", metavar="PORT", type=int, default=SMTP_PORT,
-                       help="the port of other domains' mail exchangers (default: %d)" % SMTP_PORT)
-
-
-def check_relay_arguments(parser, args):
-    """Check the relay options; read --relay-auth (its password is never shown)."""
-    if args.local_domains is None and (args.relay_host or args.relay_auth or args.dns_server):
-        parser.error("--relay-host, --relay-auth and --dns-server need --local-domains "
-                     "(without it every domain is local and nothing goes out)")
-    if args.relay_concurrency < 1 or args.relay_timeout <= 0 or args.queue_lifetime <= 0 \
-            or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
-        parser.error("--relay-concurrency, --relay-timeout, --queue-lifetime, --retry-base and "
-                     "--mx-port must be positive")
-    try:
-        if args.relay_host:
-            args.relay_host = host_and_port(args.relay_host, SUBMISSIONS_PORT if args.relay_implicit_tls
-                                            else SUBMISSION_PORT)
-        if args.dns_server:
-            args.dns_server = [host_and_port(args.dns_server, DNS_PORT)]
-            ipaddress.ip_address(args.dns_server[0][0])
-    except ValueError:
-        parser.error("--relay-host takes HOST[:PORT], --dns-server ADDR[:PORT] ([IPv6]:PORT)")
-    args.relay_credentials = None
-    if args.relay_auth:
-        try:
-            args.relay_credentials = read_relay_credentials(args.relay_auth)
-        except (OSError, ValueError) as exc:
-            parser.error("--relay-auth: %s" % exc)
-    if args.relay_cafile and not os.path.isfile(args.relay_cafile):
-        parser.error("--relay-cafile %s is not a file" % args.relay_cafile)
-
-
-def domain_list(text):
-    """The set of domains in a comma-separated --local-domains, in lower case, without a trailing dot."""
-    domains = {name.strip().lower().rstrip(".") for name in text.split(",")}
-    if "" in domains:
-        raise argparse.ArgumentTypeError("a comma-separated list of domain names, none empty")
-    return frozenset(domains)
-
-
-def without_codes(replies):
-    """The replies class with every enhanced status code taken out ("250 2.1.0 ok" becomes "250 ok")."""
-    def plain(text):
-        if isinstance(text, tuple):
-            return tuple(plain(line) for line in text)
-        return ENHANCED_CODE.sub(lambda m: m.group(1), text)
-    return type("PlainReplies", (), {name: plain(text) for name, text in vars(replies).items()
-                                     if name.isupper()})
-
-
-PLAIN_REPLIES = without_codes(Replies)
-
-
-# ==========================================================================
-# The shared mail root: users, mailbox files, the lock protocol, the format
-# (shared with pop_server.py)
-# ==========================================================================
-#
-# Files.  ROOT/userinfo.txt lists the users; ROOT/<login>/my_mailbox is the
-# mailbox of a user.  Beside each mailbox the servers keep hidden files:
-#
-#   .my_mailbox.lock       the delivery lock (below)
-#   .my_mailbox.pop.lock   the session lock (below)
-#   .my_mailbox.index      POP3's unique ids and index cache; only POP3 writes
-#                          it, holding the session lock
-#   .my_mailbox.new        a POP3 rewrite, until it is renamed over my_mailbox
-#   .my_mailbox.torn       what crashed appends left: bytes of messages never
-#                          acknowledged, set aside (appended, never served)
-#
-# and ROOT/.spool holds SMTP's large messages while they arrive.  The
-# servers open every one of these files without following a symlink and
-# use it only if it is a regular file, so a link planted in a user's folder
-# cannot make them write or read anywhere else (a user's folder may itself
-# be a symlink: that is the admin's choice).
-#
-# The lock protocol.  Each mailbox has two locks.  Both are kernel locks
-# (flock, or msvcrt on Windows) on a lock file of their own, which every
-# holder opens for itself: so they exclude other threads as well as other
-# processes, and the kernel drops them when their holder dies, so a server
-# killed with kill -9 never leaves one behind.
-#
-#   The delivery lock is held by whoever writes my_mailbox, for the whole
-#   write: SMTP from the first byte of an append to its fsync, POP3 for a
-#   QUIT rewrite from copying the file to renaming the copy over it.  POP3
-#   also takes it for a moment at login, to read the file's size.  It
-#   guarantees that two appends never interleave, that a rewrite never loses
-#   an append, and that a size read under it never ends inside an append.
-#
-#   The session lock is held by a POP3 session from its login to its end,
-#   and taken without waiting (a second session of that user gets -ERR
-#   [IN-USE]).  It guarantees one session per maildrop: the messages a session
-#   numbered at login stay where they were, as only appends happen meanwhile.
-#
-#   Order: a POP3 session takes its session lock, then (briefly) the delivery
-#   lock, never the other way round.  SMTP takes only delivery locks, several
-#   of them (one message for several users) in sorted order of their paths.
-#   So no two holders can wait for each other: there is no deadlock.
-#
-#   What locks cannot do, fsync and the format do: an append is fsync'd
-#   before the client hears 250 (so it survives a power cut), and an append
-#   cut short by a crash leaves a torn last message, which readers skip and
-#   the next holder of the delivery lock (an append, a POP3 login) first
-#   sets aside in .my_mailbox.torn.
-#
-# The mailbox format.  Messages follow each other; each ends with a line
-# holding only ".".  Lines end with "\n".  A line that starts with "." is
-# stored with one more "." (SMTP's dot-stuffing), so "\n.\n" occurs only where
-# a message ends.  The three functions after the locks are the only place
-# that knows where a message ends, its size on the wire and where its header
-# block ends; SMTP, POP3 and the tests all use them.
+# --------------------------------------------------------------------------
+# Users and passwords
+# --------------------------------------------------------------------------
 
 USERINFO_NAME = "userinfo.txt"
-MAILBOX_NAME = "my_mailbox"
-DELIVERY_LOCK_NAME = ".my_mailbox.lock"
-SESSION_LOCK_NAME = ".my_mailbox.pop.lock"
-INDEX_NAME = ".my_mailbox.index"
-NEW_INDEX_NAME = ".my_mailbox.index.new"
-NEW_MAILBOX_NAME = ".my_mailbox.new"
-TORN_NAME = ".my_mailbox.torn"
-SPOOL_NAME = ".spool"
-
-O_BINARY = getattr(os, "O_BINARY", 0)       # Windows: no newline translation in mailboxes
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # POSIX: a symlink is refused, not followed
-O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # a FIFO planted as a mailbox must not hang the open
-READ_BACK = 65536                           # bytes read at a time when looking back for a message end
 LOGIN_PATTERN = re.compile(r"[A-Za-z0-9._-]+\Z")
-HEADER_LINE = re.compile(rb"[!-9;-~]+:")     # RFC 5322 2.2: a field name, then ':'
 
 
 def is_valid_login(name):
@@ -552,6 +301,84 @@ class UserTable:
         return os.path.join(self.root, login, MAILBOX_NAME)
 
 
+# --------------------------------------------------------------------------
+# Files and the lock protocol
+# --------------------------------------------------------------------------
+#
+# Files.  ROOT/userinfo.txt lists the users; ROOT/<login>/my_mailbox is the
+# mailbox of a user.  Beside each mailbox the servers keep hidden files:
+#
+#   .my_mailbox.lock       the delivery lock (below)
+#   .my_mailbox.pop.lock   the session lock (below)
+#   .my_mailbox.index      POP3's unique ids and index cache; only POP3 writes
+#                          it, holding the session lock
+#   .my_mailbox.new        a POP3 rewrite, until it is renamed over my_mailbox
+#   .my_mailbox.torn       bytes of messages never acknowledged, set aside
+#                          (appended, never served): what a crash left
+#
+# and ROOT/.spool holds SMTP's large messages while they arrive (files with
+# no name, gone with the process) and the commit record of each delivery to
+# several mailboxes while it is under way (below).  The servers open every
+# one of these files without following a symlink and use it only if it is
+# a regular file, so a link planted in a user's folder cannot make them
+# write or read anywhere else (a user's folder may itself be a symlink:
+# that is the admin's choice).
+#
+# The lock protocol.  Each mailbox has two locks.  Both are kernel locks
+# (flock, or msvcrt on Windows) on a lock file of their own, which every
+# holder opens for itself: so they exclude other threads as well as other
+# processes, and the kernel drops them when their holder dies, so a server
+# killed with kill -9 never leaves one behind.
+#
+#   The delivery lock is held by whoever writes my_mailbox, for the whole
+#   write: SMTP from the first byte of an append to its fsync, POP3 for a
+#   QUIT rewrite from copying the file to renaming the copy over it.  POP3
+#   also takes it for a moment at login, to read the file's size.  It
+#   guarantees that two appends never interleave, that a rewrite never loses
+#   an append, and that a size read under it never ends inside an append.
+#
+#   The session lock is held by a POP3 session from its login to its end,
+#   and taken without waiting (a second session of that user gets -ERR
+#   [IN-USE]).  It guarantees one session per maildrop: the messages a session
+#   numbered at login stay where they were, as only appends happen meanwhile.
+#
+#   Order: a POP3 session takes its session lock, then (briefly) the delivery
+#   lock, never the other way round.  SMTP takes only delivery locks, several
+#   of them (one message for several users) in sorted order of their paths.
+#   So no two holders can wait for each other: there is no deadlock.
+#
+#   What locks cannot do, fsync and records do.  An append is fsync'd before
+#   the client hears 250, so it survives a power cut.  A crash can still cut
+#   a delivery short, and a client told nothing must find nothing stored:
+#
+#   - A message for several mailboxes is all or none.  Before its first
+#     byte is written, a commit record in ROOT/.spool names each mailbox
+#     and its size; it is fsync'd, and removed (the folder fsync'd) only
+#     once the message is on disk in all of them, just before the 250.  A
+#     record that is still there when its delivery no longer holds the
+#     locks belongs to a delivery that died.
+#   - So whoever takes a delivery lock first makes the mailbox whole
+#     (make_whole): the bytes a dead delivery added after the size its
+#     record names, and a torn last message (an append cut short), are
+#     moved to .my_mailbox.torn, and the record forgets that mailbox.
+#     Every holder does this: an SMTP append, a POP3 login, a POP3 rewrite.
+
+MAILBOX_NAME = "my_mailbox"
+DELIVERY_LOCK_NAME = ".my_mailbox.lock"
+SESSION_LOCK_NAME = ".my_mailbox.pop.lock"
+INDEX_NAME = ".my_mailbox.index"
+NEW_INDEX_NAME = ".my_mailbox.index.new"
+NEW_MAILBOX_NAME = ".my_mailbox.new"
+TORN_NAME = ".my_mailbox.torn"
+SPOOL_NAME = ".spool"
+
+O_BINARY = getattr(os, "O_BINARY", 0)       # Windows: no newline translation in mailboxes
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # POSIX: a symlink is refused, not followed
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # a FIFO planted as a mailbox must not hang the open
+READ_BACK = 65536                           # bytes read at a time when looking back for a message end
+COMMIT_SUFFIX = ".commit"                   # a delivery to several mailboxes, until it is done
+
+
 class FileLock:
     """An exclusive kernel lock on a lock file: one holder among all threads and processes."""
 
@@ -574,12 +401,28 @@ class FileLock:
         return True
 
     def release(self):
-        """Give the lock up."""
+        """Give the lock up (at most once; a second call does nothing).
+
+        It cannot fail: closing the file drops a kernel lock whatever the
+        unlock said, so an error there is only logged.  What the lock
+        guarded is done by now, and must not be reported as failed.
+        """
         fd, self._fd = self._fd, None
+        if fd is None:
+            return
         try:
             _unlock_fd(fd)
+        except OSError as exc:
+            log.warning("unlocking %s failed (closing it releases the lock): %s", self.path, exc)
         finally:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def unlink(self):
+        """Remove the lock file while holding it: a waiter then locks a file nobody else will use."""
+        remove_file(self.path)
 
     def __enter__(self):
         self.acquire()
@@ -647,6 +490,185 @@ def delivery_lock(mailbox_path):
 def session_lock(mailbox_path):
     """The lock a POP3 session holds from login to its end (see the lock protocol)."""
     return FileLock(os.path.join(os.path.dirname(mailbox_path), SESSION_LOCK_NAME))
+
+
+def write_all(fd, data):
+    """Write all of data to fd (os.write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_directory(path, strict=False):
+    """Make a new, renamed or removed directory entry durable (where a directory can be opened).
+
+    strict: a failed fsync raises (the caller's commit depends on it).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return                    # Windows: a folder cannot be opened, nor needs to be
+    try:
+        os.fsync(fd)
+    except OSError:
+        if strict:
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_whole(fd, path, size, known_whole=False):
+    """Make a mailbox end in acknowledged, whole messages; return its size.
+
+    The caller has just taken the mailbox's delivery lock (see the lock
+    protocol): what a dead delivery added, and a torn last message, go to
+    .my_mailbox.torn.  known_whole: the caller knows the file ended in a
+    whole message at this size (after its own last append), so its tail
+    need not be read again.
+    """
+    size = undo_dead_deliveries(fd, path, size)
+    end = size if known_whole else whole_messages_end(fd, size)
+    if end < size:
+        set_aside(fd, path, end, size, "a message cut short")
+    return end
+
+
+def set_aside(fd, path, start, size, what):
+    """Move bytes start..size of a mailbox (its delivery lock held) to the end of its .torn file."""
+    torn_path = os.path.join(os.path.dirname(path), TORN_NAME)
+    torn, _ = open_regular(torn_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.lseek(fd, start, os.SEEK_SET)
+        copied = start
+        while copied < size:
+            chunk = os.read(fd, min(READ_BACK, size - copied))
+            if not chunk:
+                break
+            write_all(torn, chunk)
+            copied += len(chunk)
+        os.fsync(torn)
+    finally:
+        os.close(torn)
+    os.ftruncate(fd, start)
+    os.fsync(fd)
+    log.warning("%s ended in %d bytes of %s; they are now at the end of %s",
+                path, size - start, what, torn_path)
+
+
+# Commit records.  A delivery to several mailboxes writes, before its first
+# byte, ROOT/.spool/<id>.commit: one line "SIZE LOGIN" per mailbox, its size
+# before the delivery.  The record goes when the delivery is done.
+
+def commit_folder(mailbox_path):
+    """Where the commit records of the mail root of a mailbox are: ROOT/.spool."""
+    return os.path.join(os.path.dirname(os.path.dirname(mailbox_path)), SPOOL_NAME)
+
+
+def write_commit_record(sizes):
+    """Durably record that a delivery will append to these mailboxes ({path: size now}); return the record's path."""
+    folder = commit_folder(next(iter(sizes)))
+    os.makedirs(folder, 0o700, exist_ok=True)
+    name = "%d-%d-%s" % (os.getpid(), threading.get_ident(), os.urandom(4).hex())
+    temp, record = os.path.join(folder, name + ".new"), os.path.join(folder, name + COMMIT_SUFFIX)
+    text = "".join("%d %s\n" % (size, os.path.basename(os.path.dirname(path))) for path, size in sizes.items())
+    fd, _ = open_regular(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        write_all(fd, text.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temp, record)       # whole or absent: a reader never sees half a record
+    fsync_directory(folder, strict=True)
+    return record
+
+
+def remove_commit_record(record):
+    """The commit point of a delivery to several mailboxes: its record is gone, durably."""
+    os.remove(record)
+    fsync_directory(os.path.dirname(record), strict=True)
+
+
+def undo_dead_deliveries(fd, path, size):
+    """Set aside what dead deliveries appended to a mailbox whose delivery lock is now held; return its size.
+
+    A record that names this mailbox is a dead delivery's: a live one
+    would still hold the lock.  Records of other mailboxes are left alone.
+    """
+    folder = commit_folder(path)
+    try:
+        names = [name for name in os.listdir(folder) if name.endswith(COMMIT_SUFFIX)]
+    except OSError:
+        return size
+    login = os.path.basename(os.path.dirname(path))
+    for name in names:
+        size = undo_dead_delivery(fd, path, size, os.path.join(folder, name), login)
+    return size
+
+
+def undo_dead_delivery(fd, path, size, record, login):
+    """Undo one dead delivery's append to this mailbox, if its record names it; return the mailbox's size."""
+    # Holders of the other mailboxes may be undoing the same record: one at a time.
+    with FileLock(record + ".lock") as lock:
+        sizes = read_commit_record(record)
+        if login not in sizes:
+            return size
+        before = sizes.pop(login)
+        if before < size:
+            set_aside(fd, path, before, size, "a delivery that died before every mailbox had it")
+        if sizes:
+            rewrite_commit_record(record, sizes)
+        else:
+            remove_file(record)
+            lock.unlink()
+    return min(before, size)
+
+
+def read_commit_record(record):
+    """A commit record as {login: size}; {} once it is gone."""
+    try:
+        fd, _ = open_regular(record, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        lines = f.read().decode("ascii", "replace").split("\n")
+    sizes = {}
+    for line in lines:
+        size, _, login = line.partition(" ")
+        if size.isdigit() and is_valid_login(login):
+            sizes[login] = int(size)
+    return sizes
+
+
+def rewrite_commit_record(record, sizes):
+    """Replace a commit record by one naming fewer mailboxes (durably: the next holder must not undo twice)."""
+    temp = record[:-len(COMMIT_SUFFIX)] + ".new"
+    fd, _ = open_regular(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        write_all(fd, "".join("%d %s\n" % (size, login) for login, size in sizes.items()).encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, record)
+    fsync_directory(os.path.dirname(record), strict=True)
+
+
+# --------------------------------------------------------------------------
+# The mailbox format
+# --------------------------------------------------------------------------
+#
+# The mailbox format.  Messages follow each other; each ends with a line
+# holding only ".".  Lines end with "\n".  A line that starts with "." is
+# stored with one more "." (SMTP's dot-stuffing), so "\n.\n" occurs only
+# where a message ends.  That one rule, "a message ends at the first line
+# holding only '.'", is message_end(); whole_messages_end() applies it
+# backwards from the end of a file.  The readers of a mailbox (SMTP's torn
+# tail check, POP3's index, the tests) find message ends through these two;
+# only POP3's check of its cached index, for speed, takes a known message's
+# end from the cache and looks at its last line alone ('.').  wire_size()
+# and header_block() say what a message's size on the wire is and where
+# its header block ends.
+
+HEADER_LINE = re.compile(rb"[!-9;-~]+:")     # RFC 5322 2.2: a field name, then ':'
 
 
 def message_end(data, start):
@@ -731,388 +753,9 @@ def whole_messages_end(fd, size):
     return 2 if later.startswith(b".\n") else 0     # an empty first message
 
 
-def write_all(fd, data):
-    """Write all of data to fd (os.write may take only part of it)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def set_torn_tail_aside(fd, path, size):
-    """Move what follows the last whole message of a mailbox of size bytes to its .torn file; return the new size.
-
-    The caller holds the delivery lock, so no append is under way: bytes
-    after the last '.' line belong to an append a crash cut short, which no
-    client was told had worked.  They are kept in .my_mailbox.torn (added
-    to its end) and logged, and never served as a message.
-    """
-    end = whole_messages_end(fd, size)
-    if end == size:
-        return size
-    torn_path = os.path.join(os.path.dirname(path), TORN_NAME)
-    torn, _ = open_regular(torn_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.lseek(fd, end, os.SEEK_SET)
-        while True:
-            chunk = os.read(fd, READ_BACK)
-            if not chunk:
-                break
-            write_all(torn, chunk)
-        os.fsync(torn)
-    finally:
-        os.close(torn)
-    os.ftruncate(fd, end)
-    os.fsync(fd)
-    log.warning("%s ended in %d bytes of a message cut short; they are now at the end of %s",
-                path, size - end, torn_path)
-    return end
-
-
-def fsync_directory(path):
-    """Make a new or renamed directory entry durable (where a directory can be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------
-# Parsing: from SMTP DATA to the stored form
+# The wire and the session: lines in, replies out, one do_VERB per command
 # --------------------------------------------------------------------------
-
-def stored_lines(run, strict):
-    """Turn whole lines of DATA, as they came on the wire, into mailbox lines ending in \\n.
-
-    run ends with a line end.  The mailbox keeps SMTP's dot-stuffing, so
-    well-formed lines are stored as they came, less their CR.  In a CRLF
-    (strict) session a bare LF is not a line end on the wire, but it is one
-    in the file: each piece it starts is unstuffed/stuffed on its own so
-    that no piece can ever read as a lone "." line.
-    Returns (stored bytes, length of the longest wire line without its end).
-    """
-    if not strict:
-        lines = [line[:-1] if line.endswith(b"\r") else line for line in run.split(b"\n")[:-1]]
-        return b"\n".join(lines) + b"\n", max(map(len, lines))
-    stored = run.replace(b"\r\n", b"\n")
-    wire_lines = run.split(b"\r\n")
-    longest = max(map(len, wire_lines))
-    if stored.count(b"\n") == len(run) - len(stored):   # no bare LF: each \n was a CRLF
-        return stored, longest
-    pieces = []
-    for line in wire_lines[:-1]:
-        if line.startswith(b"."):
-            line = line[1:]
-        for piece in line.split(b"\n"):
-            pieces.append(b"." + piece if piece.startswith(b".") else piece)
-    return b"\n".join(pieces) + b"\n", longest
-
-
-def stored_layout(lines, size, sender, recipients, received):
-    """The stored message as pieces: bytes to add, and (start, end) ranges of the stored body.
-
-    lines() gives the stored body's lines from the first (only the header
-    block is read); size is the body's length.  Missing From/To come from
-    the envelope; Received goes right after Subject (and its folded lines),
-    or, with no Subject, an empty Subject and then Received close the header
-    block.  A body with no line gets an empty one, and '.' ends the message.
-    """
-    count, _ = header_block(lines())
-    present = set()
-    pos = 0                  # where the header block ends
-    subject_end = None       # after the Subject line and its folded lines
-    for line in itertools.islice(lines(), count):
-        if line[:1] in (b" ", b"\t"):
-            if subject_end == pos:
-                subject_end += len(line)
-        else:
-            name = line.partition(b":")[0].lower()
-            if name == b"subject" and name not in present:
-                subject_end = pos + len(line)
-            present.add(name)
-        pos += len(line)
-    head = b""
-    if b"from" not in present:
-        head += b"From: " + sender + b"\n"
-    if b"to" not in present:
-        head += b"To: " + b", ".join(recipients) + b"\n"
-    received = b"Received: " + received + b"\n"
-    end = b"\n.\n" if pos == size else b".\n"     # the format wants one body line at least
-    if subject_end is None:
-        return [head, (0, pos), b"Subject: \n" + received, (pos, size), end]
-    return [head, (0, subject_end), received, (subject_end, size), end]
-
-
-def stored_message(body, sender, recipients, received):
-    """The whole stored form of a stored body held in memory (see stored_layout)."""
-    return laid_out(body, stored_layout(lambda: io.BytesIO(body), len(body), sender, recipients, received))
-
-
-def laid_out(body, layout):
-    """The message a stored_layout describes, for a body held in memory (bytes)."""
-    return b"".join([body[p[0]:p[1]] if isinstance(p, tuple) else p for p in layout])
-
-
-def received_stamp():
-    """The Received: value for now, local time, as the mailbox format writes it."""
-    return time.strftime("%Y-%m-%d : %H : %M").encode("ascii")
-
-
-def parse_path(text):
-    """Split '<addr> PARAMS' into (addr, [params]); None when addr is no RFC 5321 path.
-
-    The local part must be a Dot-string (4.1.2): atoms joined by single
-    dots, so no address can be '..' or start with a dot.  UTF-8 is taken
-    in both parts (RFC 6531); bytes that are not UTF-8 are not.
-    """
-    text = text.strip()
-    if text.startswith("<"):
-        end = text.find(">")
-        if end < 0:
-            return None
-        address, rest = text[1:end], text[end + 1:]
-    else:
-        address, _, rest = text.partition(" ")
-    if address.startswith("@") and ":" in address:    # obsolete source route: ignore it
-        address = address.split(":", 1)[1]
-    if len(address) > MAX_PATH:
-        return None
-    if address and not ADDRESS.match(address):
-        return None
-    return address, rest.split()
-
-
-def local_part(address):
-    """The part of an address before its last '@' (all of it when it has none)."""
-    return address.rpartition("@")[0] if "@" in address else address
-
-
-def printable(text):
-    """Text from a message fit to go into a reply line: printable characters only, not too many."""
-    return "".join(c for c in text[:MAX_PATH] if c.isprintable())
-
-
-def foreign_sender(lines, login):
-    """The first From: or Sender: address of a message that is not login's own, else None.
-
-    lines: the message's lines as stored (bytes), its header block first, as
-    header_block() finds it.  An address is login's own when its local part
-    is login, in any case, whatever the display name.  A From: or Sender:
-    that holds no address at all is not login's own either ('' is returned).
-    """
-    lines, scanned = itertools.tee(lines)
-    count, _ = header_block(scanned)
-    fields = []
-    for line in itertools.islice(lines, count):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line                 # a folded line continues its field
-        else:
-            fields.append(line)
-    for field in fields:
-        name, _, value = field.partition(b":")
-        if name.lower() in (b"from", b"sender"):
-            text = " ".join(value.decode("utf-8", "replace").split())
-            addresses = [address for _, address in email.utils.getaddresses([text]) if address]
-            for address in addresses or [""]:
-                if local_part(address).lower() != login.lower():
-                    return address
-    return None
-
-
-# --------------------------------------------------------------------------
-# Delivery: appending a message to the recipients' mailboxes
-# --------------------------------------------------------------------------
-
-def prepare_spool(root):
-    """The path of ROOT/.spool, emptied of what a crash may have left there."""
-    path = os.path.join(root, SPOOL_NAME)
-    try:
-        names = os.listdir(path) if stat.S_ISDIR(os.lstat(path).st_mode) else []
-    except OSError:
-        names = []
-    for name in names:     # only a crash on a system without unnamed files leaves any
-        remove_file(os.path.join(path, name))
-    return path
-
-
-def spool_file(folder):
-    """A new unnamed file in the spool folder (made private on first use; never through a symlink)."""
-    os.makedirs(folder, 0o700, exist_ok=True)
-    if not stat.S_ISDIR(os.lstat(folder).st_mode):
-        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", folder)
-    return tempfile.TemporaryFile(dir=folder)
-
-
-class Spool:
-    """A message's stored body while it arrives: in memory while small, then in a file in ROOT/.spool.
-
-    The file has no name (it is removed as soon as it is made, or made
-    without one), so nothing of it outlives the process, even a kill -9.
-    """
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.parts = []              # the body, while it is in memory
-        self.file = None
-        self.size = 0                # bytes stored
-        self.wire_size = 0           # their RFC 1870 size
-
-    def write(self, stored):
-        """Add stored lines (ending with \\n) to the body."""
-        self.size += len(stored)
-        self.wire_size += wire_size(stored)
-        if self.file is not None:
-            self.file.write(stored)
-            return
-        self.parts.append(stored)
-        if self.size > SPOOL_THRESHOLD:
-            self.file = spool_file(self.folder)
-            self.file.write(b"".join(self.parts))
-            self.parts = None
-
-    def body(self):
-        """The body, while it is in memory."""
-        if len(self.parts) > 1:
-            self.parts = [b"".join(self.parts)]
-        return self.parts[0] if self.parts else b""
-
-    def lines(self):
-        """An iterator over the body's lines, from the first."""
-        if self.file is None:
-            return io.BytesIO(self.body())
-        self.file.seek(0)
-        return self.file
-
-    def message(self, layout):
-        """The stored message laid out by stored_layout: bytes, or a SpooledMessage when large."""
-        if self.file is None:
-            return laid_out(self.body(), layout)
-        self.file.flush()
-        return SpooledMessage(self.file, layout)
-
-    def close(self):
-        """Forget the body (a spool file vanishes)."""
-        if self.file is not None:
-            self.file.close()
-        self.file, self.parts = None, []
-
-
-class SpooledMessage:
-    """A stored message too large for memory: bytes to add and ranges of a spool file, in order."""
-
-    def __init__(self, file, layout):
-        self.file = file
-        self.layout = layout
-
-    def __len__(self):
-        return sum(p[1] - p[0] if isinstance(p, tuple) else len(p) for p in self.layout)
-
-    def write_to(self, fd):
-        """Write the message to fd, a chunk at a time."""
-        for piece in self.layout:
-            if not isinstance(piece, tuple):
-                write_all(fd, piece)
-                continue
-            start, end = piece
-            while start < end:
-                self.file.seek(start)
-                chunk = self.file.read(min(COPY_CHUNK, end - start))
-                if not chunk:
-                    raise OSError("the spool file shrank")
-                write_all(fd, chunk)
-                start += len(chunk)
-
-
-class MailboxFull(Exception):
-    """A message would make a mailbox hold more than its quota; it was stored for nobody."""
-
-
-def deliver(message, mailbox_paths, quota=None, commit=None):
-    """Append one stored message to every mailbox; return once it is on disk in all of them.
-
-    Holding the delivery locks of all the mailboxes (in sorted order, as the
-    lock protocol asks), append the message to each and fsync each; on any
-    error cut every one back to its old size, so a message is in all of the
-    mailboxes or in none.  A mailbox it would take past quota bytes stops
-    it before anything is written (MailboxFull).  commit, if given, is run
-    once the message is on disk everywhere, the locks still held: if it
-    raises, the mailboxes are cut back too (the outbound queue's rename,
-    so that local and remote recipients get a message all or none).  A
-    message for one mailbox, without commit, takes the same steps in a
-    GroupCommit (see Speed-ups), which shares them with its neighbours.
-    """
-    paths = sorted(set(mailbox_paths))
-    if len(paths) == 1 and commit is None:
-        return GROUP_COMMIT.deliver(paths[0], message, quota)
-    with contextlib.ExitStack() as held:     # whatever was taken is given back, on any error too
-        opened = []                          # (fd, size before the append)
-        for path in paths:
-            held.enter_context(delivery_lock(path))
-            fd, st = open_mailbox(path)
-            held.callback(os.close, fd)
-            opened.append((fd, set_torn_tail_aside(fd, path, st.st_size)))
-            if quota is not None and opened[-1][1] + len(message) > quota:
-                raise MailboxFull(path)
-        try:
-            for fd, _ in opened:
-                append_message(fd, message)
-            for fd, _ in opened:
-                os.fsync(fd)
-            if commit is not None:
-                commit()
-        except BaseException:
-            for fd, size in opened:
-                cut_back(fd, size)
-            raise
-
-
-def open_mailbox(path):
-    """Open a mailbox for appending, creating it (durably) when it is absent: (fd, os.stat_result)."""
-    flags = os.O_RDWR | os.O_APPEND
-    try:
-        return open_regular(path, flags)
-    except FileNotFoundError:
-        opened = open_regular(path, flags | os.O_CREAT)
-        fsync_directory(os.path.dirname(path))
-        return opened
-
-
-def append_message(fd, message):
-    """Write a message (bytes, or a SpooledMessage) at the end of a mailbox whose lock is held."""
-    if isinstance(message, bytes):
-        write_all(fd, message)
-    else:
-        message.write_to(fd)
-
-
-def cut_back(fd, size):
-    """Undo a failed append, so that nothing unacknowledged stays in a mailbox; False if that failed."""
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-        return True
-    except OSError as exc:
-        log.critical("could not cut a mailbox back to %d bytes (it has %s) after a failed delivery: %s",
-                     size, _size_of(fd), exc)
-        return False
-
-
-def _size_of(fd):
-    try:
-        return os.fstat(fd).st_size
-    except OSError:
-        return "an unknown size"
-
-
-# --------------------------------------------------------------------------
-# The protocol session
-# --------------------------------------------------------------------------
-# Shared with pop_server.py: the wire (lines in, replies out) and the session skeleton.
 
 class ConnectionClosed(Exception):
     """The client closed its side of the connection."""
@@ -1179,10 +822,10 @@ def shown_name(name):
     return repr(name[:64]) if name else "-"
 
 
-# What a read or write past the idle timeout raises: socket.timeout for a
-# Python timeout, BlockingIOError for SO_RCVTIMEO (see Speed-ups), and ssl's
-# errors for the same inside TLS.
-IDLE_TIMEOUT_ERRORS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+# What a read or write past the idle timeout raises: socket.timeout, and
+# ssl's errors for the same inside TLS.
+IDLE_TIMEOUT_ERRORS = (socket.timeout, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Wire:
@@ -1235,7 +878,7 @@ class Wire:
             if left < self.timeout / 2:
                 wait = left
         if wait != self.waiting:
-            set_idle_timeout(self.sock, wait)
+            self.sock.settimeout(wait)
             self.waiting = wait
         chunk = self.sock.recv(RECV_SIZE)
         if not chunk:
@@ -1327,11 +970,10 @@ class Session:
 
     def __init__(self, server, sock, address):
         self.server = server
-        self.address = address        # the client's (host, port): relaying and the trace header use it
+        self.address = address        # the client's (host, port): the socket's peer, or a PROXY header's
         self.peer = peer_text(address)
         self.verbose = server.verbose
         self.wire = Wire(sock, server.timeout)
-        self.last_reply = ""          # the last line queued
         self.tls_active = False
         self.crlf = True              # did the last command line end in CRLF?
         self.auth_failures = 0
@@ -1341,7 +983,6 @@ class Session:
         if self.verbose:
             for line in lines:
                 log.info("%s S: %s", self.peer, line)
-        self.last_reply = lines[-1]
         # Replies are small, so they simply wait in the queue for the next flush.
         self.wire.pending.append(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
 
@@ -1403,7 +1044,7 @@ class Session:
         Then the protocol forgets what was said before (RFC 3207 4.2, RFC 2595 4).
         """
         try:
-            self.wire.start_tls(self.server.tls)
+            self.wire.start_tls(self.server.tls.context())
         except (ssl.SSLError, OSError) as exc:
             log.info("%s TLS handshake failed: %s", self.peer, exc)
             raise SessionEnd("TLS handshake failed")
@@ -1514,10 +1155,1293 @@ class Session:
         return "%s: %s" % (self.peer, reason)
 
 
-# -- The SMTP session
+# --------------------------------------------------------------------------
+# The PROXY protocol: the client's address from a load balancer
+# --------------------------------------------------------------------------
+# Shared with pop_server.py.  Behind a TCP load balancer (HAProxy) every
+# connection comes from the balancer; with HAProxy's PROXY protocol it
+# first sends a header naming the client, as a text line (version 1) or in
+# binary (version 2).  Read only from --proxy-from addresses, in the
+# session's thread, before the greeting and before any TLS.
+
+class ProxyHeaderError(Exception):
+    """A PROXY header that is malformed, or none where one was due."""
+
+
+def read_proxy_header(sock, own, timeout):
+    """Read a PROXY header from sock within timeout seconds; return the client's (host, port).
+
+    own is the connection's own peer (the balancer), which a LOCAL or
+    UNKNOWN header keeps.  Exactly the header's bytes are read, never one
+    of the protocol after it, so a TLS handshake or the first command
+    behind it is left whole.  Raises ProxyHeaderError (malformed, or no
+    header), ConnectionClosed (cut short) or socket.timeout (too slow).
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        start = recv_exactly(sock, PROXY_FIRST_READ, deadline)
+        if start == PROXY_V1_PREFIX:
+            address = parse_proxy_v1(start + recv_line(sock, PROXY_V1_MAX - len(start), deadline))
+        elif start == PROXY_V2_SIGNATURE[:len(start)]:
+            head = start + recv_exactly(sock, PROXY_V2_FIXED - len(start), deadline)
+            address = parse_proxy_v2(head, recv_exactly(sock, proxy_v2_length(head), deadline))
+        else:
+            raise ProxyHeaderError("no PROXY header")
+    finally:
+        sock.settimeout(None)        # the session sets its own timeout
+    return address or own
+
+
+def recv_exactly(sock, count, deadline):
+    """Read exactly count bytes from sock by deadline (a time.monotonic() value)."""
+    data = b""
+    while len(data) < count:
+        data += _recv_by(sock, deadline, count - len(data))
+    return data
+
+
+def recv_line(sock, limit, deadline):
+    """Read a line, its LF included, of at most limit bytes from sock by deadline; not a byte more.
+
+    What has come is looked at first (MSG_PEEK), and only the line's own
+    bytes are taken from the socket.
+    """
+    data = b""
+    while len(data) < limit:
+        seen = _recv_by(sock, deadline, limit - len(data), socket.MSG_PEEK)
+        end = seen.find(b"\n")
+        data += sock.recv(end + 1 if end >= 0 else len(seen))   # all there: peeked
+        if end >= 0:
+            return data
+    raise ProxyHeaderError("v1 header longer than %d bytes" % PROXY_V1_MAX)
+
+
+def _recv_by(sock, deadline, size, flags=0):
+    """One recv of up to size bytes, waiting no later than deadline; ConnectionClosed at EOF."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("PROXY header too slow")
+    sock.settimeout(left)
+    data = sock.recv(size, flags)
+    if not data:
+        raise ConnectionClosed()
+    return data
+
+
+def parse_proxy_v1(line):
+    """The client's (host, port) in a v1 header line (CRLF included); None for UNKNOWN."""
+    if not line.endswith(b"\r\n"):
+        raise ProxyHeaderError("v1 header without CRLF")
+    words = line[:-2].split(b" ")
+    if words[1:2] == [b"UNKNOWN"]:
+        return None                  # 2.1: the rest of the line is to be ignored
+    if len(words) != 6 or words[1] not in (b"TCP4", b"TCP6"):
+        raise ProxyHeaderError("malformed v1 header")
+    version = 4 if words[1] == b"TCP4" else 6
+    try:
+        source, destination = (ipaddress.ip_address(w.decode("ascii")) for w in words[2:4])
+    except (UnicodeDecodeError, ValueError):
+        raise ProxyHeaderError("bad address in v1 header")
+    ports = words[4:6]
+    if source.version != version or destination.version != version or not all(
+            p.isdigit() and len(p) <= 5 and int(p) <= 65535 for p in ports):
+        raise ProxyHeaderError("bad address or port in v1 header")
+    return str(source), int(ports[0])
+
+
+def proxy_v2_length(head):
+    """How many bytes follow the fixed 16 of a v2 header, once its signature and command are checked."""
+    if head[:12] != PROXY_V2_SIGNATURE:
+        raise ProxyHeaderError("bad v2 signature")
+    if head[12] not in (PROXY_V2_LOCAL, PROXY_V2_PROXY):
+        raise ProxyHeaderError("unknown v2 version or command 0x%02x" % head[12])
+    return struct.unpack("!H", head[14:16])[0]
+
+
+def parse_proxy_v2(head, body):
+    """The client's (host, port) in a checked v2 header (its fixed 16 bytes, then the rest); None for LOCAL.
+
+    A relayed connection of another kind than TCP (UNSPEC, UNIX) keeps the
+    balancer's address, as 2.2 allows.  What follows the addresses (TLVs)
+    is read and ignored.
+    """
+    if head[12] == PROXY_V2_LOCAL or head[13] not in PROXY_V2_TCP:
+        return None
+    family, size = PROXY_V2_TCP[head[13]]
+    if len(body) < 2 * size + 4:
+        raise ProxyHeaderError("v2 header too short for its addresses")
+    port, = struct.unpack("!H", body[2 * size:2 * size + 2])
+    return socket.inet_ntop(family, body[:size]), port
+
+
+def network_list(text):
+    """The networks of a comma-separated --proxy-from or --relay-networks (addresses or CIDRs; '': none)."""
+    try:
+        return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def in_networks(host, networks):
+    """Whether a peer's host (as accept() gives it) is in one of networks."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:      # an IPv4 client of a dual-stack listener
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+# --------------------------------------------------------------------------
+# The server: options, the accept loop, a thread per connection, shutdown
+# --------------------------------------------------------------------------
+
+def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help):
+    """A command-line parser with the options both servers take."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
+    parser.add_argument("--domain", default=socket.gethostname(),
+                        help="name the server gives itself in replies (default: this host's name)")
+    parser.add_argument("--timeout", type=float, default=default_timeout,
+                        help="%s (default: %g)" % (timeout_help, default_timeout))
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="connections served at once; one more is refused (default: %d)"
+                        % DEFAULT_MAX_CONNECTIONS)
+    parser.add_argument("--max-per-client", type=int, metavar="N",
+                        help="connections at once from one client address (IPv6: one /64); "
+                        "one more is refused (default: half of --max-connections)")
+    parser.add_argument("--cpu", type=int, metavar="N",
+                        help="the CPU to run on (default: one no other server of ours runs on)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log every command and reply (passwords masked)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for %s" % tls_command)
+    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for %s" % tls_command)
+    parser.add_argument("--require-tls", action="store_true", help=require_tls_help)
+    parser.add_argument("--implicit-tls", action="store_true",
+                        help="TLS from the first byte instead of %s (RFC 8314; SMTP usually on "
+                             "port 465, POP3 on 995); needs --tls-cert and --tls-key" % tls_command)
+    parser.add_argument("--proxy-from", metavar="CIDRS", type=network_list, default=[],
+                        help="load balancers (comma-separated addresses or networks) whose connections "
+                             "start with a PROXY protocol v1 or v2 header naming the client")
+    return parser
+
+
+def check_server_arguments(parser, args):
+    """Check the options both servers take, load the TLS certificate; return args."""
+    if not 0 <= args.port <= 65535:
+        parser.error("PORT must be between 0 and 65535")
+    if args.max_per_client is None:
+        args.max_per_client = max(1, args.max_connections // 2)
+    if args.max_connections < 1 or args.max_per_client < 1 or args.timeout <= 0:
+        parser.error("--max-connections, --max-per-client and --timeout must be positive")
+    if not os.path.isdir(args.root):
+        parser.error("--root %s is not a directory" % args.root)
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls or args.implicit_tls)
+    return args
+
+
+def tls_context(parser, cert, key, required):
+    """The server's TLS certificate from --tls-cert/--tls-key, a ServerCertificate (None without them)."""
+    if not cert and not key:
+        if required:
+            parser.error("--require-tls and --implicit-tls need --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        parser.error("--tls-cert and --tls-key go together")
+    try:
+        return ServerCertificate(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error("cannot load the TLS certificate or key: %s" % exc)
+
+
+def load_tls_context(cert, key):
+    """A new server TLS context with the pair in the files cert and key (raises OSError, ssl.SSLError)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # A client's close without close_notify then ends the reading like any
+    # EOF, instead of OpenSSL 3 failing the connection with an alert: the
+    # session can still say goodbye and send its own close_notify.  No EOF
+    # is ever taken as a command, so a truncation attack gains nothing.
+    context.options |= IGNORE_UNEXPECTED_EOF
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class ServerCertificate:
+    """The server's TLS context, renewed when the certificate or key file changes on disk.
+
+    An ACME client replaces the pair every 60-90 days; a restart would drop
+    every open session.  So when a connection needs TLS, the files are
+    looked at (at most every CERT_CHECK_INTERVAL seconds, or at the next
+    one after SIGHUP) and a changed pair is loaded into a new context:
+    sessions already in TLS keep the old one.  A new pair that does not
+    load (unreadable, a key that does not match, a file half written) is
+    logged once per change, and the old context stays.
+    """
+
+    def __init__(self, cert, key):
+        self.cert, self.key = cert, key
+        self._stamp = self._files_stamp()      # taken before the load: a change during it is seen next time
+        self._context = load_tls_context(cert, key)
+        self._broken = None                    # the stamp of a new pair that failed to load
+        self._next_check = time.monotonic() + CERT_CHECK_INTERVAL
+        self._guard = threading.Lock()
+
+    def context(self):
+        """The TLS context for a new connection: the newest pair that loaded."""
+        now = time.monotonic()
+        # One session looks at the files; the others meanwhile take the context as it is.
+        if now >= self._next_check and self._guard.acquire(blocking=False):
+            try:
+                self._next_check = now + CERT_CHECK_INTERVAL
+                self._reload_if_changed()
+            finally:
+                self._guard.release()
+        return self._context
+
+    def check_soon(self):
+        """Look at the files at the next connection that needs TLS (SIGHUP: a renewal's deploy hook)."""
+        self._next_check = 0.0
+
+    def _reload_if_changed(self):
+        """Load the pair into a new context if the files changed since the last load or failure."""
+        stamp = self._files_stamp()
+        if stamp in (self._stamp, self._broken):
+            return
+        try:
+            context = load_tls_context(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            self._broken = stamp
+            log.error("new TLS certificate or key not loaded, keeping the old pair: %s", exc)
+            return
+        self._context, self._stamp, self._broken = context, stamp, None
+        log.info("TLS certificate %s reloaded", self.cert)
+
+    def _files_stamp(self):
+        """What a replaced or rewritten file changes: each file's (mtime, size, inode), None if missing."""
+        stamp = []
+        for path in (self.cert, self.key):
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamp.append(None)
+            else:
+                stamp.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamp)
+
+
+def create_listener(host, port):
+    """A listening TCP socket on host (IPv4 or IPv6) and port."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        if os.name == "posix":        # quick restarts; on Windows this would allow port theft
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def peer_text(address):
+    """A client's address as the log shows it: 192.0.2.1:5000, [2001:db8::1]:5000."""
+    host, port = address[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+def client_key(host):
+    """The client a per-client limit counts: its IPv4 address, or the /64 of its IPv6 one."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped:                 # an IPv4 client of a dual-stack listener
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network((ip, IPV6_CLIENT_PREFIX), strict=False))
+
+
+class Slots:
+    """Who may connect now: at most `total` connections, at most `per_client` from one client.
+
+    take() answers True (a slot is taken), False (the client has its share)
+    or None (the server is full).  A connection whose client is not known
+    yet (a balancer's, before its PROXY header) takes a slot for client
+    None, counted in the total only, and claim()s the client's share later.
+    """
+
+    def __init__(self, total, per_client):
+        self.total = total
+        self.per_client = per_client
+        self.open = 0
+        self.by_client = {}          # client -> its open connections
+        self._logged = {}            # client -> when its last refusal was logged
+        self._guard = threading.Lock()
+
+    def take(self, client):
+        """Take a slot for a new connection of client: True, or False when client has all its own."""
+        with self._guard:
+            if self.open >= self.total:
+                return None
+            mine = self.by_client.get(client, 0)
+            if mine >= self.per_client:
+                return False
+            self.open += 1
+            if client is not None:
+                self.by_client[client] = mine + 1
+        return True
+
+    def claim(self, client):
+        """Count a slot taken for client None as client's: True, or False when client has all its own."""
+        with self._guard:
+            mine = self.by_client.get(client, 0)
+            if mine >= self.per_client:
+                return False
+            self.by_client[client] = mine + 1
+        return True
+
+    def give_back(self, client):
+        """A connection of client (None: not known yet) has ended."""
+        with self._guard:
+            self.open -= 1
+            if client is None:
+                return
+            left = self.by_client[client] - 1
+            if left:
+                self.by_client[client] = left
+            else:
+                del self.by_client[client]
+
+    def worth_logging(self, client):
+        """Whether to log a refusal of client: once per REFUSAL_LOG_INTERVAL, not at each try."""
+        now = time.monotonic()
+        with self._guard:
+            if now - self._logged.get(client, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
+                return False
+            if len(self._logged) > 4 * self.total:          # forget clients gone quiet
+                self._logged = {c: t for c, t in self._logged.items()
+                                if now - t < REFUSAL_LOG_INTERVAL}
+            self._logged[client] = now
+            return True
+
+
+class InFlight:
+    """Counts the work under way that a shutdown waits for (a delivery, a mailbox rewrite)."""
+
+    def __init__(self):
+        self._count = 0
+        self._guard = threading.Lock()
+
+    def __enter__(self):
+        with self._guard:
+            self._count += 1
+
+    def __exit__(self, *exc):
+        with self._guard:
+            self._count -= 1
+
+    def wait(self, timeout):
+        """Wait until nothing is in flight; return False if timeout passed first."""
+        deadline = time.monotonic() + timeout
+        while self._count:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)      # only at shutdown: not worth a condition on every message
+        return True
+
+
+class Server:
+    """Accepts connections and serves each in a thread of its own, with a session_class session.
+
+    Knows nothing of the protocol: that is all in the session.
+    """
+
+    session_class = None     # each server's protocol
+    replies = None           # its replies: BUSY (over the connection limit), BUSY_CLIENT (over its own)
+
+    def __init__(self, args):
+        self.users = UserTable(args.root)
+        self.domain = args.domain
+        self.timeout = args.timeout
+        self.verbose = args.verbose
+        self.tls = args.tls
+        self.require_tls = args.require_tls
+        self.implicit_tls = args.implicit_tls
+        self.proxy_from = args.proxy_from      # the load balancers that send PROXY headers
+        self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
+        self.stopping = False        # True once a shutdown has begun
+        self.slots = Slots(args.max_connections, args.max_per_client)
+        self.in_flight = InFlight()
+        self.listener = create_listener(args.host, args.port)
+        self.address = self.listener.getsockname()
+
+    def serve_forever(self):
+        """Accept connections until shutdown() closes the listener."""
+        log.info("listening on %s port %d", self.address[0], self.address[1])
+        self.users.refresh()         # read userinfo.txt now, so its problems show at start
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except OSError as exc:
+                if self.stopping:
+                    return
+                log.warning("accept failed: %s", exc)
+                time.sleep(ACCEPT_RETRY_DELAY)    # e.g. out of descriptors: let sessions end first
+                continue
+            self.start_session(sock, address)
+
+    def start_session(self, sock, address):
+        """Serve a new connection in a thread of its own, or refuse it when there is no slot for it.
+
+        A balancer's connection is counted in the total only: its client is
+        known, and counted, once the session's thread has read the PROXY header.
+        """
+        from_balancer = self.proxy_from and in_networks(address[0], self.proxy_from)
+        peer, client = peer_text(address), None if from_balancer else client_key(address[0])
+        taken = self.slots.take(client)
+        if taken is None:
+            return self.refuse(sock, peer, client, self.replies.BUSY, "%d connections open" % self.slots.total)
+        if not taken:
+            return self.refuse(sock, peer, client, self.replies.BUSY_CLIENT,
+                               "%d connections open from %s" % (self.slots.per_client, client))
+        try:
+            threading.Thread(target=self.serve, args=(sock, address, client), daemon=True).start()
+        except RuntimeError as exc:               # the system cannot make more threads
+            self.slots.give_back(client)
+            self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
+
+    def refuse(self, sock, peer, client, reply, reason):
+        """Send a client the reply that there is no room for it now, and hang up (never waiting for it)."""
+        if self.slots.worth_logging(client):
+            log.warning("%s: refused, %s", peer, reason)
+        try:
+            sock.setblocking(False)
+            # The reply comes before any greeting; an SMTP one names the server (RFC 5321 3.8).
+            sock.send(reply.replace("%s", self.domain).encode("ascii") + b"\r\n")
+        except OSError:
+            pass
+        sock.close()
+
+    def serve(self, sock, address, client):
+        """Run one session (in its own thread); client None: a balancer's, whose PROXY header comes first."""
+        leave_signals_to_main_thread()
+        try:
+            if client is None:
+                address, client = self.proxied_client(sock, address)
+                if client is None:
+                    return
+            sock.settimeout(self.timeout)
+            self.session_class(self, sock, address).run()
+        except Exception:
+            log.exception("session with %s failed", peer_text(address))
+            sock.close()
+        finally:
+            self.slots.give_back(client)
+
+    def proxied_client(self, sock, address):
+        """Read a balancer's PROXY header and claim a slot for the client it names: (address, client).
+
+        The client is None when the connection is closed unanswered (no
+        valid header within --timeout) or refused (the client has all its
+        connections open).
+        """
+        try:
+            address = read_proxy_header(sock, address, self.timeout)
+        except (ProxyHeaderError, ConnectionClosed, OSError) as exc:
+            why = ("cut short" if isinstance(exc, ConnectionClosed) else
+                   "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__)
+            log.warning("%s: closed, no valid PROXY header: %s", peer_text(address), why)
+            sock.close()
+            return address, None
+        client = client_key(address[0])
+        if not self.slots.claim(client):
+            self.refuse(sock, peer_text(address), client, self.replies.BUSY_CLIENT,
+                        "%d connections open from %s" % (self.slots.per_client, client))
+            return address, None
+        return address, client
+
+    def shutdown(self, signals):
+        """Stop accepting; give the work in flight time to finish (until a second signal)."""
+        self.stopping = True         # work that checks it after entering in_flight does not start
+        self.listener.close()
+        log.info("shutting down")
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while not self.in_flight.wait(0.1):
+            if signals.hurried or time.monotonic() > deadline:
+                # What is cut short here was never acknowledged, and nothing is half stored.
+                log.warning("stopping before the work in progress has finished")
+                return
+        self.end_sessions(min(CLOSE_NOTIFY_WAIT + 1, max(0.0, deadline - time.monotonic())))
+
+    def end_sessions(self, timeout):
+        """Wake every session still open so it says goodbye and closes itself; wait up to timeout seconds.
+
+        Without it they would be cut off by the exit: no SMTP 421, no TLS close_notify.
+        """
+        for session in list(self.open_sessions):
+            try:
+                session.wire.wake()
+            except OSError:       # closed meanwhile
+                pass
+        deadline = time.monotonic() + timeout
+        while self.open_sessions and time.monotonic() < deadline:
+            time.sleep(0.02)      # a few sessions saying goodbye: nothing to wake us for
+
+
+class Shutdown(BaseException):
+    """Raised in the main thread by the first Ctrl-C or SIGTERM.
+
+    A BaseException, like KeyboardInterrupt, so that no 'except Exception'
+    on the way (in logging, say) can swallow it.
+    """
+
+
+class ShutdownSignals:
+    """Ctrl-C and SIGTERM: the first stops the server loop, a second cuts the shutdown short."""
+
+    def __init__(self):
+        self.received = 0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.received += 1
+        if self.received == 1:
+            raise Shutdown()
+
+    @property
+    def hurried(self):
+        return self.received > 1
+
+
+def leave_signals_to_main_thread():
+    """Block Ctrl-C, SIGTERM and SIGHUP in the calling (session) thread.
+
+    Python runs signal handlers in the main thread only; a signal the kernel
+    delivers to a session thread would wait, unseen, until the main thread
+    next wakes up by itself.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+def run_server(server_class, args, name):
+    """Run a server until Ctrl-C or SIGTERM; return the exit code."""
+    use_small_thread_stacks()
+    run_on_one_cpu(args.cpu)
+    configure_logging(name)
+    try:
+        server = server_class(args)
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
+        return 1
+    signals = ShutdownSignals()
+    if args.tls is not None and hasattr(signal, "SIGHUP"):
+        # Only flags the files to be looked at: the handler runs in the main thread, between
+        # two steps of the accept loop, where loading and logging could meet a held lock.
+        signal.signal(signal.SIGHUP, lambda signum, frame: args.tls.check_soon())
+    try:
+        server.serve_forever()
+    except Shutdown:
+        pass
+    server.shutdown(signals)
+    log.info("stopped")
+    return 0
+
+
+def configure_logging(name):
+    """INFO and above to stderr, one line per record, tagged with the server's name."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s " + name + " %(levelname)s %(message)s"))
+    # A log that cannot be written (a full disk, EIO) must not cost a
+    # session or a message, nor print a traceback to stderr.
+    logging.raiseExceptions = False
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+# --------------------------------------------------------------------------
+# Speed-ups of both servers
+# --------------------------------------------------------------------------
+# Each makes a server faster without changing what it does, and says by
+# how much (tests/bench_smtp.py, tests/bench_pop.py on 2 CPUs).
+
+def use_small_thread_stacks():
+    """Give the threads started from now on small stacks (call before starting any).
+
+    Small stacks fit many more in glibc's cache of freed stacks, so a thread
+    per connection does not map and unmap 8 MiB each time.
+    """
+    threading.stack_size(THREAD_STACK_SIZE)
+
+
+def run_on_one_cpu(chosen=None):
+    """Keep this process's threads on one CPU, one its sibling servers do not use (call before any thread).
+
+    Only one thread runs Python at a time (the GIL).  When session threads
+    sit on different CPUs, every hand-over of the GIL is a cross-CPU
+    wake-up, which costs far more than a switch on one CPU.  --cpu N picks
+    the CPU; else the one fewest other servers of ours have claimed (lock
+    files in the system's temporary folder, held while the process lives),
+    so servers started side by side spread over the CPUs.
+    """
+    if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
+        return
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+        cpu = chosen if chosen is not None else unclaimed_cpu(allowed)
+        os.sched_setaffinity(0, {cpu})
+    except (OSError, ValueError) as exc:
+        log.warning("staying on every CPU: %s", exc)
+
+
+_CPU_CLAIM = []              # the lock on the claimed CPU, held until the process ends
+CPU_CLAIM_LAYERS = 64        # claims per CPU: the 65th server process on one CPU picks by its pid
+
+
+def unclaimed_cpu(allowed):
+    """The allowed CPU with the fewest of our servers on it (claimed now, by a lock file held for life).
+
+    Claims come in layers: the first server of each CPU claims its layer 0,
+    the next ones layer 1, and so on, so n servers started side by side on n
+    CPUs run one on each, and 2n two on each.
+    """
+    for layer in range(CPU_CLAIM_LAYERS):
+        for cpu in allowed:
+            name = "mailserver-cpu-%d-%d.lock" % (cpu, layer)
+            claim = FileLock(os.path.join(tempfile.gettempdir(), name))
+            try:
+                if claim.acquire(blocking=False):
+                    _CPU_CLAIM.append(claim)
+                    return cpu
+            except OSError:
+                return allowed[os.getpid() % len(allowed)]
+    return allowed[os.getpid() % len(allowed)]
+
+
+# ##########################################################################
+#
+#   PART 2: THE SMTP SERVER
+#
+#   In the order a message travels: the replies and options, the session
+#   and its commands, reading DATA and BDAT, the stored form, the spool,
+#   delivery into the mailboxes; then the server and main().
+#
+# ##########################################################################
+
+# --------------------------------------------------------------------------
+# Replies and options
+# --------------------------------------------------------------------------
+
+DEFAULT_MAX_SIZE = 10 * 1024 * 1024
+DEFAULT_TIMEOUT = 300        # RFC 5321 4.5.3.2.7 asks for at least 5 minutes
+MAX_TEXT_LINE = 1000         # RFC 5321 4.5.3.1.6, CRLF included
+MAX_PATH = 256               # RFC 5321 4.5.3.1.3
+MAX_RECIPIENTS = 100         # RFC 5321 4.5.3.1.8
+MAX_BAD_COMMANDS = 10        # in a row, then 421 and close
+MIN_DATA_RATE = 500          # bytes/s a slow DATA sender must keep up (Postfix's smtpd_min_data_rate)
+SPOOL_THRESHOLD = 256 * 1024 # bytes of a message kept in memory; a larger one goes to ROOT/.spool
+COPY_CHUNK = 1 << 20         # bytes copied from a spool file at a time
+
+LF_DATA_END = re.compile(rb"(\r?\n)\.\r?\n")  # a lone '.' line, in a session typed with bare LF
+ENHANCED_CODE = re.compile(r"^(\d{3}[ -])[245]\.\d{1,3}\.\d{1,3} ")   # RFC 3463, after the reply code
+_ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\ud7ff\ue000-\U0010ffff-]+"   # RFC 5321 4.1.2, RFC 6531
+_LABEL = "[A-Za-z0-9\u0080-\ud7ff\ue000-\U0010ffff-]+"
+# A path's address: a Dot-string, then "@" and a domain name or [address literal] (RFC 5321 4.1.2).
+# A domain may end in a dot (a fully qualified name, as DNS writes it): it means the same without.
+ADDRESS = re.compile(r"%s(?:\.%s)*(?:@(?:%s(?:\.%s)*\.?|\[[!-Z^-~]+\]))?\Z" % (_ATOM, _ATOM, _LABEL, _LABEL))
+
+
+class Replies:
+    """What the SMTP server answers, with the RFC 3463 enhanced status code of each.
+
+    RFC 2034 4: every 2xx, 4xx and 5xx reply carries its code, except the
+    greeting and the replies to HELO and EHLO; 3xx replies carry none.  A
+    session that did not begin with EHLO gets PLAIN_REPLIES, the same texts
+    without codes: the words of the course dialogue (CONTRACT.md section 2).
+    """
+
+    GREETING = "220 %s Service ready"
+    HELLO = "250 OK Hello %s"
+    EHLO = "250-%s Hello %s"
+    SENDER_OK = "250 2.1.0 <%s>... Sender ok"
+    RECIPIENT_OK = "250 2.1.5 %s... Recipient ok"
+    START_DATA = '354 Enter mail, end with "." on a line by itself'
+    ACCEPTED = "250 2.0.0 OK Message accepted for delivery"
+    QUEUED = "250 2.0.0 OK Message accepted for delivery, queued as %s"
+    OK = "250 2.0.0 OK"
+    USER = "250 2.1.5 %s <%s@%s>"
+    HELP = ("214-2.0.0 Commands: %s",
+            "214 2.0.0 MAIL_FROM: and RCPT_TO: work as MAIL FROM: and RCPT TO:")
+    READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
+    GOODBYE = "221 2.0.0 %s closing connection"
+    BUSY = "421 4.3.2 %s Too many connections, try again later"
+    BUSY_CLIENT = "421 4.7.0 %s Too many connections from your address"
+    SHUTTING_DOWN = "421 4.3.2 %s Shutting down, try again later"
+    TIMEOUT = "421 4.4.2 %s Timeout, closing connection"
+    TOO_MANY_ERRORS = "421 4.7.0 %s Too many errors, closing connection"
+    LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error in processing"
+    TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+    UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
+    LINE_TOO_LONG = "500 5.5.2 Line too long"
+    SYNTAX = "501 5.5.4 Syntax: %s"
+    NOT_IMPLEMENTED = "502 5.5.1 Command not implemented"
+    HELO_FIRST = "503 5.5.1 Send HELO or EHLO first"
+    SENDER_GIVEN = "503 5.5.1 Sender already given"
+    MAIL_FIRST = "503 5.5.1 Need MAIL before RCPT"
+    NO_SENDER = "503 5.5.1 Need MAIL command"
+    NO_RECIPIENT = "503 5.5.1 Need RCPT (recipient)"
+    TLS_ACTIVE = "503 5.5.1 TLS already active"
+    CHUNK_OK = "250 2.0.0 %d octets received"
+    DATA_AFTER_BDAT = "503 5.5.1 DATA after BDAT in one transaction"
+    BDAT_FAILED = "503 5.5.1 Send RSET: this message has failed"
+    MAILBOX_FULL = "452 4.2.2 Mailbox full"
+    STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+    NO_SUCH_USER = "550 5.1.1 No such user"
+    OVER_QUOTA = "552 5.2.2 Message larger than the mailbox may hold"
+    MESSAGE_TOO_LARGE = "552 5.3.4 Message exceeds fixed maximum message size"
+    NEEDS_SMTPUTF8 = "553 5.6.7 Address is not ASCII: SMTPUTF8 needed"
+    MAIL_PARAMETER = "555 5.5.4 MAIL FROM parameter %s not recognized"
+    RCPT_PARAMETERS = "555 5.5.4 RCPT TO parameters not recognized"
+    # SMTP AUTH (RFC 4954 4 and 6) and submission (RFC 6409)
+    AUTH_OK = "235 2.7.0 Authentication successful"
+    AUTH_REQUIRED = "530 5.7.0 Authentication required"
+    AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+    AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+    AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
+    AUTH_MALFORMED = "501 5.5.2 Cannot decode the response (base64 expected)"
+    AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
+    AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
+    AUTH_MECHANISM = "504 5.5.4 Unrecognized authentication mechanism"
+    EHLO_FIRST = "503 5.5.1 Send EHLO first"
+    AUTHENTICATED = "503 5.5.1 Already authenticated"
+    AUTH_IN_TRANSACTION = "503 5.5.1 AUTH is not allowed during a mail transaction"
+    TOO_MANY_FAILURES = "421 4.7.0 %s Too many failed authentications, closing connection"
+    NOT_YOURS = "553 5.7.1 Sender <%s> is not an address of %s"
+    RELAYING_DENIED = "550 5.7.1 relaying denied"
+
+
+POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
+SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
+SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only after EHLO, so with codes)
+    "cancelled": Replies.AUTH_CANCELLED,
+    "malformed": Replies.AUTH_MALFORMED,
+    "too long": Replies.AUTH_LINE_TOO_LONG,
+    "invalid": Replies.AUTH_INVALID,
+}
+
+
+def parse_args(argv=None):
+    """Read the command line."""
+    parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
+                              DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
+                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS")
+    parser.epilog = ("python3 mailserver_smtp.py --hash-password [--scheme scrypt] reads a password "
+                     "(not echoed) and prints a hashed password field for userinfo.txt.")
+    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
+                        help="largest message accepted, in bytes (default: 10 MiB)")
+    parser.add_argument("--quota", type=int, metavar="BYTES",
+                        help="the most a mailbox may hold on disk (default: no limit)")
+    parser.add_argument("--require-auth", action="store_true",
+                        help="submission: refuse MAIL (530) until the client has logged in with AUTH")
+    parser.add_argument("--local-domains", metavar="A,B", type=domain_list,
+                        help="the only domains mail is taken for; others get 550 (default: every domain)")
+    parser.add_argument("--postmaster", metavar="USER",
+                        help="the user who gets the mail for postmaster (default: the first user)")
+    relay_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.max_size < 1 or args.quota is not None and args.quota < 1:
+        parser.error("--max-size and --quota must be positive")
+    if args.postmaster is not None and not is_valid_login(args.postmaster):
+        parser.error("--postmaster must be a login name")
+    check_relay_arguments(parser, args)
+    return check_server_arguments(parser, args)
+
+
+def relay_arguments(parser):
+    """The options of mail for other domains (with --local-domains only)."""
+    group = parser.add_argument_group("mail for other domains (only with --local-domains)")
+    group.add_argument("--relay-networks", metavar="CIDRS", type=network_list,
+                       default=network_list(DEFAULT_RELAY_NETWORKS),
+                       help="clients that may send to other domains without AUTH (default: %s; '' for none)"
+                       % DEFAULT_RELAY_NETWORKS)
+    group.add_argument("--relay-host", metavar="HOST[:PORT]",
+                       help="send all outgoing mail through this server, with TLS (default port: %d, "
+                       "%d with --relay-implicit-tls); default: to each domain's MX"
+                       % (SUBMISSION_PORT, SUBMISSIONS_PORT))
+    group.add_argument("--relay-implicit-tls", action="store_true",
+                       help="TLS from the first byte to --relay-host instead of STARTTLS")
+    group.add_argument("--relay-cafile", metavar="FILE",
+                       help="CA certificates (PEM) --relay-host's certificate is checked against "
+                       "(default: the system's)")
+    group.add_argument("--relay-auth", metavar="FILE",
+                       help="file holding one line 'LOGIN PASSWORD' to log in to --relay-host with")
+    group.add_argument("--relay-concurrency", metavar="N", type=int, default=DEFAULT_RELAY_CONCURRENCY,
+                       help="messages sent at once (default: %d)" % DEFAULT_RELAY_CONCURRENCY)
+    group.add_argument("--relay-timeout", metavar="SECONDS", type=float, default=RELAY_TIMEOUT,
+                       help="how long a remote server may stay silent (default: %d)" % RELAY_TIMEOUT)
+    group.add_argument("--queue-lifetime", metavar="SECONDS", type=float, default=QUEUE_LIFETIME,
+                       help="how long a message is retried before it bounces (default: %d, 5 days)"
+                       % QUEUE_LIFETIME)
+    group.add_argument("--retry-base", metavar="SECONDS", type=float, default=RETRY_BASE,
+                       help="the first wait before a retry, doubled each time up to %d s (default: %d)"
+                       % (RETRY_MAX, RETRY_BASE))
+    group.add_argument("--dns-server", metavar="ADDR[:PORT]",
+                       help="the DNS server for MX lookups (default: those of /etc/resolv.conf)")
+    group.add_argument("--mx-port", metavar="PORT", type=int, default=SMTP_PORT,
+                       help="the port of other domains' mail exchangers (default: %d)" % SMTP_PORT)
+
+
+def check_relay_arguments(parser, args):
+    """Check the relay options; read --relay-auth (its password is never shown)."""
+    if args.local_domains is None and (args.relay_host or args.relay_auth or args.dns_server):
+        parser.error("--relay-host, --relay-auth and --dns-server need --local-domains "
+                     "(without it every domain is local and nothing goes out)")
+    if args.relay_concurrency < 1 or args.relay_timeout <= 0 or args.queue_lifetime <= 0 \
+            or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
+        parser.error("--relay-concurrency, --relay-timeout, --queue-lifetime, --retry-base and "
+                     "--mx-port must be positive")
+    try:
+        if args.relay_host:
+            args.relay_host = host_and_port(args.relay_host, SUBMISSIONS_PORT if args.relay_implicit_tls
+                                            else SUBMISSION_PORT)
+        if args.dns_server:
+            args.dns_server = [host_and_port(args.dns_server, DNS_PORT)]
+            ipaddress.ip_address(args.dns_server[0][0])
+    except ValueError:
+        parser.error("--relay-host takes HOST[:PORT], --dns-server ADDR[:PORT] ([IPv6]:PORT)")
+    args.relay_credentials = None
+    if args.relay_auth:
+        try:
+            args.relay_credentials = read_relay_credentials(args.relay_auth)
+        except (OSError, ValueError) as exc:
+            parser.error("--relay-auth: %s" % exc)
+    if args.relay_cafile and not os.path.isfile(args.relay_cafile):
+        parser.error("--relay-cafile %s is not a file" % args.relay_cafile)
+
+
+def domain_list(text):
+    """The set of domains in a comma-separated --local-domains, in lower case, without a trailing dot."""
+    domains = {name.strip().lower().rstrip(".") for name in text.split(",")}
+    if "" in domains:
+        raise argparse.ArgumentTypeError("a comma-separated list of domain names, none empty")
+    return frozenset(domains)
+
+
+def without_codes(replies):
+    """The replies class with every enhanced status code taken out ("250 2.1.0 ok" becomes "250 ok")."""
+    def plain(text):
+        if isinstance(text, tuple):
+            return tuple(plain(line) for line in text)
+        return ENHANCED_CODE.sub(lambda m: m.group(1), text)
+    return type("PlainReplies", (), {name: plain(text) for name, text in vars(replies).items()
+                                     if name.isupper()})
+
+
+PLAIN_REPLIES = without_codes(Replies)
+
+
+# --------------------------------------------------------------------------
+# The session and its commands
+# --------------------------------------------------------------------------
+
+def parse_path(text):
+    """Split '<addr> PARAMS' into (addr, [params]); None when addr is no RFC 5321 path.
+
+    The local part must be a Dot-string (4.1.2): atoms joined by single
+    dots, so no address can be '..' or start with a dot.  UTF-8 is taken
+    in both parts (RFC 6531); bytes that are not UTF-8 are not.
+    """
+    text = text.strip()
+    if text.startswith("<"):
+        end = text.find(">")
+        if end < 0:
+            return None
+        address, rest = text[1:end], text[end + 1:]
+    else:
+        address, _, rest = text.partition(" ")
+    if address.startswith("@") and ":" in address:    # obsolete source route: ignore it
+        address = address.split(":", 1)[1]
+    if len(address) > MAX_PATH:
+        return None
+    if address and not ADDRESS.match(address):
+        return None
+    return address, rest.split()
+
+
+def path_after(argument, keyword, syntax):
+    """Parse 'FROM:<addr> params' / 'TO:<addr>' (any case) into (address, [params]); Refused if malformed."""
+    path = parse_path(argument[len(keyword):]) if argument[:len(keyword)].upper() == keyword else None
+    if path is None:
+        raise Refused(Replies.SYNTAX % syntax)
+    return path
+
+
+def local_part(address):
+    """The part of an address before its last '@' (all of it when it has none)."""
+    return address.rpartition("@")[0] if "@" in address else address
+
+
+def printable(text):
+    """Text from a message fit to go into a reply line: printable characters only, not too many."""
+    return "".join(c for c in text[:MAX_PATH] if c.isprintable())
+
+
+class Refused(Exception):
+    """A command or a message is refused: carries the reply (from Replies, with its enhanced code)."""
+
+    def __init__(self, reply):
+        super().__init__(reply)
+        self.reply = reply
+
+
+class Envelope:
+    """One mail transaction (RFC 5321 3.3): the sender, the recipients, a message arriving in chunks."""
+
+    def __init__(self):
+        self.sender = None           # the reverse-path, once MAIL is taken
+        self.utf8 = False            # MAIL had SMTPUTF8 (RFC 6531)
+        self.declared_size = 0       # MAIL's SIZE= (RFC 1870)
+        self.recipients = []         # the addresses as given, in order
+        self.logins = []             # the local ones' mailbox owners, without repeats
+        self.remote = []             # the addresses for other servers (the queue), without repeats
+        self.chunked = None          # the message BDAT chunks are building (RFC 3030)
+
+    def ready_for_message(self):
+        """Refuse DATA or BDAT before MAIL and RCPT."""
+        if self.sender is None:
+            raise Refused(Replies.NO_SENDER)
+        if not self.recipients:
+            raise Refused(Replies.NO_RECIPIENT)
+
+    def discard(self):
+        """Drop the message the chunks were building, if any (its spool file vanishes)."""
+        if self.chunked is not None:
+            self.chunked.spool.close()
+
+
+class SMTPSession(Session):
+    """One client's SMTP conversation: its state and one do_VERB method per command.
+
+    A do_VERB method returns its reply (a line, or a tuple of lines) or
+    raises Refused with it; None when it has answered by itself.  The
+    loop (handle) sends the reply and counts the errors by its code.
+    """
+
+    SASL_CONTINUE = "334 "
+    SASL_REPLIES = SMTP_SASL_REPLIES
+    NOT_OFFERED = ("EXPN", "TURN")   # known verbs, answered 502
+
+    def __init__(self, server, sock, address):
+        super().__init__(server, sock, address)
+        self.domain = server.domain
+        self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
+        self.bad_commands = 0        # syntax and sequence errors in a row
+        self.client_name = None      # from HELO/EHLO
+        self.login = None            # the user AUTH proved the client is
+        self.delivered = 0
+        self.envelope = Envelope()
+
+    def reset(self):
+        """Forget the transaction in progress (RSET, a new greeting, the end of a message)."""
+        self.envelope.discard()
+        self.envelope = Envelope()
+
+    def start(self):
+        self.reply(self.replies.GREETING % self.domain)
+
+    def line_too_long(self):
+        self.reply(self.replies.LINE_TOO_LONG)
+        self.count(self.replies.LINE_TOO_LONG)
+
+    def timed_out(self):
+        self.reply(self.replies.TIMEOUT % self.domain)
+
+    def shutting_down(self):
+        self.reply(self.replies.SHUTTING_DOWN % self.domain)
+
+    def too_many_failures(self, reply):
+        self.reply(reply, self.replies.TOO_MANY_FAILURES % self.domain)
+
+    def forget(self):
+        self.client_name = None      # RFC 3207 4.2: the client starts again with EHLO and AUTH
+        self.replies = PLAIN_REPLIES
+        self.login = None
+        self.reset()
+
+    def release(self):
+        self.reset()                 # a message half sent in BDAT chunks goes
+
+    def summary(self, reason):
+        return "connection from %s closed, %d message(s) delivered" % (self.peer, self.delivered)
+
+    def handle(self, line):
+        """Run one command line through the do_ method its verb names; send its reply, count errors."""
+        text = line.decode("utf-8", "surrogateescape")
+        verb, _, argument = text.partition(" ")
+        verb = verb.upper()
+        if self.verbose:
+            self.log_command(verb, text)
+        # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
+        if verb[:5] in ("MAIL_", "RCPT_"):
+            verb, argument = verb[:4], text[5:]
+        handler = getattr(self, "do_" + verb, None) if verb.isalpha() and verb.isascii() else None
+        try:
+            reply = handler(argument.strip()) if handler else self.replies.UNKNOWN_COMMAND
+        except Refused as refused:
+            reply = self.in_kind(refused.reply)
+        if reply is not None:
+            lines = (reply,) if isinstance(reply, str) else reply
+            self.reply(*lines)
+            self.count(lines[-1])
+
+    def in_kind(self, reply):
+        """A reply from Replies as this session speaks: with its enhanced code after EHLO, else without."""
+        return reply if self.replies is Replies else ENHANCED_CODE.sub(r"\1", reply)
+
+    def count(self, reply):
+        """Count a syntax or sequence error (500-504) in a row; too many end the session."""
+        code = reply[:3]
+        if "500" <= code <= "504":
+            self.bad_commands += 1
+            if self.bad_commands >= MAX_BAD_COMMANDS:
+                self.reply(self.replies.TOO_MANY_ERRORS % self.domain)
+                raise SessionEnd("too many errors")
+        elif code[0] in "23":
+            self.bad_commands = 0
+
+    # -- the commands, in the order of a mail transaction
+
+    def do_HELO(self, argument):
+        """Greet the client; a new greeting also ends any transaction."""
+        if not argument.isprintable() or not argument:    # bytes that are no UTF-8 show as unprintable
+            return self.replies.SYNTAX % "HELO hostname"
+        self.reset()
+        self.client_name, self.replies = argument, PLAIN_REPLIES
+        return self.replies.HELLO % argument
+
+    def do_EHLO(self, argument):
+        """Greet the client and list the service extensions (RFC 5321 4.1.1.1)."""
+        if not argument.isprintable() or not argument:    # bytes that are no UTF-8 show as unprintable
+            return self.replies.SYNTAX % "EHLO hostname"
+        self.reset()
+        self.client_name, self.replies = argument, Replies
+        keywords = self.server.extensions(self.tls_active)
+        return (self.replies.EHLO % (self.domain, argument),
+                *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
+
+    def do_AUTH(self, argument):
+        """Log the client in with SASL (RFC 4954): PLAIN, LOGIN or CRAM-MD5."""
+        mechanism, _, initial = argument.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if self.replies is not Replies:             # AUTH is an extension: EHLO first (RFC 4954 4)
+            return self.replies.EHLO_FIRST
+        if self.login is not None:
+            return self.replies.AUTHENTICATED
+        if self.envelope.sender is not None:
+            return self.replies.AUTH_IN_TRANSACTION
+        if not mechanism or " " in initial:
+            return self.replies.AUTH_SYNTAX
+        if self.server.require_tls and not self.tls_active:
+            return self.replies.AUTH_NEEDS_TLS
+        if mechanism not in SMTP_MECHANISMS:
+            return self.replies.AUTH_MECHANISM
+        self.login = self.sasl(mechanism, initial or None)    # a failure is answered by sasl()
+        return self.replies.AUTH_OK if self.login is not None else None
+
+    def do_MAIL(self, argument):
+        """Start a transaction with the sender (MAIL FROM: or MAIL_FROM:)."""
+        self.may_send()
+        if self.envelope.sender is not None:
+            return self.replies.SENDER_GIVEN
+        address, parameters = path_after(argument, "FROM:", "MAIL FROM:<address>")
+        if self.login is not None and local_part(address).lower() != self.login.lower():
+            return self.replies.NOT_YOURS % (address, self.login)
+        utf8, size = False, 0
+        for parameter in parameters:
+            keyword, _, value = parameter.upper().partition("=")
+            if keyword == "SIZE" and value.isdigit():
+                size = int(value)
+            elif keyword == "SMTPUTF8" and not value:
+                utf8 = True
+            elif not (keyword == "BODY" and value in ("7BIT", "8BITMIME")):
+                return self.replies.MAIL_PARAMETER % parameter
+        if size > self.server.max_size:
+            return self.replies.MESSAGE_TOO_LARGE
+        if not (utf8 or address.isascii()):
+            return self.replies.NEEDS_SMTPUTF8
+        self.envelope.sender, self.envelope.utf8, self.envelope.declared_size = address, utf8, size
+        return self.replies.SENDER_OK % address
+
+    def may_send(self):
+        """Refuse MAIL before a greeting, before STARTTLS or AUTH where they are required, or at shutdown."""
+        if self.client_name is None:
+            raise Refused(Replies.HELO_FIRST)
+        if self.server.require_tls and not self.tls_active:
+            raise Refused(Replies.STARTTLS_FIRST)
+        if self.server.require_auth and self.login is None:
+            raise Refused(Replies.AUTH_REQUIRED)
+        if self.server.stopping:
+            self.shutting_down()
+            raise SessionEnd("server shutting down")
+
+    def do_RCPT(self, argument):
+        """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
+        envelope = self.envelope
+        if envelope.sender is None:
+            return self.replies.MAIL_FIRST
+        address, parameters = path_after(argument, "TO:", "RCPT TO:<address>")
+        if not address:
+            return self.replies.SYNTAX % "RCPT TO:<address>"
+        if parameters:
+            return self.replies.RCPT_PARAMETERS
+        if not (envelope.utf8 or address.isascii()):
+            return self.replies.NEEDS_SMTPUTF8
+        if is_remote(address, self.server.local_domains):
+            return self.remote_recipient(address)
+        login = self.server.mailbox_owner(address)
+        if len(envelope.recipients) >= MAX_RECIPIENTS:
+            return self.replies.TOO_MANY_RECIPIENTS
+        if self.server.quota is not None:
+            self.server.check_quota(login, envelope.declared_size)
+        envelope.recipients.append(address)
+        if login not in envelope.logins:
+            envelope.logins.append(login)
+        return self.replies.RECIPIENT_OK % local_part(address)
+
+    def remote_recipient(self, address):
+        """Add a recipient in another domain, for the queue: only for a logged-in or a trusted client."""
+        envelope = self.envelope
+        if self.login is None and not in_networks(self.address[0], self.server.relay_networks):
+            return self.replies.RELAYING_DENIED
+        if len(envelope.recipients) >= MAX_RECIPIENTS:
+            return self.replies.TOO_MANY_RECIPIENTS
+        envelope.recipients.append(address)
+        if address not in envelope.remote:
+            envelope.remote.append(address)
+        return self.replies.RECIPIENT_OK % local_part(address)
+
+    def do_DATA(self, argument):
+        """Receive the message (up to its lone '.' line) and deliver it to every recipient."""
+        if argument:
+            return self.replies.SYNTAX % "DATA"
+        self.envelope.ready_for_message()
+        if self.envelope.chunked is not None:
+            return self.replies.DATA_AFTER_BDAT
+        with self.server.in_flight:     # from the 354 on, a shutdown waits for this message
+            self.reply(self.replies.START_DATA)
+            spool = Spool(self.server.spool_folder)
+            try:
+                read_data(self.wire, self.crlf, spool, self.server.max_size, self.server.timeout)
+                return take_message(self, spool)
+            finally:
+                spool.close()
+                self.reset()
+
+    def do_BDAT(self, argument):
+        """Take a chunk of exactly n octets of the message (RFC 3030); BDAT n LAST delivers it."""
+        words = argument.split()
+        if not words or not words[0].isdigit():
+            return self.replies.SYNTAX % "BDAT size [LAST]"
+        count, last = int(words[0]), len(words) == 2 and words[1].upper() == "LAST"
+        try:
+            if len(words) > 1 and not last:
+                raise Refused(Replies.SYNTAX % "BDAT size [LAST]")
+            self.envelope.ready_for_message()
+            if self.envelope.chunked is not None and self.envelope.chunked.failed:
+                raise Refused(Replies.BDAT_FAILED)
+        except Refused:
+            # The client sends the octets whatever the reply: read them, to stay in step.
+            for _ in read_octets(self.wire, count, self.server.timeout):
+                pass
+            raise
+        return self.chunk(count, last)
+
+    def chunk(self, count, last):
+        """Store a chunk; with the last one, deliver the message."""
+        envelope = self.envelope
+        if envelope.chunked is None:
+            envelope.chunked = ChunkedMessage(Spool(self.server.spool_folder), self.server.max_size)
+        chunked = envelope.chunked
+        chunked.read(self.wire, count, self.server.timeout)
+        if not last:
+            if chunked.refused is not None:
+                chunked.failed = True            # RFC 3030 4: the client is to send RSET next
+                raise chunked.refused
+            return self.replies.CHUNK_OK % count
+        with self.server.in_flight:          # from the last chunk on, a shutdown waits for it
+            try:
+                chunked.finish()
+                return take_message(self, chunked.spool)
+            finally:
+                self.reset()
+
+    # -- commands outside a transaction
+
+    def do_STARTTLS(self, argument):
+        """Turn the connection into a TLS one (RFC 3207); the client greets again."""
+        if argument:
+            return self.replies.SYNTAX % "STARTTLS"
+        if self.server.tls is None:
+            return self.replies.NOT_IMPLEMENTED
+        if self.tls_active:
+            return self.replies.TLS_ACTIVE
+        self.reply(self.replies.READY_FOR_TLS)
+        self.start_tls()
+        return None
+
+    def do_RSET(self, argument):
+        """Drop the transaction in progress."""
+        if argument:
+            return self.replies.SYNTAX % "RSET"
+        self.reset()
+        return self.replies.OK
+
+    def do_NOOP(self, argument):
+        """Do nothing, successfully."""
+        return self.replies.OK
+
+    def do_VRFY(self, argument):
+        """Tell whether a name is a user of this server."""
+        path = parse_path(argument) if argument else None
+        if not path or not path[0]:
+            return self.replies.SYNTAX % "VRFY <address>"
+        login = self.server.users.canonical(local_part(path[0]))
+        if login is None:
+            return self.replies.NO_SUCH_USER
+        return self.replies.USER % (login, login, self.domain)
+
+    def do_HELP(self, argument):
+        """List the commands this session may use."""
+        verbs = [name[3:] for name in dir(self) if name.startswith("do_") and name[3:] not in self.NOT_OFFERED]
+        if not self.server.tls or self.tls_active:
+            verbs.remove("STARTTLS")
+        first, last = self.replies.HELP
+        return first % " ".join(sorted(verbs)), last
+
+    def do_EXPN(self, argument):
+        """Known but not offered: mailing lists, relaying turns."""
+        return self.replies.NOT_IMPLEMENTED
+
+    do_TURN = do_EXPN
+
+    def do_QUIT(self, argument):
+        """Say goodbye and end the session."""
+        self.reply(self.replies.GOODBYE % self.domain)
+        raise SessionEnd("quit")
+
+# --------------------------------------------------------------------------
+# Reading DATA and BDAT
+# --------------------------------------------------------------------------
 
 def read_data(wire, strict, spool, max_size, timeout):
-    """Read a DATA block up to its lone '.' line into spool, stored; None, or the Replies name of why not.
+    """Read a DATA block up to its lone '.' line into spool, stored; Refused (once all is read) if it is not taken.
 
     In a CRLF (strict) session only <CRLF>.<CRLF> ends the data, so a body
     holding "\\n.\\n" or "\\r.\\n" cannot end the message early and smuggle
@@ -1540,15 +2464,17 @@ def read_data(wire, strict, spool, max_size, timeout):
         dot, after = data_end(buffer, start - 2, strict)
         if dot >= 0:
             if refused is None and dot > start:        # the last line, before the '.' line
-                refused = _store(spool, _taken(buffer, start, dot), strict, max_size)
+                refused = store(spool, _taken(buffer, start, dot), strict, max_size)
             del buffer[:after]
-            return refused
+            if refused is not None:
+                raise refused
+            return
         whole = buffer.rfind(line_end, start) + len(line_end)
         if refused is None and whole > start:
-            refused = _store(spool, _taken(buffer, start, whole), strict, max_size)
+            refused = store(spool, _taken(buffer, start, whole), strict, max_size)
             start = whole
-        if refused is None and len(buffer) - start > MAX_TEXT_LINE:
-            refused = "LINE_TOO_LONG"
+        if refused is None and len(buffer) - start > MAX_TEXT_LINE + 1:    # + a stuffing dot
+            refused = Refused(Replies.LINE_TOO_LONG)
         if refused is not None:
             start = len(buffer) - 2                    # keep what could begin the '.' line
         del buffer[:start - 2]
@@ -1593,7 +2519,7 @@ class ChunkedMessage:
         self.spool = spool
         self.max_size = max_size
         self.partial = b""           # a line begun in one piece and not ended yet
-        self.refused = None          # the Replies name of why the message is refused
+        self.refused = None          # Refused, once the message is
         self.failed = False          # a chunk was refused: only RSET goes on
 
     def read(self, wire, count, timeout):
@@ -1607,18 +2533,19 @@ class ChunkedMessage:
         whole = data.rfind(b"\r\n") + 2
         if whole > 1:
             run = data[:whole].replace(b"\r\n.", b"\r\n..")
-            self.refused = _store(self.spool, b"." + run if run.startswith(b".") else run,
-                                  True, self.max_size)
+            self.refused = store(self.spool, b"." + run if run.startswith(b".") else run,
+                                 True, self.max_size)
             data = data[whole:]
         self.partial = data
         if self.refused is None and len(self.partial) > MAX_TEXT_LINE:
-            self.refused = "LINE_TOO_LONG"
+            self.refused = Refused(Replies.LINE_TOO_LONG)
 
     def finish(self):
-        """The last chunk is in: end a last line that has no line end; None, or why refused."""
+        """The last chunk is in: end a last line that has no line end; Refused if the message is not taken."""
         if self.refused is None and self.partial:
             self._add(b"\r\n")
-        return self.refused
+        if self.refused is not None:
+            raise self.refused
 
 
 def data_end(buffer, start, strict):
@@ -1634,396 +2561,517 @@ def data_end(buffer, start, strict):
     return (found.end(1), found.end()) if found else (-1, -1)
 
 
-def _store(spool, run, strict, max_size):
-    """Add whole wire lines to the spool in their stored form; None, or the Replies name of why not."""
+def store(spool, run, strict, max_size):
+    """Add whole wire lines to the spool in their stored form; None, or the Refused that ends the message."""
     stored, longest = stored_lines(run, strict)
-    if longest > MAX_TEXT_LINE - 2:
-        return "LINE_TOO_LONG"
+    if longest > MAX_TEXT_LINE - 2 and too_long(run, strict):
+        return Refused(Replies.LINE_TOO_LONG)
     try:
         spool.write(stored)
     except OSError as exc:
         log.error("cannot spool a message in %s: %s", spool.folder, exc)
-        return "LOCAL_ERROR"
+        return Refused(Replies.LOCAL_ERROR)
     if spool.wire_size > max_size:
-        return "MESSAGE_TOO_LARGE"
+        return Refused(Replies.MESSAGE_TOO_LARGE)
     return None
 
 
-class SMTPSession(Session):
-    """One client's SMTP conversation: its state and one do_VERB method per command."""
+# --------------------------------------------------------------------------
+# The stored form: from the lines on the wire to the lines in a mailbox
+# --------------------------------------------------------------------------
 
-    SASL_CONTINUE = "334 "
-    SASL_REPLIES = SMTP_SASL_REPLIES
+def take_message(session, spool):
+    """Store a received message for every recipient of the session's envelope: the 250, or Refused.
 
-    def __init__(self, server, sock, address):
-        super().__init__(server, sock, address)
-        self.domain = server.domain
-        self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
-        self.bad_commands = 0        # syntax and sequence errors in a row
-        self.client_name = None      # from HELO/EHLO
-        self.login = None            # the user AUTH proved the client is
-        self.delivered = 0
-        self.chunked = None          # the message BDAT chunks are building (RFC 3030)
-        self._reset()
-
-    def _reset(self):
-        """Forget the transaction in progress (sender and recipients)."""
-        self.sender = None
-        self.utf8 = False            # MAIL FROM had SMTPUTF8 (RFC 6531)
-        self.declared_size = 0       # MAIL FROM's SIZE= (RFC 1870)
-        self.recipients = []         # addresses as given, in order
-        self.logins = []             # the local ones' mailbox owners, without repeats
-        self.remote = []             # the addresses for other servers (the queue), without repeats
-        if self.chunked is not None:
-            self.chunked.spool.close()
-            self.chunked = None
-
-    def start(self):
-        self.reply(self.replies.GREETING % self.domain)
-
-    def line_too_long(self):
-        self.reply(self.replies.LINE_TOO_LONG)
-        self.count_bad_command()
-
-    def timed_out(self):
-        self.reply(self.replies.TIMEOUT % self.domain)
-
-    def shutting_down(self):
-        self.reply(self.replies.SHUTTING_DOWN % self.domain)
-
-    def too_many_failures(self, reply):
-        self.reply(reply, self.replies.TOO_MANY_FAILURES % self.domain)
-
-    def forget(self):
-        self.client_name = None      # RFC 3207 4.2: the client starts again with EHLO and AUTH
-        self.replies = PLAIN_REPLIES
-        self.login = None
-        self._reset()
-
-    def release(self):
-        self._reset()                # a message half sent in BDAT chunks goes
-
-    def summary(self, reason):
-        return "connection from %s closed, %d message(s) delivered" % (self.peer, self.delivered)
-
-    def handle(self, line):
-        """Run one command line through the do_ method its verb names; count the bad ones."""
-        text = line.decode("utf-8", "surrogateescape")
-        verb, _, argument = text.partition(" ")
-        verb = verb.upper()
-        if self.verbose:
-            self.log_command(verb, text)
-        # MAIL_FROM: and RCPT_TO: are the course assignment's spelling of MAIL FROM: and RCPT TO:
-        if verb[:5] in ("MAIL_", "RCPT_"):
-            verb, argument = verb[:4], text[5:]
-        handler = getattr(self, "do_" + verb, None) if verb.isalpha() and verb.isascii() else None
-        if handler is None:
-            self.reply(self.replies.UNKNOWN_COMMAND)
+    The message's header block is read once: for the sender check of a
+    logged-in client, and to lay the stored form out.
+    """
+    envelope, server, login = session.envelope, session.server, session.login
+    header = Header(spool.lines())
+    foreign = foreign_sender(header, login) if login else None
+    if foreign is not None:
+        raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
+    layout = stored_layout(header, spool.size, envelope.sender.encode("utf-8", "surrogateescape"),
+                           [r.encode("utf-8", "surrogateescape") for r in envelope.recipients],
+                           received_stamp())
+    message = spool.message(layout)
+    if envelope.logins and server.quota is not None and len(message) > server.quota:
+        # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
+        log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, len(message))
+        raise Refused(Replies.OVER_QUOTA)
+    queued = None
+    try:
+        if envelope.remote:          # durable under its .tmp name before any mailbox is touched
+            queued = queue_received(session, spool)
+        if envelope.logins:          # the queue file is renamed into place under the mailboxes' locks
+            deliver(message, [server.users.mailbox_path(login) for login in envelope.logins], server.quota,
+                    queued and queued.publish)
         else:
-            handler(argument.strip())
-        if self.bad_commands or self.last_reply[0] == "5":
-            self.count_bad_command()
+            queued.publish()
+    except MailboxFull as full:
+        log.info("not delivered from <%s>: %s is full", envelope.sender, full)
+        raise Refused(Replies.MAILBOX_FULL)
+    except OSError as exc:
+        log.error("delivery from %s to %s failed: %s", session.peer,
+                  ", ".join(envelope.logins + envelope.remote), exc)
+        raise Refused(Replies.LOCAL_ERROR)
+    finally:
+        if queued is not None:
+            queued.close()
+    session.delivered += 1
+    if queued is None:
+        log.info("delivered %d bytes from <%s> to %s", len(message), envelope.sender, ", ".join(envelope.logins))
+        return session.replies.ACCEPTED
+    return queued_reply(session, queued.id)
 
-    def count_bad_command(self):
-        """Count a syntax or sequence error (500-504) in a row; too many end the session."""
-        code = self.last_reply[:3]
-        if "500" <= code <= "504":
-            self.bad_commands += 1
-            if self.bad_commands >= MAX_BAD_COMMANDS:
-                self.reply(self.replies.TOO_MANY_ERRORS % self.domain)
-                raise SessionEnd("too many errors")
-        elif code[0] in "23":
-            self.bad_commands = 0
 
-    # -- the commands
+def too_long(run, strict):
+    """Whether a wire line of run passes the text line limit, a stuffing dot not counted (RFC 5321 4.5.3.1.6)."""
+    for line in run.split(b"\r\n" if strict else b"\n"):
+        if len(line) - line.startswith(b".") - (not strict and line.endswith(b"\r")) > MAX_TEXT_LINE - 2:
+            return True
+    return False
 
-    def do_HELO(self, argument):
-        """Greet the client; a new greeting also ends any transaction."""
-        if not argument.isprintable() or not argument:    # bytes that are no UTF-8 show as unprintable
-            return self.reply(self.replies.SYNTAX % "HELO hostname")
-        self._reset()
-        self.client_name, self.replies = argument, PLAIN_REPLIES
-        self.reply(self.replies.HELLO % argument)
 
-    def do_EHLO(self, argument):
-        """Greet the client and list the service extensions (RFC 5321 4.1.1.1)."""
-        if not argument.isprintable() or not argument:    # bytes that are no UTF-8 show as unprintable
-            return self.reply(self.replies.SYNTAX % "EHLO hostname")
-        self._reset()
-        self.client_name, self.replies = argument, Replies
-        keywords = ["SIZE %d" % self.server.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
-                    "SMTPUTF8", "CHUNKING"]
-        if self.tls_active or not self.server.require_tls:
-            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
-        if self.server.tls and not self.tls_active:
-            keywords.append("STARTTLS")
-        keywords.append("HELP")
-        self.reply(self.replies.EHLO % (self.domain, argument),
-                   *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
+def stored_lines(run, strict):
+    """Turn whole lines of DATA, as they came on the wire, into mailbox lines ending in \\n.
 
-    def do_MAIL(self, argument):
-        """Start a transaction with the sender (MAIL FROM: or MAIL_FROM:)."""
-        if self.client_name is None:
-            return self.reply(self.replies.HELO_FIRST)
-        if self.sender is not None:
-            return self.reply(self.replies.SENDER_GIVEN)
-        if self.server.require_tls and not self.tls_active:
-            return self.reply(self.replies.STARTTLS_FIRST)
-        if self.server.require_auth and self.login is None:
-            return self.reply(self.replies.AUTH_REQUIRED)
-        if self.server.stopping:
-            self.shutting_down()
-            raise SessionEnd("server shutting down")
-        path = self._path_after(argument, "FROM:")
-        if path is None:
-            return self.reply(self.replies.SYNTAX % "MAIL FROM:<address>")
-        address, parameters = path
-        if self.login is not None and local_part(address).lower() != self.login.lower():
-            return self.reply(self.replies.NOT_YOURS % (address, self.login))
-        utf8, size = False, 0
-        for parameter in parameters:
-            keyword, _, value = parameter.upper().partition("=")
-            if keyword == "SIZE" and value.isdigit():
-                size = int(value)
-            elif keyword == "SMTPUTF8" and not value:
-                utf8 = True
-            elif not (keyword == "BODY" and value in ("7BIT", "8BITMIME")):
-                return self.reply(self.replies.MAIL_PARAMETER % parameter)
-        if size > self.server.max_size:
-            return self.reply(self.replies.MESSAGE_TOO_LARGE)
-        if not (utf8 or address.isascii()):
-            return self.reply(self.replies.NEEDS_SMTPUTF8)
-        self.sender, self.utf8, self.declared_size = address, utf8, size
-        self.reply(self.replies.SENDER_OK % address)
+    run ends with a line end.  The mailbox keeps SMTP's dot-stuffing, so
+    well-formed lines are stored as they came, less their CR.  In a CRLF
+    (strict) session a bare LF is not a line end on the wire, but it is one
+    in the file: each piece it starts is unstuffed/stuffed on its own so
+    that no piece can ever read as a lone "." line.
+    Returns (stored bytes, length of the longest wire line without its end).
+    """
+    if not strict:
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in run.split(b"\n")[:-1]]
+        return b"\n".join(lines) + b"\n", max(map(len, lines))
+    stored = run.replace(b"\r\n", b"\n")
+    wire_lines = run.split(b"\r\n")
+    longest = max(map(len, wire_lines))
+    if stored.count(b"\n") == len(run) - len(stored):   # no bare LF: each \n was a CRLF
+        return stored, longest
+    pieces = []
+    for line in wire_lines[:-1]:
+        if line.startswith(b"."):
+            line = line[1:]
+        for piece in line.split(b"\n"):
+            pieces.append(b"." + piece if piece.startswith(b".") else piece)
+    return b"\n".join(pieces) + b"\n", longest
 
-    def do_RCPT(self, argument):
-        """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
-        if self.sender is None:
-            return self.reply(self.replies.MAIL_FIRST)
-        path = self._path_after(argument, "TO:")
-        if path is None or not path[0]:
-            return self.reply(self.replies.SYNTAX % "RCPT TO:<address>")
-        address, parameters = path
-        if parameters:
-            return self.reply(self.replies.RCPT_PARAMETERS)
-        if not (self.utf8 or address.isascii()):
-            return self.reply(self.replies.NEEDS_SMTPUTF8)
-        local = local_part(address)
-        if is_remote(address, self.server.local_domains):
-            return self._remote_recipient(address)
-        if local.lower() == POSTMASTER:
-            login = self.server.postmaster()
-        else:
-            login = self.server.users.canonical(local)
-        if login is None:
-            return self.reply(self.replies.NO_SUCH_USER)
-        if len(self.recipients) >= MAX_RECIPIENTS:
-            return self.reply(self.replies.TOO_MANY_RECIPIENTS)
-        full = self.server.quota is not None and self._over_quota(login)
-        if full:
-            return self.reply(full)
-        self.recipients.append(address)
-        if login not in self.logins:
-            self.logins.append(login)
-        self.reply(self.replies.RECIPIENT_OK % local)
 
-    def _remote_recipient(self, address):
-        """Add a recipient in another domain, for the queue: only for a logged-in or a trusted client."""
-        if self.login is None and not in_networks(self.address[0], self.server.relay_networks):
-            return self.reply(self.replies.RELAYING_DENIED)
-        if len(self.recipients) >= MAX_RECIPIENTS:
-            return self.reply(self.replies.TOO_MANY_RECIPIENTS)
-        self.recipients.append(address)
-        if address not in self.remote:
-            self.remote.append(address)
-        self.reply(self.replies.RECIPIENT_OK % local_part(address))
+class Header:
+    """A stored message's header block, read in one pass: its fields' names and places, From: and Sender:.
 
-    def _over_quota(self, login):
-        """The reply for a recipient whose mailbox (under --quota) cannot take the declared message, or None."""
-        quota = self.server.quota
-        if self.declared_size > quota:
-            return self.replies.OVER_QUOTA
+    lines: the stored body's lines from the first; only the header block
+    and the line after it are read (header_block decides where it ends).
+    """
+
+    SENDER_FIELDS = (b"from", b"sender")
+
+    def __init__(self, lines):
+        seen = []                     # per line: (name, or None if folded; start; end; the line if kept)
+        count, _ = header_block(self._recording(lines, seen))
+        self.fields = []              # [name in lower case, start, end] of each field, folded lines included
+        self.senders = []             # the From: and Sender: fields as stored, folded lines joined
+        for name, start, end, line in seen[:count]:
+            if name is None:          # a folded line continues its field
+                self.fields[-1][2] = end
+                if line is not None:
+                    self.senders[-1] += line
+            else:
+                self.fields.append([name, start, end])
+                if line is not None:
+                    self.senders.append(line)
+        self.end = seen[count - 1][2] if count else 0
+
+    def _recording(self, lines, seen):
+        """The lines, each noted in seen as it is read (a From:/Sender: line kept whole)."""
+        pos, keeping = 0, False
+        for line in lines:
+            name = None if line[:1] in (b" ", b"\t") else line.partition(b":")[0].lower()
+            if name is not None:
+                keeping = name in self.SENDER_FIELDS
+            seen.append((name, pos, pos + len(line), line if keeping else None))
+            pos += len(line)
+            yield line
+
+
+def stored_layout(header, size, sender, recipients, received):
+    """The stored message as pieces: bytes to add, and (start, end) ranges of the stored body.
+
+    header: the body's Header; size: the body's length.  Missing From/To
+    come from the envelope; Received goes right after Subject (and its
+    folded lines), or, with no Subject, an empty Subject and then Received
+    close the header block.  A body with no line gets an empty one, and '.'
+    ends the message.
+    """
+    present = {name for name, _, _ in header.fields}
+    subject_end = next((end for name, _, end in header.fields if name == b"subject"), None)
+    head = b""
+    if b"from" not in present:
+        head += b"From: " + sender + b"\n"
+    if b"to" not in present:
+        head += b"To: " + b", ".join(recipients) + b"\n"
+    received = b"Received: " + received + b"\n"
+    end = b"\n.\n" if header.end == size else b".\n"     # the format wants one body line at least
+    if subject_end is None:
+        return [head, (0, header.end), b"Subject: \n" + received, (header.end, size), end]
+    return [head, (0, subject_end), received, (subject_end, size), end]
+
+
+def received_stamp():
+    """The Received: value for now, local time, as the mailbox format writes it."""
+    return time.strftime("%Y-%m-%d : %H : %M").encode("ascii")
+
+
+def foreign_sender(header, login):
+    """The first From: or Sender: address of a message that is not login's own, else None.
+
+    An address is login's own when its local part is login, in any case,
+    whatever the display name.  A From: or Sender: that holds no address at
+    all is not login's own either ('' is returned).
+    """
+    for field in header.senders:
+        text = " ".join(field.partition(b":")[2].decode("utf-8", "replace").split())
+        addresses = [address for _, address in email.utils.getaddresses([text]) if address]
+        for address in addresses or [""]:
+            if local_part(address).lower() != login.lower():
+                return address
+    return None
+
+
+# --------------------------------------------------------------------------
+# The spool: a message while it arrives
+# --------------------------------------------------------------------------
+
+def prepare_spool(root):
+    """The path of ROOT/.spool, rid of what a crash may have left there, but for commit records.
+
+    Commit records wait for the next holder of their mailboxes' locks (see
+    make_whole).  Spool files have no name, so leftovers are rare: a record
+    a crash left half-written, or a spool file of a system without unnamed
+    files.
+    """
+    path = os.path.join(root, SPOOL_NAME)
+    try:
+        names = os.listdir(path) if stat.S_ISDIR(os.lstat(path).st_mode) else []
+    except OSError:
+        names = []
+    for name in names:
+        if not name.endswith((COMMIT_SUFFIX, COMMIT_SUFFIX + ".lock")):
+            remove_file(os.path.join(path, name))
+    return path
+
+
+def spool_file(folder):
+    """A new unnamed file in the spool folder (made private on first use; never through a symlink)."""
+    os.makedirs(folder, 0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", folder)
+    return tempfile.TemporaryFile(dir=folder)
+
+
+class Spool:
+    """A message's stored body while it arrives: in memory while small, then in a file in ROOT/.spool.
+
+    The file has no name (it is removed as soon as it is made, or made
+    without one), so nothing of it outlives the process, even a kill -9.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.parts = []              # the body, while it is in memory
+        self.file = None
+        self.size = 0                # bytes stored
+        self.wire_size = 0           # their RFC 1870 size
+
+    def write(self, stored):
+        """Add stored lines (ending with \\n) to the body."""
+        self.size += len(stored)
+        self.wire_size += wire_size(stored)
+        if self.file is not None:
+            self.file.write(stored)
+            return
+        self.parts.append(stored)
+        if self.size > SPOOL_THRESHOLD:
+            self.file = spool_file(self.folder)
+            self.file.write(b"".join(self.parts))
+            self.parts = None
+
+    def body(self):
+        """The body, while it is in memory."""
+        if len(self.parts) > 1:
+            self.parts = [b"".join(self.parts)]
+        return self.parts[0] if self.parts else b""
+
+    def lines(self):
+        """An iterator over the body's lines, from the first."""
+        if self.file is None:
+            return io.BytesIO(self.body())
+        self.file.seek(0)
+        return self.file
+
+    def message(self, layout):
+        """The stored message that stored_layout describes, ready to append."""
+        if self.file is None:
+            return StoredMessage(memoryview(self.body()), layout)
+        self.file.flush()
+        return StoredMessage(self.file, layout)
+
+    def close(self):
+        """Forget the body (a spool file vanishes)."""
+        if self.file is not None:
+            self.file.close()
+        self.file, self.parts = None, []
+
+
+class StoredMessage:
+    """A message in its stored form: pieces of bytes to add, and (start, end) ranges of the spooled body.
+
+    The body is not copied into the message: its ranges are written
+    straight from memory (a memoryview), or from the spool file a chunk at
+    a time.
+    """
+
+    def __init__(self, body, layout):
+        self.body = body             # a memoryview, or the spool file
+        self.layout = layout
+        self.size = sum(p[1] - p[0] if isinstance(p, tuple) else len(p) for p in layout)
+
+    def __len__(self):
+        return self.size
+
+    def pieces(self):
+        """The message's bytes in order, in pieces (of at most COPY_CHUNK bytes from a spool file)."""
+        for piece in self.layout:
+            if not isinstance(piece, tuple):
+                yield piece
+            elif isinstance(self.body, memoryview):
+                yield self.body[piece[0]:piece[1]]
+            else:
+                yield from self._read(*piece)
+
+    def _read(self, start, end):
+        while start < end:
+            self.body.seek(start)
+            chunk = self.body.read(min(COPY_CHUNK, end - start))
+            if not chunk:
+                raise OSError(errno.EIO, "the spool file shrank")
+            start += len(chunk)
+            yield chunk
+
+    def write_to(self, fd):
+        """Write the message to fd: in one writev while it is in memory, else a chunk at a time."""
+        if isinstance(self.body, memoryview) and hasattr(os, "writev"):
+            pieces = list(self.pieces())
+            written = os.writev(fd, pieces)
+            if written < self.size:          # a short write: rare, so the rest may be copied
+                write_all(fd, b"".join(pieces)[written:])
+            return
+        for piece in self.pieces():
+            write_all(fd, piece)
+
+
+# --------------------------------------------------------------------------
+# Delivery: appending a message to the recipients' mailboxes
+# --------------------------------------------------------------------------
+
+class MailboxFull(Exception):
+    """A message would make a mailbox hold more than its quota; it was stored for nobody."""
+
+
+def deliver(message, mailbox_paths, quota=None, commit=None):
+    """Append one stored message to every mailbox; return once it is on disk in all of them.
+
+    All or none: a message is in every mailbox or, after any error, in
+    none; a mailbox it would take past quota bytes stops it before anything
+    is written (MailboxFull).  commit, if given, runs once the message is
+    on disk everywhere, before the locks are given back; if it fails, so
+    does the delivery.
+
+    Group commit: the message waits in each of its mailboxes' queues while
+    its thread takes their writer locks, in sorted order.  Holding them, the
+    thread writes every message waiting for those mailboxes in one batch,
+    its own and its neighbours', and fsyncs each mailbox once; a thread
+    that finds its message written by a neighbour just returns.  Under load
+    one fsync serves many messages (see write_batch for what it buys).
+    """
+    delivery = Delivery(message, mailbox_paths, quota, commit)
+    mailboxes = [MailboxQueue.of(path) for path in delivery.paths]
+    for mailbox in mailboxes:
+        with mailbox.guard:
+            mailbox.waiting.append(delivery)
+    with contextlib.ExitStack() as held:
+        for mailbox in mailboxes:
+            held.enter_context(mailbox.writer)
+        if not delivery.done:
+            write_batch(mailboxes, take_batch(mailboxes))
+    if delivery.error is not None:
+        raise delivery.error
+
+
+class Delivery:
+    """One message on its way into its mailboxes, and how that ended."""
+
+    __slots__ = ("message", "paths", "quota", "commit", "done", "error")
+
+    def __init__(self, message, paths, quota, commit):
+        self.message = message       # a StoredMessage
+        self.paths = sorted(set(paths))
+        self.quota = quota
+        self.commit = commit
+        self.done = False            # written, or failed
+        self.error = None            # why it failed
+
+
+class MailboxQueue:
+    """A mailbox as this process's deliveries share it: the messages waiting for it, and its writer."""
+
+    _all = {}                        # path -> MailboxQueue
+    _all_guard = threading.Lock()
+
+    @classmethod
+    def of(cls, path):
+        """The one MailboxQueue of a mailbox path in this process."""
+        mailbox = cls._all.get(path)
+        if mailbox is None:
+            with cls._all_guard:
+                mailbox = cls._all.setdefault(path, cls(path))
+        return mailbox
+
+    def __init__(self, path):
+        self.path = path
+        self.writer = threading.Lock()   # held by the thread that writes a batch to it
+        self.guard = threading.Lock()    # guards waiting
+        self.waiting = []                # Deliveries not written yet
+        self.whole_at = None             # (inode, size) after our last batch: the file ends whole there
+
+    def open(self, held):
+        """Take the delivery lock, open the mailbox and make it whole (held gives both back): an Append."""
+        held.enter_context(delivery_lock(self.path))
+        fd, st = open_mailbox(self.path)
+        held.callback(os.close, fd)
+        known_whole, self.whole_at = (st.st_ino, st.st_size) == self.whole_at, None
+        return Append(self, fd, st.st_ino, make_whole(fd, self.path, st.st_size, known_whole))
+
+
+def take_batch(mailboxes):
+    """Take out of their queues the waiting deliveries whose mailboxes are all among these (held)."""
+    held = {mailbox.path for mailbox in mailboxes}
+    batch, taken = [], set()
+    for mailbox in mailboxes:
+        with mailbox.guard:
+            waiting, mailbox.waiting = mailbox.waiting, []
+            for delivery in waiting:
+                if id(delivery) in taken:
+                    continue
+                if held.issuperset(delivery.paths):
+                    taken.add(id(delivery))
+                    batch.append(delivery)
+                else:
+                    mailbox.waiting.append(delivery)
+    return batch
+
+
+def write_batch(mailboxes, batch):
+    """Append a batch of deliveries under their mailboxes' delivery locks, fsync each mailbox once.
+
+    A delivery over its quota is left out; any other error cuts every
+    mailbox back and fails the whole batch: each sender is told the truth,
+    and nobody's message is stored twice or half.  For a batch that spans
+    several mailboxes a commit record makes this hold across a crash too.
+    Measured (tests/bench_smtp.py, 10 mailboxes): batching gives 5-9% more
+    messages per second at 10 and 50 clients than a lock and fsync each.
+    """
+    try:
+        with contextlib.ExitStack() as held:
+            appends = {mailbox.path: mailbox.open(held) for mailbox in mailboxes}
+            writing = [delivery for delivery in batch if fits(delivery, appends)]
+            if writing:
+                commit_all(writing, appends)
+    except BaseException as exc:
+        for delivery in batch:
+            delivery.error = delivery.error or exc
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        for delivery in batch:
+            delivery.done = True
+
+
+def fits(delivery, appends):
+    """Whether a delivery stays within its quota in each of its mailboxes (and count it in if so)."""
+    size = len(delivery.message)
+    for path in delivery.paths:
+        if delivery.quota is not None and appends[path].size + size > delivery.quota:
+            delivery.error = MailboxFull(path)
+            return False
+    for path in delivery.paths:
+        appends[path].size += size
+    return True
+
+
+def commit_all(writing, appends):
+    """Append every message, fsync every mailbox, run the commit steps; cut all back on any error."""
+    record = None
+    try:
+        if len(appends) > 1:
+            record = write_commit_record({path: append.start for path, append in appends.items()})
+        for delivery in writing:
+            for path in delivery.paths:
+                appends[path].write(delivery.message)
+        for append in appends.values():
+            os.fsync(append.fd)
+        for delivery in writing:
+            if delivery.commit is not None:
+                delivery.commit()
+        if record is not None:
+            remove_commit_record(record)
+    except BaseException:
+        cut = [append.cut_back() for append in appends.values()]
+        if record is not None and all(cut):
+            remove_file(record)    # else it stays: the next holder finishes the undoing
+        raise
+    for append in appends.values():
+        append.mailbox.whole_at = (append.inode, append.size)
+
+
+class Append:
+    """A mailbox open for a batch, its delivery lock held: where it started, how large it is to be."""
+
+    def __init__(self, mailbox, fd, inode, size):
+        self.mailbox = mailbox
+        self.fd = fd
+        self.inode = inode
+        self.start = size            # before the batch: what a failure cuts back to
+        self.size = size             # with the messages of the batch counted in
+
+    def write(self, message):
+        """Write a message at the end of the mailbox."""
+        message.write_to(self.fd)
+
+    def cut_back(self):
+        """Undo the batch, so that nothing unacknowledged stays in the mailbox; False if that failed."""
         try:
-            held = os.stat(self.server.users.mailbox_path(login)).st_size
-        except OSError:
-            held = 0
-        return self.replies.MAILBOX_FULL if held >= quota or held + self.declared_size > quota else None
-
-    def do_DATA(self, argument):
-        """Receive the message and deliver it to every recipient."""
-        if argument:
-            return self.reply(self.replies.SYNTAX % "DATA")
-        if self.sender is None:
-            return self.reply(self.replies.NO_SENDER)
-        if not self.recipients:
-            return self.reply(self.replies.NO_RECIPIENT)
-        if self.chunked is not None:
-            return self.reply(self.replies.DATA_AFTER_BDAT)
-        with self.server.in_flight:     # from the 354 on, a shutdown waits for this message
-            self.reply(self.replies.START_DATA)
-            spool = Spool(self.server.spool_folder)
-            try:
-                refused = read_data(self.wire, self.crlf, spool, self.server.max_size, self.server.timeout)
-                self.reply(getattr(self.replies, refused) if refused else self._accept(spool))
-            finally:
-                spool.close()
-        self._reset()
-
-    def do_BDAT(self, argument):
-        """Take a chunk of exactly n octets of the message (RFC 3030); BDAT n LAST delivers it."""
-        words = argument.split()
-        if not words or not words[0].isdigit():
-            return self.reply(self.replies.SYNTAX % "BDAT size [LAST]")
-        count, last = int(words[0]), len(words) == 2 and words[1].upper() == "LAST"
-        if len(words) > 1 and not last:
-            refusal = self.replies.SYNTAX % "BDAT size [LAST]"
-        elif self.sender is None:
-            refusal = self.replies.NO_SENDER
-        elif not self.recipients:
-            refusal = self.replies.NO_RECIPIENT
-        elif self.chunked is not None and self.chunked.failed:
-            refusal = self.replies.BDAT_FAILED
-        else:
-            return self._chunk(count, last)
-        # The client sends the octets whatever the reply: read them, to stay in step.
-        for _ in read_octets(self.wire, count, self.server.timeout):
-            pass
-        self.reply(refusal)
-
-    def _chunk(self, count, last):
-        """Store a chunk; with the last one, deliver the message."""
-        if self.chunked is None:
-            self.chunked = ChunkedMessage(Spool(self.server.spool_folder), self.server.max_size)
-        chunked = self.chunked
-        chunked.read(self.wire, count, self.server.timeout)
-        if not last:
-            if chunked.refused is None:
-                return self.reply(self.replies.CHUNK_OK % count)
-            chunked.failed = True            # RFC 3030 4: the client is to send RSET next
-            return self.reply(getattr(self.replies, chunked.refused))
-        with self.server.in_flight:          # from the last chunk on, a shutdown waits for it
-            refused = chunked.finish()
-            self.reply(getattr(self.replies, refused) if refused else self._accept(chunked.spool))
-        self._reset()
-
-    def _accept(self, spool):
-        """Store a received message for every recipient; return the reply (250, or why not)."""
-        foreign = foreign_sender(spool.lines(), self.login) if self.login else None
-        if foreign is not None:
-            return self.replies.NOT_YOURS % (printable(foreign), self.login)
-        layout = stored_layout(spool.lines, spool.size, self.sender.encode("utf-8", "surrogateescape"),
-                               [r.encode("utf-8", "surrogateescape") for r in self.recipients],
-                               received_stamp())
-        message = spool.message(layout)
-        queued = None
-        try:
-            if self.remote:          # durable under its .tmp name before any mailbox is touched
-                queued = self._queue(spool)
-            deliver(message, [self.server.users.mailbox_path(login) for login in self.logins],
-                    self.server.quota, queued and queued.publish)
-        except MailboxFull as full:
-            log.info("not delivered from <%s>: %s is full", self.sender, full)
-            return self.replies.MAILBOX_FULL
+            os.ftruncate(self.fd, self.start)
+            os.fsync(self.fd)
+            return True
         except OSError as exc:
-            log.error("delivery from %s to %s failed: %s", self.peer,
-                      ", ".join(self.logins + self.remote), exc)
-            return self.replies.LOCAL_ERROR
-        finally:
-            if queued is not None:
-                queued.close()
-        self.delivered += 1
-        if queued is None:
-            log.info("delivered %d bytes from <%s> to %s", len(message), self.sender, ", ".join(self.logins))
-            return self.replies.ACCEPTED
-        queue_id = os.path.basename(queued.path)
-        log.info("%s: from=<%s> client=%s login=%s, queued for %s%s", queue_id, self.sender, self.peer,
-                 self.login or "-", ", ".join(self.remote),
-                 ", delivered to " + ", ".join(self.logins) if self.logins else "")
-        self.server.queue.wake(queue_id)
-        return self.replies.QUEUED % queue_id
+            log.critical("could not cut %s back to %d bytes after a failed delivery: %s",
+                         self.mailbox.path, self.start, exc)
+            return False
 
-    def _queue(self, spool):
-        """Write the message for the remote recipients into a sealed .tmp queue file (a QueueFile)."""
-        queue_id = new_queue_id()
-        trace = trace_header(self.client_name, self.address[0], self.domain,
-                             trace_protocol(self.replies is Replies, self.tls_active, self.login), queue_id)
-        return self.server.queue.write(queue_id, spool, self.sender, self.remote, self.login, trace,
-                                       self.utf8)
 
-    def do_AUTH(self, argument):
-        """Log the client in with SASL (RFC 4954): PLAIN, LOGIN or CRAM-MD5."""
-        mechanism, _, initial = argument.partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip()
-        if self.replies is not Replies:             # AUTH is an extension: EHLO first (RFC 4954 4)
-            return self.reply(self.replies.EHLO_FIRST)
-        if self.login is not None:
-            return self.reply(self.replies.AUTHENTICATED)
-        if self.sender is not None:
-            return self.reply(self.replies.AUTH_IN_TRANSACTION)
-        if not mechanism or " " in initial:
-            return self.reply(self.replies.AUTH_SYNTAX)
-        if self.server.require_tls and not self.tls_active:
-            return self.reply(self.replies.AUTH_NEEDS_TLS)
-        if mechanism not in SMTP_MECHANISMS:
-            return self.reply(self.replies.AUTH_MECHANISM)
-        self.login = self.sasl(mechanism, initial or None)
-        if self.login is not None:
-            self.reply(self.replies.AUTH_OK)
-
-    def do_STARTTLS(self, argument):
-        """Turn the connection into a TLS one (RFC 3207); the client greets again."""
-        if argument:
-            return self.reply(self.replies.SYNTAX % "STARTTLS")
-        if self.server.tls is None:
-            return self.reply(self.replies.NOT_IMPLEMENTED)
-        if self.tls_active:
-            return self.reply(self.replies.TLS_ACTIVE)
-        self.reply(self.replies.READY_FOR_TLS)
-        self.start_tls()
-
-    def do_RSET(self, argument):
-        """Drop the transaction in progress."""
-        if argument:
-            return self.reply(self.replies.SYNTAX % "RSET")
-        self._reset()
-        self.reply(self.replies.OK)
-
-    def do_NOOP(self, argument):
-        """Do nothing, successfully."""
-        self.reply(self.replies.OK)
-
-    def do_VRFY(self, argument):
-        """Tell whether a name is a user of this server."""
-        path = parse_path(argument) if argument else None
-        if not path or not path[0]:
-            return self.reply(self.replies.SYNTAX % "VRFY <address>")
-        login = self.server.users.canonical(local_part(path[0]))
-        if login is None:
-            return self.reply(self.replies.NO_SUCH_USER)
-        self.reply(self.replies.USER % (login, login, self.domain))
-
-    def do_HELP(self, argument):
-        """List the commands."""
-        first, last = self.replies.HELP
-        self.reply(first % (" STARTTLS" if self.server.tls and not self.tls_active else ""), last)
-
-    def do_EXPN(self, argument):
-        """Known but not offered: mailing lists, relaying turns, logins."""
-        self.reply(self.replies.NOT_IMPLEMENTED)
-
-    do_TURN = do_EXPN
-
-    def do_QUIT(self, argument):
-        """Say goodbye and end the session."""
-        self.reply(self.replies.GOODBYE % self.domain)
-        raise SessionEnd("quit")
-
-    @staticmethod
-    def _path_after(argument, keyword):
-        """Parse 'FROM:<addr> params' / 'TO:<addr>' (any case); None if malformed."""
-        if argument[:len(keyword)].upper() != keyword:
-            return None
-        return parse_path(argument[len(keyword):])
+def open_mailbox(path):
+    """Open a mailbox for appending, creating it (durably) when it is absent: (fd, os.stat_result)."""
+    flags = os.O_RDWR | os.O_APPEND
+    try:
+        return open_regular(path, flags)
+    except FileNotFoundError:
+        opened = open_regular(path, flags | os.O_CREAT)
+        fsync_directory(os.path.dirname(path))
+        return opened
 
 
 # ==========================================================================
@@ -2105,25 +3153,6 @@ def new_queue_id():
     """
     return "%011X%06X%04X" % (int(time.time() * 1000) & (16 ** 11 - 1), os.getpid() & (16 ** 6 - 1),
                               next(_queue_serials) & 0xFFFF)
-
-
-def network_list(text):
-    """The networks of a comma-separated --relay-networks (empty: none)."""
-    try:
-        return [ipaddress.ip_network(item.strip(), strict=False) for item in text.split(",") if item.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
-
-
-def in_networks(host, networks):
-    """Whether a client address (text) is in one of networks; an IPv4-mapped IPv6 one counts as IPv4."""
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
 
 
 def recipient_domain(address):
@@ -2258,6 +3287,7 @@ class QueueFile:
 
     def __init__(self, folder, queue_id):
         self.folder = folder
+        self.id = queue_id
         self.path = os.path.join(folder, queue_id)
         self.temp = self.path + TEMP_SUFFIX
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -2296,10 +3326,18 @@ class QueueFile:
         os.fsync(self.file.fileno())
 
     def publish(self):
-        """Rename the sealed file into place and make the rename durable: deliver()'s commit hook."""
+        """Rename the sealed file into place and make the rename durable: deliver()'s commit hook.
+
+        If the folder's fsync fails, the file is taken back out: the client
+        is told 451, so nothing of the message may be sent.
+        """
         os.replace(self.temp, self.path)
+        try:
+            fsync_directory(self.folder, strict=True)
+        except BaseException:
+            remove_file(self.path)
+            raise
         self.published = True
-        fsync_directory(self.folder)
 
     def close(self):
         """Give the file up; one never published is removed."""
@@ -2378,25 +3416,25 @@ def dot_stuffed_chunks(file, offset):
             return
 
 
-def spool_is_ascii(spool):
-    """Whether a spooled body is all 7-bit."""
+def spool_is_ascii(spool, end=None):
+    """Whether a spooled body (or its first end bytes) is all 7-bit."""
     if spool.file is None:
-        return spool.body().isascii()
+        return spool.body()[:end].isascii()
     spool.file.seek(0)
-    return all(chunk.isascii() for chunk in iter(lambda: spool.file.read(COPY_CHUNK), b""))
+    left = spool.size if end is None else end
+    while left > 0:
+        chunk = spool.file.read(min(COPY_CHUNK, left))
+        if not chunk.isascii():
+            return False
+        left -= len(chunk) or left
+    return True
 
 
 def header_facts(spool):
-    """(names of the header fields present, in lower case; Received: count; header block is ASCII)."""
-    count, _ = header_block(spool.lines())
-    names, received, ascii_only = set(), 0, True
-    for line in itertools.islice(spool.lines(), count):
-        ascii_only = ascii_only and line.isascii()
-        if line[:1] not in (b" ", b"\t"):
-            name = line.partition(b":")[0].strip().lower()
-            names.add(name)
-            received += name == b"received"
-    return names, received, ascii_only
+    """(names of the header fields present, in lower case; Received: count; whether the header block is ASCII)."""
+    header = Header(spool.lines())
+    names = [name for name, _, _ in header.fields]
+    return set(names), names.count(b"received"), spool_is_ascii(spool, header.end)
 
 
 def trace_header(client_name, client_ip, domain, protocol, queue_id):
@@ -2423,6 +3461,26 @@ def submission_headers(names, domain):
     if b"message-id" not in names:
         added += b"Message-ID: " + email.utils.make_msgid(domain=domain).encode("ascii") + b"\r\n"
     return added
+
+
+def queue_received(session, spool):
+    """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
+    queue_id = new_queue_id()
+    envelope = session.envelope
+    trace = trace_header(session.client_name, session.address[0], session.domain,
+                         trace_protocol(session.replies is Replies, session.tls_active, session.login), queue_id)
+    return session.server.queue.write(queue_id, spool, envelope.sender, envelope.remote, session.login, trace,
+                                      envelope.utf8)
+
+
+def queued_reply(session, queue_id):
+    """Log a received message that is now in the queue, hand it to a runner; the 250 naming its id."""
+    envelope = session.envelope
+    log.info("%s: from=<%s> client=%s login=%s, queued for %s%s", queue_id, envelope.sender, session.peer,
+             session.login or "-", ", ".join(envelope.remote),
+             ", delivered to " + ", ".join(envelope.logins) if envelope.logins else "")
+    session.server.queue.wake(queue_id)
+    return session.replies.QUEUED % queue_id
 
 
 def write_queued(folder, entry, head, chunks):
@@ -2721,15 +3779,13 @@ class OutboundQueue:
 
     def _send_bounce(self, entry, report):
         """Put a bounce into the sender's mailbox when the sender is a user here, else into the queue."""
-        local_domains = self.server.local_domains
-        if not is_remote(entry.sender, local_domains):
-            login = self.server.local_login(local_part(entry.sender))
-            if login is None:
+        if not is_remote(entry.sender, self.server.local_domains):
+            try:
+                login = self.server.mailbox_owner(entry.sender)
+            except Refused:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
                 return True
-            daemon = b"MAILER-DAEMON@" + self.server.domain.encode("utf-8")
-            sender = entry.sender.encode("utf-8", "surrogateescape")
-            deliver(stored_message(stored_form(report), daemon, [sender], received_stamp()),
+            deliver(stored_bounce(report, entry.sender, self.server.domain),
                     [self.server.users.mailbox_path(login)])
             log.info("%s: bounce delivered to %s", entry.id, login)
             return True
@@ -3630,6 +4686,14 @@ def original_headers(path, offset):
     return b"".join(line + b"\r\n" for line in lines[:count])
 
 
+def stored_bounce(report, sender, domain):
+    """A bounce (CRLF lines) as the mailbox stores it: a StoredMessage."""
+    body = stored_form(report)
+    layout = stored_layout(Header(io.BytesIO(body)), len(body), b"MAILER-DAEMON@" + domain.encode("utf-8"),
+                           [sender.encode("utf-8", "surrogateescape")], received_stamp())
+    return StoredMessage(memoryview(body), layout)
+
+
 def stored_form(message):
     """A message we made (CRLF lines) as the mailbox stores a body: LF lines, dot-stuffed."""
     lines = message.split(b"\r\n")
@@ -3639,353 +4703,14 @@ def stored_form(message):
 
 
 # --------------------------------------------------------------------------
-# The server loop
+# The SMTP server and main
 # --------------------------------------------------------------------------
-# Shared with pop_server.py: the options both servers take, the accept loop,
-# and running a server until Ctrl-C or SIGTERM.
-
-def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help):
-    """A command-line parser with the options both servers take."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
-    parser.add_argument("--host", default="0.0.0.0",
-                        help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
-    parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
-    parser.add_argument("--domain", default=socket.gethostname(),
-                        help="name the server gives itself in replies (default: this host's name)")
-    parser.add_argument("--timeout", type=float, default=default_timeout,
-                        help="%s (default: %g)" % (timeout_help, default_timeout))
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                        help="connections served at once; one more is refused (default: %d)"
-                        % DEFAULT_MAX_CONNECTIONS)
-    parser.add_argument("--max-per-client", type=int, metavar="N",
-                        help="connections at once from one client address (IPv6: one /64); "
-                        "one more is refused (default: half of --max-connections)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="log every command and reply (passwords masked)")
-    parser.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for %s" % tls_command)
-    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for %s" % tls_command)
-    parser.add_argument("--require-tls", action="store_true", help=require_tls_help)
-    parser.add_argument("--implicit-tls", action="store_true",
-                        help="TLS from the first byte instead of %s (RFC 8314; SMTP usually on "
-                             "port 465, POP3 on 995); needs --tls-cert and --tls-key" % tls_command)
-    return parser
-
-
-def check_server_arguments(parser, args):
-    """Check the options both servers take, load the TLS certificate; return args."""
-    if not 0 <= args.port <= 65535:
-        parser.error("PORT must be between 0 and 65535")
-    if args.max_per_client is None:
-        args.max_per_client = max(1, args.max_connections // 2)
-    if args.max_connections < 1 or args.max_per_client < 1 or args.timeout <= 0:
-        parser.error("--max-connections, --max-per-client and --timeout must be positive")
-    if not os.path.isdir(args.root):
-        parser.error("--root %s is not a directory" % args.root)
-    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls or args.implicit_tls)
-    return args
-
-
-def tls_context(parser, cert, key, required):
-    """The server's TLS context from --tls-cert/--tls-key (None without them)."""
-    if not cert and not key:
-        if required:
-            parser.error("--require-tls and --implicit-tls need --tls-cert and --tls-key")
-        return None
-    if not (cert and key):
-        parser.error("--tls-cert and --tls-key go together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    # A client's close without close_notify then ends the reading like any
-    # EOF, instead of OpenSSL 3 failing the connection with an alert: the
-    # session can still say goodbye and send its own close_notify.  No EOF
-    # is ever taken as a command, so a truncation attack gains nothing.
-    context.options |= IGNORE_UNEXPECTED_EOF
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        parser.error("cannot load the TLS certificate or key: %s" % exc)
-    return context
-
-
-def create_listener(host, port):
-    """A listening TCP socket on host (IPv4 or IPv6) and port."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
-    listener = socket.socket(family, kind, proto)
-    try:
-        if os.name == "posix":        # quick restarts; on Windows this would allow port theft
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(address)
-        listener.listen(socket.SOMAXCONN)
-    except OSError:
-        listener.close()
-        raise
-    return listener
-
-
-def peer_text(address):
-    """A client's address as the log shows it: 192.0.2.1:5000, [2001:db8::1]:5000."""
-    host, port = address[:2]
-    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-
-
-def client_key(host):
-    """The client a per-client limit counts: its IPv4 address, or the /64 of its IPv6 one."""
-    if ":" not in host:
-        return host
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return host
-    if ip.ipv4_mapped:                 # an IPv4 client of a dual-stack listener
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.ip_network((ip, IPV6_CLIENT_PREFIX), strict=False))
-
-
-class Slots:
-    """Who may connect now: at most `total` connections, at most `per_client` from one client.
-
-    take() answers True (a slot is taken), False (the client has its share)
-    or None (the server is full).
-    """
-
-    def __init__(self, total, per_client):
-        self.total = total
-        self.per_client = per_client
-        self.open = 0
-        self.by_client = {}          # client -> its open connections
-        self._logged = {}            # client -> when its last refusal was logged
-        self._guard = threading.Lock()
-
-    def take(self, client):
-        """Take a slot for a new connection of client: True, or False when client has all its own."""
-        with self._guard:
-            if self.open >= self.total:
-                return None
-            mine = self.by_client.get(client, 0)
-            if mine >= self.per_client:
-                return False
-            self.open += 1
-            self.by_client[client] = mine + 1
-        return True
-
-    def give_back(self, client):
-        """A connection of client has ended."""
-        with self._guard:
-            self.open -= 1
-            left = self.by_client[client] - 1
-            if left:
-                self.by_client[client] = left
-            else:
-                del self.by_client[client]
-
-    def worth_logging(self, client):
-        """Whether to log a refusal of client: once per REFUSAL_LOG_INTERVAL, not at each try."""
-        now = time.monotonic()
-        with self._guard:
-            if now - self._logged.get(client, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
-                return False
-            if len(self._logged) > 4 * self.total:          # forget clients gone quiet
-                self._logged = {c: t for c, t in self._logged.items()
-                                if now - t < REFUSAL_LOG_INTERVAL}
-            self._logged[client] = now
-            return True
-
-
-class InFlight:
-    """Counts the work under way that a shutdown waits for (a delivery, a mailbox rewrite)."""
-
-    def __init__(self):
-        self._count = 0
-        self._guard = threading.Lock()
-
-    def __enter__(self):
-        with self._guard:
-            self._count += 1
-
-    def __exit__(self, *exc):
-        with self._guard:
-            self._count -= 1
-
-    def wait(self, timeout):
-        """Wait until nothing is in flight; return False if timeout passed first."""
-        deadline = time.monotonic() + timeout
-        while self._count:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)      # only at shutdown: not worth a condition on every message
-        return True
-
-
-class Server:
-    """Accepts connections and serves each in a thread of its own, with a session_class session.
-
-    Knows nothing of the protocol: that is all in the session.
-    """
-
-    session_class = None     # each server's protocol
-    BUSY = ""                # the reply to a client over the connection limit
-    BUSY_CLIENT = ""         # the reply to a client over its own limit
-
-    def __init__(self, args):
-        self.users = UserTable(args.root)
-        self.domain = args.domain
-        self.timeout = args.timeout
-        self.verbose = args.verbose
-        self.tls = args.tls
-        self.require_tls = args.require_tls
-        self.implicit_tls = args.implicit_tls
-        self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
-        self.stopping = False        # True once a shutdown has begun
-        self.slots = Slots(args.max_connections, args.max_per_client)
-        self.in_flight = InFlight()
-        self.listener = create_listener(args.host, args.port)
-        self.address = self.listener.getsockname()
-
-    def serve_forever(self):
-        """Accept connections until shutdown() closes the listener."""
-        log.info("listening on %s port %d", self.address[0], self.address[1])
-        self.users.refresh()         # read userinfo.txt now, so its problems show at start
-        while True:
-            try:
-                sock, address = self.listener.accept()
-            except OSError as exc:
-                if self.stopping:
-                    return
-                log.warning("accept failed: %s", exc)
-                time.sleep(ACCEPT_RETRY_DELAY)    # e.g. out of descriptors: let sessions end first
-                continue
-            self.start_session(sock, address)
-
-    def start_session(self, sock, address):
-        """Serve a new connection in a thread of its own, or refuse it when there is no slot for it."""
-        peer, client = peer_text(address), client_key(address[0])
-        taken = self.slots.take(client)
-        if taken is None:
-            return self.refuse(sock, peer, client, self.BUSY, "%d connections open" % self.slots.total)
-        if not taken:
-            return self.refuse(sock, peer, client, self.BUSY_CLIENT,
-                               "%d connections open from %s" % (self.slots.per_client, client))
-        try:
-            start_thread(self.serve, sock, address, client)
-        except RuntimeError as exc:               # the system cannot make more threads
-            self.slots.give_back(client)
-            self.refuse(sock, peer, client, self.BUSY, str(exc))
-
-    def refuse(self, sock, peer, client, reply, reason):
-        """Send a client the reply that there is no room for it now, and hang up (never waiting for it)."""
-        if self.slots.worth_logging(client):
-            log.warning("%s: refused, %s", peer, reason)
-        try:
-            sock.setblocking(False)
-            sock.send(reply.encode("ascii") + b"\r\n")
-        except OSError:
-            pass
-        sock.close()
-
-    def serve(self, sock, address, client):
-        """Run one session (in its own thread)."""
-        leave_signals_to_main_thread()
-        try:
-            set_idle_timeout(sock, self.timeout)
-            self.session_class(self, sock, address).run()
-        except Exception:
-            log.exception("session with %s failed", peer_text(address))
-            sock.close()
-        finally:
-            self.slots.give_back(client)
-
-    def shutdown(self, signals):
-        """Stop accepting; give the work in flight time to finish (until a second signal)."""
-        self.stopping = True         # work that checks it after entering in_flight does not start
-        self.listener.close()
-        log.info("shutting down")
-        deadline = time.monotonic() + SHUTDOWN_GRACE
-        while not self.in_flight.wait(0.1):
-            if signals.hurried or time.monotonic() > deadline:
-                # What is cut short here was never acknowledged, and nothing is half stored.
-                log.warning("stopping before the work in progress has finished")
-                return
-        self.end_sessions(min(CLOSE_NOTIFY_WAIT + 1, max(0.0, deadline - time.monotonic())))
-
-    def end_sessions(self, timeout):
-        """Wake every session still open so it says goodbye and closes itself; wait up to timeout seconds.
-
-        Without it they would be cut off by the exit: no SMTP 421, no TLS close_notify.
-        """
-        for session in list(self.open_sessions):
-            try:
-                session.wire.wake()
-            except OSError:       # closed meanwhile
-                pass
-        deadline = time.monotonic() + timeout
-        while self.open_sessions and time.monotonic() < deadline:
-            time.sleep(0.02)      # a few sessions saying goodbye: nothing to wake us for
-
-
-class Shutdown(BaseException):
-    """Raised in the main thread by the first Ctrl-C or SIGTERM.
-
-    A BaseException, like KeyboardInterrupt, so that no 'except Exception'
-    on the way (in logging, say) can swallow it.
-    """
-
-
-class ShutdownSignals:
-    """Ctrl-C and SIGTERM: the first stops the server loop, a second cuts the shutdown short."""
-
-    def __init__(self):
-        self.received = 0
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        self.received += 1
-        if self.received == 1:
-            raise Shutdown()
-
-    @property
-    def hurried(self):
-        return self.received > 1
-
-
-def leave_signals_to_main_thread():
-    """Block Ctrl-C and SIGTERM in the calling (session) thread.
-
-    Python runs signal handlers in the main thread only; a signal the kernel
-    delivers to a session thread would wait, unseen, until the main thread
-    next wakes up by itself.
-    """
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-def run_server(server_class, args, name):
-    """Run a server until Ctrl-C or SIGTERM; return the exit code."""
-    use_small_thread_stacks()
-    run_on_one_cpu()
-    configure_logging(name)
-    try:
-        server = server_class(args)
-    except OSError as exc:
-        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
-        return 1
-    signals = ShutdownSignals()
-    try:
-        server.serve_forever()
-    except Shutdown:
-        pass
-    server.shutdown(signals)
-    log.info("stopped")
-    return 0
-
-
-# -- The SMTP server
 
 class SMTPServer(Server):
     """The SMTP server: its sessions are SMTPSessions."""
 
     session_class = SMTPSession
+    replies = Replies
 
     def __init__(self, args):
         super().__init__(args)
@@ -3995,8 +4720,6 @@ class SMTPServer(Server):
         self.local_domains = args.local_domains
         self.relay_networks = args.relay_networks
         self.postmaster_name = args.postmaster
-        self.BUSY = "421 %s Too many connections, try again later" % self.domain
-        self.BUSY_CLIENT = "421 4.7.0 %s Too many connections from your address" % self.domain
         self.spool_folder = prepare_spool(self.users.root)
         # Mail goes out only when some domains are not ours (CONTRACT.md section 7).
         self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
@@ -4011,11 +4734,37 @@ class SMTPServer(Server):
             self.queue.stop()
         super().shutdown(signals)
 
-    def local_login(self, name):
-        """The login mail for a local part goes to (postmaster included), or None."""
-        if name.lower() == POSTMASTER:
-            return self.postmaster()
-        return self.users.canonical(name)
+    def extensions(self, tls_active):
+        """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not."""
+        keywords = ["SIZE %d" % self.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
+                    "SMTPUTF8", "CHUNKING"]
+        if tls_active or not self.require_tls:
+            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
+        if self.tls and not tls_active:
+            keywords.append("STARTTLS")
+        return keywords + ["HELP"]
+
+    def mailbox_owner(self, address):
+        """The login whose mailbox takes mail for address; Refused for another domain or no such user."""
+        if is_remote(address, self.local_domains):
+            raise Refused(Replies.RELAYING_DENIED)
+        local = local_part(address)
+        login = self.postmaster() if local.lower() == POSTMASTER else self.users.canonical(local)
+        if login is None:
+            raise Refused(Replies.NO_SUCH_USER)
+        return login
+
+    def check_quota(self, login, declared_size):
+        """Refuse a recipient whose mailbox (under --quota) cannot take a message of the declared size."""
+        quota = self.quota
+        if declared_size > quota:
+            raise Refused(Replies.OVER_QUOTA)
+        try:
+            held = os.stat(self.users.mailbox_path(login)).st_size
+        except OSError:
+            held = 0
+        if held >= quota or held + declared_size > quota:
+            raise Refused(Replies.MAILBOX_FULL)
 
     def postmaster(self):
         """The login that mail for postmaster goes to: --postmaster, else the first user."""
@@ -4024,218 +4773,6 @@ class SMTPServer(Server):
         users = self.users.logins()
         return users[0] if users else None
 
-
-# --------------------------------------------------------------------------
-# Speed-ups
-# --------------------------------------------------------------------------
-# Each piece here makes the servers faster without changing what they do;
-# the code above reads as if they were not there.  Measured with
-# tests/bench_smtp.py and tests/bench_pop.py on 2 CPUs.
-
-class GroupCommit:
-    """Deliveries to one mailbox that overlap share its lock and one fsync.
-
-    Each message joins its mailbox's queue, then waits for the mailbox's
-    writer lock.  Whoever gets that lock and finds its message not yet
-    written appends every message queued so far, under the delivery lock,
-    and fsyncs once (cutting the file back if that fails, as deliver()
-    does); the others find theirs written and return.  Under load, one
-    fsync then serves many messages (measured: +50% at 10 and 50 clients
-    of one mailbox).
-    """
-
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._mailboxes = {}         # path -> _QueuedMailbox
-
-    def deliver(self, path, message, quota):
-        """Append message to the mailbox at path (unless that passes quota); return once it is on disk."""
-        box = self._mailboxes.get(path)
-        if box is None:
-            with self._guard:
-                box = self._mailboxes.setdefault(path, _QueuedMailbox(path))
-        box.deliver(message, quota)
-
-
-class _QueuedMailbox:
-    """One mailbox as the deliveries of this process share it: a queue and a writer lock.
-
-    It remembers where the file ended after its own last append: a file
-    that still ends there ends in a whole message, so its tail need not be
-    read (three system calls fewer for every batch).
-    """
-
-    def __init__(self, path):
-        self.path = path
-        self.lock = delivery_lock(path)
-        self.clean_end = None        # (inode, size) after our last append
-        self.writer = threading.Lock()
-        self._guard = threading.Lock()
-        self._queue = []             # [message, outcome] pairs not taken by a writer yet
-
-    def deliver(self, message, quota):
-        mine = [message, quota, _PENDING]
-        with self._guard:
-            self._queue.append(mine)
-        with self.writer:
-            if mine[2] is _PENDING:
-                with self._guard:
-                    batch, self._queue = self._queue, []
-                try:
-                    errors = self._write(batch)
-                except BaseException as exc:
-                    errors = [exc] * len(batch)
-                    raise
-                finally:
-                    for entry, error in zip(batch, errors):
-                        entry[2] = error
-        if mine[2] is not None:
-            raise mine[2]
-
-    def _write(self, batch):
-        """Append the batch's messages under the delivery lock, fsync once; each one's error or None."""
-        with self.lock:
-            return self._append(batch)
-
-    def _append(self, batch):
-        """Append the batch's messages to the mailbox (its lock held), fsync once; each one's error or None."""
-        errors = [None] * len(batch)
-        fd, st = open_mailbox(self.path)
-        try:
-            size = st.st_size
-            if (st.st_ino, size) != self.clean_end:
-                size = set_torn_tail_aside(fd, self.path, size)
-            start, self.clean_end = size, None
-            for index, (message, quota, _) in enumerate(batch):
-                if quota is not None and size + len(message) > quota:
-                    errors[index] = MailboxFull(self.path)
-                    continue
-                try:
-                    append_message(fd, message)
-                    size += len(message)
-                except OSError as exc:
-                    errors[index] = exc
-                    if not cut_back(fd, size):     # the rest would follow the debris: drop them too
-                        return [error or exc for error in errors[:index]] + [exc] * (len(batch) - index)
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                cut_back(fd, start)
-                return [error or exc for error in errors]
-            self.clean_end = (st.st_ino, size)
-        finally:
-            os.close(fd)
-        return errors
-
-
-_PENDING = object()          # the outcome of a queued message nobody has written yet
-GROUP_COMMIT = GroupCommit()
-
-
-def start_thread(function, *args):
-    """Run function(*args) in a new thread.
-
-    A bare thread: threading.Thread.start() also waits until the new thread
-    runs, which would hold up the accept loop at every connection.
-    """
-    _thread.start_new_thread(function, args)
-
-
-def set_idle_timeout(sock, seconds):
-    """Make a blocking read or write on sock fail once the peer has been silent for seconds.
-
-    Python's own socket timeout polls before every recv and send; the
-    kernel's SO_RCVTIMEO/SO_SNDTIMEO cost nothing until they fire (as
-    BlockingIOError).  Where they are missing, fall back to settimeout.
-    """
-    if os.name == "posix" and hasattr(socket, "SO_RCVTIMEO") and not isinstance(sock, ssl.SSLSocket):
-        whole = int(seconds)
-        value = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-    else:
-        sock.settimeout(seconds)
-
-
-def use_small_thread_stacks():
-    """Give the threads started from now on small stacks (call before starting any).
-
-    Small stacks fit many more in glibc's cache of freed stacks, so a thread
-    per connection does not map and unmap 8 MiB each time.
-    """
-    threading.stack_size(THREAD_STACK_SIZE)
-
-
-def run_on_one_cpu():
-    """Keep this process's threads on one CPU (call before starting any thread).
-
-    Only one thread runs Python at a time (the GIL).  When session threads
-    sit on different CPUs, every hand-over of the GIL is a cross-CPU wake-up,
-    which costs far more than a switch on one CPU: measured here, one CPU
-    serves about twice the messages per second at 10 and 50 clients.
-    """
-    if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
-        return
-    try:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    except OSError:
-        pass
-
-
-class LineWriteHandler(logging.Handler):
-    """Logs each record with a single write() to a file descriptor, taking no lock.
-
-    logging's StreamHandler holds a lock around write and flush, and under
-    load session threads queue on it.  One write() of a line is atomic on
-    pipes and terminals and never overlaps another on files, so no lock is
-    needed to keep lines whole.  The line is the one logging.Formatter
-    would make of "%(asctime)s NAME %(levelname)s %(message)s", made
-    directly: the date and time are formatted once a second, not per line
-    (a third of what a record cost, measured).
-    """
-
-    def __init__(self, fd, name):
-        super().__init__()
-        self.fd = fd
-        self.tag = name
-        self.formatter = logging.Formatter()    # for tracebacks only
-        self._clock = (None, "")                # (second, its date and time as text)
-
-    def handle(self, record):
-        if self.filter(record):
-            self.emit(record)
-        return True
-
-    def emit(self, record):
-        try:
-            os.write(self.fd, self.line(record).encode("utf-8", "backslashreplace"))
-        except Exception:
-            self.handleError(record)
-
-    def line(self, record):
-        """The record as one line of text (with its traceback, if any, on the lines after)."""
-        second, stamp = self._clock
-        if int(record.created) != second:
-            second = int(record.created)
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self._clock = (second, stamp)       # one assignment: threads see the old pair or the new
-        text = "%s,%03d %s %s %s\n" % (stamp, record.msecs, self.tag, record.levelname, record.getMessage())
-        if record.exc_info:
-            text += self.formatter.formatException(record.exc_info) + "\n"
-        return text
-
-
-def configure_logging(name):
-    """INFO and above to stderr, one line per record, tagged with the server's name."""
-    # Which thread, process and source line made a record: unused here, and costly to find.
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None
-    logging.basicConfig(level=logging.INFO, handlers=[LineWriteHandler(sys.stderr.fileno(), name)])
-
-
-# --------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------
 
 def main(argv=None):
     """Run the SMTP server until Ctrl-C or SIGTERM (or, with --hash-password, hash a password)."""

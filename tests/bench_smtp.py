@@ -3,6 +3,7 @@
     python3 tests/bench_smtp.py [--seconds 3] [--runs 3] [--clients 1,10,50] [--size 2100]
     python3 tests/bench_smtp.py --clients 10 --size 1048576      # throughput of 1 MiB messages
     python3 tests/bench_smtp.py --memory                         # 20 clients x 9 MiB at once
+    python3 tests/bench_smtp.py --recipients 2                   # each message for two mailboxes
 
 Starts the real server in a temporary mail root and drives N concurrent
 clients over raw sockets (one thread and a selector drive them all, so the
@@ -42,17 +43,16 @@ def body_of(size):
 class Conversation:
     """One client's current SMTP conversation: which reply it waits for, what it sends next."""
 
-    EXPECTED = (b"220", b"250", b"250", b"250", b"354", b"250", b"221")
-
-    def __init__(self, login, body, selector):
+    def __init__(self, logins, body, selector):
         self.script = (
             b"HELO bench.example.org\r\n",
             b"MAIL_FROM: <bench@example.org>\r\n",
-            b"RCPT_TO: <%s@example.org>\r\n" % login.encode(),
+            *[b"RCPT_TO: <%s@example.org>\r\n" % login.encode() for login in logins],
             b"DATA\r\n",
             body + b".\r\n",
             b"QUIT\r\n",
         )
+        self.EXPECTED = (b"220", b"250", b"250") + (b"250",) * len(logins) + (b"354", b"250", b"221")
         self.selector = selector
         self.sock = None
 
@@ -118,7 +118,7 @@ def drive(selector, ended):
                 ended(conversation, done)
 
 
-def run_level(port, clients, users, seconds, body):
+def run_level(port, clients, users, seconds, body, recipients=1):
     """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors."""
     selector = selectors.DefaultSelector()
     latencies, errors = [], []
@@ -134,7 +134,8 @@ def run_level(port, clients, users, seconds, body):
             conversation.start(port)
 
     for i in range(clients):
-        Conversation("user%d" % (i % users), body, selector).start(port)
+        logins = ["user%d" % ((i + k) % users) for k in range(recipients)]
+        Conversation(logins, body, selector).start(port)
     started = time.monotonic()
     drive(selector, ended)
     elapsed = time.monotonic() - started
@@ -180,7 +181,7 @@ def measure_memory(port, pid):
     selector = selectors.DefaultSelector()
     body = body_of(MEMORY_SIZE)
     for i in range(MEMORY_CLIENTS):
-        Conversation("user%d" % i, body, selector).start(port)
+        Conversation(["user%d" % i], body, selector).start(port)
     started, outcomes = time.monotonic(), []
     drive(selector, lambda conversation, done: outcomes.append(done))
     print("%d clients x %.1f MiB at once: %d delivered, %d errors, %.1f s; "
@@ -196,6 +197,7 @@ def main():
     parser.add_argument("--clients", default="1,10,50", help="comma-separated client counts")
     parser.add_argument("--users", type=int, default=10, help="mailboxes the clients deliver to")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="bytes per message")
+    parser.add_argument("--recipients", type=int, default=1, help="mailboxes each message goes to")
     parser.add_argument("--memory", action="store_true",
                         help="measure peak memory with %d clients x 9 MiB instead" % MEMORY_CLIENTS)
     args = parser.parse_args()
@@ -209,7 +211,7 @@ def main():
         print("%d-byte messages" % len(body))
         print("%8s %10s %8s %9s %9s %7s" % ("clients", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors"))
         for clients in [int(n) for n in args.clients.split(",")]:
-            results = [run_level(port, clients, args.users, args.seconds, body) for _ in range(args.runs)]
+            results = [run_level(port, clients, args.users, args.seconds, body, args.recipients) for _ in range(args.runs)]
             rates = [r[0] for r in results]
             rate = statistics.median(rates)
             print("%8d %10.0f %8.1f %9.2f %9.2f %7d   runs: %s" % (

@@ -257,7 +257,32 @@ def fsync(fd):
             raise OSError(errno.EIO, "injected fsync failure")
     return _fsync(fd)
 os.fsync = fsync
+# ... and the process kills itself (SIGKILL, as kill -9) at the FAULT_KILL_WRITE'th write to a my_mailbox.
+import signal
+_write, _writev = os.write, getattr(os, "writev", None)
+_kill_at, _writes = int(os.environ.get("FAULT_KILL_WRITE", "0")), [0]
+def _count_write(fd):
+    if _kill_at and os.readlink("/proc/self/fd/%d" % fd).endswith("/my_mailbox"):
+        _writes[0] += 1
+        if _writes[0] == _kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+def write(fd, data):
+    _count_write(fd)
+    return _write(fd, data)
+def writev(fd, buffers):
+    _count_write(fd)
+    return _writev(fd, buffers)
+os.write = write
+if _writev is not None:
+    os.writev = writev
 """
+
+
+def killed_at_write_env(folder, count):
+    """An environment for a server that kills itself with SIGKILL at its count'th write to a mailbox."""
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(FAULTS)
+    return dict(os.environ, PYTHONPATH=folder, FAULT_KILL_WRITE=str(count))
 
 
 def failing_fsync_env(folder):
@@ -271,6 +296,39 @@ def failing_fsync_env(folder):
         f.write(FAULTS)
     flag = os.path.join(folder, "fail-fsync")
     return dict(os.environ, PYTHONPATH=folder, FAULT_FSYNC=flag), flag
+
+
+UNLOCK_FAULT = """\
+# Injected by the tests: the next unlock of the lock file whose name FAULT_UNLOCK (a file) holds fails once, with EIO.
+import errno, fcntl, os
+_flock, _flag = fcntl.flock, os.environ.get("FAULT_UNLOCK")
+def flock(fd, operation):
+    if operation == fcntl.LOCK_UN and _flag:
+        try:
+            with open(_flag) as f:
+                name = f.read()
+            target = os.readlink("/proc/self/fd/%d" % fd)
+        except (OSError, TypeError):
+            name = target = ""
+        if name and os.path.basename(target) == name:
+            os.remove(_flag)
+            raise OSError(errno.EIO, "injected unlock failure")     # still locked, as after a real EIO
+    return _flock(fd, operation)
+fcntl.flock = flock
+"""
+
+
+def failing_unlock_env(folder):
+    """An environment for a server whose next unlock of a lock file fails (EIO) once folder/fail-unlock names it.
+
+    Returns (env, flag path); writing a lock file's name (".my_mailbox.lock")
+    into the flag arms the fault.  A sitecustomize module, as for
+    failing_fsync_env (so the two cannot be used together).
+    """
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(UNLOCK_FAULT)
+    flag = os.path.join(folder, "fail-unlock")
+    return dict(os.environ, PYTHONPATH=folder, FAULT_UNLOCK=flag), flag
 
 
 class ServerProcess(StartedServer):

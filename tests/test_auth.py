@@ -16,7 +16,6 @@ import poplib
 import re
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -883,7 +882,7 @@ class PasswordTest(unittest.TestCase):
         users = self.table(["# users", "alice {SCRYPT}n=16384,r=8,p=5$bad",
                             "bob {PBKDF2-SHA256}i=0$%s$%s" % (b64(b"s" * 16), b64(b"h" * 32)),
                             "carol plain"])
-        with self.assertLogs("smtp", logging.WARNING) as logged:
+        with self.assertLogs("mail", logging.WARNING) as logged:
             self.assertIsNone(users.canonical("alice"))
         self.assertIsNone(users.canonical("bob"))
         self.assertEqual(users.authenticate("carol", b"plain"), "carol")
@@ -958,7 +957,7 @@ class SASLPartsTest(unittest.TestCase):
     def test_foreign_sender(self):
         """Every From: and Sender: address must have the login as local part, in any case."""
         def foreign(head, login="alice"):
-            return mailserver_smtp.foreign_sender(io.BytesIO(head + b"body\n"), login)
+            return mailserver_smtp.foreign_sender(mailserver_smtp.Header(io.BytesIO(head + b"body\n")), login)
         self.assertIsNone(foreign(b"From: Bob <ALICE@x.example>\nSender: alice\n"))
         self.assertIsNone(foreign(b"Subject: no From at all\n"))
         self.assertEqual(foreign(b"From: alice@x, bob@y\n"), "bob@y")

@@ -104,6 +104,13 @@ class SendingTests(support.OneServerTestCase, ClientTestCase):
         self.assertIn(SENT, result.lines)
         self.assertIn(("Subject: %s\n" % subject).encode(), support.read_mailbox(self.root, "bob"))
 
+    def test_body_line_of_998_characters_is_delivered(self):
+        """A body line of 998 characters, the longest RFC 5321 allows, is sent and stored whole."""
+        line = "w" * 998
+        result = self.send(mail(subject="Longest line", body=[line]))
+        self.assertIn(SENT, result.lines)
+        self.assertIn(("\n%s\n.\n" % line).encode(), support.read_mailbox(self.root, "bob"))
+
     def test_utf8_text_arrives_unchanged(self):
         """UTF-8 in the subject and body reaches the mailbox unchanged."""
         result = self.send(mail(subject="Caf\u00e9", body=["Gr\u00fc\u00dfe \u2603"]))
@@ -372,7 +379,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         result = self.manage("QUIT")
         self.assertClean(result)
         self.assertNoError(result)
-        self.assertTrue(any(line.startswith(pop_server.GREETING + " <") for line in result.lines),
+        self.assertTrue(any(line.startswith((pop_server.Replies.GREETING % "<")) for line in result.lines),
                         result.stdout)
         rows = [line for line in result.lines if re.match(r"\s*\d+  ", line)]
         self.assertEqual(len(rows), 2, result.stdout)
@@ -431,7 +438,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         result = self.manage("DELE 1", "QUIT")
         self.assertClean(result)
         self.assertNoError(result)
-        self.assertIn(pop_server.GOODBYE, result.lines)
+        self.assertIn(pop_server.Replies.GOODBYE, result.lines)
         stored = support.read_mailbox(self.root, "alice")
         self.assertNotIn(b"Lunch on Friday", stored)
         self.assertIn(b"Subject: Exam results\n", stored)
@@ -440,7 +447,7 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         """QUIT ends the program: nothing typed after it is read."""
         result = self.manage("QUIT", "a")
         self.assertClean(result)
-        self.assertEqual(result.lines[-1].strip(), pop_server.GOODBYE)
+        self.assertEqual(result.lines[-1].strip(), pop_server.Replies.GOODBYE)
 
     def test_rset_undeletes(self):
         """RSET undeletes what DELE marked, in the session and in the file."""

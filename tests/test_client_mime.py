@@ -938,7 +938,7 @@ class HelpAndInputTest(ClientTestCase):
     def test_help_describes_every_command(self):
         result = run_client(ALICE + "b\nHELP\nQUIT\n", closed_port(), self.pop.port)
         self.assertClean(result)
-        verbs = sorted(name[3:] for name in dir(client.Mailbox) if name.startswith("do_"))
+        verbs = sorted(name[3:] for name in dir(client.MailManagement) if name.startswith("do_"))
         self.assertEqual(verbs, ["DELE", "HELP", "LIST", "QUIT", "RAW", "REPLY", "RETR", "RSET",
                                  "SAVE", "SEARCH", "STAT"])
         for verb in verbs:

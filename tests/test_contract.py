@@ -625,7 +625,7 @@ class ClientContractTest(ClientTestCase):
         result = run_client(ALICE + "b\nretr 1\ndele 1\nrset\ndele 2\nquit\na\n", self.no_port, pop.port)
         self.assertClean(result)
         self.assertIn("----- Message 1 -----", result.lines)        # retr
-        self.assertEqual(result.lines[-1].strip(), pop_server.GOODBYE)   # quit ends it
+        self.assertEqual(result.lines[-1].strip(), pop_server.Replies.GOODBYE)   # quit ends it
         stored = support.read_mailbox(root, "alice")
         self.assertIn(b"Subject: Lunch on Friday\n", stored)        # rset undid dele 1
         self.assertNotIn(b"Subject: Exam results\n", stored)        # dele 2 then quit removed it

@@ -245,6 +245,15 @@ class QuotaTest(support.BothServersTestCase):
         self.assertEqual(read_mailbox(self.root, "bob"), b"")
         self.assertEqual(len(support.stored_messages(self.root, "alice")), 1)
 
+    def test_after_the_data_a_message_larger_than_the_quota_gets_552_5_2_2(self):
+        """Undeclared, the message alone is larger than the quota: 552 5.2.2, stored for nobody."""
+        smtp, _ = self.servers
+        body = b"Subject: huge\r\n\r\n" + (b"h" * 98 + b"\r\n") * (self.QUOTA // 100 + 1)
+        with support.smtp_session(smtp, ehlo=True) as client:
+            reply = support.send_message(client, body, recipients=("alice@example.org", "bob@example.org"))
+        self.assertEqual(reply[1], [support.mailserver_smtp.Replies.OVER_QUOTA])
+        self.assertEqual((read_mailbox(self.root, "alice"), read_mailbox(self.root, "bob")), (b"", b""))
+
     def test_deleting_mail_frees_the_room_at_once(self):
         """After POP3 deletes the message that filled the mailbox, the next RCPT is taken."""
         smtp, pop = self.servers

@@ -1,6 +1,8 @@
 """Both servers under abuse and faults: bounded memory, fair limits, deadlines, no escape, no duplicates."""
 
 import contextlib
+import errno
+import io
 import os
 import socket
 import stat
@@ -10,6 +12,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
@@ -66,13 +69,16 @@ class StreamingTest(unittest.TestCase):
     """DATA is stored as it comes, chunk by chunk, exactly as if it had come whole."""
 
     def receive(self, wire_data, sizes, strict=True, max_size=10 ** 7):
-        """Run read_data over wire_data cut into chunks of sizes; return (refusal, stored body, rest)."""
+        """Run read_data over wire_data cut into chunks of sizes; return (refusal reply, stored body, rest)."""
         wire = mailserver_smtp.Wire(FakeWireSocket(wire_data, sizes), 30)
         folder = tempfile.mkdtemp()
         self.addCleanup(support.remove_mail_root, folder)
         spool = mailserver_smtp.Spool(folder)
-        refused = mailserver_smtp.read_data(wire, strict, spool, max_size, 30)
-        body = b"".join(spool.lines()) if refused is None else None
+        try:
+            mailserver_smtp.read_data(wire, strict, spool, max_size, 30)
+            refused, body = None, b"".join(spool.lines())
+        except mailserver_smtp.Refused as exc:
+            refused, body = exc.reply, None
         spool.close()
         return refused, body, bytes(wire.buffer) + wire.sock.data
 
@@ -108,10 +114,10 @@ class StreamingTest(unittest.TestCase):
         """Past the size limit, or with a line over 1000 octets, the rest is read, thrown away, refused."""
         big = b"a" * 90 + b"\r\n"
         self.assertEqual(self.receive(big * 50 + b".\r\nNEXT\r\n", [7], max_size=1000),
-                         ("MESSAGE_TOO_LARGE", None, b"NEXT\r\n"))
+                         (mailserver_smtp.Replies.MESSAGE_TOO_LARGE, None, b"NEXT\r\n"))
         long_line = b"b" * 5000 + b"\r\n"
         self.assertEqual(self.receive(long_line + b".\r\nNEXT\r\n", [64]),
-                         ("LINE_TOO_LONG", None, b"NEXT\r\n"))
+                         (mailserver_smtp.Replies.LINE_TOO_LONG, None, b"NEXT\r\n"))
 
 
 class MemoryTest(unittest.TestCase):
@@ -205,7 +211,7 @@ class PerClientLimitTest(unittest.TestCase):
         reply = self.crowd(server, lambda client: client.line())
         self.assertTrue(reply.startswith("-ERR [SYS/TEMP] "), reply)
         with server.connect(source=SECOND_ADDRESS) as other:
-            self.assertTrue(other.line().startswith(pop_server.GREETING + " <"))
+            self.assertTrue(other.line().startswith((pop_server.Replies.GREETING % "<")))
 
     def test_the_default_share_of_a_client_is_half_the_connections(self):
         """Without --max-per-client, one address gets half of --max-connections: the 3rd of 4 is refused."""
@@ -281,7 +287,7 @@ class DeadlineTest(support.BothServersTestCase):
         """POP3 bounds each command line the same way: the session ends without a reply (RFC 1939)."""
         _, pop = self.servers
         client = pop.connect()
-        self.assertTrue(client.line().startswith(pop_server.GREETING + " <"))
+        self.assertTrue(client.line().startswith((pop_server.Replies.GREETING % "<")))
         self.assertEqual(self.cut_within(client, [bytes([b]) for b in b"NOOP NOOP NOOP NOOP\r\n"], 0.3, 4), [])
         client.close()
 
@@ -488,6 +494,127 @@ class FullDiskTest(unittest.TestCase):
         stored = whole_messages(read_mailbox(root, "alice"))
         subjects = [int(m.split(b"Subject: ")[1].split(b"\n")[0]) for m in stored]
         self.assertEqual(subjects, accepted)
+
+
+def stored_for_alice(subject, filler=0):
+    """A small message for alice in its stored form, as the server appends it (subject: bytes)."""
+    body = b"Subject: " + subject + b"\n" + b"x" * filler + b"\nbody\n"
+    header = mailserver_smtp.Header(io.BytesIO(body))
+    layout = mailserver_smtp.stored_layout(header, len(body), b"carol@example.org", [b"alice@example.org"], b"T")
+    return mailserver_smtp.StoredMessage(memoryview(body), layout)
+
+
+def is_a_mailbox(fd):
+    """Whether fd is open on a my_mailbox file."""
+    return os.readlink("/proc/self/fd/%d" % fd).endswith("/my_mailbox")
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc to tell a mailbox's fsync")
+class BatchFaultTest(unittest.TestCase):
+    """A fault that hits a batch of messages (group commit) fails each sender truthfully; none is stored twice or half."""
+
+    def setUp(self):
+        self.root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, self.root)
+        self.path = support.mailbox_path(self.root, "alice")
+        self.first_fsync_held = threading.Event()
+        self.release = threading.Event()
+        self.fail_next = False
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if is_a_mailbox(fd) and not self.first_fsync_held.is_set():
+                self.first_fsync_held.set()
+                self.release.wait(support.DEADLINE)
+            elif is_a_mailbox(fd) and self.fail_next:
+                self.fail_next = False
+                raise OSError(errno.EIO, "injected fsync failure")
+            return real_fsync(fd)
+        patcher = unittest.mock.patch.object(os, "fsync", fsync)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def deliver_three(self, messages):
+        """Deliver the first message; while its fsync is held, queue the other two behind it; their outcomes."""
+        outcomes = [None] * 3
+
+        def run(index):
+            try:
+                mailserver_smtp.deliver(messages[index], [self.path])
+            except OSError as exc:
+                outcomes[index] = exc
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        threads[0].start()
+        self.assertTrue(self.first_fsync_held.wait(support.DEADLINE))
+        for thread in threads[1:]:
+            thread.start()
+        queue = mailserver_smtp.MailboxQueue.of(self.path)
+        wait_for(lambda: len(queue.waiting) == 2)     # both wait behind the first: one batch
+        self.release.set()
+        for thread in threads:
+            thread.join(support.DEADLINE)
+        return outcomes
+
+    def test_a_failed_fsync_fails_both_messages_of_the_batch_and_keeps_neither(self):
+        """The batch's one fsync fails: both senders hear of it, the mailbox holds the first message alone."""
+        first, second, third = (stored_for_alice(b"%d" % n) for n in range(3))
+        self.fail_next = True
+        outcomes = self.deliver_three([first, second, third])
+        self.assertIsNone(outcomes[0])
+        self.assertEqual([exc.errno for exc in outcomes[1:]], [errno.EIO, errno.EIO])
+        self.assertEqual(read_mailbox(self.root, "alice"), b"".join(first.pieces()))
+        mailserver_smtp.deliver(second, [self.path])             # the retry is the only copy
+        self.assertEqual(read_mailbox(self.root, "alice"), b"".join(first.pieces()) + b"".join(second.pieces()))
+
+    @unittest.skipUnless(can_mount_tmpfs(), "needs root to mount a small tmpfs")
+    def test_a_full_disk_in_a_batch_fails_both_messages_and_keeps_neither_half(self):
+        """The disk fills in the batch's second message: both fail, nothing of either stays; the first alone fits."""
+        folder = os.path.dirname(self.path)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", folder], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", folder])
+        first, second, third = stored_for_alice(b"0"), stored_for_alice(b"1"), stored_for_alice(b"2", 200000)
+        outcomes = self.deliver_three([first, second, third])
+        self.assertIsNone(outcomes[0])
+        self.assertEqual([exc.errno for exc in outcomes[1:]], [errno.ENOSPC, errno.ENOSPC])
+        self.assertEqual(read_mailbox(self.root, "alice"), b"".join(first.pieces()))
+        mailserver_smtp.deliver(second, [self.path])
+        self.assertEqual(read_mailbox(self.root, "alice"), b"".join(first.pieces()) + b"".join(second.pieces()))
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc to tell a mailbox's write")
+class CrashBetweenRecipientsTest(unittest.TestCase):
+    """A delivery to alice and bob killed between the two leaves it in neither mailbox: all or none."""
+
+    def test_kill_9_at_the_second_mailbox_write_rolls_the_first_back(self):
+        """kill -9 at bob's write: no 250; after a restart alice has nothing (it went to .torn), the retry lands once each."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        hooks = tempfile.mkdtemp(prefix="hooks-")
+        self.addCleanup(support.remove_mail_root, hooks)
+        smtp = support.ServerProcess(support.SMTP_SCRIPT, root, env=support.killed_at_write_env(hooks, 2))
+        self.addCleanup(smtp.close)
+        both = ("alice@example.org", "bob@example.org")
+        with support.smtp_session(smtp) as client:
+            for line in ["MAIL FROM:<carol@example.org>"] + ["RCPT TO:<%s>" % r for r in both] + ["DATA"]:
+                client.cmd(line)
+            client.send(b"Subject: for two\r\n\r\nall or none\r\n.\r\n")
+            self.assertTrue(client.closed(), "the server died before any reply")
+        self.assertEqual(smtp.proc.wait(support.DEADLINE), -9)
+        self.assertIn(b"all or none", read_mailbox(root, "alice"), "alice's copy was written before the kill")
+        self.assertEqual(read_mailbox(root, "bob"), b"")
+        pop = support.ServerProcess(support.POP_SCRIPT, root)
+        self.addCleanup(pop.close)
+        with support.PopClient(pop, "alice", "wonderland") as reader:
+            self.assertEqual(reader.cmd("STAT"), "+OK 0 0")
+            reader.cmd("QUIT")
+        with open(os.path.join(root, "alice", mailserver_smtp.TORN_NAME), "rb") as f:
+            self.assertIn(b"all or none", f.read())
+        again = support.ServerProcess(support.SMTP_SCRIPT, root)
+        self.addCleanup(again.close)
+        self.assertEqual(support.deliver(again, b"Subject: for two\r\n\r\nall or none\r\n", recipients=both), 250)
+        self.assertEqual([len(whole_messages(read_mailbox(root, u))) for u in ("alice", "bob")], [1, 1])
+        leftovers = [n for n in os.listdir(os.path.join(root, ".spool")) if n.endswith(".commit")]
+        self.assertEqual(leftovers, [], "the commit record is gone once both mailboxes were made whole")
 
 
 class LeftoversTest(unittest.TestCase):

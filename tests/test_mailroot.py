@@ -1,8 +1,13 @@
 """Tests of what both servers share: the mailbox format rules, the lock protocol, the wire."""
 
+import errno
+import io
+import logging
 import os
 import sys
+import tempfile
 import unittest
+import unittest.mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
@@ -104,6 +109,80 @@ class PipelinedRepliesTest(support.BothServersTestCase):
             self.assertEqual(client.line(), "+OK send PASS")
             self.assertTrue(client.cmd("land").startswith("+OK alice's maildrop"))
             client.cmd("QUIT")
+
+
+class LockReleaseTest(unittest.TestCase):
+    """Giving a lock back never fails what it guarded, and twice is harmless."""
+
+    def test_a_failing_unlock_is_logged_and_the_lock_is_free_all_the_same(self):
+        """flock(LOCK_UN) failing with EIO: release() raises nothing, logs it, and another holder gets the lock."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(support.remove_mail_root, folder)
+        path = os.path.join(folder, "lock")
+        lock = mailserver_smtp.FileLock(path)
+        self.assertTrue(lock.acquire())
+        real_flock = mailserver_smtp.fcntl.flock
+
+        def flock(fd, operation):
+            if operation == mailserver_smtp.fcntl.LOCK_UN:
+                raise OSError(errno.EIO, "injected unlock failure")
+            return real_flock(fd, operation)
+        with unittest.mock.patch.object(mailserver_smtp.fcntl, "flock", flock):
+            with self.assertLogs("mail", "WARNING") as logged:
+                lock.release()
+        self.assertIn("unlocking", logged.output[0])
+        lock.release()                                  # a second release does nothing
+        self.assertTrue(mailserver_smtp.FileLock(path).acquire(blocking=False))
+
+
+class LoggingTest(unittest.TestCase):
+    """A log that cannot be written costs nothing: no traceback, no failed session."""
+
+    def test_a_failing_log_write_prints_no_traceback(self):
+        """The handler's stream raising EIO: the record is dropped, stderr gets nothing."""
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level, logging.raiseExceptions
+        self.addCleanup(lambda: (setattr(root, "handlers", saved[0]), root.setLevel(saved[1]),
+                                 setattr(logging, "raiseExceptions", saved[2])))
+        root.handlers = []
+        stderr = io.StringIO()
+        with unittest.mock.patch.object(sys, "stderr", stderr):
+            mailserver_smtp.configure_logging("smtp")
+            broken = unittest.mock.Mock()
+            broken.write.side_effect = OSError(errno.EIO, "injected log failure")
+            root.handlers[0].setStream(broken)
+            logging.getLogger("mail").warning("a line nobody can write")
+        self.assertTrue(broken.write.called)
+        self.assertEqual(stderr.getvalue(), "")
+
+
+@unittest.skipUnless(hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1,
+                     "needs more than one CPU")
+class CPUTest(unittest.TestCase):
+    """Servers started side by side run on different CPUs; --cpu chooses one."""
+
+    def test_two_servers_side_by_side_run_on_two_cpus(self):
+        """Two SMTP servers started at once each pin themselves to a CPU, not the same one."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        claims = tempfile.mkdtemp()          # a system-wide folder of claims of their own
+        self.addCleanup(support.remove_mail_root, claims)
+        env = dict(os.environ, TMPDIR=claims)
+        servers = [support.ServerProcess(support.SMTP_SCRIPT, root, env=env) for _ in range(2)]
+        for server in servers:
+            self.addCleanup(server.close)
+        cpus = [os.sched_getaffinity(server.proc.pid) for server in servers]
+        self.assertEqual([len(c) for c in cpus], [1, 1])
+        self.assertNotEqual(cpus[0], cpus[1])
+
+    def test_cpu_option_pins_the_server_there(self):
+        """--cpu N puts the server on CPU N."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        cpu = max(os.sched_getaffinity(0))
+        server = support.ServerProcess(support.SMTP_SCRIPT, root, "--cpu", str(cpu))
+        self.addCleanup(server.close)
+        self.assertEqual(os.sched_getaffinity(server.proc.pid), {cpu})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ import os
 import poplib
 import re
 import smtplib
+import socket
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -118,7 +120,7 @@ class DialogueTest(MailRootCase):
     def test_greeting(self):
         """A new connection is greeted with the contract's "+OK POP3 server is ready <timestamp@domain>"."""
         with PopClient(self.server) as pop, PopClient(self.server) as other:
-            # The contract's words, not pop_server.GREETING: changing the constant must fail here.
+            # The contract's words, not pop_server.Replies.GREETING: changing the constant must fail here.
             self.assertRegex(pop.greeting, r"\A\+OK POP3 server is ready <[^<>@ ]+@[^<>@ ]+>\Z")
             self.assertNotEqual(pop.greeting, other.greeting, "RFC 1939 7: a new timestamp each time")
 
@@ -191,7 +193,7 @@ class DialogueTest(MailRootCase):
     def test_quit_before_login_says_goodbye_and_closes(self):
         """QUIT before login gets the contract's goodbye and the server closes the connection."""
         with PopClient(self.server) as pop:
-            # The contract's words, not pop_server.GOODBYE: changing the constant must fail here.
+            # The contract's words, not pop_server.Replies.GOODBYE: changing the constant must fail here.
             self.assertEqual(pop.cmd("QUIT"), "+OK Thanks for using POP3 server")
             self.assertTrue(pop.closed())
 
@@ -250,7 +252,7 @@ class DialogueTest(MailRootCase):
         with self.login(login) as pop:
             pop.cmd("DELE 1")
             pop.cmd("DELE 4")
-            self.assertEqual(pop.cmd("QUIT"), pop_server.GOODBYE)
+            self.assertEqual(pop.cmd("QUIT"), pop_server.Replies.GOODBYE)
             self.assertTrue(pop.closed())
         self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2] + MESSAGES[4])
         leftovers = [n for n in os.listdir(os.path.join(self.root, login)) if "new" in n]
@@ -352,7 +354,7 @@ class DialogueTest(MailRootCase):
             for _ in range(30):
                 successor = PopClient(self.server)
                 successor.cmd("USER " + login)
-                self.assertEqual(pop.cmd("QUIT"), pop_server.GOODBYE)
+                self.assertEqual(pop.cmd("QUIT"), pop_server.Replies.GOODBYE)
                 pop.close()
                 pop = successor
                 # Sent the moment the goodbye arrived: the lock must already be free.
@@ -384,7 +386,7 @@ class DialogueTest(MailRootCase):
         login = self.new_user(b"".join(messages))
         client = poplib.POP3(self.server.host, self.server.port, timeout=support.DEADLINE)
         try:
-            self.assertTrue(client.getwelcome().startswith(pop_server.GREETING.encode() + b" <"))
+            self.assertTrue(client.getwelcome().startswith((pop_server.Replies.GREETING % "<").encode()))
             self.assertIn("UIDL", client.capa())
             client.user(login)
             client.pass_(PASSWORD)
@@ -403,7 +405,7 @@ class DialogueTest(MailRootCase):
             _, uids, _ = client.uidl()
             self.assertEqual(len(set(u.split()[1] for u in uids)), len(messages))
             client.dele(3)
-            self.assertEqual(client.quit(), pop_server.GOODBYE.encode())
+            self.assertEqual(client.quit(), pop_server.Replies.GOODBYE.encode())
         finally:
             client.close()
         self.assertEqual(self.mailbox(login), b"".join(messages[:2] + messages[3:]))
@@ -537,7 +539,7 @@ class ExtensionTest(MailRootCase):
             self.assertEqual(pop.line(), "+OK message 1 deleted")
             self.assertEqual(pop.line(), "+OK")
             self.assertTrue(pop.line().startswith("-ERR"))
-            self.assertEqual(pop.line(), pop_server.GOODBYE)
+            self.assertEqual(pop.line(), pop_server.Replies.GOODBYE)
             self.assertTrue(pop.closed())
         self.assertEqual(self.mailbox(login), b"".join(MESSAGES[1:]))
 
@@ -841,8 +843,8 @@ class ConcurrencyTest(MailRootCase):
 # The mailbox and its sidecar, driven directly (crash windows cannot be hit by timing)
 # --------------------------------------------------------------------------
 
-class MailboxFileTest(unittest.TestCase):
-    """Index cache, unique ids and the QUIT rewrite of pop_server.Mailbox."""
+class MaildropFileTest(unittest.TestCase):
+    """Index cache, unique ids and the QUIT rewrite of pop_server.Maildrop."""
 
     def setUp(self):
         self.root = support.make_mail_root({"alice": PASSWORD})
@@ -857,17 +859,17 @@ class MailboxFileTest(unittest.TestCase):
             f.write(data)
 
     def session(self):
-        """alice's mailbox opened as a POP3 session opens it, closed after the test."""
-        mailbox = pop_server.Mailbox(self.path)
-        mailbox.open()
-        self.addCleanup(mailbox.close)
-        return mailbox
+        """alice's maildrop opened as a POP3 session opens it, closed after the test."""
+        maildrop = pop_server.Maildrop(self.path)
+        maildrop.open()
+        self.addCleanup(maildrop.close)
+        return maildrop
 
     def uids(self):
         """The ids of alice's messages, read in a session of their own."""
-        mailbox = self.session()
-        uids = [mailbox.uid(i) for i in range(mailbox.count())]
-        mailbox.close()
+        maildrop = self.session()
+        uids = [maildrop.uid(i) for i in range(maildrop.count())]
+        maildrop.close()
         return uids
 
     def test_crash_before_the_mailbox_rename_keeps_file_and_ids(self):
@@ -875,7 +877,7 @@ class MailboxFileTest(unittest.TestCase):
         twin = stored("twin", [b"same"])
         self.write(twin + twin + MESSAGES[0])
         before = self.uids()
-        mailbox = self.session()
+        maildrop = self.session()
         real_replace = os.replace
 
         def crash(source, target):
@@ -886,7 +888,7 @@ class MailboxFileTest(unittest.TestCase):
         pop_server.os.replace = crash
         try:
             with self.assertRaises(OSError):
-                mailbox.commit(bytearray([1, 0, 0]))
+                maildrop.commit(bytearray([1, 0, 0]))
         finally:
             pop_server.os.replace = real_replace
         self.assertEqual(support.read_mailbox(self.root, "alice"), twin + twin + MESSAGES[0])
@@ -898,28 +900,28 @@ class MailboxFileTest(unittest.TestCase):
         """The QUIT rewrite keeps the kept messages' ids and index entries."""
         self.write(b"".join(MESSAGES))
         before = self.uids()
-        mailbox = self.session()
-        mailbox.commit(bytearray([0, 1, 0, 1, 0]))
+        maildrop = self.session()
+        maildrop.commit(bytearray([0, 1, 0, 1, 0]))
         after = self.session()
         self.assertEqual([after.uid(i) for i in range(after.count())],
                          [before[0], before[2], before[4]])
         self.assertEqual(list(after.sizes), [octets(MESSAGES[i]) for i in (0, 2, 4)])
-        self.assertEqual(after.read(1), MESSAGES[2][:-2])
+        self.assertEqual(b"".join(after.chunks(1)), MESSAGES[2][:-2])
 
     def test_the_index_cache_follows_appends_after_a_torn_tail_was_set_aside(self):
         """The index cache takes in appended messages after a torn tail went to .my_mailbox.torn."""
         torn = b"From: x@example.org\nSubject: cut\nhalf"
         self.write(MESSAGES[0] + torn)
-        with self.assertLogs("smtp", "WARNING"):
+        with self.assertLogs("mail", "WARNING"):
             first = self.uids()
         self.assertEqual(len(first), 1)
         self.assertEqual(support.read_mailbox(self.root, "alice"), MESSAGES[0])
         append_delivered(self.root, "alice", MESSAGES[1] + MESSAGES[2])
-        mailbox = self.session()
-        self.assertEqual(list(mailbox.sizes), [octets(m) for m in MESSAGES[:3]])
-        self.assertEqual(mailbox.read(1), MESSAGES[1][:-2])
-        self.assertEqual(mailbox.uid(0), first[0])
-        self.assertEqual(len(set(mailbox.uid(i) for i in range(3))), 3)
+        maildrop = self.session()
+        self.assertEqual(list(maildrop.sizes), [octets(m) for m in MESSAGES[:3]])
+        self.assertEqual(b"".join(maildrop.chunks(1)), MESSAGES[1][:-2])
+        self.assertEqual(maildrop.uid(0), first[0])
+        self.assertEqual(len(set(maildrop.uid(i) for i in range(3))), 3)
         with open(os.path.join(self.root, "alice", ".my_mailbox.torn"), "rb") as f:
             self.assertEqual(f.read(), torn)
 
@@ -928,10 +930,10 @@ class MailboxFileTest(unittest.TestCase):
         self.write(MESSAGES[0] + MESSAGES[1])
         before = self.uids()
         self.write(MESSAGES[1] + MESSAGES[3])          # a new file, not an append
-        mailbox = self.session()
-        self.assertEqual(list(mailbox.sizes), [octets(MESSAGES[1]), octets(MESSAGES[3])])
-        self.assertEqual(mailbox.uid(0), before[1])   # recognised by content
-        self.assertNotIn(mailbox.uid(1), before)
+        maildrop = self.session()
+        self.assertEqual(list(maildrop.sizes), [octets(MESSAGES[1]), octets(MESSAGES[3])])
+        self.assertEqual(maildrop.uid(0), before[1])   # recognised by content
+        self.assertNotIn(maildrop.uid(1), before)
 
     def test_a_mailbox_emptied_in_place_and_refilled_is_indexed_again(self):
         """A mailbox truncated in place and refilled with same-sized messages gets all new ids."""
@@ -943,9 +945,9 @@ class MailboxFileTest(unittest.TestCase):
         # Same sizes, so the old message boundaries fall on new ones: only content tells.
         other = [stored("b%02d" % i, [b"body"]) for i in range(45)]
         append_delivered(self.root, "alice", b"".join(other))
-        mailbox = self.session()
-        self.assertEqual(list(mailbox.sizes), [octets(m) for m in other])
-        self.assertFalse({mailbox.uid(i) for i in range(mailbox.count())} & set(before))
+        maildrop = self.session()
+        self.assertEqual(list(maildrop.sizes), [octets(m) for m in other])
+        self.assertFalse({maildrop.uid(i) for i in range(maildrop.count())} & set(before))
 
     def test_a_damaged_sidecar_starts_new_ids(self):
         """A damaged index sidecar is logged and replaced, with new ids."""
@@ -986,15 +988,24 @@ class ShutdownTest(unittest.TestCase):
         server = pop_server.POP3Server(pop_server.parse_args(["0", "--root", root]))
         inside, release, finished = threading.Event(), threading.Event(), []
 
-        class SlowMailbox:
-            """A mailbox whose rewrite lasts until the test releases it."""
+        class SlowMaildrop:
+            """A maildrop whose rewrite lasts until the test releases it."""
 
             def commit(self, deleted):
                 inside.set()
                 release.wait(support.DEADLINE)
                 finished.append(True)
 
-        rewriter = threading.Thread(target=server.commit, args=(SlowMailbox(), bytearray([1])))
+        def quitting_session():
+            """A session of server whose QUIT would now remove one message from a SlowMaildrop."""
+            ours, theirs = socket.socketpair()
+            self.addCleanup(ours.close)
+            self.addCleanup(theirs.close)
+            session = pop_server.POP3Session(server, ours, ("127.0.0.1", 1))
+            session.maildrop, session.deleted = SlowMaildrop(), bytearray([1])
+            return session
+
+        rewriter = threading.Thread(target=quitting_session().update)
         rewriter.start()
         self.assertTrue(inside.wait(support.DEADLINE))
         no_second_signal = types.SimpleNamespace(hurried=False)
@@ -1008,7 +1019,61 @@ class ShutdownTest(unittest.TestCase):
         self.assertFalse(stopper.is_alive())
         self.assertEqual(finished, [True])
         with self.assertRaises(OSError):              # no rewrite starts once stopping
-            server.commit(SlowMailbox(), bytearray([1]))
+            quitting_session().update()
+        self.assertEqual(finished, [True])
+
+
+class UnlockFailureTest(MailRootCase):
+    """An unlock that fails (EIO) after the QUIT rewrite: the deletions are done, so QUIT says +OK."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.hooks = tempfile.mkdtemp(prefix="hooks-")
+        cls.server_env, cls.flag = support.failing_unlock_env(cls.hooks)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        support.remove_mail_root(cls.hooks)
+
+    def quit_failing_to_unlock(self, lock_name):
+        """DELE 1 of a new user's three messages, then QUIT with the next unlock of lock_name failing.
+
+        Returns the login and the reply to QUIT, once the server has closed the connection.
+        """
+        login = self.new_user(b"".join(MESSAGES[:3]))
+        with self.login(login) as pop:
+            pop.cmd("DELE 1")
+            with open(self.flag, "w") as f:
+                f.write(lock_name)
+            reply = pop.cmd("QUIT")
+            self.assertTrue(pop.closed())
+        self.assertFalse(os.path.exists(self.flag), "the fault fired")
+        return login, reply
+
+    def assertEndedByQuit(self, login):
+        """The session's one log line says it ended by QUIT, and no traceback: finish released nothing twice."""
+        self.server.wait_for_output(r"user %s, \d+ commands, 0 failed logins, quit$" % login)
+        self.assertNotIn("Traceback", self.server.output())
+
+    def test_quit_says_goodbye_when_the_delivery_lock_fails_to_unlock(self):
+        """EIO unlocking the delivery lock after the rewrite: QUIT says +OK, message 1 is gone, the lock is free."""
+        login, reply = self.quit_failing_to_unlock(".my_mailbox.lock")
+        self.assertEqual(reply, pop_server.Replies.GOODBYE)
+        self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2])
+        lock = mailserver_smtp.delivery_lock(support.mailbox_path(self.root, login))
+        self.assertTrue(lock.acquire(blocking=False), "closing the lock file released it")
+        lock.release()
+        self.assertEndedByQuit(login)
+
+    def test_quit_says_goodbye_when_the_session_lock_fails_to_unlock(self):
+        """EIO unlocking the session lock at QUIT: QUIT says +OK, message 1 is gone, a new session logs in."""
+        login, reply = self.quit_failing_to_unlock(".my_mailbox.pop.lock")
+        self.assertEqual(reply, pop_server.Replies.GOODBYE)
+        self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2])
+        self.assertEndedByQuit(login)
+        self.assertTrue(support.pop_can_login(self.server, login, PASSWORD))
 
 
 class LargeMessageTest(MailRootCase):

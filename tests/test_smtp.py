@@ -1,5 +1,6 @@
 """Tests of mailserver_smtp.py against CONTRACT.md sections 1 and 2, over real sockets."""
 
+import io
 import os
 import re
 import smtplib
@@ -493,6 +494,16 @@ class LimitsTest(ServerTestCase):
         self.assertEqual(read_mailbox(self.root, "alice"), b"")
         self.assertEqual(send_message(client, b"Subject: ok\r\n" + b"z" * 998 + b"\r\n")[0], 250)
 
+    def test_a_text_line_of_998_octets_is_taken_its_stuffing_dot_not_counted(self):
+        """998 octets before CRLF, plus a stuffing dot on the wire: 250, stored whole; 999 get 500."""
+        client = self.connect()
+        line = "." + "z" * 997
+        self.assertEqual(send_message(client, b"Subject: long\r\n." + line.encode() + b"\r\n")[0], 250)
+        [message] = support.stored_messages(self.root, "alice")
+        self.assertEqual(unstuffed_body_lines(message)[-1], line.encode())
+        self.assertEqual(send_message(client, b"Subject: longer\r\n.." + line.encode() + b"\r\n")[1],
+                         ["500 Line too long"])
+
     def test_a_message_over_the_size_limit_gets_552_and_is_not_stored(self):
         """A message larger than SIZE gets 552 and is not stored; so does MAIL with a larger SIZE=."""
         client = self.connect()
@@ -747,6 +758,13 @@ class PlainServerTest(ServerTestCase):
         self.assertEqual(client.cmd("STARTTLS")[0], 502)
 
 
+def stored_message(body, sender, recipients, received):
+    """The stored form the server appends for a stored body held in memory."""
+    header = mailserver_smtp.Header(io.BytesIO(body))
+    layout = mailserver_smtp.stored_layout(header, len(body), sender, recipients, received)
+    return b"".join(mailserver_smtp.StoredMessage(memoryview(body), layout).pieces())
+
+
 class MessageFormTest(unittest.TestCase):
     """The pure functions that turn DATA into the stored form."""
 
@@ -758,12 +776,12 @@ class MessageFormTest(unittest.TestCase):
 
     def test_folded_subject_keeps_its_continuation_before_received(self):
         """A folded Subject: keeps its continuation line before Received:."""
-        message = mailserver_smtp.stored_message(b"Subject: a\n  b\n\nbody\n", b"s@x", [b"r@x"], b"T")
+        message = stored_message(b"Subject: a\n  b\n\nbody\n", b"s@x", [b"r@x"], b"T")
         self.assertEqual(message, b"From: s@x\nTo: r@x\nSubject: a\n  b\nReceived: T\n\nbody\n.\n")
 
     def test_an_indented_first_body_line_of_the_course_format_stays_body(self):
         """In the course format an indented first body line stays body, not a Subject: continuation."""
-        message = mailserver_smtp.stored_message(b"Subject: a\n  indented\nbody\n", b"s@x", [b"r@x"], b"T")
+        message = stored_message(b"Subject: a\n  indented\nbody\n", b"s@x", [b"r@x"], b"T")
         self.assertEqual(message, b"From: s@x\nTo: r@x\nSubject: a\nReceived: T\n  indented\nbody\n.\n")
 
     def test_message_size_counts_crlf_but_not_stuffing_dots(self):
