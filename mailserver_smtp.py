@@ -12,7 +12,8 @@ The file has two parts, split at one line:
     PROXY protocol and the server skeleton.  pop_server.py imports this part and nothing else.
   Part 2, "the SMTP server", in the order a message travels: its replies,
     the session and its commands, reading DATA and BDAT, the stored form,
-    the spool, delivery into the mailboxes; then the server and main().
+    the spool, delivery into the mailboxes; for other domains the outbound
+    queue, DNS, delivery to other servers and bounces; then the server and main().
 """
 
 import argparse
@@ -1831,7 +1832,8 @@ def unclaimed_cpu(allowed):
 #
 #   In the order a message travels: the replies and options, the session
 #   and its commands, reading DATA and BDAT, the stored form, the spool,
-#   delivery into the mailboxes; then the server and main().
+#   delivery into the mailboxes; mail for other domains: the outbound queue,
+#   DNS, delivery to other servers, bounces; then the server and main().
 #
 # ##########################################################################
 
@@ -3074,9 +3076,9 @@ def open_mailbox(path):
         return opened
 
 
-# ==========================================================================
+# --------------------------------------------------------------------------
 # The outbound queue
-# ==========================================================================
+# --------------------------------------------------------------------------
 #
 # With --local-domains, mail for other domains is taken only from a client
 # that has logged in with AUTH or connects from --relay-networks, and waits
@@ -3842,9 +3844,9 @@ def queue_listing(folder, out):
         out.write("-- %d Kbytes in %d Request%s.\n" % ((total + 1023) // 1024, count, "s" * (count != 1)))
 
 
-# ==========================================================================
+# --------------------------------------------------------------------------
 # DNS: a stub resolver for MX lookup (RFC 1035, RFC 5321 5.1, RFC 7505)
-# ==========================================================================
+# --------------------------------------------------------------------------
 # The standard library resolves host names but has no MX lookup, so outbound
 # delivery asks the servers of /etc/resolv.conf (or --dns-server) itself.
 # Only what mail needs is here: MX, A, AAAA and the CNAMEs on the way.
@@ -4303,9 +4305,9 @@ def _dns_exchanger_addresses(resolver, domain, hosts):
     raise DNSError(DNS_NO_EXCHANGER_ADDRESS, domain, temporary=False)
 
 
-# ==========================================================================
+# --------------------------------------------------------------------------
 # Delivery to other servers
-# ==========================================================================
+# --------------------------------------------------------------------------
 #
 # A runner sends a message's due recipients with smtplib: through the
 # smarthost (--relay-host) when there is one, else to each domain's mail
@@ -4629,9 +4631,9 @@ class Relay:
         return outcomes
 
 
-# ==========================================================================
+# --------------------------------------------------------------------------
 # Bounces
-# ==========================================================================
+# --------------------------------------------------------------------------
 #
 # A recipient that fails for good, or whose time in the queue runs out,
 # makes a delivery status notification (RFC 3464) from <> to the sender:
