@@ -167,6 +167,16 @@ class RelayPermissionTest(support.OneServerTestCase):
         for address in self.REMOTE_SPELLINGS:
             self.assertRegex(self.rcpt_reply(address, source="127.0.0.2"), r"^250 2\.1\.5 ", address)
 
+    @support.skip_unless_ipv6
+    def test_the_default_relay_networks_take_ipv6_loopback(self):
+        """Without --relay-networks, a client on ::1 may send out (the default is 127.0.0.0/8 and ::1/128)."""
+        server = support.ServerProcess(SMTP_SCRIPT, self.root, "--local-domains", "example.org",
+                                       "--mx-port", str(support.closed_port()), host="::1")
+        self.addCleanup(server.close)
+        with support.smtp_session(server) as client:
+            client.cmd_expecting("MAIL FROM:<sender@example.net>", 250)
+            self.assertEqual(client.cmd("RCPT TO:<u@other.example>")[1], ["250 u... Recipient ok"])
+
     def test_a_logged_in_client_may_send_out(self):
         """A stranger's address, logged in with AUTH: a remote recipient gets 250 2.1.5."""
         self.assertEqual(self.rcpt_reply("<u@other.example>", login="alice"), "250 2.1.5 u... Recipient ok")
@@ -429,6 +439,17 @@ class CrashTest(unittest.TestCase):
         self.start()
         wait_for(lambda: [m for m in self.remote.messages if queued.encode() in m["data"]])
         wait_for(lambda: not support.queue_files(self.root))
+
+    def test_sigterm_while_relaying_stops_at_once_and_keeps_the_message(self):
+        """SIGTERM while a runner waits on a remote: the server exits 0 promptly, the message stays queued."""
+        self.remote.data = ["hang"]
+        server = self.start()
+        with support.smtp_session(server) as client:
+            queued = queue_id(support.send_message(client, SUBJECT % b"kept", "alice@example.org",
+                                                   ("carol@[127.0.0.1]",)))
+        self.assertTrue(self.remote.hung.wait(support.DEADLINE))
+        self.assertEqual(server.terminate(), 0)
+        self.assertEqual(support.queue_files(self.root), [queued])
 
     def test_restart_removes_orphaned_temporary_files(self):
         """A .tmp file a dead server left in ROOT/.queue is removed when a server starts."""
