@@ -3595,8 +3595,10 @@ class OutboundQueue:
 
     def queue_message(self, sender, recipient, message):
         """Queue a message we made (a bounce: bytes, CRLF lines) for one recipient; return its id."""
-        entry = QueuedMessage(new_queue_id(), sender, [QueuedRecipient(recipient)],
-                              needs=() if message.isascii() else ("8bit",))
+        needs = set() if message.isascii() else {"8bit"}
+        if not (sender.isascii() and recipient.isascii()):
+            needs.add("smtputf8")            # RFC 6531: a UTF-8 address goes only with SMTPUTF8
+        entry = QueuedMessage(new_queue_id(), sender, [QueuedRecipient(recipient)], needs=needs)
         queued = write_queued(self.folder, entry, b"", [message])
         try:
             queued.publish()
@@ -4532,6 +4534,9 @@ class Relay:
         except (OSError, smtplib.SMTPException) as exc:
             return Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
                            % (relay, exc or type(exc).__name__), relay)
+        except Exception as exc:            # a bug of ours: logged, and the message tried again later
+            log.exception("%s: sending to %s failed", entry.id, relay)
+            return Outcome("deferred", "451 4.3.0 local error in processing: %s" % type(exc).__name__, relay)
         finally:
             if smtp is not None:
                 smtp.close()

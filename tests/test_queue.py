@@ -300,6 +300,20 @@ class DeliveryTest(QueueCase):
         self.assertEqual(bounce["sender"], "")
         self.assertIn(b"Content-Type: multipart/report; report-type=delivery-status;", bounce["data"])
 
+    def test_a_bounce_to_a_utf8_sender_goes_with_smtputf8(self):
+        """The bounce for a remote sender whose address is UTF-8 is sent with MAIL FROM:<> SMTPUTF8."""
+        self.remote.rcpt["refused8@[127.0.0.1]"] = "550 5.1.1 not here"
+        sender = "jos\u00e9@[127.0.0.1]"
+        with support.smtp_session(self.server, ehlo=True) as client:
+            client.cmd_expecting("MAIL FROM:<%s> SMTPUTF8" % sender, 250)
+            client.cmd_expecting("RCPT TO:<refused8@[127.0.0.1]>", 250)
+            client.cmd_expecting("DATA", 354)
+            client.send(SUBJECT % b"utf-8 sender" + b".\r\n")
+            queued = queue_id(client.reply())
+        bounce = wait_for(lambda: [m for m in self.remote.messages
+                                   if m["recipients"] == [sender] and queued.encode() in m["data"]])[0]
+        self.assertRegex(bounce["mail"], r"^MAIL FROM:<> .*SMTPUTF8$")
+
     def test_no_bounce_for_the_null_sender(self):
         """Mail from <> that fails is logged as bounced and dropped: no bounce anywhere."""
         self.remote.rcpt["void@[127.0.0.1]"] = "550 5.1.1 nobody"
