@@ -2115,6 +2115,13 @@ class Envelope:
         self.remote = []             # the addresses for other servers (the queue), without repeats
         self.chunked = None          # the message BDAT chunks are building (RFC 3030)
 
+    def add(self, address, login):
+        """Add a recipient: for login's mailbox, or (login None) for the queue."""
+        self.recipients.append(address)
+        owners = self.logins if login is not None else self.remote
+        if (login or address) not in owners:
+            owners.append(login or address)
+
     def ready_for_message(self):
         """Refuse DATA or BDAT before MAIL and RCPT."""
         if self.sender is None:
@@ -2305,28 +2312,12 @@ class SMTPSession(Session):
             return self.replies.RCPT_PARAMETERS
         if not (envelope.utf8 or address.isascii()):
             return self.replies.NEEDS_SMTPUTF8
-        if is_remote(address, self.server.local_domains):
-            return self.remote_recipient(address)
-        login = self.server.mailbox_owner(address)
+        login = self.server.mailbox_owner(address, self.login, self.address)
         if len(envelope.recipients) >= MAX_RECIPIENTS:
             return self.replies.TOO_MANY_RECIPIENTS
-        if self.server.quota is not None:
+        if login is not None and self.server.quota is not None:
             self.server.check_quota(login, envelope.declared_size)
-        envelope.recipients.append(address)
-        if login not in envelope.logins:
-            envelope.logins.append(login)
-        return self.replies.RECIPIENT_OK % local_part(address)
-
-    def remote_recipient(self, address):
-        """Add a recipient in another domain, for the queue: only for a logged-in or a trusted client."""
-        envelope = self.envelope
-        if self.login is None and not in_networks(self.address[0], self.server.relay_networks):
-            return self.replies.RELAYING_DENIED
-        if len(envelope.recipients) >= MAX_RECIPIENTS:
-            return self.replies.TOO_MANY_RECIPIENTS
-        envelope.recipients.append(address)
-        if address not in envelope.remote:
-            envelope.remote.append(address)
+        envelope.add(address, login)
         return self.replies.RECIPIENT_OK % local_part(address)
 
     def do_DATA(self, argument):
@@ -2585,18 +2576,11 @@ def store(spool, run, strict, max_size):
 def take_message(session, spool):
     """Store a received message for every recipient of the session's envelope: the 250, or Refused.
 
-    The message's header block is read once: for the sender check of a
-    logged-in client, and to lay the stored form out.
+    Local recipients get it in their mailboxes, remote ones in the queue;
+    the 250 comes once both are durable, and a failure leaves neither.
     """
-    envelope, server, login = session.envelope, session.server, session.login
-    header = Header(spool.lines())
-    foreign = foreign_sender(header, login) if login else None
-    if foreign is not None:
-        raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
-    layout = stored_layout(header, spool.size, envelope.sender.encode("utf-8", "surrogateescape"),
-                           [r.encode("utf-8", "surrogateescape") for r in envelope.recipients],
-                           received_stamp())
-    message = spool.message(layout)
+    envelope, server = session.envelope, session.server
+    message = received_form(session, spool)
     if envelope.logins and server.quota is not None and len(message) > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
         log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, len(message))
@@ -2625,6 +2609,19 @@ def take_message(session, spool):
         log.info("delivered %d bytes from <%s> to %s", len(message), envelope.sender, ", ".join(envelope.logins))
         return session.replies.ACCEPTED
     return queued_reply(session, queued.id)
+
+
+def received_form(session, spool):
+    """The message in its stored form, its header block read once; Refused if its sender is not the login's."""
+    envelope, login = session.envelope, session.login
+    header = Header(spool.lines())
+    foreign = foreign_sender(header, login) if login else None
+    if foreign is not None:
+        raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
+    layout = stored_layout(header, spool.size, envelope.sender.encode("utf-8", "surrogateescape"),
+                           [r.encode("utf-8", "surrogateescape") for r in envelope.recipients],
+                           received_stamp())
+    return spool.message(layout)
 
 
 def too_long(run, strict):
@@ -3785,7 +3782,7 @@ class OutboundQueue:
         """Put a bounce into the sender's mailbox when the sender is a user here, else into the queue."""
         if not is_remote(entry.sender, self.server.local_domains):
             try:
-                login = self.server.mailbox_owner(entry.sender)
+                login = self.server.local_owner(entry.sender)
             except Refused:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
                 return True
@@ -4751,10 +4748,20 @@ class SMTPServer(Server):
             keywords.append("STARTTLS")
         return keywords + ["HELP"]
 
-    def mailbox_owner(self, address):
-        """The login whose mailbox takes mail for address; Refused for another domain or no such user."""
+    def mailbox_owner(self, address, login, client):
+        """The login whose mailbox takes mail for address, None for the queue; Refused if neither may.
+
+        Mail for another domain goes to the queue only from a logged-in
+        client (login) or one whose address (client) is in --relay-networks.
+        """
         if is_remote(address, self.local_domains):
-            raise Refused(Replies.RELAYING_DENIED)
+            if login is None and not in_networks(client[0], self.relay_networks):
+                raise Refused(Replies.RELAYING_DENIED)
+            return None
+        return self.local_owner(address)
+
+    def local_owner(self, address):
+        """The login whose mailbox takes mail for an address in a local domain; Refused if none."""
         local = local_part(address)
         login = self.postmaster() if local.lower() == POSTMASTER else self.users.canonical(local)
         if login is None:
