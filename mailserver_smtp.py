@@ -31,6 +31,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import queue
 import random
 import re
 import secrets
@@ -1580,6 +1581,7 @@ class Server:
         self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
+        self.threads = ReadyThreads(self.serve)
         self.listener = create_listener(args.host, args.port)
         self.address = self.listener.getsockname()
 
@@ -1612,11 +1614,7 @@ class Server:
         if not taken:
             return self.refuse(sock, peer, client, self.replies.BUSY_CLIENT,
                                "%d connections open from %s" % (self.slots.per_client, client))
-        try:
-            threading.Thread(target=self.serve, args=(sock, address, client), daemon=True).start()
-        except RuntimeError as exc:               # the system cannot make more threads
-            self.slots.give_back(client)
-            self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
+        self.threads.hand(sock, address, client)     # to the thread that serves it (see ReadyThreads)
 
     def refuse(self, sock, peer, client, reply, reason):
         """Send a client the reply that there is no room for it now, and hang up (never waiting for it)."""
@@ -1780,6 +1778,45 @@ def use_small_thread_stacks():
     per connection does not map and unmap 8 MiB each time.
     """
     threading.stack_size(THREAD_STACK_SIZE)
+
+
+class ReadyThreads:
+    """A thread per connection, each started before its connection comes, so accepting never waits.
+
+    threading.Thread.start() returns only once the new thread runs: under
+    load, a wait for the GIL at every connection, in the one thread that
+    accepts them all.  So one thread is always started and waiting: the
+    accept loop hands it the next connection (a queue put, which never
+    waits), and that thread starts the one for the connection after it,
+    then serves its own.  Measured (tests/bench_smtp.py, 50 clients): see
+    the note in run_on_one_cpu's neighbour, THREAD_START_GAIN.
+    """
+
+    def __init__(self, serve):
+        self.serve = serve
+        self.handed = queue.SimpleQueue()     # connections not taken by a thread yet
+        self.start_next()
+
+    def hand(self, *connection):
+        """Give a connection to the waiting thread (or the next one to wait)."""
+        self.handed.put(connection)
+
+    def start_next(self):
+        """Start the thread that waits for the next connection."""
+        threading.Thread(target=self.wait_and_serve, daemon=True).start()
+
+    def wait_and_serve(self):
+        """Take the next connection, start the thread for the one after, serve this one."""
+        leave_signals_to_main_thread()
+        while True:
+            connection = self.handed.get()
+            try:
+                self.start_next()
+            except RuntimeError as exc:       # the system cannot make more threads
+                log.warning("cannot start a thread (%s): the connections wait their turn", exc)
+                self.serve(*connection)
+                continue                      # nobody took this thread's place: it goes on waiting
+            return self.serve(*connection)
 
 
 def run_on_one_cpu(chosen=None):

@@ -92,16 +92,6 @@ class Sink:
             sock.sendall(b"".join(replies))
 
 
-def cpu_seconds(pid):
-    """The CPU time (user + system) a process has used so far, from /proc (nan where unknown)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
 def submit(port, count, body, results):
     """Send count messages in one session; record how long it took."""
     started = time.monotonic()
@@ -143,7 +133,7 @@ def main():
               % (total, len(body), args.clients, args.concurrency))
         print("accepted (250 after fsync): %8.1f msgs/s" % (total / accepted))
         print("end to end (at the sink):   %8.1f msgs/s" % (total / end_to_end))
-        print("server CPU per message:     %8.2f ms" % (1000 * cpu_seconds(server.proc.pid) / total))
+        print("server CPU per message:     %8.2f ms" % (1000 * support.cpu_seconds(server.proc.pid) / total))
         print("server peak RSS:            %8.1f MB" % support.peak_rss_mb(server.proc.pid))
     finally:
         server.close()

@@ -209,14 +209,17 @@ def main():
             return measure_memory(port, proc.pid)
         body = body_of(args.size)
         print("%d-byte messages" % len(body))
-        print("%8s %10s %8s %9s %9s %7s" % ("clients", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors"))
+        print("%8s %10s %8s %9s %9s %7s %11s" % ("clients", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors",
+                                                 "CPU ms/msg"))
         for clients in [int(n) for n in args.clients.split(",")]:
+            cpu = support.cpu_seconds(proc.pid)
             results = [run_level(port, clients, args.users, args.seconds, body, args.recipients) for _ in range(args.runs)]
+            cpu = (support.cpu_seconds(proc.pid) - cpu) / sum(r[0] * args.seconds for r in results)
             rates = [r[0] for r in results]
             rate = statistics.median(rates)
-            print("%8d %10.0f %8.1f %9.2f %9.2f %7d   runs: %s" % (
+            print("%8d %10.0f %8.1f %9.2f %9.2f %7d %11.3f   runs: %s" % (
                 clients, rate, rate * len(body) / 1e6, statistics.median(r[1] for r in results),
-                statistics.median(r[2] for r in results), sum(r[3] for r in results),
+                statistics.median(r[2] for r in results), sum(r[3] for r in results), 1000 * cpu,
                 " ".join("%.0f" % r for r in rates)), flush=True)
         stored = sum(count_messages(support.mailbox_path(root, u)) for u in users)
         print("messages stored: %d; peak server RSS %.1f MB" % (stored, support.peak_rss_mb(proc.pid)))

@@ -49,6 +49,16 @@ def peak_rss_mb(pid):
     return float("nan")
 
 
+def cpu_seconds(pid):
+    """The CPU time (user + system) a process has used so far, from /proc (nan where unknown)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def expect(condition, message):
     """Raise AssertionError with message unless condition holds (a bare assert vanishes under -O)."""
     if not condition:
