@@ -23,6 +23,7 @@ import collections
 import contextlib
 import email.utils
 import errno
+import functools
 import getpass
 import hashlib
 import hmac
@@ -31,7 +32,6 @@ import ipaddress
 import itertools
 import logging
 import os
-import queue
 import random
 import re
 import secrets
@@ -561,6 +561,7 @@ def set_aside(fd, path, start, size, what):
 # byte, ROOT/.spool/<id>.commit: one line "SIZE LOGIN" per mailbox, its size
 # before the delivery.  The record goes when the delivery is done.
 
+@functools.lru_cache(maxsize=1024)      # asked at every delivery; paths are few
 def commit_folder(mailbox_path):
     """Where the commit records of the mail root of a mailbox are: ROOT/.spool."""
     return os.path.join(os.path.dirname(os.path.dirname(mailbox_path)), SPOOL_NAME)
@@ -600,6 +601,8 @@ def undo_dead_deliveries(fd, path, size):
     try:
         names = [name for name in os.listdir(folder) if name.endswith(COMMIT_SUFFIX)]
     except OSError:
+        return size
+    if not names:
         return size
     login = os.path.basename(os.path.dirname(path))
     for name in names:
@@ -1581,7 +1584,6 @@ class Server:
         self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
-        self.threads = ReadyThreads(self.serve)
         self.listener = create_listener(args.host, args.port)
         self.address = self.listener.getsockname()
 
@@ -1614,7 +1616,11 @@ class Server:
         if not taken:
             return self.refuse(sock, peer, client, self.replies.BUSY_CLIENT,
                                "%d connections open from %s" % (self.slots.per_client, client))
-        self.threads.hand(sock, address, client)     # to the thread that serves it (see ReadyThreads)
+        try:
+            threading.Thread(target=self.serve, args=(sock, address, client), daemon=True).start()
+        except RuntimeError as exc:               # the system cannot make more threads
+            self.slots.give_back(client)
+            self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
 
     def refuse(self, sock, peer, client, reply, reason):
         """Send a client the reply that there is no room for it now, and hang up (never waiting for it)."""
@@ -1778,45 +1784,6 @@ def use_small_thread_stacks():
     per connection does not map and unmap 8 MiB each time.
     """
     threading.stack_size(THREAD_STACK_SIZE)
-
-
-class ReadyThreads:
-    """A thread per connection, each started before its connection comes, so accepting never waits.
-
-    threading.Thread.start() returns only once the new thread runs: under
-    load, a wait for the GIL at every connection, in the one thread that
-    accepts them all.  So one thread is always started and waiting: the
-    accept loop hands it the next connection (a queue put, which never
-    waits), and that thread starts the one for the connection after it,
-    then serves its own.  Measured (tests/bench_smtp.py, 50 clients): see
-    the note in run_on_one_cpu's neighbour, THREAD_START_GAIN.
-    """
-
-    def __init__(self, serve):
-        self.serve = serve
-        self.handed = queue.SimpleQueue()     # connections not taken by a thread yet
-        self.start_next()
-
-    def hand(self, *connection):
-        """Give a connection to the waiting thread (or the next one to wait)."""
-        self.handed.put(connection)
-
-    def start_next(self):
-        """Start the thread that waits for the next connection."""
-        threading.Thread(target=self.wait_and_serve, daemon=True).start()
-
-    def wait_and_serve(self):
-        """Take the next connection, start the thread for the one after, serve this one."""
-        leave_signals_to_main_thread()
-        while True:
-            connection = self.handed.get()
-            try:
-                self.start_next()
-            except RuntimeError as exc:       # the system cannot make more threads
-                log.warning("cannot start a thread (%s): the connections wait their turn", exc)
-                self.serve(*connection)
-                continue                      # nobody took this thread's place: it goes on waiting
-            return self.serve(*connection)
 
 
 def run_on_one_cpu(chosen=None):
@@ -2938,11 +2905,16 @@ def deliver(message, mailbox_paths, quota=None, commit=None):
     for mailbox in mailboxes:
         with mailbox.guard:
             mailbox.waiting.append(delivery)
-    with contextlib.ExitStack() as held:
+    taken = 0
+    try:
         for mailbox in mailboxes:
-            held.enter_context(mailbox.writer)
+            mailbox.writer.acquire()
+            taken += 1
         if not delivery.done:
             write_batch(mailboxes, take_batch(mailboxes))
+    finally:
+        for mailbox in mailboxes[:taken]:
+            mailbox.writer.release()
     if delivery.error is not None:
         raise delivery.error
 
@@ -2978,6 +2950,7 @@ class MailboxQueue:
 
     def __init__(self, path):
         self.path = path
+        self.lock = delivery_lock(path)  # taken by the thread that holds writer
         self.writer = threading.Lock()   # held by the thread that writes a batch to it
         self.guard = threading.Lock()    # guards waiting
         self.waiting = []                # Deliveries not written yet
@@ -2985,7 +2958,7 @@ class MailboxQueue:
 
     def open(self, held):
         """Take the delivery lock, open the mailbox and make it whole (held gives both back): an Append."""
-        held.enter_context(delivery_lock(self.path))
+        held.enter_context(self.lock)
         fd, st = open_mailbox(self.path)
         held.callback(os.close, fd)
         known_whole, self.whole_at = (st.st_ino, st.st_size) == self.whole_at, None
