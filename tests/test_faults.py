@@ -613,8 +613,11 @@ class CrashBetweenRecipientsTest(unittest.TestCase):
         self.addCleanup(again.close)
         self.assertEqual(support.deliver(again, b"Subject: for two\r\n\r\nall or none\r\n", recipients=both), 250)
         self.assertEqual([len(whole_messages(read_mailbox(root, u))) for u in ("alice", "bob")], [1, 1])
-        leftovers = [n for n in os.listdir(os.path.join(root, ".spool")) if n.endswith(".commit")]
-        self.assertEqual(leftovers, [], "the commit record is gone once both mailboxes were made whole")
+        records = [os.path.join(root, ".spool", n) for n in os.listdir(os.path.join(root, ".spool"))
+                   if n.endswith(".commit")]
+        self.assertEqual([mailserver_smtp.read_commit_record(r) for r in records if
+                          mailserver_smtp.read_commit_record(r)], [],
+                         "no record names a mailbox once both were made whole")
 
 
 class LeftoversTest(unittest.TestCase):
@@ -638,6 +641,23 @@ class LeftoversTest(unittest.TestCase):
         with support.PopClient(pop, "alice", "wonderland") as client:
             self.assertEqual([p for p in paths[:2] if os.path.exists(p)], [])
             client.cmd("QUIT")
+
+    def test_smtp_keeps_commit_records_to_undo_and_removes_empty_ones_at_start(self):
+        """At start an empty record of a dead server goes, one naming mailboxes stays, one cut short reads as empty."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        spool = os.path.join(root, ".spool")
+        os.mkdir(spool, 0o700)
+        records = {name: os.path.join(spool, name + ".commit") for name in ("empty", "pending", "torn")}
+        contents = {"empty": b"", "pending": b"0 alice\n0 bob\nend\n", "torn": b"0 alice\n0 b"}
+        for name, path in records.items():
+            with open(path, "wb") as f:
+                f.write(contents[name])
+        smtp = support.ServerProcess(support.SMTP_SCRIPT, root)
+        self.addCleanup(smtp.close)
+        self.assertEqual(sorted(n for n in os.listdir(spool) if n.endswith(".commit")), ["pending.commit"])
+        self.assertEqual(mailserver_smtp.read_commit_record(records["pending"]), {"alice": 0, "bob": 0})
+        self.assertEqual(mailserver_smtp.read_commit_record(os.path.join(spool, "gone.commit")), {})
 
     def test_smtp_empties_its_spool_at_start(self):
         """Files left in ROOT/.spool are removed when the SMTP server starts."""
