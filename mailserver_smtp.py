@@ -3813,6 +3813,16 @@ def request_flush(folder):
         os.close(fd)
 
 
+def next_try_text(when):
+    """When a recipient is tried next, for --queue: its local time, or "now" when it is due.
+
+    A recipient not tried yet has 0 (the epoch): due at once, never "1970-01-01".
+    """
+    if when <= time.time():
+        return "now"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
 def queue_listing(folder, out):
     """Print what is queued, as mailq does: each message, then its pending recipients and why they wait."""
     try:
@@ -3834,8 +3844,7 @@ def queue_listing(folder, out):
                                             entry.sender or "MAILER-DAEMON"))
         for recipient in entry.pending():
             out.write("%57s(%s; next try %s)\n" % ("", recipient.reply or "not tried yet",
-                                                    time.strftime("%Y-%m-%d %H:%M:%S",
-                                                                  time.localtime(recipient.next_try))))
+                                                    next_try_text(recipient.next_try)))
             out.write("%57s%s\n" % ("", recipient.address))
     if count == 0:
         out.write("Mail queue is empty\n")

@@ -465,6 +465,18 @@ class CrashTest(unittest.TestCase):
         self.assertEqual(server.terminate(), 0)
         self.assertEqual(support.queue_files(self.root), [queued])
 
+    def test_queue_lists_a_recipient_on_its_first_try_as_due_now(self):
+        """--queue while the first try hangs: the recipient is "not tried yet; next try now", not 1970."""
+        self.remote.data = ["hang"]
+        server = self.start()
+        with support.smtp_session(server) as client:
+            queued = queue_id(support.send_message(client, SUBJECT % b"first try", "alice@example.org",
+                                                   ("carol@[127.0.0.1]",)))
+        self.assertTrue(self.remote.hung.wait(support.DEADLINE))
+        code, listing = run_queue_command(self.root, "--queue")
+        self.assertEqual(code, 0, listing)
+        self.assertRegex(listing, r"%s .*\n +\(not tried yet; next try now\)\n +carol@\[127\.0\.0\.1\]\n" % queued)
+
     def test_restart_removes_orphaned_temporary_files(self):
         """A .tmp file a dead server left in ROOT/.queue is removed when a server starts."""
         os.mkdir(support.queue_folder(self.root), 0o700)
