@@ -683,6 +683,7 @@ ZONE = {
     ("plain.test", "A"): ["127.0.0.5"],
     ("plain.test", "AAAA"): ["::1"],
     ("bare.test", "MX"): [],
+    ("crowded.test", "MX"): [(n, "mx%d.crowded.test" % n) for n in range(40, 0, -1)],
     ("null.test", "MX"): [(0, ".")],
     ("broken.test", "*"): "SERVFAIL",
     ("refused.test", "*"): "REFUSED",
@@ -738,6 +739,15 @@ class MailExchangerTest(ResponderTestCase):
             if len(orders) == 2:
                 break
         self.assertEqual(orders, {("a.equal.test", "b.equal.test"), ("b.equal.test", "a.equal.test")})
+
+    def test_only_the_best_exchangers_are_looked_up(self):
+        """Of 40 MX records, only the 5 best hosts are looked up and returned: a runner's time stays bounded."""
+        for n in range(1, 41):
+            self.responder.zone[("mx%d.crowded.test" % n, "A")] = ["127.0.0.%d" % n]
+        exchangers = dns.mail_exchangers(self.resolver, "crowded.test")
+        self.assertEqual([host for host, _ in exchangers], ["mx%d.crowded.test" % n for n in range(1, 6)])
+        self.assertEqual({name for name, rtype in self.responder.queries if rtype != "MX"},
+                         {"mx%d.crowded.test" % n for n in range(1, 6)})
 
     def test_implicit_mx(self):
         """A domain without MX records is its own exchanger, at its A and AAAA addresses."""
