@@ -3925,6 +3925,16 @@ def request_flush(folder):
         os.close(fd)
 
 
+def next_try_text(when):
+    """When a recipient is tried next, for --queue: its local time, or "now" when it is due.
+
+    A recipient not tried yet has 0 (the epoch): due at once, never "1970-01-01".
+    """
+    if when <= time.time():
+        return "now"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
 def queue_listing(folder, out):
     """Print what is queued, as mailq does: each message, then its pending recipients and why they wait."""
     try:
@@ -3946,8 +3956,7 @@ def queue_listing(folder, out):
                                             entry.sender or "MAILER-DAEMON"))
         for recipient in entry.pending():
             out.write("%57s(%s; next try %s)\n" % ("", recipient.reply or "not tried yet",
-                                                    time.strftime("%Y-%m-%d %H:%M:%S",
-                                                                  time.localtime(recipient.next_try))))
+                                                    next_try_text(recipient.next_try)))
             out.write("%57s%s\n" % ("", recipient.address))
     if count == 0:
         out.write("Mail queue is empty\n")
@@ -3986,6 +3995,8 @@ DNS_MAX_LABEL = 63           # RFC 1035 2.3.4, octets
 DNS_MAX_NAME = 255           # RFC 1035 2.3.4, octets of a name on the wire
 DNS_MAX_POINTERS = 64        # jumps one name may take: more is a loop
 DNS_MAX_CNAMES = 8           # links of a CNAME chain followed before giving up
+DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
+                             # a domain's owner could list a thousand, each a slow lookup for a runner
 DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
 
 DNS_NO_SUCH_DOMAIN = "no such domain"
@@ -4351,7 +4362,7 @@ def mail_exchangers(resolver, domain):
     hosts = _dns_order_mx(records)
     if not hosts:   # RFC 7505 3: "." alone as the exchange says no mail is taken
         raise DNSError(DNS_NULL_MX, domain, temporary=False)
-    return _dns_exchanger_addresses(resolver, domain, hosts)
+    return _dns_exchanger_addresses(resolver, domain, hosts[:DNS_MAX_EXCHANGERS])
 
 
 def _dns_address_literal(literal):

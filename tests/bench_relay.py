@@ -1,6 +1,8 @@
 """Benchmark of mail for other domains: messages accepted, queued and relayed to a sink, end to end.
 
     python3 tests/bench_relay.py [--messages 2000] [--clients 10] [--size 2100] [--concurrency 4]
+    python3 tests/bench_relay.py --target 127.0.0.1:2525 --target-pid PID --sink-port 2526 \
+        --recipient sink@elsewhere.test      # the same load on another server, e.g. a private Postfix
 
 Starts the real server (--local-domains example.org) in a temporary mail
 root, and a sink on loopback: a minimal SMTP server in this process (one
@@ -10,7 +12,16 @@ for <user@[127.0.0.1]> (the server sends them to the sink, as to an MX, on
 --mx-port), each thread in one session.  Prints the rate at which the
 server acknowledged them (each 250 after the queue file's fsync), the
 end-to-end rate (the first submission to the sink's last message), and the
-server's CPU time per message and peak resident memory (VmHWM).  Not part of the test suite.
+server's CPU time per message and peak resident memory (VmHWM).
+
+--target HOST:PORT drives a server already running instead of ours (to
+compare with another MTA under the same load): it must send --recipient
+on to the sink, which then listens on --sink-port.  With --target-pid, the
+CPU time and memory are those of that process and all its descendants
+(Postfix is a master and its children): CPU used during the run, and the
+largest sum of their resident (RSS) and proportional (PSS: shared pages
+divided among their users) sizes, sampled every RSS_INTERVAL.  Not part of
+the test suite.
 """
 
 import argparse
@@ -27,14 +38,16 @@ import support  # noqa: E402
 
 LINE = b"x" * 66 + b"\r\n"
 HEAD = b"From: bench@example.org\r\nTo: sink@[127.0.0.1]\r\nSubject: bench\r\n\r\n"
+RSS_INTERVAL = 0.2           # seconds between two looks at a process tree's memory
 
 
 class Sink:
     """An SMTP server that takes every message (250 to all), counting them; driven by one selector thread."""
 
-    def __init__(self):
+    def __init__(self, port=0):
         self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # a fixed port, run after run
+        self.listener.bind(("127.0.0.1", port))
         self.listener.listen(128)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
@@ -56,7 +69,10 @@ class Sink:
                     self._readable(key.fileobj, key.data)
 
     def _readable(self, sock, state):
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionError:     # a client that resets rather than QUITs (a mail server's cache closing)
+            chunk = b""
         if not chunk:
             self.selector.unregister(sock)
             sock.close()
@@ -92,12 +108,79 @@ class Sink:
             sock.sendall(b"".join(replies))
 
 
-def submit(port, count, body, results):
+class ProcessTree:
+    """A server's processes (one, or a master and its children) as /proc shows them: CPU and memory."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak_rss = self.peak_pss = 0.0      # MB, the largest sums seen by sample()
+        self.done = threading.Event()
+
+    def pids(self):
+        """The pid and those of its living descendants."""
+        children = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                stat = read_stat(int(name))
+                if stat:
+                    children.setdefault(int(stat[1]), []).append(int(name))
+        found, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += children.get(pid, [])
+        return found
+
+    def cpu_seconds(self):
+        """CPU time (user + system) used so far by the tree, its reaped children included (nan where unknown)."""
+        total = 0.0
+        for pid in self.pids():
+            stat = read_stat(pid)
+            if stat is None:
+                continue             # ended meanwhile: its time is now its parent's cutime
+            total += sum(int(field) for field in stat[11:15]) / os.sysconf("SC_CLK_TCK")
+        return total if read_stat(self.pid) else float("nan")
+
+    def sample(self):
+        """Add the tree's memory now to the peaks; until stop(), every RSS_INTERVAL (a thread's body)."""
+        while True:
+            rss = pss = 0
+            for pid in self.pids():
+                sizes = memory_kb(pid)
+                rss, pss = rss + sizes.get("Rss:", 0), pss + sizes.get("Pss:", 0)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss / 1024), max(self.peak_pss, pss / 1024)
+            if self.done.wait(RSS_INTERVAL):
+                return
+
+    def stop(self):
+        """End sample()."""
+        self.done.set()
+
+
+def read_stat(pid):
+    """The fields of /proc/PID/stat after the command name (ppid first), or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def memory_kb(pid):
+    """{"Rss:": kB, "Pss:": kB} of a process, from /proc/PID/smaps_rollup ({} if it is gone)."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            return {line.split()[0]: int(line.split()[1]) for line in f if line.startswith(("Rss:", "Pss:"))}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def submit(target, count, body, recipient, results):
     """Send count messages in one session; record how long it took."""
     started = time.monotonic()
-    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+    with smtplib.SMTP(*target, timeout=60) as client:
         for _ in range(count):
-            client.sendmail("bench@example.org", ["sink@[127.0.0.1]"], body)
+            client.sendmail("bench@example.org", [recipient], body)
     results.append(time.monotonic() - started)
 
 
@@ -107,37 +190,65 @@ def main():
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--size", type=int, default=len(HEAD) + 29 * len(LINE))
     parser.add_argument("--concurrency", type=int, default=4, help="the server's --relay-concurrency")
+    parser.add_argument("--target", metavar="HOST:PORT",
+                        help="drive this running server instead of starting ours; it must relay to the sink")
+    parser.add_argument("--target-pid", type=int, metavar="PID",
+                        help="--target's process (e.g. Postfix's master): CPU and memory of it and its children")
+    parser.add_argument("--sink-port", type=int, default=0, help="the sink's port (default: any free one)")
+    parser.add_argument("--recipient", default="sink@[127.0.0.1]", help="the address every message is for")
     args = parser.parse_args()
     body = HEAD + LINE * max(1, (args.size - len(HEAD)) // len(LINE))
-    sink = Sink()
-    root = support.make_mail_root()
-    server = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", "example.org",
-                                   "--mx-port", str(sink.port), "--relay-concurrency", str(args.concurrency),
-                                   "--max-connections", str(4 * args.clients + 8))
+    sink = Sink(args.sink_port)
+    root = server = None
+    if args.target:
+        host, _, port = args.target.rpartition(":")
+        target, pid = (host, int(port)), args.target_pid
+    else:
+        root = support.make_mail_root()
+        server = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", "example.org",
+                                       "--mx-port", str(sink.port), "--relay-concurrency", str(args.concurrency),
+                                       "--max-connections", str(4 * args.clients + 8))
+        target, pid = ("127.0.0.1", server.port), server.proc.pid
     try:
-        per_client = args.messages // args.clients
-        total = per_client * args.clients
-        results = []
-        threads = [threading.Thread(target=submit, args=(server.port, per_client, body, results))
-                   for _ in range(args.clients)]
-        started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        accepted = time.monotonic() - started
-        support.wait_for(lambda: sink.count >= total, timeout=600, interval=0.01)
-        support.wait_for(lambda: not support.queue_files(root), timeout=60, interval=0.01)
-        end_to_end = sink.last - started
-        print("%d messages of %d bytes, %d clients, --relay-concurrency %d"
-              % (total, len(body), args.clients, args.concurrency))
-        print("accepted (250 after fsync): %8.1f msgs/s" % (total / accepted))
-        print("end to end (at the sink):   %8.1f msgs/s" % (total / end_to_end))
-        print("server CPU per message:     %8.2f ms" % (1000 * support.cpu_seconds(server.proc.pid) / total))
-        print("server peak RSS:            %8.1f MB" % support.peak_rss_mb(server.proc.pid))
+        run(args, body, sink, target, pid, root)
     finally:
-        server.close()
-        support.remove_mail_root(root)
+        if server:
+            server.close()
+            support.remove_mail_root(root)
+
+
+def run(args, body, sink, target, pid, root):
+    """Submit the messages, wait for all of them at the sink, print the figures."""
+    tree = ProcessTree(pid) if pid else None
+    if tree:
+        threading.Thread(target=tree.sample, daemon=True).start()
+        cpu_before = tree.cpu_seconds()
+    per_client = args.messages // args.clients
+    total = per_client * args.clients
+    results = []
+    threads = [threading.Thread(target=submit, args=(target, per_client, body, args.recipient, results))
+               for _ in range(args.clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    accepted = time.monotonic() - started
+    support.wait_for(lambda: sink.count >= total, timeout=600, interval=0.01)
+    if root:
+        support.wait_for(lambda: not support.queue_files(root), timeout=60, interval=0.01)
+    end_to_end = sink.last - started
+    print("%d messages of %d bytes, %d clients, to %s:%d%s"
+          % (total, len(body), args.clients, target[0], target[1],
+             "" if args.target else " (ours, --relay-concurrency %d)" % args.concurrency))
+    print("accepted (250):             %8.1f msgs/s" % (total / accepted))
+    print("end to end (at the sink):   %8.1f msgs/s" % (total / end_to_end))
+    if tree:
+        tree.stop()
+        print("server CPU per message:     %8.2f ms" % (1000 * (tree.cpu_seconds() - cpu_before) / total))
+        print("server peak RSS (VmHWM):    %8.1f MB  (of pid %d alone)" % (support.peak_rss_mb(pid), pid))
+        print("all its processes, peak:    %8.1f MB RSS, %.1f MB PSS  (%d now)"
+              % (tree.peak_rss, tree.peak_pss, len(tree.pids())))
 
 
 if __name__ == "__main__":

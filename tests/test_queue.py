@@ -465,6 +465,18 @@ class CrashTest(unittest.TestCase):
         self.assertEqual(server.terminate(), 0)
         self.assertEqual(support.queue_files(self.root), [queued])
 
+    def test_queue_lists_a_recipient_on_its_first_try_as_due_now(self):
+        """--queue while the first try hangs: the recipient is "not tried yet; next try now", not 1970."""
+        self.remote.data = ["hang"]
+        server = self.start()
+        with support.smtp_session(server) as client:
+            queued = queue_id(support.send_message(client, SUBJECT % b"first try", "alice@example.org",
+                                                   ("carol@[127.0.0.1]",)))
+        self.assertTrue(self.remote.hung.wait(support.DEADLINE))
+        code, listing = run_queue_command(self.root, "--queue")
+        self.assertEqual(code, 0, listing)
+        self.assertRegex(listing, r"%s .*\n +\(not tried yet; next try now\)\n +carol@\[127\.0\.0\.1\]\n" % queued)
+
     def test_restart_removes_orphaned_temporary_files(self):
         """A .tmp file a dead server left in ROOT/.queue is removed when a server starts."""
         os.mkdir(support.queue_folder(self.root), 0o700)
@@ -671,6 +683,7 @@ ZONE = {
     ("plain.test", "A"): ["127.0.0.5"],
     ("plain.test", "AAAA"): ["::1"],
     ("bare.test", "MX"): [],
+    ("crowded.test", "MX"): [(n, "mx%d.crowded.test" % n) for n in range(40, 0, -1)],
     ("null.test", "MX"): [(0, ".")],
     ("broken.test", "*"): "SERVFAIL",
     ("refused.test", "*"): "REFUSED",
@@ -726,6 +739,15 @@ class MailExchangerTest(ResponderTestCase):
             if len(orders) == 2:
                 break
         self.assertEqual(orders, {("a.equal.test", "b.equal.test"), ("b.equal.test", "a.equal.test")})
+
+    def test_only_the_best_exchangers_are_looked_up(self):
+        """Of 40 MX records, only the 5 best hosts are looked up and returned: a runner's time stays bounded."""
+        for n in range(1, 41):
+            self.responder.zone[("mx%d.crowded.test" % n, "A")] = ["127.0.0.%d" % n]
+        exchangers = dns.mail_exchangers(self.resolver, "crowded.test")
+        self.assertEqual([host for host, _ in exchangers], ["mx%d.crowded.test" % n for n in range(1, 6)])
+        self.assertEqual({name for name, rtype in self.responder.queries if rtype != "MX"},
+                         {"mx%d.crowded.test" % n for n in range(1, 6)})
 
     def test_implicit_mx(self):
         """A domain without MX records is its own exchanger, at its A and AAAA addresses."""
