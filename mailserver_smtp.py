@@ -1773,7 +1773,9 @@ def use_small_thread_stacks():
     """Give the threads started from now on small stacks (call before starting any).
 
     Small stacks fit many more in glibc's cache of freed stacks, so a thread
-    per connection does not map and unmap 8 MiB each time.
+    per connection does not map and unmap 8 MiB each time.  Measured: a few
+    per cent at 10 and 50 clients, within the noise of a shared machine; it
+    stays because it costs one line.
     """
     threading.stack_size(THREAD_STACK_SIZE)
 
@@ -1811,7 +1813,9 @@ def run_on_one_cpu(chosen=None):
 
     Only one thread runs Python at a time (the GIL).  When session threads
     sit on different CPUs, every hand-over of the GIL is a cross-CPU
-    wake-up, which costs far more than a switch on one CPU.  --cpu N picks
+    wake-up, which costs far more than a switch on one CPU: measured
+    (tests/bench_smtp.py, interleaved), twice the messages per second at
+    10 and 50 clients (1187 against 585, 1180 against 594).  --cpu N picks
     the CPU; else the one fewest other servers of ours have claimed (lock
     files in the system's temporary folder, held while the process lives),
     so servers started side by side spread over the CPUs.
@@ -3025,8 +3029,10 @@ def write_batch(mailboxes, batch):
     mailbox back and fails the whole batch: each sender is told the truth,
     and nobody's message is stored twice or half.  For a batch that spans
     several mailboxes a commit record makes this hold across a crash too.
-    Measured (tests/bench_smtp.py, 10 mailboxes): batching gives 5-9% more
-    messages per second at 10 and 50 clients than a lock and fsync each.
+    Measured (tests/bench_smtp.py --users 1, interleaved, medians): batching
+    gives 40-50% more messages per second at 10 and 50 clients of one
+    mailbox than a lock and an fsync for each message; with 10 mailboxes
+    the two are within the noise.
     """
     try:
         with contextlib.ExitStack() as held:
@@ -3091,7 +3097,7 @@ class CommitSlot:
     there costs two.  The process holds a kernel lock on each of its record
     files while it lives, so a server starting on the root removes only the
     empty records of dead processes (prepare_spool).  Measured with
-    tests/bench_smtp.py --recipients 2: a third more messages per second
+    tests/bench_smtp.py --recipients 2: 30-50% more messages per second
     at 1 and 10 clients than a new record each time.
     """
 
