@@ -112,6 +112,15 @@ USERINFO_NAME = "userinfo.txt"
 LOGIN_PATTERN = re.compile(r"[A-Za-z0-9._-]+\Z")
 
 
+def file_stamp(path):
+    """What a replaced or rewritten file changes: its (mtime, size, inode); None while it is absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def is_valid_login(name):
     """True for a plain login name that can never point outside its own folder."""
     return bool(LOGIN_PATTERN.match(name)) and name not in (".", "..")
@@ -210,11 +219,7 @@ class UserTable:
 
     def refresh(self):
         """Read userinfo.txt again if it has changed since it was last read."""
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            stamp = None
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return
         with self._guard:
@@ -482,6 +487,28 @@ def remove_file(path):
         os.remove(path)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def held_by_nobody(path):
+    """Whether no living process holds a kernel lock on the file at path (then, inside the with, we do).
+
+    For files each locked by their writer for its life: what a dead writer
+    left may go, what a live one is writing may not.
+    """
+    try:
+        fd, _ = open_regular(path, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            free = _lock_fd(fd, False)
+        except OSError:
+            free = False
+        yield free
+    finally:
+        os.close(fd)
 
 
 def delivery_lock(mailbox_path):
@@ -1278,13 +1305,8 @@ def network_list(text):
 
 def in_networks(host, networks):
     """Whether a peer's host (as accept() gives it) is in one of networks."""
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:      # an IPv4 client of a dual-stack listener
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+    ip = peer_ip(host)
+    return ip is not None and any(ip in network for network in networks)
 
 
 # --------------------------------------------------------------------------
@@ -1415,16 +1437,8 @@ class ServerCertificate:
         log.info("TLS certificate %s reloaded", self.cert)
 
     def _files_stamp(self):
-        """What a replaced or rewritten file changes: each file's (mtime, size, inode), None if missing."""
-        stamp = []
-        for path in (self.cert, self.key):
-            try:
-                st = os.stat(path)
-            except OSError:
-                stamp.append(None)
-            else:
-                stamp.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(stamp)
+        """The file_stamp of the certificate and of the key."""
+        return file_stamp(self.cert), file_stamp(self.key)
 
 
 def create_listener(host, port):
@@ -1453,13 +1467,23 @@ def client_key(host):
     """The client a per-client limit counts: its IPv4 address, or the /64 of its IPv6 one."""
     if ":" not in host:
         return host
+    ip = peer_ip(host)
+    if ip is None:
+        return host
+    if ip.version == 4:
+        return str(ip)
+    return str(ipaddress.ip_network((ip, IPV6_CLIENT_PREFIX), strict=False))
+
+
+def peer_ip(host):
+    """A peer's host as accept() gives it, as an ip_address (an IPv4-mapped one as IPv4); None if not one."""
     try:
         ip = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
-        return host
-    if ip.ipv4_mapped:                 # an IPv4 client of a dual-stack listener
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.ip_network((ip, IPV6_CLIENT_PREFIX), strict=False))
+        return None
+    if ip.version == 6 and ip.ipv4_mapped:      # an IPv4 client of a dual-stack listener
+        return ip.ipv4_mapped
+    return ip
 
 
 class Slots:
@@ -1484,21 +1508,24 @@ class Slots:
         with self._guard:
             if self.open >= self.total:
                 return None
-            mine = self.by_client.get(client, 0)
-            if mine >= self.per_client:
+            if not self._count(client):
                 return False
             self.open += 1
-            if client is not None:
-                self.by_client[client] = mine + 1
         return True
 
     def claim(self, client):
         """Count a slot taken for client None as client's: True, or False when client has all its own."""
         with self._guard:
-            mine = self.by_client.get(client, 0)
-            if mine >= self.per_client:
-                return False
-            self.by_client[client] = mine + 1
+            return self._count(client)
+
+    def _count(self, client):
+        """Count one more connection of client (None: not known yet), unless it has all its own (guard held)."""
+        if client is None:
+            return True
+        mine = self.by_client.get(client, 0)
+        if mine >= self.per_client:
+            return False
+        self.by_client[client] = mine + 1
         return True
 
     def give_back(self, client):
@@ -2071,11 +2098,14 @@ def domain_list(text):
 def without_codes(replies):
     """The replies class with every enhanced status code taken out ("250 2.1.0 ok" becomes "250 ok")."""
     def plain(text):
-        if isinstance(text, tuple):
-            return tuple(plain(line) for line in text)
-        return ENHANCED_CODE.sub(lambda m: m.group(1), text)
+        return tuple(map(plain_reply, text)) if isinstance(text, tuple) else plain_reply(text)
     return type("PlainReplies", (), {name: plain(text) for name, text in vars(replies).items()
                                      if name.isupper()})
+
+
+def plain_reply(text):
+    """A reply line without its enhanced status code: what a session that began with HELO is told."""
+    return ENHANCED_CODE.sub(r"\1", text)
 
 
 PLAIN_REPLIES = without_codes(Replies)
@@ -2244,7 +2274,7 @@ class SMTPSession(Session):
 
     def in_kind(self, reply):
         """A reply from Replies as this session speaks: with its enhanced code after EHLO, else without."""
-        return reply if self.replies is Replies else ENHANCED_CODE.sub(r"\1", reply)
+        return reply if self.replies is Replies else plain_reply(reply)
 
     def count(self, reply):
         """Count a syntax or sequence error (500-504) in a row; too many end the session."""
@@ -2800,14 +2830,9 @@ def prepare_spool(root):
 
 def remove_unused_record(record):
     """Remove a commit record that names no mailbox and whose process is gone."""
-    owner = FileLock(record)
-    try:
-        if owner.acquire(blocking=False):
-            if not read_commit_record(record):
-                remove_file(record)
-            owner.release()
-    except OSError:
-        pass
+    with held_by_nobody(record) as free:
+        if free and not read_commit_record(record):
+            remove_file(record)
 
 
 def spool_file(folder):
@@ -3481,16 +3506,10 @@ def prepare_queue(root):
 
 def remove_orphan(path):
     """Remove a .tmp queue file unless its writer, still alive, holds its lock."""
-    try:
-        fd, _ = open_regular(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        if _lock_fd(fd, False):
+    with held_by_nobody(path) as free:
+        if free:
             remove_file(path)
             log.info("removed %s, left half-written by a server that stopped", path)
-    finally:
-        os.close(fd)
 
 
 def outgoing_chunks(spool):
@@ -3689,7 +3708,7 @@ class OutboundQueue:
         self.retry_base = args.retry_base
         self.relay = Relay(args, server.domain)
         self.flush_path = os.path.join(self.folder, FLUSH_NAME)
-        self.flush_seen = flush_stamp(self.flush_path)
+        self.flush_seen = file_stamp(self.flush_path)
         self.flush_checked = 0.0
         self.changed = threading.Condition()
         self.fresh = collections.deque()     # ids of messages just queued by this server
@@ -3789,7 +3808,7 @@ class OutboundQueue:
         if now - self.flush_checked < FLUSH_POLL:
             return False
         self.flush_checked = now
-        stamp = flush_stamp(self.flush_path)
+        stamp = file_stamp(self.flush_path)     # tells one touch of the trigger from the next
         if stamp == self.flush_seen:
             return False
         self.flush_seen = stamp
@@ -3915,15 +3934,6 @@ class OutboundQueue:
         bounce_id = self.queue_message("", entry.sender, report)
         log.info("%s: bounce queued as %s", entry.id, bounce_id)
         return True
-
-
-def flush_stamp(path):
-    """What tells one touch of the --flush trigger from the next (None while it is absent)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_ino, st.st_size
 
 
 def request_flush(folder):
@@ -4825,18 +4835,10 @@ def original_headers(path, offset):
 
 def stored_bounce(report, sender, domain):
     """A bounce (CRLF lines) as the mailbox stores it: a StoredMessage."""
-    body = stored_form(report)
+    body, _ = stored_lines(b"".join(dot_stuffed_chunks(io.BytesIO(report), 0)), True)
     layout = stored_layout(Header(io.BytesIO(body)), len(body), b"MAILER-DAEMON@" + domain.encode("utf-8"),
                            [sender.encode("utf-8", "surrogateescape")], received_stamp())
     return StoredMessage(memoryview(body), layout)
-
-
-def stored_form(message):
-    """A message we made (CRLF lines) as the mailbox stores a body: LF lines, dot-stuffed."""
-    lines = message.split(b"\r\n")
-    if lines[-1] == b"":
-        lines.pop()
-    return b"".join((b"." + line if line.startswith(b".") else line) + b"\n" for line in lines)
 
 
 # --------------------------------------------------------------------------
