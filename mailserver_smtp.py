@@ -2642,7 +2642,8 @@ def take_message(session, spool):
     the 250 comes once both are durable, and a failure leaves neither.
     """
     envelope, server = session.envelope, session.server
-    message = received_form(session, spool)
+    header = Header(spool.lines())   # read once: the sender check, the stored form, the queue's facts
+    message = received_form(session, spool, header)
     if envelope.logins and server.quota is not None and len(message) > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
         log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, len(message))
@@ -2650,7 +2651,7 @@ def take_message(session, spool):
     queued = None
     try:
         if envelope.remote:          # durable under its .tmp name before any mailbox is touched
-            queued = queue_received(session, spool)
+            queued = queue_received(session, spool, header)
         if envelope.logins:          # the queue file is renamed into place under the mailboxes' locks
             deliver(message, [server.users.mailbox_path(login) for login in envelope.logins], server.quota,
                     queued and queued.publish)
@@ -2673,10 +2674,9 @@ def take_message(session, spool):
     return queued_reply(session, queued.id)
 
 
-def received_form(session, spool):
-    """The message in its stored form, its header block read once; Refused if its sender is not the login's."""
+def received_form(session, spool, header):
+    """The message in its stored form (header: its Header); Refused if its sender is not the login's."""
     envelope, login = session.envelope, session.login
-    header = Header(spool.lines())
     foreign = foreign_sender(header, login) if login else None
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
@@ -3570,13 +3570,6 @@ def spool_is_ascii(spool, end=None):
     return True
 
 
-def header_facts(spool):
-    """(names of the header fields present, in lower case; Received: count; whether the header block is ASCII)."""
-    header = Header(spool.lines())
-    names = [name for name, _, _ in header.fields]
-    return set(names), names.count(b"received"), spool_is_ascii(spool, header.end)
-
-
 def trace_header(client_name, client_ip, domain, protocol, queue_id):
     """Our Received: field (RFC 5321 4.4), folded, with its CRLF."""
     name = printable(client_name or "unknown").replace("(", "").replace(")", "")
@@ -3603,14 +3596,14 @@ def submission_headers(names, domain):
     return added
 
 
-def queue_received(session, spool):
+def queue_received(session, spool, header):
     """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
     queue_id = new_queue_id()
     envelope = session.envelope
     trace = trace_header(session.client_name, session.address[0], session.domain,
                          trace_protocol(session.replies is Replies, session.tls_active, session.login), queue_id)
-    return session.server.queue.write(queue_id, spool, envelope.sender, envelope.remote, session.login, trace,
-                                      envelope.utf8)
+    return session.server.queue.write(queue_id, spool, header, envelope.sender, envelope.remote,
+                                      session.login, trace, envelope.utf8)
 
 
 def queued_reply(session, queue_id):
@@ -3720,15 +3713,17 @@ class OutboundQueue:
 
     # -- messages in
 
-    def write(self, queue_id, spool, sender, recipients, login, trace, utf8):
-        """Write a received message for recipients into a sealed .tmp queue file (see QueueFile)."""
-        names, hops, ascii_headers = header_facts(spool)
-        head = trace + (submission_headers(names, self.server.domain) if login else b"")
-        needs = set() if spool_is_ascii(spool) else {"8bit"}
+    def write(self, queue_id, spool, header, sender, recipients, login, trace, utf8):
+        """Write a received message (header: its Header) for recipients into a sealed .tmp queue file."""
+        names = [name for name, _, _ in header.fields]
+        head = trace + (submission_headers(set(names), self.server.domain) if login else b"")
+        ascii_body = spool_is_ascii(spool)
+        needs = set() if ascii_body else {"8bit"}
+        ascii_headers = ascii_body or spool_is_ascii(spool, header.end)
         if utf8 and not (ascii_headers and sender.isascii() and all(r.isascii() for r in recipients)):
             needs.add("smtputf8")
         entry = QueuedMessage(queue_id, sender, [QueuedRecipient(r) for r in recipients], login,
-                              needs=needs, hops=hops + 1)
+                              needs=needs, hops=names.count(b"received") + 1)
         return write_queued(self.folder, entry, head, outgoing_chunks(spool))
 
     def queue_message(self, sender, recipient, message):
