@@ -1760,8 +1760,8 @@ def leave_signals_to_main_thread():
 def run_server(server_class, args, name):
     """Run a server until Ctrl-C or SIGTERM; return the exit code."""
     use_small_thread_stacks()
+    configure_logging(name)          # first: what the pinning logs is a line like any other
     run_on_one_cpu(args.cpu)
-    configure_logging(name)
     try:
         server = server_class(args)
     except OSError as exc:

@@ -184,6 +184,16 @@ class CPUTest(unittest.TestCase):
         self.addCleanup(server.close)
         self.assertEqual(os.sched_getaffinity(server.proc.pid), {cpu})
 
+    def test_a_cpu_that_does_not_exist_leaves_the_server_on_every_cpu(self):
+        """--cpu 99999: a warning, and the server runs on every CPU it may use, serving as usual."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        server = support.ServerProcess(support.SMTP_SCRIPT, root, "--cpu", "99999")
+        self.addCleanup(server.close)
+        server.wait_for_output(r"WARNING staying on every CPU")
+        self.assertEqual(os.sched_getaffinity(server.proc.pid), os.sched_getaffinity(0))
+        self.assertEqual(support.deliver(server, b"Subject: still here\r\n\r\nhi\r\n"), 250)
+
 
 if __name__ == "__main__":
     unittest.main()
