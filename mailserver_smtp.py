@@ -1074,6 +1074,20 @@ class Session:
 
     # -- authentication, the same for every method of both protocols
 
+    def password_refused(self):
+        """Whether a password may not cross the connection now: not in clear to a server with a certificate.
+
+        As Dovecot's disable_plaintext_auth: a server that could offer TLS
+        takes no password before it, except from the machine itself (a
+        loopback client, or one a PROXY header says is loopback), where no
+        network can see it.  --require-tls allows no exception.  Digest
+        methods (CRAM-MD5, APOP) send no password and are never refused.
+        """
+        if self.tls_active or self.server.tls is None:
+            return False
+        ip = peer_ip(self.address[0])
+        return self.server.require_tls or ip is None or not ip.is_loopback
+
     def login_result(self, mechanism, name, login, failure):
         """Log one authentication (who, how, the outcome); answer a failure; return login (None: failed).
 
@@ -1990,6 +2004,7 @@ class Replies:
 
 POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
 SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")   # they send the password itself: never in clear (RFC 4954 4)
 SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only after EHLO, so with codes)
     "cancelled": Replies.AUTH_CANCELLED,
     "malformed": Replies.AUTH_MALFORMED,
@@ -2306,7 +2321,7 @@ class SMTPSession(Session):
             return self.replies.SYNTAX % "EHLO hostname"
         self.reset()
         self.client_name, self.replies = argument, Replies
-        keywords = self.server.extensions(self.tls_active)
+        keywords = self.server.extensions(self.tls_active, self.password_refused())
         return (self.replies.EHLO % (self.domain, argument),
                 *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
@@ -2326,6 +2341,8 @@ class SMTPSession(Session):
             return self.replies.AUTH_NEEDS_TLS
         if mechanism not in SMTP_MECHANISMS:
             return self.replies.AUTH_MECHANISM
+        if mechanism in PASSWORD_MECHANISMS and self.password_refused():
+            return self.replies.AUTH_NEEDS_TLS
         self.login = self.sasl(mechanism, initial or None)    # a failure is answered by sasl()
         return self.replies.AUTH_OK if self.login is not None else None
 
@@ -4874,12 +4891,17 @@ class SMTPServer(Server):
             self.queue.stop()
         super().shutdown(signals)
 
-    def extensions(self, tls_active):
-        """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not."""
+    def extensions(self, tls_active, password_refused):
+        """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not.
+
+        AUTH lists only what the session may use now: no method that sends
+        a password where one would be refused (password_refused).
+        """
         keywords = ["SIZE %d" % self.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
                     "SMTPUTF8", "CHUNKING"]
         if tls_active or not self.require_tls:
-            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
+            keywords.append("AUTH " + " ".join(m for m in SMTP_MECHANISMS
+                                               if not (password_refused and m in PASSWORD_MECHANISMS)))
         if self.tls and not tls_active:
             keywords.append("STARTTLS")
         return keywords + ["HELP"]
