@@ -208,17 +208,19 @@ def password_matches(stored, password):
 class UserTable:
     """The users of a mail root, read from userinfo.txt again whenever the file changes."""
 
+    NEVER_READ = ()              # the stamp before the first read: no file's, not even a missing one's
+
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.path = os.path.join(self.root, USERINFO_NAME)
         self._guard = threading.Lock()
-        self._stamp = None
+        self._stamp = self.NEVER_READ
         self._passwords = {}   # login -> password bytes or HashedPassword, in file order
         self._folded = {}      # login.lower() -> login
         self._decoy = NO_PASSWORD   # checked for unknown users: a hash, if the file has one
 
     def refresh(self):
-        """Read userinfo.txt again if it has changed since it was last read."""
+        """Read userinfo.txt again if it has changed since it was last read (and say what is amiss)."""
         stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return
@@ -227,7 +229,9 @@ class UserTable:
                 return
             passwords = self._load() if stamp else {}
             if stamp is None:
-                log.warning("%s is missing: no users", self.path)
+                log.warning("%s is missing: no users, so every recipient gets 550 and every login fails",
+                            self.path)
+            self._report_folders(passwords)
             self._passwords = passwords
             self._decoy = next((p for p in passwords.values() if isinstance(p, HashedPassword)),
                                NO_PASSWORD)
@@ -264,6 +268,23 @@ class UserTable:
                     log.warning("%s line %d: the password of %r is a malformed {SCHEME} hash; skipped",
                                 USERINFO_NAME, number, login)
         return passwords
+
+    def _report_folders(self, passwords):
+        """Log each listed user without a folder, and each folder with a mailbox but no line: silent 550s else."""
+        for login in passwords:
+            if not os.path.isdir(os.path.join(self.root, login)):
+                log.warning("%s lists user %r, but %s has no folder %r: mail for it gets 550 until it is made",
+                            USERINFO_NAME, login, self.root, login)
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError as exc:
+            log.warning("cannot list the mail root %s: %s", self.root, exc)
+            return
+        for name in names:
+            if (name not in passwords and is_valid_login(name) and not name.startswith(".")
+                    and os.path.isfile(os.path.join(self.root, name, MAILBOX_NAME))):
+                log.warning("folder %r holds a mailbox, but %s has no line for it: it is no user",
+                            name, USERINFO_NAME)
 
     def canonical(self, name):
         """The login a name refers to (matched without regard to case), if it is a user."""
@@ -4882,6 +4903,11 @@ class SMTPServer(Server):
         self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
 
     def serve_forever(self):
+        ip = peer_ip(self.address[0])
+        if self.local_domains is None and not (ip and ip.is_loopback):
+            log.warning("every domain is local (the course mode): mail for any address is taken for the users "
+                        "here, from anyone who can reach %s; give --local-domains to take mail for your "
+                        "domains only", "any interface" if ip and ip.is_unspecified else self.address[0])
         if self.queue is not None:
             self.queue.start()
         super().serve_forever()
