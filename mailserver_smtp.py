@@ -2034,13 +2034,22 @@ SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only af
 }
 
 
+OTHER_COMMANDS = (           # what main() runs instead of a server, for --help
+    ("--hash-password [--scheme scrypt]",
+     "read a password (not echoed) and print a hashed password field for userinfo.txt"),
+    ("--queue [--root DIR]", "list the outbound queue, as mailq does"),
+    ("--flush [--root DIR]", "make the servers running on the mail root try every queued message now"),
+)
+
+
 def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
                               "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS")
-    parser.epilog = ("python3 mailserver_smtp.py --hash-password [--scheme scrypt] reads a password "
-                     "(not echoed) and prints a hashed password field for userinfo.txt.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "other commands (each does one thing and exits):\n" + "".join(
+        "  python3 mailserver_smtp.py %s\n      %s\n" % command for command in OTHER_COMMANDS)
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help="largest message accepted, in bytes (default: 10 MiB)")
     parser.add_argument("--quota", type=int, metavar="BYTES",
@@ -5041,7 +5050,18 @@ def queue_main(argv):
         print("flush requested: the servers on %s try every queued message within %g s"
               % (args.root, FLUSH_POLL))
         return 0
-    queue_listing(folder, sys.stdout)
+    return print_to_pipe(functools.partial(queue_listing, folder))
+
+
+def print_to_pipe(write):
+    """Run write(sys.stdout): 0, or 1 quietly when the reader went away (as in '--queue | head')."""
+    try:
+        write(sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: aim it at /dev/null, so that raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
