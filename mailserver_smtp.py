@@ -371,9 +371,14 @@ class UserTable:
 #   numbered at login stay where they were, as only appends happen meanwhile.
 #
 #   Order: a POP3 session takes its session lock, then (briefly) the delivery
-#   lock, never the other way round.  SMTP takes only delivery locks, several
-#   of them (one message for several users) in sorted order of their paths.
-#   So no two holders can wait for each other: there is no deadlock.
+#   lock, never the other way round.  SMTP takes no session lock, and takes
+#   delivery locks, several of them (one message for several users), in
+#   sorted order of their paths.  A holder of delivery locks may take other
+#   kernel locks too, but never waits for one: the lock on a commit record
+#   (below) is its own record's, taken when the file is made, and a look at
+#   another's (held_by_nobody) is a try; SMTP's locks on queue files are
+#   its own new files', and a runner's on a queued message is a try.  So no
+#   two holders can wait for each other: there is no deadlock.
 #
 #   What locks cannot do, fsync and records do.  An append is fsync'd before
 #   the client hears 250, so it survives a power cut.  A crash can still cut
@@ -622,7 +627,7 @@ def commit_folder(mailbox_path):
 
 def commit_record_text(sizes):
     """A commit record's bytes for {login: size before the delivery}."""
-    return "".join("%d %s\n" % (size, login) for login, size in sizes.items()).encode("ascii") + b"end\n"
+    return ("".join("%d %s\n" % (size, login) for login, size in sizes.items()) + COMMIT_END + "\n").encode("ascii")
 
 
 def undo_dead_deliveries(fd, path, size):
@@ -2413,7 +2418,7 @@ class SMTPSession(Session):
             raise SessionEnd("server shutting down")
 
     def do_RCPT(self, argument):
-        """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
+        """Add a recipient (RCPT TO: or RCPT_TO:): a user here, or an address for the queue (mailbox_owner)."""
         envelope = self.envelope
         if envelope.sender is None:
             return self.replies.MAIL_FIRST
@@ -2459,7 +2464,7 @@ class SMTPSession(Session):
             if len(words) > 1 and not last:
                 raise Refused(Replies.SYNTAX % "BDAT size [LAST]")
             self.envelope.ready_for_message()
-            if self.envelope.chunked is not None and self.envelope.chunked.failed:
+            if self.envelope.chunked is not None and self.envelope.chunked.refused is not None:
                 raise Refused(Replies.BDAT_FAILED)
         except Refused:
             # The client sends the octets whatever the reply: read them, to stay in step.
@@ -2476,8 +2481,7 @@ class SMTPSession(Session):
         chunked = envelope.chunked
         chunked.read(self.wire, count, self.server.timeout)
         if not last:
-            if chunked.refused is not None:
-                chunked.failed = True            # RFC 3030 4: the client is to send RSET next
+            if chunked.refused is not None:      # RFC 3030 4: the client is to send RSET next
                 raise chunked.refused
             return self.replies.CHUNK_OK % count
         with self.server.in_flight:          # from the last chunk on, a shutdown waits for it
@@ -2625,7 +2629,6 @@ class ChunkedMessage:
         self.max_size = max_size
         self.partial = b""           # a line begun in one piece and not ended yet
         self.refused = None          # Refused, once the message is
-        self.failed = False          # a chunk was refused: only RSET goes on
 
     def read(self, wire, count, timeout):
         """Take the next count octets from the client: stored, or thrown away once refused."""
@@ -3301,7 +3304,8 @@ def open_mailbox(path):
 #   rcpt      <state> <attempts> <next try> <address> <last reply>   (one per recipient)
 #
 # state is pending, sent or failed.  The message follows the blank line
-# exactly as it goes out: CRLF lines, not dot-stuffed, our Received: first.
+# as it goes out, CRLF lines with our Received: first, but without SMTP's
+# dot-stuffing: that is added as it is sent (dot_stuffed_chunks).
 #
 # Durability.  A new queue file is written under its .tmp name and fsync'd
 # before the local mailboxes are appended to; it is renamed into place
@@ -3898,14 +3902,15 @@ class OutboundQueue:
             lock.release()
 
     def _attempt(self, entry, path, fd, forced):
-        """Send to the due recipients (the file open at fd), record what happened; True once it is done."""
+        """Send to the due recipients (the file open at fd), record what happened; remove the file once done."""
         now = time.time()
         due = [r for r in entry.pending() if forced or r.next_try <= now]
         if not due:
             if entry.pending():
                 self.due_at(entry.next_try())
-                return False
-            return self._remove(entry, path)
+            else:
+                self._remove(entry, path)
+            return
         outcomes = self.relay.send_message(entry, fd, due)
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
@@ -3913,20 +3918,19 @@ class OutboundQueue:
                 recipient.state = "pending"
                 recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
         if not entry.pending():
-            return self._remove(entry, path)
+            self._remove(entry, path)
+            return
         rewrite_queued(self.folder, entry, path)
         self.due_at(entry.next_try())
-        return False
 
     def _remove(self, entry, path):
-        """A message is done (every recipient sent or failed): remove its file; True.
+        """A message is done (every recipient sent or failed): remove its file.
 
         The removal is not fsync'd: a crash that undoes it sends the message
         again, which at least once allows, and it saves an fsync per message.
         """
         remove_file(path)
         log.info("%s: removed", entry.id)
-        return True
 
     def _record(self, entry, due, outcomes):
         """Set each tried recipient's new state and log it; return [(recipient, outcome)] of the failed."""
@@ -3963,7 +3967,8 @@ class OutboundQueue:
             return True
         try:
             report = delivery_status_notification(entry, path, failed, self.server.domain)
-            return self._send_bounce(entry, report)
+            self._send_bounce(entry, report)
+            return True
         except (OSError, ValueError) as exc:
             log.error("%s: cannot bounce to <%s>: %s", entry.id, entry.sender, exc)
             return False
@@ -3975,13 +3980,12 @@ class OutboundQueue:
                 login = self.server.local_owner(entry.sender)
             except Refused:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
-                return True
+                return
             deliver({self.server.users.mailbox_path(login): stored_bounce(report, entry.sender, self.server.domain)})
             log.info("%s: bounce delivered to %s", entry.id, login)
-            return True
+            return
         bounce_id = self.queue_message("", entry.sender, report)
         log.info("%s: bounce queued as %s", entry.id, bounce_id)
-        return True
 
 
 def request_flush(folder):
@@ -4319,11 +4323,6 @@ class Resolver:
             ipaddress.ip_address(ip.split("%")[0])
         self.timeout = timeout
         self.attempts = max(1, attempts)
-
-    @classmethod
-    def from_resolv_conf(cls, path=RESOLV_CONF, timeout=DNS_TIMEOUT, attempts=DNS_ATTEMPTS):
-        """A resolver asking the nameservers of a resolv.conf file (127.0.0.1 if it names none)."""
-        return cls(_dns_read_resolv_conf(path), timeout, attempts)
 
     def query(self, name, rtype):
         """The records of type rtype ("MX", "A", "AAAA", "CNAME") for name, CNAMEs followed; [] if none.

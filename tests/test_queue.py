@@ -993,14 +993,14 @@ class MalformedReplyTest(ResponderTestCase):
 
 
 class ResolvConfTest(unittest.TestCase):
-    """Resolver.from_resolv_conf reads nameserver lines as resolv.conf(5) says."""
+    """The resolver's servers come from the nameserver lines of resolv.conf, as resolv.conf(5) says."""
 
     def resolver_from(self, text):
         """The resolver made from a resolv.conf holding text."""
         with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as conf:
             conf.write(text)
         self.addCleanup(os.unlink, conf.name)
-        return dns.Resolver.from_resolv_conf(conf.name, timeout=1)
+        return dns.Resolver(dns._dns_read_resolv_conf(conf.name), timeout=1)
 
     def test_nameservers(self):
         """IPv4 and IPv6 nameserver lines become servers on port 53; other lines and bad addresses do not."""
@@ -1021,7 +1021,7 @@ class ResolvConfTest(unittest.TestCase):
     def test_missing_file(self):
         """A missing resolv.conf means the local server."""
         missing = os.path.join(tempfile.gettempdir(), "no-such-dir-%d" % os.getpid(), "resolv.conf")
-        self.assertEqual(dns.Resolver.from_resolv_conf(missing).servers, [("127.0.0.1", 53)])
+        self.assertEqual(dns.Resolver(dns._dns_read_resolv_conf(missing)).servers, [("127.0.0.1", 53)])
 
 
 if __name__ == "__main__":
