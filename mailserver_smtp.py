@@ -16,32 +16,25 @@ The file has two parts, split at one line:
     queue, DNS, delivery to other servers and bounces; then the server and main().
 """
 
+# Part 1's modules: what both servers are made of (users and passwords, files
+# and locks, sockets, TLS, threads, the PROXY protocol, logging).
 import argparse
 import base64
 import binascii
-import collections
 import contextlib
-import email.utils
 import errno
 import functools
-import getpass
 import hashlib
 import hmac
-import io
 import ipaddress
-import itertools
 import logging
 import os
-import random
 import re
-import secrets
 import signal
-import smtplib
 import socket
 import ssl
 import stat
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -51,6 +44,18 @@ try:
 except ImportError:  # Windows
     fcntl = None
     import msvcrt
+
+# Part 2's modules: what only the SMTP server needs (the stored form, the
+# queue, DNS, delivery to other servers, bounces, its own command line).
+import collections
+import email.utils
+import getpass
+import io
+import itertools
+import random
+import secrets
+import smtplib
+import sys
 
 
 # ##########################################################################
