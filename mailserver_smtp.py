@@ -4042,11 +4042,12 @@ def queue_listing(folder, out):
 
 
 # --------------------------------------------------------------------------
-# DNS: a stub resolver for MX lookup (RFC 1035, RFC 5321 5.1, RFC 7505)
+# DNS: a stub resolver for MX, TXT and PTR lookup (RFC 1035, RFC 5321 5.1, RFC 7505)
 # --------------------------------------------------------------------------
 # The standard library resolves host names but has no MX lookup, so outbound
 # delivery asks the servers of /etc/resolv.conf (or --dns-server) itself.
-# Only what mail needs is here: MX, A, AAAA and the CNAMEs on the way.
+# Only what mail needs is here: MX, A, AAAA, the CNAMEs on the way, TXT
+# (DKIM keys, SPF, DMARC) and PTR (the name of an address).
 
 RESOLV_CONF = "/etc/resolv.conf"
 DNS_PORT = 53                # RFC 1035 4.2
@@ -4066,7 +4067,7 @@ DNS_FLAG_RD = 0x0100         # RFC 1035 4.1.1: recursion desired: we are a stub
 DNS_RCODE_MASK = 0x000F
 DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN, DNS_REFUSED = 0, 2, 3, 5   # RFC 1035 4.1.1
 DNS_CLASS_IN = 1             # RFC 1035 3.2.4
-DNS_TYPES = {"A": 1, "CNAME": 5, "MX": 15, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TYPES = {"A": 1, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
 DNS_POINTER = 0xC0           # RFC 1035 4.1.4: the two high bits of a compression pointer
 DNS_MAX_LABEL = 63           # RFC 1035 2.3.4, octets
 DNS_MAX_NAME = 255           # RFC 1035 2.3.4, octets of a name on the wire
@@ -4230,12 +4231,14 @@ def _dns_read_answers(message, offset, count):
 
 
 def _dns_read_rdata(message, rtype, start, length):
-    """A record's data: an address string (A, AAAA), a name (CNAME), (preference, exchange) (MX)."""
+    """A record's data: an address string (A, AAAA), a name (CNAME, PTR), (preference, exchange) (MX), text (TXT)."""
     if rtype in (DNS_TYPES["A"], DNS_TYPES["AAAA"]):
         size = 4 if rtype == DNS_TYPES["A"] else 16    # RFC 1035 3.4.1, RFC 3596 2.2
         if length != size:
             raise _dns_malformed("address of %d octets" % length)
         return str(ipaddress.ip_address(message[start:start + length]))
+    if rtype == DNS_TYPES["TXT"]:
+        return _dns_read_text(message[start:start + length])
     name_start = start + 2 if rtype == DNS_TYPES["MX"] else start   # RFC 1035 3.3.9: preference first
     if length < name_start - start + 1:
         raise _dns_malformed("record data too short")
@@ -4245,6 +4248,29 @@ def _dns_read_rdata(message, rtype, start, length):
     if rtype == DNS_TYPES["MX"]:
         return DNS_TCP_LENGTH.unpack_from(message, start)[0], name
     return name
+
+
+def _dns_read_text(data):
+    """A TXT record's character-strings (RFC 1035 3.3.14), joined into one text.
+
+    The strings of one record are one value (RFC 7208 3.3, RFC 6376
+    3.6.2.2): a long DKIM key is published as several.  Octets are read as
+    Latin-1, so every one survives and a non-ASCII one stands out to the
+    reader of the text.
+    """
+    strings, offset = [], 0
+    while offset < len(data):
+        end = offset + 1 + data[offset]
+        if end > len(data):
+            raise _dns_malformed("TXT string cut short")
+        strings.append(data[offset + 1:end])
+        offset = end
+    return b"".join(strings).decode("latin-1")
+
+
+def reverse_name(ip):
+    """The PTR name of an IP address (RFC 1035 3.5, RFC 3596 2.5): 4.3.2.1.in-addr.arpa, nibbles for IPv6."""
+    return ipaddress.ip_address(ip).reverse_pointer
 
 
 def _dns_follow_cnames(answers, name, qtype):
@@ -4330,9 +4356,10 @@ class Resolver:
         self.attempts = max(1, attempts)
 
     def query(self, name, rtype):
-        """The records of type rtype ("MX", "A", "AAAA", "CNAME") for name, CNAMEs followed; [] if none.
+        """The records of type rtype ("MX", "A", "AAAA", "CNAME", "TXT", "PTR") for name, CNAMEs followed; [] if none.
 
-        MX records come as (preference, exchange), addresses as strings.
+        MX records come as (preference, exchange), addresses, names and
+        texts (a TXT record's strings joined) as strings.
         """
         qtype = DNS_TYPES[rtype]
         owner = _dns_normalize(name)

@@ -1030,7 +1030,8 @@ def failing_queue_env(folder):
 # mailserver_smtp.py, on purpose: a misreading of RFC 1035 shared by both would
 # otherwise go unseen.
 
-DNS_TEST_TYPES = {"A": 1, "CNAME": 5, "MX": 15, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TEST_TYPES = {"A": 1, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TEST_TXT_STRING = 255       # RFC 1035 3.3: octets of one character-string
 DNS_TEST_RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
 DNS_TEST_UDP_LIMIT = 512        # RFC 1035 4.2.1: a longer answer goes out truncated (TC=1)
 DNS_TEST_QR_AA_RA = 0x8580      # RFC 1035 4.1.1: response, authoritative, recursion available
@@ -1081,14 +1082,26 @@ def dns_test_rdata(rtype, value):
         return socket.inet_pton(socket.AF_INET6, value)
     if rtype == "MX":
         return struct.pack("!H", value[0]) + dns_test_encode_name(value[1])
-    return dns_test_encode_name(value)   # CNAME
+    if rtype == "TXT":
+        return dns_test_txt_rdata(value)
+    return dns_test_encode_name(value)   # CNAME, PTR
+
+
+def dns_test_txt_rdata(value):
+    """A TXT record's data (RFC 1035 3.3.14): a tuple of strings as they are, one long text cut every 255 octets."""
+    if isinstance(value, (str, bytes)):
+        data = value.encode("utf-8") if isinstance(value, str) else value
+        value = [data[i:i + DNS_TEST_TXT_STRING] for i in range(0, len(data), DNS_TEST_TXT_STRING)] or [b""]
+    strings = [part.encode("utf-8") if isinstance(part, str) else part for part in value]
+    return b"".join(bytes((len(part),)) + part for part in strings)
 
 
 class DNSResponder:
     """A threaded DNS server on a loopback port (UDP, and TCP on the same port) answering from a zone dict.
 
     zone maps (name, type) to a list of records (MX as (preference,
-    exchange), A, AAAA and CNAME as strings) or to an rcode name such as
+    exchange), A, AAAA, CNAME and PTR as strings, TXT as one text, cut into
+    255-octet strings, or a tuple of its strings) or to an rcode name such as
     "SERVFAIL", "NXDOMAIN", "REFUSED"; type "*" stands for every type.  A
     name in no key gets NXDOMAIN, a known name without the type an empty
     NOERROR, and CNAMEs are followed as a recursive server does.
