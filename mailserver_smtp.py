@@ -4007,11 +4007,19 @@ DNS_RCODE_MASK = 0x000F
 DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN, DNS_REFUSED = 0, 2, 3, 5   # RFC 1035 4.1.1
 DNS_CLASS_IN = 1             # RFC 1035 3.2.4
 DNS_TYPES = {"A": 1, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TYPE_SOA = 6             # RFC 1035 3.2.2: read only in a negative reply's authority section (RFC 2308 3)
+DNS_SOA_TAIL = struct.Struct("!IIIII")    # RFC 1035 3.3.13: SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM
 DNS_POINTER = 0xC0           # RFC 1035 4.1.4: the two high bits of a compression pointer
 DNS_MAX_LABEL = 63           # RFC 1035 2.3.4, octets
 DNS_MAX_NAME = 255           # RFC 1035 2.3.4, octets of a name on the wire
 DNS_MAX_POINTERS = 64        # jumps one name may take: more is a loop
 DNS_MAX_CNAMES = 8           # links of a CNAME chain followed before giving up
+DNS_CACHE_ENTRIES = 10000    # answers a DNSCache holds at most
+DNS_CACHE_OCTETS = 4 << 20   # and the octets of their records at most (a TXT answer may be 64 KiB)
+DNS_TTL_FLOOR = 10           # seconds an answer is kept at least, even with a TTL of 0
+DNS_TTL_CEILING = 86400      # and at most (RFC 8767 4 suggests a day as the largest TTL worth believing)
+DNS_NEGATIVE_CEILING = 3 * 3600   # RFC 2308 5: negative answers kept 1 to 3 hours at most
+DNS_FAILURE_TTL = 30         # RFC 2308 7: a server failure or timeout is remembered a while (5 min at most)
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
 DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
@@ -4036,11 +4044,12 @@ _dns_random = random.SystemRandom()   # thread safe, and not predictable by whoe
 class DNSError(Exception):
     """A failed lookup; temporary says whether trying later may help (4xx/defer) or not (5xx/bounce)."""
 
-    def __init__(self, reason, name="", temporary=True):
+    def __init__(self, reason, name="", temporary=True, ttl=None):
         super().__init__("%s: %s" % (name, reason) if name else reason)
         self.reason = reason      # the words alone, e.g. DNS_NO_SUCH_DOMAIN
         self.name = name
         self.temporary = temporary
+        self.ttl = ttl            # an NXDOMAIN's negative TTL (RFC 2308 5), None when the reply gave none
 
 
 def _dns_malformed(why):
@@ -4131,7 +4140,7 @@ def _dns_parse_reply(message, qid, name, qtype):
     """
     if len(message) < DNS_HEADER.size:
         raise _dns_malformed("shorter than a header")
-    rid, flags, qdcount, ancount, _, _ = DNS_HEADER.unpack_from(message)
+    rid, flags, qdcount, ancount, nscount, _ = DNS_HEADER.unpack_from(message)
     if rid != qid:
         return None
     if not flags & DNS_FLAG_QR or flags & DNS_OPCODE_MASK:
@@ -4149,24 +4158,45 @@ def _dns_parse_reply(message, qid, name, qtype):
     offset += DNS_QUESTION_TAIL.size
     if flags & DNS_FLAG_TC:
         return flags, []   # the answers are asked again over TCP
-    return flags, _dns_read_answers(message, offset, ancount)
+    return flags, _dns_read_answers(message, offset, ancount, nscount)
 
 
-def _dns_read_answers(message, offset, count):
-    """The count records of the answer section from offset, each as (owner, type, data); others skipped."""
+def _dns_read_answers(message, offset, count, authority=0):
+    """The answer section's records from offset, each as (owner, type, data, ttl); others skipped.
+
+    The authority section's SOA (of a negative reply, RFC 2308 3) follows
+    them, its data the MINIMUM field, read only for its negative TTL.
+    """
     answers = []
-    for _ in range(count):   # each record takes at least 11 octets, so count is bounded by the length
+    for index in range(count + authority):   # each takes 11 octets or more: bounded by the length
         owner, offset = _dns_read_name(message, offset)
         if offset + DNS_RECORD_TAIL.size > len(message):
             raise _dns_malformed("record cut short")
-        rtype, rclass, _, length = DNS_RECORD_TAIL.unpack_from(message, offset)
+        rtype, rclass, ttl, length = DNS_RECORD_TAIL.unpack_from(message, offset)
         offset += DNS_RECORD_TAIL.size
         if offset + length > len(message):
             raise _dns_malformed("record data cut short")
-        if rclass == DNS_CLASS_IN and rtype in DNS_TYPES.values():
-            answers.append((owner, rtype, _dns_read_rdata(message, rtype, offset, length)))
+        if rclass == DNS_CLASS_IN and rtype in DNS_TYPES.values() and index < count:
+            answers.append((owner, rtype, _dns_read_rdata(message, rtype, offset, length), ttl))
+        elif rclass == DNS_CLASS_IN and rtype == DNS_TYPE_SOA and index >= count:
+            answers.append((owner, rtype, _dns_soa_minimum(message, offset, length), ttl))
         offset += length
     return answers
+
+
+def _dns_soa_minimum(message, start, length):
+    """The MINIMUM field of an SOA record's data (RFC 1035 3.3.13), after its two names."""
+    _, end = _dns_read_name(message, start)
+    _, end = _dns_read_name(message, end)
+    if end + DNS_SOA_TAIL.size != start + length:
+        raise _dns_malformed("SOA record of the wrong length")
+    return DNS_SOA_TAIL.unpack_from(message, end)[4]
+
+
+def _dns_negative_ttl(answers):
+    """How long a reply without the records asked for may be believed (RFC 2308 5); None without an SOA."""
+    ttls = [min(ttl, minimum) for _, rtype, minimum, ttl in answers if rtype == DNS_TYPE_SOA]
+    return min(ttls) if ttls else None
 
 
 def _dns_read_rdata(message, rtype, start, length):
@@ -4213,16 +4243,24 @@ def reverse_name(ip):
 
 
 def _dns_follow_cnames(answers, name, qtype):
-    """(records of qtype, whether a CNAME chain from name ends without them) in the answer section."""
-    owner, seen = name, {name}
+    """(records of qtype, where a CNAME chain from name ends without them, least TTL on the way).
+
+    Without records the TTL is the negative one of RFC 2308 5 (None
+    without an SOA), or the chain's own when it is left unfinished.
+    """
+    owner, seen, ttls = name, {name}, []
     while True:
-        found = [data for o, t, data in answers if o == owner and t == qtype]
+        found = [(data, ttl) for o, t, data, ttl in answers if o == owner and t == qtype]
         if found:
-            return found, None
-        targets = [data for o, t, data in answers if o == owner and t == DNS_TYPES["CNAME"]]
+            return [data for data, _ in found], None, min(ttls + [ttl for _, ttl in found])
+        targets = [(data, ttl) for o, t, data, ttl in answers if o == owner and t == DNS_TYPES["CNAME"]]
         if not targets or qtype == DNS_TYPES["CNAME"]:
-            return [], (owner if owner != name else None)
-        owner = targets[0]
+            negative = _dns_negative_ttl(answers)
+            if owner == name:
+                return [], None, negative
+            return [], owner, min(ttls)
+        owner, ttl = targets[0]
+        ttls.append(ttl)
         if owner in seen or len(seen) > DNS_MAX_CNAMES:
             raise DNSError(DNS_CNAME_CHAIN, name)
         seen.add(owner)
@@ -4305,37 +4343,50 @@ class Resolver:
         MX records come as (preference, exchange), addresses, names and
         texts (a TXT record's strings joined) as strings.
         """
+        return self.lookup(name, rtype)[0]
+
+    def lookup(self, name, rtype, deadline=None):
+        """(records, TTL) as query() finds them, before deadline (monotonic) if given; for a cache.
+
+        The TTL is the least on the way (CNAMEs too); with no record it is
+        the negative TTL of RFC 2308 5, None when the reply had no SOA (an
+        NXDOMAIN's is the DNSError's ttl).
+        """
         qtype = DNS_TYPES[rtype]
-        owner = _dns_normalize(name)
+        owner, ttls = _dns_normalize(name), []
         for _ in range(DNS_MAX_CNAMES):
             # A chain the server did not finish in its answer is asked for again from its end.
-            found, dangling = _dns_follow_cnames(self._ask(owner, qtype), owner, qtype)
+            found, dangling, ttl = _dns_follow_cnames(self._ask(owner, qtype, deadline), owner, qtype)
+            ttls.append(ttl)
             if dangling is None:
-                return found
+                return found, None if None in ttls else min(ttls)
             owner = dangling
         raise DNSError(DNS_CNAME_CHAIN, name)
 
-    def _ask(self, name, qtype):
+    def _ask(self, name, qtype, deadline=None):
         """The answer records for one question, from the first server that answers it in one of the rounds."""
         error = None
         for _ in range(self.attempts):
             for server in self.servers:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DNSError(DNS_TIME_OUT, name)
                 try:
-                    return self._ask_server(server, name, qtype)
+                    return self._ask_server(server, name, qtype, deadline)
                 except DNSError as failure:
                     if not failure.temporary:
                         raise
                     error = failure
         raise DNSError(error.reason, name, temporary=True)
 
-    def _ask_server(self, server, name, qtype):
+    def _ask_server(self, server, name, qtype, deadline=None):
         """The answer records from one server: over UDP, again over TCP when truncated (RFC 7766 5)."""
         qid = secrets.randbits(16)   # RFC 5452 9.2: an unpredictable id, and a random port below
         query = _dns_build_query(qid, name, qtype)
+        deadline = min(time.monotonic() + self.timeout, deadline or float("inf"))
         try:
-            flags, answers = self._udp_exchange(server, query, qid, name, qtype)
+            flags, answers = self._udp_exchange(server, query, qid, name, qtype, deadline)
             if flags & DNS_FLAG_TC:
-                flags, answers = self._tcp_exchange(server, query, qid, name, qtype)
+                flags, answers = self._tcp_exchange(server, query, qid, name, qtype, deadline)
         except socket.timeout:
             raise DNSError(DNS_TIME_OUT, name) from None
         except OSError as failure:
@@ -4349,16 +4400,15 @@ class Resolver:
         if rcode == DNS_NOERROR:
             return answers
         if rcode == DNS_NXDOMAIN:
-            raise DNSError(DNS_NO_SUCH_DOMAIN, name, temporary=False)
+            raise DNSError(DNS_NO_SUCH_DOMAIN, name, temporary=False, ttl=_dns_negative_ttl(answers))
         if rcode == DNS_SERVFAIL:
             raise DNSError(DNS_SERVER_FAILURE, name)
         if rcode == DNS_REFUSED:
             raise DNSError(DNS_SERVER_REFUSED, name)
         raise DNSError(DNS_SERVER_ERROR % rcode, name)
 
-    def _udp_exchange(self, server, query, qid, name, qtype):
-        """Send query over UDP and return the parsed reply that comes from server, for this query, in time."""
-        deadline = time.monotonic() + self.timeout
+    def _udp_exchange(self, server, query, qid, name, qtype, deadline):
+        """Send query over UDP and return the parsed reply that comes from server, for this query, by deadline."""
         family = _dns_family(server[0])
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))   # port 0: the kernel's random one
@@ -4374,16 +4424,79 @@ class Resolver:
                 if parsed:
                     return parsed
 
-    def _tcp_exchange(self, server, query, qid, name, qtype):
-        """Send query over TCP with its length prefix (RFC 1035 4.2.2) and return the parsed reply."""
-        deadline = time.monotonic() + self.timeout
-        with socket.create_connection(server, timeout=self.timeout) as sock:
+    def _tcp_exchange(self, server, query, qid, name, qtype, deadline):
+        """Send query over TCP with its length prefix (RFC 1035 4.2.2) and return the parsed reply by deadline."""
+        with socket.create_connection(server, timeout=max(0.001, deadline - time.monotonic())) as sock:
             sock.sendall(DNS_TCP_LENGTH.pack(len(query)) + query)
             size = DNS_TCP_LENGTH.unpack(_dns_recv_exactly(sock, DNS_TCP_LENGTH.size, deadline))[0]
             parsed = _dns_parse_reply(_dns_recv_exactly(sock, size, deadline), qid, name, qtype)
         if not parsed:   # one query per connection: a reply to another one is nonsense
             raise _dns_malformed("TCP reply to another question")
         return parsed
+
+
+class DNSCache:
+    """The answers of a Resolver, each kept for its TTL: one cache for every record type, in bounded memory.
+
+    query(name, type, deadline) answers as Resolver.query does, from the
+    cache while an answer is fresh.  A TTL is held between a floor and a
+    ceiling; a negative answer (NXDOMAIN or no record) is kept for the
+    SOA's negative TTL (RFC 2308 5), not at all without an SOA; a server
+    failure or timeout for a short while (RFC 2308 7).  The least recently
+    used answers go first when there are too many or they are too large.
+    Threads may share one.
+    """
+
+    def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS):
+        self.resolver = resolver
+        self.max_entries, self.max_octets = entries, octets
+        self.octets = 0
+        self._answers = collections.OrderedDict()   # (name, type) -> (expires, records or DNSError, octets)
+        self._lock = threading.Lock()
+
+    def query(self, name, rtype, deadline=None):
+        """The records of type rtype for name ([] if none); DNSError as the resolver raises it."""
+        key = (name.lower().rstrip("."), rtype)
+        with self._lock:
+            entry = self._answers.get(key)
+            if entry is not None and entry[0] > time.monotonic():
+                self._answers.move_to_end(key)
+                answer = entry[1]
+            else:
+                answer = None
+        if answer is None:
+            answer = self._ask(key, name, rtype, deadline)
+        if isinstance(answer, DNSError):
+            raise answer
+        return answer
+
+    def _ask(self, key, name, rtype, deadline):
+        """Ask the resolver, and keep what it says for as long as it may be believed."""
+        try:
+            answer, ttl = self.resolver.lookup(name, rtype, deadline)
+            if not answer and ttl is not None:
+                ttl = min(ttl, DNS_NEGATIVE_CEILING)
+        except DNSError as error:
+            answer = error
+            ttl = DNS_FAILURE_TTL if error.temporary else error.ttl
+            if ttl is not None:
+                ttl = min(ttl, DNS_NEGATIVE_CEILING)
+        if ttl is not None:
+            self._keep(key, answer, min(max(ttl, DNS_TTL_FLOOR), DNS_TTL_CEILING))
+        return answer
+
+    def _keep(self, key, answer, ttl):
+        """Store an answer, then drop the least recently used until the cache is within its bounds."""
+        size = len(key[0]) + (sum(len(str(record)) for record in answer) if isinstance(answer, list) else 0)
+        with self._lock:
+            old = self._answers.pop(key, None)
+            if old is not None:
+                self.octets -= old[2]
+            self._answers[key] = (time.monotonic() + ttl, answer, size)
+            self.octets += size
+            while len(self._answers) > self.max_entries or self.octets > self.max_octets:
+                _, (_, _, dropped) = self._answers.popitem(last=False)
+                self.octets -= dropped
 
 
 def mail_exchangers(resolver, domain):
