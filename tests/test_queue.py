@@ -415,6 +415,20 @@ class UnreachableTest(QueueCase):
         wait_for(lambda: "\nrcpt\tpending\t2\t" in envelope_of(self.root, queued))
         self.assertFalse(os.path.exists(orphan))
 
+    def test_queue_into_a_closed_pipe_ends_quietly(self):
+        """'--queue | head': a reader that has gone gets no traceback, exit 1, nothing on stderr."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        os.mkdir(support.queue_folder(root))
+        reader, writer = os.pipe()
+        os.close(reader)                 # gone before the first byte: every write fails with EPIPE
+        try:
+            proc = subprocess.run([sys.executable, SMTP_SCRIPT, "--queue", "--root", root], stdout=writer,
+                                  stderr=subprocess.PIPE, timeout=support.DEADLINE)
+        finally:
+            os.close(writer)
+        self.assertEqual((proc.returncode, proc.stderr), (1, b""))
+
     def test_queue_on_an_empty_queue(self):
         """--queue on a root whose queue holds nothing says so."""
         root = support.make_mail_root()
