@@ -1085,6 +1085,20 @@ class Session:
 
     # -- authentication, the same for every method of both protocols
 
+    def password_refused(self):
+        """Whether a password may not cross the connection now: not in clear to a server with a certificate.
+
+        As Dovecot's disable_plaintext_auth: a server that could offer TLS
+        takes no password before it, except from the machine itself (a
+        loopback client, or one a PROXY header says is loopback), where no
+        network can see it.  --require-tls allows no exception.  Digest
+        methods (CRAM-MD5, APOP) send no password and are never refused.
+        """
+        if self.tls_active or self.server.tls is None:
+            return False
+        ip = peer_ip(self.address[0])
+        return self.listener.require_tls or ip is None or not ip.is_loopback
+
     def login_result(self, mechanism, name, login, failure):
         """Log one authentication (who, how, the outcome); answer a failure; return login (None: failed).
 
@@ -2087,6 +2101,7 @@ class Replies:
 
 POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
 SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")   # they send the password itself: never in clear (RFC 4954 4)
 SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only after EHLO, so with codes)
     "cancelled": Replies.AUTH_CANCELLED,
     "malformed": Replies.AUTH_MALFORMED,
@@ -2271,16 +2286,19 @@ class Envelope:
         self.utf8 = False            # MAIL had SMTPUTF8 (RFC 6531)
         self.declared_size = 0       # MAIL's SIZE= (RFC 1870)
         self.recipients = []         # the addresses as given, in order
-        self.logins = []             # the local ones' mailbox owners, without repeats
+        self.logins = {}             # the local ones' mailbox owners -> the addresses that lead there
         self.remote = []             # the addresses for other servers (the queue), without repeats
         self.chunked = None          # the message BDAT chunks are building (RFC 3030)
 
     def add(self, address, login):
         """Add a recipient: for login's mailbox, or (login None) for the queue."""
         self.recipients.append(address)
-        owners = self.logins if login is not None else self.remote
-        if (login or address) not in owners:
-            owners.append(login or address)
+        if login is not None:
+            addresses = self.logins.setdefault(login, [])
+            if address.lower() not in map(str.lower, addresses):
+                addresses.append(address)
+        elif address not in self.remote:
+            self.remote.append(address)
 
     def ready_for_message(self):
         """Refuse DATA or BDAT before MAIL and RCPT."""
@@ -2401,7 +2419,7 @@ class SMTPSession(Session):
             return self.replies.SYNTAX % "EHLO hostname"
         self.reset()
         self.client_name, self.replies = argument, Replies
-        keywords = self.server.extensions(self.tls_active, self.listener.require_tls)
+        keywords = self.server.extensions(self.tls_active, self.listener.require_tls, self.password_refused())
         return (self.replies.EHLO % (self.domain, argument),
                 *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
@@ -2421,6 +2439,8 @@ class SMTPSession(Session):
             return self.replies.AUTH_NEEDS_TLS
         if mechanism not in SMTP_MECHANISMS:
             return self.replies.AUTH_MECHANISM
+        if mechanism in PASSWORD_MECHANISMS and self.password_refused():
+            return self.replies.AUTH_NEEDS_TLS
         self.login = self.sasl(mechanism, initial or None)    # a failure is answered by sasl()
         return self.replies.AUTH_OK if self.login is not None else None
 
@@ -2430,7 +2450,7 @@ class SMTPSession(Session):
         if self.envelope.sender is not None:
             return self.replies.SENDER_GIVEN
         address, parameters = path_after(argument, "FROM:", "MAIL FROM:<address>")
-        if self.login is not None and local_part(address).lower() != self.login.lower():
+        if self.login is not None and not self.server.is_own(address, self.login):
             return self.replies.NOT_YOURS % (address, self.login)
         utf8, size = False, 0
         for parameter in parameters:
@@ -2741,17 +2761,18 @@ def take_message(session, spool):
     """
     envelope, server = session.envelope, session.server
     header = Header(spool.lines())   # read once: the sender check, the stored form, the queue's facts
-    message = received_form(session, spool, header)
-    if envelope.logins and server.quota is not None and len(message) > server.quota:
+    copies = received_form(session, spool, header)
+    size = max(map(len, copies.values()), default=0)
+    if envelope.logins and server.quota is not None and size > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
-        log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, len(message))
+        log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, size)
         raise Refused(Replies.OVER_QUOTA)
     queued = None
     try:
         if envelope.remote:          # durable under its .tmp name before any mailbox is touched
             queued = queue_received(session, spool, header)
         if envelope.logins:          # the queue file is renamed into place under the mailboxes' locks
-            deliver(message, [server.users.mailbox_path(login) for login in envelope.logins], server.quota,
+            deliver({server.users.mailbox_path(login): copy for login, copy in copies.items()}, server.quota,
                     queued and queued.publish)
         else:
             queued.publish()
@@ -2760,28 +2781,33 @@ def take_message(session, spool):
         raise Refused(Replies.MAILBOX_FULL)
     except OSError as exc:
         log.error("delivery from %s to %s failed: %s", session.peer,
-                  ", ".join(envelope.logins + envelope.remote), exc)
+                  ", ".join(list(envelope.logins) + envelope.remote), exc)
         raise Refused(Replies.LOCAL_ERROR)
     finally:
         if queued is not None:
             queued.close()
     session.delivered += 1
     if queued is None:
-        log.info("delivered %d bytes from <%s> to %s", len(message), envelope.sender, ", ".join(envelope.logins))
+        log.info("delivered %d bytes from <%s> to %s", size, envelope.sender, ", ".join(envelope.logins))
         return session.replies.ACCEPTED
     return queued_reply(session, queued.id)
 
 
 def received_form(session, spool, header):
-    """The message in its stored form (header: its Header); Refused if its sender is not the login's."""
+    """Each local recipient's copy in its stored form, {login: StoredMessage}; Refused if the sender is not the login's.
+
+    header: the message's Header.  Copies differ only in the To: added to
+    a message that has none: it names that copy's recipients alone, so no
+    copy tells who else (Bcc) got the message.
+    """
     envelope, login = session.envelope, session.login
-    foreign = foreign_sender(header, login) if login else None
+    foreign = foreign_sender(header, functools.partial(session.server.is_own, login=login)) if login else None
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
-    layout = stored_layout(header, spool.size, envelope.sender.encode("utf-8", "surrogateescape"),
-                           [r.encode("utf-8", "surrogateescape") for r in envelope.recipients],
-                           received_stamp())
-    return spool.message(layout)
+    sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp()
+    return {owner: spool.message(stored_layout(header, spool.size, sender,
+                                               [r.encode("utf-8", "surrogateescape") for r in addresses], received))
+            for owner, addresses in envelope.logins.items()}
 
 
 def too_long(run, strict):
@@ -2884,18 +2910,17 @@ def received_stamp():
     return time.strftime("%Y-%m-%d : %H : %M").encode("ascii")
 
 
-def foreign_sender(header, login):
-    """The first From: or Sender: address of a message that is not login's own, else None.
+def foreign_sender(header, is_own):
+    """The first From: or Sender: address of a message for which is_own(address) is false, else None.
 
-    An address is login's own when its local part is login, in any case,
-    whatever the display name.  A From: or Sender: that holds no address at
-    all is not login's own either ('' is returned).
+    The address decides, whatever the display name.  A From: or Sender:
+    that holds no address at all is no one's own ('' is returned).
     """
     for field in header.senders:
         text = " ".join(field.partition(b":")[2].decode("utf-8", "replace").split())
         addresses = [address for _, address in email.utils.getaddresses([text]) if address]
         for address in addresses or [""]:
-            if local_part(address).lower() != login.lower():
+            if not is_own(address):
                 return address
     return None
 
@@ -3050,8 +3075,8 @@ class MailboxFull(Exception):
     """A message would make a mailbox hold more than its quota; it was stored for nobody."""
 
 
-def deliver(message, mailbox_paths, quota=None, commit=None):
-    """Append one stored message to every mailbox; return once it is on disk in all of them.
+def deliver(copies, quota=None, commit=None):
+    """Append a message's copies, {mailbox path: StoredMessage}; return once each is on disk.
 
     All or none: a message is in every mailbox or, after any error, in
     none; a mailbox it would take past quota bytes stops it before anything
@@ -3066,7 +3091,7 @@ def deliver(message, mailbox_paths, quota=None, commit=None):
     that finds its message written by a neighbour just returns.  Under load
     one fsync serves many messages (see write_batch for what it buys).
     """
-    delivery = Delivery(message, mailbox_paths, quota, commit)
+    delivery = Delivery(copies, quota, commit)
     mailboxes = [MailboxQueue.of(path) for path in delivery.paths]
     for mailbox in mailboxes:
         with mailbox.guard:
@@ -3088,11 +3113,11 @@ def deliver(message, mailbox_paths, quota=None, commit=None):
 class Delivery:
     """One message on its way into its mailboxes, and how that ended."""
 
-    __slots__ = ("message", "paths", "quota", "commit", "done", "error")
+    __slots__ = ("copies", "paths", "quota", "commit", "done", "error")
 
-    def __init__(self, message, paths, quota, commit):
-        self.message = message       # a StoredMessage
-        self.paths = sorted(set(paths))
+    def __init__(self, copies, quota, commit):
+        self.copies = copies         # mailbox path -> StoredMessage
+        self.paths = sorted(copies)
         self.quota = quota
         self.commit = commit
         self.done = False            # written, or failed
@@ -3179,13 +3204,12 @@ def write_batch(mailboxes, batch):
 
 def fits(delivery, appends):
     """Whether a delivery stays within its quota in each of its mailboxes (and count it in if so)."""
-    size = len(delivery.message)
     for path in delivery.paths:
-        if delivery.quota is not None and appends[path].size + size > delivery.quota:
+        if delivery.quota is not None and appends[path].size + len(delivery.copies[path]) > delivery.quota:
             delivery.error = MailboxFull(path)
             return False
     for path in delivery.paths:
-        appends[path].size += size
+        appends[path].size += len(delivery.copies[path])
     return True
 
 
@@ -3197,7 +3221,7 @@ def commit_all(writing, appends):
             slot.record({os.path.basename(os.path.dirname(path)): append.start for path, append in appends.items()})
         for delivery in writing:
             for path in delivery.paths:
-                appends[path].write(delivery.message)
+                appends[path].write(delivery.copies[path])
         for append in appends.values():
             os.fsync(append.fd)
         for delivery in writing:
@@ -4021,8 +4045,7 @@ class OutboundQueue:
             except Refused:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
                 return True
-            deliver(stored_bounce(report, entry.sender, self.server.domain),
-                    [self.server.users.mailbox_path(login)])
+            deliver({self.server.users.mailbox_path(login): stored_bounce(report, entry.sender, self.server.domain)})
             log.info("%s: bounce delivered to %s", entry.id, login)
             return True
         bounce_id = self.queue_message("", entry.sender, report)
@@ -4966,12 +4989,17 @@ class SMTPServer(Server):
             self.queue.stop()
         super().shutdown(signals)
 
-    def extensions(self, tls_active, require_tls):
-        """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not."""
+    def extensions(self, tls_active, require_tls, password_refused):
+        """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not.
+
+        AUTH lists only what the session may use now: no method that sends
+        a password where one would be refused (password_refused).
+        """
         keywords = ["SIZE %d" % self.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
                     "SMTPUTF8", "CHUNKING"]
         if tls_active or not require_tls:
-            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
+            keywords.append("AUTH " + " ".join(m for m in SMTP_MECHANISMS
+                                               if not (password_refused and m in PASSWORD_MECHANISMS)))
         if self.tls and not tls_active:
             keywords.append("STARTTLS")
         return keywords + ["HELP"]
@@ -4987,6 +5015,22 @@ class SMTPServer(Server):
                 raise Refused(Replies.RELAYING_DENIED)
             return None
         return self.local_owner(address)
+
+    def is_own(self, address, login):
+        """Whether a sender address belongs to login (CONTRACT.md section 5).
+
+        Its local part is the login, in any case, or the login and a +tag
+        (RFC 5233 subaddressing); with --local-domains its domain must be
+        one of them, so that a user of ours cannot sign as somebody else's
+        domain.  A bare name has no domain, so it is no one's there.
+        """
+        name = local_part(address).partition("+")[0]
+        if name.lower() != login.lower():
+            return False
+        if self.local_domains is None:
+            return True
+        domain = recipient_domain(address)
+        return domain is not None and domain in self.local_domains
 
     def local_owner(self, address):
         """The login whose mailbox takes mail for an address in a local domain; Refused if none."""

@@ -674,8 +674,8 @@ class POP3Session(Session):
     # -- the login
 
     def plaintext_refused(self):
-        """Under --require-tls, refuse a password exchange before STLS (True if refused)."""
-        if self.listener.require_tls and not self.tls_active:
+        """Refuse a password sent where it may not go, before STLS (True if refused): see password_refused."""
+        if self.password_refused():
             self.reply(Replies.STARTTLS_FIRST)
             return True
         return False
@@ -747,7 +747,7 @@ class POP3Session(Session):
         """List the capabilities (RFC 2449): only what the client may use now."""
         capabilities = list(CAPABILITIES)
         mechanisms = list(SASL_MECHANISMS)
-        if self.listener.require_tls and not self.tls_active:
+        if self.password_refused():
             capabilities.remove("USER")
             mechanisms.remove("PLAIN")
         if self.state == AUTHORIZATION:

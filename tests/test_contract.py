@@ -257,7 +257,10 @@ class SMTPContractTest(support.OneServerTestCase):
                                  sender="carol@example.org",
                                  recipients=("alice@example.org", "bob@example.org")), 250)
         data = self.mailbox()
-        self.assertRegex(data, rb"\AFrom: carol@example.org\nTo: alice@example.org, bob@example.org\n"
+        # 'an added To: names only the recipient of that copy, so no copy shows who else (Bcc) got the message'
+        self.assertRegex(data, rb"\AFrom: carol@example.org\nTo: alice@example.org\n"
+                               rb"Subject: only a subject\nReceived: [^\n]+\nbody\n\.\n\Z")
+        self.assertRegex(support.read_mailbox(self.root, "bob"), rb"\AFrom: carol@example.org\nTo: bob@example.org\n"
                                rb"Subject: only a subject\nReceived: [^\n]+\nbody\n\.\n\Z")
         os.remove(support.mailbox_path(self.root, "alice"))
         self.assertEqual(deliver(self.server, b"From: dan@example.net\r\nSubject: has from\r\nbody\r\n",
