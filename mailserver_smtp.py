@@ -30,6 +30,7 @@ import ipaddress
 import logging
 import os
 import re
+import selectors
 import signal
 import socket
 import ssl
@@ -87,6 +88,15 @@ AUTH_DELAY_STEP = 0.2        # seconds added per further failure
 MAX_AUTH_FAILURES = 5        # then the connection is closed
 CLOSE_NOTIFY_WAIT = 2.0      # seconds a TLS close waits for the client's close_notify (RFC 8446 6.1)
 CERT_CHECK_INTERVAL = 2.0    # seconds between looks at --tls-cert/--tls-key for a renewed pair
+# A listener's mode -> (TLS from the first byte, TLS before AUTH and mail, AUTH before mail): CONTRACT.md 8
+LISTEN_MODES = {
+    "smtp": (False, False, False),        # the MX port (RFC 5321): STARTTLS offered with a certificate
+    "submission": (False, True, True),    # RFC 6409 4.1 and RFC 3207: STARTTLS, AUTH, then mail
+    "smtps": (True, True, True),          # RFC 8314 3.3: implicit TLS, AUTH, then mail
+    "pop3": (False, False, False),        # RFC 1939, STLS (RFC 2595) offered with a certificate
+    "pop3s": (True, True, False),         # RFC 8314 3.3: implicit TLS
+}
+LISTEN_SPEC = re.compile(r"(?:(\[[^\]/]+\]|[^:\[\]/]+):)?(\d{1,5})(?:/(\w+))?\Z")   # [ADDR:]PORT[/MODE]
 # HAProxy's PROXY protocol (its proxy-protocol.txt), read only from --proxy-from addresses
 PROXY_V1_PREFIX = b"PROXY "  # 2.1: a v1 header is a text line starting so
 PROXY_V1_MAX = 107           # 2.1: the longest v1 line, CRLF included
@@ -1021,8 +1031,9 @@ class Session:
     SASL_CONTINUE = ""                # what starts a SASL challenge line: "334 " (SMTP), "+ " (POP3)
     SASL_REPLIES = {}                 # why a SASL exchange failed -> the reply
 
-    def __init__(self, server, sock, address):
+    def __init__(self, server, sock, address, listener):
         self.server = server
+        self.listener = listener      # the one it came in on: its mode says what TLS and AUTH it needs
         self.address = address        # the client's (host, port): the socket's peer, or a PROXY header's
         self.peer = peer_text(address)
         self.verbose = server.verbose
@@ -1057,7 +1068,7 @@ class Session:
         try:
             if self.server.stopping:          # came in while the server was stopping
                 raise ConnectionClosed()
-            if self.server.implicit_tls:
+            if self.listener.implicit_tls:
                 self.start_tls()              # RFC 8314: TLS from the first byte
             self.start()
             while True:
@@ -1118,7 +1129,7 @@ class Session:
         if self.tls_active or self.server.tls is None:
             return False
         ip = peer_ip(self.address[0])
-        return self.server.require_tls or ip is None or not ip.is_loopback
+        return self.listener.require_tls or ip is None or not ip.is_loopback
 
     def login_result(self, mechanism, name, login, failure):
         """Log one authentication (who, how, the outcome); answer a failure; return login (None: failed).
@@ -1359,12 +1370,17 @@ def in_networks(host, networks):
 # The server: options, the accept loop, a thread per connection, shutdown
 # --------------------------------------------------------------------------
 
-def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help):
-    """A command-line parser with the options both servers take."""
+def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help, modes):
+    """A command-line parser with the options both servers take; modes: the listener modes, default first."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
+    parser.set_defaults(modes=modes)
+    parser.add_argument("port", type=int, metavar="PORT", nargs="?",
+                        help="TCP port of the first listener, mode %s (0: any free port)" % modes[0])
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser.add_argument("--listen", metavar="[ADDR:]PORT[/MODE]", action="append", type=listen_spec,
+                        help="one more listener (repeatable; ADDR default --host, IPv6 as [::1]); MODE: %s "
+                        "(default %s)" % (", ".join(modes), modes[0]))
     parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
     parser.add_argument("--domain", default=socket.gethostname(),
                         help="name the server gives itself in replies (default: this host's name)")
@@ -1394,23 +1410,47 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
 
 def check_server_arguments(parser, args):
     """Check the options both servers take, load the TLS certificate; return args."""
-    if not 0 <= args.port <= 65535:
-        parser.error("PORT must be between 0 and 65535")
+    args.listeners = listener_specs(parser, args)
     if args.max_per_client is None:
         args.max_per_client = max(1, args.max_connections // 2)
     if args.max_connections < 1 or args.max_per_client < 1 or args.timeout <= 0:
         parser.error("--max-connections, --max-per-client and --timeout must be positive")
     if not os.path.isdir(args.root):
         parser.error("--root %s is not a directory" % args.root)
-    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls or args.implicit_tls)
+    needs_tls = args.require_tls or args.implicit_tls or any(LISTEN_MODES[m][0] or LISTEN_MODES[m][1]
+                                                            for _, _, m in args.listeners)
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, needs_tls)
     return args
+
+
+def listen_spec(text):
+    """(host or None, port, mode or None) of a --listen [ADDR:]PORT[/MODE]; IPv6 is [ADDR]."""
+    found = LISTEN_SPEC.match(text)
+    if not found or int(found.group(2)) > 65535:
+        raise argparse.ArgumentTypeError("%r is not [ADDR:]PORT[/MODE] (IPv6: [::1]:25/smtp)" % text)
+    host, port, mode = found.groups()
+    return host and host.strip("[]"), int(port), mode and mode.lower()
+
+
+def listener_specs(parser, args):
+    """The (host, port, mode) of each listener: the positional PORT first, then each --listen."""
+    specs = [] if args.port is None else [(args.host, args.port, None)]
+    specs += [(host or args.host, port, mode) for host, port, mode in args.listen or ()]
+    if not specs:
+        parser.error("give a PORT or at least one --listen")
+    for host, port, mode in specs:
+        if not 0 <= port <= 65535:
+            parser.error("PORT must be between 0 and 65535")
+        if mode is not None and mode not in args.modes:
+            parser.error("--listen %s:%d/%s: the mode must be one of %s" % (host, port, mode, ", ".join(args.modes)))
+    return [(host, port, mode or args.modes[0]) for host, port, mode in specs]
 
 
 def tls_context(parser, cert, key, required):
     """The server's TLS certificate from --tls-cert/--tls-key, a ServerCertificate (None without them)."""
     if not cert and not key:
         if required:
-            parser.error("--require-tls and --implicit-tls need --tls-cert and --tls-key")
+            parser.error("--require-tls, --implicit-tls and the TLS listener modes need --tls-cert and --tls-key")
         return None
     if not (cert and key):
         parser.error("--tls-cert and --tls-key go together")
@@ -1501,6 +1541,46 @@ def create_listener(host, port):
         listener.close()
         raise
     return listener
+
+
+class ListenError(Exception):
+    """A listener could not be opened: the server does not start."""
+
+
+class Listener:
+    """A listening socket and what its mode asks of the sessions that come in on it (CONTRACT.md 8).
+
+    The server-wide --implicit-tls, --require-tls and --require-auth hold
+    on every listener; a mode can only add to them.
+    """
+
+    def __init__(self, host, port, mode, args):
+        implicit_tls, require_tls, require_auth = LISTEN_MODES[mode]
+        self.mode = mode
+        self.implicit_tls = implicit_tls or args.implicit_tls
+        self.require_tls = require_tls or args.require_tls
+        self.require_auth = require_auth or getattr(args, "require_auth", False)
+        try:
+            self.socket = create_listener(host, port)
+        except OSError as exc:
+            raise ListenError("cannot listen on %s port %d (%s): %s" % (host, port, mode, exc))
+        self.address = self.socket.getsockname()
+
+    def __str__(self):
+        return "%s port %d (%s)" % (self.address[0], self.address[1], self.mode)
+
+
+def open_listeners(args):
+    """A Listener for each of args.listeners, all or none (ListenError naming the first that failed)."""
+    listeners = []
+    try:
+        for host, port, mode in args.listeners:
+            listeners.append(Listener(host, port, mode, args))
+    except ListenError:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
 
 
 def peer_text(address):
@@ -1639,32 +1719,48 @@ class Server:
         self.timeout = args.timeout
         self.verbose = args.verbose
         self.tls = args.tls
-        self.require_tls = args.require_tls
-        self.implicit_tls = args.implicit_tls
         self.proxy_from = args.proxy_from      # the load balancers that send PROXY headers
         self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
         self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
-        self.listener = create_listener(args.host, args.port)
-        self.address = self.listener.getsockname()
+        self.listeners = open_listeners(args)
+        self.selector = None         # with several listeners: the one wait for all of them
+        if len(self.listeners) > 1:
+            self.selector = selectors.DefaultSelector()
+            for listener in self.listeners:
+                listener.socket.setblocking(False)
+                self.selector.register(listener.socket, selectors.EVENT_READ, listener)
 
     def serve_forever(self):
-        """Accept connections until shutdown() closes the listener."""
-        log.info("listening on %s port %d", self.address[0], self.address[1])
+        """Accept connections until shutdown() closes the listeners."""
+        for listener in self.listeners:
+            log.info("listening on %s", listener)
         self.users.refresh()         # read userinfo.txt now, so its problems show at start
         while True:
             try:
-                sock, address = self.listener.accept()
+                sock, address, listener = self.accept()
             except OSError as exc:
                 if self.stopping:
                     return
                 log.warning("accept failed: %s", exc)
                 time.sleep(ACCEPT_RETRY_DELAY)    # e.g. out of descriptors: let sessions end first
                 continue
-            self.start_session(sock, address)
+            self.start_session(sock, address, listener)
 
-    def start_session(self, sock, address):
+    def accept(self):
+        """The next connection, on any listener: (socket, address, Listener)."""
+        if self.selector is None:                # one listener: a plain blocking accept, no extra wait
+            listener = self.listeners[0]
+            return listener.socket.accept() + (listener,)
+        while True:
+            for key, _ in self.selector.select():
+                try:
+                    return key.fileobj.accept() + (key.data,)
+                except (BlockingIOError, InterruptedError):   # taken back by the client meanwhile
+                    continue
+
+    def start_session(self, sock, address, listener):
         """Serve a new connection in a thread of its own, or refuse it when there is no slot for it.
 
         A balancer's connection is counted in the total only: its client is
@@ -1683,7 +1779,7 @@ class Server:
             # threading.excepthook hears of it.  It costs: about 0.1 ms of CPU
             # per connection more than a bare _thread (measured, bench_smtp:
             # 970 against 1464 messages/s at 10 clients, one a connection).
-            threading.Thread(target=self.serve, args=(sock, address, client), daemon=True).start()
+            threading.Thread(target=self.serve, args=(sock, address, client, listener), daemon=True).start()
         except RuntimeError as exc:               # the system cannot make more threads
             self.slots.give_back(client)
             self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
@@ -1700,7 +1796,7 @@ class Server:
             pass
         sock.close()
 
-    def serve(self, sock, address, client):
+    def serve(self, sock, address, client, listener):
         """Run one session (in its own thread); client None: a balancer's, whose PROXY header comes first."""
         leave_signals_to_main_thread()
         try:
@@ -1709,7 +1805,7 @@ class Server:
                 if client is None:
                     return
             sock.settimeout(self.timeout)
-            self.session_class(self, sock, address).run()
+            self.session_class(self, sock, address, listener).run()
         except Exception:
             log.exception("session with %s failed", peer_text(address))
             sock.close()
@@ -1741,7 +1837,8 @@ class Server:
     def shutdown(self, signals):
         """Stop accepting; give the work in flight time to finish (until a second signal)."""
         self.stopping = True         # work that checks it after entering in_flight does not start
-        self.listener.close()
+        for listener in self.listeners:
+            listener.socket.close()
         log.info("shutting down")
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while not self.in_flight.wait(0.1):
@@ -1810,8 +1907,8 @@ def run_server(server_class, args, name):
     run_on_one_cpu(args.cpu)
     try:
         server = server_class(args)
-    except OSError as exc:
-        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
+    except ListenError as exc:
+        log.error("%s", exc)
         return 1
     signals = ShutdownSignals()
     if args.tls is not None and hasattr(signal, "SIGHUP"):
@@ -2057,7 +2154,8 @@ def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
-                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS")
+                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS",
+                              ("smtp", "submission", "smtps"))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "other commands (each does one thing and exits):\n" + "".join(
         "  python3 mailserver_smtp.py %s\n      %s\n" % command for command in OTHER_COMMANDS)
@@ -2268,8 +2366,8 @@ class SMTPSession(Session):
     SASL_REPLIES = SMTP_SASL_REPLIES
     NOT_OFFERED = ("EXPN", "TURN")   # known verbs, answered 502
 
-    def __init__(self, server, sock, address):
-        super().__init__(server, sock, address)
+    def __init__(self, server, sock, address, listener):
+        super().__init__(server, sock, address, listener)
         self.domain = server.domain
         self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
         self.bad_commands = 0        # syntax and sequence errors in a row
@@ -2362,7 +2460,7 @@ class SMTPSession(Session):
             return self.replies.SYNTAX % "EHLO hostname"
         self.reset()
         self.client_name, self.replies = argument, Replies
-        keywords = self.server.extensions(self.tls_active, self.password_refused())
+        keywords = self.server.extensions(self.tls_active, self.listener.require_tls, self.password_refused())
         return (self.replies.EHLO % (self.domain, argument),
                 *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
@@ -2378,7 +2476,7 @@ class SMTPSession(Session):
             return self.replies.AUTH_IN_TRANSACTION
         if not mechanism or " " in initial:
             return self.replies.AUTH_SYNTAX
-        if self.server.require_tls and not self.tls_active:
+        if self.listener.require_tls and not self.tls_active:
             return self.replies.AUTH_NEEDS_TLS
         if mechanism not in SMTP_MECHANISMS:
             return self.replies.AUTH_MECHANISM
@@ -2415,9 +2513,9 @@ class SMTPSession(Session):
         """Refuse MAIL before a greeting, before STARTTLS or AUTH where they are required, or at shutdown."""
         if self.client_name is None:
             raise Refused(Replies.HELO_FIRST)
-        if self.server.require_tls and not self.tls_active:
+        if self.listener.require_tls and not self.tls_active:
             raise Refused(Replies.STARTTLS_FIRST)
-        if self.server.require_auth and self.login is None:
+        if self.listener.require_auth and self.login is None:
             raise Refused(Replies.AUTH_REQUIRED)
         if self.server.stopping:
             self.shutting_down()
@@ -3817,6 +3915,7 @@ class OutboundQueue:
         for _ in range(self.concurrency):
             threading.Thread(target=self._run, name="queue runner", daemon=True).start()
         threading.Thread(target=self._close_idle, name="idle connections", daemon=True).start()
+        log.info("queue: %d runners started on %s", self.concurrency, self.folder)
 
     def _close_idle(self):
         # Not a waiter on self.changed: a notify() meant for a runner must never wake this instead.
@@ -5489,7 +5588,6 @@ class SMTPServer(Server):
         super().__init__(args)
         self.max_size = args.max_size
         self.quota = args.quota
-        self.require_auth = args.require_auth
         self.local_domains = args.local_domains
         self.relay_networks = args.relay_networks
         self.postmaster_name = args.postmaster
@@ -5512,7 +5610,7 @@ class SMTPServer(Server):
             self.queue.stop()
         super().shutdown(signals)
 
-    def extensions(self, tls_active, password_refused):
+    def extensions(self, tls_active, require_tls, password_refused):
         """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not.
 
         AUTH lists only what the session may use now: no method that sends
@@ -5520,7 +5618,7 @@ class SMTPServer(Server):
         """
         keywords = ["SIZE %d" % self.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
                     "SMTPUTF8", "CHUNKING"]
-        if tls_active or not self.require_tls:
+        if tls_active or not require_tls:
             keywords.append("AUTH " + " ".join(m for m in SMTP_MECHANISMS
                                                if not (password_refused and m in PASSWORD_MECHANISMS)))
         if self.tls and not tls_active:
