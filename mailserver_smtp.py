@@ -5596,11 +5596,13 @@ class SMTPServer(Server):
         self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
 
     def serve_forever(self):
-        ip = peer_ip(self.address[0])
-        if self.local_domains is None and not (ip and ip.is_loopback):
-            log.warning("every domain is local (the course mode): mail for any address is taken for the users "
-                        "here, from anyone who can reach %s; give --local-domains to take mail for your "
-                        "domains only", "any interface" if ip and ip.is_unspecified else self.address[0])
+        for listener in self.listeners if self.local_domains is None else ():
+            ip = peer_ip(listener.address[0])
+            if not (ip and ip.is_loopback):
+                log.warning("every domain is local (the course mode): mail for any address is taken for the "
+                            "users here, from anyone who can reach %s; give --local-domains to take mail for "
+                            "your domains only", "any interface" if ip.is_unspecified else listener.address[0])
+                break
         if self.queue is not None:
             self.queue.start()
         super().serve_forever()
