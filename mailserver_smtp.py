@@ -345,6 +345,95 @@ class UserTable:
         return os.path.join(self.root, login, MAILBOX_NAME)
 
 
+# Aliases.  ROOT/aliases.txt (optional) gives names that are no users:
+# "name: target, target ...", a target being a login, another alias or an
+# address in another domain; "@domain: target ..." is a local domain's
+# catch-all, for names that are neither users nor aliases.  Names compare
+# in any case.  The table only holds the lines; what a name leads to is
+# worked out by the SMTP server at each RCPT (SMTPServer.local_route), as
+# the users, the domains and the postmaster are its to know.
+
+ALIASES_NAME = "aliases.txt"
+ALIAS_NAME = re.compile(r"[A-Za-z0-9._-]+\Z|@[A-Za-z0-9.-]+\Z")     # a name, or @domain for a catch-all
+ALIAS_TARGET = re.compile(r"[A-Za-z0-9._-]+\Z|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+\Z")
+ALIAS_SEPARATORS = re.compile(r"[,\s]+")
+
+
+class AliasTable:
+    """The aliases of a mail root, read from aliases.txt again whenever the file changes."""
+
+    NEVER_READ = UserTable.NEVER_READ
+
+    def __init__(self, root, users):
+        self.path = os.path.join(os.path.abspath(root), ALIASES_NAME)
+        self.users = users           # a user's own name is never an alias
+        self._guard = threading.Lock()
+        self._stamp = self.NEVER_READ
+        self._targets = {}           # name (lower case), or "@domain" -> tuple of targets
+        self._usable = True          # False while the file is there but cannot be read: lookups fail
+        self._reported = set()       # what lookups have complained of since the last read
+
+    def refresh(self):
+        """Read aliases.txt again if it has changed since it was last read (and say what is amiss)."""
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        with self._guard:
+            if stamp != self._stamp:
+                self._targets, self._usable = self._load() if stamp else ({}, True)
+                self._reported = set()
+                self._stamp = stamp
+
+    def targets(self, name):
+        """The targets of an alias (or of '@domain'), None when it is none; OSError if the file is unusable."""
+        if not self._usable:
+            raise OSError(errno.EIO, "%s cannot be read" % ALIASES_NAME, self.path)
+        return self._targets.get(name.lower())
+
+    def report_once(self, what, *args):
+        """Log a problem a lookup found, once until the file changes."""
+        if what % args not in self._reported:
+            self._reported.add(what % args)
+            log.warning(what, *args)
+
+    def _load(self):
+        try:
+            fd, _ = open_regular(self.path, os.O_RDONLY)    # as a mailbox: no symlink, no FIFO
+            with open(fd, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            log.warning("cannot read %s (%s): mail for aliases gets 451 until it is fixed", self.path, exc)
+            return {}, False
+        table = {}
+        for number, line in enumerate(data.split(b"\n"), 1):
+            entry = self._parse(number, line.strip(), table)
+            if entry is not None:
+                table[entry[0]] = entry[1]
+        return table, True
+
+    def _parse(self, number, line, table):
+        """(name, targets) of one line, None for a comment or a line that is reported and skipped."""
+        if not line or line.startswith(b"#"):
+            return None
+        name, colon, rest = line.decode("utf-8", "replace").partition(":")
+        name, targets = name.strip().lower(), [t for t in ALIAS_SEPARATORS.split(rest) if t]
+        if not colon or not ALIAS_NAME.match(name) or name.strip("@.") != name.lstrip("@") or not targets:
+            why = "is not 'name: target, target ...'"
+        elif not all(ALIAS_TARGET.match(t) for t in targets):
+            why = "has a target that is no login or address (pipes and files are not delivered to)"
+        elif name in table:
+            why = "repeats %r" % name
+        elif self.users.canonical(name) is not None:
+            why = "names user %r, whose mail is its own" % name
+        else:
+            unique = {}
+            for target in targets:      # one of each, in the file's order
+                unique.setdefault(target.lower(), target)
+            return name, tuple(unique.values())
+        log.warning("%s line %d %s; skipped", ALIASES_NAME, number, why)
+        return None
+
+
 # --------------------------------------------------------------------------
 # Files and the lock protocol
 # --------------------------------------------------------------------------
@@ -1544,7 +1633,7 @@ def create_listener(host, port):
 
 
 class ListenError(Exception):
-    """A listener could not be opened: the server does not start."""
+    """A listener could not be opened, or a file the server needs be used: the server does not start."""
 
 
 class Listener:
@@ -2128,10 +2217,13 @@ class Replies:
     AUTH_IN_TRANSACTION = "503 5.5.1 AUTH is not allowed during a mail transaction"
     TOO_MANY_FAILURES = "421 4.7.0 %s Too many failed authentications, closing connection"
     NOT_YOURS = "553 5.7.1 Sender <%s> is not an address of %s"
+    ALIAS_LOOP = "550 5.4.6 Alias loop or chain too deep"   # RFC 3463 3.5: routing loop detected
     RELAYING_DENIED = "550 5.7.1 relaying denied"
 
 
 POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
+SUBADDRESS = "+"             # RFC 5233: name+tag goes where name goes
+MAX_ALIAS_DEPTH = 10         # aliases one recipient may pass through (Postfix: 1000; chasquid: 10)
 SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
 PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")   # they send the password itself: never in clear (RFC 4954 4)
 SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only after EHLO, so with codes)
@@ -2319,6 +2411,17 @@ class Refused(Exception):
         self.reply = reply
 
 
+class Route:
+    """Where mail for one recipient goes: local mailboxes, addresses for the queue, addresses forwarded to."""
+
+    __slots__ = ("logins", "remote", "forwarded")
+
+    def __init__(self, logins=(), remote=(), forwarded=()):
+        self.logins = logins         # logins whose mailboxes take a copy
+        self.remote = remote         # addresses of other domains, queued as sent to us
+        self.forwarded = forwarded   # addresses of other domains an alias leads to (SRS sender)
+
+
 class Envelope:
     """One mail transaction (RFC 5321 3.3): the sender, the recipients, a message arriving in chunks."""
 
@@ -2329,17 +2432,22 @@ class Envelope:
         self.recipients = []         # the addresses as given, in order
         self.logins = {}             # the local ones' mailbox owners -> the addresses that lead there
         self.remote = []             # the addresses for other servers (the queue), without repeats
+        self.forwarded = []          # those an alias leads to: queued with an SRS sender (not in remote)
         self.chunked = None          # the message BDAT chunks are building (RFC 3030)
 
-    def add(self, address, login):
-        """Add a recipient: for login's mailbox, or (login None) for the queue."""
+    def add(self, address, route):
+        """Add a recipient and where its Route leads: mailboxes, the queue, forwarding."""
         self.recipients.append(address)
-        if login is not None:
+        for login in route.logins:
             addresses = self.logins.setdefault(login, [])
             if address.lower() not in map(str.lower, addresses):
                 addresses.append(address)
-        elif address not in self.remote:
-            self.remote.append(address)
+        for target in route.remote:
+            if target in self.forwarded:     # asked for itself: one copy, with the sender as it is
+                self.forwarded.remove(target)
+            if target not in self.remote:
+                self.remote.append(target)
+        self.forwarded += [t for t in route.forwarded if t not in self.remote and t not in self.forwarded]
 
     def ready_for_message(self):
         """Refuse DATA or BDAT before MAIL and RCPT."""
@@ -2522,7 +2630,7 @@ class SMTPSession(Session):
             raise SessionEnd("server shutting down")
 
     def do_RCPT(self, argument):
-        """Add a recipient (RCPT TO: or RCPT_TO:): a user here, or an address for the queue (mailbox_owner)."""
+        """Add a recipient (RCPT TO: or RCPT_TO:): a user or alias here, or an address for the queue (route)."""
         envelope = self.envelope
         if envelope.sender is None:
             return self.replies.MAIL_FIRST
@@ -2533,12 +2641,13 @@ class SMTPSession(Session):
             return self.replies.RCPT_PARAMETERS
         if not (envelope.utf8 or address.isascii()):
             return self.replies.NEEDS_SMTPUTF8
-        login = self.server.mailbox_owner(address, self.login, self.address)
+        route = self.server.route(address, self.login, self.address)
         if len(envelope.recipients) >= MAX_RECIPIENTS:
             return self.replies.TOO_MANY_RECIPIENTS
-        if login is not None and self.server.quota is not None:
-            self.server.check_quota(login, envelope.declared_size)
-        envelope.add(address, login)
+        if self.server.quota is not None:
+            for login in route.logins:
+                self.server.check_quota(login, envelope.declared_size)
+        envelope.add(address, route)
         return self.replies.RECIPIENT_OK % local_part(address)
 
     def do_DATA(self, argument):
@@ -2806,30 +2915,46 @@ def take_message(session, spool):
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
         log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, size)
         raise Refused(Replies.OVER_QUOTA)
-    queued = None
+    queued = []
     try:
         if envelope.remote:          # durable under its .tmp name before any mailbox is touched
-            queued = queue_received(session, spool, header)
-        if envelope.logins:          # the queue file is renamed into place under the mailboxes' locks
+            queued.append(queue_received(session, spool, header, envelope.sender, envelope.remote, session.login))
+        if envelope.forwarded:       # a copy that is not ours: its sender rewritten, no login (not signed)
+            queued.append(queue_received(session, spool, header, server.srs.forward(envelope.sender),
+                                         envelope.forwarded, None))
+        publish = functools.partial(publish_all, queued)
+        if envelope.logins:          # the queue files are renamed into place under the mailboxes' locks
             deliver({server.users.mailbox_path(login): copy for login, copy in copies.items()}, server.quota,
-                    queued and queued.publish)
+                    publish if queued else None)
         else:
-            queued.publish()
+            publish()
     except MailboxFull as full:
         log.info("not delivered from <%s>: %s is full", envelope.sender, full)
         raise Refused(Replies.MAILBOX_FULL)
     except OSError as exc:
         log.error("delivery from %s to %s failed: %s", session.peer,
-                  ", ".join(list(envelope.logins) + envelope.remote), exc)
+                  ", ".join(list(envelope.logins) + envelope.remote + envelope.forwarded), exc)
         raise Refused(Replies.LOCAL_ERROR)
     finally:
-        if queued is not None:
-            queued.close()
+        for queue_file in queued:
+            queue_file.close()
     session.delivered += 1
-    if queued is None:
+    if not queued:
         log.info("delivered %d bytes from <%s> to %s", size, envelope.sender, ", ".join(envelope.logins))
         return session.replies.ACCEPTED
-    return queued_reply(session, queued.id)
+    return queued_reply(session, [q.id for q in queued])
+
+
+def publish_all(queued):
+    """Rename sealed queue files into place; one that fails takes back those published before it."""
+    try:
+        for queue_file in queued:
+            queue_file.publish()
+    except BaseException:
+        for queue_file in queued:
+            if queue_file.published:
+                remove_file(queue_file.path)
+        raise
 
 
 def received_form(session, spool, header):
@@ -3758,24 +3883,28 @@ def submission_headers(names, domain):
     return added
 
 
-def queue_received(session, spool, header):
-    """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
+def queue_received(session, spool, header, sender, recipients, login):
+    """Write a received message for recipients of other domains into a sealed .tmp queue file.
+
+    login: the client's, or None for a copy an alias forwards (it gets no
+    submission fields and no signature: it is not ours).
+    """
     queue_id = new_queue_id()
-    envelope = session.envelope
     trace = trace_header(session.client_name, session.address[0], session.domain,
                          trace_protocol(session.replies is Replies, session.tls_active, session.login), queue_id)
-    return session.server.queue.write(queue_id, spool, header, envelope.sender, envelope.remote,
-                                      session.login, trace, envelope.utf8)
+    return session.server.queue.write(queue_id, spool, header, sender, recipients, login, trace,
+                                      session.envelope.utf8)
 
 
-def queued_reply(session, queue_id):
-    """Log a received message that is now in the queue, hand it to a runner; the 250 naming its id."""
+def queued_reply(session, queue_ids):
+    """Log a received message that is now in the queue, hand it to a runner; the 250 naming its ids."""
     envelope = session.envelope
-    log.info("%s: from=<%s> client=%s login=%s, queued for %s%s", queue_id, envelope.sender, session.peer,
-             session.login or "-", ", ".join(envelope.remote),
+    log.info("%s: from=<%s> client=%s login=%s, queued for %s%s", " ".join(queue_ids), envelope.sender,
+             session.peer, session.login or "-", ", ".join(envelope.remote + envelope.forwarded),
              ", delivered to " + ", ".join(envelope.logins) if envelope.logins else "")
-    session.server.queue.wake(queue_id)
-    return session.replies.QUEUED % queue_id
+    for queue_id in queue_ids:
+        session.server.queue.wake(queue_id)
+    return session.replies.QUEUED % " ".join(queue_ids)
 
 
 def write_queued(folder, entry, head, chunks):
@@ -4070,27 +4199,36 @@ class OutboundQueue:
         if not entry.sender:
             log.info("%s: a bounce (from <>) failed; dropped", entry.id)
             return True
+        sender = self._report_recipient(entry)
         try:
-            report = delivery_status_notification(entry, path, failed, self.server.domain)
-            self._send_bounce(entry, report)
+            report = delivery_status_notification(entry, path, failed, self.server.domain, sender)
+            self._send_report(entry, sender, report, "bounce")
             return True
         except (OSError, ValueError) as exc:
-            log.error("%s: cannot bounce to <%s>: %s", entry.id, entry.sender, exc)
+            log.error("%s: cannot bounce to <%s>: %s", entry.id, sender, exc)
             return False
 
-    def _send_bounce(self, entry, report):
-        """Put a bounce into the sender's mailbox when the sender is a user here, else into the queue."""
-        if not is_remote(entry.sender, self.server.local_domains):
+    def _report_recipient(self, entry):
+        """Who hears what became of a message: its sender, or the one an SRS sender of ours stands for."""
+        try:
+            original = self.server.srs.reverse(entry.sender) if self.server.srs is not None else None
+        except SRSError:
+            original = None
+        return original or entry.sender
+
+    def _send_report(self, entry, sender, report, kind):
+        """Put a report into the sender's mailbox when the sender is a user here, else into the queue."""
+        if not is_remote(sender, self.server.local_domains):
             try:
-                login = self.server.local_owner(entry.sender)
-            except Refused:
-                log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
+                login = self.server.local_route(sender).logins[0]
+            except (Refused, IndexError):
+                log.warning("%s: the sender <%s> is no user here: %s dropped", entry.id, sender, kind)
                 return
-            deliver({self.server.users.mailbox_path(login): stored_bounce(report, entry.sender, self.server.domain)})
-            log.info("%s: bounce delivered to %s", entry.id, login)
+            deliver({self.server.users.mailbox_path(login): stored_bounce(report, sender, self.server.domain)})
+            log.info("%s: %s delivered to %s", entry.id, kind, login)
             return
-        bounce_id = self.queue_message("", entry.sender, report)
-        log.info("%s: bounce queued as %s", entry.id, bounce_id)
+        report_id = self.queue_message("", sender, report)
+        log.info("%s: %s queued as %s", entry.id, kind, report_id)
 
 
 def request_flush(folder):
@@ -5081,8 +5219,8 @@ class Relay:
 MAX_BOUNCED_HEADERS = 64 * 1024   # bytes of the original header block a bounce carries back
 
 
-def delivery_status_notification(entry, path, failed, domain):
-    """The bounce of the failed [(QueuedRecipient, Outcome)] of a queued message: bytes, CRLF lines."""
+def delivery_status_notification(entry, path, failed, domain, sender):
+    """The bounce to sender of the failed [(QueuedRecipient, Outcome)] of a queued message: bytes, CRLF lines."""
     boundary = "%s/%s" % (entry.id, domain)
     reasons = "".join("<%s>: %s\r\n" % (r.address, o.reply) for r, o in failed)
     readable = ("This is the mail system at %s.\r\n\r\nYour message could not be delivered to the "
@@ -5097,7 +5235,7 @@ def delivery_status_notification(entry, path, failed, domain):
             status += ["Remote-MTA: dns; %s" % outcome.remote, "Diagnostic-Code: smtp; %s" % outcome.reply]
     head = "\r\n".join([
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % domain,
-        "To: <%s>" % entry.sender,
+        "To: <%s>" % sender,
         "Subject: Undelivered mail: %s" % ("your message of %s" % time.ctime(entry.arrived)),
         "Date: %s" % email.utils.formatdate(localtime=True),
         "Message-ID: %s" % email.utils.make_msgid(domain=domain),
@@ -5131,6 +5269,152 @@ def stored_bounce(report, sender, domain):
     layout = stored_layout(Header(io.BytesIO(body)), len(body), b"MAILER-DAEMON@" + domain.encode("utf-8"),
                            [sender.encode("utf-8", "surrogateescape")], received_stamp())
     return StoredMessage(memoryview(body), layout)
+
+
+# ##########################################################################
+#
+#   FORWARDING THAT SPF ACCEPTS: THE SENDER REWRITING SCHEME
+#
+#   Mail that an alias forwards to another domain goes out from us, so the
+#   original sender's SPF record would fail it there.  Its envelope sender
+#   is rewritten to an address of --domain that only we can have made
+#   (Shu et al., "Mail Forwarding with SRS", in the form of libsrs2):
+#
+#       SRS0=HHHH=TT=orig-domain=orig-local@<--domain>
+#
+#   TT is the day, HHHH an HMAC-SHA1 under a secret of the mail root over
+#   TT, the domain and the local part.  A bounce to such an address goes
+#   back to the sender it stands for; one with a wrong hash or older than
+#   SRS_MAX_AGE days is refused, so nobody can use us to send elsewhere.
+#   A sender that is itself SRS0 of another forwarder becomes SRS1 (the
+#   paper's 4.2 and libsrs2's "guarded" scheme): the hop back goes to that
+#   forwarder, not through every one.  The server sees two calls: forward
+#   (the sender of a forwarded copy) and reverse (a recipient at RCPT).
+#
+# ##########################################################################
+
+SRS_SECRET_NAME = ".srs-secret"
+SRS_SECRET_SIZE = 32         # random bytes made once (libsrs2 wants at least 16)
+SRS_MIN_SECRET = 16          # bytes a secret file must hold
+SRS_HASH_LENGTH = 4          # base64 characters of the HMAC kept (libsrs2's hashlength)
+SRS_MAX_AGE = 21             # days a rewritten address is good for (libsrs2's maxage)
+SRS_DAY = 86400              # seconds: the timestamp counts days
+SRS_TIME_SLOTS = 1024        # two base32 characters: days modulo 1024
+SRS_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"   # RFC 4648 6, as libsrs2 writes the timestamp
+SRS_SEPARATORS = "=+-"       # what may follow SRS0/SRS1 (libsrs2 reads all three, writes "=")
+SRS_TAG = re.compile(r"SRS([01])[=+-]", re.IGNORECASE)
+
+
+class SRSError(Exception):
+    """An SRS address of ours that is forged, expired or malformed: its mail is refused (550 5.1.1)."""
+
+
+class SRS:
+    """Rewrites the senders of forwarded mail to addresses of our domain, and back."""
+
+    def __init__(self, secret, domain, clock=time.time):
+        self.secret = secret
+        self.domain = domain.lower().rstrip(".")
+        self.clock = clock
+
+    @classmethod
+    def of_root(cls, root, domain):
+        """The SRS of a mail root: its secret read from ROOT/.srs-secret, made (mode 0600) the first time."""
+        return cls(read_or_make_secret(os.path.join(root, SRS_SECRET_NAME)), domain)
+
+    def forward(self, sender):
+        """The envelope sender of a copy we forward: SRS0 (or SRS1) of ours; <>, and our own, unchanged."""
+        local, at, domain = sender.rpartition("@")
+        if not at or not local or domain.lower().rstrip(".") == self.domain:
+            return sender
+        tagged = SRS_TAG.match(local)
+        if tagged and tagged.group(1) == "1":        # SRS1=HHHH=first-forwarder=rest: keep the first
+            first, _, rest = local[len("SRS1="):].partition("=")[2].partition("=")
+            return self._srs1(first, rest)
+        if tagged:                                   # SRS0 of another forwarder: the way back is through it
+            return self._srs1(domain, local[len("SRS0"):])
+        stamp = self._stamp(self.clock())
+        return "SRS0=%s=%s=%s=%s@%s" % (self._hash(stamp, domain, local), stamp, domain, local, self.domain)
+
+    def reverse(self, address):
+        """The sender an SRS address of ours stands for; None if it is no SRS address of ours, SRSError if bad."""
+        local, _, domain = address.rpartition("@")
+        tagged = SRS_TAG.match(local)
+        if not tagged or domain.lower().rstrip(".") != self.domain:
+            return None
+        fields = local[5:].split("=", 3 if tagged.group(1) == "0" else 2)
+        if tagged.group(1) == "1":                   # SRS1=HHHH=forwarder=rest -> SRS0rest@forwarder
+            if len(fields) != 3 or not fields[1] or not fields[2]:
+                raise SRSError("malformed SRS1 address")
+            self._check(fields[0], fields[1], fields[2])
+            return "SRS0%s@%s" % (fields[2], fields[1])
+        if len(fields) != 4 or not all(fields):
+            raise SRSError("malformed SRS0 address")
+        given, stamp, orig_domain, orig_local = fields
+        if not self._fresh(stamp):
+            raise SRSError("SRS address older than %d days" % SRS_MAX_AGE)
+        self._check(given, stamp, orig_domain, orig_local)
+        return "%s@%s" % (orig_local, orig_domain)
+
+    def _srs1(self, first, rest):
+        return "SRS1=%s=%s=%s@%s" % (self._hash(first, rest), first, rest, self.domain)
+
+    def _hash(self, *parts):
+        """HMAC-SHA1 of the parts in lower case, in base64, cut to SRS_HASH_LENGTH (libsrs2's srs_hash_create)."""
+        data = "".join(parts).lower().encode("utf-8", "surrogateescape")
+        digest = hmac.new(self.secret, data, hashlib.sha1).digest()
+        return base64.b64encode(digest).decode("ascii")[:SRS_HASH_LENGTH]
+
+    def _check(self, given, *parts):
+        """SRSError unless given is the hash of the parts: compared in constant time, in any case."""
+        expected = self._hash(*parts).lower().encode("ascii")
+        if not hmac.compare_digest(given.lower().encode("utf-8", "surrogateescape"), expected):
+            raise SRSError("SRS hash does not match")
+
+    @staticmethod
+    def _stamp(now):
+        """Today as two base32 characters: days since the epoch, modulo 1024."""
+        days = int(now // SRS_DAY)
+        return SRS_BASE32[(days >> 5) & 31] + SRS_BASE32[days & 31]
+
+    def _fresh(self, stamp):
+        """Whether a timestamp is at most SRS_MAX_AGE days old (one 'in the future' wrapped round: too old)."""
+        if len(stamp) != 2 or not all(c in SRS_BASE32 for c in stamp.upper()):
+            return False
+        then = SRS_BASE32.index(stamp[0].upper()) << 5 | SRS_BASE32.index(stamp[1].upper())
+        today = int(self.clock() // SRS_DAY) % SRS_TIME_SLOTS
+        return (today - then) % SRS_TIME_SLOTS <= SRS_MAX_AGE
+
+
+def read_or_make_secret(path):
+    """The SRS secret at path (bytes); the first time, SRS_SECRET_SIZE random bytes put there whole, mode 0600.
+
+    Written under a name of its own and linked into place, so two servers
+    starting at once on a root end with one secret, never half of one.
+    """
+    try:
+        fd, _ = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        temp = "%s.%d.tmp" % (path, os.getpid())
+        fd, _ = open_regular(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, base64.b64encode(secrets.token_bytes(SRS_SECRET_SIZE)) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)          # never over a secret another server made meanwhile
+            log.info("made the SRS secret %s", path)
+        except FileExistsError:
+            pass
+        finally:
+            remove_file(temp)
+        fd, _ = open_regular(path, os.O_RDONLY)
+    with open(fd, "rb") as f:
+        secret = f.read(4096).strip()
+    if len(secret) < SRS_MIN_SECRET:
+        raise ValueError("%s holds fewer than %d bytes: not a secret" % (path, SRS_MIN_SECRET))
+    return secret
 
 
 # ##########################################################################
@@ -5591,7 +5875,13 @@ class SMTPServer(Server):
         self.local_domains = args.local_domains
         self.relay_networks = args.relay_networks
         self.postmaster_name = args.postmaster
+        self.aliases = AliasTable(self.users.root, self.users)
         self.spool_folder = prepare_spool(self.users.root)
+        # Forwarding to other domains rewrites the sender (SRS), and needs a queue to send from.
+        try:
+            self.srs = SRS.of_root(self.users.root, self.domain) if self.local_domains is not None else None
+        except (OSError, ValueError) as exc:
+            raise ListenError("cannot use the SRS secret: %s" % exc)
         # Mail goes out only when some domains are not ours (CONTRACT.md section 7).
         self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
 
@@ -5603,6 +5893,7 @@ class SMTPServer(Server):
                             "users here, from anyone who can reach %s; give --local-domains to take mail for "
                             "your domains only", "any interface" if ip.is_unspecified else listener.address[0])
                 break
+        self.aliases.refresh()       # read aliases.txt now, so its problems show at start
         if self.queue is not None:
             self.queue.start()
         super().serve_forever()
@@ -5627,41 +5918,115 @@ class SMTPServer(Server):
             keywords.append("STARTTLS")
         return keywords + ["HELP"]
 
-    def mailbox_owner(self, address, login, client):
-        """The login whose mailbox takes mail for address, None for the queue; Refused if neither may.
+    def route(self, address, login, client):
+        """Where mail for a recipient goes (a Route); Refused if nowhere it may.
 
         Mail for another domain goes to the queue only from a logged-in
         client (login) or one whose address (client) is in --relay-networks.
+        A bounce to an SRS address of ours goes back to the sender it stands
+        for, from anyone: the hash shows that we made the address.
         """
+        try:
+            original = self.srs.reverse(address) if self.srs is not None else None
+        except SRSError as exc:
+            log.info("RCPT <%s> refused: %s", address, exc)
+            raise Refused(Replies.NO_SUCH_USER)
+        if original is not None:
+            return Route(remote=[original]) if is_remote(original, self.local_domains) else self.local_route(original)
         if is_remote(address, self.local_domains):
             if login is None and not in_networks(client[0], self.relay_networks):
                 raise Refused(Replies.RELAYING_DENIED)
-            return None
-        return self.local_owner(address)
+            return Route(remote=[address])
+        return self.local_route(address)
+
+    def local_route(self, address):
+        """The Route of an address in a local domain: a user, an alias, postmaster, the catch-all; Refused if none.
+
+        name+tag goes where name goes.  postmaster is an alias's if
+        aliases.txt names it, else section 5's; the catch-all of the
+        address's domain takes what nothing else does.
+        """
+        name = local_part(address).partition(SUBADDRESS)[0]
+        login = self.users.canonical(name)
+        if login is not None:
+            return Route([login])
+        self.aliases.refresh()
+        try:
+            targets = self.aliases.targets(name)
+            if targets is not None:
+                return self.expand(name, targets)
+            if name.lower() == POSTMASTER and self.postmaster() is not None:
+                return Route([self.postmaster()])
+            catch_all = "@%s" % recipient_domain(address)
+            targets = self.aliases.targets(catch_all) if "@" in address else None
+            if targets is not None:
+                return self.expand(catch_all, targets)
+        except OSError as exc:
+            log.error("no alias lookup for <%s>: %s", address, exc)
+            raise Refused(Replies.LOCAL_ERROR)
+        raise Refused(Replies.NO_SUCH_USER)
+
+    def expand(self, alias, targets):
+        """The Route of an alias's targets, followed through further aliases; Refused on a loop or too long a chain.
+
+        A login reached twice gets one copy.  Targets in other domains are
+        forwarded (their copy is queued with an SRS sender).  A target that
+        is nothing (a user removed) is logged and skipped.
+        """
+        logins, forwarded, done = {}, {}, set()
+
+        def follow(targets, chain):
+            for target in targets:
+                if is_remote(target, self.local_domains):
+                    forwarded.setdefault(target.lower(), target)
+                    continue
+                name = local_part(target).partition(SUBADDRESS)[0]
+                login = self.users.canonical(name)
+                further = None if login else self.aliases.targets(name)
+                if further is None and not login and name.lower() == POSTMASTER:
+                    login = self.postmaster()
+                if login:
+                    logins[login] = True
+                elif further is None:
+                    self.aliases.report_once("alias %r leads to %r, no user or alias: skipped", chain[-1], target)
+                elif name.lower() in chain or len(chain) >= MAX_ALIAS_DEPTH:
+                    raise Refused(Replies.ALIAS_LOOP)
+                elif name.lower() not in done:
+                    done.add(name.lower())
+                    follow(further, chain + [name.lower()])
+
+        follow(targets, [alias.lower()])
+        if not logins and not forwarded:
+            raise Refused(Replies.NO_SUCH_USER)
+        return Route(list(logins), (), list(forwarded.values()))
 
     def is_own(self, address, login):
         """Whether a sender address belongs to login (CONTRACT.md section 5).
 
         Its local part is the login, in any case, or the login and a +tag
-        (RFC 5233 subaddressing); with --local-domains its domain must be
-        one of them, so that a user of ours cannot sign as somebody else's
-        domain.  A bare name has no domain, so it is no one's there.
+        (RFC 5233 subaddressing), or an alias that leads to the login; with
+        --local-domains its domain must be one of them, so that a user of
+        ours cannot sign as somebody else's domain.  A bare name has no
+        domain, so it is no one's there.
         """
-        name = local_part(address).partition("+")[0]
-        if name.lower() != login.lower():
+        name = local_part(address).partition(SUBADDRESS)[0]
+        if name.lower() != login.lower() and not self.alias_of(name, login):
             return False
         if self.local_domains is None:
             return True
         domain = recipient_domain(address)
         return domain is not None and domain in self.local_domains
 
-    def local_owner(self, address):
-        """The login whose mailbox takes mail for an address in a local domain; Refused if none."""
-        local = local_part(address)
-        login = self.postmaster() if local.lower() == POSTMASTER else self.users.canonical(local)
-        if login is None:
-            raise Refused(Replies.NO_SUCH_USER)
-        return login
+    def alias_of(self, name, login):
+        """Whether name is an alias (not a user, not the catch-all) that leads to login's mailbox."""
+        if self.users.canonical(name) is not None:
+            return False
+        self.aliases.refresh()
+        try:
+            targets = self.aliases.targets(name)
+            return targets is not None and login in self.expand(name, targets).logins
+        except (Refused, OSError):
+            return False
 
     def check_quota(self, login, declared_size):
         """Refuse a recipient whose mailbox (under --quota) cannot take a message of the declared size."""
