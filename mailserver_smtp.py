@@ -355,7 +355,8 @@ class UserTable:
 
 ALIASES_NAME = "aliases.txt"
 ALIAS_NAME = re.compile(r"[A-Za-z0-9._-]+\Z|@[A-Za-z0-9.-]+\Z")     # a name, or @domain for a catch-all
-ALIAS_TARGET = re.compile(r"[A-Za-z0-9._-]+\Z|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+\Z")
+# a target: a login or alias, or an address (its domain a name or an RFC 5321 4.1.3 address literal)
+ALIAS_TARGET = re.compile(r"[A-Za-z0-9._-]+\Z|[A-Za-z0-9!#$%&'*+/=?^_`{}~.-]+@(?:[A-Za-z0-9.-]+|\[[!-Z^-~]+\])\Z")
 ALIAS_SEPARATORS = re.compile(r"[,\s]+")
 
 
@@ -5325,8 +5326,8 @@ class SRS:
     def forward(self, sender):
         """The envelope sender of a copy we forward: SRS0 (or SRS1) of ours; <>, and our own, unchanged."""
         local, at, domain = sender.rpartition("@")
-        if not at or not local or domain.lower().rstrip(".") == self.domain:
-            return sender
+        if not at or not local or domain.startswith("[") or domain.lower().rstrip(".") == self.domain:
+            return sender            # <>, a bare name, an address literal (no local part can hold one), ours
         tagged = SRS_TAG.match(local)
         if tagged and tagged.group(1) == "1":        # SRS1=HHHH=first-forwarder=rest: keep the first
             first, _, rest = local[len("SRS1="):].partition("=")[2].partition("=")
