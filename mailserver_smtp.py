@@ -50,6 +50,8 @@ except ImportError:  # Windows
 # Part 2's modules: what only the SMTP server needs (the stored form, the
 # queue, DNS, delivery to other servers, bounces, its own command line).
 import collections
+import email.errors
+import email.header
 import email.utils
 import getpass
 import io
@@ -2240,6 +2242,9 @@ OTHER_COMMANDS = (           # what main() runs instead of a server, for --help
      "read a password (not echoed) and print a hashed password field for userinfo.txt"),
     ("--queue [--root DIR]", "list the outbound queue, as mailq does"),
     ("--flush [--root DIR]", "make the servers running on the mail root try every queued message now"),
+    ("--delete ID [--root DIR]", "remove one queued message (one being sent: once that attempt is over)"),
+    ("--hold ID [--root DIR]", "keep one queued message from being tried until --release"),
+    ("--release ID [--root DIR]", "let a held message be tried again, now"),
 )
 
 
@@ -2297,6 +2302,9 @@ def relay_arguments(parser):
     group.add_argument("--queue-lifetime", metavar="SECONDS", type=float, default=QUEUE_LIFETIME,
                        help="how long a message is retried before it bounces (default: %d, 5 days)"
                        % QUEUE_LIFETIME)
+    group.add_argument("--delay-warning", metavar="SECONDS", type=float, default=DELAY_WARNING,
+                       help="tell the sender once when a message still waits after this long (default: %d, "
+                       "4 hours; 0: never)" % DELAY_WARNING)
     group.add_argument("--retry-base", metavar="SECONDS", type=float, default=RETRY_BASE,
                        help="the first wait before a retry, doubled each time up to %d s (default: %d)"
                        % (RETRY_MAX, RETRY_BASE))
@@ -2312,9 +2320,9 @@ def check_relay_arguments(parser, args):
         parser.error("--relay-host, --relay-auth and --dns-server need --local-domains "
                      "(without it every domain is local and nothing goes out)")
     if args.relay_concurrency < 1 or args.relay_timeout <= 0 or args.queue_lifetime <= 0 \
-            or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
+            or args.retry_base <= 0 or args.delay_warning < 0 or not 0 < args.mx_port < 65536:
         parser.error("--relay-concurrency, --relay-timeout, --queue-lifetime, --retry-base and "
-                     "--mx-port must be positive")
+                     "--mx-port must be positive, --delay-warning 0 or more")
     try:
         if args.relay_host:
             args.relay_host = host_and_port(args.relay_host, SUBMISSIONS_PORT if args.relay_implicit_tls
@@ -3520,7 +3528,11 @@ def open_mailbox(path):
 #
 #   ROOT/.queue/<id>        the envelope, a blank line, then the message
 #   ROOT/.queue/<id>.tmp    a queue file being written; renamed to <id>
-#   ROOT/.queue/.flush      touched by --flush: every runner on the root retries all
+#   ROOT/.queue/.flush      a line added by --flush ("*": every runner on the root
+#                           retries all) or --release (the id: tried now)
+#   ROOT/.queue/<id>.held   --hold: the message is not tried until --release
+#   ROOT/.queue/<id>.delete --delete of a message being sent: its runner
+#                           deletes it once the attempt is over
 #
 # The envelope is text, a line per field, each "NAME<TAB>VALUE":
 #
@@ -3531,6 +3543,7 @@ def open_mailbox(path):
 #   login     <login, or ->             who submitted it with AUTH
 #   needs     <8bit,smtputf8 or ->      what the message asks of the next server
 #   hops      <n>                       its Received: headers, ours included
+#   warned    <1>                       the delay notice is sent (absent until then)
 #   rcpt      <state> <attempts> <next try> <address> <last reply>   (one per recipient)
 #
 # state is pending, sent or failed.  The message follows the blank line
@@ -3561,17 +3574,32 @@ def open_mailbox(path):
 # runner that has locked a file no longer at the path (replaced, removed)
 # lets it go.  (No lock file beside each message: creating and removing one
 # cost more than the rest of a delivery's file work, measured.)
+#
+# By hand (OpenSMTPD's smtpctl, Postfix's postsuper).  --delete, --hold and
+# --release run in a process of their own, as --queue and --flush do, and
+# act on the files, so they work with or without a server running: --hold
+# makes <id>.held, which a runner looks for once it holds the message's
+# lock, so a message being sent is held after that attempt; --release
+# removes it and asks for the message through .flush; --delete takes the
+# message's lock and removes the file, or, while a runner holds it, leaves
+# <id>.delete, which that runner looks for when it lets the message go.
 
 QUEUE_NAME = ".queue"
 QUEUE_FORMAT = "mailserver-queue 1"
 QUEUE_ID = re.compile(r"[0-9A-F]{21}\Z")      # see new_queue_id
 TEMP_SUFFIX = ".tmp"
+HELD_SUFFIX = ".held"
+DELETE_SUFFIX = ".delete"
 FLUSH_NAME = ".flush"
+FLUSH_ALL = "*"              # a .flush line asking for every message (else it names one id)
+MAX_FLUSH_FILE = 64 * 1024   # bytes .flush may grow to before a request starts it afresh
+BY_HAND_DONE = {"delete": "deleted", "hold": "held: not tried until --release"}
 MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
 MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
 RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
 RETRY_MAX = 4000             # minimal_backoff_time and maximal_backoff_time)
 QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_queue_lifetime)
+DELAY_WARNING = 4 * 3600     # seconds before the sender hears it is late (Postfix's delay_warning_time)
 RESCAN_INTERVAL = 60         # seconds between looks at the whole queue (other servers' messages)
 FLUSH_POLL = 1.0             # seconds between looks at the --flush trigger
 DEFAULT_RELAY_CONCURRENCY = 4
@@ -3635,7 +3663,7 @@ class QueuedRecipient:
 class QueuedMessage:
     """A queue file's envelope: the message's id, sender, arrival, needs and recipients."""
 
-    def __init__(self, queue_id, sender, recipients, login=None, arrived=None, needs=(), hops=0):
+    def __init__(self, queue_id, sender, recipients, login=None, arrived=None, needs=(), hops=0, warned=False):
         self.id = queue_id
         self.sender = sender
         self.recipients = recipients  # QueuedRecipients
@@ -3643,6 +3671,7 @@ class QueuedMessage:
         self.arrived = time.time() if arrived is None else arrived
         self.needs = frozenset(needs)   # "8bit", "smtputf8"
         self.hops = hops
+        self.warned = warned         # the sender has had its delay notice
         self.offset = 0              # where the message starts in the file
         self.size = 0                # the message's bytes
 
@@ -3658,7 +3687,7 @@ class QueuedMessage:
         """The envelope as the file holds it, the blank line included."""
         lines = [QUEUE_FORMAT, "id\t" + self.id, "sender\t<%s>" % self.sender, "arrived\t%.3f" % self.arrived,
                  "login\t" + (self.login or "-"), "needs\t" + (",".join(sorted(self.needs)) or "-"),
-                 "hops\t%d" % self.hops]
+                 "hops\t%d" % self.hops] + ["warned\t1"] * self.warned
         lines += [r.line() for r in self.recipients]
         return ("\n".join(lines) + "\n\n").encode("utf-8", "surrogateescape")
 
@@ -3673,7 +3702,7 @@ class QueuedMessage:
             name, _, value = line.partition("\t")
             if name == "rcpt":
                 recipients.append(QueuedRecipient.parse(value))
-            elif name in ("id", "sender", "arrived", "login", "needs", "hops") and name not in fields:
+            elif name in ("id", "sender", "arrived", "login", "needs", "hops", "warned") and name not in fields:
                 fields[name] = value
             else:
                 raise ValueError("unknown line %r" % line[:40])
@@ -3684,7 +3713,7 @@ class QueuedMessage:
             needs, login = fields["needs"], fields["login"]
             return cls(fields["id"], sender[1:-1], recipients, None if login == "-" else login,
                        float(fields["arrived"]), () if needs == "-" else needs.split(","),
-                       int(fields["hops"]))
+                       int(fields["hops"]), "warned" in fields)
         except KeyError as missing:
             raise ValueError("no %s line" % missing)
 
@@ -3789,7 +3818,17 @@ def prepare_queue(root):
     for name in os.listdir(path):
         if name.endswith(TEMP_SUFFIX):
             remove_orphan(os.path.join(path, name))
+        elif name.endswith((HELD_SUFFIX, DELETE_SUFFIX)) and not os.path.lexists(
+                os.path.join(path, name.rpartition(".")[0])):
+            remove_file(os.path.join(path, name))      # its message is gone: sent, or deleted meanwhile
     return path
+
+
+def remove_queued(path):
+    """Remove a queue file and what --hold and --delete left beside it."""
+    remove_file(path)
+    remove_file(path + HELD_SUFFIX)
+    remove_file(path + DELETE_SUFFIX)
 
 
 def remove_orphan(path):
@@ -3991,12 +4030,14 @@ class OutboundQueue:
         self.concurrency = args.relay_concurrency
         self.lifetime = args.queue_lifetime
         self.retry_base = args.retry_base
+        self.delay_warning = args.delay_warning     # seconds; 0: no delay notices
         self.relay = Relay(args, server.domain)
         self.flush_path = os.path.join(self.folder, FLUSH_NAME)
         self.flush_seen = file_stamp(self.flush_path)
         self.flush_checked = 0.0
         self.changed = threading.Condition()
-        self.fresh = collections.deque()     # ids of messages just queued by this server
+        self.fresh = collections.deque()     # (id, forced) of messages just queued here, or released
+        self.flush_read = self._flush_size()   # what of .flush was asked before we started: not for us
         self.scan = None             # the folder listing being gone through, if any
         self.scan_forced = False     # it is a --flush: everything is due
         self.next_scan = 0.0         # epoch seconds: at start, at once
@@ -4032,10 +4073,10 @@ class OutboundQueue:
         self.wake(entry.id)
         return entry.id
 
-    def wake(self, queue_id):
-        """Hand a message just queued to a runner, to be tried at once."""
+    def wake(self, queue_id, forced=False):
+        """Hand a message just queued (or released) to a runner, to be tried at once."""
         with self.changed:
-            self.fresh.append(queue_id)
+            self.fresh.append((queue_id, forced))
             self.changed.notify()
 
     # -- the runners
@@ -4076,7 +4117,7 @@ class OutboundQueue:
         with self.changed:
             while not self.stopping:
                 if self.fresh:
-                    return self.fresh.popleft(), False
+                    return self.fresh.popleft()
                 if self.scan is not None:
                     for item in self.scan:
                         if QUEUE_ID.match(item.name):
@@ -4087,21 +4128,52 @@ class OutboundQueue:
                 flushed = self._flushed(now)
                 if flushed or now >= self.next_scan:
                     self._start_scan(now, flushed)
-                else:
+                elif not self.fresh:         # (--release may have handed one over)
                     self.changed.wait(min(FLUSH_POLL, self.next_scan - now))
             return None
 
     def _flushed(self, now):
-        """Whether --flush has touched the trigger since we last looked (at most once per FLUSH_POLL)."""
+        """Whether --flush has asked for everything since we last looked (at most once per FLUSH_POLL).
+
+        The messages --release asked for meanwhile are handed to runners, forced.
+        """
         if now - self.flush_checked < FLUSH_POLL:
             return False
         self.flush_checked = now
-        stamp = file_stamp(self.flush_path)     # tells one touch of the trigger from the next
+        stamp = file_stamp(self.flush_path)     # tells one request from the next
         if stamp == self.flush_seen:
             return False
         self.flush_seen = stamp
-        log.info("flush requested: trying every queued message now")
-        return True
+        everything = False
+        for line in self._flush_requests():
+            if QUEUE_ID.match(line):
+                log.info("%s: released by --release: trying it now", line)
+                self.fresh.append((line, True))
+            else:
+                everything = True
+        if everything:
+            log.info("flush requested: trying every queued message now")
+        return everything
+
+    def _flush_size(self):
+        stamp = file_stamp(self.flush_path)
+        return stamp[1] if stamp else 0
+
+    def _flush_requests(self):
+        """The lines added to .flush since we last read it (all of it if it was started afresh)."""
+        try:
+            fd, st = open_regular(self.flush_path, os.O_RDONLY)
+        except OSError:
+            return []
+        try:
+            start = self.flush_read if st.st_size >= self.flush_read else 0
+            os.lseek(fd, start, os.SEEK_SET)
+            data = os.read(fd, MAX_FLUSH_FILE)
+        finally:
+            os.close(fd)
+        whole = data.rfind(b"\n") + 1          # a line still being written is read next time
+        self.flush_read = start + whole
+        return [line.split(" ")[0] for line in data[:whole].decode("ascii", "replace").splitlines()]
 
     def _start_scan(self, now, forced):
         self.next_scan = now + RESCAN_INTERVAL
@@ -4122,12 +4194,22 @@ class OutboundQueue:
     # -- one attempt at one message
 
     def attempt(self, queue_id, forced):
-        """Try the due recipients of one message, unless another runner holds it."""
+        """Try the due recipients of one message, unless another runner holds it, or it is held or deleted."""
         path = os.path.join(self.folder, queue_id)
+        self._attempt_locked(queue_id, path, forced)
+        if os.path.lexists(path + DELETE_SUFFIX):    # --delete came during the attempt: it is done now
+            self._attempt_locked(queue_id, path, forced)
+
+    def _attempt_locked(self, queue_id, path, forced):
         lock = MessageLock(path)
         if not lock.acquire():
             return
         try:
+            if os.path.lexists(path + DELETE_SUFFIX):
+                remove_queued(path)
+                return log.info("%s: deleted by --delete, after the attempt under way", queue_id)
+            if os.path.lexists(path + HELD_SUFFIX):
+                return log.info("%s: held by --hold: not tried", queue_id)
             try:
                 entry = read_envelope(lock.fd)
             except (OSError, ValueError) as exc:
@@ -4140,23 +4222,42 @@ class OutboundQueue:
         """Send to the due recipients (the file open at fd), record what happened; remove the file once done."""
         now = time.time()
         due = [r for r in entry.pending() if forced or r.next_try <= now]
-        if not due:
-            if entry.pending():
-                self.due_at(entry.next_try())
-            else:
-                self._remove(entry, path)
-            return
-        outcomes = self.relay.send_message(entry, fd, due)
-        failed = self._record(entry, due, outcomes)
-        if failed and not self._bounce(entry, path, failed):
-            for recipient, _ in failed:       # tried again later, and bounced then
-                recipient.state = "pending"
-                recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
+        if due:
+            outcomes = self.relay.send_message(entry, fd, due)
+            failed = self._record(entry, due, outcomes)
+            if failed and not self._bounce(entry, path, failed):
+                for recipient, _ in failed:       # tried again later, and bounced then
+                    recipient.state = "pending"
+                    recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
         if not entry.pending():
             self._remove(entry, path)
             return
-        rewrite_queued(self.folder, entry, path)
-        self.due_at(entry.next_try())
+        warned = self._warn_if_late(entry, path)
+        if due or warned:
+            rewrite_queued(self.folder, entry, path)
+        warning = self._warning_due(entry)
+        self.due_at(entry.next_try() if warning is None else min(entry.next_try(), warning))
+
+    def _warning_due(self, entry):
+        """When the sender of a message is to hear that it is late (epoch seconds); None: never (again)."""
+        if entry.warned or not entry.sender or not self.delay_warning:
+            return None                  # told already, from <> (RFC 3461 6.2: no report on a report), or off
+        return entry.arrived + self.delay_warning
+
+    def _warn_if_late(self, entry, path):
+        """Send the delay notice (RFC 3464 Action: delayed) for the recipients still waiting, if it is time."""
+        warning = self._warning_due(entry)
+        if warning is None or time.time() < warning:
+            return False
+        sender = self._report_recipient(entry)
+        try:
+            report = delay_notification(entry, path, self.server.domain, sender, entry.arrived + self.lifetime)
+            self._send_report(entry, sender, report, "delay notice")
+        except (OSError, ValueError) as exc:
+            log.error("%s: cannot send the delay notice to <%s>: %s", entry.id, sender, exc)
+            return False
+        entry.warned = True
+        return True
 
     def _remove(self, entry, path):
         """A message is done (every recipient sent or failed): remove its file.
@@ -4164,7 +4265,7 @@ class OutboundQueue:
         The removal is not fsync'd: a crash that undoes it sends the message
         again, which at least once allows, and it saves an fsync per message.
         """
-        remove_file(path)
+        remove_queued(path)
         log.info("%s: removed", entry.id)
 
     def _record(self, entry, due, outcomes):
@@ -4232,13 +4333,44 @@ class OutboundQueue:
         log.info("%s: %s queued as %s", entry.id, kind, report_id)
 
 
-def request_flush(folder):
-    """Touch ROOT/.queue/.flush: every runner on the root sees it within FLUSH_POLL and tries everything."""
-    fd, _ = open_regular(os.path.join(folder, FLUSH_NAME), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+def request_flush(folder, queue_id=FLUSH_ALL):
+    """Add a line to ROOT/.queue/.flush: every runner on the root reads it within FLUSH_POLL and
+    tries everything ("*"), or the one message named, now."""
+    path = os.path.join(folder, FLUSH_NAME)
+    fd, st = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
-        write_all(fd, ("%d %.6f\n" % (os.getpid(), time.time())).encode("ascii"))
+        if st.st_size > MAX_FLUSH_FILE:      # old requests, read long ago: start afresh
+            os.ftruncate(fd, 0)
+        write_all(fd, ("%s %d %.6f\n" % (queue_id, os.getpid(), time.time())).encode("ascii"))
     finally:
         os.close(fd)
+
+
+def queue_by_hand(folder, action, queue_id):
+    """--delete, --hold or --release one message: what was done, as a line; LookupError if it is not queued."""
+    path = os.path.join(folder, queue_id)
+    if not (QUEUE_ID.match(queue_id) and os.path.isfile(path)):
+        raise LookupError("%s is not in the queue %s" % (queue_id, folder))
+    if action == "release":
+        if not os.path.lexists(path + HELD_SUFFIX):
+            raise LookupError("%s is not held" % queue_id)
+        remove_file(path + HELD_SUFFIX)
+        request_flush(folder, queue_id)
+        return "%s: released: the servers on the root try it within %g s" % (queue_id, FLUSH_POLL)
+    marker = path + (HELD_SUFFIX if action == "hold" else DELETE_SUFFIX)
+    os.close(open_regular(marker, os.O_WRONLY | os.O_CREAT)[0])   # first the request, then the lock
+    lock = MessageLock(path)
+    if not lock.acquire():
+        if not os.path.lexists(path):
+            remove_file(marker)
+            raise LookupError("%s left the queue meanwhile (sent, or deleted)" % queue_id)
+        return "%s: being sent now: %s once this attempt is over" % (queue_id, BY_HAND_DONE[action])
+    try:
+        if action == "delete":
+            remove_queued(path)
+    finally:
+        lock.release()
+    return "%s: %s" % (queue_id, BY_HAND_DONE[action])
 
 
 def next_try_text(when):
@@ -4268,7 +4400,8 @@ def queue_listing(folder, out):
                                                 "-Sender/Recipient-"))
         count += 1
         total += entry.size
-        out.write("%-21s %9d %-24s %s\n" % (entry.id, entry.size, time.ctime(entry.arrived),
+        held = os.path.lexists(os.path.join(folder, name + HELD_SUFFIX))   # marked "!", as mailq does
+        out.write("%-21s %9d %-24s %s\n" % (entry.id + "!" * held, entry.size, time.ctime(entry.arrived),
                                             entry.sender or "MAILER-DAEMON"))
         for recipient in entry.pending():
             out.write("%57s(%s; next try %s)\n" % ("", recipient.reply or "not tried yet",
@@ -4926,8 +5059,13 @@ class Outcome:
         """The RFC 3463 status of this failure for a bounce."""
         if self.reply.endswith("(delivery time expired)"):
             return "4.4.7"
-        found = REPLY_CODE.match(self.reply)
-        return found.group(1) if found else ("5.0.0" if self.reply.startswith("5") else "4.0.0")
+        return reply_status(self.reply)
+
+
+def reply_status(reply):
+    """The RFC 3463 status a reply ("CODE [d.d.d] text") carries, else its class's: 5.0.0 or 4.0.0."""
+    found = REPLY_CODE.match(reply)
+    return found.group(1) if found else ("5.0.0" if reply.startswith("5") else "4.0.0")
 
 
 class IdleConnections:
@@ -5222,22 +5360,52 @@ MAX_BOUNCED_HEADERS = 64 * 1024   # bytes of the original header block a bounce 
 
 def delivery_status_notification(entry, path, failed, domain, sender):
     """The bounce to sender of the failed [(QueuedRecipient, Outcome)] of a queued message: bytes, CRLF lines."""
-    boundary = "%s/%s" % (entry.id, domain)
     reasons = "".join("<%s>: %s\r\n" % (r.address, o.reply) for r, o in failed)
     readable = ("This is the mail system at %s.\r\n\r\nYour message could not be delivered to the "
-                "recipients below, and will not be tried again:\r\n\r\n%s\r\nThe headers of your "
-                "message follow this report.\r\n" % (domain, reasons))
+                "recipients below, and will not be tried again:\r\n\r\n%s" % (domain, reasons))
+    fields = []
+    for recipient, outcome in failed:
+        fields.append(["Final-Recipient: rfc822; %s" % recipient.address, "Action: failed",
+                       "Status: %s" % outcome.dsn_status()])
+        if outcome.remote:
+            fields[-1] += ["Remote-MTA: dns; %s" % outcome.remote, "Diagnostic-Code: smtp; %s" % outcome.reply]
+    return delivery_report(entry, path, domain, sender, BOUNCE_SUBJECT, readable, fields)
+
+
+def delay_notification(entry, path, domain, sender, give_up):
+    """The delay notice to sender for the recipients of a queued message still waiting: bytes, CRLF lines.
+
+    RFC 3464 2.3.3 and 2.3.8: Action: delayed, and Will-Retry-Until, when
+    the server gives up (give_up, epoch seconds).
+    """
+    until = email.utils.formatdate(give_up, localtime=True)
+    waiting = entry.pending()
+    reasons = "".join("<%s>: %s\r\n" % (r.address, r.reply or "not tried yet") for r in waiting)
+    readable = ("This is the mail system at %s.\r\n\r\nYour message has not been delivered yet to the "
+                "recipients below.  It is tried again until %s; you need not send it again.\r\n\r\n%s"
+                % (domain, until, reasons))
+    fields = [["Final-Recipient: rfc822; %s" % r.address, "Action: delayed",
+               "Status: %s" % reply_status(r.reply), "Will-Retry-Until: %s" % until]
+              for r in waiting]
+    return delivery_report(entry, path, domain, sender, DELAY_SUBJECT, readable, fields)
+
+
+def delivery_report(entry, path, domain, sender, subject, readable, recipient_fields):
+    """A multipart/report (RFC 3464, RFC 6522) from MAILER-DAEMON to sender about a queued message.
+
+    subject: what the Subject starts with, the original subject after it;
+    recipient_fields: the per-recipient fields, a list of lines for each.
+    """
+    boundary = "%s/%s" % (entry.id, domain)
     status = ["Reporting-MTA: dns; %s" % domain,
               "Arrival-Date: %s" % email.utils.formatdate(entry.arrived, localtime=True)]
-    for recipient, outcome in failed:
-        status += ["", "Final-Recipient: rfc822; %s" % recipient.address, "Action: failed",
-                   "Status: %s" % outcome.dsn_status()]
-        if outcome.remote:
-            status += ["Remote-MTA: dns; %s" % outcome.remote, "Diagnostic-Code: smtp; %s" % outcome.reply]
+    for fields in recipient_fields:
+        status += [""] + fields
+    headers = original_headers(path, entry.offset)
     head = "\r\n".join([
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % domain,
         "To: <%s>" % sender,
-        "Subject: Undelivered mail: %s" % ("your message of %s" % time.ctime(entry.arrived)),
+        report_subject(subject, headers),
         "Date: %s" % email.utils.formatdate(localtime=True),
         "Message-ID: %s" % email.utils.make_msgid(domain=domain),
         "Auto-Submitted: auto-replied",
@@ -5245,10 +5413,39 @@ def delivery_status_notification(entry, path, failed, domain, sender):
         'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="%s"' % boundary,
         "", "This is a MIME-formatted delivery report.", "",
         "--" + boundary, "Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: 8bit", "",
-        readable + "--" + boundary, "Content-Type: message/delivery-status", "",
+        readable + "\r\nThe headers of your message follow this report.\r\n--" + boundary,
+        "Content-Type: message/delivery-status", "",
         "\r\n".join(status), "", "--" + boundary, "Content-Type: text/rfc822-headers", "", ""])
-    return (head.encode("utf-8", "surrogateescape") + original_headers(path, entry.offset)
-            + ("\r\n--%s--\r\n" % boundary).encode("ascii"))
+    return head.encode("utf-8", "surrogateescape") + headers + ("\r\n--%s--\r\n" % boundary).encode("ascii")
+
+
+BOUNCE_SUBJECT = "Undelivered Mail Returned to Sender"     # Postfix's words, so people know them
+DELAY_SUBJECT = "Delayed Mail (still being retried)"
+MAX_REPORT_SUBJECT = 100     # characters of the original subject a report's Subject repeats
+
+
+def report_subject(prefix, headers):
+    """The Subject: field of a report: prefix, then the original subject (decoded, one line, shortened).
+
+    The subject is decoded from RFC 2047 and cut between characters, never
+    inside one or inside an encoded word; a non-ASCII result is encoded
+    again (RFC 2047, folded), so the field is 7-bit whatever came in.
+    """
+    raw = re.search(rb"(?im)^subject:(.*(?:\r\n[ \t].*)*)", headers)
+    text = ""
+    if raw:
+        value = raw.group(1).replace(b"\r\n", b"").decode("utf-8", "replace")
+        try:
+            text = str(email.header.make_header(email.header.decode_header(value)))
+        except (ValueError, LookupError, email.errors.HeaderParseError):
+            text = value
+    text = "".join(c for c in " ".join(text.split()) if c.isprintable())
+    if len(text) > MAX_REPORT_SUBJECT:
+        text = text[:MAX_REPORT_SUBJECT - 3].rstrip() + "..."
+    subject = "%s: %s" % (prefix, text) if text else prefix
+    if subject.isascii():
+        return "Subject: " + subject
+    return "Subject: " + email.header.Header(subject, "utf-8", header_name="Subject").encode(linesep="\r\n")
 
 
 def original_headers(path, offset):
@@ -6054,7 +6251,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--hash-password" in argv:
         return hash_password_main(argv)
-    if "--queue" in argv or "--flush" in argv:
+    if any(command in argv for command in QUEUE_COMMANDS):
         return queue_main(argv)
     return run_server(SMTPServer, parse_args(argv), "smtp")
 
@@ -6079,20 +6276,37 @@ def hash_password_main(argv):
     return 0
 
 
+QUEUE_COMMANDS = ("--queue", "--flush", "--delete", "--hold", "--release")
+
+
 def queue_main(argv):
-    """--queue: list the outbound queue of a mail root; --flush: make its servers try everything now."""
-    parser = argparse.ArgumentParser(prog="mailserver_smtp.py --queue | --flush",
-                                     description="List the outbound queue (--queue), or make the servers "
-                                                 "running on the mail root try every queued message now (--flush).")
+    """--queue: list the outbound queue of a mail root; --flush: make its servers try everything now;
+    --delete, --hold, --release: act on one message."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py --queue | --flush | --delete/--hold/--release ID",
+                                     description="List the outbound queue (--queue), make the servers "
+                                                 "running on the mail root try every queued message now (--flush), "
+                                                 "or act on one message.")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--queue", action="store_true", help="list the queue, as mailq does")
     action.add_argument("--flush", action="store_true", help="retry every queued message now")
+    for name, text in (("delete", "remove a message"), ("hold", "keep a message from being tried"),
+                       ("release", "let a held message be tried, now")):
+        action.add_argument("--" + name, metavar="ID", help=text)
     parser.add_argument("--root", default=".", help="the mail root (default: .)")
     args = parser.parse_args(argv)
     folder = os.path.join(args.root, QUEUE_NAME)
     if not os.path.isdir(folder):
         print("no queue in %s (a server with --local-domains makes it)" % args.root, file=sys.stderr)
         return 1
+    for name in ("delete", "hold", "release"):
+        if getattr(args, name) is not None:
+            try:
+                print(queue_by_hand(folder, name, getattr(args, name)))
+            except (LookupError, OSError) as exc:
+                print("cannot %s: %s" % (name, exc.args[0] if isinstance(exc, LookupError) else exc),
+                      file=sys.stderr)
+                return 1
+            return 0
     if args.flush:
         try:
             request_flush(folder)
