@@ -259,27 +259,24 @@ class FormatError(ValueError):
 class Message:
     """A mail that passed the format check, ready to send.
 
-    sender and recipients are the bare addresses (the envelope); from_field and
-    to_field are the header values as typed (display names kept), mailboxes the
-    (name, address) pairs of both, for servers that need the names encoded.
+    sender and recipients are the bare addresses (the envelope); typed holds the
+    From and To values as typed (display names kept), mailboxes their (name,
+    address) pairs, for servers that need the names encoded.
     """
 
-    def __init__(self, sender, recipients, subject, body, extra_headers=(),
-                 from_field=None, to_field=None, mailboxes=None):
+    def __init__(self, sender, recipients, subject, body, typed, mailboxes):
         self.sender = sender
         self.recipients = recipients
         self.subject = subject
         self.body = body
-        self.extra_headers = list(extra_headers)   # [(name, [words])], for standard servers
-        self.from_field = from_field or sender
-        self.to_field = to_field or ", ".join(recipients)
-        self.mailboxes = mailboxes or {"From": [("", sender)], "To": [("", r) for r in recipients]}
+        self.typed = typed
+        self.mailboxes = mailboxes
+        self.extra_headers = []   # [(name, [words])], for standard servers
 
     def address_field(self, name, standard):
         """The From or To value: as typed, but RFC 2047-encoded names for a standard server."""
-        typed = self.from_field if name == "From" else self.to_field
-        if not standard or _is_ascii(typed):
-            return typed
+        if not standard or _is_ascii(self.typed[name]):
+            return self.typed[name]
         return ", ".join(formataddr(pair, "utf-8") for pair in self.mailboxes[name])
 
     def data_lines(self, standard=False):
@@ -441,8 +438,8 @@ def parse_message(lines):
     for _, address in recipients:
         if address.lower() not in (known.lower() for known in envelope):
             envelope.append(address)
-    return Message(senders[0][1], envelope, subject, body, from_field=sender_text,
-                   to_field=to_text, mailboxes={"From": senders, "To": recipients})
+    return Message(senders[0][1], envelope, subject, body, {"From": sender_text, "To": to_text},
+                   {"From": senders, "To": recipients})
 
 
 # --------------------------------------------------------------------------
