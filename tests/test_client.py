@@ -589,6 +589,16 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         self.assertIn("After the change", result.stdout)
         self.assertIn("PASS new", server.received)
 
+    def test_a_reply_that_could_not_be_sent_is_offered_again_and_another_answer_is_a_command(self):
+        """REPLY to an unreachable SMTP server: "Send it again?"; "STAT" typed there runs as the next command."""
+        result = self.manage("REPLY 1", "Noon is fine.", ".", "STAT", "QUIT")
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"Error: cannot connect to the SMTP server .*\n%s"
+                         % re.escape(mail_client.SEND_AGAIN_PROMPT))
+        self.assertRegex(result.stdout, r"\b2 messages, [1-9]\d* octets\n")
+        self.assertNotIn("unknown command", result.stdout)
+        self.assertEqual(result.lines[-1].strip(), pop_server.Replies.GOODBYE)
+
     def test_empty_mailbox(self):
         """An empty mailbox is said to be empty, and STAT shows 0 messages, 0 octets."""
         os.remove(support.mailbox_path(self.root, "alice"))
