@@ -946,6 +946,10 @@ class Wire:
             return line[:-1], True
         return line, False
 
+    def tls_version(self):
+        """The TLS version of the connection ("TLSv1.3"), or None while it is in clear."""
+        return self.sock.version() if isinstance(self.sock, ssl.SSLSocket) else None
+
     def start_tls(self, context):
         """Send what is queued, then run a server-side TLS handshake (raises ssl.SSLError, OSError).
 
@@ -1105,8 +1109,11 @@ class Session:
         A failure, by any method, is answered more slowly from the 3rd on,
         AUTH_DELAY_STEP more each time, and the 5th ends the session.
         """
-        log.info("%s: authentication %s: login %s, mechanism %s", self.peer,
-                 "failed" if login is None else "succeeded", login or shown_name(name), mechanism)
+        # One fixed form for fail2ban (README), the client's address last: no name a client
+        # chooses can put another address after it.
+        log.info("%s: authentication %s for login %s, mechanism %s, from %s", self.peer,
+                 "failed" if login is None else "succeeded", login or shown_name(name), mechanism,
+                 self.address[0])
         if login is not None:
             return login
         self.auth_failures += 1
@@ -2761,7 +2768,8 @@ def take_message(session, spool):
     """
     envelope, server = session.envelope, session.server
     header = Header(spool.lines())   # read once: the sender check, the stored form, the queue's facts
-    copies = received_form(session, spool, header)
+    message_id = new_queue_id()      # ours: in the trace fields, the log, and the queue's file name
+    copies = received_form(session, spool, header, message_id)
     size = max(map(len, copies.values()), default=0)
     if envelope.logins and server.quota is not None and size > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
@@ -2770,7 +2778,7 @@ def take_message(session, spool):
     queued = None
     try:
         if envelope.remote:          # durable under its .tmp name before any mailbox is touched
-            queued = queue_received(session, spool, header)
+            queued = queue_received(session, spool, header, message_id)
         if envelope.logins:          # the queue file is renamed into place under the mailboxes' locks
             deliver({server.users.mailbox_path(login): copy for login, copy in copies.items()}, server.quota,
                     queued and queued.publish)
@@ -2788,12 +2796,19 @@ def take_message(session, spool):
             queued.close()
     session.delivered += 1
     if queued is None:
-        log.info("delivered %d bytes from <%s> to %s", size, envelope.sender, ", ".join(envelope.logins))
+        log.info("%s: delivered %d bytes from <%s> to %s, %s", message_id, size, envelope.sender,
+                 ", ".join(envelope.logins), arrival_text(session, header))
         return session.replies.ACCEPTED
-    return queued_reply(session, queued.id)
+    return queued_reply(session, queued.id, header, spool.size)
 
 
-def received_form(session, spool, header):
+def arrival_text(session, header):
+    """What the delivery log line says of a message's arrival: client, login, Message-ID:, TLS version."""
+    return "client=%s login=%s message-id=%s tls=%s" % (session.peer, session.login or "-", header.message_id,
+                                                        session.wire.tls_version() or "none")
+
+
+def received_form(session, spool, header, message_id):
     """Each local recipient's copy in its stored form, {login: StoredMessage}; Refused if the sender is not the login's.
 
     header: the message's Header.  Copies differ only in the To: added to
@@ -2805,9 +2820,15 @@ def received_form(session, spool, header):
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
     sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp()
-    return {owner: spool.message(stored_layout(header, spool.size, sender,
-                                               [r.encode("utf-8", "surrogateescape") for r in addresses], received))
-            for owner, addresses in envelope.logins.items()}
+    traced = session.server.local_domains is not None      # the course's mailboxes stay as they were
+    copies = {}
+    for owner, addresses in envelope.logins.items():
+        layout = stored_layout(header, spool.size, sender, [r.encode("utf-8", "surrogateescape") for r in addresses],
+                               received)
+        if traced:
+            layout.insert(0, trace_fields(session, addresses[0], message_id))
+        copies[owner] = spool.message(layout)
+    return copies
 
 
 def too_long(run, strict):
@@ -2846,37 +2867,41 @@ def stored_lines(run, strict):
 
 
 class Header:
-    """A stored message's header block, read in one pass: its fields' names and places, From: and Sender:.
+    """A stored message's header block, read in one pass: its fields' names and places, From:, Sender:, Message-ID:.
 
     lines: the stored body's lines from the first; only the header block
     and the line after it are read (header_block decides where it ends).
     """
 
     SENDER_FIELDS = (b"from", b"sender")
+    KEPT_FIELDS = SENDER_FIELDS + (b"message-id",)     # kept whole: the sender check, the delivery log
 
     def __init__(self, lines):
         seen = []                     # per line: (name, or None if folded; start; end; the line if kept)
         count, _ = header_block(self._recording(lines, seen))
         self.fields = []              # [name in lower case, start, end] of each field, folded lines included
-        self.senders = []             # the From: and Sender: fields as stored, folded lines joined
+        kept = []                     # [name, the field as stored, folded lines joined] of the KEPT_FIELDS
         for name, start, end, line in seen[:count]:
             if name is None:          # a folded line continues its field
                 self.fields[-1][2] = end
                 if line is not None:
-                    self.senders[-1] += line
+                    kept[-1][1] += line
             else:
                 self.fields.append([name, start, end])
                 if line is not None:
-                    self.senders.append(line)
+                    kept.append([name, line])
         self.end = seen[count - 1][2] if count else 0
+        self.senders = [line for name, line in kept if name in self.SENDER_FIELDS]
+        self.message_id = next((printable(" ".join(line.partition(b":")[2].decode("utf-8", "replace").split()))
+                                [:MAX_PATH] for name, line in kept if name == b"message-id"), "-")
 
     def _recording(self, lines, seen):
-        """The lines, each noted in seen as it is read (a From:/Sender: line kept whole)."""
+        """The lines, each noted in seen as it is read (a line of the KEPT_FIELDS kept whole)."""
         pos, keeping = 0, False
         for line in lines:
             name = None if line[:1] in (b" ", b"\t") else line.partition(b":")[0].lower()
             if name is not None:
-                keeping = name in self.SENDER_FIELDS
+                keeping = name in self.KEPT_FIELDS
             seen.append((name, pos, pos + len(line), line if keeping else None))
             pos += len(line)
             yield line
@@ -2903,6 +2928,13 @@ def stored_layout(header, size, sender, recipients, received):
     if subject_end is None:
         return [head, (0, header.end), b"Subject: \n" + received, (header.end, size), end]
     return [head, (0, subject_end), received, (subject_end, size), end]
+
+
+def trace_fields(session, recipient, message_id):
+    """Return-Path: and our Received: (RFC 5321 4.4) that start a copy stored for recipient, \\n lines."""
+    return_path = b"Return-Path: <%s>\n" % session.envelope.sender.encode("utf-8", "surrogateescape")
+    return return_path + trace_header(session.client_name, session.address[0], session.domain,
+                                      session_protocol(session), message_id, recipient, b"\n")
 
 
 def received_stamp():
@@ -3692,20 +3724,21 @@ def spool_is_ascii(spool, end=None):
     return True
 
 
-def trace_header(client_name, client_ip, domain, protocol, queue_id):
-    """Our Received: field (RFC 5321 4.4), folded, with its CRLF."""
+def trace_header(client_name, client_ip, domain, protocol, queue_id, recipient=None, eol=b"\r\n"):
+    """Our Received: field (RFC 5321 4.4), folded, with its line end (for one recipient, or several)."""
     name = printable(client_name or "unknown").replace("(", "").replace(")", "")
     literal = ("IPv6:" if ":" in client_ip else "") + client_ip     # RFC 5321 4.1.3
-    return ("Received: from %s ([%s])\r\n\tby %s with %s id %s;\r\n\t%s\r\n"
-            % (name, literal, domain, protocol, queue_id,
-               email.utils.formatdate(localtime=True))).encode("utf-8", "surrogateescape")
+    to = "" if recipient is None else "\n\tfor <%s>" % printable(recipient)
+    text = ("Received: from %s ([%s])\n\tby %s with %s id %s%s;\n\t%s\n"
+            % (name, literal, domain, protocol, queue_id, to, email.utils.formatdate(localtime=True)))
+    return text.encode("utf-8", "surrogateescape").replace(b"\n", eol)
 
 
-def trace_protocol(esmtp, tls, auth):
-    """The 'with' word of Received: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA (RFC 3848)."""
-    if not esmtp:
+def session_protocol(session):
+    """The 'with' word of a session's Received: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA (RFC 3848)."""
+    if session.replies is not Replies:        # the client began with HELO
         return "SMTP"
-    return "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
+    return "ESMTP" + ("S" if session.tls_active else "") + ("A" if session.login else "")
 
 
 def submission_headers(names, domain):
@@ -3718,21 +3751,19 @@ def submission_headers(names, domain):
     return added
 
 
-def queue_received(session, spool, header):
+def queue_received(session, spool, header, queue_id):
     """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
-    queue_id = new_queue_id()
     envelope = session.envelope
-    trace = trace_header(session.client_name, session.address[0], session.domain,
-                         trace_protocol(session.replies is Replies, session.tls_active, session.login), queue_id)
+    trace = trace_header(session.client_name, session.address[0], session.domain, session_protocol(session), queue_id)
     return session.server.queue.write(queue_id, spool, header, envelope.sender, envelope.remote,
                                       session.login, trace, envelope.utf8)
 
 
-def queued_reply(session, queue_id):
+def queued_reply(session, queue_id, header, size):
     """Log a received message that is now in the queue, hand it to a runner; the 250 naming its id."""
     envelope = session.envelope
-    log.info("%s: from=<%s> client=%s login=%s, queued for %s%s", queue_id, envelope.sender, session.peer,
-             session.login or "-", ", ".join(envelope.remote),
+    log.info("%s: from=<%s> size=%d %s, queued for %s%s", queue_id, envelope.sender, size,
+             arrival_text(session, header), ", ".join(envelope.remote),
              ", delivered to " + ", ".join(envelope.logins) if envelope.logins else "")
     session.server.queue.wake(queue_id)
     return session.replies.QUEUED % queue_id

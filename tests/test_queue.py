@@ -586,7 +586,7 @@ class OurServerAsSmarthostTest(unittest.TestCase):
         stored = read_mailbox(far, "alice")
         self.assertIn(b"Subject: via the smarthost\n", stored)
         self.assertIn((" id %s;" % queued).encode(), stored)
-        smarthost.wait_for_output("authentication succeeded: login alice, mechanism ")
+        smarthost.wait_for_output("authentication succeeded for login alice, mechanism ")
 
 
 class RelayOptionsTest(unittest.TestCase):

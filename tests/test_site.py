@@ -3,6 +3,7 @@ settings per root, the outgoing identity, trace fields and the log lines a perso
 
 import base64
 import email.parser
+import email.utils
 import email.policy
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -235,3 +237,155 @@ class ListenerErrorsTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+FAIL2BAN_HOST = r"(?:::f{4,6}:)?(?P<host>\S+)"     # what fail2ban's <HOST> stands for (its filter.d/common)
+
+
+def readme_failregex():
+    """The fail2ban failregex the README gives."""
+    with open(os.path.join(support.REPO, "README.md"), encoding="utf-8") as f:
+        found = re.search(r"^    failregex = (.+)$", f.read(), re.M)
+    return found.group(1)
+
+
+class TraceAndLogTest(unittest.TestCase):
+    """With --local-domains a stored copy starts with Return-Path: and our RFC 5321 Received:; the log
+    names each delivery's client, id, Message-ID, size and TLS, and failed logins in one form."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = support.make_mail_root()
+        cls.server = support.ServerProcess(support.SMTP_SCRIPT, cls.root, "--domain", "mx.example.org",
+                                           "--local-domains", "example.org", *TLS_ARGS)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        support.remove_mail_root(cls.root)
+
+    def setUp(self):
+        support.remove_mailboxes(self.root)
+
+    def send(self, tls=False, login=False, ehlo=True, sender="carol@else.test"):
+        client = support.LineClient("127.0.0.1", self.server.port)
+        self.addCleanup(client.close)
+        client.reply()
+        client.cmd_expecting(("EHLO" if ehlo else "HELO") + " client.test", 250)
+        if tls:
+            client.cmd_expecting("STARTTLS", 220)
+            client.wrap_tls()
+            client.cmd_expecting("EHLO client.test", 250)
+        if login:
+            client.cmd_expecting("AUTH PLAIN " + plain("alice", PASSWORD), 235)
+        body = (b"From: %s\r\nTo: alice@example.org, bob@example.org\r\nSubject: trace\r\n"
+                b"Message-ID: <trace.1@else.test>\r\n\r\nbody\r\n" % sender.encode())
+        client.cmd_expecting("MAIL FROM:<%s>" % sender, 250)
+        client.cmd_expecting("RCPT TO:<alice@example.org>", 250)
+        client.cmd_expecting("RCPT TO:<bob@example.org>", 250)
+        client.cmd_expecting("DATA", 354)
+        client.send(body + b".\r\n")
+        self.assertEqual(client.reply()[0], 250)
+        port = client.sock.getsockname()[1]
+        client.cmd("QUIT")
+        return port
+
+    def stored(self, login):
+        message, = support.stored_messages(self.root, login)
+        return email.parser.BytesParser(policy=email.policy.compat32).parsebytes(message)
+
+    def received_parts(self, field):
+        """The clauses of our Received: field, checked against RFC 5321 4.4's grammar."""
+        unfolded = " ".join(field.split())
+        found = re.fullmatch(r"from (\S+) \(\[([^\]]+)\]\) by (\S+) with (\w+) id ([0-9A-F]{21}) "
+                             r"for <([^>]+)>; (.+)", unfolded)
+        self.assertIsNotNone(found, unfolded)
+        return found.groups()
+
+    def test_trace_fields_of_each_copy(self):
+        self.send()
+        for login in ("alice", "bob"):
+            with self.subTest(login=login):
+                message = self.stored(login)
+                names = [name.lower() for name in message.keys()]
+                self.assertEqual(names[:2], ["return-path", "received"])
+                self.assertEqual(message["Return-Path"], "<carol@else.test>")
+                helo, ip, by, protocol, our_id, recipient, date = self.received_parts(message.get_all("Received")[0])
+                self.assertEqual((helo, ip, by, protocol, recipient),
+                                 ("client.test", "127.0.0.1", "mx.example.org", "ESMTP", "%s@example.org" % login))
+                when = email.utils.parsedate_to_datetime(date)
+                self.assertIsNotNone(when.tzinfo)
+                self.assertLess(abs(time.time() - when.timestamp()), 120)
+                # the course line stays right after Subject:, and the client lists the message by it
+                self.assertEqual(names[names.index("subject") + 1], "received")
+                self.assertRegex(message.get_all("Received")[1], r"^\d{4}-\d\d-\d\d : \d\d : \d\d$")
+
+    def test_with_names_how_the_message_came(self):
+        cases = [(dict(ehlo=False), "SMTP"), (dict(tls=True), "ESMTPS"),
+                 (dict(tls=True, login=True, sender="alice@example.org"), "ESMTPSA")]
+        for kwargs, protocol in cases:
+            with self.subTest(protocol=protocol):
+                support.remove_mailboxes(self.root)
+                self.send(**kwargs)
+                self.assertEqual(self.received_parts(self.stored("bob").get_all("Received")[0])[3], protocol)
+
+    def test_delivery_line_names_client_id_message_id_size_and_tls(self):
+        port = self.send(tls=True)
+        our_id = self.received_parts(self.stored("alice").get_all("Received")[0])[4]
+        line = self.server.wait_for_output(r"%s: delivered .*client=127\.0\.0\.1:%d .*" % (our_id, port)).group(0)
+        size = len(support.read_mailbox(self.root, "alice"))
+        self.assertIn("delivered %d bytes from <carol@else.test> to alice, bob" % size, line)
+        self.assertIn("message-id=<trace.1@else.test>", line)
+        self.assertRegex(line, r"tls=TLSv1\.[23]\b")
+
+    def test_fail2ban_regex_of_the_readme_matches_the_failed_login_line_of_both_servers(self):
+        failregex = re.compile(readme_failregex().replace("<HOST>", FAIL2BAN_HOST))
+        pop = support.ServerProcess(support.POP_SCRIPT, self.root)
+        self.addCleanup(pop.close)
+        client = support.LineClient("127.0.0.1", self.server.port)
+        self.addCleanup(client.close)
+        client.reply()
+        client.cmd_expecting("EHLO client.test", 250)
+        client.cmd("AUTH PLAIN " + plain("alice from 10.9.9.9", "wrong"))
+        with support.PopClient(pop) as popclient:
+            popclient.cmd("USER alice")
+            popclient.cmd("PASS wrong")
+        for server in (self.server, pop):
+            with self.subTest(server=os.path.basename(server.proc.args[1])):
+                line = server.wait_for_output(r"authentication failed.*").string.rstrip("\n")
+                date, clock, rest = line.split(" ", 2)        # fail2ban takes the date off first
+                self.assertRegex(date + " " + clock, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}$")
+                found = failregex.search(" " + rest)
+                self.assertIsNotNone(found, rest)
+                self.assertEqual(found.group("host"), "127.0.0.1")
+        self.assertIsNone(failregex.search(" smtp INFO 127.0.0.1:1: authentication succeeded for login alice, "
+                                           "mechanism PLAIN, from 127.0.0.1"))
+
+
+class CourseModeTest(unittest.TestCase):
+    """Without --local-domains the course dialogue and the stored message are as they always were."""
+
+    def test_course_dialogue_and_mailbox_byte_for_byte(self):
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        server = support.ServerProcess(support.SMTP_SCRIPT, root, "--domain", "kuleuven.be",
+                                       "--listen", "127.0.0.1:0/smtp")
+        self.addCleanup(server.close)
+        for port in listener_ports(server, 2)["smtp"]:
+            support.remove_mailboxes(root)
+            with self.subTest(port=port), support.LineClient("127.0.0.1", port) as client:
+                dialogue = [client.raw_line()]
+                for line in (b"HELO kuleuven.be", b"MAIL_FROM: <cnlab@kuleuven.be>", b"RCPT_TO: <alice@kuleuven.be>",
+                             b"RCPT_TO: <nobody@kuleuven.be>", b"DATA",
+                             b"From: cnlab@kuleuven.be\r\nTo: alice@kuleuven.be\r\nSubject: hi\r\nbody\r\n.",
+                             b"QUIT"):
+                    client.send(line + b"\r\n")
+                    dialogue.append(client.raw_line())
+                self.assertEqual(dialogue, [
+                    b"220 kuleuven.be Service ready\r\n", b"250 OK Hello kuleuven.be\r\n",
+                    b"250 <cnlab@kuleuven.be>... Sender ok\r\n", b"250 alice... Recipient ok\r\n",
+                    b"550 No such user\r\n", b'354 Enter mail, end with "." on a line by itself\r\n',
+                    b"250 OK Message accepted for delivery\r\n", b"221 kuleuven.be closing connection\r\n"])
+                self.assertRegex(support.read_mailbox(root, "alice"),
+                                 rb"\AFrom: cnlab@kuleuven.be\nTo: alice@kuleuven.be\nSubject: hi\n"
+                                 rb"Received: \d{4}-\d\d-\d\d : \d\d : \d\d\nbody\n\.\n\Z")
