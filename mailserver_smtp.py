@@ -20,6 +20,7 @@ import argparse
 import base64
 import binascii
 import collections
+import configparser
 import contextlib
 import email.utils
 import errno
@@ -1353,6 +1354,10 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
                         help="TCP port of the first listener, mode %s (0: any free port)" % modes[0])
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser.add_argument("--site", metavar="FILE",
+                        help="site file (INI): [mail] for both servers, [smtp], [pop3]; keys are the long "
+                        "option names; the command line wins")
+    parser.set_defaults(site_listen=None)
     parser.add_argument("--listen", metavar="[ADDR:]PORT[/MODE]", action="append", type=listen_spec,
                         help="one more listener (repeatable; ADDR default --host, IPv6 as [::1]); MODE: %s "
                         "(default %s)" % (", ".join(modes), modes[0]))
@@ -1410,7 +1415,8 @@ def listen_spec(text):
 def listener_specs(parser, args):
     """The (host, port, mode) of each listener: the positional PORT first, then each --listen."""
     specs = [] if args.port is None else [(args.host, args.port, None)]
-    specs += [(host or args.host, port, mode) for host, port, mode in args.listen or ()]
+    listen = args.listen if args.listen is not None else args.site_listen     # the command line wins
+    specs += [(host or args.host, port, mode) for host, port, mode in listen or ()]
     if not specs:
         parser.error("give a PORT or at least one --listen")
     for host, port, mode in specs:
@@ -1913,6 +1919,131 @@ def configure_logging(name):
 
 
 # --------------------------------------------------------------------------
+# The site file: the options of both servers in one INI file
+# --------------------------------------------------------------------------
+#
+#   [mail]      what both servers take (root, domain, host, tls-cert, ...)
+#   [smtp]      what only mailserver_smtp.py takes (listen, local-domains, relay-host, ...)
+#   [pop3]      what only pop_server.py takes (listen, ...)
+#
+# Each key is a long option name without its "--"; a flag takes yes/no;
+# listen takes several [ADDR:]PORT[/MODE] separated by spaces.  What the
+# file says becomes the parser's default, so the command line wins.  A
+# key of [mail] the POP3 server does not take is left to the SMTP server,
+# which takes all of POP3's options and checks every key of [mail].
+
+SITE_SECTIONS = ("mail", "smtp", "pop3")
+SITE_NOT_KEYS = ("help", "site")
+
+
+def parse_with_site(parser, argv, section):
+    """parser.parse_args(argv), its defaults first set from --site FILE's [mail] and [section]."""
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument("--site")
+    path = finder.parse_known_args(argv)[0].site
+    if path is not None:
+        parser.set_defaults(**site_defaults(parser, path, section))
+    return parser.parse_args(argv)
+
+
+def site_defaults(parser, path, section):
+    """The defaults a site file gives parser from [mail] and [section]; an error (exit 2) names file and line."""
+    text = read_site_file(parser, path)
+    config = configparser.ConfigParser(interpolation=None, default_section="\0", delimiters=("=",))
+    try:
+        config.read_string(text, source=path)
+    except configparser.Error as exc:
+        parser.error("site file %s line %d: %s" % ((path,) + site_syntax_error(exc)))
+    lines = site_lines(text)
+    for name in config.sections():
+        if name not in SITE_SECTIONS:
+            parser.error("site file %s line %d: unknown section [%s] (sections: %s)"
+                         % (path, lines[name, None], name, ", ".join(SITE_SECTIONS)))
+    defaults = {}
+    for name in ("mail", section):
+        if config.has_section(name):
+            for key, value in config.items(name):
+                where = "site file %s line %d" % (path, lines[name, key])
+                # [mail] keys POP3 does not take are the SMTP server's to check (it takes all of POP3's)
+                site_value(parser, where, key, value, defaults, name == "mail" and section == "pop3")
+    return defaults
+
+
+def site_listener(parser, text):
+    """One [ADDR:]PORT[/MODE] of a site file's listen, its mode one of parser's (ValueError if not)."""
+    host, port, mode = listen_spec(text)
+    if mode is not None and mode not in parser.get_default("modes"):
+        raise ValueError("the mode must be one of %s" % ", ".join(parser.get_default("modes")))
+    return host, port, mode
+
+
+def site_syntax_error(exc):
+    """(line number, what is wrong) of the configparser.Error a site file raised."""
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return exc.lineno, "section [%s] given twice" % exc.section
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return exc.lineno, "key %r given twice in [%s]" % (exc.option, exc.section)
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return exc.lineno, "a key before the first [section]: %r" % exc.line.strip()
+    if isinstance(exc, configparser.ParsingError):
+        return exc.errors[0][0], "not a 'key = value' line: %s" % exc.errors[0][1].replace("\\n", "")
+    return 0, str(exc)
+
+
+def read_site_file(parser, path):
+    """The text of a site file: a regular file, not a symlink, readable (else an error, exit 2)."""
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            parser.error("site file %s is a symlink: give the file itself" % path)
+        if not stat.S_ISREG(mode):          # a folder, or a FIFO whose open would wait for ever
+            parser.error("site file %s is not a regular file" % path)
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error("cannot read the site file %s: %s" % (path, exc))
+
+
+def site_lines(text):
+    """{(section, key): its line number} of a site file, and {(section, None): its header's line}."""
+    lines, section = {}, None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;" or line[:1].isspace():
+            continue
+        if stripped.startswith("["):
+            section = stripped[1:].partition("]")[0].strip()
+            lines.setdefault((section, None), number)
+        else:
+            lines.setdefault((section, stripped.partition("=")[0].strip().lower()), number)
+    return lines
+
+
+def site_value(parser, where, key, value, defaults, lenient):
+    """Check one key of a site file and put its value, as the option's type makes it, into defaults.
+
+    lenient: a key parser does not know is passed over (not an error).
+    """
+    action = parser._option_string_actions.get("--" + key) if key not in SITE_NOT_KEYS else None
+    if action is None:
+        if lenient:
+            return
+        parser.error("%s: unknown key %r" % (where, key))
+    try:
+        if action.nargs == 0:        # a flag
+            if value.lower() not in configparser.ConfigParser.BOOLEAN_STATES:
+                raise ValueError("yes or no")
+            if configparser.ConfigParser.BOOLEAN_STATES[value.lower()]:
+                defaults[action.dest] = action.const
+        elif action.dest == "listen":
+            defaults["site_listen"] = [site_listener(parser, word) for word in value.split()]
+        else:
+            defaults[action.dest] = action.type(value) if action.type else value
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        parser.error("%s: bad value %r for %s: %s" % (where, value, key, exc))
+
+
+# --------------------------------------------------------------------------
 # Speed-ups of both servers
 # --------------------------------------------------------------------------
 # Each makes a server faster without changing what it does, and says by
@@ -2136,7 +2267,7 @@ def parse_args(argv=None):
     parser.add_argument("--postmaster", metavar="USER",
                         help="the user who gets the mail for postmaster (default: the first user)")
     relay_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_site(parser, argv, "smtp")
     if args.max_size < 1 or args.quota is not None and args.quota < 1:
         parser.error("--max-size and --quota must be positive")
     if args.postmaster is not None and not is_valid_login(args.postmaster):

@@ -389,3 +389,99 @@ class CourseModeTest(unittest.TestCase):
                 self.assertRegex(support.read_mailbox(root, "alice"),
                                  rb"\AFrom: cnlab@kuleuven.be\nTo: alice@kuleuven.be\nSubject: hi\n"
                                  rb"Received: \d{4}-\d\d-\d\d : \d\d : \d\d\nbody\n\.\n\Z")
+
+
+class SiteFileTest(unittest.TestCase):
+    """--site FILE: one INI file for both servers; the command line wins; every error names file and line."""
+
+    def setUp(self):
+        self.root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, self.root)
+
+    def site(self, text, name="site.ini"):
+        path = os.path.join(self.root, name)
+        with open(path, "w") as f:
+            f.write(text % {"root": self.root, "cert": TLS_CERT, "key": TLS_KEY})
+        return path
+
+    def refused(self, script, path, pattern):
+        result = run_script(script, "--site", path)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertRegex(result.stderr.splitlines()[-1], pattern)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_every_kind_of_error_names_the_file_and_line(self):
+        cases = [
+            ("[mail]\nroot = %(root)s\n[smtp]\nlisten = 0\nrelay-hots = x.test\n", "line 5: unknown key 'relay-hots'"),
+            ("[mail]\nroot = %(root)s\nport = 25\n", "line 3: unknown key 'port'"),
+            ("[mail]\nsite = other.ini\n", "line 2: unknown key 'site'"),
+            ("[mail]\n\n[smtp]\nmax-size = big\n", "line 4: bad value 'big' for max-size"),
+            ("[mail]\nverbose = maybe\n", "line 2: bad value 'maybe' for verbose: yes or no"),
+            ("[smtp]\nlisten = 0/smtp 0/pop3s\n", "line 2: bad value .* for listen"),
+            ("[mail]\nproxy-from = 10.0.0.0/33\n", "line 2: bad value .* for proxy-from"),
+            ("[mail]\nroot = %(root)s\n[smtp]\n[mail]\n", "line 4: section \\[mail\\] given twice"),
+            ("[mail]\nroot = %(root)s\nroot = /\n", "line 3: key 'root' given twice in \\[mail\\]"),
+            ("root = %(root)s\n", "line 1: a key before the first \\[section\\]"),
+            ("[mail]\nroot\n", "line 2: not a 'key = value' line"),
+            ("[mail]\n# a comment\n\n[imap]\n", "line 4: unknown section \\[imap\\]"),
+        ]
+        for text, message in cases:
+            with self.subTest(text=text):
+                path = self.site(text)
+                self.refused(support.SMTP_SCRIPT, path, "site file %s %s" % (re.escape(path), message))
+
+    def test_pop3_checks_its_own_sections_and_leaves_smtp_keys_of_mail_to_smtp(self):
+        path = self.site("[mail]\nroot = %(root)s\nlocal-domains = example.org\n[pop3]\nlisten = 0/pop3\nquota = 5\n")
+        self.refused(support.POP_SCRIPT, path, "site file %s line 6: unknown key 'quota'" % re.escape(path))
+
+    def test_a_missing_file_a_symlink_a_folder_and_a_fifo_are_refused(self):
+        good = self.site("[mail]\nroot = %(root)s\n")
+        link = os.path.join(self.root, "link.ini")
+        os.symlink(good, link)
+        for script in (support.SMTP_SCRIPT, support.POP_SCRIPT):
+            with self.subTest(script=os.path.basename(script)):
+                missing = os.path.join(self.root, "missing.ini")
+                self.refused(script, missing, "cannot read the site file %s" % re.escape(missing))
+                self.refused(script, link, "site file %s is a symlink" % re.escape(link))
+                self.refused(script, self.root, "site file %s is not a regular file" % re.escape(self.root))
+                fifo = os.path.join(self.root, "fifo.ini")
+                if not os.path.exists(fifo) and hasattr(os, "mkfifo"):
+                    os.mkfifo(fifo)
+                if os.path.exists(fifo):                    # refused unopened: its open would wait for a writer
+                    self.refused(script, fifo, "site file %s is not a regular file" % re.escape(fifo))
+
+    @unittest.skipIf(hasattr(os, "geteuid") and os.geteuid() == 0, "root reads any file")
+    def test_an_unreadable_file_is_refused(self):
+        path = self.site("[mail]\nroot = %(root)s\n")
+        os.chmod(path, 0)
+        self.refused(support.SMTP_SCRIPT, path, "cannot read the site file %s: .*Permission denied" % re.escape(path))
+
+    def test_a_whole_site_from_one_file_and_the_command_line_wins(self):
+        path = self.site("# the whole site\n[mail]\nroot = %(root)s\ndomain = site.example.org\ntls-cert = %(cert)s\n"
+                         "tls-key = %(key)s\n\n[smtp]\nlisten = 127.0.0.1:0/smtp\n  127.0.0.1:0/submission"
+                         " 127.0.0.1:0/smtps\nlocal-domains = example.org\nmax-size = 5000\n\n"
+                         "[pop3]\nlisten = 127.0.0.1:0/pop3 127.0.0.1:0/pop3s\n")
+        smtp = support.StartedServer(support.SMTP_SCRIPT, self.root, "--site", path, "--max-size", "7000")
+        self.addCleanup(smtp.close)
+        pop = support.StartedServer(support.POP_SCRIPT, self.root, "--site", path)
+        self.addCleanup(pop.close)
+        ports = listener_ports(smtp, 4)
+        self.assertEqual({mode: len(p) for mode, p in ports.items()}, {"smtp": 2, "submission": 1, "smtps": 1})
+        self.assertEqual({mode: len(p) for mode, p in listener_ports(pop, 3).items()}, {"pop3": 2, "pop3s": 1})
+        with support.LineClient("127.0.0.1", ports["submission"][0]) as client:
+            self.assertEqual(client.line(), "220 site.example.org Service ready")
+            lines = client.cmd_expecting("EHLO client.test", 250)[1]
+            self.assertIn("250-SIZE 7000", lines)               # the command line wins over the file
+            self.assertEqual(client.cmd("RCPT TO:<x@else.test>")[0], 503)
+        with support.LineClient("127.0.0.1", ports["smtp"][1]) as client:
+            client.reply()
+            client.cmd_expecting("EHLO client.test", 250)
+            client.cmd_expecting("MAIL FROM:<x@else.test>", 250)
+            self.assertEqual(client.cmd("RCPT TO:<x@else.test>")[0], 250)   # loopback relays: local-domains is set
+        moved = support.StartedServer(support.SMTP_SCRIPT, self.root, "--site", path, "--listen", "127.0.0.1:0",
+                                      "--domain", "cmd.example.org")
+        self.addCleanup(moved.close)
+        self.assertEqual(listener_ports(moved, 2), {"smtp": [moved.port, listener_ports(moved, 2)["smtp"][1]]})
+        self.assertEqual(len(LISTENER_LINE.findall(moved.output())), 2)       # the file's listen is replaced
+        with support.LineClient("127.0.0.1", moved.port) as client:
+            self.assertEqual(client.line(), "220 cmd.example.org Service ready")
