@@ -334,6 +334,8 @@ class UserTable:
 #   .my_mailbox.torn       bytes of messages never acknowledged, set aside
 #                          (appended, never served): what a crash left
 #
+# ROOT/.run holds a lock file each running server holds for its life: its
+# CPU claim, and an SMTP server's relay settings (see the queue);
 # and ROOT/.spool holds SMTP's large messages while they arrive (files with
 # no name, gone with the process) and the commit record of each delivery to
 # several mailboxes while it is under way (below).  The servers open every
@@ -389,6 +391,7 @@ NEW_INDEX_NAME = ".my_mailbox.index.new"
 NEW_MAILBOX_NAME = ".my_mailbox.new"
 TORN_NAME = ".my_mailbox.torn"
 SPOOL_NAME = ".spool"
+RUN_NAME = ".run"            # what the running servers hold for their lives: CPU claims, relay settings
 
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows: no newline translation in mailboxes
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # POSIX: a symlink is refused, not followed
@@ -490,6 +493,15 @@ def open_regular(path, flags, mode=0o600):
         os.close(fd)
         raise
     return fd, st
+
+
+def private_folder(root, name):
+    """The path of the folder ROOT/name, made (mode 0700) if absent; OSError if it is no folder (a symlink)."""
+    path = os.path.join(root, name)
+    os.makedirs(path, 0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", path)
+    return path
 
 
 def remove_file(path):
@@ -1524,8 +1536,16 @@ def create_listener(host, port):
     return listener
 
 
-class ListenError(Exception):
-    """A listener could not be opened: the server does not start."""
+class StartError(Exception):
+    """The server cannot start: why, and the exit code (2: the options, as argparse's)."""
+
+    code = 2
+
+
+class ListenError(StartError):
+    """A listener could not be opened: the server does not start (exit 1)."""
+
+    code = 1
 
 
 class Listener:
@@ -1885,12 +1905,12 @@ def run_server(server_class, args, name):
     """Run a server until Ctrl-C or SIGTERM; return the exit code."""
     use_small_thread_stacks()
     configure_logging(name)          # first: what the pinning logs is a line like any other
-    run_on_one_cpu(args.cpu)
+    run_on_one_cpu(args.cpu, args.root)
     try:
         server = server_class(args)
-    except ListenError as exc:
+    except StartError as exc:
         log.error("%s", exc)
-        return 1
+        return exc.code
     signals = ShutdownSignals()
     if args.tls is not None and hasattr(signal, "SIGHUP"):
         # Only flags the files to be looked at: the handler runs in the main thread, between
@@ -2088,7 +2108,7 @@ class SecondFormatter(logging.Formatter):
         return "%s,%03d" % (stamp, record.msecs)
 
 
-def run_on_one_cpu(chosen=None):
+def run_on_one_cpu(chosen, root):
     """Keep this process's threads on one CPU, one its sibling servers do not use (call before any thread).
 
     Only one thread runs Python at a time (the GIL).  When session threads
@@ -2096,15 +2116,16 @@ def run_on_one_cpu(chosen=None):
     wake-up, which costs far more than a switch on one CPU: measured
     (tests/bench_smtp.py, interleaved), twice the messages per second at
     10 and 50 clients (1187 against 585, 1180 against 594).  --cpu N picks
-    the CPU; else the one fewest other servers of ours have claimed (lock
-    files in the system's temporary folder, held while the process lives),
-    so servers started side by side spread over the CPUs.
+    the CPU; else the one fewest other servers of the mail root have
+    claimed (lock files in ROOT/.run, held while the process lives: not in
+    the temporary folder, which systemd's PrivateTmp= makes each server's
+    own), so servers started side by side spread over the CPUs.
     """
     if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
         return
     try:
         allowed = sorted(os.sched_getaffinity(0))
-        cpu = chosen if chosen is not None else unclaimed_cpu(allowed)
+        cpu = chosen if chosen is not None else unclaimed_cpu(allowed, private_folder(root, RUN_NAME))
         os.sched_setaffinity(0, {cpu})
     except (OSError, ValueError) as exc:
         log.warning("staying on every CPU: %s", exc)
@@ -2114,7 +2135,7 @@ _CPU_CLAIM = []              # the lock on the claimed CPU, held until the proce
 CPU_CLAIM_LAYERS = 64        # claims per CPU: the 65th server process on one CPU picks by its pid
 
 
-def unclaimed_cpu(allowed):
+def unclaimed_cpu(allowed, folder):
     """The allowed CPU with the fewest of our servers on it (claimed now, by a lock file held for life).
 
     Claims come in layers: the first server of each CPU claims its layer 0,
@@ -2124,7 +2145,7 @@ def unclaimed_cpu(allowed):
     for layer in range(CPU_CLAIM_LAYERS):
         for cpu in allowed:
             name = "mailserver-cpu-%d-%d.lock" % (cpu, layer)
-            claim = FileLock(os.path.join(tempfile.gettempdir(), name))
+            claim = FileLock(os.path.join(folder, name))
             try:
                 if claim.acquire(blocking=False):
                     _CPU_CLAIM.append(claim)
@@ -2308,6 +2329,9 @@ def relay_arguments(parser):
                        help="the DNS server for MX lookups (default: those of /etc/resolv.conf)")
     group.add_argument("--mx-port", metavar="PORT", type=int, default=SMTP_PORT,
                        help="the port of other domains' mail exchangers (default: %d)" % SMTP_PORT)
+    group.add_argument("--source-address", metavar="ADDR",
+                       help="the address of this machine outgoing connections are made from: the one the "
+                       "site's PTR and SPF records name (default: the one the system picks)")
 
 
 def check_relay_arguments(parser, args):
@@ -2336,6 +2360,18 @@ def check_relay_arguments(parser, args):
             parser.error("--relay-auth: %s" % exc)
     if args.relay_cafile and not os.path.isfile(args.relay_cafile):
         parser.error("--relay-cafile %s is not a file" % args.relay_cafile)
+    if args.source_address:
+        try:
+            check_own_address(args.source_address)
+        except (ValueError, OSError) as exc:
+            parser.error("--source-address %s is not an address of this machine: %s" % (args.source_address, exc))
+
+
+def check_own_address(text):
+    """Raise ValueError or OSError unless text is an IP address of this machine (one a socket can bind)."""
+    ip = ipaddress.ip_address(text)
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((text, 0))
 
 
 def domain_list(text):
@@ -3779,10 +3815,7 @@ class QueueFile:
 
 def prepare_queue(root):
     """The path of ROOT/.queue (made private if absent), emptied of the .tmp files of dead writers."""
-    path = os.path.join(root, QUEUE_NAME)
-    os.makedirs(path, 0o700, exist_ok=True)
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
-        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", path)
+    path = private_folder(root, QUEUE_NAME)
     for name in os.listdir(path):
         if name.endswith(TEMP_SUFFIX):
             remove_orphan(os.path.join(path, name))
@@ -3795,6 +3828,63 @@ def remove_orphan(path):
         if free:
             remove_file(path)
             log.info("removed %s, left half-written by a server that stopped", path)
+
+
+# One set of relay settings per mail root.  Every runner on a root sends
+# every queued message, so servers that disagreed on where mail goes would
+# misroute it.  Each SMTP server with a queue writes its settings to a
+# file ROOT/.run/relay-<pid>-<random>.settings, locked for its life; a
+# server starting on the root compares its own with those of each living
+# server (under ROOT/.run/relay.lock, one starter at a time) and refuses
+# to start when one differs.
+
+RELAY_SETTINGS = ("domain", "source_address", "local_domains", "relay_host", "relay_implicit_tls",
+                  "relay_cafile", "relay_auth", "relay_timeout", "queue_lifetime", "retry_base",
+                  "dns_server", "mx_port")
+RELAY_SETTINGS_LOCK = "relay.lock"
+RELAY_SETTINGS_SUFFIX = ".settings"
+_RELAY_RECORD = []           # this process's settings file, open and locked until it ends
+
+
+def relay_settings(args):
+    """{option name: its value as text} of the settings every server of one root must share."""
+    def text(value):
+        if isinstance(value, frozenset):
+            return ",".join(sorted(value))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return "%g" % value           # --retry-base 300 is the default 300, not 300.0
+        return str(value)
+    return {"--" + name.replace("_", "-"): text(getattr(args, name)) for name in RELAY_SETTINGS}
+
+
+def record_relay_settings(root, settings):
+    """Record this server's relay settings in ROOT/.run; StartError if a running server's differ."""
+    folder = private_folder(root, RUN_NAME)
+    with FileLock(os.path.join(folder, RELAY_SETTINGS_LOCK)):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("relay-") and name.endswith(RELAY_SETTINGS_SUFFIX):
+                compare_relay_settings(os.path.join(folder, name), settings)
+        path = os.path.join(folder, "relay-%d-%s%s" % (os.getpid(), os.urandom(4).hex(), RELAY_SETTINGS_SUFFIX))
+        fd, _ = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        _lock_fd(fd, False)
+        _RELAY_RECORD.append(fd)
+        write_all(fd, "".join("%s\t%s\n" % item for item in settings.items()).encode("utf-8", "surrogateescape"))
+
+
+def compare_relay_settings(path, settings):
+    """Remove a dead server's settings file; StartError naming the first setting a living one differs in."""
+    with held_by_nobody(path) as dead:
+        if dead:
+            remove_file(path)
+            return
+    with open(path, "rb") as f:
+        theirs = dict(line.split("\t", 1) for line in f.read().decode("utf-8", "surrogateescape").splitlines()
+                      if "\t" in line)
+    for name, value in settings.items():
+        if theirs.get(name) != value:
+            raise StartError("relay settings differ from those of a running server on this mail root (%s): %s is "
+                             "%r there, %r here; every server of one root must use the same relay settings"
+                             % (os.path.basename(path), name, theirs.get(name), value))
 
 
 def outgoing_chunks(spool):
@@ -4868,6 +4958,7 @@ class Relay:
         self.credentials = args.relay_credentials    # (login, password), or None; never logged
         self.timeout = args.relay_timeout
         self.mx_port = args.mx_port
+        self.source = (args.source_address, 0) if args.source_address else None    # None: the system picks
         self.resolver = Resolver(args.dns_server)    # shared by the runners: it keeps no state
         self.verified = ssl.create_default_context(cafile=args.relay_cafile)
         self.opportunistic = ssl.create_default_context()
@@ -4963,8 +5054,9 @@ class Relay:
     def connect(self, server, port):
         """An smtplib client connected to server (its name: the smarthost's certificate must match it)."""
         if self.host and self.implicit_tls:
-            return smtplib.SMTP_SSL(server, port, self.domain, timeout=self.timeout, context=self.verified)
-        return smtplib.SMTP(server, port, self.domain, timeout=self.timeout)
+            return smtplib.SMTP_SSL(server, port, self.domain, timeout=self.timeout, context=self.verified,
+                                    source_address=self.source)
+        return smtplib.SMTP(server, port, self.domain, timeout=self.timeout, source_address=self.source)
 
     def converse(self, smtp, entry, file, relay, name, addresses, tls):
         """Greet, secure, log in, then the transaction (see session)."""
@@ -5139,7 +5231,10 @@ class SMTPServer(Server):
         self.postmaster_name = args.postmaster
         self.spool_folder = prepare_spool(self.users.root)
         # Mail goes out only when some domains are not ours (CONTRACT.md section 7).
-        self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
+        self.queue = None
+        if self.local_domains is not None:
+            record_relay_settings(self.users.root, relay_settings(args))
+            self.queue = OutboundQueue(self, args)
 
     def serve_forever(self):
         if self.queue is not None:

@@ -170,7 +170,9 @@ class RelayPermissionTest(support.OneServerTestCase):
     @support.skip_unless_ipv6
     def test_the_default_relay_networks_take_ipv6_loopback(self):
         """Without --relay-networks, a client on ::1 may send out (the default is 127.0.0.0/8 and ::1/128)."""
-        server = support.ServerProcess(SMTP_SCRIPT, self.root, "--local-domains", "example.org",
+        root = support.make_mail_root()      # its own: a second server on a root shares its relay settings
+        self.addCleanup(support.remove_mail_root, root)
+        server = support.ServerProcess(SMTP_SCRIPT, root, "--local-domains", "example.org",
                                        "--mx-port", str(support.closed_port()), host="::1")
         self.addCleanup(server.close)
         with support.smtp_session(server) as client:

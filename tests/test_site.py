@@ -478,6 +478,7 @@ class SiteFileTest(unittest.TestCase):
             client.cmd_expecting("EHLO client.test", 250)
             client.cmd_expecting("MAIL FROM:<x@else.test>", 250)
             self.assertEqual(client.cmd("RCPT TO:<x@else.test>")[0], 250)   # loopback relays: local-domains is set
+        smtp.close()                  # (a server with another --domain may not share the root with it)
         moved = support.StartedServer(support.SMTP_SCRIPT, self.root, "--site", path, "--listen", "127.0.0.1:0",
                                       "--domain", "cmd.example.org")
         self.addCleanup(moved.close)
@@ -485,3 +486,76 @@ class SiteFileTest(unittest.TestCase):
         self.assertEqual(len(LISTENER_LINE.findall(moved.output())), 2)       # the file's listen is replaced
         with support.LineClient("127.0.0.1", moved.port) as client:
             self.assertEqual(client.line(), "220 cmd.example.org Service ready")
+
+
+class RelaySettingsTest(unittest.TestCase):
+    """Every server of one root uses the same relay settings: a second one that differs does not start."""
+
+    def setUp(self):
+        self.root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, self.root)
+
+    def start(self, *args):
+        return support.ServerProcess(support.SMTP_SCRIPT, self.root, "--local-domains", "example.org",
+                                     "--domain", "mx.example.org", "--mx-port", "2525", *args)
+
+    def run_second(self, *args):
+        return run_script(support.SMTP_SCRIPT, "0", "--host", "127.0.0.1", "--root", self.root, "--local-domains",
+                          "example.org", "--domain", "mx.example.org", "--mx-port", "2525", *args)
+
+    def test_a_second_server_with_other_relay_settings_refuses_to_start(self):
+        first = self.start()
+        self.addCleanup(first.close)
+        for args, setting in [(("--mx-port", "25"), "--mx-port is '2525' there, '25' here"),
+                              (("--domain", "other.example.org"), "--domain is 'mx.example.org' there"),
+                              (("--retry-base", "60"), "--retry-base is '300' there, '60' here"),
+                              (("--source-address", "127.0.0.1"), "--source-address is 'None' there")]:
+            with self.subTest(args=args):
+                result = self.run_second(*args)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertIn("relay settings differ from those of a running server", result.stderr)
+                self.assertIn(setting, result.stderr)
+                self.assertNotIn("listening on", result.stderr)
+        same = self.start("--relay-concurrency", "2", "--max-size", "1000", "--retry-base", "300.0")
+        self.addCleanup(same.close)
+        self.assertTrue(same.alive())
+
+    def test_the_settings_of_a_stopped_or_killed_server_go_with_it(self):
+        for stop in ("terminate", "kill"):
+            with self.subTest(stop=stop):
+                first = self.start()
+                getattr(first, stop)()
+                first.close()
+                other = self.start("--mx-port", "25")
+                other.close()
+        settings = [n for n in os.listdir(os.path.join(self.root, ".run")) if n.endswith(".settings")]
+        self.assertLessEqual(len(settings), 1)
+
+
+class SourceAddressTest(unittest.TestCase):
+    """--source-address: outgoing connections come from it, and EHLO says --domain."""
+
+    def test_the_remote_sees_the_source_address_and_our_domain(self):
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        remote = support.RemoteSMTPServer()
+        self.addCleanup(remote.close)
+        server = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", "example.org",
+                                       "--domain", "mx.example.org", "--mx-port", str(remote.port),
+                                       "--source-address", "127.0.0.3", "--retry-base", "0.3")
+        self.addCleanup(server.close)
+        with support.smtp_session(server, ehlo=True) as client:
+            code, lines = support.send_message(client, b"Subject: out\r\n\r\nhi\r\n", "alice@example.org",
+                                               ("carl@[127.0.0.1]",))
+            self.assertEqual(code, 250, lines)
+        support.wait_for(lambda: remote.messages)
+        self.assertEqual(remote.peers, ["127.0.0.3"])
+        self.assertIn("ehlo mx.example.org", [line.lower() for line in remote.received])
+
+    def test_an_address_not_of_this_machine_is_refused_at_start(self):
+        for address in ("192.0.2.1", "not-an-address"):
+            with self.subTest(address=address):
+                result = run_script(support.SMTP_SCRIPT, "0", "--local-domains", "example.org",
+                                    "--source-address", address)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertIn("--source-address %s is not an address of this machine" % address, result.stderr)
