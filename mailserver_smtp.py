@@ -16,43 +16,49 @@ The file has two parts, split at one line:
     queue, DNS, delivery to other servers and bounces; then the server and main().
 """
 
+# Part 1's modules: what both servers are made of (users and passwords, files
+# and locks, sockets, TLS, threads, the PROXY protocol, logging).
 import argparse
 import base64
 import binascii
-import collections
 import configparser
 import contextlib
-import email.utils
 import errno
 import functools
-import getpass
 import hashlib
 import hmac
-import io
 import ipaddress
-import itertools
 import logging
 import os
-import random
 import re
-import secrets
 import selectors
 import signal
-import smtplib
 import socket
 import ssl
 import stat
 import struct
-import sys
-import tempfile
 import threading
 import time
+import urllib.parse
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
     import msvcrt
+
+# Part 2's modules: what only the SMTP server needs (the stored form, the
+# queue, DNS, delivery to other servers, bounces, its own command line).
+import collections
+import email.utils
+import getpass
+import io
+import itertools
+import random
+import secrets
+import smtplib
+import sys
+import tempfile
 
 
 # ##########################################################################
@@ -219,17 +225,19 @@ def password_matches(stored, password):
 class UserTable:
     """The users of a mail root, read from userinfo.txt again whenever the file changes."""
 
+    NEVER_READ = ()              # the stamp before the first read: no file's, not even a missing one's
+
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.path = os.path.join(self.root, USERINFO_NAME)
         self._guard = threading.Lock()
-        self._stamp = None
+        self._stamp = self.NEVER_READ
         self._passwords = {}   # login -> password bytes or HashedPassword, in file order
         self._folded = {}      # login.lower() -> login
         self._decoy = NO_PASSWORD   # checked for unknown users: a hash, if the file has one
 
     def refresh(self):
-        """Read userinfo.txt again if it has changed since it was last read."""
+        """Read userinfo.txt again if it has changed since it was last read (and say what is amiss)."""
         stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return
@@ -238,7 +246,9 @@ class UserTable:
                 return
             passwords = self._load() if stamp else {}
             if stamp is None:
-                log.warning("%s is missing: no users", self.path)
+                log.warning("%s is missing: no users, so every recipient gets 550 and every login fails",
+                            self.path)
+            self._report_folders(passwords)
             self._passwords = passwords
             self._decoy = next((p for p in passwords.values() if isinstance(p, HashedPassword)),
                                NO_PASSWORD)
@@ -275,6 +285,23 @@ class UserTable:
                     log.warning("%s line %d: the password of %r is a malformed {SCHEME} hash; skipped",
                                 USERINFO_NAME, number, login)
         return passwords
+
+    def _report_folders(self, passwords):
+        """Log each listed user without a folder, and each folder with a mailbox but no line: silent 550s else."""
+        for login in passwords:
+            if not os.path.isdir(os.path.join(self.root, login)):
+                log.warning("%s lists user %r, but %s has no folder %r: mail for it gets 550 until it is made",
+                            USERINFO_NAME, login, self.root, login)
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError as exc:
+            log.warning("cannot list the mail root %s: %s", self.root, exc)
+            return
+        for name in names:
+            if (name not in passwords and is_valid_login(name) and not name.startswith(".")
+                    and os.path.isfile(os.path.join(self.root, name, MAILBOX_NAME))):
+                log.warning("folder %r holds a mailbox, but %s has no line for it: it is no user",
+                            name, USERINFO_NAME)
 
     def canonical(self, name):
         """The login a name refers to (matched without regard to case), if it is a user."""
@@ -363,9 +390,14 @@ class UserTable:
 #   numbered at login stay where they were, as only appends happen meanwhile.
 #
 #   Order: a POP3 session takes its session lock, then (briefly) the delivery
-#   lock, never the other way round.  SMTP takes only delivery locks, several
-#   of them (one message for several users) in sorted order of their paths.
-#   So no two holders can wait for each other: there is no deadlock.
+#   lock, never the other way round.  SMTP takes no session lock, and takes
+#   delivery locks, several of them (one message for several users), in
+#   sorted order of their paths.  A holder of delivery locks may take other
+#   kernel locks too, but never waits for one: the lock on a commit record
+#   (below) is its own record's, taken when the file is made, and a look at
+#   another's (held_by_nobody) is a try; SMTP's locks on queue files are
+#   its own new files', and a runner's on a queued message is a try.  So no
+#   two holders can wait for each other: there is no deadlock.
 #
 #   What locks cannot do, fsync and records do.  An append is fsync'd before
 #   the client hears 250, so it survives a power cut.  A crash can still cut
@@ -624,7 +656,7 @@ def commit_folder(mailbox_path):
 
 def commit_record_text(sizes):
     """A commit record's bytes for {login: size before the delivery}."""
-    return "".join("%d %s\n" % (size, login) for login, size in sizes.items()).encode("ascii") + b"end\n"
+    return ("".join("%d %s\n" % (size, login) for login, size in sizes.items()) + COMMIT_END + "\n").encode("ascii")
 
 
 def undo_dead_deliveries(fd, path, size):
@@ -2269,14 +2301,23 @@ SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only af
 }
 
 
+OTHER_COMMANDS = (           # what main() runs instead of a server, for --help
+    ("--hash-password [--scheme scrypt]",
+     "read a password (not echoed) and print a hashed password field for userinfo.txt"),
+    ("--queue [--root DIR]", "list the outbound queue, as mailq does"),
+    ("--flush [--root DIR]", "make the servers running on the mail root try every queued message now"),
+)
+
+
 def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
                               "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS",
                               ("smtp", "submission", "smtps"))
-    parser.epilog = ("python3 mailserver_smtp.py --hash-password [--scheme scrypt] reads a password "
-                     "(not echoed) and prints a hashed password field for userinfo.txt.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "other commands (each does one thing and exits):\n" + "".join(
+        "  python3 mailserver_smtp.py %s\n      %s\n" % command for command in OTHER_COMMANDS)
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help="largest message accepted, in bytes (default: 10 MiB)")
     parser.add_argument("--quota", type=int, metavar="BYTES",
@@ -2655,7 +2696,7 @@ class SMTPSession(Session):
             raise SessionEnd("server shutting down")
 
     def do_RCPT(self, argument):
-        """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
+        """Add a recipient (RCPT TO: or RCPT_TO:): a user here, or an address for the queue (mailbox_owner)."""
         envelope = self.envelope
         if envelope.sender is None:
             return self.replies.MAIL_FIRST
@@ -2701,7 +2742,7 @@ class SMTPSession(Session):
             if len(words) > 1 and not last:
                 raise Refused(Replies.SYNTAX % "BDAT size [LAST]")
             self.envelope.ready_for_message()
-            if self.envelope.chunked is not None and self.envelope.chunked.failed:
+            if self.envelope.chunked is not None and self.envelope.chunked.refused is not None:
                 raise Refused(Replies.BDAT_FAILED)
         except Refused:
             # The client sends the octets whatever the reply: read them, to stay in step.
@@ -2718,8 +2759,7 @@ class SMTPSession(Session):
         chunked = envelope.chunked
         chunked.read(self.wire, count, self.server.timeout)
         if not last:
-            if chunked.refused is not None:
-                chunked.failed = True            # RFC 3030 4: the client is to send RSET next
+            if chunked.refused is not None:      # RFC 3030 4: the client is to send RSET next
                 raise chunked.refused
             return self.replies.CHUNK_OK % count
         with self.server.in_flight:          # from the last chunk on, a shutdown waits for it
@@ -2867,7 +2907,6 @@ class ChunkedMessage:
         self.max_size = max_size
         self.partial = b""           # a line begun in one piece and not ended yet
         self.refused = None          # Refused, once the message is
-        self.failed = False          # a chunk was refused: only RSET goes on
 
     def read(self, wire, count, timeout):
         """Take the next count octets from the client: stored, or thrown away once refused."""
@@ -3568,7 +3607,8 @@ def open_mailbox(path):
 #   rcpt      <state> <attempts> <next try> <address> <last reply>   (one per recipient)
 #
 # state is pending, sent or failed.  The message follows the blank line
-# exactly as it goes out: CRLF lines, not dot-stuffed, our Received: first.
+# as it goes out, CRLF lines with our Received: first, but without SMTP's
+# dot-stuffing: that is added as it is sent (dot_stuffed_chunks).
 #
 # Durability.  A new queue file is written under its .tmp name and fsync'd
 # before the local mailboxes are appended to; it is renamed into place
@@ -4219,14 +4259,15 @@ class OutboundQueue:
             lock.release()
 
     def _attempt(self, entry, path, fd, forced):
-        """Send to the due recipients (the file open at fd), record what happened; True once it is done."""
+        """Send to the due recipients (the file open at fd), record what happened; remove the file once done."""
         now = time.time()
         due = [r for r in entry.pending() if forced or r.next_try <= now]
         if not due:
             if entry.pending():
                 self.due_at(entry.next_try())
-                return False
-            return self._remove(entry, path)
+            else:
+                self._remove(entry, path)
+            return
         outcomes = self.relay.send_message(entry, fd, due)
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
@@ -4234,20 +4275,19 @@ class OutboundQueue:
                 recipient.state = "pending"
                 recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
         if not entry.pending():
-            return self._remove(entry, path)
+            self._remove(entry, path)
+            return
         rewrite_queued(self.folder, entry, path)
         self.due_at(entry.next_try())
-        return False
 
     def _remove(self, entry, path):
-        """A message is done (every recipient sent or failed): remove its file; True.
+        """A message is done (every recipient sent or failed): remove its file.
 
         The removal is not fsync'd: a crash that undoes it sends the message
         again, which at least once allows, and it saves an fsync per message.
         """
         remove_file(path)
         log.info("%s: removed", entry.id)
-        return True
 
     def _record(self, entry, due, outcomes):
         """Set each tried recipient's new state and log it; return [(recipient, outcome)] of the failed."""
@@ -4284,7 +4324,8 @@ class OutboundQueue:
             return True
         try:
             report = delivery_status_notification(entry, path, failed, self.server.domain)
-            return self._send_bounce(entry, report)
+            self._send_bounce(entry, report)
+            return True
         except (OSError, ValueError) as exc:
             log.error("%s: cannot bounce to <%s>: %s", entry.id, entry.sender, exc)
             return False
@@ -4296,13 +4337,12 @@ class OutboundQueue:
                 login = self.server.local_owner(entry.sender)
             except Refused:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
-                return True
+                return
             deliver({self.server.users.mailbox_path(login): stored_bounce(report, entry.sender, self.server.domain)})
             log.info("%s: bounce delivered to %s", entry.id, login)
-            return True
+            return
         bounce_id = self.queue_message("", entry.sender, report)
         log.info("%s: bounce queued as %s", entry.id, bounce_id)
-        return True
 
 
 def request_flush(folder):
@@ -4354,11 +4394,12 @@ def queue_listing(folder, out):
 
 
 # --------------------------------------------------------------------------
-# DNS: a stub resolver for MX lookup (RFC 1035, RFC 5321 5.1, RFC 7505)
+# DNS: a stub resolver for MX, TXT and PTR lookup (RFC 1035, RFC 5321 5.1, RFC 7505)
 # --------------------------------------------------------------------------
 # The standard library resolves host names but has no MX lookup, so outbound
 # delivery asks the servers of /etc/resolv.conf (or --dns-server) itself.
-# Only what mail needs is here: MX, A, AAAA and the CNAMEs on the way.
+# Only what mail needs is here: MX, A, AAAA, the CNAMEs on the way, TXT
+# (DKIM keys, SPF, DMARC) and PTR (the name of an address).
 
 RESOLV_CONF = "/etc/resolv.conf"
 DNS_PORT = 53                # RFC 1035 4.2
@@ -4378,12 +4419,20 @@ DNS_FLAG_RD = 0x0100         # RFC 1035 4.1.1: recursion desired: we are a stub
 DNS_RCODE_MASK = 0x000F
 DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN, DNS_REFUSED = 0, 2, 3, 5   # RFC 1035 4.1.1
 DNS_CLASS_IN = 1             # RFC 1035 3.2.4
-DNS_TYPES = {"A": 1, "CNAME": 5, "MX": 15, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TYPES = {"A": 1, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TYPE_SOA = 6             # RFC 1035 3.2.2: read only in a negative reply's authority section (RFC 2308 3)
+DNS_SOA_TAIL = struct.Struct("!IIIII")    # RFC 1035 3.3.13: SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM
 DNS_POINTER = 0xC0           # RFC 1035 4.1.4: the two high bits of a compression pointer
 DNS_MAX_LABEL = 63           # RFC 1035 2.3.4, octets
 DNS_MAX_NAME = 255           # RFC 1035 2.3.4, octets of a name on the wire
 DNS_MAX_POINTERS = 64        # jumps one name may take: more is a loop
 DNS_MAX_CNAMES = 8           # links of a CNAME chain followed before giving up
+DNS_CACHE_ENTRIES = 10000    # answers a DNSCache holds at most
+DNS_CACHE_OCTETS = 4 << 20   # and the octets of their records at most (a TXT answer may be 64 KiB)
+DNS_TTL_FLOOR = 10           # seconds an answer is kept at least, even with a TTL of 0
+DNS_TTL_CEILING = 86400      # and at most (RFC 8767 4 suggests a day as the largest TTL worth believing)
+DNS_NEGATIVE_CEILING = 3 * 3600   # RFC 2308 5: negative answers kept 1 to 3 hours at most
+DNS_FAILURE_TTL = 30         # RFC 2308 7: a server failure or timeout is remembered a while (5 min at most)
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
 DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
@@ -4408,11 +4457,12 @@ _dns_random = random.SystemRandom()   # thread safe, and not predictable by whoe
 class DNSError(Exception):
     """A failed lookup; temporary says whether trying later may help (4xx/defer) or not (5xx/bounce)."""
 
-    def __init__(self, reason, name="", temporary=True):
+    def __init__(self, reason, name="", temporary=True, ttl=None):
         super().__init__("%s: %s" % (name, reason) if name else reason)
         self.reason = reason      # the words alone, e.g. DNS_NO_SUCH_DOMAIN
         self.name = name
         self.temporary = temporary
+        self.ttl = ttl            # an NXDOMAIN's negative TTL (RFC 2308 5), None when the reply gave none
 
 
 def _dns_malformed(why):
@@ -4503,7 +4553,7 @@ def _dns_parse_reply(message, qid, name, qtype):
     """
     if len(message) < DNS_HEADER.size:
         raise _dns_malformed("shorter than a header")
-    rid, flags, qdcount, ancount, _, _ = DNS_HEADER.unpack_from(message)
+    rid, flags, qdcount, ancount, nscount, _ = DNS_HEADER.unpack_from(message)
     if rid != qid:
         return None
     if not flags & DNS_FLAG_QR or flags & DNS_OPCODE_MASK:
@@ -4521,33 +4571,56 @@ def _dns_parse_reply(message, qid, name, qtype):
     offset += DNS_QUESTION_TAIL.size
     if flags & DNS_FLAG_TC:
         return flags, []   # the answers are asked again over TCP
-    return flags, _dns_read_answers(message, offset, ancount)
+    return flags, _dns_read_answers(message, offset, ancount, nscount)
 
 
-def _dns_read_answers(message, offset, count):
-    """The count records of the answer section from offset, each as (owner, type, data); others skipped."""
+def _dns_read_answers(message, offset, count, authority=0):
+    """The answer section's records from offset, each as (owner, type, data, ttl); others skipped.
+
+    The authority section's SOA (of a negative reply, RFC 2308 3) follows
+    them, its data the MINIMUM field, read only for its negative TTL.
+    """
     answers = []
-    for _ in range(count):   # each record takes at least 11 octets, so count is bounded by the length
+    for index in range(count + authority):   # each takes 11 octets or more: bounded by the length
         owner, offset = _dns_read_name(message, offset)
         if offset + DNS_RECORD_TAIL.size > len(message):
             raise _dns_malformed("record cut short")
-        rtype, rclass, _, length = DNS_RECORD_TAIL.unpack_from(message, offset)
+        rtype, rclass, ttl, length = DNS_RECORD_TAIL.unpack_from(message, offset)
         offset += DNS_RECORD_TAIL.size
         if offset + length > len(message):
             raise _dns_malformed("record data cut short")
-        if rclass == DNS_CLASS_IN and rtype in DNS_TYPES.values():
-            answers.append((owner, rtype, _dns_read_rdata(message, rtype, offset, length)))
+        if rclass == DNS_CLASS_IN and rtype in DNS_TYPES.values() and index < count:
+            answers.append((owner, rtype, _dns_read_rdata(message, rtype, offset, length), ttl))
+        elif rclass == DNS_CLASS_IN and rtype == DNS_TYPE_SOA and index >= count:
+            answers.append((owner, rtype, _dns_soa_minimum(message, offset, length), ttl))
         offset += length
     return answers
 
 
+def _dns_soa_minimum(message, start, length):
+    """The MINIMUM field of an SOA record's data (RFC 1035 3.3.13), after its two names."""
+    _, end = _dns_read_name(message, start)
+    _, end = _dns_read_name(message, end)
+    if end + DNS_SOA_TAIL.size != start + length:
+        raise _dns_malformed("SOA record of the wrong length")
+    return DNS_SOA_TAIL.unpack_from(message, end)[4]
+
+
+def _dns_negative_ttl(answers):
+    """How long a reply without the records asked for may be believed (RFC 2308 5); None without an SOA."""
+    ttls = [min(ttl, minimum) for _, rtype, minimum, ttl in answers if rtype == DNS_TYPE_SOA]
+    return min(ttls) if ttls else None
+
+
 def _dns_read_rdata(message, rtype, start, length):
-    """A record's data: an address string (A, AAAA), a name (CNAME), (preference, exchange) (MX)."""
+    """A record's data: an address string (A, AAAA), a name (CNAME, PTR), (preference, exchange) (MX), text (TXT)."""
     if rtype in (DNS_TYPES["A"], DNS_TYPES["AAAA"]):
         size = 4 if rtype == DNS_TYPES["A"] else 16    # RFC 1035 3.4.1, RFC 3596 2.2
         if length != size:
             raise _dns_malformed("address of %d octets" % length)
         return str(ipaddress.ip_address(message[start:start + length]))
+    if rtype == DNS_TYPES["TXT"]:
+        return _dns_read_text(message[start:start + length])
     name_start = start + 2 if rtype == DNS_TYPES["MX"] else start   # RFC 1035 3.3.9: preference first
     if length < name_start - start + 1:
         raise _dns_malformed("record data too short")
@@ -4559,17 +4632,48 @@ def _dns_read_rdata(message, rtype, start, length):
     return name
 
 
+def _dns_read_text(data):
+    """A TXT record's character-strings (RFC 1035 3.3.14), joined into one text.
+
+    The strings of one record are one value (RFC 7208 3.3, RFC 6376
+    3.6.2.2): a long DKIM key is published as several.  Octets are read as
+    Latin-1, so every one survives and a non-ASCII one stands out to the
+    reader of the text.
+    """
+    strings, offset = [], 0
+    while offset < len(data):
+        end = offset + 1 + data[offset]
+        if end > len(data):
+            raise _dns_malformed("TXT string cut short")
+        strings.append(data[offset + 1:end])
+        offset = end
+    return b"".join(strings).decode("latin-1")
+
+
+def reverse_name(ip):
+    """The PTR name of an IP address (RFC 1035 3.5, RFC 3596 2.5): 4.3.2.1.in-addr.arpa, nibbles for IPv6."""
+    return ipaddress.ip_address(ip).reverse_pointer
+
+
 def _dns_follow_cnames(answers, name, qtype):
-    """(records of qtype, whether a CNAME chain from name ends without them) in the answer section."""
-    owner, seen = name, {name}
+    """(records of qtype, where a CNAME chain from name ends without them, least TTL on the way).
+
+    Without records the TTL is the negative one of RFC 2308 5 (None
+    without an SOA), or the chain's own when it is left unfinished.
+    """
+    owner, seen, ttls = name, {name}, []
     while True:
-        found = [data for o, t, data in answers if o == owner and t == qtype]
+        found = [(data, ttl) for o, t, data, ttl in answers if o == owner and t == qtype]
         if found:
-            return found, None
-        targets = [data for o, t, data in answers if o == owner and t == DNS_TYPES["CNAME"]]
+            return [data for data, _ in found], None, min(ttls + [ttl for _, ttl in found])
+        targets = [(data, ttl) for o, t, data, ttl in answers if o == owner and t == DNS_TYPES["CNAME"]]
         if not targets or qtype == DNS_TYPES["CNAME"]:
-            return [], (owner if owner != name else None)
-        owner = targets[0]
+            negative = _dns_negative_ttl(answers)
+            if owner == name:
+                return [], None, negative
+            return [], owner, min(ttls)
+        owner, ttl = targets[0]
+        ttls.append(ttl)
         if owner in seen or len(seen) > DNS_MAX_CNAMES:
             raise DNSError(DNS_CNAME_CHAIN, name)
         seen.add(owner)
@@ -4641,47 +4745,56 @@ class Resolver:
         self.timeout = timeout
         self.attempts = max(1, attempts)
 
-    @classmethod
-    def from_resolv_conf(cls, path=RESOLV_CONF, timeout=DNS_TIMEOUT, attempts=DNS_ATTEMPTS):
-        """A resolver asking the nameservers of a resolv.conf file (127.0.0.1 if it names none)."""
-        return cls(_dns_read_resolv_conf(path), timeout, attempts)
-
     def query(self, name, rtype):
-        """The records of type rtype ("MX", "A", "AAAA", "CNAME") for name, CNAMEs followed; [] if none.
+        """The records of type rtype ("MX", "A", "AAAA", "CNAME", "TXT", "PTR") for name, CNAMEs followed; [] if none.
 
-        MX records come as (preference, exchange), addresses as strings.
+        MX records come as (preference, exchange), addresses, names and
+        texts (a TXT record's strings joined) as strings.
+        """
+        return self.lookup(name, rtype)[0]
+
+    def lookup(self, name, rtype, deadline=None):
+        """(records, TTL) as query() finds them, before deadline (monotonic) if given; for a cache.
+
+        The TTL is the least on the way (CNAMEs too); with no record it is
+        the negative TTL of RFC 2308 5, None when the reply had no SOA (an
+        NXDOMAIN's is the DNSError's ttl).
         """
         qtype = DNS_TYPES[rtype]
-        owner = _dns_normalize(name)
+        owner, ttls = _dns_normalize(name), []
         for _ in range(DNS_MAX_CNAMES):
             # A chain the server did not finish in its answer is asked for again from its end.
-            found, dangling = _dns_follow_cnames(self._ask(owner, qtype), owner, qtype)
+            found, dangling, ttl = _dns_follow_cnames(self._ask(owner, qtype, deadline), owner, qtype)
+            ttls.append(ttl)
             if dangling is None:
-                return found
+                return found, None if None in ttls else min(ttls)
             owner = dangling
         raise DNSError(DNS_CNAME_CHAIN, name)
 
-    def _ask(self, name, qtype):
+    def _ask(self, name, qtype, deadline=None):
         """The answer records for one question, from the first server that answers it in one of the rounds."""
         error = None
         for _ in range(self.attempts):
             for server in self.servers:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DNSError(DNS_TIME_OUT, name)
                 try:
-                    return self._ask_server(server, name, qtype)
+                    return self._ask_server(server, name, qtype, deadline)
                 except DNSError as failure:
                     if not failure.temporary:
                         raise
                     error = failure
         raise DNSError(error.reason, name, temporary=True)
 
-    def _ask_server(self, server, name, qtype):
+    def _ask_server(self, server, name, qtype, deadline=None):
         """The answer records from one server: over UDP, again over TCP when truncated (RFC 7766 5)."""
         qid = secrets.randbits(16)   # RFC 5452 9.2: an unpredictable id, and a random port below
         query = _dns_build_query(qid, name, qtype)
+        deadline = min(time.monotonic() + self.timeout, deadline or float("inf"))
         try:
-            flags, answers = self._udp_exchange(server, query, qid, name, qtype)
+            flags, answers = self._udp_exchange(server, query, qid, name, qtype, deadline)
             if flags & DNS_FLAG_TC:
-                flags, answers = self._tcp_exchange(server, query, qid, name, qtype)
+                flags, answers = self._tcp_exchange(server, query, qid, name, qtype, deadline)
         except socket.timeout:
             raise DNSError(DNS_TIME_OUT, name) from None
         except OSError as failure:
@@ -4695,16 +4808,15 @@ class Resolver:
         if rcode == DNS_NOERROR:
             return answers
         if rcode == DNS_NXDOMAIN:
-            raise DNSError(DNS_NO_SUCH_DOMAIN, name, temporary=False)
+            raise DNSError(DNS_NO_SUCH_DOMAIN, name, temporary=False, ttl=_dns_negative_ttl(answers))
         if rcode == DNS_SERVFAIL:
             raise DNSError(DNS_SERVER_FAILURE, name)
         if rcode == DNS_REFUSED:
             raise DNSError(DNS_SERVER_REFUSED, name)
         raise DNSError(DNS_SERVER_ERROR % rcode, name)
 
-    def _udp_exchange(self, server, query, qid, name, qtype):
-        """Send query over UDP and return the parsed reply that comes from server, for this query, in time."""
-        deadline = time.monotonic() + self.timeout
+    def _udp_exchange(self, server, query, qid, name, qtype, deadline):
+        """Send query over UDP and return the parsed reply that comes from server, for this query, by deadline."""
         family = _dns_family(server[0])
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))   # port 0: the kernel's random one
@@ -4720,16 +4832,79 @@ class Resolver:
                 if parsed:
                     return parsed
 
-    def _tcp_exchange(self, server, query, qid, name, qtype):
-        """Send query over TCP with its length prefix (RFC 1035 4.2.2) and return the parsed reply."""
-        deadline = time.monotonic() + self.timeout
-        with socket.create_connection(server, timeout=self.timeout) as sock:
+    def _tcp_exchange(self, server, query, qid, name, qtype, deadline):
+        """Send query over TCP with its length prefix (RFC 1035 4.2.2) and return the parsed reply by deadline."""
+        with socket.create_connection(server, timeout=max(0.001, deadline - time.monotonic())) as sock:
             sock.sendall(DNS_TCP_LENGTH.pack(len(query)) + query)
             size = DNS_TCP_LENGTH.unpack(_dns_recv_exactly(sock, DNS_TCP_LENGTH.size, deadline))[0]
             parsed = _dns_parse_reply(_dns_recv_exactly(sock, size, deadline), qid, name, qtype)
         if not parsed:   # one query per connection: a reply to another one is nonsense
             raise _dns_malformed("TCP reply to another question")
         return parsed
+
+
+class DNSCache:
+    """The answers of a Resolver, each kept for its TTL: one cache for every record type, in bounded memory.
+
+    query(name, type, deadline) answers as Resolver.query does, from the
+    cache while an answer is fresh.  A TTL is held between a floor and a
+    ceiling; a negative answer (NXDOMAIN or no record) is kept for the
+    SOA's negative TTL (RFC 2308 5), not at all without an SOA; a server
+    failure or timeout for a short while (RFC 2308 7).  The least recently
+    used answers go first when there are too many or they are too large.
+    Threads may share one.
+    """
+
+    def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS):
+        self.resolver = resolver
+        self.max_entries, self.max_octets = entries, octets
+        self.octets = 0
+        self._answers = collections.OrderedDict()   # (name, type) -> (expires, records or DNSError, octets)
+        self._lock = threading.Lock()
+
+    def query(self, name, rtype, deadline=None):
+        """The records of type rtype for name ([] if none); DNSError as the resolver raises it."""
+        key = (name.lower().rstrip("."), rtype)
+        with self._lock:
+            entry = self._answers.get(key)
+            if entry is not None and entry[0] > time.monotonic():
+                self._answers.move_to_end(key)
+                answer = entry[1]
+            else:
+                answer = None
+        if answer is None:
+            answer = self._ask(key, name, rtype, deadline)
+        if isinstance(answer, DNSError):
+            raise answer
+        return answer
+
+    def _ask(self, key, name, rtype, deadline):
+        """Ask the resolver, and keep what it says for as long as it may be believed."""
+        try:
+            answer, ttl = self.resolver.lookup(name, rtype, deadline)
+            if not answer and ttl is not None:
+                ttl = min(ttl, DNS_NEGATIVE_CEILING)
+        except DNSError as error:
+            answer = error
+            ttl = DNS_FAILURE_TTL if error.temporary else error.ttl
+            if ttl is not None:
+                ttl = min(ttl, DNS_NEGATIVE_CEILING)
+        if ttl is not None:
+            self._keep(key, answer, min(max(ttl, DNS_TTL_FLOOR), DNS_TTL_CEILING))
+        return answer
+
+    def _keep(self, key, answer, ttl):
+        """Store an answer, then drop the least recently used until the cache is within its bounds."""
+        size = len(key[0]) + (sum(len(str(record)) for record in answer) if isinstance(answer, list) else 0)
+        with self._lock:
+            old = self._answers.pop(key, None)
+            if old is not None:
+                self.octets -= old[2]
+            self._answers[key] = (time.monotonic() + ttl, answer, size)
+            self.octets += size
+            while len(self._answers) > self.max_entries or self.octets > self.max_octets:
+                _, (_, _, dropped) = self._answers.popitem(last=False)
+                self.octets -= dropped
 
 
 def mail_exchangers(resolver, domain):
@@ -5212,6 +5387,447 @@ def stored_bounce(report, sender, domain):
     return StoredMessage(memoryview(body), layout)
 
 
+# ##########################################################################
+#
+#   CHECKS ON MAIL THAT COMES IN: SPF, DMARC, AUTHENTICATION-RESULTS
+#
+#   With --local-domains, mail from a client that is neither logged in nor
+#   in --relay-networks is checked (CONTRACT.md section 10): SPF of the
+#   MAIL FROM domain at MAIL (RFC 7208), every DKIM signature and DMARC of
+#   the From: domain after the data (RFC 6376, RFC 7489), and each stored
+#   copy is told the results (RFC 8601, RFC 7208 9.1).  The session sees
+#   three hooks: spf_check at MAIL, spf_refusal at RCPT, and
+#   message_checks after the data; everything below them is pure functions
+#   over a lookup(name, type) callable (a DNSCache), so the rules read
+#   without sockets, one beside its RFC section.
+#
+# ##########################################################################
+
+# --------------------------------------------------------------------------
+# SPF: check_host() of RFC 7208
+# --------------------------------------------------------------------------
+
+SPF_MAX_TERMS = 10           # RFC 7208 4.6.4: include, a, mx, ptr, exists and redirect, all records together
+SPF_MAX_VOID = 2             # RFC 7208 4.6.4: lookups answered with no record (NOERROR empty, or NXDOMAIN)
+SPF_MAX_NAMES = 10           # RFC 7208 4.6.4: MX hosts of one mx (more: permerror), PTR names (more: ignored)
+SPF_DEADLINE = 20.0          # seconds for one whole check (RFC 7208 4.6.4 allows a limit of 20 s or more)
+SPF_MAX_NAME = 253           # RFC 7208 7.3: an expanded name longer than this loses labels on its left
+SPF_MAX_EXPLANATION = 300    # characters of a domain's explanation put into our 550 reply
+SPF_QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}   # RFC 7208 4.6.2
+SPF_VERSION = re.compile(r"v=spf1(?: |\Z)", re.IGNORECASE)           # RFC 7208 4.5: "v=spf1", then SP or end
+SPF_MODIFIER = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.*)\Z", re.DOTALL)   # RFC 7208 4.6.1: name "=" ...
+SPF_MECHANISM = re.compile(r"([-+?~]?)([A-Za-z][A-Za-z0-9]*)(.*)\Z", re.DOTALL)
+# RFC 7208 7.1: a macro-expand, or one macro-literal (visible ASCII but "%"); explain-string adds SP
+SPF_MACRO_TOKEN = re.compile(r"%\{([slodiphcrtv])(\d*)(r?)([.+,/_=-]*)\}|%[%_-]|[!-$&-~]", re.IGNORECASE)
+SPF_EXPLAIN_TOKEN = re.compile(SPF_MACRO_TOKEN.pattern + "| ", re.IGNORECASE)
+SPF_EXPLAIN_ONLY = "crt"     # RFC 7208 7.2: macro letters allowed only in exp= text
+# RFC 7208 7.1: domain-end = "." toplabel ["."], toplabel LDH with a letter or an inner "-"
+SPF_DOMAIN_END = re.compile(r"(?:.*)\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])\.?\Z",
+                            re.DOTALL)
+SPF_CIDR = re.compile(r"(?:/(\d+))?(?://(\d+))?\Z")                  # RFC 7208 5.6: dual-cidr-length
+SPF_CIDR_NUMBER = re.compile(r"0\Z|[1-9]\d*\Z")                      # RFC 7208 5.6: no leading zero
+SPF_IP4 = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z")
+SPF_DEFAULT_EXPLANATION = "%{d} does not designate %{c} as permitted sender of %{s}"
+SPF_MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")   # RFC 7208 5
+
+
+class SPFError(Exception):
+    """Ends an SPF check early with temperror or permerror (result), saying why."""
+
+    def __init__(self, result, why):
+        super().__init__(why)
+        self.result = result
+        self.why = why
+
+
+def spf_permerror(why, *args):
+    """The SPFError of a record that cannot be evaluated (RFC 7208 2.6.7)."""
+    return SPFError("permerror", why % args if args else why)
+
+
+class SPFResult:
+    """What an SPF check found: the result, the identity and domain checked, why, and a fail's explanation."""
+
+    def __init__(self, result, identity, sender, domain, why, explanation=None):
+        self.result = result         # none, neutral, pass, fail, softfail, temperror, permerror (RFC 7208 2.6)
+        self.identity = identity     # "mailfrom", or "helo" for the null reverse-path (RFC 7208 2.4)
+        self.sender = sender         # the <sender> checked: MAIL FROM, or postmaster@HELO
+        self.domain = domain
+        self.why = why               # the mechanism that matched, or the error
+        self.explanation = explanation
+
+
+class SPFRecord:
+    """A parsed SPF record (RFC 7208 4.6): its directives, in order, and its redirect= and exp= targets."""
+
+    def __init__(self, text):
+        self.directives = []         # (qualifier, mechanism name, domain-spec or network, cidr4, cidr6, term)
+        self.redirect = self.explanation = None
+        for term in text[len("v=spf1"):].split(" "):   # RFC 7208 4.6.1: terms are separated by SP only
+            if term:
+                self._add(term)
+
+    def _add(self, term):
+        """Add one term; a term of no known form is a permerror, wherever it is (RFC 7208 4.6)."""
+        modifier = SPF_MODIFIER.match(term)
+        if modifier:
+            name, value = modifier.group(1).lower(), modifier.group(2)
+            if name in ("redirect", "exp"):
+                attribute = "redirect" if name == "redirect" else "explanation"
+                if getattr(self, attribute) is not None:   # RFC 7208 6: each at most once
+                    raise spf_permerror("%s= given twice", name)
+                setattr(self, attribute, spf_domain_spec(value))
+            else:                    # RFC 7208 6: an unknown modifier is ignored, but its syntax is checked
+                spf_macro_string(value)
+            return
+        mechanism = SPF_MECHANISM.match(term)
+        name = mechanism.group(2).lower() if mechanism else None
+        if name not in SPF_MECHANISMS:
+            raise spf_permerror("unknown mechanism %r", term)
+        self.directives.append((mechanism.group(1) or "+", name) + spf_argument(name, mechanism.group(3))
+                               + (term,))
+
+
+def spf_argument(name, rest):
+    """(target, cidr4, cidr6) of a mechanism from what follows its name (RFC 7208 5.1 to 5.7)."""
+    if name == "all":
+        if rest:
+            raise spf_permerror("all takes no argument")
+        return None, None, None
+    if name in ("ip4", "ip6"):
+        return spf_network(name, rest)
+    cidr4 = cidr6 = None
+    if name in ("a", "mx"):          # RFC 7208 5.3, 5.4: [":" domain-spec] [dual-cidr-length]
+        cidr = SPF_CIDR.search(rest)
+        cidr4, cidr6 = spf_prefix(cidr.group(1), 32), spf_prefix(cidr.group(2), 128)
+        rest = rest[:cidr.start()]
+    if not rest:
+        if name in ("include", "exists"):
+            raise spf_permerror("%s needs a domain", name)
+        return None, cidr4, cidr6
+    if not rest.startswith(":"):
+        raise spf_permerror("%s: ':' expected before %r", name, rest)
+    return spf_domain_spec(rest[1:]), cidr4, cidr6
+
+
+def spf_prefix(digits, largest):
+    """The length of a CIDR prefix (RFC 7208 5.6), None if absent; permerror if out of range."""
+    if digits is None:
+        return None
+    if not SPF_CIDR_NUMBER.match(digits) or int(digits) > largest:
+        raise spf_permerror("bad prefix length /%s", digits)
+    return int(digits)
+
+
+def spf_network(name, rest):
+    """(network, prefix, None) of ip4:/ip6: (RFC 7208 5.6): an address, then an optional /length."""
+    address, slash, digits = rest[1:].partition("/")
+    if not rest.startswith(":"):
+        raise spf_permerror("%s needs ':' and an address", name)
+    prefix = spf_prefix(digits, 32 if name == "ip4" else 128) if slash else None
+    try:
+        if name == "ip4" and SPF_IP4.match(address):
+            return ipaddress.IPv4Address(address), prefix, None
+        if name == "ip6" and "%" not in address:
+            return ipaddress.IPv6Address(address), prefix, None
+    except ValueError:
+        pass
+    raise spf_permerror("%s: bad address %r", name, address)
+
+
+def spf_macro_string(text, explain=False):
+    """The tokens of a macro-string (RFC 7208 7.1), each a match; permerror if text is not one.
+
+    c, r and t are only allowed in explanations (RFC 7208 7.2).
+    """
+    tokens, pos = [], 0
+    pattern = SPF_EXPLAIN_TOKEN if explain else SPF_MACRO_TOKEN
+    while pos < len(text):
+        token = pattern.match(text, pos)
+        if token is None:
+            raise spf_permerror("bad macro or character at %r", text[pos:pos + 10])
+        letter = token.group(1)
+        if letter and not explain and letter.lower() in SPF_EXPLAIN_ONLY:
+            raise spf_permerror("%%{%s} is only allowed in exp= text", letter)
+        tokens.append(token)
+        pos = token.end()
+    return tokens
+
+
+def spf_domain_spec(text):
+    """A domain-spec, checked (RFC 7208 7.1): a macro-string ending in a macro or '.' toplabel."""
+    tokens = spf_macro_string(text)
+    if not tokens:
+        raise spf_permerror("empty domain")
+    last_macro = max((t.end() for t in tokens if t.group().startswith("%")), default=0)
+    if last_macro != len(text) and not SPF_DOMAIN_END.match(text, last_macro):
+        raise spf_permerror("%r does not end in a top-level label", text)
+    return text
+
+
+def spf_domain_is_valid(domain):
+    """Whether a domain may be checked at all (RFC 7208 4.3): multi-label, each label 1 to 63 octets."""
+    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
+    return len(labels) > 1 and all(0 < len(label) <= DNS_MAX_LABEL for label in labels) and domain.isascii()
+
+
+def check_spf(lookup, ip, sender, helo, receiver, timeout=SPF_DEADLINE):
+    """The SPF result for a client: of the MAIL FROM domain, or of the HELO name for <> (RFC 7208 2.3, 2.4).
+
+    lookup(name, type) gives a record list ([] for none or NXDOMAIN) or
+    raises DNSError; the whole check ends within timeout seconds.
+    """
+    identity = "mailfrom" if sender else "helo"
+    if not sender:
+        sender = "postmaster@" + helo
+    local, _, domain = sender.rpartition("@")
+    if not local:                    # RFC 7208 4.3: no local part, "postmaster" stands in
+        sender = "postmaster@" + domain
+    if not spf_domain_is_valid(domain):
+        return SPFResult("none", identity, sender, domain, "no domain that SPF can check")
+    check = SPFCheck(lookup, ip, sender, helo, receiver, time.monotonic() + timeout)
+    try:
+        result, where, why = check.check_host(domain.rstrip(".").lower())
+    except SPFError as error:
+        return SPFResult(error.result, identity, sender, domain, error.why)
+    explanation = check.explanation(*where) if result == "fail" else None
+    return SPFResult(result, identity, sender, domain, why, explanation)
+
+
+class SPFCheck:
+    """One evaluation of check_host() (RFC 7208 4): the client, the sender, and the counts of 4.6.4."""
+
+    def __init__(self, lookup, ip, sender, helo, receiver, deadline):
+        address = ipaddress.ip_address(ip)
+        # RFC 7208 5: an IPv4-mapped IPv6 address is the IPv4 address it holds
+        self.ip = getattr(address, "ipv4_mapped", None) or address
+        self.address_type = "A" if self.ip.version == 4 else "AAAA"
+        self.lookup, self.sender, self.helo, self.receiver = lookup, sender, helo, receiver
+        self.deadline = deadline
+        self.terms = 0               # DNS-querying terms evaluated so far
+        self.voids = 0
+        self._validated = None       # the client's validated names (RFC 7208 5.5), found once
+
+    def check_host(self, domain):
+        """(result, (domain, exp target) of the deciding record, why) for one domain (RFC 7208 4.4 to 4.7)."""
+        record = self.record(domain)
+        if record is None:
+            return "none", None, "no SPF record"
+        for qualifier, name, target, cidr4, cidr6, term in record.directives:
+            if getattr(self, "match_" + name)(domain, target, cidr4, cidr6):
+                return SPF_QUALIFIERS[qualifier], (domain, record.explanation), term
+        if record.redirect is None:
+            return "neutral", (domain, record.explanation), "no mechanism matched"   # RFC 7208 4.7
+        self.count_term()            # RFC 7208 6.1: the exp= of the redirecting record is not used
+        result, where, why = self.check_host(self.target(record.redirect, domain))
+        if result == "none":
+            raise spf_permerror("redirect to a domain without an SPF record")
+        return result, where, why
+
+    def record(self, domain):
+        """The one SPF record of domain, parsed, or None (RFC 7208 4.4, 4.5); permerror if several."""
+        texts = [text for text in self.query(domain, "TXT") if SPF_VERSION.match(text)]
+        if len(texts) > 1:
+            raise spf_permerror("%d SPF records for %s", len(texts), domain)
+        if not texts:
+            return None
+        if not texts[0].isascii():   # RFC 7208 3.1: a record is 7-bit ASCII (octets arrive as Latin-1)
+            raise spf_permerror("SPF record of %s is not ASCII", domain)
+        return SPFRecord(texts[0])
+
+    def query(self, name, rtype, void_counts=True):
+        """The records of a lookup; [] for NXDOMAIN or a name DNS cannot hold; temperror if DNS fails."""
+        if time.monotonic() > self.deadline:
+            raise SPFError("temperror", "SPF check took longer than %d s" % SPF_DEADLINE)
+        labels = name.rstrip(".").split(".")
+        if not all(0 < len(label) <= DNS_MAX_LABEL for label in labels):
+            return []                # RFC 7208 4.3 and 4.8: a name DNS cannot hold has no records
+        try:
+            records = self.lookup(name, rtype)
+        except DNSError as error:
+            if error.temporary:
+                raise SPFError("temperror", "DNS: %s" % error) from None
+            records = []
+        if not records and void_counts:
+            self.voids += 1
+            if self.voids > SPF_MAX_VOID:
+                raise spf_permerror("more than %d void DNS lookups", SPF_MAX_VOID)
+        return records
+
+    def count_term(self):
+        """Count a DNS-querying term (RFC 7208 4.6.4): the eleventh is a permerror."""
+        self.terms += 1
+        if self.terms > SPF_MAX_TERMS:
+            raise spf_permerror("more than %d DNS-querying terms", SPF_MAX_TERMS)
+
+    def target(self, spec, domain):
+        """The <target-name> of a mechanism: its domain-spec expanded, or the current domain (RFC 7208 4.8)."""
+        if spec is None:
+            return domain
+        name = self.expand(spec, domain)
+        while len(name) > SPF_MAX_NAME and "." in name:   # RFC 7208 7.3: drop labels on the left
+            name = name.partition(".")[2]
+        return name.rstrip(".").lower()
+
+    # -- the mechanisms (RFC 7208 5), each: does it match?
+
+    def match_all(self, domain, target, cidr4, cidr6):
+        return True                  # RFC 7208 5.1
+
+    def match_include(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.2: the other domain's pass matches; its errors are ours; no record there is a permerror."""
+        self.count_term()
+        result, _, why = self.check_host(self.target(target, domain))
+        if result in ("temperror", "permerror"):
+            raise SPFError(result, why)
+        if result == "none":
+            raise spf_permerror("include of a domain without an SPF record")
+        return result == "pass"
+
+    def match_a(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.3: an address of the target name is the client's, in its network."""
+        self.count_term()
+        return self.in_addresses(self.query(self.target(target, domain), self.address_type), cidr4, cidr6)
+
+    def match_mx(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.4: an address of one of the target's mail exchangers (at most 10) is the client's."""
+        self.count_term()
+        hosts = [host for _, host in self.query(self.target(target, domain), "MX")]
+        if len(hosts) > SPF_MAX_NAMES:
+            raise spf_permerror("more than %d MX records", SPF_MAX_NAMES)
+        return any(self.in_addresses(self.query(host, self.address_type), cidr4, cidr6)
+                   for host in hosts if host)
+
+    def match_ptr(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.5: a validated name of the client is the target or ends in it."""
+        self.count_term()
+        name = self.target(target, domain)
+        return any(valid == name or valid.endswith("." + name) for valid in self.validated_names())
+
+    def match_ip4(self, domain, network, prefix, _):
+        """RFC 7208 5.6: the client's address is in the network (of its own family)."""
+        return self.in_network(network, prefix)
+
+    match_ip6 = match_ip4
+
+    def match_exists(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.7: the target name has an A record (whatever the client's address family)."""
+        self.count_term()
+        return bool(self.query(self.target(target, domain), "A"))
+
+    def in_addresses(self, addresses, cidr4, cidr6):
+        """Whether the client is in the network of one of the addresses (cidr by its family)."""
+        prefix = cidr4 if self.ip.version == 4 else cidr6
+        return any(self.in_network(ipaddress.ip_address(address), prefix) for address in addresses)
+
+    def in_network(self, address, prefix):
+        """Whether the client's address is in address/prefix (the whole address without a prefix)."""
+        if address.version != self.ip.version:
+            return False
+        network = ipaddress.ip_network((address, address.max_prefixlen if prefix is None else prefix),
+                                       strict=False)
+        return self.ip in network
+
+    def validated_names(self):
+        """The client's names whose addresses lead back to it (RFC 7208 5.5); none on a DNS error."""
+        if self._validated is None:
+            self._validated = []
+            try:
+                names = self.query(reverse_name(str(self.ip)), "PTR")[:SPF_MAX_NAMES]
+                for name in names:
+                    try:
+                        if any(ipaddress.ip_address(a) == self.ip for a in self.query(name, self.address_type)):
+                            self._validated.append(name.rstrip(".").lower())
+                    except SPFError as error:
+                        if error.result != "temperror":   # RFC 7208 5.5: a name with a DNS error is skipped
+                            raise
+            except SPFError as error:
+                if error.result != "temperror":          # RFC 7208 5.5: a PTR DNS error matches nothing
+                    raise
+        return self._validated
+
+    # -- macros (RFC 7208 7) and explanations (RFC 7208 6.2)
+
+    def expand(self, text, domain, explain=False):
+        """A macro-string with its macros expanded (RFC 7208 7.3, 7.4)."""
+        out = []
+        for token in spf_macro_string(text, explain):
+            piece, letter = token.group(), token.group(1)
+            if letter:
+                piece = self.macro(letter, token.group(2), token.group(3), token.group(4), domain)
+            elif piece.startswith("%"):
+                piece = {"%%": "%", "%_": " ", "%-": "%20"}[piece]
+            out.append(piece)
+        return "".join(out)
+
+    def macro(self, letter, digits, reverse, delimiters, domain):
+        """One macro's value, transformed (RFC 7208 7.3): split, reversed, right-hand parts kept, URL-escaped."""
+        value = self.macro_value(letter.lower(), domain)
+        if digits or reverse or delimiters:
+            parts = re.split("[%s]" % re.escape(delimiters or "."), value)
+            if reverse:
+                parts.reverse()
+            if digits:
+                if int(digits) == 0:     # RFC 7208 7.3: a DIGIT transformer is nonzero
+                    raise spf_permerror("macro keeps zero parts")
+                parts = parts[-int(digits):]
+            value = ".".join(parts)
+        if letter.isupper():             # RFC 7208 7.3: upper case means URL-escaped (RFC 3986)
+            value = urllib.parse.quote(value, safe="")
+        return value
+
+    def macro_value(self, letter, domain):
+        """The value of a macro letter (RFC 7208 7.2)."""
+        if letter == "s":
+            return self.sender
+        if letter in "lo":
+            local, _, sender_domain = self.sender.rpartition("@")
+            return local if letter == "l" else sender_domain
+        if letter == "d":
+            return domain
+        if letter == "i":                # dotted nibbles for IPv6
+            return str(self.ip) if self.ip.version == 4 else ".".join(self.ip.exploded.replace(":", ""))
+        if letter == "p":
+            return self.validated_name(domain)
+        if letter == "v":
+            return "in-addr" if self.ip.version == 4 else "ip6"
+        if letter == "h":
+            return self.helo
+        if letter == "c":
+            return str(self.ip)
+        if letter == "r":
+            return self.receiver
+        return str(int(time.time()))    # t
+
+    def validated_name(self, domain):
+        """%{p} (RFC 7208 7.3): the domain if validated, else a validated subdomain of it, else any, else 'unknown'."""
+        names = self.validated_names()
+        for wanted in (lambda name: name == domain, lambda name: name.endswith("." + domain), lambda name: True):
+            for name in names:
+                if wanted(name):
+                    return name
+        return "unknown"
+
+    def explanation(self, domain, spec):
+        """A fail's explanation (RFC 7208 6.2): the exp= TXT record expanded, else our default; safe to show."""
+        text = None
+        if spec is not None:
+            try:
+                texts = self.query(self.target(spec, domain), "TXT", void_counts=False)
+                if len(texts) == 1 and texts[0].isascii():
+                    text = self.expand(texts[0], domain, explain=True)
+            except SPFError:             # RFC 7208 6.2: any trouble with exp= means no explanation
+                text = None
+        if text is None:
+            text = self.expand(SPF_DEFAULT_EXPLANATION, domain, explain=True)
+        return safe_text(text, SPF_MAX_EXPLANATION)
+
+
+def safe_text(text, limit):
+    """Text from outside fit for a reply or header line: printable ASCII only, at most limit characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
 # --------------------------------------------------------------------------
 # The SMTP server and main
 # --------------------------------------------------------------------------
@@ -5237,6 +5853,13 @@ class SMTPServer(Server):
             self.queue = OutboundQueue(self, args)
 
     def serve_forever(self):
+        for listener in self.listeners if self.local_domains is None else ():
+            ip = peer_ip(listener.address[0])
+            if not (ip and ip.is_loopback):
+                log.warning("every domain is local (the course mode): mail for any address is taken for the "
+                            "users here, from anyone who can reach %s; give --local-domains to take mail for "
+                            "your domains only", "any interface" if ip.is_unspecified else listener.address[0])
+                break
         if self.queue is not None:
             self.queue.start()
         super().serve_forever()
@@ -5370,7 +5993,18 @@ def queue_main(argv):
         print("flush requested: the servers on %s try every queued message within %g s"
               % (args.root, FLUSH_POLL))
         return 0
-    queue_listing(folder, sys.stdout)
+    return print_to_pipe(functools.partial(queue_listing, folder))
+
+
+def print_to_pipe(write):
+    """Run write(sys.stdout): 0, or 1 quietly when the reader went away (as in '--queue | head')."""
+    try:
+        write(sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: aim it at /dev/null, so that raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

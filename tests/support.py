@@ -1032,7 +1032,8 @@ def failing_queue_env(folder):
 # mailserver_smtp.py, on purpose: a misreading of RFC 1035 shared by both would
 # otherwise go unseen.
 
-DNS_TEST_TYPES = {"A": 1, "CNAME": 5, "MX": 15, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TEST_TYPES = {"A": 1, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TEST_TXT_STRING = 255       # RFC 1035 3.3: octets of one character-string
 DNS_TEST_RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
 DNS_TEST_UDP_LIMIT = 512        # RFC 1035 4.2.1: a longer answer goes out truncated (TC=1)
 DNS_TEST_QR_AA_RA = 0x8580      # RFC 1035 4.1.1: response, authoritative, recursion available
@@ -1083,14 +1084,26 @@ def dns_test_rdata(rtype, value):
         return socket.inet_pton(socket.AF_INET6, value)
     if rtype == "MX":
         return struct.pack("!H", value[0]) + dns_test_encode_name(value[1])
-    return dns_test_encode_name(value)   # CNAME
+    if rtype == "TXT":
+        return dns_test_txt_rdata(value)
+    return dns_test_encode_name(value)   # CNAME, PTR
+
+
+def dns_test_txt_rdata(value):
+    """A TXT record's data (RFC 1035 3.3.14): a tuple of strings as they are, one long text cut every 255 octets."""
+    if isinstance(value, (str, bytes)):
+        data = value.encode("utf-8") if isinstance(value, str) else value
+        value = [data[i:i + DNS_TEST_TXT_STRING] for i in range(0, len(data), DNS_TEST_TXT_STRING)] or [b""]
+    strings = [part.encode("utf-8") if isinstance(part, str) else part for part in value]
+    return b"".join(bytes((len(part),)) + part for part in strings)
 
 
 class DNSResponder:
     """A threaded DNS server on a loopback port (UDP, and TCP on the same port) answering from a zone dict.
 
     zone maps (name, type) to a list of records (MX as (preference,
-    exchange), A, AAAA and CNAME as strings) or to an rcode name such as
+    exchange), A, AAAA, CNAME and PTR as strings, TXT as one text, cut into
+    255-octet strings, or a tuple of its strings) or to an rcode name such as
     "SERVFAIL", "NXDOMAIN", "REFUSED"; type "*" stands for every type.  A
     name in no key gets NXDOMAIN, a known name without the type an empty
     NOERROR, and CNAMEs are followed as a recursive server does.
@@ -1107,6 +1120,8 @@ class DNSResponder:
         self.zone = {(dns_test_name(name), rtype): value for (name, rtype), value in zone.items()}
         self.truncate, self.drop, self.wrong_id = set(truncate), set(drop), set(wrong_id)
         self.spoof, self.unchased, self.raw = set(spoof), set(unchased), {}
+        self.ttl = 300           # the TTL of every answer record
+        self.negative_ttl = None # when set, an answer without records carries an SOA with this TTL (RFC 2308 3)
         self.queries = []        # (name, type) of every question, UDP and TCP, in arrival order
         self.tcp_queries = []    # those that came over TCP
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1178,17 +1193,28 @@ class DNSResponder:
         rcode, answers = self.lookup(name, dns_test_type_name(qtype))
         body = b"".join(self._record(name, owner, kind, value) for owner, kind, value in answers)
         header = DNS_TEST_QR_AA_RA | (flags & DNS_TEST_RD) | DNS_TEST_RCODES[rcode]
-        message = struct.pack("!HHHHHH", qid, header, 1, len(answers), 0, 0) + question_bytes + body
+        soa = b""
+        if self.negative_ttl is not None and rcode in ("NOERROR", "NXDOMAIN") and not any(
+                kind == dns_test_type_name(qtype) for _, kind, _ in answers):
+            soa = self._soa(name)
+        message = (struct.pack("!HHHHHH", qid, header, 1, len(answers), 1 if soa else 0, 0)
+                   + question_bytes + body + soa)
         if limit is not None and (len(message) > limit or name in self.truncate):
             message = struct.pack("!HHHHHH", qid, header | DNS_TEST_TC, 1, 0, 0, 0) + question_bytes
         return message
 
-    @staticmethod
-    def _record(qname, owner, rtype, value):
+    def _record(self, qname, owner, rtype, value):
         """One answer record; an owner equal to the question's name is a pointer to it."""
         data = dns_test_rdata(rtype, value)
         owner_bytes = DNS_TEST_POINTER_TO_QUESTION if owner == qname else dns_test_encode_name(owner)
-        return owner_bytes + struct.pack("!HHIH", DNS_TEST_TYPES[rtype], 1, 300, len(data)) + data
+        return owner_bytes + struct.pack("!HHIH", DNS_TEST_TYPES[rtype], 1, self.ttl, len(data)) + data
+
+    def _soa(self, name):
+        """An SOA record for the authority section of a negative answer: TTL and MINIMUM negative_ttl."""
+        zone = dns_test_encode_name(".".join(name.split(".")[-2:]))
+        data = zone + dns_test_encode_name("hostmaster." + name) + struct.pack(
+            "!IIIII", 1, 3600, 600, 86400, self.negative_ttl)
+        return zone + struct.pack("!HHIH", 6, 1, self.negative_ttl, len(data)) + data
 
     def _answer(self, query, tcp):
         """The reply to a query's bytes, recorded; None when it gets none (unreadable, or dropped)."""

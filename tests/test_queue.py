@@ -212,6 +212,24 @@ class DeliveryTest(QueueCase):
         self.assertTrue(got["data"].endswith(b"Subject: for both\r\n\r\nhello\r\n"))
         wait_for(lambda: queued not in support.queue_files(self.root))
 
+    def test_bcc_only_mail_shows_no_recipient_list_locally_and_gets_no_to_remotely(self):
+        """Section 1: a message with no To: for bob, alice and a remote: each local copy's To: names its recipient alone;
+        'Mail for other domains gets no To: added.'"""
+        body = b"From: alice@example.org\r\nSubject: bcc only\r\n\r\nsecret list\r\n"
+        queued = queue_id(self.submit(("bob@example.org", "alice@example.org", "carol@[127.0.0.1]"), body))
+        for login in ("bob", "alice"):
+            [copy] = [m for m in support.stored_messages(self.root, login) if b"Subject: bcc only\n" in m]
+            trace, _, rest = copy.partition(b"\nTo: ")       # the trace fields (section 8) name this copy's own
+            self.assertTrue(trace.startswith(b"Return-Path: <alice@example.org>\nReceived: "), copy)
+            self.assertIn(b"\tfor <%s@example.org>;" % login.encode(), trace)
+            untraced = b"To: " + rest
+            self.assertTrue(untraced.startswith(b"To: %s@example.org\nFrom: alice@example.org\n" % login.encode()),
+                            copy)
+            self.assertEqual(untraced.count(b"example.org"), 2, "no other recipient named")
+        data = self.received_by(self.remote, queued)["data"]
+        self.assertNotIn(b"\r\nTo:", data)
+        self.assertNotIn(b"bob@", data)
+
     def test_what_goes_out_has_our_trace_first_and_is_unstuffed(self):
         """The remote gets Received: (from, by, with ESMTP, id, date) first and the body as sent."""
         queued = queue_id(self.submit(("carol@[127.0.0.1]",), b"Subject: trace\r\n\r\n..dot\r\nend\r\n"))
@@ -416,6 +434,20 @@ class UnreachableTest(QueueCase):
         wait_for(lambda: self.server.output().count("%s: to=<again@[127.0.0.1]>" % queued) == 2)
         wait_for(lambda: "\nrcpt\tpending\t2\t" in envelope_of(self.root, queued))
         self.assertFalse(os.path.exists(orphan))
+
+    def test_queue_into_a_closed_pipe_ends_quietly(self):
+        """'--queue | head': a reader that has gone gets no traceback, exit 1, nothing on stderr."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        os.mkdir(support.queue_folder(root))
+        reader, writer = os.pipe()
+        os.close(reader)                 # gone before the first byte: every write fails with EPIPE
+        try:
+            proc = subprocess.run([sys.executable, SMTP_SCRIPT, "--queue", "--root", root], stdout=writer,
+                                  stderr=subprocess.PIPE, timeout=support.DEADLINE)
+        finally:
+            os.close(writer)
+        self.assertEqual((proc.returncode, proc.stderr), (1, b""))
 
     def test_queue_on_an_empty_queue(self):
         """--queue on a root whose queue holds nothing says so."""
@@ -698,6 +730,13 @@ ZONE = {
     ("flaky.test", "MX"): [(10, "broken.test"), (20, "mx2.example.net")],
     ("allflaky.test", "MX"): [(10, "broken.test"), (20, "refused.test")],
     ("nohost.test", "MX"): [(10, "gone.test")],
+    ("example.net", "TXT"): ["v=spf1 -all", ("v=DKIM1; k=rsa; ", "p=", "ABC")],
+    ("long.example.net", "TXT"): ["p=" + "A" * 600],
+    ("empty.test", "TXT"): [""],
+    ("latin.test", "TXT"): [b"caf\xe9"],
+    ("txt.alias.test", "CNAME"): ["example.net"],
+    ("1.0.0.127.in-addr.arpa", "PTR"): ["mx1.example.net"],
+    ("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa", "PTR"): ["mx1.example.net"],
 }
 
 
@@ -902,6 +941,28 @@ class QueryTest(ResponderTestCase):
             thread.join(5)
         self.assertEqual([results.get(i) for i in range(len(names))], [ZONE[(name, "A")] for name in names])
 
+    def test_txt_strings_of_one_record_joined(self):
+        """A TXT record's strings come as one text (RFC 7208 3.3); each record is one item."""
+        self.assertEqual(self.resolver.query("example.net", "TXT"), ["v=spf1 -all", "v=DKIM1; k=rsa; p=ABC"])
+
+    def test_long_txt_record(self):
+        """A text of 602 octets, published as three strings, comes back whole (over TCP, as it is long)."""
+        self.assertEqual(self.resolver.query("long.example.net", "TXT"), ["p=" + "A" * 600])
+
+    def test_txt_edge_cases(self):
+        """An empty string is an empty text; a non-ASCII octet survives as Latin-1; CNAMEs are followed."""
+        self.assertEqual(self.resolver.query("empty.test", "TXT"), [""])
+        self.assertEqual(self.resolver.query("latin.test", "TXT"), ["caf\xe9"])
+        self.assertEqual(self.resolver.query("txt.alias.test", "TXT")[0], "v=spf1 -all")
+        self.assertEqual(self.resolver.query("mx1.example.net", "TXT"), [])
+
+    def test_ptr(self):
+        """PTR records of an IPv4 and an IPv6 address, by the names reverse_name gives (RFC 1035 3.5, RFC 3596 2.5)."""
+        self.assertEqual(dns.reverse_name("127.0.0.1"), "1.0.0.127.in-addr.arpa")
+        self.assertEqual(self.resolver.query(dns.reverse_name("127.0.0.1"), "PTR"), ["mx1.example.net"])
+        self.assertEqual(self.resolver.query(dns.reverse_name("::1"), "PTR"), ["mx1.example.net"])
+        self.assertFails(False, dns.DNS_NO_SUCH_DOMAIN, self.resolver.query, dns.reverse_name("127.0.0.9"), "PTR")
+
     @unittest.skipUnless(socket.has_ipv6, "no IPv6")
     def test_ipv6_server(self):
         """A server on an IPv6 address is asked over IPv6."""
@@ -958,6 +1019,13 @@ class MalformedReplyTest(ResponderTestCase):
         self.malformed(lambda qid, question: struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + question
                        + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 3) + b"\x7f\0\0")
 
+    def test_txt_string_cut_short(self):
+        """A TXT string whose length runs past its record is an error."""
+        self.responder.raw["bad.test"] = query_of(
+            lambda qid, question: struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + question
+            + b"\xc0\x0c" + struct.pack("!HHIH", 16, 1, 0, 4) + b"\x05abc")
+        self.assertFails(True, "^malformed", self.resolver.query, "bad.test", "TXT")
+
     def test_header_only(self):
         """A reply of a few octets is an error."""
         self.malformed(lambda qid, question: struct.pack("!HH", qid, 0x8180))
@@ -981,14 +1049,14 @@ class MalformedReplyTest(ResponderTestCase):
 
 
 class ResolvConfTest(unittest.TestCase):
-    """Resolver.from_resolv_conf reads nameserver lines as resolv.conf(5) says."""
+    """The resolver's servers come from the nameserver lines of resolv.conf, as resolv.conf(5) says."""
 
     def resolver_from(self, text):
         """The resolver made from a resolv.conf holding text."""
         with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as conf:
             conf.write(text)
         self.addCleanup(os.unlink, conf.name)
-        return dns.Resolver.from_resolv_conf(conf.name, timeout=1)
+        return dns.Resolver(dns._dns_read_resolv_conf(conf.name), timeout=1)
 
     def test_nameservers(self):
         """IPv4 and IPv6 nameserver lines become servers on port 53; other lines and bad addresses do not."""
@@ -1009,7 +1077,7 @@ class ResolvConfTest(unittest.TestCase):
     def test_missing_file(self):
         """A missing resolv.conf means the local server."""
         missing = os.path.join(tempfile.gettempdir(), "no-such-dir-%d" % os.getpid(), "resolv.conf")
-        self.assertEqual(dns.Resolver.from_resolv_conf(missing).servers, [("127.0.0.1", 53)])
+        self.assertEqual(dns.Resolver(dns._dns_read_resolv_conf(missing)).servers, [("127.0.0.1", 53)])
 
 
 if __name__ == "__main__":

@@ -673,6 +673,8 @@ class ConfiguredServerTest(unittest.TestCase):
         for option in ["--host", "--domain", "--root", "--max-size", "--timeout", "--max-connections",
                        "--verbose"]:
             self.assertIn(option, helped.stdout)
+        for command in ["--hash-password", "--queue", "--flush"]:     # the other commands main() runs
+            self.assertIn("python3 mailserver_smtp.py %s " % command, helped.stdout)
         for args in [(), ("notaport",), ("70000",), ("25", "--max-size", "0"), ("25", "--tls-cert", "x"),
                      ("25", "--require-tls"), ("25", "--tls-cert", "/nonexistent", "--tls-key", "/nonexistent")]:
             with self.subTest(args=args):
