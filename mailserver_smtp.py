@@ -21,6 +21,7 @@ The file has two parts, split at one line:
 import argparse
 import base64
 import binascii
+import configparser
 import contextlib
 import errno
 import functools
@@ -36,7 +37,6 @@ import socket
 import ssl
 import stat
 import struct
-import tempfile
 import threading
 import _thread
 import time
@@ -59,6 +59,7 @@ import random
 import secrets
 import smtplib
 import sys
+import tempfile
 
 
 # ##########################################################################
@@ -361,6 +362,8 @@ class UserTable:
 #   .my_mailbox.torn       bytes of messages never acknowledged, set aside
 #                          (appended, never served): what a crash left
 #
+# ROOT/.run holds a lock file each running server holds for its life: its
+# CPU claim, and an SMTP server's relay settings (see the queue);
 # and ROOT/.spool holds SMTP's large messages while they arrive (files with
 # no name, gone with the process) and the commit record of each delivery to
 # several mailboxes while it is under way (below).  The servers open every
@@ -421,6 +424,7 @@ NEW_INDEX_NAME = ".my_mailbox.index.new"
 NEW_MAILBOX_NAME = ".my_mailbox.new"
 TORN_NAME = ".my_mailbox.torn"
 SPOOL_NAME = ".spool"
+RUN_NAME = ".run"            # what the running servers hold for their lives: CPU claims, relay settings
 
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows: no newline translation in mailboxes
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # POSIX: a symlink is refused, not followed
@@ -522,6 +526,15 @@ def open_regular(path, flags, mode=0o600):
         os.close(fd)
         raise
     return fd, st
+
+
+def private_folder(root, name):
+    """The path of the folder ROOT/name, made (mode 0700) if absent; OSError if it is no folder (a symlink)."""
+    path = os.path.join(root, name)
+    os.makedirs(path, 0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", path)
+    return path
 
 
 def remove_file(path):
@@ -979,6 +992,10 @@ class Wire:
             return line[:-1], True
         return line, False
 
+    def tls_version(self):
+        """The TLS version of the connection ("TLSv1.3"), or None while it is in clear."""
+        return self.sock.version() if isinstance(self.sock, ssl.SSLSocket) else None
+
     def start_tls(self, context):
         """Send what is queued, then run a server-side TLS handshake (raises ssl.SSLError, OSError).
 
@@ -1138,8 +1155,11 @@ class Session:
         A failure, by any method, is answered more slowly from the 3rd on,
         AUTH_DELAY_STEP more each time, and the 5th ends the session.
         """
-        log.info("%s: authentication %s: login %s, mechanism %s", self.peer,
-                 "failed" if login is None else "succeeded", login or shown_name(name), mechanism)
+        # One fixed form for fail2ban (README), the client's address last: no name a client
+        # chooses can put another address after it.
+        log.info("%s: authentication %s for login %s, mechanism %s, from %s", self.peer,
+                 "failed" if login is None else "succeeded", login or shown_name(name), mechanism,
+                 self.address[0])
         if login is not None:
             return login
         self.auth_failures += 1
@@ -1379,6 +1399,10 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
                         help="TCP port of the first listener, mode %s (0: any free port)" % modes[0])
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser.add_argument("--site", metavar="FILE",
+                        help="site file (INI): [mail] for both servers, [smtp], [pop3]; keys are the long "
+                        "option names; the command line wins")
+    parser.set_defaults(site_listen=None)
     parser.add_argument("--listen", metavar="[ADDR:]PORT[/MODE]", action="append", type=listen_spec,
                         help="one more listener (repeatable; ADDR default --host, IPv6 as [::1]); MODE: %s "
                         "(default %s)" % (", ".join(modes), modes[0]))
@@ -1436,7 +1460,8 @@ def listen_spec(text):
 def listener_specs(parser, args):
     """The (host, port, mode) of each listener: the positional PORT first, then each --listen."""
     specs = [] if args.port is None else [(args.host, args.port, None)]
-    specs += [(host or args.host, port, mode) for host, port, mode in args.listen or ()]
+    listen = args.listen if args.listen is not None else args.site_listen     # the command line wins
+    specs += [(host or args.host, port, mode) for host, port, mode in listen or ()]
     if not specs:
         parser.error("give a PORT or at least one --listen")
     for host, port, mode in specs:
@@ -1544,8 +1569,16 @@ def create_listener(host, port):
     return listener
 
 
-class ListenError(Exception):
-    """A listener could not be opened: the server does not start."""
+class StartError(Exception):
+    """The server cannot start: why, and the exit code (2: the options, as argparse's)."""
+
+    code = 2
+
+
+class ListenError(StartError):
+    """A listener could not be opened: the server does not start (exit 1)."""
+
+    code = 1
 
 
 class Listener:
@@ -1901,12 +1934,12 @@ def run_server(server_class, args, name):
     """Run a server until Ctrl-C or SIGTERM; return the exit code."""
     use_small_thread_stacks()
     configure_logging(name)          # first: what the pinning logs is a line like any other
-    run_on_one_cpu(args.cpu)
+    run_on_one_cpu(args.cpu, args.root)
     try:
         server = server_class(args)
-    except ListenError as exc:
+    except StartError as exc:
         log.error("%s", exc)
-        return 1
+        return exc.code
     signals = ShutdownSignals()
     if args.tls is not None and hasattr(signal, "SIGHUP"):
         # Only flags the files to be looked at: the handler runs in the main thread, between
@@ -1932,6 +1965,131 @@ def configure_logging(name):
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+# --------------------------------------------------------------------------
+# The site file: the options of both servers in one INI file
+# --------------------------------------------------------------------------
+#
+#   [mail]      what both servers take (root, domain, host, tls-cert, ...)
+#   [smtp]      what only mailserver_smtp.py takes (listen, local-domains, relay-host, ...)
+#   [pop3]      what only pop_server.py takes (listen, ...)
+#
+# Each key is a long option name without its "--"; a flag takes yes/no;
+# listen takes several [ADDR:]PORT[/MODE] separated by spaces.  What the
+# file says becomes the parser's default, so the command line wins.  A
+# key of [mail] the POP3 server does not take is left to the SMTP server,
+# which takes all of POP3's options and checks every key of [mail].
+
+SITE_SECTIONS = ("mail", "smtp", "pop3")
+SITE_NOT_KEYS = ("help", "site")
+
+
+def parse_with_site(parser, argv, section):
+    """parser.parse_args(argv), its defaults first set from --site FILE's [mail] and [section]."""
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument("--site")
+    path = finder.parse_known_args(argv)[0].site
+    if path is not None:
+        parser.set_defaults(**site_defaults(parser, path, section))
+    return parser.parse_args(argv)
+
+
+def site_defaults(parser, path, section):
+    """The defaults a site file gives parser from [mail] and [section]; an error (exit 2) names file and line."""
+    text = read_site_file(parser, path)
+    config = configparser.ConfigParser(interpolation=None, default_section="\0", delimiters=("=",))
+    try:
+        config.read_string(text, source=path)
+    except configparser.Error as exc:
+        parser.error("site file %s line %d: %s" % ((path,) + site_syntax_error(exc)))
+    lines = site_lines(text)
+    for name in config.sections():
+        if name not in SITE_SECTIONS:
+            parser.error("site file %s line %d: unknown section [%s] (sections: %s)"
+                         % (path, lines[name, None], name, ", ".join(SITE_SECTIONS)))
+    defaults = {}
+    for name in ("mail", section):
+        if config.has_section(name):
+            for key, value in config.items(name):
+                where = "site file %s line %d" % (path, lines[name, key])
+                # [mail] keys POP3 does not take are the SMTP server's to check (it takes all of POP3's)
+                site_value(parser, where, key, value, defaults, name == "mail" and section == "pop3")
+    return defaults
+
+
+def site_listener(parser, text):
+    """One [ADDR:]PORT[/MODE] of a site file's listen, its mode one of parser's (ValueError if not)."""
+    host, port, mode = listen_spec(text)
+    if mode is not None and mode not in parser.get_default("modes"):
+        raise ValueError("the mode must be one of %s" % ", ".join(parser.get_default("modes")))
+    return host, port, mode
+
+
+def site_syntax_error(exc):
+    """(line number, what is wrong) of the configparser.Error a site file raised."""
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return exc.lineno, "section [%s] given twice" % exc.section
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return exc.lineno, "key %r given twice in [%s]" % (exc.option, exc.section)
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return exc.lineno, "a key before the first [section]: %r" % exc.line.strip()
+    if isinstance(exc, configparser.ParsingError):
+        return exc.errors[0][0], "not a 'key = value' line: %s" % exc.errors[0][1].replace("\\n", "")
+    return 0, str(exc)
+
+
+def read_site_file(parser, path):
+    """The text of a site file: a regular file, not a symlink, readable (else an error, exit 2)."""
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            parser.error("site file %s is a symlink: give the file itself" % path)
+        if not stat.S_ISREG(mode):          # a folder, or a FIFO whose open would wait for ever
+            parser.error("site file %s is not a regular file" % path)
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error("cannot read the site file %s: %s" % (path, exc))
+
+
+def site_lines(text):
+    """{(section, key): its line number} of a site file, and {(section, None): its header's line}."""
+    lines, section = {}, None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;" or line[:1].isspace():
+            continue
+        if stripped.startswith("["):
+            section = stripped[1:].partition("]")[0].strip()
+            lines.setdefault((section, None), number)
+        else:
+            lines.setdefault((section, stripped.partition("=")[0].strip().lower()), number)
+    return lines
+
+
+def site_value(parser, where, key, value, defaults, lenient):
+    """Check one key of a site file and put its value, as the option's type makes it, into defaults.
+
+    lenient: a key parser does not know is passed over (not an error).
+    """
+    action = parser._option_string_actions.get("--" + key) if key not in SITE_NOT_KEYS else None
+    if action is None:
+        if lenient:
+            return
+        parser.error("%s: unknown key %r" % (where, key))
+    try:
+        if action.nargs == 0:        # a flag
+            if value.lower() not in configparser.ConfigParser.BOOLEAN_STATES:
+                raise ValueError("yes or no")
+            if configparser.ConfigParser.BOOLEAN_STATES[value.lower()]:
+                defaults[action.dest] = action.const
+        elif action.dest == "listen":
+            defaults["site_listen"] = [site_listener(parser, word) for word in value.split()]
+        else:
+            defaults[action.dest] = action.type(value) if action.type else value
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        parser.error("%s: bad value %r for %s: %s" % (where, value, key, exc))
 
 
 # --------------------------------------------------------------------------
@@ -2032,7 +2190,7 @@ class SecondFormatter(logging.Formatter):
         return "%s,%03d" % (stamp, record.msecs)
 
 
-def run_on_one_cpu(chosen=None):
+def run_on_one_cpu(chosen, root):
     """Keep this process's threads on one CPU, one its sibling servers do not use (call before any thread).
 
     Only one thread runs Python at a time (the GIL).  When session threads
@@ -2040,15 +2198,16 @@ def run_on_one_cpu(chosen=None):
     wake-up, which costs far more than a switch on one CPU: measured
     (tests/bench_smtp.py, interleaved), twice the messages per second at
     10 and 50 clients (1187 against 585, 1180 against 594).  --cpu N picks
-    the CPU; else the one fewest other servers of ours have claimed (lock
-    files in the system's temporary folder, held while the process lives),
-    so servers started side by side spread over the CPUs.
+    the CPU; else the one fewest other servers of the mail root have
+    claimed (lock files in ROOT/.run, held while the process lives: not in
+    the temporary folder, which systemd's PrivateTmp= makes each server's
+    own), so servers started side by side spread over the CPUs.
     """
     if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
         return
     try:
         allowed = sorted(os.sched_getaffinity(0))
-        cpu = chosen if chosen is not None else unclaimed_cpu(allowed)
+        cpu = chosen if chosen is not None else unclaimed_cpu(allowed, private_folder(root, RUN_NAME))
         os.sched_setaffinity(0, {cpu})
     except (OSError, ValueError) as exc:
         log.warning("staying on every CPU: %s", exc)
@@ -2058,7 +2217,7 @@ _CPU_CLAIM = []              # the lock on the claimed CPU, held until the proce
 CPU_CLAIM_LAYERS = 64        # claims per CPU: the 65th server process on one CPU picks by its pid
 
 
-def unclaimed_cpu(allowed):
+def unclaimed_cpu(allowed, folder):
     """The allowed CPU with the fewest of our servers on it (claimed now, by a lock file held for life).
 
     Claims come in layers: the first server of each CPU claims its layer 0,
@@ -2068,7 +2227,7 @@ def unclaimed_cpu(allowed):
     for layer in range(CPU_CLAIM_LAYERS):
         for cpu in allowed:
             name = "mailserver-cpu-%d-%d.lock" % (cpu, layer)
-            claim = FileLock(os.path.join(tempfile.gettempdir(), name))
+            claim = FileLock(os.path.join(folder, name))
             try:
                 if claim.acquire(blocking=False):
                     _CPU_CLAIM.append(claim)
@@ -2220,7 +2379,7 @@ def parse_args(argv=None):
     parser.add_argument("--postmaster", metavar="USER",
                         help="the user who gets the mail for postmaster (default: the first user)")
     relay_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_site(parser, argv, "smtp")
     if args.max_size < 1 or args.quota is not None and args.quota < 1:
         parser.error("--max-size and --quota must be positive")
     if args.postmaster is not None and not is_valid_login(args.postmaster):
@@ -2261,6 +2420,9 @@ def relay_arguments(parser):
                        help="the DNS server for MX lookups (default: those of /etc/resolv.conf)")
     group.add_argument("--mx-port", metavar="PORT", type=int, default=SMTP_PORT,
                        help="the port of other domains' mail exchangers (default: %d)" % SMTP_PORT)
+    group.add_argument("--source-address", metavar="ADDR",
+                       help="the address of this machine outgoing connections are made from: the one the "
+                       "site's PTR and SPF records name (default: the one the system picks)")
 
 
 def check_relay_arguments(parser, args):
@@ -2289,6 +2451,18 @@ def check_relay_arguments(parser, args):
             parser.error("--relay-auth: %s" % exc)
     if args.relay_cafile and not os.path.isfile(args.relay_cafile):
         parser.error("--relay-cafile %s is not a file" % args.relay_cafile)
+    if args.source_address:
+        try:
+            check_own_address(args.source_address)
+        except (ValueError, OSError) as exc:
+            parser.error("--source-address %s is not an address of this machine: %s" % (args.source_address, exc))
+
+
+def check_own_address(text):
+    """Raise ValueError or OSError unless text is an IP address of this machine (one a socket can bind)."""
+    ip = ipaddress.ip_address(text)
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((text, 0))
 
 
 def domain_list(text):
@@ -2850,7 +3024,8 @@ def take_message(session, spool):
     """
     envelope, server = session.envelope, session.server
     header = Header(spool.lines())   # read once: the sender check, the stored form, the queue's facts
-    copies = received_form(session, spool, header)
+    message_id = new_queue_id()      # ours: in the trace fields, the log, and the queue's file name
+    copies = received_form(session, spool, header, message_id)
     size = max(map(len, copies.values()), default=0)
     if envelope.logins and server.quota is not None and size > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
@@ -2859,7 +3034,7 @@ def take_message(session, spool):
     queued = None
     try:
         if envelope.remote:          # durable under its .tmp name before any mailbox is touched
-            queued = queue_received(session, spool, header)
+            queued = queue_received(session, spool, header, message_id)
         if envelope.logins:          # the queue file is renamed into place under the mailboxes' locks
             deliver({server.users.mailbox_path(login): copy for login, copy in copies.items()}, server.quota,
                     queued and queued.publish)
@@ -2877,12 +3052,19 @@ def take_message(session, spool):
             queued.close()
     session.delivered += 1
     if queued is None:
-        log.info("delivered %d bytes from <%s> to %s", size, envelope.sender, ", ".join(envelope.logins))
+        log.info("%s: delivered %d bytes from <%s> to %s, %s", message_id, size, envelope.sender,
+                 ", ".join(envelope.logins), arrival_text(session, header))
         return session.replies.ACCEPTED
-    return queued_reply(session, queued.id)
+    return queued_reply(session, queued.id, header, spool.size)
 
 
-def received_form(session, spool, header):
+def arrival_text(session, header):
+    """What the delivery log line says of a message's arrival: client, login, Message-ID:, TLS version."""
+    return "client=%s login=%s message-id=%s tls=%s" % (session.peer, session.login or "-", header.message_id,
+                                                        session.wire.tls_version() or "none")
+
+
+def received_form(session, spool, header, message_id):
     """Each local recipient's copy in its stored form, {login: StoredMessage}; Refused if the sender is not the login's.
 
     header: the message's Header.  Copies differ only in the To: added to
@@ -2894,9 +3076,15 @@ def received_form(session, spool, header):
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
     sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp()
-    return {owner: spool.message(stored_layout(header, spool.size, sender,
-                                               [r.encode("utf-8", "surrogateescape") for r in addresses], received))
-            for owner, addresses in envelope.logins.items()}
+    traced = session.server.local_domains is not None      # the course's mailboxes stay as they were
+    copies = {}
+    for owner, addresses in envelope.logins.items():
+        layout = stored_layout(header, spool.size, sender, [r.encode("utf-8", "surrogateescape") for r in addresses],
+                               received)
+        if traced:
+            layout.insert(0, trace_fields(session, addresses[0], message_id))
+        copies[owner] = spool.message(layout)
+    return copies
 
 
 def too_long(run, strict):
@@ -2935,37 +3123,41 @@ def stored_lines(run, strict):
 
 
 class Header:
-    """A stored message's header block, read in one pass: its fields' names and places, From: and Sender:.
+    """A stored message's header block, read in one pass: its fields' names and places, From:, Sender:, Message-ID:.
 
     lines: the stored body's lines from the first; only the header block
     and the line after it are read (header_block decides where it ends).
     """
 
     SENDER_FIELDS = (b"from", b"sender")
+    KEPT_FIELDS = SENDER_FIELDS + (b"message-id",)     # kept whole: the sender check, the delivery log
 
     def __init__(self, lines):
         seen = []                     # per line: (name, or None if folded; start; end; the line if kept)
         count, _ = header_block(self._recording(lines, seen))
         self.fields = []              # [name in lower case, start, end] of each field, folded lines included
-        self.senders = []             # the From: and Sender: fields as stored, folded lines joined
+        kept = []                     # [name, the field as stored, folded lines joined] of the KEPT_FIELDS
         for name, start, end, line in seen[:count]:
             if name is None:          # a folded line continues its field
                 self.fields[-1][2] = end
                 if line is not None:
-                    self.senders[-1] += line
+                    kept[-1][1] += line
             else:
                 self.fields.append([name, start, end])
                 if line is not None:
-                    self.senders.append(line)
+                    kept.append([name, line])
         self.end = seen[count - 1][2] if count else 0
+        self.senders = [line for name, line in kept if name in self.SENDER_FIELDS]
+        self.message_id = next((printable(" ".join(line.partition(b":")[2].decode("utf-8", "replace").split()))
+                                [:MAX_PATH] for name, line in kept if name == b"message-id"), "-")
 
     def _recording(self, lines, seen):
-        """The lines, each noted in seen as it is read (a From:/Sender: line kept whole)."""
+        """The lines, each noted in seen as it is read (a line of the KEPT_FIELDS kept whole)."""
         pos, keeping = 0, False
         for line in lines:
             name = None if line[:1] in (b" ", b"\t") else line.partition(b":")[0].lower()
             if name is not None:
-                keeping = name in self.SENDER_FIELDS
+                keeping = name in self.KEPT_FIELDS
             seen.append((name, pos, pos + len(line), line if keeping else None))
             pos += len(line)
             yield line
@@ -2992,6 +3184,13 @@ def stored_layout(header, size, sender, recipients, received):
     if subject_end is None:
         return [head, (0, header.end), b"Subject: \n" + received, (header.end, size), end]
     return [head, (0, subject_end), received, (subject_end, size), end]
+
+
+def trace_fields(session, recipient, message_id):
+    """Return-Path: and our Received: (RFC 5321 4.4) that start a copy stored for recipient, \\n lines."""
+    return_path = b"Return-Path: <%s>\n" % session.envelope.sender.encode("utf-8", "surrogateescape")
+    return return_path + trace_header(session.client_name, session.address[0], session.domain,
+                                      session_protocol(session), message_id, recipient, b"\n")
 
 
 def received_stamp():
@@ -3706,10 +3905,7 @@ class QueueFile:
 
 def prepare_queue(root):
     """The path of ROOT/.queue (made private if absent), emptied of the .tmp files of dead writers."""
-    path = os.path.join(root, QUEUE_NAME)
-    os.makedirs(path, 0o700, exist_ok=True)
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
-        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", path)
+    path = private_folder(root, QUEUE_NAME)
     for name in os.listdir(path):
         if name.endswith(TEMP_SUFFIX):
             remove_orphan(os.path.join(path, name))
@@ -3722,6 +3918,63 @@ def remove_orphan(path):
         if free:
             remove_file(path)
             log.info("removed %s, left half-written by a server that stopped", path)
+
+
+# One set of relay settings per mail root.  Every runner on a root sends
+# every queued message, so servers that disagreed on where mail goes would
+# misroute it.  Each SMTP server with a queue writes its settings to a
+# file ROOT/.run/relay-<pid>-<random>.settings, locked for its life; a
+# server starting on the root compares its own with those of each living
+# server (under ROOT/.run/relay.lock, one starter at a time) and refuses
+# to start when one differs.
+
+RELAY_SETTINGS = ("domain", "source_address", "local_domains", "relay_host", "relay_implicit_tls",
+                  "relay_cafile", "relay_auth", "relay_timeout", "queue_lifetime", "retry_base",
+                  "dns_server", "mx_port")
+RELAY_SETTINGS_LOCK = "relay.lock"
+RELAY_SETTINGS_SUFFIX = ".settings"
+_RELAY_RECORD = []           # this process's settings file, open and locked until it ends
+
+
+def relay_settings(args):
+    """{option name: its value as text} of the settings every server of one root must share."""
+    def text(value):
+        if isinstance(value, frozenset):
+            return ",".join(sorted(value))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return "%g" % value           # --retry-base 300 is the default 300, not 300.0
+        return str(value)
+    return {"--" + name.replace("_", "-"): text(getattr(args, name)) for name in RELAY_SETTINGS}
+
+
+def record_relay_settings(root, settings):
+    """Record this server's relay settings in ROOT/.run; StartError if a running server's differ."""
+    folder = private_folder(root, RUN_NAME)
+    with FileLock(os.path.join(folder, RELAY_SETTINGS_LOCK)):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("relay-") and name.endswith(RELAY_SETTINGS_SUFFIX):
+                compare_relay_settings(os.path.join(folder, name), settings)
+        path = os.path.join(folder, "relay-%d-%s%s" % (os.getpid(), os.urandom(4).hex(), RELAY_SETTINGS_SUFFIX))
+        fd, _ = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        _lock_fd(fd, False)
+        _RELAY_RECORD.append(fd)
+        write_all(fd, "".join("%s\t%s\n" % item for item in settings.items()).encode("utf-8", "surrogateescape"))
+
+
+def compare_relay_settings(path, settings):
+    """Remove a dead server's settings file; StartError naming the first setting a living one differs in."""
+    with held_by_nobody(path) as dead:
+        if dead:
+            remove_file(path)
+            return
+    with open(path, "rb") as f:
+        theirs = dict(line.split("\t", 1) for line in f.read().decode("utf-8", "surrogateescape").splitlines()
+                      if "\t" in line)
+    for name, value in settings.items():
+        if theirs.get(name) != value:
+            raise StartError("relay settings differ from those of a running server on this mail root (%s): %s is "
+                             "%r there, %r here; every server of one root must use the same relay settings"
+                             % (os.path.basename(path), name, theirs.get(name), value))
 
 
 def outgoing_chunks(spool):
@@ -3782,20 +4035,21 @@ def spool_is_ascii(spool, end=None):
     return True
 
 
-def trace_header(client_name, client_ip, domain, protocol, queue_id):
-    """Our Received: field (RFC 5321 4.4), folded, with its CRLF."""
+def trace_header(client_name, client_ip, domain, protocol, queue_id, recipient=None, eol=b"\r\n"):
+    """Our Received: field (RFC 5321 4.4), folded, with its line end (for one recipient, or several)."""
     name = printable(client_name or "unknown").replace("(", "").replace(")", "")
     literal = ("IPv6:" if ":" in client_ip else "") + client_ip     # RFC 5321 4.1.3
-    return ("Received: from %s ([%s])\r\n\tby %s with %s id %s;\r\n\t%s\r\n"
-            % (name, literal, domain, protocol, queue_id,
-               email.utils.formatdate(localtime=True))).encode("utf-8", "surrogateescape")
+    to = "" if recipient is None else "\n\tfor <%s>" % printable(recipient)
+    text = ("Received: from %s ([%s])\n\tby %s with %s id %s%s;\n\t%s\n"
+            % (name, literal, domain, protocol, queue_id, to, email.utils.formatdate(localtime=True)))
+    return text.encode("utf-8", "surrogateescape").replace(b"\n", eol)
 
 
-def trace_protocol(esmtp, tls, auth):
-    """The 'with' word of Received: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA (RFC 3848)."""
-    if not esmtp:
+def session_protocol(session):
+    """The 'with' word of a session's Received: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA (RFC 3848)."""
+    if session.replies is not Replies:        # the client began with HELO
         return "SMTP"
-    return "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
+    return "ESMTP" + ("S" if session.tls_active else "") + ("A" if session.login else "")
 
 
 def submission_headers(names, domain):
@@ -3808,21 +4062,19 @@ def submission_headers(names, domain):
     return added
 
 
-def queue_received(session, spool, header):
+def queue_received(session, spool, header, queue_id):
     """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
-    queue_id = new_queue_id()
     envelope = session.envelope
-    trace = trace_header(session.client_name, session.address[0], session.domain,
-                         trace_protocol(session.replies is Replies, session.tls_active, session.login), queue_id)
+    trace = trace_header(session.client_name, session.address[0], session.domain, session_protocol(session), queue_id)
     return session.server.queue.write(queue_id, spool, header, envelope.sender, envelope.remote,
                                       session.login, trace, envelope.utf8)
 
 
-def queued_reply(session, queue_id):
+def queued_reply(session, queue_id, header, size):
     """Log a received message that is now in the queue, hand it to a runner; the 250 naming its id."""
     envelope = session.envelope
-    log.info("%s: from=<%s> client=%s login=%s, queued for %s%s", queue_id, envelope.sender, session.peer,
-             session.login or "-", ", ".join(envelope.remote),
+    log.info("%s: from=<%s> size=%d %s, queued for %s%s", queue_id, envelope.sender, size,
+             arrival_text(session, header), ", ".join(envelope.remote),
              ", delivered to " + ", ".join(envelope.logins) if envelope.logins else "")
     session.server.queue.wake(queue_id)
     return session.replies.QUEUED % queue_id
@@ -4931,6 +5183,7 @@ class Relay:
         self.credentials = args.relay_credentials    # (login, password), or None; never logged
         self.timeout = args.relay_timeout
         self.mx_port = args.mx_port
+        self.source = (args.source_address, 0) if args.source_address else None    # None: the system picks
         self.resolver = Resolver(args.dns_server)    # shared by the runners: it keeps no state
         self.verified = ssl.create_default_context(cafile=args.relay_cafile)
         self.opportunistic = ssl.create_default_context()
@@ -5026,8 +5279,9 @@ class Relay:
     def connect(self, server, port):
         """An smtplib client connected to server (its name: the smarthost's certificate must match it)."""
         if self.host and self.implicit_tls:
-            return smtplib.SMTP_SSL(server, port, self.domain, timeout=self.timeout, context=self.verified)
-        return smtplib.SMTP(server, port, self.domain, timeout=self.timeout)
+            return smtplib.SMTP_SSL(server, port, self.domain, timeout=self.timeout, context=self.verified,
+                                    source_address=self.source)
+        return smtplib.SMTP(server, port, self.domain, timeout=self.timeout, source_address=self.source)
 
     def converse(self, smtp, entry, file, relay, name, addresses, tls):
         """Greet, secure, log in, then the transaction (see session)."""
@@ -5643,7 +5897,10 @@ class SMTPServer(Server):
         self.postmaster_name = args.postmaster
         self.spool_folder = prepare_spool(self.users.root)
         # Mail goes out only when some domains are not ours (CONTRACT.md section 7).
-        self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
+        self.queue = None
+        if self.local_domains is not None:
+            record_relay_settings(self.users.root, relay_settings(args))
+            self.queue = OutboundQueue(self, args)
 
     def serve_forever(self):
         for listener in self.listeners if self.local_domains is None else ():

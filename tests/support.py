@@ -952,6 +952,7 @@ class RemoteSMTPServer(FakeServer):
         self.extensions = list(extensions)
         self.messages = []
         self.sessions = 0
+        self.peers = []                   # the address each session came from
         self.hung = threading.Event()     # a "hang" reply to the end of data has been reached
         self.release = threading.Event()  # ends that hang (the connection is closed unanswered)
         super().__init__(host, port)
@@ -968,6 +969,7 @@ class RemoteSMTPServer(FakeServer):
     def session(self, conn, rfile):
         """Greet (or hang), then answer EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET, QUIT."""
         self.sessions += 1
+        self.peers.append(conn.getpeername()[0])
         if self.host != "127.0.0.1":      # an extra loopback address: closed with RST, no TIME_WAIT
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if self.greeting is None:
