@@ -18,42 +18,49 @@ The file has three parts:
     canonicalization, signing and verifying, behind a narrow interface.
 """
 
+# Part 1's modules: what both servers are made of (users and passwords, files
+# and locks, sockets, TLS, threads, the PROXY protocol, logging).
 import argparse
 import base64
 import binascii
-import collections
 import contextlib
-import email.utils
 import errno
 import functools
-import getpass
 import hashlib
 import hmac
-import io
 import ipaddress
-import itertools
 import logging
 import math
 import os
-import random
 import re
-import secrets
+import selectors
 import signal
-import smtplib
 import socket
 import ssl
 import stat
 import struct
-import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
     import msvcrt
+
+# Part 2's modules: what only the SMTP server needs (the stored form, the
+# queue, DNS, delivery to other servers, bounces, its own command line).
+import collections
+import email.utils
+import getpass
+import io
+import itertools
+import random
+import secrets
+import smtplib
+import sys
 
 
 # ##########################################################################
@@ -84,6 +91,15 @@ AUTH_DELAY_STEP = 0.2        # seconds added per further failure
 MAX_AUTH_FAILURES = 5        # then the connection is closed
 CLOSE_NOTIFY_WAIT = 2.0      # seconds a TLS close waits for the client's close_notify (RFC 8446 6.1)
 CERT_CHECK_INTERVAL = 2.0    # seconds between looks at --tls-cert/--tls-key for a renewed pair
+# A listener's mode -> (TLS from the first byte, TLS before AUTH and mail, AUTH before mail): CONTRACT.md 8
+LISTEN_MODES = {
+    "smtp": (False, False, False),        # the MX port (RFC 5321): STARTTLS offered with a certificate
+    "submission": (False, True, True),    # RFC 6409 4.1 and RFC 3207: STARTTLS, AUTH, then mail
+    "smtps": (True, True, True),          # RFC 8314 3.3: implicit TLS, AUTH, then mail
+    "pop3": (False, False, False),        # RFC 1939, STLS (RFC 2595) offered with a certificate
+    "pop3s": (True, True, False),         # RFC 8314 3.3: implicit TLS
+}
+LISTEN_SPEC = re.compile(r"(?:(\[[^\]/]+\]|[^:\[\]/]+):)?(\d{1,5})(?:/(\w+))?\Z")   # [ADDR:]PORT[/MODE]
 # HAProxy's PROXY protocol (its proxy-protocol.txt), read only from --proxy-from addresses
 PROXY_V1_PREFIX = b"PROXY "  # 2.1: a v1 header is a text line starting so
 PROXY_V1_MAX = 107           # 2.1: the longest v1 line, CRLF included
@@ -211,17 +227,19 @@ def password_matches(stored, password):
 class UserTable:
     """The users of a mail root, read from userinfo.txt again whenever the file changes."""
 
+    NEVER_READ = ()              # the stamp before the first read: no file's, not even a missing one's
+
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.path = os.path.join(self.root, USERINFO_NAME)
         self._guard = threading.Lock()
-        self._stamp = None
+        self._stamp = self.NEVER_READ
         self._passwords = {}   # login -> password bytes or HashedPassword, in file order
         self._folded = {}      # login.lower() -> login
         self._decoy = NO_PASSWORD   # checked for unknown users: a hash, if the file has one
 
     def refresh(self):
-        """Read userinfo.txt again if it has changed since it was last read."""
+        """Read userinfo.txt again if it has changed since it was last read (and say what is amiss)."""
         stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return
@@ -230,7 +248,9 @@ class UserTable:
                 return
             passwords = self._load() if stamp else {}
             if stamp is None:
-                log.warning("%s is missing: no users", self.path)
+                log.warning("%s is missing: no users, so every recipient gets 550 and every login fails",
+                            self.path)
+            self._report_folders(passwords)
             self._passwords = passwords
             self._decoy = next((p for p in passwords.values() if isinstance(p, HashedPassword)),
                                NO_PASSWORD)
@@ -267,6 +287,23 @@ class UserTable:
                     log.warning("%s line %d: the password of %r is a malformed {SCHEME} hash; skipped",
                                 USERINFO_NAME, number, login)
         return passwords
+
+    def _report_folders(self, passwords):
+        """Log each listed user without a folder, and each folder with a mailbox but no line: silent 550s else."""
+        for login in passwords:
+            if not os.path.isdir(os.path.join(self.root, login)):
+                log.warning("%s lists user %r, but %s has no folder %r: mail for it gets 550 until it is made",
+                            USERINFO_NAME, login, self.root, login)
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError as exc:
+            log.warning("cannot list the mail root %s: %s", self.root, exc)
+            return
+        for name in names:
+            if (name not in passwords and is_valid_login(name) and not name.startswith(".")
+                    and os.path.isfile(os.path.join(self.root, name, MAILBOX_NAME))):
+                log.warning("folder %r holds a mailbox, but %s has no line for it: it is no user",
+                            name, USERINFO_NAME)
 
     def canonical(self, name):
         """The login a name refers to (matched without regard to case), if it is a user."""
@@ -353,9 +390,14 @@ class UserTable:
 #   numbered at login stay where they were, as only appends happen meanwhile.
 #
 #   Order: a POP3 session takes its session lock, then (briefly) the delivery
-#   lock, never the other way round.  SMTP takes only delivery locks, several
-#   of them (one message for several users) in sorted order of their paths.
-#   So no two holders can wait for each other: there is no deadlock.
+#   lock, never the other way round.  SMTP takes no session lock, and takes
+#   delivery locks, several of them (one message for several users), in
+#   sorted order of their paths.  A holder of delivery locks may take other
+#   kernel locks too, but never waits for one: the lock on a commit record
+#   (below) is its own record's, taken when the file is made, and a look at
+#   another's (held_by_nobody) is a try; SMTP's locks on queue files are
+#   its own new files', and a runner's on a queued message is a try.  So no
+#   two holders can wait for each other: there is no deadlock.
 #
 #   What locks cannot do, fsync and records do.  An append is fsync'd before
 #   the client hears 250, so it survives a power cut.  A crash can still cut
@@ -604,7 +646,7 @@ def commit_folder(mailbox_path):
 
 def commit_record_text(sizes):
     """A commit record's bytes for {login: size before the delivery}."""
-    return "".join("%d %s\n" % (size, login) for login, size in sizes.items()).encode("ascii") + b"end\n"
+    return ("".join("%d %s\n" % (size, login) for login, size in sizes.items()) + COMMIT_END + "\n").encode("ascii")
 
 
 def undo_dead_deliveries(fd, path, size):
@@ -992,8 +1034,9 @@ class Session:
     SASL_CONTINUE = ""                # what starts a SASL challenge line: "334 " (SMTP), "+ " (POP3)
     SASL_REPLIES = {}                 # why a SASL exchange failed -> the reply
 
-    def __init__(self, server, sock, address):
+    def __init__(self, server, sock, address, listener):
         self.server = server
+        self.listener = listener      # the one it came in on: its mode says what TLS and AUTH it needs
         self.address = address        # the client's (host, port): the socket's peer, or a PROXY header's
         self.peer = peer_text(address)
         self.verbose = server.verbose
@@ -1028,7 +1071,7 @@ class Session:
         try:
             if self.server.stopping:          # came in while the server was stopping
                 raise ConnectionClosed()
-            if self.server.implicit_tls:
+            if self.listener.implicit_tls:
                 self.start_tls()              # RFC 8314: TLS from the first byte
             self.start()
             while True:
@@ -1076,6 +1119,20 @@ class Session:
         self.forget()
 
     # -- authentication, the same for every method of both protocols
+
+    def password_refused(self):
+        """Whether a password may not cross the connection now: not in clear to a server with a certificate.
+
+        As Dovecot's disable_plaintext_auth: a server that could offer TLS
+        takes no password before it, except from the machine itself (a
+        loopback client, or one a PROXY header says is loopback), where no
+        network can see it.  --require-tls allows no exception.  Digest
+        methods (CRAM-MD5, APOP) send no password and are never refused.
+        """
+        if self.tls_active or self.server.tls is None:
+            return False
+        ip = peer_ip(self.address[0])
+        return self.listener.require_tls or ip is None or not ip.is_loopback
 
     def login_result(self, mechanism, name, login, failure):
         """Log one authentication (who, how, the outcome); answer a failure; return login (None: failed).
@@ -1316,12 +1373,17 @@ def in_networks(host, networks):
 # The server: options, the accept loop, a thread per connection, shutdown
 # --------------------------------------------------------------------------
 
-def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help):
-    """A command-line parser with the options both servers take."""
+def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help, modes):
+    """A command-line parser with the options both servers take; modes: the listener modes, default first."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
+    parser.set_defaults(modes=modes)
+    parser.add_argument("port", type=int, metavar="PORT", nargs="?",
+                        help="TCP port of the first listener, mode %s (0: any free port)" % modes[0])
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser.add_argument("--listen", metavar="[ADDR:]PORT[/MODE]", action="append", type=listen_spec,
+                        help="one more listener (repeatable; ADDR default --host, IPv6 as [::1]); MODE: %s "
+                        "(default %s)" % (", ".join(modes), modes[0]))
     parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
     parser.add_argument("--domain", default=socket.gethostname(),
                         help="name the server gives itself in replies (default: this host's name)")
@@ -1351,23 +1413,47 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
 
 def check_server_arguments(parser, args):
     """Check the options both servers take, load the TLS certificate; return args."""
-    if not 0 <= args.port <= 65535:
-        parser.error("PORT must be between 0 and 65535")
+    args.listeners = listener_specs(parser, args)
     if args.max_per_client is None:
         args.max_per_client = max(1, args.max_connections // 2)
     if args.max_connections < 1 or args.max_per_client < 1 or args.timeout <= 0:
         parser.error("--max-connections, --max-per-client and --timeout must be positive")
     if not os.path.isdir(args.root):
         parser.error("--root %s is not a directory" % args.root)
-    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls or args.implicit_tls)
+    needs_tls = args.require_tls or args.implicit_tls or any(LISTEN_MODES[m][0] or LISTEN_MODES[m][1]
+                                                            for _, _, m in args.listeners)
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, needs_tls)
     return args
+
+
+def listen_spec(text):
+    """(host or None, port, mode or None) of a --listen [ADDR:]PORT[/MODE]; IPv6 is [ADDR]."""
+    found = LISTEN_SPEC.match(text)
+    if not found or int(found.group(2)) > 65535:
+        raise argparse.ArgumentTypeError("%r is not [ADDR:]PORT[/MODE] (IPv6: [::1]:25/smtp)" % text)
+    host, port, mode = found.groups()
+    return host and host.strip("[]"), int(port), mode and mode.lower()
+
+
+def listener_specs(parser, args):
+    """The (host, port, mode) of each listener: the positional PORT first, then each --listen."""
+    specs = [] if args.port is None else [(args.host, args.port, None)]
+    specs += [(host or args.host, port, mode) for host, port, mode in args.listen or ()]
+    if not specs:
+        parser.error("give a PORT or at least one --listen")
+    for host, port, mode in specs:
+        if not 0 <= port <= 65535:
+            parser.error("PORT must be between 0 and 65535")
+        if mode is not None and mode not in args.modes:
+            parser.error("--listen %s:%d/%s: the mode must be one of %s" % (host, port, mode, ", ".join(args.modes)))
+    return [(host, port, mode or args.modes[0]) for host, port, mode in specs]
 
 
 def tls_context(parser, cert, key, required):
     """The server's TLS certificate from --tls-cert/--tls-key, a ServerCertificate (None without them)."""
     if not cert and not key:
         if required:
-            parser.error("--require-tls and --implicit-tls need --tls-cert and --tls-key")
+            parser.error("--require-tls, --implicit-tls and the TLS listener modes need --tls-cert and --tls-key")
         return None
     if not (cert and key):
         parser.error("--tls-cert and --tls-key go together")
@@ -1458,6 +1544,46 @@ def create_listener(host, port):
         listener.close()
         raise
     return listener
+
+
+class ListenError(Exception):
+    """A listener could not be opened: the server does not start."""
+
+
+class Listener:
+    """A listening socket and what its mode asks of the sessions that come in on it (CONTRACT.md 8).
+
+    The server-wide --implicit-tls, --require-tls and --require-auth hold
+    on every listener; a mode can only add to them.
+    """
+
+    def __init__(self, host, port, mode, args):
+        implicit_tls, require_tls, require_auth = LISTEN_MODES[mode]
+        self.mode = mode
+        self.implicit_tls = implicit_tls or args.implicit_tls
+        self.require_tls = require_tls or args.require_tls
+        self.require_auth = require_auth or getattr(args, "require_auth", False)
+        try:
+            self.socket = create_listener(host, port)
+        except OSError as exc:
+            raise ListenError("cannot listen on %s port %d (%s): %s" % (host, port, mode, exc))
+        self.address = self.socket.getsockname()
+
+    def __str__(self):
+        return "%s port %d (%s)" % (self.address[0], self.address[1], self.mode)
+
+
+def open_listeners(args):
+    """A Listener for each of args.listeners, all or none (ListenError naming the first that failed)."""
+    listeners = []
+    try:
+        for host, port, mode in args.listeners:
+            listeners.append(Listener(host, port, mode, args))
+    except ListenError:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
 
 
 def peer_text(address):
@@ -1596,32 +1722,48 @@ class Server:
         self.timeout = args.timeout
         self.verbose = args.verbose
         self.tls = args.tls
-        self.require_tls = args.require_tls
-        self.implicit_tls = args.implicit_tls
         self.proxy_from = args.proxy_from      # the load balancers that send PROXY headers
         self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
         self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
-        self.listener = create_listener(args.host, args.port)
-        self.address = self.listener.getsockname()
+        self.listeners = open_listeners(args)
+        self.selector = None         # with several listeners: the one wait for all of them
+        if len(self.listeners) > 1:
+            self.selector = selectors.DefaultSelector()
+            for listener in self.listeners:
+                listener.socket.setblocking(False)
+                self.selector.register(listener.socket, selectors.EVENT_READ, listener)
 
     def serve_forever(self):
-        """Accept connections until shutdown() closes the listener."""
-        log.info("listening on %s port %d", self.address[0], self.address[1])
+        """Accept connections until shutdown() closes the listeners."""
+        for listener in self.listeners:
+            log.info("listening on %s", listener)
         self.users.refresh()         # read userinfo.txt now, so its problems show at start
         while True:
             try:
-                sock, address = self.listener.accept()
+                sock, address, listener = self.accept()
             except OSError as exc:
                 if self.stopping:
                     return
                 log.warning("accept failed: %s", exc)
                 time.sleep(ACCEPT_RETRY_DELAY)    # e.g. out of descriptors: let sessions end first
                 continue
-            self.start_session(sock, address)
+            self.start_session(sock, address, listener)
 
-    def start_session(self, sock, address):
+    def accept(self):
+        """The next connection, on any listener: (socket, address, Listener)."""
+        if self.selector is None:                # one listener: a plain blocking accept, no extra wait
+            listener = self.listeners[0]
+            return listener.socket.accept() + (listener,)
+        while True:
+            for key, _ in self.selector.select():
+                try:
+                    return key.fileobj.accept() + (key.data,)
+                except (BlockingIOError, InterruptedError):   # taken back by the client meanwhile
+                    continue
+
+    def start_session(self, sock, address, listener):
         """Serve a new connection in a thread of its own, or refuse it when there is no slot for it.
 
         A balancer's connection is counted in the total only: its client is
@@ -1640,7 +1782,7 @@ class Server:
             # threading.excepthook hears of it.  It costs: about 0.1 ms of CPU
             # per connection more than a bare _thread (measured, bench_smtp:
             # 970 against 1464 messages/s at 10 clients, one a connection).
-            threading.Thread(target=self.serve, args=(sock, address, client), daemon=True).start()
+            threading.Thread(target=self.serve, args=(sock, address, client, listener), daemon=True).start()
         except RuntimeError as exc:               # the system cannot make more threads
             self.slots.give_back(client)
             self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
@@ -1657,7 +1799,7 @@ class Server:
             pass
         sock.close()
 
-    def serve(self, sock, address, client):
+    def serve(self, sock, address, client, listener):
         """Run one session (in its own thread); client None: a balancer's, whose PROXY header comes first."""
         leave_signals_to_main_thread()
         try:
@@ -1666,7 +1808,7 @@ class Server:
                 if client is None:
                     return
             sock.settimeout(self.timeout)
-            self.session_class(self, sock, address).run()
+            self.session_class(self, sock, address, listener).run()
         except Exception:
             log.exception("session with %s failed", peer_text(address))
             sock.close()
@@ -1698,7 +1840,8 @@ class Server:
     def shutdown(self, signals):
         """Stop accepting; give the work in flight time to finish (until a second signal)."""
         self.stopping = True         # work that checks it after entering in_flight does not start
-        self.listener.close()
+        for listener in self.listeners:
+            listener.socket.close()
         log.info("shutting down")
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while not self.in_flight.wait(0.1):
@@ -1767,8 +1910,8 @@ def run_server(server_class, args, name):
     run_on_one_cpu(args.cpu)
     try:
         server = server_class(args)
-    except OSError as exc:
-        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
+    except ListenError as exc:
+        log.error("%s", exc)
         return 1
     signals = ShutdownSignals()
     if args.tls is not None and hasattr(signal, "SIGHUP"):
@@ -1993,6 +2136,7 @@ class Replies:
 
 POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
 SMTP_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")   # RFC 4616, the LOGIN draft, RFC 2195
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")   # they send the password itself: never in clear (RFC 4954 4)
 SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only after EHLO, so with codes)
     "cancelled": Replies.AUTH_CANCELLED,
     "malformed": Replies.AUTH_MALFORMED,
@@ -2001,13 +2145,23 @@ SMTP_SASL_REPLIES = {        # why an AUTH exchange failed -> the reply (only af
 }
 
 
+OTHER_COMMANDS = (           # what main() runs instead of a server, for --help
+    ("--hash-password [--scheme scrypt]",
+     "read a password (not echoed) and print a hashed password field for userinfo.txt"),
+    ("--queue [--root DIR]", "list the outbound queue, as mailq does"),
+    ("--flush [--root DIR]", "make the servers running on the mail root try every queued message now"),
+)
+
+
 def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
-                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS")
-    parser.epilog = ("python3 mailserver_smtp.py --hash-password [--scheme scrypt] reads a password "
-                     "(not echoed) and prints a hashed password field for userinfo.txt.")
+                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS",
+                              ("smtp", "submission", "smtps"))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "other commands (each does one thing and exits):\n" + "".join(
+        "  python3 mailserver_smtp.py %s\n      %s\n" % command for command in OTHER_COMMANDS)
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help="largest message accepted, in bytes (default: 10 MiB)")
     parser.add_argument("--quota", type=int, metavar="BYTES",
@@ -2176,16 +2330,19 @@ class Envelope:
         self.utf8 = False            # MAIL had SMTPUTF8 (RFC 6531)
         self.declared_size = 0       # MAIL's SIZE= (RFC 1870)
         self.recipients = []         # the addresses as given, in order
-        self.logins = []             # the local ones' mailbox owners, without repeats
+        self.logins = {}             # the local ones' mailbox owners -> the addresses that lead there
         self.remote = []             # the addresses for other servers (the queue), without repeats
         self.chunked = None          # the message BDAT chunks are building (RFC 3030)
 
     def add(self, address, login):
         """Add a recipient: for login's mailbox, or (login None) for the queue."""
         self.recipients.append(address)
-        owners = self.logins if login is not None else self.remote
-        if (login or address) not in owners:
-            owners.append(login or address)
+        if login is not None:
+            addresses = self.logins.setdefault(login, [])
+            if address.lower() not in map(str.lower, addresses):
+                addresses.append(address)
+        elif address not in self.remote:
+            self.remote.append(address)
 
     def ready_for_message(self):
         """Refuse DATA or BDAT before MAIL and RCPT."""
@@ -2212,8 +2369,8 @@ class SMTPSession(Session):
     SASL_REPLIES = SMTP_SASL_REPLIES
     NOT_OFFERED = ("EXPN", "TURN")   # known verbs, answered 502
 
-    def __init__(self, server, sock, address):
-        super().__init__(server, sock, address)
+    def __init__(self, server, sock, address, listener):
+        super().__init__(server, sock, address, listener)
         self.domain = server.domain
         self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
         self.bad_commands = 0        # syntax and sequence errors in a row
@@ -2306,7 +2463,7 @@ class SMTPSession(Session):
             return self.replies.SYNTAX % "EHLO hostname"
         self.reset()
         self.client_name, self.replies = argument, Replies
-        keywords = self.server.extensions(self.tls_active)
+        keywords = self.server.extensions(self.tls_active, self.listener.require_tls, self.password_refused())
         return (self.replies.EHLO % (self.domain, argument),
                 *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
@@ -2322,10 +2479,12 @@ class SMTPSession(Session):
             return self.replies.AUTH_IN_TRANSACTION
         if not mechanism or " " in initial:
             return self.replies.AUTH_SYNTAX
-        if self.server.require_tls and not self.tls_active:
+        if self.listener.require_tls and not self.tls_active:
             return self.replies.AUTH_NEEDS_TLS
         if mechanism not in SMTP_MECHANISMS:
             return self.replies.AUTH_MECHANISM
+        if mechanism in PASSWORD_MECHANISMS and self.password_refused():
+            return self.replies.AUTH_NEEDS_TLS
         self.login = self.sasl(mechanism, initial or None)    # a failure is answered by sasl()
         return self.replies.AUTH_OK if self.login is not None else None
 
@@ -2335,7 +2494,7 @@ class SMTPSession(Session):
         if self.envelope.sender is not None:
             return self.replies.SENDER_GIVEN
         address, parameters = path_after(argument, "FROM:", "MAIL FROM:<address>")
-        if self.login is not None and local_part(address).lower() != self.login.lower():
+        if self.login is not None and not self.server.is_own(address, self.login):
             return self.replies.NOT_YOURS % (address, self.login)
         utf8, size = False, 0
         for parameter in parameters:
@@ -2357,16 +2516,16 @@ class SMTPSession(Session):
         """Refuse MAIL before a greeting, before STARTTLS or AUTH where they are required, or at shutdown."""
         if self.client_name is None:
             raise Refused(Replies.HELO_FIRST)
-        if self.server.require_tls and not self.tls_active:
+        if self.listener.require_tls and not self.tls_active:
             raise Refused(Replies.STARTTLS_FIRST)
-        if self.server.require_auth and self.login is None:
+        if self.listener.require_auth and self.login is None:
             raise Refused(Replies.AUTH_REQUIRED)
         if self.server.stopping:
             self.shutting_down()
             raise SessionEnd("server shutting down")
 
     def do_RCPT(self, argument):
-        """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
+        """Add a recipient (RCPT TO: or RCPT_TO:): a user here, or an address for the queue (mailbox_owner)."""
         envelope = self.envelope
         if envelope.sender is None:
             return self.replies.MAIL_FIRST
@@ -2412,7 +2571,7 @@ class SMTPSession(Session):
             if len(words) > 1 and not last:
                 raise Refused(Replies.SYNTAX % "BDAT size [LAST]")
             self.envelope.ready_for_message()
-            if self.envelope.chunked is not None and self.envelope.chunked.failed:
+            if self.envelope.chunked is not None and self.envelope.chunked.refused is not None:
                 raise Refused(Replies.BDAT_FAILED)
         except Refused:
             # The client sends the octets whatever the reply: read them, to stay in step.
@@ -2429,8 +2588,7 @@ class SMTPSession(Session):
         chunked = envelope.chunked
         chunked.read(self.wire, count, self.server.timeout)
         if not last:
-            if chunked.refused is not None:
-                chunked.failed = True            # RFC 3030 4: the client is to send RSET next
+            if chunked.refused is not None:      # RFC 3030 4: the client is to send RSET next
                 raise chunked.refused
             return self.replies.CHUNK_OK % count
         with self.server.in_flight:          # from the last chunk on, a shutdown waits for it
@@ -2578,7 +2736,6 @@ class ChunkedMessage:
         self.max_size = max_size
         self.partial = b""           # a line begun in one piece and not ended yet
         self.refused = None          # Refused, once the message is
-        self.failed = False          # a chunk was refused: only RSET goes on
 
     def read(self, wire, count, timeout):
         """Take the next count octets from the client: stored, or thrown away once refused."""
@@ -2646,17 +2803,18 @@ def take_message(session, spool):
     """
     envelope, server = session.envelope, session.server
     header = Header(spool.lines())   # read once: the sender check, the stored form, the queue's facts
-    message = received_form(session, spool, header)
-    if envelope.logins and server.quota is not None and len(message) > server.quota:
+    copies = received_form(session, spool, header)
+    size = max(map(len, copies.values()), default=0)
+    if envelope.logins and server.quota is not None and size > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
-        log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, len(message))
+        log.info("not delivered from <%s>: %d bytes, more than the quota", envelope.sender, size)
         raise Refused(Replies.OVER_QUOTA)
     queued = None
     try:
         if envelope.remote:          # durable under its .tmp name before any mailbox is touched
             queued = queue_received(session, spool, header)
         if envelope.logins:          # the queue file is renamed into place under the mailboxes' locks
-            deliver(message, [server.users.mailbox_path(login) for login in envelope.logins], server.quota,
+            deliver({server.users.mailbox_path(login): copy for login, copy in copies.items()}, server.quota,
                     queued and queued.publish)
         else:
             queued.publish()
@@ -2665,28 +2823,33 @@ def take_message(session, spool):
         raise Refused(Replies.MAILBOX_FULL)
     except OSError as exc:
         log.error("delivery from %s to %s failed: %s", session.peer,
-                  ", ".join(envelope.logins + envelope.remote), exc)
+                  ", ".join(list(envelope.logins) + envelope.remote), exc)
         raise Refused(Replies.LOCAL_ERROR)
     finally:
         if queued is not None:
             queued.close()
     session.delivered += 1
     if queued is None:
-        log.info("delivered %d bytes from <%s> to %s", len(message), envelope.sender, ", ".join(envelope.logins))
+        log.info("delivered %d bytes from <%s> to %s", size, envelope.sender, ", ".join(envelope.logins))
         return session.replies.ACCEPTED
     return queued_reply(session, queued.id)
 
 
 def received_form(session, spool, header):
-    """The message in its stored form (header: its Header); Refused if its sender is not the login's."""
+    """Each local recipient's copy in its stored form, {login: StoredMessage}; Refused if the sender is not the login's.
+
+    header: the message's Header.  Copies differ only in the To: added to
+    a message that has none: it names that copy's recipients alone, so no
+    copy tells who else (Bcc) got the message.
+    """
     envelope, login = session.envelope, session.login
-    foreign = foreign_sender(header, login) if login else None
+    foreign = foreign_sender(header, functools.partial(session.server.is_own, login=login)) if login else None
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
-    layout = stored_layout(header, spool.size, envelope.sender.encode("utf-8", "surrogateescape"),
-                           [r.encode("utf-8", "surrogateescape") for r in envelope.recipients],
-                           received_stamp())
-    return spool.message(layout)
+    sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp()
+    return {owner: spool.message(stored_layout(header, spool.size, sender,
+                                               [r.encode("utf-8", "surrogateescape") for r in addresses], received))
+            for owner, addresses in envelope.logins.items()}
 
 
 def too_long(run, strict):
@@ -2789,18 +2952,17 @@ def received_stamp():
     return time.strftime("%Y-%m-%d : %H : %M").encode("ascii")
 
 
-def foreign_sender(header, login):
-    """The first From: or Sender: address of a message that is not login's own, else None.
+def foreign_sender(header, is_own):
+    """The first From: or Sender: address of a message for which is_own(address) is false, else None.
 
-    An address is login's own when its local part is login, in any case,
-    whatever the display name.  A From: or Sender: that holds no address at
-    all is not login's own either ('' is returned).
+    The address decides, whatever the display name.  A From: or Sender:
+    that holds no address at all is no one's own ('' is returned).
     """
     for field in header.senders:
         text = " ".join(field.partition(b":")[2].decode("utf-8", "replace").split())
         addresses = [address for _, address in email.utils.getaddresses([text]) if address]
         for address in addresses or [""]:
-            if local_part(address).lower() != login.lower():
+            if not is_own(address):
                 return address
     return None
 
@@ -2955,8 +3117,8 @@ class MailboxFull(Exception):
     """A message would make a mailbox hold more than its quota; it was stored for nobody."""
 
 
-def deliver(message, mailbox_paths, quota=None, commit=None):
-    """Append one stored message to every mailbox; return once it is on disk in all of them.
+def deliver(copies, quota=None, commit=None):
+    """Append a message's copies, {mailbox path: StoredMessage}; return once each is on disk.
 
     All or none: a message is in every mailbox or, after any error, in
     none; a mailbox it would take past quota bytes stops it before anything
@@ -2971,7 +3133,7 @@ def deliver(message, mailbox_paths, quota=None, commit=None):
     that finds its message written by a neighbour just returns.  Under load
     one fsync serves many messages (see write_batch for what it buys).
     """
-    delivery = Delivery(message, mailbox_paths, quota, commit)
+    delivery = Delivery(copies, quota, commit)
     mailboxes = [MailboxQueue.of(path) for path in delivery.paths]
     for mailbox in mailboxes:
         with mailbox.guard:
@@ -2993,11 +3155,11 @@ def deliver(message, mailbox_paths, quota=None, commit=None):
 class Delivery:
     """One message on its way into its mailboxes, and how that ended."""
 
-    __slots__ = ("message", "paths", "quota", "commit", "done", "error")
+    __slots__ = ("copies", "paths", "quota", "commit", "done", "error")
 
-    def __init__(self, message, paths, quota, commit):
-        self.message = message       # a StoredMessage
-        self.paths = sorted(set(paths))
+    def __init__(self, copies, quota, commit):
+        self.copies = copies         # mailbox path -> StoredMessage
+        self.paths = sorted(copies)
         self.quota = quota
         self.commit = commit
         self.done = False            # written, or failed
@@ -3084,13 +3246,12 @@ def write_batch(mailboxes, batch):
 
 def fits(delivery, appends):
     """Whether a delivery stays within its quota in each of its mailboxes (and count it in if so)."""
-    size = len(delivery.message)
     for path in delivery.paths:
-        if delivery.quota is not None and appends[path].size + size > delivery.quota:
+        if delivery.quota is not None and appends[path].size + len(delivery.copies[path]) > delivery.quota:
             delivery.error = MailboxFull(path)
             return False
     for path in delivery.paths:
-        appends[path].size += size
+        appends[path].size += len(delivery.copies[path])
     return True
 
 
@@ -3102,7 +3263,7 @@ def commit_all(writing, appends):
             slot.record({os.path.basename(os.path.dirname(path)): append.start for path, append in appends.items()})
         for delivery in writing:
             for path in delivery.paths:
-                appends[path].write(delivery.message)
+                appends[path].write(delivery.copies[path])
         for append in appends.values():
             os.fsync(append.fd)
         for delivery in writing:
@@ -3250,7 +3411,8 @@ def open_mailbox(path):
 #   rcpt      <state> <attempts> <next try> <address> <last reply>   (one per recipient)
 #
 # state is pending, sent or failed.  The message follows the blank line
-# exactly as it goes out: CRLF lines, not dot-stuffed, our Received: first.
+# as it goes out, CRLF lines with our Received: first, but without SMTP's
+# dot-stuffing: that is added as it is sent (dot_stuffed_chunks).
 #
 # Durability.  A new queue file is written under its .tmp name and fsync'd
 # before the local mailboxes are appended to; it is renamed into place
@@ -3756,6 +3918,7 @@ class OutboundQueue:
         for _ in range(self.concurrency):
             threading.Thread(target=self._run, name="queue runner", daemon=True).start()
         threading.Thread(target=self._close_idle, name="idle connections", daemon=True).start()
+        log.info("queue: %d runners started on %s", self.concurrency, self.folder)
 
     def _close_idle(self):
         # Not a waiter on self.changed: a notify() meant for a runner must never wake this instead.
@@ -3847,14 +4010,15 @@ class OutboundQueue:
             lock.release()
 
     def _attempt(self, entry, path, fd, forced):
-        """Send to the due recipients (the file open at fd), record what happened; True once it is done."""
+        """Send to the due recipients (the file open at fd), record what happened; remove the file once done."""
         now = time.time()
         due = [r for r in entry.pending() if forced or r.next_try <= now]
         if not due:
             if entry.pending():
                 self.due_at(entry.next_try())
-                return False
-            return self._remove(entry, path)
+            else:
+                self._remove(entry, path)
+            return
         outcomes = self.relay.send_message(entry, fd, due)
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
@@ -3862,20 +4026,19 @@ class OutboundQueue:
                 recipient.state = "pending"
                 recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
         if not entry.pending():
-            return self._remove(entry, path)
+            self._remove(entry, path)
+            return
         rewrite_queued(self.folder, entry, path)
         self.due_at(entry.next_try())
-        return False
 
     def _remove(self, entry, path):
-        """A message is done (every recipient sent or failed): remove its file; True.
+        """A message is done (every recipient sent or failed): remove its file.
 
         The removal is not fsync'd: a crash that undoes it sends the message
         again, which at least once allows, and it saves an fsync per message.
         """
         remove_file(path)
         log.info("%s: removed", entry.id)
-        return True
 
     def _record(self, entry, due, outcomes):
         """Set each tried recipient's new state and log it; return [(recipient, outcome)] of the failed."""
@@ -3912,7 +4075,8 @@ class OutboundQueue:
             return True
         try:
             report = delivery_status_notification(entry, path, failed, self.server.domain)
-            return self._send_bounce(entry, report)
+            self._send_bounce(entry, report)
+            return True
         except (OSError, ValueError) as exc:
             log.error("%s: cannot bounce to <%s>: %s", entry.id, entry.sender, exc)
             return False
@@ -3924,14 +4088,12 @@ class OutboundQueue:
                 login = self.server.local_owner(entry.sender)
             except Refused:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
-                return True
-            deliver(stored_bounce(report, entry.sender, self.server.domain),
-                    [self.server.users.mailbox_path(login)])
+                return
+            deliver({self.server.users.mailbox_path(login): stored_bounce(report, entry.sender, self.server.domain)})
             log.info("%s: bounce delivered to %s", entry.id, login)
-            return True
+            return
         bounce_id = self.queue_message("", entry.sender, report)
         log.info("%s: bounce queued as %s", entry.id, bounce_id)
-        return True
 
 
 def request_flush(folder):
@@ -4009,11 +4171,19 @@ DNS_RCODE_MASK = 0x000F
 DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN, DNS_REFUSED = 0, 2, 3, 5   # RFC 1035 4.1.1
 DNS_CLASS_IN = 1             # RFC 1035 3.2.4
 DNS_TYPES = {"A": 1, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}   # RFC 1035 3.2.2, RFC 3596 2.1
+DNS_TYPE_SOA = 6             # RFC 1035 3.2.2: read only in a negative reply's authority section (RFC 2308 3)
+DNS_SOA_TAIL = struct.Struct("!IIIII")    # RFC 1035 3.3.13: SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM
 DNS_POINTER = 0xC0           # RFC 1035 4.1.4: the two high bits of a compression pointer
 DNS_MAX_LABEL = 63           # RFC 1035 2.3.4, octets
 DNS_MAX_NAME = 255           # RFC 1035 2.3.4, octets of a name on the wire
 DNS_MAX_POINTERS = 64        # jumps one name may take: more is a loop
 DNS_MAX_CNAMES = 8           # links of a CNAME chain followed before giving up
+DNS_CACHE_ENTRIES = 10000    # answers a DNSCache holds at most
+DNS_CACHE_OCTETS = 4 << 20   # and the octets of their records at most (a TXT answer may be 64 KiB)
+DNS_TTL_FLOOR = 10           # seconds an answer is kept at least, even with a TTL of 0
+DNS_TTL_CEILING = 86400      # and at most (RFC 8767 4 suggests a day as the largest TTL worth believing)
+DNS_NEGATIVE_CEILING = 3 * 3600   # RFC 2308 5: negative answers kept 1 to 3 hours at most
+DNS_FAILURE_TTL = 30         # RFC 2308 7: a server failure or timeout is remembered a while (5 min at most)
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
 DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
@@ -4038,11 +4208,12 @@ _dns_random = random.SystemRandom()   # thread safe, and not predictable by whoe
 class DNSError(Exception):
     """A failed lookup; temporary says whether trying later may help (4xx/defer) or not (5xx/bounce)."""
 
-    def __init__(self, reason, name="", temporary=True):
+    def __init__(self, reason, name="", temporary=True, ttl=None):
         super().__init__("%s: %s" % (name, reason) if name else reason)
         self.reason = reason      # the words alone, e.g. DNS_NO_SUCH_DOMAIN
         self.name = name
         self.temporary = temporary
+        self.ttl = ttl            # an NXDOMAIN's negative TTL (RFC 2308 5), None when the reply gave none
 
 
 def _dns_malformed(why):
@@ -4133,7 +4304,7 @@ def _dns_parse_reply(message, qid, name, qtype):
     """
     if len(message) < DNS_HEADER.size:
         raise _dns_malformed("shorter than a header")
-    rid, flags, qdcount, ancount, _, _ = DNS_HEADER.unpack_from(message)
+    rid, flags, qdcount, ancount, nscount, _ = DNS_HEADER.unpack_from(message)
     if rid != qid:
         return None
     if not flags & DNS_FLAG_QR or flags & DNS_OPCODE_MASK:
@@ -4151,24 +4322,45 @@ def _dns_parse_reply(message, qid, name, qtype):
     offset += DNS_QUESTION_TAIL.size
     if flags & DNS_FLAG_TC:
         return flags, []   # the answers are asked again over TCP
-    return flags, _dns_read_answers(message, offset, ancount)
+    return flags, _dns_read_answers(message, offset, ancount, nscount)
 
 
-def _dns_read_answers(message, offset, count):
-    """The count records of the answer section from offset, each as (owner, type, data); others skipped."""
+def _dns_read_answers(message, offset, count, authority=0):
+    """The answer section's records from offset, each as (owner, type, data, ttl); others skipped.
+
+    The authority section's SOA (of a negative reply, RFC 2308 3) follows
+    them, its data the MINIMUM field, read only for its negative TTL.
+    """
     answers = []
-    for _ in range(count):   # each record takes at least 11 octets, so count is bounded by the length
+    for index in range(count + authority):   # each takes 11 octets or more: bounded by the length
         owner, offset = _dns_read_name(message, offset)
         if offset + DNS_RECORD_TAIL.size > len(message):
             raise _dns_malformed("record cut short")
-        rtype, rclass, _, length = DNS_RECORD_TAIL.unpack_from(message, offset)
+        rtype, rclass, ttl, length = DNS_RECORD_TAIL.unpack_from(message, offset)
         offset += DNS_RECORD_TAIL.size
         if offset + length > len(message):
             raise _dns_malformed("record data cut short")
-        if rclass == DNS_CLASS_IN and rtype in DNS_TYPES.values():
-            answers.append((owner, rtype, _dns_read_rdata(message, rtype, offset, length)))
+        if rclass == DNS_CLASS_IN and rtype in DNS_TYPES.values() and index < count:
+            answers.append((owner, rtype, _dns_read_rdata(message, rtype, offset, length), ttl))
+        elif rclass == DNS_CLASS_IN and rtype == DNS_TYPE_SOA and index >= count:
+            answers.append((owner, rtype, _dns_soa_minimum(message, offset, length), ttl))
         offset += length
     return answers
+
+
+def _dns_soa_minimum(message, start, length):
+    """The MINIMUM field of an SOA record's data (RFC 1035 3.3.13), after its two names."""
+    _, end = _dns_read_name(message, start)
+    _, end = _dns_read_name(message, end)
+    if end + DNS_SOA_TAIL.size != start + length:
+        raise _dns_malformed("SOA record of the wrong length")
+    return DNS_SOA_TAIL.unpack_from(message, end)[4]
+
+
+def _dns_negative_ttl(answers):
+    """How long a reply without the records asked for may be believed (RFC 2308 5); None without an SOA."""
+    ttls = [min(ttl, minimum) for _, rtype, minimum, ttl in answers if rtype == DNS_TYPE_SOA]
+    return min(ttls) if ttls else None
 
 
 def _dns_read_rdata(message, rtype, start, length):
@@ -4215,16 +4407,24 @@ def reverse_name(ip):
 
 
 def _dns_follow_cnames(answers, name, qtype):
-    """(records of qtype, whether a CNAME chain from name ends without them) in the answer section."""
-    owner, seen = name, {name}
+    """(records of qtype, where a CNAME chain from name ends without them, least TTL on the way).
+
+    Without records the TTL is the negative one of RFC 2308 5 (None
+    without an SOA), or the chain's own when it is left unfinished.
+    """
+    owner, seen, ttls = name, {name}, []
     while True:
-        found = [data for o, t, data in answers if o == owner and t == qtype]
+        found = [(data, ttl) for o, t, data, ttl in answers if o == owner and t == qtype]
         if found:
-            return found, None
-        targets = [data for o, t, data in answers if o == owner and t == DNS_TYPES["CNAME"]]
+            return [data for data, _ in found], None, min(ttls + [ttl for _, ttl in found])
+        targets = [(data, ttl) for o, t, data, ttl in answers if o == owner and t == DNS_TYPES["CNAME"]]
         if not targets or qtype == DNS_TYPES["CNAME"]:
-            return [], (owner if owner != name else None)
-        owner = targets[0]
+            negative = _dns_negative_ttl(answers)
+            if owner == name:
+                return [], None, negative
+            return [], owner, min(ttls)
+        owner, ttl = targets[0]
+        ttls.append(ttl)
         if owner in seen or len(seen) > DNS_MAX_CNAMES:
             raise DNSError(DNS_CNAME_CHAIN, name)
         seen.add(owner)
@@ -4296,48 +4496,56 @@ class Resolver:
         self.timeout = timeout
         self.attempts = max(1, attempts)
 
-    @classmethod
-    def from_resolv_conf(cls, path=RESOLV_CONF, timeout=DNS_TIMEOUT, attempts=DNS_ATTEMPTS):
-        """A resolver asking the nameservers of a resolv.conf file (127.0.0.1 if it names none)."""
-        return cls(_dns_read_resolv_conf(path), timeout, attempts)
-
     def query(self, name, rtype):
         """The records of type rtype ("MX", "A", "AAAA", "CNAME", "TXT", "PTR") for name, CNAMEs followed; [] if none.
 
         MX records come as (preference, exchange), addresses, names and
         texts (a TXT record's strings joined) as strings.
         """
+        return self.lookup(name, rtype)[0]
+
+    def lookup(self, name, rtype, deadline=None):
+        """(records, TTL) as query() finds them, before deadline (monotonic) if given; for a cache.
+
+        The TTL is the least on the way (CNAMEs too); with no record it is
+        the negative TTL of RFC 2308 5, None when the reply had no SOA (an
+        NXDOMAIN's is the DNSError's ttl).
+        """
         qtype = DNS_TYPES[rtype]
-        owner = _dns_normalize(name)
+        owner, ttls = _dns_normalize(name), []
         for _ in range(DNS_MAX_CNAMES):
             # A chain the server did not finish in its answer is asked for again from its end.
-            found, dangling = _dns_follow_cnames(self._ask(owner, qtype), owner, qtype)
+            found, dangling, ttl = _dns_follow_cnames(self._ask(owner, qtype, deadline), owner, qtype)
+            ttls.append(ttl)
             if dangling is None:
-                return found
+                return found, None if None in ttls else min(ttls)
             owner = dangling
         raise DNSError(DNS_CNAME_CHAIN, name)
 
-    def _ask(self, name, qtype):
+    def _ask(self, name, qtype, deadline=None):
         """The answer records for one question, from the first server that answers it in one of the rounds."""
         error = None
         for _ in range(self.attempts):
             for server in self.servers:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DNSError(DNS_TIME_OUT, name)
                 try:
-                    return self._ask_server(server, name, qtype)
+                    return self._ask_server(server, name, qtype, deadline)
                 except DNSError as failure:
                     if not failure.temporary:
                         raise
                     error = failure
         raise DNSError(error.reason, name, temporary=True)
 
-    def _ask_server(self, server, name, qtype):
+    def _ask_server(self, server, name, qtype, deadline=None):
         """The answer records from one server: over UDP, again over TCP when truncated (RFC 7766 5)."""
         qid = secrets.randbits(16)   # RFC 5452 9.2: an unpredictable id, and a random port below
         query = _dns_build_query(qid, name, qtype)
+        deadline = min(time.monotonic() + self.timeout, deadline or float("inf"))
         try:
-            flags, answers = self._udp_exchange(server, query, qid, name, qtype)
+            flags, answers = self._udp_exchange(server, query, qid, name, qtype, deadline)
             if flags & DNS_FLAG_TC:
-                flags, answers = self._tcp_exchange(server, query, qid, name, qtype)
+                flags, answers = self._tcp_exchange(server, query, qid, name, qtype, deadline)
         except socket.timeout:
             raise DNSError(DNS_TIME_OUT, name) from None
         except OSError as failure:
@@ -4351,16 +4559,15 @@ class Resolver:
         if rcode == DNS_NOERROR:
             return answers
         if rcode == DNS_NXDOMAIN:
-            raise DNSError(DNS_NO_SUCH_DOMAIN, name, temporary=False)
+            raise DNSError(DNS_NO_SUCH_DOMAIN, name, temporary=False, ttl=_dns_negative_ttl(answers))
         if rcode == DNS_SERVFAIL:
             raise DNSError(DNS_SERVER_FAILURE, name)
         if rcode == DNS_REFUSED:
             raise DNSError(DNS_SERVER_REFUSED, name)
         raise DNSError(DNS_SERVER_ERROR % rcode, name)
 
-    def _udp_exchange(self, server, query, qid, name, qtype):
-        """Send query over UDP and return the parsed reply that comes from server, for this query, in time."""
-        deadline = time.monotonic() + self.timeout
+    def _udp_exchange(self, server, query, qid, name, qtype, deadline):
+        """Send query over UDP and return the parsed reply that comes from server, for this query, by deadline."""
         family = _dns_family(server[0])
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))   # port 0: the kernel's random one
@@ -4376,16 +4583,79 @@ class Resolver:
                 if parsed:
                     return parsed
 
-    def _tcp_exchange(self, server, query, qid, name, qtype):
-        """Send query over TCP with its length prefix (RFC 1035 4.2.2) and return the parsed reply."""
-        deadline = time.monotonic() + self.timeout
-        with socket.create_connection(server, timeout=self.timeout) as sock:
+    def _tcp_exchange(self, server, query, qid, name, qtype, deadline):
+        """Send query over TCP with its length prefix (RFC 1035 4.2.2) and return the parsed reply by deadline."""
+        with socket.create_connection(server, timeout=max(0.001, deadline - time.monotonic())) as sock:
             sock.sendall(DNS_TCP_LENGTH.pack(len(query)) + query)
             size = DNS_TCP_LENGTH.unpack(_dns_recv_exactly(sock, DNS_TCP_LENGTH.size, deadline))[0]
             parsed = _dns_parse_reply(_dns_recv_exactly(sock, size, deadline), qid, name, qtype)
         if not parsed:   # one query per connection: a reply to another one is nonsense
             raise _dns_malformed("TCP reply to another question")
         return parsed
+
+
+class DNSCache:
+    """The answers of a Resolver, each kept for its TTL: one cache for every record type, in bounded memory.
+
+    query(name, type, deadline) answers as Resolver.query does, from the
+    cache while an answer is fresh.  A TTL is held between a floor and a
+    ceiling; a negative answer (NXDOMAIN or no record) is kept for the
+    SOA's negative TTL (RFC 2308 5), not at all without an SOA; a server
+    failure or timeout for a short while (RFC 2308 7).  The least recently
+    used answers go first when there are too many or they are too large.
+    Threads may share one.
+    """
+
+    def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS):
+        self.resolver = resolver
+        self.max_entries, self.max_octets = entries, octets
+        self.octets = 0
+        self._answers = collections.OrderedDict()   # (name, type) -> (expires, records or DNSError, octets)
+        self._lock = threading.Lock()
+
+    def query(self, name, rtype, deadline=None):
+        """The records of type rtype for name ([] if none); DNSError as the resolver raises it."""
+        key = (name.lower().rstrip("."), rtype)
+        with self._lock:
+            entry = self._answers.get(key)
+            if entry is not None and entry[0] > time.monotonic():
+                self._answers.move_to_end(key)
+                answer = entry[1]
+            else:
+                answer = None
+        if answer is None:
+            answer = self._ask(key, name, rtype, deadline)
+        if isinstance(answer, DNSError):
+            raise answer
+        return answer
+
+    def _ask(self, key, name, rtype, deadline):
+        """Ask the resolver, and keep what it says for as long as it may be believed."""
+        try:
+            answer, ttl = self.resolver.lookup(name, rtype, deadline)
+            if not answer and ttl is not None:
+                ttl = min(ttl, DNS_NEGATIVE_CEILING)
+        except DNSError as error:
+            answer = error
+            ttl = DNS_FAILURE_TTL if error.temporary else error.ttl
+            if ttl is not None:
+                ttl = min(ttl, DNS_NEGATIVE_CEILING)
+        if ttl is not None:
+            self._keep(key, answer, min(max(ttl, DNS_TTL_FLOOR), DNS_TTL_CEILING))
+        return answer
+
+    def _keep(self, key, answer, ttl):
+        """Store an answer, then drop the least recently used until the cache is within its bounds."""
+        size = len(key[0]) + (sum(len(str(record)) for record in answer) if isinstance(answer, list) else 0)
+        with self._lock:
+            old = self._answers.pop(key, None)
+            if old is not None:
+                self.octets -= old[2]
+            self._answers[key] = (time.monotonic() + ttl, answer, size)
+            self.octets += size
+            while len(self._answers) > self.max_entries or self.octets > self.max_octets:
+                _, (_, _, dropped) = self._answers.popitem(last=False)
+                self.octets -= dropped
 
 
 def mail_exchangers(resolver, domain):
@@ -4866,6 +5136,447 @@ def stored_bounce(report, sender, domain):
     return StoredMessage(memoryview(body), layout)
 
 
+# ##########################################################################
+#
+#   CHECKS ON MAIL THAT COMES IN: SPF, DMARC, AUTHENTICATION-RESULTS
+#
+#   With --local-domains, mail from a client that is neither logged in nor
+#   in --relay-networks is checked (CONTRACT.md section 10): SPF of the
+#   MAIL FROM domain at MAIL (RFC 7208), every DKIM signature and DMARC of
+#   the From: domain after the data (RFC 6376, RFC 7489), and each stored
+#   copy is told the results (RFC 8601, RFC 7208 9.1).  The session sees
+#   three hooks: spf_check at MAIL, spf_refusal at RCPT, and
+#   message_checks after the data; everything below them is pure functions
+#   over a lookup(name, type) callable (a DNSCache), so the rules read
+#   without sockets, one beside its RFC section.
+#
+# ##########################################################################
+
+# --------------------------------------------------------------------------
+# SPF: check_host() of RFC 7208
+# --------------------------------------------------------------------------
+
+SPF_MAX_TERMS = 10           # RFC 7208 4.6.4: include, a, mx, ptr, exists and redirect, all records together
+SPF_MAX_VOID = 2             # RFC 7208 4.6.4: lookups answered with no record (NOERROR empty, or NXDOMAIN)
+SPF_MAX_NAMES = 10           # RFC 7208 4.6.4: MX hosts of one mx (more: permerror), PTR names (more: ignored)
+SPF_DEADLINE = 20.0          # seconds for one whole check (RFC 7208 4.6.4 allows a limit of 20 s or more)
+SPF_MAX_NAME = 253           # RFC 7208 7.3: an expanded name longer than this loses labels on its left
+SPF_MAX_EXPLANATION = 300    # characters of a domain's explanation put into our 550 reply
+SPF_QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}   # RFC 7208 4.6.2
+SPF_VERSION = re.compile(r"v=spf1(?: |\Z)", re.IGNORECASE)           # RFC 7208 4.5: "v=spf1", then SP or end
+SPF_MODIFIER = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.*)\Z", re.DOTALL)   # RFC 7208 4.6.1: name "=" ...
+SPF_MECHANISM = re.compile(r"([-+?~]?)([A-Za-z][A-Za-z0-9]*)(.*)\Z", re.DOTALL)
+# RFC 7208 7.1: a macro-expand, or one macro-literal (visible ASCII but "%"); explain-string adds SP
+SPF_MACRO_TOKEN = re.compile(r"%\{([slodiphcrtv])(\d*)(r?)([.+,/_=-]*)\}|%[%_-]|[!-$&-~]", re.IGNORECASE)
+SPF_EXPLAIN_TOKEN = re.compile(SPF_MACRO_TOKEN.pattern + "| ", re.IGNORECASE)
+SPF_EXPLAIN_ONLY = "crt"     # RFC 7208 7.2: macro letters allowed only in exp= text
+# RFC 7208 7.1: domain-end = "." toplabel ["."], toplabel LDH with a letter or an inner "-"
+SPF_DOMAIN_END = re.compile(r"(?:.*)\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])\.?\Z",
+                            re.DOTALL)
+SPF_CIDR = re.compile(r"(?:/(\d+))?(?://(\d+))?\Z")                  # RFC 7208 5.6: dual-cidr-length
+SPF_CIDR_NUMBER = re.compile(r"0\Z|[1-9]\d*\Z")                      # RFC 7208 5.6: no leading zero
+SPF_IP4 = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z")
+SPF_DEFAULT_EXPLANATION = "%{d} does not designate %{c} as permitted sender of %{s}"
+SPF_MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")   # RFC 7208 5
+
+
+class SPFError(Exception):
+    """Ends an SPF check early with temperror or permerror (result), saying why."""
+
+    def __init__(self, result, why):
+        super().__init__(why)
+        self.result = result
+        self.why = why
+
+
+def spf_permerror(why, *args):
+    """The SPFError of a record that cannot be evaluated (RFC 7208 2.6.7)."""
+    return SPFError("permerror", why % args if args else why)
+
+
+class SPFResult:
+    """What an SPF check found: the result, the identity and domain checked, why, and a fail's explanation."""
+
+    def __init__(self, result, identity, sender, domain, why, explanation=None):
+        self.result = result         # none, neutral, pass, fail, softfail, temperror, permerror (RFC 7208 2.6)
+        self.identity = identity     # "mailfrom", or "helo" for the null reverse-path (RFC 7208 2.4)
+        self.sender = sender         # the <sender> checked: MAIL FROM, or postmaster@HELO
+        self.domain = domain
+        self.why = why               # the mechanism that matched, or the error
+        self.explanation = explanation
+
+
+class SPFRecord:
+    """A parsed SPF record (RFC 7208 4.6): its directives, in order, and its redirect= and exp= targets."""
+
+    def __init__(self, text):
+        self.directives = []         # (qualifier, mechanism name, domain-spec or network, cidr4, cidr6, term)
+        self.redirect = self.explanation = None
+        for term in text[len("v=spf1"):].split(" "):   # RFC 7208 4.6.1: terms are separated by SP only
+            if term:
+                self._add(term)
+
+    def _add(self, term):
+        """Add one term; a term of no known form is a permerror, wherever it is (RFC 7208 4.6)."""
+        modifier = SPF_MODIFIER.match(term)
+        if modifier:
+            name, value = modifier.group(1).lower(), modifier.group(2)
+            if name in ("redirect", "exp"):
+                attribute = "redirect" if name == "redirect" else "explanation"
+                if getattr(self, attribute) is not None:   # RFC 7208 6: each at most once
+                    raise spf_permerror("%s= given twice", name)
+                setattr(self, attribute, spf_domain_spec(value))
+            else:                    # RFC 7208 6: an unknown modifier is ignored, but its syntax is checked
+                spf_macro_string(value)
+            return
+        mechanism = SPF_MECHANISM.match(term)
+        name = mechanism.group(2).lower() if mechanism else None
+        if name not in SPF_MECHANISMS:
+            raise spf_permerror("unknown mechanism %r", term)
+        self.directives.append((mechanism.group(1) or "+", name) + spf_argument(name, mechanism.group(3))
+                               + (term,))
+
+
+def spf_argument(name, rest):
+    """(target, cidr4, cidr6) of a mechanism from what follows its name (RFC 7208 5.1 to 5.7)."""
+    if name == "all":
+        if rest:
+            raise spf_permerror("all takes no argument")
+        return None, None, None
+    if name in ("ip4", "ip6"):
+        return spf_network(name, rest)
+    cidr4 = cidr6 = None
+    if name in ("a", "mx"):          # RFC 7208 5.3, 5.4: [":" domain-spec] [dual-cidr-length]
+        cidr = SPF_CIDR.search(rest)
+        cidr4, cidr6 = spf_prefix(cidr.group(1), 32), spf_prefix(cidr.group(2), 128)
+        rest = rest[:cidr.start()]
+    if not rest:
+        if name in ("include", "exists"):
+            raise spf_permerror("%s needs a domain", name)
+        return None, cidr4, cidr6
+    if not rest.startswith(":"):
+        raise spf_permerror("%s: ':' expected before %r", name, rest)
+    return spf_domain_spec(rest[1:]), cidr4, cidr6
+
+
+def spf_prefix(digits, largest):
+    """The length of a CIDR prefix (RFC 7208 5.6), None if absent; permerror if out of range."""
+    if digits is None:
+        return None
+    if not SPF_CIDR_NUMBER.match(digits) or int(digits) > largest:
+        raise spf_permerror("bad prefix length /%s", digits)
+    return int(digits)
+
+
+def spf_network(name, rest):
+    """(network, prefix, None) of ip4:/ip6: (RFC 7208 5.6): an address, then an optional /length."""
+    address, slash, digits = rest[1:].partition("/")
+    if not rest.startswith(":"):
+        raise spf_permerror("%s needs ':' and an address", name)
+    prefix = spf_prefix(digits, 32 if name == "ip4" else 128) if slash else None
+    try:
+        if name == "ip4" and SPF_IP4.match(address):
+            return ipaddress.IPv4Address(address), prefix, None
+        if name == "ip6" and "%" not in address:
+            return ipaddress.IPv6Address(address), prefix, None
+    except ValueError:
+        pass
+    raise spf_permerror("%s: bad address %r", name, address)
+
+
+def spf_macro_string(text, explain=False):
+    """The tokens of a macro-string (RFC 7208 7.1), each a match; permerror if text is not one.
+
+    c, r and t are only allowed in explanations (RFC 7208 7.2).
+    """
+    tokens, pos = [], 0
+    pattern = SPF_EXPLAIN_TOKEN if explain else SPF_MACRO_TOKEN
+    while pos < len(text):
+        token = pattern.match(text, pos)
+        if token is None:
+            raise spf_permerror("bad macro or character at %r", text[pos:pos + 10])
+        letter = token.group(1)
+        if letter and not explain and letter.lower() in SPF_EXPLAIN_ONLY:
+            raise spf_permerror("%%{%s} is only allowed in exp= text", letter)
+        tokens.append(token)
+        pos = token.end()
+    return tokens
+
+
+def spf_domain_spec(text):
+    """A domain-spec, checked (RFC 7208 7.1): a macro-string ending in a macro or '.' toplabel."""
+    tokens = spf_macro_string(text)
+    if not tokens:
+        raise spf_permerror("empty domain")
+    last_macro = max((t.end() for t in tokens if t.group().startswith("%")), default=0)
+    if last_macro != len(text) and not SPF_DOMAIN_END.match(text, last_macro):
+        raise spf_permerror("%r does not end in a top-level label", text)
+    return text
+
+
+def spf_domain_is_valid(domain):
+    """Whether a domain may be checked at all (RFC 7208 4.3): multi-label, each label 1 to 63 octets."""
+    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
+    return len(labels) > 1 and all(0 < len(label) <= DNS_MAX_LABEL for label in labels) and domain.isascii()
+
+
+def check_spf(lookup, ip, sender, helo, receiver, timeout=SPF_DEADLINE):
+    """The SPF result for a client: of the MAIL FROM domain, or of the HELO name for <> (RFC 7208 2.3, 2.4).
+
+    lookup(name, type) gives a record list ([] for none or NXDOMAIN) or
+    raises DNSError; the whole check ends within timeout seconds.
+    """
+    identity = "mailfrom" if sender else "helo"
+    if not sender:
+        sender = "postmaster@" + helo
+    local, _, domain = sender.rpartition("@")
+    if not local:                    # RFC 7208 4.3: no local part, "postmaster" stands in
+        sender = "postmaster@" + domain
+    if not spf_domain_is_valid(domain):
+        return SPFResult("none", identity, sender, domain, "no domain that SPF can check")
+    check = SPFCheck(lookup, ip, sender, helo, receiver, time.monotonic() + timeout)
+    try:
+        result, where, why = check.check_host(domain.rstrip(".").lower())
+    except SPFError as error:
+        return SPFResult(error.result, identity, sender, domain, error.why)
+    explanation = check.explanation(*where) if result == "fail" else None
+    return SPFResult(result, identity, sender, domain, why, explanation)
+
+
+class SPFCheck:
+    """One evaluation of check_host() (RFC 7208 4): the client, the sender, and the counts of 4.6.4."""
+
+    def __init__(self, lookup, ip, sender, helo, receiver, deadline):
+        address = ipaddress.ip_address(ip)
+        # RFC 7208 5: an IPv4-mapped IPv6 address is the IPv4 address it holds
+        self.ip = getattr(address, "ipv4_mapped", None) or address
+        self.address_type = "A" if self.ip.version == 4 else "AAAA"
+        self.lookup, self.sender, self.helo, self.receiver = lookup, sender, helo, receiver
+        self.deadline = deadline
+        self.terms = 0               # DNS-querying terms evaluated so far
+        self.voids = 0
+        self._validated = None       # the client's validated names (RFC 7208 5.5), found once
+
+    def check_host(self, domain):
+        """(result, (domain, exp target) of the deciding record, why) for one domain (RFC 7208 4.4 to 4.7)."""
+        record = self.record(domain)
+        if record is None:
+            return "none", None, "no SPF record"
+        for qualifier, name, target, cidr4, cidr6, term in record.directives:
+            if getattr(self, "match_" + name)(domain, target, cidr4, cidr6):
+                return SPF_QUALIFIERS[qualifier], (domain, record.explanation), term
+        if record.redirect is None:
+            return "neutral", (domain, record.explanation), "no mechanism matched"   # RFC 7208 4.7
+        self.count_term()            # RFC 7208 6.1: the exp= of the redirecting record is not used
+        result, where, why = self.check_host(self.target(record.redirect, domain))
+        if result == "none":
+            raise spf_permerror("redirect to a domain without an SPF record")
+        return result, where, why
+
+    def record(self, domain):
+        """The one SPF record of domain, parsed, or None (RFC 7208 4.4, 4.5); permerror if several."""
+        texts = [text for text in self.query(domain, "TXT") if SPF_VERSION.match(text)]
+        if len(texts) > 1:
+            raise spf_permerror("%d SPF records for %s", len(texts), domain)
+        if not texts:
+            return None
+        if not texts[0].isascii():   # RFC 7208 3.1: a record is 7-bit ASCII (octets arrive as Latin-1)
+            raise spf_permerror("SPF record of %s is not ASCII", domain)
+        return SPFRecord(texts[0])
+
+    def query(self, name, rtype, void_counts=True):
+        """The records of a lookup; [] for NXDOMAIN or a name DNS cannot hold; temperror if DNS fails."""
+        if time.monotonic() > self.deadline:
+            raise SPFError("temperror", "SPF check took longer than %d s" % SPF_DEADLINE)
+        labels = name.rstrip(".").split(".")
+        if not all(0 < len(label) <= DNS_MAX_LABEL for label in labels):
+            return []                # RFC 7208 4.3 and 4.8: a name DNS cannot hold has no records
+        try:
+            records = self.lookup(name, rtype)
+        except DNSError as error:
+            if error.temporary:
+                raise SPFError("temperror", "DNS: %s" % error) from None
+            records = []
+        if not records and void_counts:
+            self.voids += 1
+            if self.voids > SPF_MAX_VOID:
+                raise spf_permerror("more than %d void DNS lookups", SPF_MAX_VOID)
+        return records
+
+    def count_term(self):
+        """Count a DNS-querying term (RFC 7208 4.6.4): the eleventh is a permerror."""
+        self.terms += 1
+        if self.terms > SPF_MAX_TERMS:
+            raise spf_permerror("more than %d DNS-querying terms", SPF_MAX_TERMS)
+
+    def target(self, spec, domain):
+        """The <target-name> of a mechanism: its domain-spec expanded, or the current domain (RFC 7208 4.8)."""
+        if spec is None:
+            return domain
+        name = self.expand(spec, domain)
+        while len(name) > SPF_MAX_NAME and "." in name:   # RFC 7208 7.3: drop labels on the left
+            name = name.partition(".")[2]
+        return name.rstrip(".").lower()
+
+    # -- the mechanisms (RFC 7208 5), each: does it match?
+
+    def match_all(self, domain, target, cidr4, cidr6):
+        return True                  # RFC 7208 5.1
+
+    def match_include(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.2: the other domain's pass matches; its errors are ours; no record there is a permerror."""
+        self.count_term()
+        result, _, why = self.check_host(self.target(target, domain))
+        if result in ("temperror", "permerror"):
+            raise SPFError(result, why)
+        if result == "none":
+            raise spf_permerror("include of a domain without an SPF record")
+        return result == "pass"
+
+    def match_a(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.3: an address of the target name is the client's, in its network."""
+        self.count_term()
+        return self.in_addresses(self.query(self.target(target, domain), self.address_type), cidr4, cidr6)
+
+    def match_mx(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.4: an address of one of the target's mail exchangers (at most 10) is the client's."""
+        self.count_term()
+        hosts = [host for _, host in self.query(self.target(target, domain), "MX")]
+        if len(hosts) > SPF_MAX_NAMES:
+            raise spf_permerror("more than %d MX records", SPF_MAX_NAMES)
+        return any(self.in_addresses(self.query(host, self.address_type), cidr4, cidr6)
+                   for host in hosts if host)
+
+    def match_ptr(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.5: a validated name of the client is the target or ends in it."""
+        self.count_term()
+        name = self.target(target, domain)
+        return any(valid == name or valid.endswith("." + name) for valid in self.validated_names())
+
+    def match_ip4(self, domain, network, prefix, _):
+        """RFC 7208 5.6: the client's address is in the network (of its own family)."""
+        return self.in_network(network, prefix)
+
+    match_ip6 = match_ip4
+
+    def match_exists(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.7: the target name has an A record (whatever the client's address family)."""
+        self.count_term()
+        return bool(self.query(self.target(target, domain), "A"))
+
+    def in_addresses(self, addresses, cidr4, cidr6):
+        """Whether the client is in the network of one of the addresses (cidr by its family)."""
+        prefix = cidr4 if self.ip.version == 4 else cidr6
+        return any(self.in_network(ipaddress.ip_address(address), prefix) for address in addresses)
+
+    def in_network(self, address, prefix):
+        """Whether the client's address is in address/prefix (the whole address without a prefix)."""
+        if address.version != self.ip.version:
+            return False
+        network = ipaddress.ip_network((address, address.max_prefixlen if prefix is None else prefix),
+                                       strict=False)
+        return self.ip in network
+
+    def validated_names(self):
+        """The client's names whose addresses lead back to it (RFC 7208 5.5); none on a DNS error."""
+        if self._validated is None:
+            self._validated = []
+            try:
+                names = self.query(reverse_name(str(self.ip)), "PTR")[:SPF_MAX_NAMES]
+                for name in names:
+                    try:
+                        if any(ipaddress.ip_address(a) == self.ip for a in self.query(name, self.address_type)):
+                            self._validated.append(name.rstrip(".").lower())
+                    except SPFError as error:
+                        if error.result != "temperror":   # RFC 7208 5.5: a name with a DNS error is skipped
+                            raise
+            except SPFError as error:
+                if error.result != "temperror":          # RFC 7208 5.5: a PTR DNS error matches nothing
+                    raise
+        return self._validated
+
+    # -- macros (RFC 7208 7) and explanations (RFC 7208 6.2)
+
+    def expand(self, text, domain, explain=False):
+        """A macro-string with its macros expanded (RFC 7208 7.3, 7.4)."""
+        out = []
+        for token in spf_macro_string(text, explain):
+            piece, letter = token.group(), token.group(1)
+            if letter:
+                piece = self.macro(letter, token.group(2), token.group(3), token.group(4), domain)
+            elif piece.startswith("%"):
+                piece = {"%%": "%", "%_": " ", "%-": "%20"}[piece]
+            out.append(piece)
+        return "".join(out)
+
+    def macro(self, letter, digits, reverse, delimiters, domain):
+        """One macro's value, transformed (RFC 7208 7.3): split, reversed, right-hand parts kept, URL-escaped."""
+        value = self.macro_value(letter.lower(), domain)
+        if digits or reverse or delimiters:
+            parts = re.split("[%s]" % re.escape(delimiters or "."), value)
+            if reverse:
+                parts.reverse()
+            if digits:
+                if int(digits) == 0:     # RFC 7208 7.3: a DIGIT transformer is nonzero
+                    raise spf_permerror("macro keeps zero parts")
+                parts = parts[-int(digits):]
+            value = ".".join(parts)
+        if letter.isupper():             # RFC 7208 7.3: upper case means URL-escaped (RFC 3986)
+            value = urllib.parse.quote(value, safe="")
+        return value
+
+    def macro_value(self, letter, domain):
+        """The value of a macro letter (RFC 7208 7.2)."""
+        if letter == "s":
+            return self.sender
+        if letter in "lo":
+            local, _, sender_domain = self.sender.rpartition("@")
+            return local if letter == "l" else sender_domain
+        if letter == "d":
+            return domain
+        if letter == "i":                # dotted nibbles for IPv6
+            return str(self.ip) if self.ip.version == 4 else ".".join(self.ip.exploded.replace(":", ""))
+        if letter == "p":
+            return self.validated_name(domain)
+        if letter == "v":
+            return "in-addr" if self.ip.version == 4 else "ip6"
+        if letter == "h":
+            return self.helo
+        if letter == "c":
+            return str(self.ip)
+        if letter == "r":
+            return self.receiver
+        return str(int(time.time()))    # t
+
+    def validated_name(self, domain):
+        """%{p} (RFC 7208 7.3): the domain if validated, else a validated subdomain of it, else any, else 'unknown'."""
+        names = self.validated_names()
+        for wanted in (lambda name: name == domain, lambda name: name.endswith("." + domain), lambda name: True):
+            for name in names:
+                if wanted(name):
+                    return name
+        return "unknown"
+
+    def explanation(self, domain, spec):
+        """A fail's explanation (RFC 7208 6.2): the exp= TXT record expanded, else our default; safe to show."""
+        text = None
+        if spec is not None:
+            try:
+                texts = self.query(self.target(spec, domain), "TXT", void_counts=False)
+                if len(texts) == 1 and texts[0].isascii():
+                    text = self.expand(texts[0], domain, explain=True)
+            except SPFError:             # RFC 7208 6.2: any trouble with exp= means no explanation
+                text = None
+        if text is None:
+            text = self.expand(SPF_DEFAULT_EXPLANATION, domain, explain=True)
+        return safe_text(text, SPF_MAX_EXPLANATION)
+
+
+def safe_text(text, limit):
+    """Text from outside fit for a reply or header line: printable ASCII only, at most limit characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
 # --------------------------------------------------------------------------
 # The SMTP server and main
 # --------------------------------------------------------------------------
@@ -4880,7 +5591,6 @@ class SMTPServer(Server):
         super().__init__(args)
         self.max_size = args.max_size
         self.quota = args.quota
-        self.require_auth = args.require_auth
         self.local_domains = args.local_domains
         self.relay_networks = args.relay_networks
         self.postmaster_name = args.postmaster
@@ -4889,6 +5599,13 @@ class SMTPServer(Server):
         self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
 
     def serve_forever(self):
+        for listener in self.listeners if self.local_domains is None else ():
+            ip = peer_ip(listener.address[0])
+            if not (ip and ip.is_loopback):
+                log.warning("every domain is local (the course mode): mail for any address is taken for the "
+                            "users here, from anyone who can reach %s; give --local-domains to take mail for "
+                            "your domains only", "any interface" if ip.is_unspecified else listener.address[0])
+                break
         if self.queue is not None:
             self.queue.start()
         super().serve_forever()
@@ -4898,12 +5615,17 @@ class SMTPServer(Server):
             self.queue.stop()
         super().shutdown(signals)
 
-    def extensions(self, tls_active):
-        """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not."""
+    def extensions(self, tls_active, require_tls, password_refused):
+        """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not.
+
+        AUTH lists only what the session may use now: no method that sends
+        a password where one would be refused (password_refused).
+        """
         keywords = ["SIZE %d" % self.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
                     "SMTPUTF8", "CHUNKING"]
-        if tls_active or not self.require_tls:
-            keywords.append("AUTH " + " ".join(SMTP_MECHANISMS))
+        if tls_active or not require_tls:
+            keywords.append("AUTH " + " ".join(m for m in SMTP_MECHANISMS
+                                               if not (password_refused and m in PASSWORD_MECHANISMS)))
         if self.tls and not tls_active:
             keywords.append("STARTTLS")
         return keywords + ["HELP"]
@@ -4919,6 +5641,22 @@ class SMTPServer(Server):
                 raise Refused(Replies.RELAYING_DENIED)
             return None
         return self.local_owner(address)
+
+    def is_own(self, address, login):
+        """Whether a sender address belongs to login (CONTRACT.md section 5).
+
+        Its local part is the login, in any case, or the login and a +tag
+        (RFC 5233 subaddressing); with --local-domains its domain must be
+        one of them, so that a user of ours cannot sign as somebody else's
+        domain.  A bare name has no domain, so it is no one's there.
+        """
+        name = local_part(address).partition("+")[0]
+        if name.lower() != login.lower():
+            return False
+        if self.local_domains is None:
+            return True
+        domain = recipient_domain(address)
+        return domain is not None and domain in self.local_domains
 
     def local_owner(self, address):
         """The login whose mailbox takes mail for an address in a local domain; Refused if none."""
@@ -5001,7 +5739,18 @@ def queue_main(argv):
         print("flush requested: the servers on %s try every queued message within %g s"
               % (args.root, FLUSH_POLL))
         return 0
-    queue_listing(folder, sys.stdout)
+    return print_to_pipe(functools.partial(queue_listing, folder))
+
+
+def print_to_pipe(write):
+    """Run write(sys.stdout): 0, or 1 quietly when the reader went away (as in '--queue | head')."""
+    try:
+        write(sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: aim it at /dev/null, so that raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -1118,6 +1118,8 @@ class DNSResponder:
         self.zone = {(dns_test_name(name), rtype): value for (name, rtype), value in zone.items()}
         self.truncate, self.drop, self.wrong_id = set(truncate), set(drop), set(wrong_id)
         self.spoof, self.unchased, self.raw = set(spoof), set(unchased), {}
+        self.ttl = 300           # the TTL of every answer record
+        self.negative_ttl = None # when set, an answer without records carries an SOA with this TTL (RFC 2308 3)
         self.queries = []        # (name, type) of every question, UDP and TCP, in arrival order
         self.tcp_queries = []    # those that came over TCP
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1189,17 +1191,28 @@ class DNSResponder:
         rcode, answers = self.lookup(name, dns_test_type_name(qtype))
         body = b"".join(self._record(name, owner, kind, value) for owner, kind, value in answers)
         header = DNS_TEST_QR_AA_RA | (flags & DNS_TEST_RD) | DNS_TEST_RCODES[rcode]
-        message = struct.pack("!HHHHHH", qid, header, 1, len(answers), 0, 0) + question_bytes + body
+        soa = b""
+        if self.negative_ttl is not None and rcode in ("NOERROR", "NXDOMAIN") and not any(
+                kind == dns_test_type_name(qtype) for _, kind, _ in answers):
+            soa = self._soa(name)
+        message = (struct.pack("!HHHHHH", qid, header, 1, len(answers), 1 if soa else 0, 0)
+                   + question_bytes + body + soa)
         if limit is not None and (len(message) > limit or name in self.truncate):
             message = struct.pack("!HHHHHH", qid, header | DNS_TEST_TC, 1, 0, 0, 0) + question_bytes
         return message
 
-    @staticmethod
-    def _record(qname, owner, rtype, value):
+    def _record(self, qname, owner, rtype, value):
         """One answer record; an owner equal to the question's name is a pointer to it."""
         data = dns_test_rdata(rtype, value)
         owner_bytes = DNS_TEST_POINTER_TO_QUESTION if owner == qname else dns_test_encode_name(owner)
-        return owner_bytes + struct.pack("!HHIH", DNS_TEST_TYPES[rtype], 1, 300, len(data)) + data
+        return owner_bytes + struct.pack("!HHIH", DNS_TEST_TYPES[rtype], 1, self.ttl, len(data)) + data
+
+    def _soa(self, name):
+        """An SOA record for the authority section of a negative answer: TTL and MINIMUM negative_ttl."""
+        zone = dns_test_encode_name(".".join(name.split(".")[-2:]))
+        data = zone + dns_test_encode_name("hostmaster." + name) + struct.pack(
+            "!IIIII", 1, 3600, 600, 86400, self.negative_ttl)
+        return zone + struct.pack("!HHIH", 6, 1, self.negative_ttl, len(data)) + data
 
     def _answer(self, query, tcp):
         """The reply to a query's bytes, recorded; None when it gets none (unreadable, or dropped)."""

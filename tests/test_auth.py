@@ -955,9 +955,11 @@ class SASLPartsTest(unittest.TestCase):
         self.assertEqual(credentials(b"alice pw"), (None, b""))
 
     def test_foreign_sender(self):
-        """Every From: and Sender: address must have the login as local part, in any case."""
+        """Every From: and Sender: address must be the login's own: its local part the login, in any case."""
         def foreign(head, login="alice"):
-            return mailserver_smtp.foreign_sender(mailserver_smtp.Header(io.BytesIO(head + b"body\n")), login)
+            def is_own(address):
+                return address.rpartition("@")[0 if "@" in address else 2].lower() == login
+            return mailserver_smtp.foreign_sender(mailserver_smtp.Header(io.BytesIO(head + b"body\n")), is_own)
         self.assertIsNone(foreign(b"From: Bob <ALICE@x.example>\nSender: alice\n"))
         self.assertIsNone(foreign(b"Subject: no From at all\n"))
         self.assertEqual(foreign(b"From: alice@x, bob@y\n"), "bob@y")
@@ -966,6 +968,162 @@ class SASLPartsTest(unittest.TestCase):
         self.assertIsNone(foreign(b"From: alice@x\n bob@y\n"), "course format: an indented line is body")
         self.assertEqual(foreign(b"From: undisclosed:;\n"), "")
         self.assertEqual(foreign(b'From: "alice@x"@evil.example\n'), '"alice@x"@evil.example')
+
+
+
+class SenderOwnershipWithDomainsTest(AuthServerCase):
+    """'... the login's own: its local part is the login (or the login plus a +tag) and, with --local-domains, its domain is a local domain.'"""
+
+    server_args = ("--local-domains", "a.test,lab.a.test", "--relay-networks", "192.0.2.0/24")
+
+    def logged_in(self):
+        client = self.ehlo()
+        client.cmd_expecting("AUTH PLAIN " + plain("alice", "wonderland"), 235)
+        return client
+
+    def test_the_envelope_sender_must_be_the_logins_in_a_local_domain(self):
+        """MAIL FROM: another domain, another login's +tag, or a bare name: 553 5.7.1; the own +tag: 250."""
+        client = self.logged_in()
+        for sender in ("alice@b.test", "alice@paypal.com", "bob+alice@a.test", "alice", "alice@[127.0.0.1]",
+                       "alice@sub.a.test"):
+            with self.subTest(sender=sender):
+                self.assertEqual(client.cmd("MAIL FROM:<%s>" % sender)[1],
+                                 ["553 5.7.1 Sender <%s> is not an address of alice" % sender])
+        for sender in ("alice+news@a.test", "ALICE@A.Test.", "alice@lab.a.test"):
+            with self.subTest(sender=sender):
+                self.assertEqual(client.cmd("MAIL FROM:<%s>" % sender)[0], 250)
+                client.cmd_expecting("RSET", 250)
+
+    def test_from_and_sender_must_be_the_logins_in_a_local_domain(self):
+        """From: and Sender: in another domain, behind a display name, or another's +tag: 553 5.7.1, nothing stored."""
+        client = self.logged_in()
+        refused = {
+            "display-name": b"From: PayPal <alice@paypal.com>\r\n",
+            "domain": b"From: alice@b.test\r\n",
+            "name-looks-own": b"From: \"alice@a.test\" <bob@a.test>\r\n",
+            "plus-tag": b"From: bob+alice@a.test\r\n",
+            "sender-domain": b"From: alice@a.test\r\nSender: Alice <alice+x@b.test>\r\n",
+        }
+        for name, head in refused.items():
+            with self.subTest(name):
+                body = head + b"Subject: refused-" + name.encode() + b"\r\n\r\nno\r\n"
+                code, lines = support.send_message(client, body, "alice@a.test", ["bob@a.test"])
+                self.assertEqual(lines[0][:10], "553 5.7.1 ", lines)
+        accepted = b"From: Alice Liddell <alice+news@A.TEST>\r\nSender: alice@lab.a.test\r\nSubject: own\r\n\r\nok\r\n"
+        self.assertEqual(support.send_message(client, accepted, "alice+news@a.test", ["bob@a.test"])[0], 250)
+        stored = read_mailbox(self.root, "bob")
+        self.assertIn(b"Subject: own\n", stored)
+        self.assertNotIn(b"refused-", stored, "nothing refused is stored")
+
+
+# --------------------------------------------------------------------------
+# No password in clear (CONTRACT.md section 5, as amended)
+# --------------------------------------------------------------------------
+
+def proxy_v1(source, port=40000, server_port=25):
+    """A PROXY protocol v1 header naming a client at source (how a test connects from any address)."""
+    family = "TCP6" if ":" in source else "TCP4"
+    destination = "::1" if family == "TCP6" else "127.0.0.1"
+    return ("PROXY %s %s %s %d %d\r\n" % (family, source, destination, port, server_port)).encode("ascii")
+
+
+class NoPasswordInClearSMTPTest(AuthServerCase):
+    """'A server with a certificate takes no password in clear: before TLS, AUTH PLAIN/LOGIN get 538 5.7.11.'"""
+
+    server_args = ("--proxy-from", "127.0.0.1", "--local-domains", "example.org") + TLS_ARGS
+
+    def client(self, source):
+        """A client at source (through a PROXY header), greeted and past EHLO."""
+        client = self.server.connect()
+        self.addCleanup(client.close)
+        client.send(proxy_v1(source))
+        self.assertEqual(client.reply()[0], 220)
+        return client, client.cmd_expecting("EHLO client.test", 250)[1]
+
+    def test_plain_and_login_are_refused_and_not_offered_in_clear_from_the_network(self):
+        """From 192.0.2.7 and 2001:db8::7, before STARTTLS: AUTH offers CRAM-MD5 only; PLAIN and LOGIN get 538."""
+        for source in ("192.0.2.7", "2001:db8::7"):
+            with self.subTest(source=source):
+                client, lines = self.client(source)
+                self.assertIn("250-AUTH CRAM-MD5", lines)
+                self.assertIn("250-STARTTLS", lines)
+                self.assertEqual(client.cmd("AUTH PLAIN " + plain("alice", "wonderland"))[1],
+                                 ["538 5.7.11 Encryption required for requested authentication mechanism"])
+                self.assertEqual(client.cmd("AUTH LOGIN")[1][0][:10], "538 5.7.11")
+                self.assertEqual(client.cmd("MAIL FROM:<alice@example.org>")[0], 250)
+                self.assertEqual(client.cmd("RCPT TO:<someone@elsewhere.example>")[0], 550, "not logged in")
+
+    def test_cram_md5_stays_in_clear(self):
+        """CRAM-MD5 sends no password: it works before TLS from anywhere."""
+        client, _ = self.client("192.0.2.8")
+        challenge = client.cmd("AUTH CRAM-MD5")[1][0]
+        self.assertEqual(client.cmd(cram_answer(challenge, "alice", "wonderland"))[0], 235)
+
+    def test_after_starttls_plain_works(self):
+        """Inside TLS every mechanism is offered and PLAIN logs in."""
+        client, _ = self.client("192.0.2.9")
+        client.cmd_expecting("STARTTLS", 220)
+        client.wrap_tls()
+        lines = client.cmd_expecting("EHLO client.test", 250)[1]
+        self.assertIn("250-AUTH PLAIN LOGIN CRAM-MD5", lines)
+        self.assertEqual(client.cmd("AUTH PLAIN " + plain("alice", "wonderland"))[0], 235)
+
+    def test_a_loopback_client_is_exempt(self):
+        """A client the PROXY header says is loopback (127.0.0.1, ::1) may use PLAIN in clear."""
+        for source in ("127.0.0.1", "::1"):
+            with self.subTest(source=source):
+                client, lines = self.client(source)
+                self.assertIn("250-AUTH PLAIN LOGIN CRAM-MD5", lines)
+                self.assertEqual(client.cmd("AUTH PLAIN " + plain("alice", "wonderland"))[0], 235)
+
+
+class NoPasswordInClearPOP3Test(AuthServerCase):
+    """'USER/PASS, AUTH PLAIN (POP3) get -ERR [AUTH] and are not advertised, except from loopback.'"""
+
+    script = support.POP_SCRIPT
+    server_args = ("--proxy-from", "127.0.0.1") + TLS_ARGS
+
+    def client(self, source):
+        """A POP3 client at source (through a PROXY header), past the greeting."""
+        client = self.server.connect()
+        self.addCleanup(client.close)
+        client.send(proxy_v1(source, server_port=110))
+        greeting = client.line()
+        self.assertTrue(greeting.startswith("+OK"), greeting)
+        return client, greeting
+
+    def capabilities(self, client):
+        client.send("CAPA\r\n")
+        self.assertTrue(client.line().startswith("+OK"))
+        lines = []
+        while lines[-1:] != ["."]:
+            lines.append(client.line())
+        return lines[:-1]
+
+    def test_user_pass_and_plain_are_refused_and_not_offered_in_clear_from_the_network(self):
+        """From 192.0.2.7 before STLS: CAPA lists neither USER nor SASL PLAIN; USER, PASS, AUTH PLAIN get -ERR [AUTH]."""
+        client, _ = self.client("192.0.2.7")
+        capabilities = self.capabilities(client)
+        self.assertNotIn("USER", capabilities)
+        self.assertIn("SASL CRAM-MD5", capabilities)
+        self.assertIn("STLS", capabilities)
+        for command in ("USER alice", "PASS wonderland", "AUTH PLAIN " + plain("alice", "wonderland")):
+            with self.subTest(command=command.split()[0]):
+                client.send(command + "\r\n")
+                self.assertTrue(client.line().startswith("-ERR [AUTH] "))
+
+    def test_apop_stays_in_clear(self):
+        """APOP sends a digest, not the password: it logs in before TLS from anywhere."""
+        client, greeting = self.client("192.0.2.8")
+        client.send("APOP alice %s\r\n" % apop_digest(greeting, "wonderland"))
+        self.assertTrue(client.line().startswith("+OK"))
+
+    def test_a_loopback_client_is_exempt(self):
+        """A client the PROXY header says is ::1 may log in with USER/PASS in clear."""
+        client, _ = self.client("::1")
+        self.assertIn("USER", self.capabilities(client))
+        client.send("USER alice\r\nPASS wonderland\r\n")
+        self.assertEqual([client.line()[:3], client.line()[:3]], ["+OK", "+OK"])
 
 
 if __name__ == "__main__":

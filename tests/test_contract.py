@@ -226,6 +226,71 @@ class MailRootTest(unittest.TestCase):
 # Sections 1 and 2: what the SMTP server stores, and serving clients at once
 # --------------------------------------------------------------------------
 
+class MailRootMistakesTest(unittest.TestCase):
+    """Section 8: 'A server started without userinfo.txt, or with a listed user who has no folder, says so in its
+    log at start and whenever the file changes.'"""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="mailroot-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+
+    def start(self, script):
+        server = StartedServer(script, self.root, "--root", self.root)
+        self.addCleanup(server.close)
+        return server
+
+    def test_a_missing_userinfo_is_said_at_start_and_once(self):
+        """No userinfo.txt: one warning at start, not one per connection."""
+        for script in (support.SMTP_SCRIPT, support.POP_SCRIPT):
+            with self.subTest(script=os.path.basename(script)):
+                server = self.start(script)
+                server.wait_for_output(r"userinfo\.txt is missing: no users")
+                if script == support.SMTP_SCRIPT:
+                    for _ in range(3):
+                        self.assertEqual(rcpt_code(server, "alice@example.org"), 550)
+                else:
+                    for _ in range(3):
+                        self.assertFalse(pop_can_login(server, "alice", "x"))
+                self.assertEqual(server.output().count("is missing"), 1, server.output())
+
+    def test_the_course_mode_on_a_network_address_says_every_domain_is_local(self):
+        """Without --local-domains on every interface: one line says that every domain is local, and how to change it."""
+        server = StartedServer(support.SMTP_SCRIPT, self.root, "--root", self.root, host="0.0.0.0")
+        self.addCleanup(server.close)
+        server.wait_for_output(r"WARNING every domain is local .* from anyone who can reach any interface; "
+                               r"give --local-domains")
+        for args in ((), ("--local-domains", "example.org")):
+            quiet = StartedServer(support.SMTP_SCRIPT, self.root, "--root", self.root, *args,
+                                  host="127.0.0.1" if not args else "0.0.0.0")
+            self.addCleanup(quiet.close)
+            self.assertEqual(rcpt_code(quiet, "postmaster"), 550)   # the server is up and has read its users
+            self.assertNotIn("every domain is local", quiet.output())
+
+    def test_a_user_without_a_folder_and_a_mailbox_without_a_user_are_said_when_the_file_changes(self):
+        """At start and after each change: a listed user with no folder, a folder with a mailbox but no line."""
+        path = os.path.join(self.root, "userinfo.txt")
+        with open(path, "wb") as f:
+            f.write(b"alice wonderland\nerin secret\n")
+        os.mkdir(os.path.join(self.root, "alice"))
+        os.mkdir(os.path.join(self.root, "dave"))
+        open(os.path.join(self.root, "dave", "my_mailbox"), "wb").close()
+        os.mkdir(os.path.join(self.root, "notes"))       # a folder with no mailbox: not taken for a user
+        servers = [self.start(support.SMTP_SCRIPT), self.start(support.POP_SCRIPT)]
+        for server in servers:
+            server.wait_for_output(r"lists user 'erin', but .* has no folder 'erin'")
+            server.wait_for_output(r"folder 'dave' holds a mailbox, but userinfo\.txt has no line for it")
+        with open(path, "wb") as f:
+            f.write(b"alice wonderland\nerin secret\nfrank other\n")
+        self.assertEqual(rcpt_code(servers[0], "alice@example.org"), 250)
+        self.assertTrue(pop_can_login(servers[1], "alice", "wonderland"))
+        for server in servers:
+            server.wait_for_output(r"lists user 'frank', but")
+            wait_for(lambda: server.output().count("lists user 'erin'") == 2)
+            self.assertEqual(rcpt_code(servers[0], "alice@example.org"), 250)
+            self.assertEqual(server.output().count("lists user 'erin'"), 2, "once per change, not per connection")
+            self.assertNotIn("'notes'", server.output())
+
+
 class SMTPContractTest(support.OneServerTestCase):
     """The SMTP server, run in a time zone far from UTC."""
 
@@ -257,7 +322,10 @@ class SMTPContractTest(support.OneServerTestCase):
                                  sender="carol@example.org",
                                  recipients=("alice@example.org", "bob@example.org")), 250)
         data = self.mailbox()
-        self.assertRegex(data, rb"\AFrom: carol@example.org\nTo: alice@example.org, bob@example.org\n"
+        # 'an added To: names only the recipient of that copy, so no copy shows who else (Bcc) got the message'
+        self.assertRegex(data, rb"\AFrom: carol@example.org\nTo: alice@example.org\n"
+                               rb"Subject: only a subject\nReceived: [^\n]+\nbody\n\.\n\Z")
+        self.assertRegex(support.read_mailbox(self.root, "bob"), rb"\AFrom: carol@example.org\nTo: bob@example.org\n"
                                rb"Subject: only a subject\nReceived: [^\n]+\nbody\n\.\n\Z")
         os.remove(support.mailbox_path(self.root, "alice"))
         self.assertEqual(deliver(self.server, b"From: dan@example.net\r\nSubject: has from\r\nbody\r\n",

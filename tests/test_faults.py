@@ -540,7 +540,7 @@ class BatchFaultTest(unittest.TestCase):
 
         def run(index):
             try:
-                mailserver_smtp.deliver(messages[index], [self.path])
+                mailserver_smtp.deliver({self.path: messages[index]})
             except OSError as exc:
                 outcomes[index] = exc
         threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
@@ -563,7 +563,7 @@ class BatchFaultTest(unittest.TestCase):
         self.assertIsNone(outcomes[0])
         self.assertEqual([exc.errno for exc in outcomes[1:]], [errno.EIO, errno.EIO])
         self.assertEqual(read_mailbox(self.root, "alice"), b"".join(first.pieces()))
-        mailserver_smtp.deliver(second, [self.path])             # the retry is the only copy
+        mailserver_smtp.deliver({self.path: second})             # the retry is the only copy
         self.assertEqual(read_mailbox(self.root, "alice"), b"".join(first.pieces()) + b"".join(second.pieces()))
 
     @unittest.skipUnless(can_mount_tmpfs(), "needs root to mount a small tmpfs")
@@ -577,7 +577,7 @@ class BatchFaultTest(unittest.TestCase):
         self.assertIsNone(outcomes[0])
         self.assertEqual([exc.errno for exc in outcomes[1:]], [errno.ENOSPC, errno.ENOSPC])
         self.assertEqual(read_mailbox(self.root, "alice"), b"".join(first.pieces()))
-        mailserver_smtp.deliver(second, [self.path])
+        mailserver_smtp.deliver({self.path: second})
         self.assertEqual(read_mailbox(self.root, "alice"), b"".join(first.pieces()) + b"".join(second.pieces()))
 
 
