@@ -2821,6 +2821,9 @@ def take_message(session, spool):
     except MailboxFull as full:
         log.info("not delivered from <%s>: %s is full", envelope.sender, full)
         raise Refused(Replies.MAILBOX_FULL)
+    except DKIMError as error:       # a key that cannot be used: nothing is queued (section 9)
+        log.error("not delivered from <%s>: not signed: %s", envelope.sender, error)
+        raise Refused(Replies.LOCAL_ERROR)
     except OSError as exc:
         log.error("delivery from %s to %s failed: %s", session.peer,
                   ", ".join(list(envelope.logins) + envelope.remote), exc)
@@ -3761,6 +3764,17 @@ def submission_headers(names, domain):
     return added
 
 
+def author_domain(header):
+    """The domain of the first From: address of a message (header: its Header), or None."""
+    for field in header.senders:
+        name, _, value = field.partition(b":")
+        if name.strip().lower() == b"from":
+            text = " ".join(value.decode("utf-8", "surrogateescape").split())
+            domains = [address.rpartition("@")[2] for _, address in email.utils.getaddresses([text]) if "@" in address]
+            return domains[0] if domains else None
+    return None
+
+
 def queue_received(session, spool, header):
     """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
     queue_id = new_queue_id()
@@ -3865,6 +3879,7 @@ class OutboundQueue:
         self.lifetime = args.queue_lifetime
         self.retry_base = args.retry_base
         self.relay = Relay(args, server.domain)
+        self.keys = DKIMKeys(server.users.root)
         self.flush_path = os.path.join(self.folder, FLUSH_NAME)
         self.flush_seen = file_stamp(self.flush_path)
         self.flush_checked = 0.0
@@ -3889,7 +3904,10 @@ class OutboundQueue:
             needs.add("smtputf8")
         entry = QueuedMessage(queue_id, sender, [QueuedRecipient(r) for r in recipients], login,
                               needs=needs, hops=names.count(b"received") + 1)
-        return write_queued(self.folder, entry, head, outgoing_chunks(spool))
+        # Signed once, here, after our own fields: every retry sends the same bytes (section 9).
+        domain = author_domain(header)
+        signatures = self.keys.signatures(domain, itertools.chain([head], outgoing_chunks(spool))) if domain else b""
+        return write_queued(self.folder, entry, signatures + head, outgoing_chunks(spool))
 
     def queue_message(self, sender, recipient, message):
         """Queue a message we made (a bounce: bytes, CRLF lines) for one recipient; return its id."""
@@ -3897,7 +3915,12 @@ class OutboundQueue:
         if not (sender.isascii() and recipient.isascii()):
             needs.add("smtputf8")            # RFC 6531: a UTF-8 address goes only with SMTPUTF8
         entry = QueuedMessage(new_queue_id(), sender, [QueuedRecipient(recipient)], needs=needs)
-        queued = write_queued(self.folder, entry, b"", [message])
+        try:                         # a bounce is signed with --domain's keys
+            signatures = self.keys.signatures(self.server.domain, [message])
+        except DKIMError as error:   # better unsigned than lost
+            log.error("%s: bounce sent without a DKIM signature: %s", entry.id, error)
+            signatures = b""
+        queued = write_queued(self.folder, entry, signatures, [message])
         try:
             queued.publish()
         finally:
@@ -5814,7 +5837,11 @@ BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 PEM_LINE = 64                        # RFC 7468 2: base64 lines of 64 characters
 
 
-class DKIMKeyError(ValueError):
+class DKIMError(ValueError):
+    """A message that cannot be signed, or a signature or key record that breaks the RFC (permerror)."""
+
+
+class DKIMKeyError(DKIMError):
     """A key that cannot be used: unreadable, malformed, of a kind we do not know, or too short."""
 
 
@@ -6444,10 +6471,6 @@ DKIM_FOLD = 72                       # characters of a signature line before it 
 DKIM_DOMAIN = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\.)*[A-Za-z0-9_-]+\Z")
 
 
-class DKIMError(ValueError):
-    """A message that cannot be signed, or a signature or key record that breaks the RFC (permerror)."""
-
-
 def parse_tag_list(text):
     """A tag=value list (RFC 6376 3.2) as a dict, whitespace around names and values removed.
 
@@ -6750,6 +6773,105 @@ def dkim_public_key(signature, lookup_txt):
         except DKIMError as error:
             errors.append(error)
     raise errors[0] if errors else DKIMError("no key for the signature")
+
+
+# --------------------------------------------------------------------------
+# The signing keys of a mail root
+# --------------------------------------------------------------------------
+# ROOT/.dkim/DOMAIN/SELECTOR.pem, one file per key (CONTRACT.md section 9).
+# A domain's keys are read again when its folder or one of its files
+# changes, so a key is rotated without a restart: add SELECTOR2.pem,
+# publish its record, and remove the old file once its record has gone.
+# Key files are opened like mailboxes: no symlink, regular files only.
+
+def dkim_domain_folder(root, domain):
+    """ROOT/.dkim/DOMAIN for a domain in any case or Unicode; None for a name no DNS could hold
+    (which also keeps "/" and ".." out of the path)."""
+    try:
+        return os.path.join(root, DKIM_KEY_FOLDER, _dns_normalize(domain))
+    except DNSError:
+        return None
+
+
+def read_key_file(path):
+    """The private key in a key file; DKIMKeyError (with the path) if it cannot be used for signing."""
+    try:
+        fd, _ = open_regular(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as file:
+            data = file.read(DKIM_MAX_KEY_FILE + 1)
+    except OSError as error:
+        raise DKIMKeyError("%s: %s" % (path, error.strerror or error)) from None
+    try:
+        if len(data) > DKIM_MAX_KEY_FILE:
+            raise DKIMKeyError("larger than any key")
+        key = read_private_key(data.decode("ascii", "replace"))
+        if key.kind == "rsa" and key.bits < DKIM_MIN_SIGNING_BITS:
+            raise DKIMKeyError("RSA key of %d bits: we sign with %d or more" % (key.bits, DKIM_MIN_SIGNING_BITS))
+    except DKIMKeyError as error:
+        raise DKIMKeyError("%s: %s" % (path, error)) from None
+    return key
+
+
+class DKIMKeys:
+    """The signing keys of ROOT/.dkim/, per domain, read again when they change on disk."""
+
+    def __init__(self, root):
+        self.root = root
+        self.lock = threading.Lock()
+        self.read = {}               # folder -> (stamp, [(selector, key)] or the DKIMKeyError)
+
+    def signatures(self, domain, chunks):
+        """The DKIM-Signature fields (bytes) that sign a message, given in chunks, with each key of
+        domain; b"" when it has none.  DKIMError if a key cannot be used or a signature fails."""
+        keys = self.keys_for(domain)
+        return dkim_sign(chunks, _dns_normalize(domain), keys) if keys else b""
+
+    def keys_for(self, domain):
+        """[(selector, key)] of a domain, sorted by selector ([] without a folder); DKIMKeyError if one is unusable."""
+        folder = dkim_domain_folder(self.root, domain)
+        stamp = folder and self._stamp(folder)
+        if not stamp:
+            return []
+        with self.lock:
+            known = self.read.get(folder)
+        if known is None or known[0] != stamp:
+            known = (stamp, self._read(folder, stamp[1]))
+            with self.lock:
+                self.read[folder] = known
+        if isinstance(known[1], DKIMKeyError):
+            raise known[1]
+        return known[1]
+
+    @staticmethod
+    def _stamp(folder):
+        """What a change in the folder changes: its own stamp and its key files' names and stamps."""
+        folder_stamp = file_stamp(folder)
+        if folder_stamp is None:
+            return None
+        try:
+            names = sorted(name for name in os.listdir(folder) if dkim_selector(name))
+        except OSError:
+            names = []
+        return folder_stamp, tuple((name, file_stamp(os.path.join(folder, name))) for name in names)
+
+    @staticmethod
+    def _read(folder, files):
+        """The keys of the files (or the first file's DKIMKeyError), logged once per change."""
+        try:
+            keys = [(dkim_selector(name), read_key_file(os.path.join(folder, name))) for name, _ in files]
+        except DKIMKeyError as error:
+            log.error("DKIM key unusable, mail from %s is refused until it is fixed: %s",
+                      os.path.basename(folder), error)
+            return error
+        log.info("DKIM keys of %s: %s", os.path.basename(folder),
+                 ", ".join("%s (%s)" % (selector, key.algorithm) for selector, key in keys) or "none")
+        return keys
+
+
+def dkim_selector(name):
+    """The selector of a key file's name (SELECTOR.pem), or None for any other file."""
+    selector = name[:-len(DKIM_KEY_SUFFIX)] if name.endswith(DKIM_KEY_SUFFIX) else ""
+    return selector if DKIM_DOMAIN.match(selector) and not selector.startswith(".") else None
 
 
 if __name__ == "__main__":
