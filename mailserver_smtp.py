@@ -5710,12 +5710,17 @@ class SMTPServer(Server):
 
 
 def main(argv=None):
-    """Run the SMTP server until Ctrl-C or SIGTERM (or, with --hash-password, hash a password)."""
+    """Run the SMTP server until Ctrl-C or SIGTERM, or one of its commands (--hash-password, --queue,
+    --flush, --dkim-keygen, --dns-records, --check-dns)."""
     argv = sys.argv[1:] if argv is None else argv
     if "--hash-password" in argv:
         return hash_password_main(argv)
     if "--queue" in argv or "--flush" in argv:
         return queue_main(argv)
+    for option, command in (("--dkim-keygen", dkim_keygen_main), ("--dns-records", dns_records_main),
+                            ("--check-dns", check_dns_main)):
+        if option in argv:
+            return command(argv)
     return run_server(SMTPServer, parse_args(argv), "smtp")
 
 
@@ -5775,6 +5780,258 @@ def print_to_pipe(write):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------
+# The site's keys and DNS records: --dkim-keygen, --dns-records, --check-dns
+# --------------------------------------------------------------------------
+# What a domain publishes so that other servers take its mail (CONTRACT.md
+# section 9): an MX naming us, SPF allowing our sending address, a DKIM key
+# record per key, a DMARC policy, and a PTR for the address that names our
+# host, which in turn resolves back to it (Gmail's 5.7.25).
+
+TXT_STRING = 255                     # RFC 1035 3.3: characters of one string of a TXT record
+MX_PREFERENCE = 10
+DMARC_FIRST_POLICY = "v=DMARC1; p=none; rua=mailto:postmaster@%s"   # watch reports first (RFC 7489 6.3)
+CHECK_DNS_TIMEOUT = 5.0              # seconds a DNS server gets per question
+
+
+def site_arguments(prog, description, action, help_text):
+    """The parser shared by --dns-records and --check-dns."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py %s DOMAIN" % prog, description=description)
+    parser.add_argument(action, metavar="DOMAIN", required=True, help=help_text)
+    parser.add_argument("--root", default=".", help="the mail root, whose .dkim/DOMAIN/ holds the keys (default: .)")
+    parser.add_argument("--domain", default=socket.gethostname(), metavar="HOST",
+                        help="the mail host: the MX, the PTR's name, the EHLO name (default: this host's name)")
+    parser.add_argument("--source-address", metavar="ADDR",
+                        help="the address mail leaves from (default: HOST's address)")
+    return parser
+
+
+def site_names(parser, args, domain):
+    """(domain, host, address or None) of the command line, normalized; parser.error if one is malformed."""
+    try:
+        domain, host = _dns_normalize(domain), _dns_normalize(args.domain)
+        address = str(ipaddress.ip_address(args.source_address)) if args.source_address else None
+    except (DNSError, ValueError) as error:
+        parser.error("not a domain name or address: %s" % error)
+    return domain, host, address
+
+
+def zone_line(name, rtype, value):
+    """One record in zone-file form (RFC 1035 5.1); a TXT text as quoted strings of at most 255 characters."""
+    if rtype == "TXT":
+        strings = ['"%s"' % value[i:i + TXT_STRING] for i in range(0, len(value), TXT_STRING)] or ['""']
+        value = strings[0] if len(strings) == 1 else "( %s )" % "\n\t".join(strings)
+    return "%s.\tIN\t%s\t%s" % (name, rtype, value)
+
+
+def site_records(domain, host, address, keys):
+    """[(what, name, type, value)] of the records the domain and its address need."""
+    spf = "v=spf1 %s:%s -all" % ("ip6" if ":" in address else "ip4", address) if address else "v=spf1 mx -all"
+    records = [("MX", domain, "MX", "%d %s." % (MX_PREFERENCE, host)), ("SPF", domain, "TXT", spf)]
+    records += [("DKIM", "%s._domainkey.%s" % (selector, domain), "TXT", key.public.record())
+                for selector, key in keys]
+    records.append(("DMARC", "_dmarc." + domain, "TXT", DMARC_FIRST_POLICY % domain))
+    if address:
+        records.append(("A", host, "AAAA" if ":" in address else "A", address))
+        records.append(("PTR", reverse_name(address), "PTR", host + "."))
+    return records
+
+
+def dkim_keygen_main(argv):
+    """--dkim-keygen: make a key in ROOT/.dkim/DOMAIN/SELECTOR.pem (never overwriting) and print its record."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py --dkim-keygen DOMAIN",
+                                     description="Make a DKIM signing key for DOMAIN and print the TXT record "
+                                                 "to publish.")
+    parser.add_argument("--dkim-keygen", metavar="DOMAIN", required=True)
+    parser.add_argument("--selector", default=time.strftime("%Y%m%d"), help="the key's name (default: today)")
+    parser.add_argument("--key-type", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (2048 bits, what every receiver verifies) or ed25519 (RFC 8463)")
+    parser.add_argument("--root", default=".", help="the mail root (default: .)")
+    args = parser.parse_args(argv)
+    folder = dkim_domain_folder(args.root, args.dkim_keygen)
+    if folder is None or dkim_selector(args.selector + DKIM_KEY_SUFFIX) != args.selector:
+        parser.error("not a domain name or selector: %s, %s" % (args.dkim_keygen, args.selector))
+    key = generate_rsa_key() if args.key_type == "rsa" else generate_ed25519_key()
+    path = os.path.join(folder, args.selector + DKIM_KEY_SUFFIX)
+    try:
+        for made in (os.path.dirname(folder), folder):    # the keys are for the servers' user only
+            os.makedirs(made, mode=0o700, exist_ok=True)
+        write_new_file(path, key.private_pem().encode("ascii"))
+    except OSError as error:
+        hint = ": a key is never overwritten, choose another --selector" if error.errno == errno.EEXIST else ""
+        print("no key made: %s: %s%s" % (path, error.strerror or error, hint), file=sys.stderr)
+        return 1
+    domain = os.path.basename(folder)
+    print("; %s key %s for %s, in %s; publish:" % (key.algorithm, args.selector, domain, path))
+    print(zone_line("%s._domainkey.%s" % (args.selector, domain), "TXT", key.public.record()))
+    return 0
+
+
+def write_new_file(path, data):
+    """Write a file that must not exist yet (mode 0600, fsync'd); OSError (EEXIST) if it does."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dns_records_main(argv):
+    """--dns-records: print the records a domain needs, in zone-file form."""
+    parser = site_arguments("--dns-records", "Print the DNS records DOMAIN needs (MX, SPF, DKIM, DMARC, PTR).",
+                            "--dns-records", "the mail domain")
+    args = parser.parse_args(argv)
+    domain, host, address = site_names(parser, args, args.dns_records)
+    try:
+        keys = DKIMKeys(args.root).keys_for(domain)
+    except DKIMKeyError as error:
+        print("unusable DKIM key: %s" % error, file=sys.stderr)
+        return 1
+    lines = [zone_line(name, rtype, value) for _, name, rtype, value in site_records(domain, host, address, keys)]
+    if not keys:
+        lines.append("; no DKIM key yet: python3 mailserver_smtp.py --dkim-keygen %s --root %s" % (domain, args.root))
+    if not address:
+        lines.append("; and the PTR of the address mail leaves from, naming %s: give --source-address" % host)
+    return print_to_pipe(lambda out: out.write("\n".join(lines) + "\n"))
+
+
+def check_dns_main(argv):
+    """--check-dns: ask DNS for each record the domain needs; one line each; 0 only when all are right."""
+    parser = site_arguments("--check-dns", "Ask DNS for each record DOMAIN needs and say whether it is right.",
+                            "--check-dns", "the mail domain")
+    parser.add_argument("--dns-server", metavar="ADDR[:PORT]",
+                        help="the DNS server to ask (default: those of /etc/resolv.conf)")
+    args = parser.parse_args(argv)
+    domain, host, address = site_names(parser, args, args.check_dns)
+    try:
+        servers = [host_and_port(args.dns_server, DNS_PORT)] if args.dns_server else None
+        resolver = Resolver(servers, timeout=CHECK_DNS_TIMEOUT)
+    except ValueError:
+        parser.error("--dns-server takes ADDR[:PORT] ([IPv6]:PORT)")
+    try:
+        keys = DKIMKeys(args.root).keys_for(domain)
+    except DKIMKeyError as error:
+        print("unusable DKIM key: %s" % error, file=sys.stderr)
+        return 1
+    results = list(site_checks(SiteDNS(resolver), domain, host, address, keys))
+    lines = ["%s %s: %s%s" % (what, name, status, " (%s)" % why if why else "")
+             for what, name, status, why in results]
+    if print_to_pipe(lambda out: out.write("\n".join(lines) + "\n")):
+        return 1
+    return 0 if all(status == "right" for _, _, status, _ in results) else 1
+
+
+class SiteDNS:
+    """Lookups for the checks: [] for a name that does not exist; DNSError only for a temporary failure."""
+
+    def __init__(self, resolver):
+        self.resolver = resolver
+
+    def __call__(self, name, rtype):
+        try:
+            return self.resolver.query(name, rtype)
+        except DNSError as error:
+            if error.temporary:
+                raise
+            return []
+
+
+def site_checks(lookup, domain, host, address, keys):
+    """(what, name, right/missing/wrong, why) for each record the domain needs, asked of lookup."""
+    if address is None:
+        found = _site_answer(lambda: lookup(host, "A") + lookup(host, "AAAA"))
+        address = found[0] if isinstance(found, list) and found else None
+    yield ("MX", domain) + _site_answer(lambda: check_mx(lookup, domain, host))
+    yield ("SPF", domain) + _site_answer(lambda: check_spf_record(lookup, domain, host, address))
+    for selector, key in keys:
+        name = "%s._domainkey.%s" % (selector, domain)
+        yield ("DKIM", name) + _site_answer(lambda: check_dkim_record(lookup, name, key))
+    yield ("DMARC", "_dmarc." + domain) + _site_answer(lambda: check_dmarc_record(lookup, "_dmarc." + domain))
+    yield ("PTR", address or host) + _site_answer(lambda: check_ptr(lookup, host, address))
+
+
+def _site_answer(check):
+    """What check() says, or ("wrong", why) when DNS failed on the way."""
+    try:
+        return check()
+    except DNSError as error:
+        return ("wrong", "DNS failed: %s" % error)
+
+
+def check_mx(lookup, domain, host):
+    """The MX records of domain name host (RFC 5321 5.1)."""
+    hosts = [exchange for _, exchange in lookup(domain, "MX")]
+    if not hosts:
+        return ("missing", "no MX record")
+    if host in hosts:
+        return ("right", "")
+    return ("wrong", "MX names %s, not %s" % (", ".join(h or "." for h in hosts), host))
+
+
+def check_spf_record(lookup, domain, host, address):
+    """One SPF record (RFC 7208 4.5) that passes for the address mail leaves from."""
+    records = [text for text in lookup(domain, "TXT") if re.match(r"v=spf1(?: |\Z)", text, re.IGNORECASE)]
+    if not records:
+        return ("missing", "no v=spf1 record")
+    if len(records) > 1:
+        return ("wrong", "%d SPF records: a permerror (RFC 7208 4.5)" % len(records))
+    if address is None:
+        return ("wrong", "no address to check it for: give --source-address, or an address record for %s" % host)
+    result = check_spf(lookup, address, "postmaster@" + domain, host, host)
+    if result.result == "pass":
+        return ("right", "")
+    return ("wrong", "SPF %s for %s, not pass (%s)" % (result.result, address, result.why))
+
+
+def check_dkim_record(lookup, name, key):
+    """A key record at name holding key's public key (RFC 6376 3.6.1)."""
+    texts = lookup(name, "TXT")
+    if not texts:
+        return ("missing", "no key record")
+    why = "not a key record"
+    for text in texts:
+        try:
+            record = DKIMKeyRecord(text)
+            if record.revoked:
+                why = "the key is revoked (p= is empty)"
+                continue
+            published = public_key_from_record(record.kind, record.data)
+            if record.kind == key.kind and published.record() == key.public.record():
+                return ("right", "")
+            why = "the record holds another key, not ours"
+        except DKIMError as error:
+            why = "malformed: %s" % error
+    return ("wrong", why)
+
+
+def check_dmarc_record(lookup, name):
+    """One DMARC record with a policy (RFC 7489 6.3, 6.6.3)."""
+    records = [text for text in lookup(name, "TXT") if re.match(r"v\s*=\s*DMARC1\s*(?:;|\Z)", text)]
+    if not records:
+        return ("missing", "no DMARC record")
+    if len(records) > 1:
+        return ("wrong", "%d DMARC records: none applies (RFC 7489 6.6.3)" % len(records))
+    if not re.search(r";\s*p\s*=\s*(?:none|quarantine|reject)\s*(?:;|\Z)", records[0]):
+        return ("wrong", "no p=none, quarantine or reject")
+    return ("right", "")
+
+
+def check_ptr(lookup, host, address):
+    """A PTR for the sending address naming host, and host resolving back to it (forward-confirmed)."""
+    if address is None:
+        return ("wrong", "no address to check: give --source-address, or an address record for %s" % host)
+    names = lookup(reverse_name(address), "PTR")
+    if not names:
+        return ("missing", "no PTR record for %s" % address)
+    if host not in names:
+        return ("wrong", "PTR names %s, not %s" % (", ".join(names), host))
+    forward = lookup(host, "AAAA" if ":" in address else "A")
+    if not any(ipaddress.ip_address(found) == ipaddress.ip_address(address) for found in forward):
+        return ("wrong", "%s does not resolve back to %s" % (host, address))
+    return ("right", "")
 
 
 def read_new_password():

@@ -10,7 +10,14 @@ import hashlib
 import math
 import os
 import random
+import re
 import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
 import unittest
 
 import support  # noqa: F401  (puts the repository on the path)
@@ -842,3 +849,188 @@ class ServerSigningTest(support.OneServerTestCase):
             lambda: [m for m in self.remote.messages if m["sender"] == "" and b"to be bounced" in m["data"]])
         bounce = unstuffed_data(bounces[0]["data"])
         self.assertEqual([(r.domain, r.result) for r in self.verified(bounce, zone)], [("mx.example.org", "pass")])
+
+
+# --------------------------------------------------------------------------
+# The site's commands: --dkim-keygen, --dns-records, --check-dns
+# --------------------------------------------------------------------------
+
+def run_command(*args):
+    """Run mailserver_smtp.py with args: (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, support.SMTP_SCRIPT] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=support.DEADLINE)
+    return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+
+
+def txt_strings(line):
+    """The quoted strings of a zone-file TXT record."""
+    return re.findall(r'"([^"]*)"', line)
+
+
+def zone_text(out, name):
+    """The text of the TXT record of name in zone-file output: its strings joined, over lines in ( )."""
+    line = [line for line in out.split("\n") if line.startswith(name + ".\tIN\tTXT\t")][0]
+    rest = out[out.index(line):]
+    return "".join(txt_strings(rest[:rest.index(")")] if "( " in line else line))
+
+
+class KeygenTest(unittest.TestCase):
+    """--dkim-keygen DOMAIN [--selector S] [--key-type rsa|ed25519] [--root DIR]."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+
+    def keygen(self, *args):
+        return run_command("--dkim-keygen", "Example.ORG", "--root", self.root, *args)
+
+    def test_rsa_key_and_its_record(self):
+        """An RSA-2048 key in ROOT/.dkim/DOMAIN/SELECTOR.pem, mode 0600, and its record in strings of <= 255."""
+        code, out, _ = self.keygen("--selector", "s1")
+        self.assertEqual(code, 0)
+        path = os.path.join(self.root, ".dkim", "example.org", "s1.pem")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
+        with open(path, encoding="ascii") as file:
+            key = dkim.read_private_key(file.read())
+        self.assertEqual((key.kind, key.bits, key.e), ("rsa", 2048, 65537))
+        self.assertEqual(zone_text(out, "s1._domainkey.example.org"), key.public.record())
+        strings = txt_strings(out)
+        self.assertTrue(all(len(piece) <= 255 for piece in strings))
+        self.assertEqual(len(strings), 2)
+
+    def test_ed25519_default_selector_and_never_overwritten(self):
+        """An Ed25519 key named by today's date; a second run with the same selector changes nothing."""
+        code, out, _ = self.keygen("--key-type", "ed25519")
+        self.assertEqual(code, 0)
+        selector = time.strftime("%Y%m%d")
+        path = os.path.join(self.root, ".dkim", "example.org", selector + ".pem")
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+        key = dkim.read_private_key(text)
+        self.assertEqual(txt_strings(out), [key.public.record()])
+        code, _, err = self.keygen("--key-type", "ed25519")
+        self.assertEqual(code, 1)
+        self.assertIn("never overwritten", err)
+        with open(path, encoding="ascii") as file:
+            self.assertEqual(file.read(), text)
+
+    def test_bad_names_refused(self):
+        """A domain or selector that could leave the folder is refused (exit 2), and nothing is made."""
+        for args in (("--dkim-keygen", "../x"), ("--dkim-keygen", "a/b"),
+                     ("--dkim-keygen", "x.test", "--selector", "../s")):
+            self.assertEqual(run_command(*args + ("--root", self.root, "--key-type", "ed25519"))[0], 2, args)
+        self.assertEqual(os.listdir(self.root), [])
+
+
+CHECK_ZONE = {
+    ("example.org", "MX"): [(10, "mx.example.org")],
+    ("example.org", "TXT"): ["v=spf1 ip4:127.0.0.1 -all", "other text"],
+    ("_dmarc.example.org", "TXT"): ["v=DMARC1; p=none; rua=mailto:postmaster@example.org"],
+    ("mx.example.org", "A"): ["127.0.0.1"],
+    ("1.0.0.127.in-addr.arpa", "PTR"): ["mx.example.org"],
+}
+
+
+class SiteRecordsTest(unittest.TestCase):
+    """--dns-records prints what the domain needs; --check-dns asks DNS for it, record by record."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+        self.records = {"rsa._domainkey.example.org": install_key(self.root, "example.org", "rsa", "rsa2048-pkcs8.pem"),
+                        "ed._domainkey.example.org": install_key(self.root, "example.org", "ed", "ed25519-pkcs8.pem")}
+
+    def records_command(self, *args):
+        return run_command("--dns-records", "example.org", "--root", self.root, "--domain", "mx.example.org", *args)
+
+    def test_records(self):
+        """MX, SPF for the address, one DKIM record per key, DMARC p=none with rua, the A and the PTR."""
+        code, out, _ = self.records_command("--source-address", "192.0.2.25")
+        self.assertEqual(code, 0)
+        lines = out.split("\n")
+        self.assertIn("example.org.\tIN\tMX\t10 mx.example.org.", lines)
+        self.assertIn('example.org.\tIN\tTXT\t"v=spf1 ip4:192.0.2.25 -all"', lines)
+        self.assertIn('_dmarc.example.org.\tIN\tTXT\t"v=DMARC1; p=none; rua=mailto:postmaster@example.org"', lines)
+        self.assertIn("mx.example.org.\tIN\tA\t192.0.2.25", lines)
+        self.assertIn("25.2.0.192.in-addr.arpa.\tIN\tPTR\tmx.example.org.", lines)
+        for name, record in self.records.items():
+            self.assertEqual(zone_text(out, name), record)
+
+    def test_records_without_address(self):
+        """Without --source-address the SPF record names the MX, and the PTR is left to the admin."""
+        code, out, _ = self.records_command()
+        self.assertIn('example.org.\tIN\tTXT\t"v=spf1 mx -all"', out.split("\n"))
+        self.assertIn("give --source-address", out)
+        self.assertNotIn("PTR\t", out)
+
+    def check(self, zone, *args):
+        """--check-dns against a responder serving zone: (exit code, {what name: line})."""
+        with support.DNSResponder(zone) as responder:
+            code, out, err = run_command("--check-dns", "example.org", "--root", self.root, "--domain",
+                                         "mx.example.org", "--dns-server", "%s:%d" % responder.address, *args)
+        self.assertEqual(err, "")
+        return code, {" ".join(line.split()[:2]).rstrip(":"): line.partition(": ")[2] for line in out.splitlines()}
+
+    def full_zone(self):
+        zone = dict(CHECK_ZONE)
+        for name, record in self.records.items():
+            zone[(name, "TXT")] = [record]
+        return zone
+
+    def test_all_right(self):
+        """Every record right: one 'right' line each, exit 0."""
+        code, lines = self.check(self.full_zone())
+        self.assertEqual(lines, {"MX example.org": "right", "SPF example.org": "right",
+                                 "DKIM rsa._domainkey.example.org": "right", "DKIM ed._domainkey.example.org": "right",
+                                 "DMARC _dmarc.example.org": "right", "PTR 127.0.0.1": "right"})
+        self.assertEqual(code, 0)
+        self.assertEqual(self.check(self.full_zone(), "--source-address", "127.0.0.1")[0], 0)
+
+    def test_all_missing(self):
+        """Nothing published: each line says missing, exit 1."""
+        code, lines = self.check({("mx.example.org", "A"): ["127.0.0.1"]})
+        self.assertEqual(code, 1)
+        self.assertEqual({name: line.split(" ")[0] for name, line in lines.items()},
+                         {"MX example.org": "missing", "SPF example.org": "missing",
+                          "DKIM rsa._domainkey.example.org": "missing", "DKIM ed._domainkey.example.org": "missing",
+                          "DMARC _dmarc.example.org": "missing", "PTR 127.0.0.1": "missing"})
+
+    def test_each_wrong_with_why(self):
+        """Wrong records, each with why: MX not us, SPF not passing, a key not ours, a revoked key, two DMARC
+        records, a PTR naming another host, and one whose host does not resolve back."""
+        zone = self.full_zone()
+        zone[("example.org", "MX")] = [(10, "mail.elsewhere.example")]
+        zone[("example.org", "TXT")] = ["v=spf1 ip4:192.0.2.1 ~all"]
+        ed_as_rsa = self.records["ed._domainkey.example.org"].replace("ed25519", "rsa")
+        zone[("rsa._domainkey.example.org", "TXT")] = [ed_as_rsa]
+        zone[("ed._domainkey.example.org", "TXT")] = ["v=DKIM1; k=ed25519; p="]
+        zone[("_dmarc.example.org", "TXT")] = ["v=DMARC1; p=none", "v=DMARC1; p=reject"]
+        zone[("1.0.0.127.in-addr.arpa", "PTR")] = ["other.example.org"]
+        code, lines = self.check(zone)
+        self.assertEqual(code, 1)
+        self.assertEqual(lines["MX example.org"], "wrong (MX names mail.elsewhere.example, not mx.example.org)")
+        self.assertRegex(lines["SPF example.org"], r"^wrong \(SPF softfail for 127\.0\.0\.1, not pass")
+        self.assertRegex(lines["DKIM rsa._domainkey.example.org"], r"^wrong \(")
+        self.assertEqual(lines["DKIM ed._domainkey.example.org"], "wrong (the key is revoked (p= is empty))")
+        self.assertEqual(lines["DMARC _dmarc.example.org"], "wrong (2 DMARC records: none applies (RFC 7489 6.6.3))")
+        self.assertEqual(lines["PTR 127.0.0.1"], "wrong (PTR names other.example.org, not mx.example.org)")
+        zone = self.full_zone()
+        zone[("example.org", "TXT")] = ["v=spf1 -all", "v=spf1 +all"]
+        zone[("rsa._domainkey.example.org", "TXT")] = [install_key(self.root, "other.test", "x", "rsa2048-pkcs1.pem")]
+        code, lines = self.check(zone, "--source-address", "127.0.0.1")
+        self.assertEqual(lines["SPF example.org"], "wrong (2 SPF records: a permerror (RFC 7208 4.5))")
+        self.assertEqual(lines["DKIM rsa._domainkey.example.org"], "wrong (the record holds another key, not ours)")
+        del zone[("mx.example.org", "A")]
+        zone[("mx.example.org", "AAAA")] = ["::1"]
+        code, lines = self.check(zone, "--source-address", "127.0.0.1")
+        self.assertEqual(lines["PTR 127.0.0.1"], "wrong (mx.example.org does not resolve back to 127.0.0.1)")
+
+    def test_dns_failure_is_wrong_not_a_hang(self):
+        """A DNS server that fails gives 'wrong (DNS failed ...)' lines, exit 1."""
+        zone = self.full_zone()
+        zone[("example.org", "*")] = "SERVFAIL"
+        del zone[("example.org", "MX")], zone[("example.org", "TXT")]
+        code, lines = self.check(zone)
+        self.assertEqual(code, 1)
+        self.assertRegex(lines["MX example.org"], r"^wrong \(DNS failed: .*SERVFAIL")
