@@ -5941,9 +5941,13 @@ class SiteDNS:
 
 def site_checks(lookup, domain, host, address, keys):
     """(what, name, right/missing/wrong, why) for each record the domain needs, asked of lookup."""
-    if address is None:
-        found = _site_answer(lambda: lookup(host, "A") + lookup(host, "AAAA"))
-        address = found[0] if isinstance(found, list) and found else None
+    for rtype in ("A", "AAAA") if address is None else ():
+        try:                         # the address the MX host's name gives, if any
+            address = (lookup(host, rtype) + [None])[0]
+        except DNSError:
+            continue
+        if address:
+            break
     yield ("MX", domain) + _site_answer(lambda: check_mx(lookup, domain, host))
     yield ("SPF", domain) + _site_answer(lambda: check_spf_record(lookup, domain, host, address))
     for selector, key in keys:

@@ -986,6 +986,9 @@ class SiteRecordsTest(unittest.TestCase):
                                  "DMARC _dmarc.example.org": "right", "PTR 127.0.0.1": "right"})
         self.assertEqual(code, 0)
         self.assertEqual(self.check(self.full_zone(), "--source-address", "127.0.0.1")[0], 0)
+        failing_aaaa = dict(self.full_zone())
+        failing_aaaa[("mx.example.org", "AAAA")] = "SERVFAIL"     # the host's A alone is enough
+        self.assertEqual(self.check(failing_aaaa)[0], 0)
 
     def test_all_missing(self):
         """Nothing published: each line says missing, exit 1."""
