@@ -3848,7 +3848,7 @@ DELETE_SUFFIX = ".delete"
 FLUSH_NAME = ".flush"
 FLUSH_ALL = "*"              # a .flush line asking for every message (else it names one id)
 MAX_FLUSH_FILE = 64 * 1024   # bytes .flush may grow to before a request starts it afresh
-BY_HAND_DONE = {"delete": "deleted", "hold": "held: not tried until --release"}
+BY_HAND_DONE = {"delete": "deleted", "hold": "held"}
 MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
 MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
 RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
@@ -4705,7 +4705,7 @@ def queue_by_hand(folder, action, queue_id):
             remove_queued(path)
     finally:
         lock.release()
-    return "%s: %s" % (queue_id, BY_HAND_DONE[action])
+    return "%s: %s" % (queue_id, "deleted" if action == "delete" else "held: not tried until --release")
 
 
 def next_try_text(when):
@@ -5756,6 +5756,23 @@ def delivery_report(entry, path, domain, sender, subject, readable, recipient_fi
     return head.encode("utf-8", "surrogateescape") + headers + ("\r\n--%s--\r\n" % boundary).encode("ascii")
 
 
+def decoded_words(value):
+    """A header value with its RFC 2047 encoded words decoded; a word in an unknown charset as ASCII, '?' for the rest."""
+    try:
+        parts = email.header.decode_header(value)
+    except email.errors.HeaderParseError:
+        return value
+    text = ""
+    for data, charset in parts:
+        if isinstance(data, bytes):
+            try:
+                data = data.decode(charset or "ascii", "replace")
+            except LookupError:
+                data = data.decode("ascii", "replace")
+        text += data
+    return text
+
+
 BOUNCE_SUBJECT = "Undelivered Mail Returned to Sender"     # Postfix's words, so people know them
 DELAY_SUBJECT = "Delayed Mail (still being retried)"
 MAX_REPORT_SUBJECT = 100     # characters of the original subject a report's Subject repeats
@@ -5768,14 +5785,8 @@ def report_subject(prefix, headers):
     inside one or inside an encoded word; a non-ASCII result is encoded
     again (RFC 2047, folded), so the field is 7-bit whatever came in.
     """
-    raw = re.search(rb"(?im)^subject:(.*(?:\r\n[ \t].*)*)", headers)
-    text = ""
-    if raw:
-        value = raw.group(1).replace(b"\r\n", b"").decode("utf-8", "replace")
-        try:
-            text = str(email.header.make_header(email.header.decode_header(value)))
-        except (ValueError, LookupError, email.errors.HeaderParseError):
-            text = value
+    raw = re.search(rb"(?im)^subject:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", headers)
+    text = decoded_words(raw.group(1).replace(b"\r\n", b"").decode("utf-8", "replace")) if raw else ""
     text = "".join(c for c in " ".join(text.split()) if c.isprintable())
     if len(text) > MAX_REPORT_SUBJECT:
         text = text[:MAX_REPORT_SUBJECT - 3].rstrip() + "..."

@@ -138,6 +138,7 @@ class AliasDeliveryTest(AliasCase):
             self.assertEqual(self.send([address], b"tagged " + address.encode())[0], 250)
             stored = [m for m in support.stored_messages(self.root, login) if address.encode() in m]
             self.assertIn(b"To: " + address.encode() + b"\n", stored[0])
+            self.assertIn(b"\n\tfor <" + address.encode() + b">;\n", stored[0])   # the trace field's recipient
 
     def test_the_catch_all_takes_only_what_no_user_or_alias_takes(self):
         """@example.org: carol. alice@ stays alice's, info@ the alias's, anything else carol's; not lab.example."""
