@@ -59,6 +59,7 @@ import email.header
 import email.utils
 import getpass
 import io
+import heapq
 import itertools
 import random
 import secrets
@@ -2509,8 +2510,12 @@ def relay_arguments(parser):
                        help="file holding one line 'LOGIN PASSWORD' to log in to --relay-host with")
     group.add_argument("--relay-concurrency", metavar="N", type=int, default=DEFAULT_RELAY_CONCURRENCY,
                        help="messages sent at once (default: %d)" % DEFAULT_RELAY_CONCURRENCY)
-    group.add_argument("--relay-timeout", metavar="SECONDS", type=float, default=RELAY_TIMEOUT,
-                       help="how long a remote server may stay silent (default: %d)" % RELAY_TIMEOUT)
+    group.add_argument("--relay-per-destination", metavar="N", type=int, default=DEFAULT_PER_DESTINATION,
+                       help="sessions at once to one domain, or to --relay-host (default: %d)"
+                       % DEFAULT_PER_DESTINATION)
+    group.add_argument("--relay-timeout", metavar="SECONDS", type=float,
+                       help="the longest a remote server may take for a reply (default: RFC 5321's, "
+                       "2 to 10 minutes by command); a session lasts at most %d times this" % SESSION_CEILING)
     group.add_argument("--queue-lifetime", metavar="SECONDS", type=float, default=QUEUE_LIFETIME,
                        help="how long a message is retried before it bounces (default: %d, 5 days)"
                        % QUEUE_LIFETIME)
@@ -2534,10 +2539,11 @@ def check_relay_arguments(parser, args):
     if args.local_domains is None and (args.relay_host or args.relay_auth or args.dns_server):
         parser.error("--relay-host, --relay-auth and --dns-server need --local-domains "
                      "(without it every domain is local and nothing goes out)")
-    if args.relay_concurrency < 1 or args.relay_timeout <= 0 or args.queue_lifetime <= 0 \
-            or args.retry_base <= 0 or args.delay_warning < 0 or not 0 < args.mx_port < 65536:
-        parser.error("--relay-concurrency, --relay-timeout, --queue-lifetime, --retry-base and "
-                     "--mx-port must be positive, --delay-warning 0 or more")
+    if args.relay_concurrency < 1 or args.relay_per_destination < 1 or (args.relay_timeout or 1) <= 0 \
+            or args.queue_lifetime <= 0 or args.retry_base <= 0 or args.delay_warning < 0 \
+            or not 0 < args.mx_port < 65536:
+        parser.error("--relay-concurrency, --relay-per-destination, --relay-timeout, --queue-lifetime, "
+                     "--retry-base and --mx-port must be positive, --delay-warning 0 or more")
     try:
         if args.relay_host:
             args.relay_host = host_and_port(args.relay_host, SUBMISSIONS_PORT if args.relay_implicit_tls
@@ -3849,6 +3855,7 @@ FLUSH_NAME = ".flush"
 FLUSH_ALL = "*"              # a .flush line asking for every message (else it names one id)
 MAX_FLUSH_FILE = 64 * 1024   # bytes .flush may grow to before a request starts it afresh
 BY_HAND_DONE = {"delete": "deleted", "hold": "held"}
+DEAD_NAME = ".dead"          # the dead destinations and when each is tried again, for --queue
 MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
 MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
 RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
@@ -3857,7 +3864,11 @@ QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_que
 DELAY_WARNING = 4 * 3600     # seconds before the sender hears it is late (Postfix's delay_warning_time)
 RESCAN_INTERVAL = 60         # seconds between looks at the whole queue (other servers' messages)
 FLUSH_POLL = 1.0             # seconds between looks at the --flush trigger
-DEFAULT_RELAY_CONCURRENCY = 4
+DEFAULT_RELAY_CONCURRENCY = 100       # sessions to other servers at once (see OutboundQueue for why)
+DEFAULT_PER_DESTINATION = 20          # of them to one destination (Postfix's default_destination_concurrency_limit)
+DESTINATIONS_KEPT = 10000    # destinations whose grown share of sessions is remembered
+DESTINATION_START = 5        # sessions a destination starts with, one more for each that reaches a server
+                             # (Postfix's initial_destination_concurrency): a dead one costs a few, not 20
 DEFAULT_RELAY_NETWORKS = "127.0.0.0/8,::1/128"   # this machine only, like Postfix's mynetworks_style = host
 
 _queue_serials = itertools.count(int.from_bytes(os.urandom(2), "big"))
@@ -4337,6 +4348,109 @@ def backoff(attempts, base):
     return min(RETRY_MAX, base * 2 ** min(attempts - 1, 32))
 
 
+class Destinations:
+    """Where outgoing mail goes, as the runners share it: the sessions each destination has, and the dead ones.
+
+    As Postfix's qmgr does: a destination (a domain, or the smarthost) has
+    at most --relay-per-destination sessions at once, so one large or slow
+    domain cannot take every runner; it starts with DESTINATION_START and
+    is given one more each time a session reaches a server.  A message for
+    a full one is left due and handed to a runner again when a session of
+    it ends.  A destination
+    whose servers could not be reached (a timeout, a refused connection, a
+    DNS server that does not answer) is dead for a while, --retry-base at
+    first and doubling with each failure in a row, up to RETRY_MAX: its
+    recipients are deferred with its last reason and no connection at all,
+    until then or a --flush.  The dead ones are written to ROOT/.queue/.dead
+    for --queue (not fsync'd: they are advice, and a crash forgets them).
+    """
+
+    def __init__(self, folder, per_destination, retry_base):
+        self.path = os.path.join(folder, DEAD_NAME)
+        self.limit = per_destination
+        self.retry_base = retry_base
+        self._guard = threading.Lock()
+        self._sessions = collections.Counter()   # destination -> its sessions now
+        self._window = collections.OrderedDict()   # destination -> the sessions it may have (most recent last)
+        self._waiting = {}           # destination -> {queue id: None}: messages waiting for a session of it
+        self._dead = {}              # destination -> (epoch seconds it is tried again, failures, last reason)
+
+    def dead(self, destination):
+        """(when it is tried again, the last reason) of a dead destination; None for a live one."""
+        with self._guard:
+            mark = self._dead.get(destination)
+        return (mark[0], mark[2]) if mark and mark[0] > time.time() else None
+
+    def take(self, destination, queue_id):
+        """Take a session of destination for a message; False (and the message waits) when it has its share."""
+        with self._guard:
+            if self._sessions[destination] < self._window.get(destination, min(DESTINATION_START, self.limit)):
+                self._sessions[destination] += 1
+                return True
+            self._waiting.setdefault(destination, {})[queue_id] = None
+            return False
+
+    def give_back(self, destination, unreachable):
+        """End a session of destination; the ids of the messages to try now.
+
+        unreachable: why its servers could not be reached, or "" when one
+        answered.  One waiting message takes the session's place; once the
+        destination is dead, every waiting one goes (to be deferred at once).
+        """
+        with self._guard:
+            self._sessions[destination] -= 1
+            if not self._sessions[destination]:
+                del self._sessions[destination]
+            changed = self._judge(destination, unreachable)
+            waiting = self._waiting.pop(destination, {})
+            woken = list(waiting) if unreachable else list(waiting)[:1]
+            for queue_id in woken:
+                del waiting[queue_id]
+            if waiting:
+                self._waiting[destination] = waiting
+        if changed:
+            self._save()
+        return woken
+
+    def _judge(self, destination, unreachable):
+        """Mark destination dead or alive after a session (guard held); True if the marks changed."""
+        if not unreachable:
+            self._window[destination] = min(self.limit, self._window.pop(destination, DESTINATION_START) + 1)
+            if len(self._window) > DESTINATIONS_KEPT:
+                self._window.popitem(last=False)    # forgotten: it starts again from DESTINATION_START
+            return self._dead.pop(destination, None) is not None
+        self._window.pop(destination, None)
+        now = time.time()
+        for name in [d for d, mark in self._dead.items() if mark[0] <= now - RETRY_MAX]:
+            del self._dead[name]     # long past: forgotten, so the marks stay few
+        mark = self._dead.get(destination)
+        if mark and mark[0] > now:   # marked already, by a session at the same time: one failure, not two
+            return False
+        failures = mark[1] + 1 if mark else 1
+        self._dead[destination] = (now + backoff(failures, self.retry_base), failures, unreachable)
+        return True
+
+    def clear(self):
+        """Forget every dead destination (a --flush)."""
+        with self._guard:
+            changed, self._dead = bool(self._dead), {}
+        if changed:
+            self._save()
+
+    def _save(self):
+        """Write the dead destinations for --queue: 'DESTINATION<TAB>EPOCH<TAB>FAILURES<TAB>REASON' lines."""
+        with self._guard:
+            lines = ["%s\t%d\t%d\t%s\n" % (d or "(relay host)", until, failures, reason)
+                     for d, (until, failures, reason) in sorted(self._dead.items())]
+        temp = self.path + TEMP_SUFFIX
+        try:
+            with open(temp, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+            os.replace(temp, self.path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc)
+
+
 class OutboundQueue:
     """One server's outbound queue: new messages written in, runner threads sending them out.
 
@@ -4367,6 +4481,13 @@ class OutboundQueue:
         self.next_scan = 0.0         # epoch seconds: at start, at once
         self.stopping = False
         self.stopped = threading.Event()     # the same, for the idle connection timer
+        self.destinations = Destinations(self.folder, args.relay_per_destination, args.retry_base)
+        self.active = {}             # queue id -> whether to try it again at once: the attempts under way
+        # queue id -> epoch seconds before which it has nothing due, as our last attempt left it: a look
+        # at the whole queue skips it unread (10,000 messages waiting for dead destinations are not
+        # read again at every look), and forgets the ids it did not see
+        self.not_before = {}
+        self.scan_seen = set()
 
     # -- messages in
 
@@ -4453,13 +4574,18 @@ class OutboundQueue:
             while not self.stopping:
                 if self.fresh:
                     return self.fresh.popleft()
+                now = time.time()
                 if self.scan is not None:
                     for item in self.scan:
                         if QUEUE_ID.match(item.name):
-                            return item.name, self.scan_forced
+                            self.scan_seen.add(item.name)
+                            if self.scan_forced or self.not_before.get(item.name, 0) <= now:
+                                return item.name, self.scan_forced
                     self.scan.close()
                     self.scan = None
-                now = time.time()
+                    for queue_id in set(self.not_before) - self.scan_seen:
+                        del self.not_before[queue_id]      # gone: sent by another server, or removed
+                    self.scan_seen = set()
                 flushed = self._flushed(now)
                 if flushed or now >= self.next_scan:
                     self._start_scan(now, flushed)
@@ -4488,6 +4614,7 @@ class OutboundQueue:
                 everything = True
         if everything:
             log.info("flush requested: trying every queued message now")
+            self.destinations.clear()
         return everything
 
     def _flush_size(self):
@@ -4531,20 +4658,28 @@ class OutboundQueue:
     def attempt(self, queue_id, forced):
         """Try the due recipients of one message, unless another runner holds it, or it is held or deleted."""
         path = os.path.join(self.folder, queue_id)
-        self._attempt_locked(queue_id, path, forced)
-        if os.path.lexists(path + DELETE_SUFFIX):    # --delete came during the attempt: it is done now
+        with self.changed:
+            if queue_id in self.active:      # a runner of ours has it: it tries again once done
+                self.active[queue_id] = True
+                return
+            self.active[queue_id] = False
+        try:
             self._attempt_locked(queue_id, path, forced)
+            if os.path.lexists(path + DELETE_SUFFIX):    # --delete came during the attempt: done now
+                self._attempt_locked(queue_id, path, forced)
+        finally:
+            with self.changed:
+                again = self.active.pop(queue_id)
+            if again:
+                self.wake(queue_id)
 
     def _attempt_locked(self, queue_id, path, forced):
         lock = MessageLock(path)
         if not lock.acquire():
             return
         try:
-            if os.path.lexists(path + DELETE_SUFFIX):
-                remove_queued(path)
-                return log.info("%s: deleted by --delete, after the attempt under way", queue_id)
-            if os.path.lexists(path + HELD_SUFFIX):
-                return log.info("%s: held by --hold: not tried", queue_id)
+            if self._by_hand(queue_id, path):
+                return
             try:
                 entry = read_envelope(lock.fd)
             except (OSError, ValueError) as exc:
@@ -4553,25 +4688,63 @@ class OutboundQueue:
         finally:
             lock.release()
 
+    def _by_hand(self, queue_id, path):
+        """Whether --delete (now done) or --hold keeps a message we hold the lock of from being tried."""
+        if os.path.lexists(path + DELETE_SUFFIX):
+            remove_queued(path)
+            with self.changed:
+                self.not_before.pop(queue_id, None)
+            log.info("%s: deleted by --delete, after the attempt under way", queue_id)
+            return True
+        if os.path.lexists(path + HELD_SUFFIX):
+            log.info("%s: held by --hold: not tried", queue_id)
+            return True
+        return False
+
     def _attempt(self, entry, path, fd, forced):
         """Send to the due recipients (the file open at fd), record what happened; remove the file once done."""
         now = time.time()
         due = [r for r in entry.pending() if forced or r.next_try <= now]
-        if due:
-            outcomes = self.relay.send_message(entry, fd, due)
-            failed = self._record(entry, due, outcomes)
-            if failed and not self._bounce(entry, path, failed):
-                for recipient, _ in failed:       # tried again later, and bounced then
-                    recipient.state = "pending"
-                    recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
+        if not due:
+            if entry.pending():
+                self._still_waiting(entry, path, False, entry.next_try())
+            else:
+                self._remove(entry, path)
+            return
+        outcomes = self._send(entry, fd, due)
+        if not outcomes:                      # each destination had its share: it waits for a session
+            return
+        if all(o.retry_at is not None and o.retry_at < entry.arrived + self.lifetime for o in outcomes.values()):
+            # Only dead destinations: nothing was tried, so nothing is written (no fsync for them).
+            for address, outcome in outcomes.items():
+                self._log_outcome(entry, address, outcome, now)
+            self._still_waiting(entry, path, False, min(o.retry_at for o in outcomes.values()))
+            return
+        failed = self._record(entry, due, outcomes)
+        if failed and not self._bounce(entry, path, failed):
+            for recipient, _ in failed:       # tried again later, and bounced then
+                recipient.state = "pending"
+                recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
         if not entry.pending():
             self._remove(entry, path)
             return
-        warned = self._warn_if_late(entry, path)
-        if due or warned:
+        self._still_waiting(entry, path, True, entry.next_try())
+
+    def _still_waiting(self, entry, path, changed, when):
+        """A message waits (nothing due before when): its delay notice if it is time, its file rewritten
+        if anything changed, and a look at it then, or at the notice's time if that comes first."""
+        if self._warn_if_late(entry, path):
+            changed = True
+        if changed:
             rewrite_queued(self.folder, entry, path)
         warning = self._warning_due(entry)
-        self.due_at(entry.next_try() if warning is None else min(entry.next_try(), warning))
+        self._wait_until(entry.id, when if warning is None else min(when, warning))
+
+    def _wait_until(self, queue_id, when):
+        """A message has nothing due before when: a look at the queue skips it till then, and comes by then."""
+        with self.changed:
+            self.not_before[queue_id] = when
+        self.due_at(when)
 
     def _warning_due(self, entry):
         """When the sender of a message is to hear that it is late (epoch seconds); None: never (again)."""
@@ -4601,6 +4774,8 @@ class OutboundQueue:
         again, which at least once allows, and it saves an fsync per message.
         """
         remove_queued(path)
+        with self.changed:
+            self.not_before.pop(entry.id, None)
         log.info("%s: removed", entry.id)
 
     def _record(self, entry, due, outcomes):
@@ -4609,8 +4784,10 @@ class OutboundQueue:
         expires = entry.arrived + self.lifetime
         failed = []
         for recipient in due:
-            outcome = outcomes[recipient.address]
-            recipient.attempts += 1
+            outcome = outcomes.get(recipient.address)
+            if outcome is None:               # not tried: its destination had its share of sessions
+                continue
+            recipient.attempts += outcome.retry_at is None       # a dead destination's deferral is no try
             if outcome.status == "deferred" and now >= expires:
                 outcome = outcome.expired()
             recipient.reply = outcome.reply
@@ -4620,10 +4797,66 @@ class OutboundQueue:
                 recipient.state = "failed"
                 failed.append((recipient, outcome))
             else:
-                recipient.next_try = min(now + backoff(recipient.attempts, self.retry_base), expires)
-            log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, recipient.address,
-                     outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
+                retry_at = outcome.retry_at or now + backoff(recipient.attempts, self.retry_base)
+                recipient.next_try = min(retry_at, expires)
+            self._log_outcome(entry, recipient.address, outcome, now)
         return failed
+
+    @staticmethod
+    def _log_outcome(entry, address, outcome, now):
+        """The log line of one recipient's attempt (Postfix's form)."""
+        log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, address,
+                 outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
+
+    def _send(self, entry, fd, due):
+        """Send the due recipients (the file open at fd), each destination in a session of its own, at once.
+
+        Returns {address: Outcome}.  A slow or silent destination of a
+        message holds up none of its others: each goes in a thread of its
+        own (the last in the runner's).  A recipient whose destination is
+        dead is deferred at once; one whose destination has its share of
+        sessions is left out (still due: see Destinations).
+        """
+        if entry.hops > MAX_RECEIVED:
+            reply = "554 5.4.6 mail loop: %d Received: headers" % entry.hops
+            return {r.address: Outcome("bounced", reply) for r in due}
+        groups, outcomes = {}, {}
+        for recipient in due:
+            groups.setdefault(self.relay.destination(recipient.address), []).append(recipient.address)
+        sending = []
+        for destination, addresses in groups.items():
+            dead = self.destinations.dead(destination)
+            if dead is not None:
+                outcomes.update(dict.fromkeys(addresses, Outcome.of_dead(*dead)))
+            elif self.destinations.take(destination, entry.id):
+                sending.append((destination, addresses))
+        results = [{} for _ in sending]
+        threads = [threading.Thread(target=self._send_to, args=(entry, fd, destination, addresses, result),
+                                    name="queue runner", daemon=True)
+                   for (destination, addresses), result in zip(sending[1:], results[1:])]
+        for thread in threads:
+            thread.start()
+        if sending:
+            self._send_to(entry, fd, *sending[0], results[0])
+        for thread in threads:
+            thread.join()
+        for result in results:
+            outcomes.update(result)
+        return outcomes
+
+    def _send_to(self, entry, fd, destination, addresses, result):
+        """One destination's session for a message: its outcomes into result; its session given back."""
+        unreachable = ""
+        try:
+            outcomes, unreachable = self.relay.send_to(entry, MessageReader(fd), destination, addresses)
+            result.update(outcomes)
+        except Exception as exc:          # a bug of ours: logged, and the recipients tried again later
+            log.exception("%s: sending to %s failed", entry.id, destination or "the relay host")
+            result.update(dict.fromkeys(addresses, Outcome("deferred", "451 4.3.0 local error in processing: %s"
+                                                           % type(exc).__name__)))
+        finally:
+            for woken in self.destinations.give_back(destination, unreachable):
+                self.wake(woken)
 
     def _set_aside(self, path, exc):
         """Move a queue file we cannot read out of the way (never deleted: an admin may look)."""
@@ -4746,6 +4979,24 @@ def queue_listing(folder, out):
         out.write("Mail queue is empty\n")
     else:
         out.write("-- %d Kbytes in %d Request%s.\n" % ((total + 1023) // 1024, count, "s" * (count != 1)))
+    dead_listing(folder, out)
+
+
+def dead_listing(folder, out):
+    """Print the dead destinations (see Destinations) and when each is tried again."""
+    try:
+        with open(os.path.join(folder, DEAD_NAME), encoding="utf-8", errors="replace") as f:
+            lines = [line.rstrip("\n").split("\t", 3) for line in f]
+    except OSError:
+        return
+    now = time.time()
+    dead = [(d, float(until), failures, reason) for d, until, failures, reason in
+            (line for line in lines if len(line) == 4 and line[1].isdigit()) if float(until) > now]
+    if dead:
+        out.write("Dead destinations (no connection tried until then; --flush tries them now):\n")
+    for destination, until, failures, reason in dead:
+        out.write("  %s: next try %s after %s failure%s: %s\n" % (
+            destination, next_try_text(until), failures, "s" * (failures != "1"), reason))
 
 
 # --------------------------------------------------------------------------
@@ -4788,6 +5039,11 @@ DNS_TTL_FLOOR = 10           # seconds an answer is kept at least, even with a T
 DNS_TTL_CEILING = 86400      # and at most (RFC 8767 4 suggests a day as the largest TTL worth believing)
 DNS_NEGATIVE_CEILING = 3 * 3600   # RFC 2308 5: negative answers kept 1 to 3 hours at most
 DNS_FAILURE_TTL = 30         # RFC 2308 7: a server failure or timeout is remembered a while (5 min at most)
+DNS_DEADLINE = 5.0           # seconds a runner gives one question, over every server and try: a working
+                             # recursive server answers in well under a second, even for a name it must
+                             # chase, so a question still open after 5 s is a silent or broken server,
+                             # and the runner should give up on it and go on (its failure is cached)
+DNS_MIN_TRY = 1.0            # seconds one try gets at least, when the deadline is shared among the tries
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
 DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
@@ -5198,6 +5454,21 @@ class Resolver:
         return parsed
 
 
+class DNSDeadline:
+    """A DNSCache as mail_exchangers asks it: each question answered within its own deadline, or a temporary
+    DNSError (its tries share the deadline, so a second server is tried before it passes)."""
+
+    def __init__(self, cache, seconds):
+        self.cache = cache
+        self.seconds = seconds
+        resolver = cache.resolver
+        resolver.timeout = min(resolver.timeout,
+                               max(DNS_MIN_TRY, seconds / (len(resolver.servers) * resolver.attempts)))
+
+    def query(self, name, rtype):
+        return self.cache.query(name, rtype, time.monotonic() + self.seconds)
+
+
 class DNSCache:
     """The answers of a Resolver, each kept for its TTL: one cache for every record type, in bounded memory.
 
@@ -5207,7 +5478,8 @@ class DNSCache:
     SOA's negative TTL (RFC 2308 5), not at all without an SOA; a server
     failure or timeout for a short while (RFC 2308 7).  The least recently
     used answers go first when there are too many or they are too large.
-    Threads may share one.
+    Threads may share one; a question one of them is asking is not asked
+    again by another, which waits for that answer (within its deadline).
     """
 
     def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS):
@@ -5215,6 +5487,7 @@ class DNSCache:
         self.max_entries, self.max_octets = entries, octets
         self.octets = 0
         self._answers = collections.OrderedDict()   # (name, type) -> (expires, records or DNSError, octets)
+        self._asking = {}            # (name, type) -> [Event set when answered, the answer]: questions in flight
         self._lock = threading.Lock()
 
     def query(self, name, rtype, deadline=None):
@@ -5228,10 +5501,30 @@ class DNSCache:
             else:
                 answer = None
         if answer is None:
-            answer = self._ask(key, name, rtype, deadline)
+            answer = self._ask_once(key, name, rtype, deadline)
         if isinstance(answer, DNSError):
             raise answer
         return answer
+
+    def _ask_once(self, key, name, rtype, deadline):
+        """Ask the resolver; or, while another thread asks the same question, wait for its answer."""
+        with self._lock:
+            asking = self._asking.get(key)
+            first = asking is None
+            if first:
+                asking = self._asking[key] = [threading.Event(), None]
+        if not first:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if asking[0].wait(wait) and asking[1] is not None:
+                return asking[1]
+            return DNSError(DNS_TIME_OUT, name)
+        try:
+            asking[1] = self._ask(key, name, rtype, deadline)
+        finally:
+            with self._lock:
+                del self._asking[key]
+            asking[0].set()
+        return asking[1]
 
     def _ask(self, key, name, rtype, deadline):
         """Ask the resolver, and keep what it says for as long as it may be believed."""
@@ -5362,7 +5655,15 @@ def _dns_exchanger_addresses(resolver, domain, hosts):
 SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
 SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
 SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
-RELAY_TIMEOUT = 300          # seconds a remote server may stay silent (RFC 5321 4.5.3.2: 5 to 10 minutes)
+REPLY_TIMEOUTS = {           # RFC 5321 4.5.3.2: seconds a client waits for each reply of the server
+    "greeting": 300,         # 4.5.3.2.1 the initial 220
+    "command": 300,          # 4.5.3.2.2, 4.5.3.2.3 MAIL and RCPT; the same for EHLO, STARTTLS, AUTH, RSET
+    "data": 120,             # 4.5.3.2.4 DATA's 354
+    "block": 180,            # 4.5.3.2.5 each block of the message sent
+    "end": 600,              # 4.5.3.2.6 the reply after the final dot
+}
+CONNECT_TIMEOUT = 30         # seconds for a TCP connection to be made (Postfix's smtp_connect_timeout)
+SESSION_CEILING = 2          # a session may last this many times its longest wait, trickled or not
 MAX_RECEIVED = 50            # Received: headers a message may carry (Postfix's hopcount_limit): more, a loop
 CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection waits for another message (Postfix's
                              # smtp_connection_cache_time_limit)
@@ -5372,12 +5673,19 @@ REPLY_CODE = re.compile(r"\d{3} ([245]\.\d{1,3}\.\d{1,3})\b")   # an RFC 3463 co
 class Outcome:
     """What happened to one recipient in one attempt: sent, deferred or bounced, and the reply why."""
 
-    def __init__(self, status, reply, relay="none", remote=None):
+    def __init__(self, status, reply, relay="none", remote=None, unreachable=False, retry_at=None):
         self.status = status         # sent, deferred, bounced
         # "CODE [d.d.d] text": the remote's, or ours in its form; one printable line for the envelope
         self.reply = "".join(c for c in reply if c.isprintable())[:MAX_REPLY_TEXT]
         self.relay = relay           # host[ip]:port as the log shows it
         self.remote = remote         # the remote server's name when the reply is its own
+        self.unreachable = unreachable   # no server answered: a timeout, a refused connection, a silent DNS
+        self.retry_at = retry_at     # epoch seconds: a dead destination's deferral, not tried before then
+
+    @classmethod
+    def of_dead(cls, retry_at, reason):
+        """The deferral of a recipient whose destination is dead (see Destinations): no session was tried."""
+        return cls("deferred", reason, retry_at=retry_at)
 
     @classmethod
     def of_reply(cls, code, text, relay, remote):
@@ -5483,6 +5791,113 @@ def read_relay_credentials(path):
     return login, password
 
 
+class MessageReader:
+    """A queued message's file read at an offset of its own (os.pread), so that sessions to several
+    destinations at once read it without moving each other's place."""
+
+    _guard = threading.Lock()        # where there is no os.pread (Windows): one seek and read at a time
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.offset = 0
+
+    def seek(self, offset):
+        self.offset = offset
+
+    def read(self, size):
+        if hasattr(os, "pread"):
+            data = os.pread(self.fd, size, self.offset)
+        else:
+            with self._guard:
+                os.lseek(self.fd, self.offset, os.SEEK_SET)
+                data = os.read(self.fd, size)
+        self.offset += len(data)
+        return data
+
+
+class Deadlines:
+    """Cuts the sessions that outlive their ceiling: one thread for all, closing a late session's socket.
+
+    A reply's timeout starts again with each byte, so a server sending one
+    byte every few minutes would hold a runner for hours; SESSION_CEILING
+    times the longest wait bounds a session whatever it sends.
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._due = []               # heap of (monotonic deadline, serial, socket)
+        self._serials = itertools.count()
+        self._thread = None
+
+    def watch(self, sock, seconds):
+        """Shut sock's connection down after seconds unless forget() comes first; returns what forget() takes.
+
+        The caller forgets before it closes the socket, so the descriptor
+        cut is always still the session's (STARTTLS keeps its number).
+        """
+        item = (time.monotonic() + seconds, next(self._serials), sock.fileno())
+        with self._changed:
+            heapq.heappush(self._due, item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="session deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return item
+
+    def forget(self, item):
+        with self._changed:
+            with contextlib.suppress(ValueError):
+                self._due.remove(item)
+                heapq.heapify(self._due)
+
+    def _run(self):
+        leave_signals_to_main_thread()
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    _, _, fd = heapq.heappop(self._due)
+                    # On a copy of the descriptor, not the session's socket object, which
+                    # TLS may be using in its thread: the reader just sees the end and gives up.
+                    with contextlib.suppress(OSError):
+                        with socket.socket(fileno=os.dup(fd)) as copy:
+                            copy.shutdown(socket.SHUT_RDWR)
+                self._changed.wait(self._due[0][0] - now if self._due else None)
+
+
+class RelayClient(smtplib.SMTP):
+    """smtplib's client, but a connection is given CONNECT_TIMEOUT to be made (timeout is the greeting's),
+    and the session is under a ceiling from its first byte (deadlines: (Deadlines, seconds))."""
+
+    def __init__(self, deadlines, **options):
+        self.deadlines, self.watched = deadlines, None
+        super().__init__(**options)
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, min(CONNECT_TIMEOUT, timeout))
+        sock.settimeout(timeout)
+        self.watched = self.deadlines[0].watch(sock, self.deadlines[1])
+        return sock
+
+    def watch(self):
+        """Put the session (a kept connection used again) under its ceiling anew."""
+        self.watched = self.deadlines[0].watch(self.sock, self.deadlines[1])
+
+    def end_watch(self):
+        """The session is over: no ceiling (a kept connection waits under IdleConnections' rule)."""
+        if self.watched is not None:
+            self.deadlines[0].forget(self.watched)
+            self.watched = None
+
+    def close(self):
+        self.end_watch()             # before the socket closes: see Deadlines.watch
+        super().close()
+
+
+class RelayClientSSL(RelayClient, smtplib.SMTP_SSL):
+    """The same, with TLS from the first byte."""
+
+
 class Relay:
     """How a runner reaches other servers: the smarthost, or the mail exchangers of each domain."""
 
@@ -5491,10 +5906,11 @@ class Relay:
         self.host = args.relay_host                  # (host, port), or None
         self.implicit_tls = args.relay_implicit_tls
         self.credentials = args.relay_credentials    # (login, password), or None; never logged
-        self.timeout = args.relay_timeout
+        self.timeout = args.relay_timeout            # a ceiling on each wait of REPLY_TIMEOUTS, or None
+        self.deadlines = Deadlines()
         self.mx_port = args.mx_port
         self.source = (args.source_address, 0) if args.source_address else None    # None: the system picks
-        self.resolver = Resolver(args.dns_server)    # shared by the runners: it keeps no state
+        self.resolver = DNSDeadline(DNSCache(Resolver(args.dns_server)), DNS_DEADLINE)   # shared by the runners
         self.verified = ssl.create_default_context(cafile=args.relay_cafile)
         self.opportunistic = ssl.create_default_context()
         self.opportunistic.check_hostname = False
@@ -5512,38 +5928,37 @@ class Relay:
         return [(name, addresses, self.mx_port)
                 for name, addresses in mail_exchangers(self.resolver, destination)]
 
-    def send_message(self, entry, fd, recipients):
-        """Send a queued message (its file open at fd) to its due recipients; {address: Outcome}."""
-        if entry.hops > MAX_RECEIVED:
-            reply = "554 5.4.6 mail loop: %d Received: headers" % entry.hops
-            return {r.address: Outcome("bounced", reply) for r in recipients}
-        groups = {}
-        for recipient in recipients:
-            groups.setdefault(self.destination(recipient.address), []).append(recipient.address)
-        outcomes = {}
-        with open(fd, "rb", closefd=False) as file:
-            for destination, addresses in groups.items():
-                outcomes.update(self.send_to(entry, file, destination, addresses))
-        return outcomes
+    def wait(self, smtp, stage):
+        """Give the server the time RFC 5321 4.5.3.2 allows for its next reply (at most --relay-timeout)."""
+        smtp.sock.settimeout(self.wait_of(stage))
+
+    def wait_of(self, stage):
+        """Seconds to wait for a reply at stage (a key of REPLY_TIMEOUTS)."""
+        return min(REPLY_TIMEOUTS[stage], self.timeout or float("inf"))
 
     def send_to(self, entry, file, destination, addresses):
-        """Send to one destination's recipients: each server in turn until one answers; {address: Outcome}."""
+        """Send to one destination's recipients, each server in turn until one answers.
+
+        Returns ({address: Outcome}, why the destination is unreachable, or
+        "" when a server answered), for Destinations.
+        """
         try:
             routes = self.routes(destination)
         except DNSError as exc:
             reply = ("451 4.4.3 " if exc.temporary else
                      "556 5.1.10 " if exc.reason == DNS_NULL_MX else "550 5.1.2 ") + str(exc)
-            return dict.fromkeys(addresses, Outcome("deferred" if exc.temporary else "bounced", reply))
-        last = Outcome("deferred", "451 4.4.4 no server to try for %s" % destination)
+            outcome = Outcome("deferred" if exc.temporary else "bounced", reply, unreachable=exc.temporary)
+            return dict.fromkeys(addresses, outcome), reply if exc.temporary else ""
+        last, answered = Outcome("deferred", "451 4.4.4 no server to try for %s" % destination), False
         for name, servers, port in routes:
             for server in servers:
                 result = self.session(entry, file, name, server, port, addresses, True)
                 if result == "no tls":                 # RFC 7435: in clear rather than not at all
                     result = self.session(entry, file, name, server, port, addresses, False)
                 if isinstance(result, dict):
-                    return result
-                last = result
-        return dict.fromkeys(addresses, last)
+                    return result, ""
+                last, answered = result, answered or not result.unreachable
+        return dict.fromkeys(addresses, last), "" if answered or not routes else last.reply
 
     def session(self, entry, file, name, server, port, addresses, tls):
         """One SMTP session: {address: Outcome}, an Outcome when the next server should be tried,
@@ -5554,14 +5969,16 @@ class Relay:
             if result is not None:
                 return result
         relay = "%s[%s]:%d" % (name, server, port)
-        smtp = None
+        smtp, greeted = None, False
         try:
             smtp = self.connect(server, port)
+            greeted = True
             # Commands go one by one, each waiting for its reply: without this, Nagle's
             # algorithm holds back the short ones until the remote's delayed ACK (40 ms).
             smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
             result = self.converse(smtp, entry, file, relay, name, addresses, tls)
+            smtp.end_watch()
             if isinstance(result, dict) and tls:
                 self.idle.keep(key, smtp, relay)
                 smtp = None
@@ -5577,8 +5994,10 @@ class Relay:
                 return "no tls"
             return Outcome("deferred", "451 4.7.5 TLS with %s failed: %s" % (relay, exc), relay)
         except (OSError, smtplib.SMTPException) as exc:
+            # No greeting, a timeout, or a session cut at its ceiling: nobody is there to talk to.
+            unreachable = not greeted or isinstance(exc, (socket.timeout, smtplib.SMTPServerDisconnected))
             return Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
-                           % (relay, exc or type(exc).__name__), relay)
+                           % (relay, exc or type(exc).__name__), relay, unreachable=unreachable)
         except Exception as exc:            # a bug of ours: logged, and the message tried again later
             log.exception("%s: sending to %s failed", entry.id, relay)
             return Outcome("deferred", "451 4.3.0 local error in processing: %s" % type(exc).__name__, relay)
@@ -5587,14 +6006,28 @@ class Relay:
                 smtp.close()
 
     def connect(self, server, port):
-        """An smtplib client connected to server (its name: the smarthost's certificate must match it)."""
+        """An smtplib client connected to server and greeted by it (the smarthost's certificate must match its name)."""
+        ceiling = (self.deadlines, SESSION_CEILING * self.wait_of("end"))
         if self.host and self.implicit_tls:
-            return smtplib.SMTP_SSL(server, port, self.domain, timeout=self.timeout, context=self.verified,
-                                    source_address=self.source)
-        return smtplib.SMTP(server, port, self.domain, timeout=self.timeout, source_address=self.source)
+            smtp = RelayClientSSL(ceiling, local_hostname=self.domain, timeout=self.wait_of("greeting"),
+                                  context=self.verified, source_address=self.source)
+        else:
+            smtp = RelayClient(ceiling, local_hostname=self.domain, timeout=self.wait_of("greeting"),
+                               source_address=self.source)
+        smtp._host = server              # what smtplib checks the certificate against (its constructor sets it)
+        try:
+            code, message = smtp.connect(server, port)
+        except BaseException:
+            smtp.close()
+            raise
+        if code != 220:
+            smtp.close()
+            raise smtplib.SMTPConnectError(code, message)
+        return smtp
 
     def converse(self, smtp, entry, file, relay, name, addresses, tls):
         """Greet, secure, log in, then the transaction (see session)."""
+        self.wait(smtp, "command")
         code, text = smtp.ehlo()
         if code != 250:
             code, text = smtp.helo()
@@ -5627,18 +6060,21 @@ class Relay:
             return None
         smtp, relay = cached
         try:
+            self.wait(smtp, "command")
             code, _ = smtp.rset()          # also sets the commands back to ASCII
         except (OSError, smtplib.SMTPException):
             code = None
         if code != 250:                    # closed by the server meanwhile: a new connection
             smtp.close()
             return None
+        smtp.watch()
         try:
             result = self.deliver_over(smtp, entry, file, relay, key[0], addresses)
         except (OSError, smtplib.SMTPException) as exc:
             smtp.close()
             return dict.fromkeys(addresses, Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
                                                     % (relay, exc or type(exc).__name__), relay))
+        smtp.end_watch()
         self.idle.keep(key, smtp, relay)
         return result
 
@@ -5661,6 +6097,7 @@ class Relay:
         if "smtputf8" in entry.needs:
             options += " SMTPUTF8"
             smtp.command_encoding = "utf-8"
+        self.wait(smtp, "command")
         code, text = smtp.docmd("MAIL", "FROM:<%s>%s" % (entry.sender, options))
         if code != 250:
             return dict.fromkeys(addresses, Outcome.of_reply(code, text, relay, name))
@@ -5672,11 +6109,14 @@ class Relay:
             else:
                 outcomes[address] = Outcome.of_reply(code, text, relay, name)
         if accepted:
+            self.wait(smtp, "data")
             code, text = smtp.docmd("DATA")
             if code == 354:
+                self.wait(smtp, "block")
                 for piece in dot_stuffed_chunks(file, entry.offset):
                     smtp.send(piece)
                 smtp.send(b".\r\n")
+                self.wait(smtp, "end")
                 code, text = smtp.getreply()
             outcomes.update(dict.fromkeys(accepted, Outcome.of_reply(code, text, relay, name)))
         return outcomes
