@@ -5,6 +5,7 @@
     python3 tests/bench_smtp.py --memory                         # 20 clients x 9 MiB at once
     python3 tests/bench_smtp.py --recipients 2                   # each message for two mailboxes
     python3 tests/bench_smtp.py --auth                           # EHLO, AUTH PLAIN, own sender (checked)
+    python3 tests/bench_smtp.py --aliases 1000                   # to aliases, from a 1,000-line aliases.txt
 
 Starts the real server in a temporary mail root and drives N concurrent
 clients over raw sockets (one thread and a selector drive them all, so the
@@ -130,8 +131,11 @@ def drive(selector, ended):
                 ended(conversation, done)
 
 
-def run_level(port, clients, users, seconds, body, recipients=1, auth=False):
-    """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors."""
+def run_level(port, clients, users, seconds, body, recipients=1, auth=False, aliases=0):
+    """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors.
+
+    aliases: the recipients are that many aliases (alias<k> leads to user<k mod users>), not the users.
+    """
     selector = selectors.DefaultSelector()
     latencies, errors = [], []
     stop_at = time.monotonic() + seconds
@@ -146,7 +150,8 @@ def run_level(port, clients, users, seconds, body, recipients=1, auth=False):
             conversation.start(port)
 
     for i in range(clients):
-        logins = ["user%d" % ((i + k) % users) for k in range(recipients)]
+        logins = ["alias%d" % ((i * 37 + k) % aliases) if aliases else "user%d" % ((i + k) % users)
+                  for k in range(recipients)]
         Conversation(logins, body, selector, auth).start(port)
     started = time.monotonic()
     drive(selector, ended)
@@ -212,11 +217,15 @@ def main():
     parser.add_argument("--recipients", type=int, default=1, help="mailboxes each message goes to")
     parser.add_argument("--auth", action="store_true",
                         help="log in with AUTH PLAIN and send as the login (with --local-domains example.org)")
+    parser.add_argument("--aliases", type=int, default=0, metavar="N",
+                        help="write an aliases.txt of N lines and send to aliases instead of users")
     parser.add_argument("--memory", action="store_true",
                         help="measure peak memory with %d clients x 9 MiB instead" % MEMORY_CLIENTS)
     args = parser.parse_args()
     users = {"user%d" % i: "pw" for i in range(max(args.users, MEMORY_CLIENTS))}
     root = support.make_mail_root(users)
+    with open(os.path.join(root, "aliases.txt"), "w") as f:
+        f.writelines("alias%d: user%d\n" % (k, k % args.users) for k in range(args.aliases))
     proc, port = start_server(root, *(("--local-domains", "example.org") if args.auth else ()))
     try:
         if args.memory:
@@ -227,8 +236,8 @@ def main():
                                                  "CPU ms/msg"))
         for clients in [int(n) for n in args.clients.split(",")]:
             cpu = support.cpu_seconds(proc.pid)
-            results = [run_level(port, clients, args.users, args.seconds, body, args.recipients, args.auth)
-                       for _ in range(args.runs)]
+            results = [run_level(port, clients, args.users, args.seconds, body, args.recipients, args.auth,
+                                 args.aliases) for _ in range(args.runs)]
             cpu = (support.cpu_seconds(proc.pid) - cpu) / sum(r[0] * args.seconds for r in results)
             rates = [r[0] for r in results]
             rate = statistics.median(rates)
