@@ -7,13 +7,14 @@ One thread serves each connection.  A message is written whole, under a lock
 shared with the POP3 server, and fsync'd before the client hears 250.
 
 The file has three parts:
-  Part 1, "shared with pop_server.py": the mail root (users, mailbox files,
+  Part 1, "shared with pop_server.py": the mail root (users and aliases, mailbox files,
     the lock protocol, the mailbox format), the session skeleton, the
     PROXY protocol and the server skeleton.  pop_server.py imports this part and nothing else.
   Part 2, "the SMTP server", in the order a message travels: its replies,
     the session and its commands, reading DATA and BDAT, the stored form,
     the spool, delivery into the mailboxes; for other domains the outbound
-    queue, DNS, delivery to other servers and bounces; then the server and main().
+    queue, DNS, delivery to other servers, bounces and delay notices, and
+    forwarding with SRS; then the server and main().
   Part 3, "message authentication: DKIM": keys, RSA, Ed25519,
     canonicalization, signing and verifying, behind a narrow interface.
 """

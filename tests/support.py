@@ -1074,6 +1074,24 @@ class RemoteSMTPServer(FakeServer):
         self.send(conn, reply)
 
 
+class QueueRootTestCase(unittest.TestCase):
+    """A fresh mail root and a scripted remote for each test; the test starts servers on it (--local-domains)."""
+
+    def setUp(self):
+        self.root = make_mail_root()
+        self.addCleanup(remove_mail_root, self.root)
+        self.remote = RemoteSMTPServer()
+        self.addCleanup(self.remote.close)
+        self.addCleanup(self.remote.release.set)
+        self.args = ("--local-domains", "example.org", "--mx-port", str(self.remote.port), "--retry-base", "0.2")
+
+    def start(self, *extra, env=None):
+        """A server on the root with self.args and extra, stopped at the end of the test."""
+        server = ServerProcess(SMTP_SCRIPT, self.root, *(self.args + extra), env=env)
+        self.addCleanup(server.close)
+        return server
+
+
 def run_queue_command(root, *args):
     """Run mailserver_smtp.py --queue / --flush (...) on a root; return (exit code, stdout and stderr)."""
     proc = subprocess.run([sys.executable, SMTP_SCRIPT] + list(args) + ["--root", root],

@@ -15,7 +15,7 @@ import tempfile
 import unittest
 
 import support
-from support import SMTP_SCRIPT, read_mailbox, wait_for
+from support import SMTP_SCRIPT, wait_for
 
 import mailserver_smtp
 

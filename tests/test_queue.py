@@ -450,21 +450,8 @@ class UnreachableTest(QueueCase):
         self.assertEqual(support.run_queue_command(root, "--queue"), (0, "Mail queue is empty\n"))
 
 
-class CrashTest(unittest.TestCase):
+class CrashTest(support.QueueRootTestCase):
     """kill -9 and faults: nothing acknowledged is lost, nothing half-written stays."""
-
-    def setUp(self):
-        self.root = support.make_mail_root()
-        self.addCleanup(support.remove_mail_root, self.root)
-        self.remote = support.RemoteSMTPServer()
-        self.addCleanup(self.remote.close)
-        self.addCleanup(self.remote.release.set)
-        self.args = ("--local-domains", "example.org", "--mx-port", str(self.remote.port), "--retry-base", "0.2")
-
-    def start(self, env=None):
-        server = support.ServerProcess(SMTP_SCRIPT, self.root, *self.args, env=env)
-        self.addCleanup(server.close)
-        return server
 
     def test_kill_9_while_relaying_then_restart_loses_nothing(self):
         """The server dies (SIGKILL) while the remote holds the message unanswered; restarted, it sends it."""
@@ -518,7 +505,7 @@ class CrashTest(unittest.TestCase):
         folder = tempfile.mkdtemp(prefix="faults-")
         self.addCleanup(support.remove_mail_root, folder)
         env, flag = support.failing_queue_env(folder)
-        server = self.start(env)
+        server = self.start(env=env)
         open(flag, "w").close()
         with support.smtp_session(server) as client:
             reply = support.send_message(client, SUBJECT % b"all or none", "alice@example.org",

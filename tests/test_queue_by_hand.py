@@ -10,23 +10,14 @@ import email.header
 import email.policy
 import os
 import re
-import subprocess
-import sys
 import time
 import unittest
 
 import support
-from support import SMTP_SCRIPT, wait_for
+from support import wait_for
 
 SUBJECT = b"Subject: %s\r\n\r\nhello\r\n"
 QUEUED = re.compile(r"queued as ([0-9A-F]{21})$")
-
-
-def run_command(root, *args):
-    """Run mailserver_smtp.py with args on a root; return (exit code, stdout and stderr)."""
-    proc = subprocess.run([sys.executable, SMTP_SCRIPT] + list(args) + ["--root", root],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=support.DEADLINE)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace")
 
 
 def parsed(stored):
@@ -35,22 +26,12 @@ def parsed(stored):
     return email.message_from_bytes(b"\n".join(lines), policy=email.policy.compat32)
 
 
-class ByHandCase(unittest.TestCase):
-    """A fresh root, a remote, and servers started by each test."""
+class ByHandCase(support.QueueRootTestCase):
+    """A fresh root, a remote, and servers started by each test, with long retries."""
 
     def setUp(self):
-        self.root = support.make_mail_root()
-        self.addCleanup(support.remove_mail_root, self.root)
-        self.remote = support.RemoteSMTPServer()
-        self.addCleanup(self.remote.close)
-        self.addCleanup(self.remote.release.set)
-        self.args = ("--local-domains", "example.org", "--domain", "mx.example.org",
-                     "--mx-port", str(self.remote.port), "--retry-base", "300", "--relay-timeout", "2")
-
-    def start(self, *extra):
-        server = support.ServerProcess(SMTP_SCRIPT, self.root, *(self.args + extra))
-        self.addCleanup(server.close)
-        return server
+        super().setUp()
+        self.args += ("--domain", "mx.example.org", "--retry-base", "300", "--relay-timeout", "2")
 
     def submit(self, server, recipients=("carol@[127.0.0.1]",), subject=b"by hand", sender="alice@example.org"):
         """Send one message; its queue id."""
@@ -99,10 +80,10 @@ class QueueByHandTest(ByHandCase):
     def test_delete_a_message_at_rest(self):
         server = self.start()
         queued = self.deferred(server, b"to delete")
-        self.assertEqual(run_command(self.root, "--delete", queued), (0, "%s: deleted\n" % queued))
+        self.assertEqual(support.run_queue_command(self.root, "--delete", queued), (0, "%s: deleted\n" % queued))
         self.assertFalse(os.path.exists(self.path(queued)))
         self.assertEqual(self.left(), [])
-        run_command(self.root, "--flush")
+        support.run_queue_command(self.root, "--flush")
         server.wait_for_output("flush requested")
         self.assertEqual(self.got(b"to delete"), [])
 
@@ -110,21 +91,21 @@ class QueueByHandTest(ByHandCase):
         """Held: --queue marks it "!", a flush skips it (logged); released: tried within a second, sent."""
         server = self.start()
         queued = self.deferred(server, b"to hold")
-        code, out = run_command(self.root, "--hold", queued)
+        code, out = support.run_queue_command(self.root, "--hold", queued)
         self.assertEqual((code, out), (0, "%s: held: not tried until --release\n" % queued))
-        code, listing = run_command(self.root, "--queue")
+        code, listing = support.run_queue_command(self.root, "--queue")
         self.assertRegex(listing, r"(?m)^%s! +\d+ " % queued)
-        run_command(self.root, "--flush")
+        support.run_queue_command(self.root, "--flush")
         server.wait_for_output("%s: held by --hold: not tried" % queued)
         self.assertEqual(self.got(b"to hold"), [])
-        code, out = run_command(self.root, "--release", queued)
+        code, out = support.run_queue_command(self.root, "--release", queued)
         self.assertEqual(code, 0, out)
         started = time.monotonic()
         server.wait_for_output("%s: released by --release: trying it now" % queued)
         wait_for(lambda: self.got(b"to hold"))
         self.assertLess(time.monotonic() - started, 2.5)     # FLUSH_POLL, and the sending
         wait_for(lambda: not os.path.exists(self.path(queued)))
-        self.assertEqual(run_command(self.root, "--queue"), (0, "Mail queue is empty\n"))
+        self.assertEqual(support.run_queue_command(self.root, "--queue"), (0, "Mail queue is empty\n"))
 
     def test_hold_and_delete_while_a_delivery_runs_take_effect_after_it(self):
         """The remote hangs on the data: --hold says so, and the message is not tried again;
@@ -133,9 +114,9 @@ class QueueByHandTest(ByHandCase):
         server = self.start()
         queued = self.submit(server, subject=b"in flight")
         self.assertTrue(self.remote.hung.wait(support.DEADLINE))
-        code, out = run_command(self.root, "--hold", queued)
+        code, out = support.run_queue_command(self.root, "--hold", queued)
         self.assertEqual((code, out), (0, "%s: being sent now: held once this attempt is over\n" % queued))
-        code, out = run_command(self.root, "--delete", queued)
+        code, out = support.run_queue_command(self.root, "--delete", queued)
         self.assertEqual((code, out), (0, "%s: being sent now: deleted once this attempt is over\n" % queued))
         self.assertTrue(os.path.exists(self.path(queued)))      # not while the runner holds it
         self.remote.release.set()          # the hanging connection is closed: deferred
@@ -147,14 +128,14 @@ class QueueByHandTest(ByHandCase):
         self.start()
         for args in (("--delete", "0" * 21), ("--hold", "0" * 21), ("--release", "../../etc/passwd"),
                      ("--delete", "")):
-            code, out = run_command(self.root, *args)
+            code, out = support.run_queue_command(self.root, *args)
             self.assertEqual(code, 1, args)
             self.assertRegex(out, r"^cannot (delete|hold|release): .* is not in the queue", args)
 
     def test_release_of_a_message_not_held_is_an_error(self):
         server = self.start()
         queued = self.deferred(server, b"not held")
-        self.assertEqual(run_command(self.root, "--release", queued),
+        self.assertEqual(support.run_queue_command(self.root, "--release", queued),
                          (1, "cannot release: %s is not held\n" % queued))
 
     def test_two_servers_on_one_root_obey_a_hold_and_one_sends_after_the_release(self):
@@ -162,16 +143,16 @@ class QueueByHandTest(ByHandCase):
         first = self.start()
         second = self.start()
         queued = self.deferred(first, b"shared hold")
-        run_command(self.root, "--hold", queued)
-        run_command(self.root, "--flush")
+        support.run_queue_command(self.root, "--hold", queued)
+        support.run_queue_command(self.root, "--flush")
         for server in (first, second):
             server.wait_for_output("%s: held by --hold: not tried" % queued)
-        run_command(self.root, "--release", queued)
+        support.run_queue_command(self.root, "--release", queued)
         wait_for(lambda: not os.path.exists(self.path(queued)))
         self.assertEqual(len(self.got(b"shared hold")), 1)
 
     def test_help_lists_the_commands(self):
-        code, out = run_command(self.root, "--help")
+        code, out = support.run_queue_command(self.root, "--help")
         for command in ("--delete ID", "--hold ID", "--release ID", "--queue", "--flush"):
             self.assertIn("python3 mailserver_smtp.py %s" % command, out)
 
