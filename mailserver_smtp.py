@@ -6933,7 +6933,7 @@ def _dkim_fold(tags):
 def dkim_sign(chunks, domain, keys, now=None):
     """The DKIM-Signature fields (bytes, CRLF lines) that sign a message given in chunks with
     each (selector, key) of keys for domain (CONTRACT.md section 9): c=relaxed/relaxed, the
-    DKIM_SIGNED fields it has and DKIM_OVERSIGNED once more, t=, no l=.
+    DKIM_SIGNED fields it has and all of DKIM_OVERSIGNED once more (RFC 6376 8.15), t=, no l=.
 
     Each signature is verified before it is returned; DKIMError if one fails.
     """
@@ -6945,7 +6945,8 @@ def dkim_sign(chunks, domain, keys, now=None):
     body_hash = base64.b64encode(hasher.digest()).decode("ascii")
     fields = header_fields(header)
     present = {field_name(field) for field in fields}
-    signed = [name.decode("ascii") for name in DKIM_SIGNED + DKIM_OVERSIGNED if name in present]
+    signed = [name.decode("ascii") for name in DKIM_SIGNED if name in present] + \
+        [name.decode("ascii") for name in DKIM_OVERSIGNED]       # absent or not: none can be added
     made = []
     for selector, key in keys:
         tags = [("v", "1"), ("a", key.algorithm), ("c", "relaxed/relaxed"), ("d", domain), ("s", selector),
@@ -7046,12 +7047,13 @@ def dkim_public_key(signature, lookup_txt):
 # Key files are opened like mailboxes: no symlink, regular files only.
 
 def dkim_domain_folder(root, domain):
-    """ROOT/.dkim/DOMAIN for a domain in any case or Unicode; None for a name no DNS could hold
-    (which also keeps "/" and ".." out of the path)."""
+    """ROOT/.dkim/DOMAIN for a domain in any case or Unicode; None for anything but a host name
+    (so no "/", "..", or absolute path can lead outside the folder)."""
     try:
-        return os.path.join(root, DKIM_KEY_FOLDER, _dns_normalize(domain))
+        name = _dns_normalize(domain)
     except DNSError:
         return None
+    return os.path.join(root, DKIM_KEY_FOLDER, name) if DKIM_DOMAIN.match(name) else None
 
 
 def read_key_file(path):

@@ -319,11 +319,13 @@ class VerifyTest(unittest.TestCase):
         self.assertEqual(self.verify(header, body)[0].result, "pass")
 
     def test_unsigned_header_may_change(self):
-        """A field not in h= may be added or changed; one in h= may not be added (oversigning)."""
+        """A field not in h= may be added; a second Subject, or a Cc the message had not, may not (oversigning)."""
         header, body = signed_message([("test", self.keys["test"])])
         self.assertEqual(self.verify(header + b"X-Extra: 1\r\n", body)[0].result, "pass")
+        self.assertEqual(self.verify(header + b"Reply-To: someone@example.net\r\n", body)[0].result, "pass")
         self.assertEqual(self.verify(header + b"Subject: another\r\n", body)[0].result, "fail")
-        self.assertEqual(self.verify(header + b"Cc: someone@example.net\r\n", body)[0].result, "pass")
+        self.assertEqual(self.verify(b"Subject: another\r\n" + header, body)[0].result, "fail")
+        self.assertEqual(self.verify(header + b"Cc: someone@example.net\r\n", body)[0].result, "fail")
 
     def test_simple_canonicalization(self):
         """c=simple/simple signatures verify, and break on whitespace changes."""
@@ -464,7 +466,7 @@ class SigningTest(unittest.TestCase):
 
     def test_tags(self):
         """a=, c=relaxed/relaxed, d=, s=, t=, no l=; h= lists the present fields, then oversigns."""
-        header = (b"From: a@football.example.com\r\nTo: b@example.net\r\nCc: c@example.net\r\nSubject: s\r\n"
+        header = (b"From: a@football.example.com\r\nTo: b@example.net\r\nSubject: s\r\n"
                   b"Date: Fri, 11 Jul 2003 21:00:37 -0700\r\nMessage-ID: <1@x>\r\nMIME-Version: 1.0\r\n"
                   b"Content-Type: text/plain\r\nX-Other: 1\r\n")
         fields = dkim.header_fields(dkim.dkim_sign([header, b"\r\n", b"hi\r\n"], "football.example.com",
@@ -477,8 +479,8 @@ class SigningTest(unittest.TestCase):
             self.assertEqual((tags["a"], tags["c"], tags["d"], tags["s"], tags["t"]),
                              (algorithm, "relaxed/relaxed", "football.example.com", selector, "1700000000"))
             self.assertNotIn("l", tags)
-            self.assertEqual(tags["h"].replace(" ", ""), "from:subject:date:to:cc:message-id:mime-version:"
-                             "content-type:from:to:cc:subject:date:message-id")
+            self.assertEqual(tags["h"].replace(" ", ""), "from:subject:date:to:message-id:mime-version:"
+                             "content-type:from:to:cc:subject:date:message-id")   # no Cc here, oversigned still
             self.assertTrue(all(len(line) <= dkim.DKIM_FOLD for line in field.split(b"\r\n")), field)
 
     def test_folded_headers_8bit_and_utf8(self):
@@ -819,6 +821,13 @@ class ServerSigningTest(support.OneServerTestCase):
         self.unusable("public.example",
                       lambda folder: copy_key(self.root, "public.example", "pub", "rsa2048-public.pem"))
 
+    def test_folder_names_stay_inside(self):
+        """A From: domain is a folder name only when it is a host name: never absolute, never with / or .."""
+        for domain in ("/etc", "a/b", "..", "x/../../etc", "", "a b.test"):
+            self.assertIsNone(dkim.dkim_domain_folder(self.root, domain), domain)
+        self.assertEqual(dkim.dkim_domain_folder(self.root, "Bücher.Example."),
+                         os.path.join(self.root, ".dkim", "xn--bcher-kva.example"))
+
     def test_symlinked_key_refused(self):
         """A key file that is a symlink is not followed: 451."""
         def link(folder):
@@ -917,7 +926,7 @@ class KeygenTest(unittest.TestCase):
 
     def test_bad_names_refused(self):
         """A domain or selector that could leave the folder is refused (exit 2), and nothing is made."""
-        for args in (("--dkim-keygen", "../x"), ("--dkim-keygen", "a/b"),
+        for args in (("--dkim-keygen", "../x"), ("--dkim-keygen", "a/b"), ("--dkim-keygen", "/tmp"),
                      ("--dkim-keygen", "x.test", "--selector", "../s")):
             self.assertEqual(run_command(*args + ("--root", self.root, "--key-type", "ed25519"))[0], 2, args)
         self.assertEqual(os.listdir(self.root), [])
