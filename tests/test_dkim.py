@@ -668,6 +668,13 @@ class Ed25519Test(unittest.TestCase):
         self.assertFalse(again.public.verify(b"date", signature))
         self.assertFalse(again.public.verify(b"data", signature[:32] + bytes(32)))
 
+    def test_base_table_agrees_with_double_and_add(self):
+        """The table of the base point's multiples gives what double and add gives, for any scalar."""
+        rng = random.Random(8032)
+        for s in [0, 1, 15, 16, 2 ** 255 - 1] + [rng.getrandbits(256) for _ in range(20)]:
+            self.assertEqual(dkim._ed_encode(dkim._ed_base_multiply(s)),
+                             dkim._ed_encode(dkim._ed_multiply(s, dkim.ED25519_BASE)), s)
+
     def test_bad_public_keys(self):
         """A p= that is no point, or not 32 bytes, is refused."""
         with self.assertRaises(dkim.DKIMKeyError):
