@@ -6933,15 +6933,15 @@ DKIMResult.__doc__ = """One signature's outcome: result is pass, fail, neutral, 
 
 
 def _dkim_fold(tags):
-    """A DKIM-Signature field of tags [(name, value)], folded before a tag or inside h=, bh= and b=
-    (where FWS is allowed) so no line is much longer than DKIM_FOLD."""
+    """A DKIM-Signature field of tags [(name, value)], folded before a tag or inside h= and b=
+    (where FWS is allowed) so no line is longer than DKIM_FOLD."""
     lines, line = [], "DKIM-Signature:"
     for name, value in tags:
         if name == "h":
             pieces = ["h="] + [piece + ":" for piece in value.split(":")]
             pieces[-1] = pieces[-1][:-1]
-        elif name in ("b", "bh"):
-            pieces = [name + "="] + [value[i:i + DKIM_FOLD - 8] for i in range(0, len(value), DKIM_FOLD - 8)]
+        elif name == "b":
+            pieces = ["b="] + [value[i:i + DKIM_FOLD - 8] for i in range(0, len(value), DKIM_FOLD - 8)]
         else:
             pieces = [name + "=" + value]
         if name != "b":
