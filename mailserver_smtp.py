@@ -2150,6 +2150,12 @@ OTHER_COMMANDS = (           # what main() runs instead of a server, for --help
      "read a password (not echoed) and print a hashed password field for userinfo.txt"),
     ("--queue [--root DIR]", "list the outbound queue, as mailq does"),
     ("--flush [--root DIR]", "make the servers running on the mail root try every queued message now"),
+    ("--dkim-keygen DOMAIN [--selector S] [--key-type rsa|ed25519] [--root DIR]",
+     "make a DKIM key in ROOT/.dkim/DOMAIN/S.pem and print the TXT record to publish"),
+    ("--dns-records DOMAIN [--root DIR] [--domain HOST] [--source-address ADDR]",
+     "print the MX, SPF, DKIM, DMARC and PTR records the domain needs"),
+    ("--check-dns DOMAIN [--root DIR] [--domain HOST] [--source-address ADDR] [--dns-server ADDR]",
+     "ask DNS for each of them: right, missing, or wrong and why (exit 0 when all are right)"),
 )
 
 
