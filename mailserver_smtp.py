@@ -6070,7 +6070,7 @@ def read_new_password():
 #     key.private_pem(), key.public.record()     the keys (--dkim-keygen)
 #     dkim_sign(chunks, domain, keys, now)       DKIM-Signature fields to put on top
 #     dkim_verify(header, body, lookup_txt, now) one DKIMResult per signature
-#     DKIMKeys(root).keys_for(domain)            the keys of ROOT/.dkim/DOMAIN/
+#     DKIMKeys(root).signatures(domain, chunks)  the same with the keys of ROOT/.dkim/DOMAIN/
 #   Nothing here opens a socket: DNS comes in as lookup_txt(name), a
 #   function returning the TXT texts of name ([] for none) or raising
 #   DNSError.
@@ -6264,16 +6264,14 @@ def public_key_from_record(kind, data):
         if len(data) != ED25519_KEY_SIZE:
             raise DKIMKeyError("an Ed25519 public key is 32 bytes")
         return Ed25519PublicKey(data)
-    try:
+    _, start, stop = _der_element(data, 0, len(data))
+    if start < stop and data[start] == DER_SEQUENCE:       # SubjectPublicKeyInfo (RFC 5280 4.1.2.7)
         algorithm, bits = der_fields(data, (DER_SEQUENCE, DER_BIT_STRING))
         if der(DER_SEQUENCE, algorithm) != der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b"")):
             raise DKIMKeyError("public key of an algorithm other than RSA")
         if bits[:1] != b"\0":
             raise DKIMKeyError("BIT STRING with unused bits")
         data = bits[1:]
-    except DKIMKeyError:
-        if data[:1] != bytes((DER_SEQUENCE,)) or len(der_fields(data, (DER_INTEGER,), (DER_INTEGER,))) < 2:
-            raise
     n, e = [der_integer(value) for value in der_fields(data, (DER_INTEGER, DER_INTEGER))]
     return RSAPublicKey(n, e)
 

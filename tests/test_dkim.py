@@ -410,6 +410,13 @@ class VerifyTest(unittest.TestCase):
         self.zone["test._domainkey.football.example.com"] = ["hello world", rsa + "; h=sha1:sha256; s=email:*"]
         self.assertResult(self.one({}), "pass", "good signature")
 
+    def test_bare_rsa_public_key_record(self):
+        """A p= holding a bare RSAPublicKey (RFC 6376 3.6.1's words) verifies as well as SubjectPublicKeyInfo."""
+        key = self.keys["test"].public
+        bare = dkim.der(dkim.DER_SEQUENCE, dkim.der_int(key.n) + dkim.der_int(key.e))
+        self.zone["test._domainkey.football.example.com"] = ["v=DKIM1; p=" + base64.b64encode(bare).decode()]
+        self.assertResult(self.one({}), "pass", "good signature")
+
     def test_short_rsa_key_rejected(self):
         """An RSA key under 1024 bits is not accepted for verifying (RFC 8301 3.2)."""
         key = dkim.RSAPrivateKey(*_small_rsa(512))
