@@ -776,6 +776,18 @@ class ServerSigningTest(support.OneServerTestCase):
         self.assertIn(b"message-id", signed)
         self.assertTrue(any(dkim.field_name(f) == b"message-id" for f in fields))
 
+    def test_retry_sends_the_same_signed_bytes(self):
+        """A message refused with 451 once is sent again byte for byte as it was queued, signature included."""
+        self.remote.data = ["451 4.3.0 not now", "250 2.0.0 Ok: queued"]
+        reply = self.send(b"From: alice@example.org\r\nSubject: retried\r\n\r\nhi\r\n")
+        queue_id = re.search(r"queued as ([0-9A-F]+)", reply[1][-1]).group(1)
+        with open(os.path.join(support.queue_folder(self.root), queue_id), "rb") as file:
+            queued = file.read().partition(b"\n\n")[2]
+        self.server.wait_for_output(r"%s: to=<u@\[127\.0\.0\.1\]> .* status=deferred" % queue_id)
+        sent = self.sent(b"Subject: retried")
+        self.assertEqual(sent, queued)
+        self.assertEqual([r.result for r in self.verified(sent)], ["pass", "pass"])
+
     def test_relay_network_client_signed(self):
         """A client from --relay-networks (not logged in) gets its mail signed too."""
         self.send(b"From: robot@example.org\r\nSubject: from the network\r\n\r\nhi\r\n", sender="robot@example.org",
