@@ -4328,7 +4328,7 @@ class OutboundQueue:
         entry = QueuedMessage(queue_id, sender, [QueuedRecipient(r) for r in recipients], login,
                               needs=needs, hops=names.count(b"received") + 1)
         # Signed once, here, after our own fields: every retry sends the same bytes (section 9).
-        domain = author_domain(header)
+        domain = author_domain(header) if self.keys.present() else None   # a stat, not a parse, without keys
         signatures = self.keys.signatures(domain, itertools.chain([head], outgoing_chunks(spool))) if domain else b""
         return write_queued(self.folder, entry, signatures + head, outgoing_chunks(spool))
 
@@ -7807,6 +7807,10 @@ class DKIMKeys:
         self.root = root
         self.lock = threading.Lock()
         self.read = {}               # folder -> (stamp, [(selector, key)] or the DKIMKeyError)
+
+    def present(self):
+        """Whether the root has a key folder at all (one stat: what unsigned mail pays)."""
+        return os.path.isdir(os.path.join(self.root, DKIM_KEY_FOLDER))
 
     def signatures(self, domain, chunks):
         """The DKIM-Signature fields (bytes) that sign a message, given in chunks, with each key of
