@@ -6654,6 +6654,8 @@ def site_checks(lookup, domain, host, address, keys):
     for selector, key in keys:
         name = "%s._domainkey.%s" % (selector, domain)
         yield ("DKIM", name) + _site_answer(lambda: check_dkim_record(lookup, name, key))
+    if not keys:                     # nothing to look up, and mail would go out unsigned
+        yield ("DKIM", domain, "missing", "no key in the mail root: make one with --dkim-keygen")
     yield ("DMARC", "_dmarc." + domain) + _site_answer(lambda: check_dmarc_record(lookup, "_dmarc." + domain))
     yield ("PTR", address or host) + _site_answer(lambda: check_ptr(lookup, host, address))
 

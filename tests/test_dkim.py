@@ -1064,6 +1064,15 @@ class SiteRecordsTest(unittest.TestCase):
         code, lines = self.check(zone, "--source-address", "127.0.0.1")
         self.assertEqual(lines["PTR 127.0.0.1"], "wrong (mx.example.org does not resolve back to 127.0.0.1)")
 
+    def test_no_key_is_missing(self):
+        """A domain without keys in the mail root has its DKIM line say so, and the check fails."""
+        for name in os.listdir(os.path.join(self.root, ".dkim", "example.org")):
+            os.remove(os.path.join(self.root, ".dkim", "example.org", name))
+        code, lines = self.check(self.full_zone())
+        self.assertEqual(code, 1)
+        self.assertEqual(lines["DKIM example.org"], "missing (no key in the mail root: make one with --dkim-keygen)")
+        self.assertEqual(sum(line == "right" for line in lines.values()), 4)
+
     def test_dns_failure_is_wrong_not_a_hang(self):
         """A DNS server that fails gives 'wrong (DNS failed ...)' lines, exit 1."""
         zone = self.full_zone()
