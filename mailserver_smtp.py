@@ -7103,7 +7103,7 @@ def _rsa_prime(half, e, other=None):
     |p - q| > 2**(half - 100).
     """
     rounds = RSA_PRIME_ROUNDS.get(half, 5)   # smaller primes (test keys only): as many as for 1024 bits
-    for _ in range(5 * half * 10):       # B.3.3 allows 5 * half tries; candidates failing trial division are cheap
+    for _ in range(50 * half):           # B.3.3 starts again after 5 * half; going on with fresh candidates is the same
         p = secrets.randbits(half) | 1
         if p * p < 1 << (2 * half - 1):
             continue
