@@ -77,6 +77,7 @@ class AliasCase(support.OneServerTestCase):
 
     users = USERS
     aliases = ALIASES
+    dkim_domain = None       # a domain to give a DKIM key (ed25519) before the server starts
 
     @classmethod
     def setUpClass(cls):
@@ -88,6 +89,8 @@ class AliasCase(support.OneServerTestCase):
                            "--dns-server", "%s:%d" % cls.responder.address)
         cls.root = support.make_mail_root(USERS)
         write_aliases(cls.root, cls.aliases)
+        if cls.dkim_domain:
+            support.run_queue_command(cls.root, "--dkim-keygen", cls.dkim_domain, "--key-type", "ed25519")
         try:
             cls.server = support.ServerProcess(SMTP_SCRIPT, cls.root, *cls.server_args)
         except BaseException:
@@ -205,16 +208,28 @@ class AliasSenderTest(AliasCase):
 class ForwardingTest(AliasCase):
     """An alias with a target in another domain: the copy goes out with an SRS sender, bounces come back."""
 
-    def test_the_forwarded_copy_has_an_srs_sender_and_its_from_unchanged(self):
-        """both: alice, carol@example.net. alice's copy is stored; the remote gets SRS0=HHHH=TT=example.net=dave."""
-        reply = self.send(["both@example.org"], b"forwarded", sender="dave@example.net")
+    dkim_domain = "example.net"
+
+    def test_the_forwarded_copy_has_an_srs_sender_its_from_unchanged_and_no_signature(self):
+        """both: alice, carol@example.net; and direct@example.net in the same message, from a relay network.
+        alice's copy is stored; carol's goes with SRS0=HHHH=TT=example.net=dave and unsigned, direct's
+        with dave@example.net and signed (the From: domain has a key)."""
+        body = b"From: Dave <dave@example.net>\r\n" + SUBJECT % b"forwarded"
+        with support.smtp_session(self.server, ehlo=True) as client:
+            reply = support.send_message(client, body, "dave@example.net", ["both@example.org", "direct@example.net"])
         self.assertEqual(reply[0], 250)
         self.assertEqual(count_of(self.root, "alice", b"forwarded"), 1)
-        got = wait_for(lambda: [m for m in self.remote.messages if b"forwarded" in m["data"]])[0]
-        self.assertEqual(got["recipients"], ["carol@example.net"])
-        self.assertRegex(got["sender"], r"^SRS0=[A-Za-z0-9+/]{4}=[A-Z2-7]{2}=example\.net=dave@mx\.example\.org$")
-        self.assertNotIn(b"DKIM-Signature", got["data"])
-        self.assertTrue(got["data"].endswith(SUBJECT % b"forwarded"))
+
+        def both_sent():
+            got = [m for m in self.remote.messages if b"forwarded" in m["data"]]
+            return got if len(got) == 2 else None
+        forwarded, direct = sorted(wait_for(both_sent), key=lambda m: m["recipients"] != ["carol@example.net"])
+        self.assertEqual(forwarded["recipients"], ["carol@example.net"])
+        self.assertRegex(forwarded["sender"], r"^SRS0=[A-Za-z0-9+/]{4}=[A-Z2-7]{2}=example\.net=dave@mx\.example\.org$")
+        self.assertNotIn(b"DKIM-Signature", forwarded["data"])
+        self.assertTrue(forwarded["data"].endswith(body))
+        self.assertEqual((direct["recipients"], direct["sender"]), (["direct@example.net"], "dave@example.net"))
+        self.assertIn(b"DKIM-Signature: v=1; a=ed25519-sha256", direct["data"])
 
     def test_mail_from_the_null_sender_is_forwarded_from_it(self):
         """<> stays <>."""
