@@ -25,8 +25,8 @@ import sys
 
 from mailserver_smtp import (INDEX_NAME, NEW_INDEX_NAME, NEW_MAILBOX_NAME, Server, Session, SessionEnd,
                              check_server_arguments, delivery_lock, fresh_timestamp, fsync_directory,
-                             header_block, message_end, name_and_digest, open_regular, remove_file,
-                             make_whole, run_server, server_arguments, session_lock, wire_size)
+                             header_block, message_end, name_and_digest, open_regular, parse_with_site,
+                             remove_file, make_whole, run_server, server_arguments, session_lock, wire_size)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -128,7 +128,7 @@ def parse_args(argv=None):
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before it is logged out",
                               "STLS", "refuse USER/PASS and AUTH PLAIN until the client has used STLS",
                               ("pop3", "pop3s"))
-    return check_server_arguments(parser, parser.parse_args(argv))
+    return check_server_arguments(parser, parse_with_site(parser, argv, "pop3"))
 
 
 # --------------------------------------------------------------------------

@@ -1182,7 +1182,7 @@ class LargeMessageTest(MailRootCase):
         self.server.wait_for_output(r":%d: user %s" % (port, login))
         mine = [line for line in self.server.output().splitlines() if ":%d" % port in line]
         self.assertEqual(len(mine), 2, mine)
-        self.assertIn(": authentication succeeded: login %s, mechanism USER/PASS" % login, mine[0])
+        self.assertIn(": authentication succeeded for login %s, mechanism USER/PASS" % login, mine[0])
 
 
 if __name__ == "__main__":

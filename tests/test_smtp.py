@@ -430,7 +430,7 @@ class UsersAndPathsTest(ServerTestCase):
             with self.subTest(address=address):
                 self.assertEqual(support.data_code_after(self.server, address), 503, "no recipient was taken")
         self.assertEqual(os.listdir(self.outer), ["root"])
-        self.assertEqual(sorted(os.listdir(self.root)), ["alice", "bob", "userinfo.txt"])
+        self.assertEqual(sorted(os.listdir(self.root)), [".run", "alice", "bob", "userinfo.txt"])
 
     def test_a_well_formed_address_that_is_no_login_gets_550(self):
         """A well-formed address that names no user gets 550, whatever its characters."""
