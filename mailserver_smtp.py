@@ -5677,9 +5677,6 @@ class Relay:
         try:
             smtp = self.connect(server, port)
             greeted = True
-            # Commands go one by one, each waiting for its reply: without this, Nagle's
-            # algorithm holds back the short ones until the remote's delayed ACK (40 ms).
-            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
             result = self.converse(smtp, entry, file, relay, name, addresses, tls)
             smtp.end_watch()
@@ -5727,6 +5724,9 @@ class Relay:
         if code != 220:
             smtp.close()
             raise smtplib.SMTPConnectError(code, message)
+        # Commands go one by one, each waiting for its reply: without this, Nagle's
+        # algorithm holds back the short ones until the remote's delayed ACK (40 ms).
+        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return smtp
 
     def converse(self, smtp, entry, file, relay, name, addresses, tls):
