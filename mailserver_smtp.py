@@ -2022,6 +2022,10 @@ class Replies:
     TOO_MANY_FAILURES = "421 4.7.0 %s Too many failed authentications, closing connection"
     NOT_YOURS = "553 5.7.1 Sender <%s> is not an address of %s"
     RELAYING_DENIED = "550 5.7.1 relaying denied"
+    # Checks on mail that comes in (CONTRACT.md section 10)
+    SPF_FAILED = "550 5.7.23 %s"
+    NOT_ONE_AUTHOR = "550 5.7.1 A message must have exactly one From: address (RFC 7489 6.6.1)"
+    DMARC_REJECTED = "550 5.7.1 Message refused by the DMARC policy of %s"
 
 
 POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
@@ -2222,6 +2226,7 @@ class Envelope:
         self.logins = {}             # the local ones' mailbox owners -> the addresses that lead there
         self.remote = []             # the addresses for other servers (the queue), without repeats
         self.chunked = None          # the message BDAT chunks are building (RFC 3030)
+        self.spf = None              # the SPFResult, when the checks on mail from outside apply
 
     def add(self, address, login):
         """Add a recipient: for login's mailbox, or (login None) for the queue."""
@@ -2399,6 +2404,7 @@ class SMTPSession(Session):
         if not (utf8 or address.isascii()):
             return self.replies.NEEDS_SMTPUTF8
         self.envelope.sender, self.envelope.utf8, self.envelope.declared_size = address, utf8, size
+        self.envelope.spf = self.server.sender_check(self, address)
         return self.replies.SENDER_OK % address
 
     def may_send(self):
@@ -2426,6 +2432,8 @@ class SMTPSession(Session):
         if not (envelope.utf8 or address.isascii()):
             return self.replies.NEEDS_SMTPUTF8
         login = self.server.mailbox_owner(address, self.login, self.address)
+        if envelope.spf is not None and envelope.spf.result == "fail" and local_part(address).lower() != POSTMASTER:
+            raise Refused(Replies.SPF_FAILED % envelope.spf.explanation)   # postmaster: RFC 5321 4.5.1
         if len(envelope.recipients) >= MAX_RECIPIENTS:
             return self.replies.TOO_MANY_RECIPIENTS
         if login is not None and self.server.quota is not None:
@@ -2694,7 +2702,8 @@ def take_message(session, spool):
     """
     envelope, server = session.envelope, session.server
     header = Header(spool.lines())   # read once: the sender check, the stored form, the queue's facts
-    copies = received_form(session, spool, header)
+    checked = server.message_check(session, spool, header)
+    copies = received_form(session, spool, header, checked)
     size = max(map(len, copies.values()), default=0)
     if envelope.logins and server.quota is not None and size > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
@@ -2726,21 +2735,24 @@ def take_message(session, spool):
     return queued_reply(session, queued.id)
 
 
-def received_form(session, spool, header):
+def received_form(session, spool, header, checked=None):
     """Each local recipient's copy in its stored form, {login: StoredMessage}; Refused if the sender is not the login's.
 
     header: the message's Header.  Copies differ only in the To: added to
     a message that has none: it names that copy's recipients alone, so no
-    copy tells who else (Bcc) got the message.
+    copy tells who else (Bcc) got the message.  checked: the CheckedMessage
+    of mail from outside, whose results each copy gets.
     """
     envelope, login = session.envelope, session.login
     foreign = foreign_sender(header, functools.partial(session.server.is_own, login=login)) if login else None
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
     sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp()
-    return {owner: spool.message(stored_layout(header, spool.size, sender,
-                                               [r.encode("utf-8", "surrogateescape") for r in addresses], received))
-            for owner, addresses in envelope.logins.items()}
+    layouts = {owner: stored_layout(header, spool.size, sender,
+                                    [r.encode("utf-8", "surrogateescape") for r in addresses], received)
+               for owner, addresses in envelope.logins.items()}
+    return {owner: spool.message(checked_layout(layout, checked) if checked else layout)
+            for owner, layout in layouts.items()}
 
 
 def too_long(run, strict):
@@ -2779,29 +2791,40 @@ def stored_lines(run, strict):
 
 
 class Header:
-    """A stored message's header block, read in one pass: its fields' names and places, From: and Sender:.
+    """A stored message's header block, read in one pass: its fields' names and places, some fields whole.
 
     lines: the stored body's lines from the first; only the header block
     and the line after it are read (header_block decides where it ends).
     """
 
+    KEPT_FIELDS = (b"from", b"sender", b"authentication-results")   # the sender checks, forged results
     SENDER_FIELDS = (b"from", b"sender")
 
     def __init__(self, lines):
         seen = []                     # per line: (name, or None if folded; start; end; the line if kept)
         count, _ = header_block(self._recording(lines, seen))
         self.fields = []              # [name in lower case, start, end] of each field, folded lines included
-        self.senders = []             # the From: and Sender: fields as stored, folded lines joined
+        self.kept = []                # [name, start, end, the field as stored] of KEPT_FIELDS, folded lines joined
         for name, start, end, line in seen[:count]:
             if name is None:          # a folded line continues its field
                 self.fields[-1][2] = end
                 if line is not None:
-                    self.senders[-1] += line
+                    self.kept[-1][2] = end
+                    self.kept[-1][3] += line
             else:
                 self.fields.append([name, start, end])
                 if line is not None:
-                    self.senders.append(line)
+                    self.kept.append([name, start, end, line])
         self.end = seen[count - 1][2] if count else 0
+
+    @property
+    def senders(self):
+        """The From: and Sender: fields as stored, folded lines joined."""
+        return [field for name, _, _, field in self.kept if name in self.SENDER_FIELDS]
+
+    def kept_fields(self, name):
+        """[(start, end, field as stored)] of one of the KEPT_FIELDS."""
+        return [(start, end, field) for kept, start, end, field in self.kept if kept == name]
 
     def _recording(self, lines, seen):
         """The lines, each noted in seen as it is read (a From:/Sender: line kept whole)."""
@@ -2809,7 +2832,7 @@ class Header:
         for line in lines:
             name = None if line[:1] in (b" ", b"\t") else line.partition(b":")[0].lower()
             if name is not None:
-                keeping = name in self.SENDER_FIELDS
+                keeping = name in self.KEPT_FIELDS
             seen.append((name, pos, pos + len(line), line if keeping else None))
             pos += len(line)
             yield line
@@ -5286,7 +5309,7 @@ class SPFCheck:
         if not all(0 < len(label) <= DNS_MAX_LABEL for label in labels):
             return []                # RFC 7208 4.3 and 4.8: a name DNS cannot hold has no records
         try:
-            records = self.lookup(name, rtype)
+            records = self.lookup(name, rtype, self.deadline)
         except DNSError as error:
             if error.temporary:
                 raise SPFError("temperror", "DNS: %s" % error) from None
@@ -5472,6 +5495,277 @@ def safe_text(text, limit):
 
 
 # --------------------------------------------------------------------------
+# DMARC: the policy of the From: domain (RFC 7489)
+# --------------------------------------------------------------------------
+
+DMARC_PREFIX = "_dmarc."     # RFC 7489 6.1: the record is a TXT record at _dmarc.<domain>
+DMARC_VERSION = re.compile(r"\s*v\s*=\s*DMARC1\s*(;|\Z)")   # RFC 7489 6.4: v=DMARC1 first, exactly
+DMARC_MAX_LABELS = 8         # labels of the longest name the walk for an organizational domain asks for
+DMARC_POLICIES = ("none", "quarantine", "reject")           # RFC 7489 6.3 p= and sp=
+
+
+class DMARCRecord:
+    """A DMARC policy record (RFC 7489 6.3): p, sp, adkim, aspf and pct; ValueError if it has no valid p=."""
+
+    def __init__(self, text):
+        tags = {}
+        for part in text.split(";"):
+            name, equals, value = part.partition("=")
+            if equals:
+                tags.setdefault(name.strip().lower(), value.strip())
+        policy = tags.get("p", "").lower()
+        if policy not in DMARC_POLICIES:      # RFC 7489 6.6.3 step 6: p=none if there is a rua=, else no record
+            if not tags.get("rua"):
+                raise ValueError("no valid p=")
+            policy = "none"
+        self.policy = policy
+        subdomains = tags.get("sp", "").lower()
+        self.subdomain_policy = subdomains if subdomains in DMARC_POLICIES else policy
+        # RFC 7489 6.3: anything else that is not valid takes its default
+        self.strict_dkim = tags.get("adkim", "r").lower() == "s"
+        self.strict_spf = tags.get("aspf", "r").lower() == "s"
+        pct = tags.get("pct", "100")
+        self.percent = int(pct) if pct.isdigit() and int(pct) <= 100 else 100
+
+
+def dmarc_record(lookup, domain):
+    """The DMARC record published at domain, or None (RFC 7489 6.6.3: none, or more than one, is none)."""
+    try:
+        texts = [t for t in lookup(DMARC_PREFIX + domain, "TXT") if DMARC_VERSION.match(t)]
+    except DNSError as error:
+        if error.temporary:
+            raise
+        return None
+    if len(texts) != 1:
+        return None
+    try:
+        return DMARCRecord(texts[0])
+    except ValueError:
+        return None
+
+
+def organizational_domain(lookup, domain):
+    """(organizational domain, its record) of domain (CONTRACT.md section 10, for RFC 7489 3.2).
+
+    Without a Public Suffix List: the shortest ancestor of two labels or
+    more that publishes a DMARC record, else the domain itself (with no
+    record).  One query per name, names of at most 8 labels.
+    """
+    labels = domain.split(".")
+    for count in range(2, min(len(labels), DMARC_MAX_LABELS) + 1):
+        candidate = ".".join(labels[-count:])
+        record = dmarc_record(lookup, candidate)
+        if record is not None:
+            return candidate, record
+    return domain, None
+
+
+def dmarc_aligned(identifier, domain, organizational, strict):
+    """Whether an authenticated domain is aligned with the From: domain (RFC 7489 3.1).
+
+    Strict: the same domain.  Relaxed: the same organizational domain; as
+    that is the shortest ancestor publishing a record, a name under it has
+    it as its own organizational domain too, so no further query is needed.
+    """
+    identifier = identifier.lower().rstrip(".")
+    if strict:
+        return identifier == domain
+    return identifier == organizational or identifier.endswith("." + organizational)
+
+
+def check_dmarc(lookup, from_domain, spf, dkim):
+    """(result, policy, why) of DMARC for the From: domain (RFC 7489 6.6): result none/pass/fail/temperror.
+
+    policy is the action a failure asks for (p=, or sp= when the record
+    is the organizational domain's and From: is a subdomain), "none" if
+    pct= samples; spf: the SPFResult; dkim: the DKIMResults.
+    """
+    try:
+        organizational, record = organizational_domain(lookup, from_domain)
+        own = dmarc_record(lookup, from_domain) if organizational != from_domain else record
+    except DNSError as error:
+        return "temperror", "none", "DNS: %s" % error
+    if own is not None:
+        record = own
+    if record is None:
+        return "none", "none", "no DMARC record"
+    subdomain = own is None and organizational != from_domain
+    policy = record.subdomain_policy if subdomain else record.policy
+    passed = [d.domain for d in dkim if d.result == "pass"
+              and dmarc_aligned(d.domain, from_domain, organizational, record.strict_dkim)]
+    if passed:
+        return "pass", policy, "DKIM of %s aligned" % passed[0]
+    if spf is not None and spf.result == "pass" and dmarc_aligned(spf.domain, from_domain, organizational,
+                                                                    record.strict_spf):
+        return "pass", policy, "SPF of %s aligned" % spf.domain
+    if record.percent < 100:         # RFC 7489 6.6.4: sampled; recorded only (CONTRACT.md section 10)
+        policy = "none"
+    return "fail", policy, "neither SPF nor DKIM aligned with %s" % from_domain
+
+
+# --------------------------------------------------------------------------
+# The checks of a transaction and its message, and what each stored copy is told
+# --------------------------------------------------------------------------
+# (RFC 8601 Authentication-Results, RFC 7208 9.1 Received-SPF)
+
+CHECK_DNS_TIMEOUT = 3.0      # seconds one DNS server gets for one try of a check's query
+CHECK_DNS_ATTEMPTS = 2       # tries per server: a silent server costs a query 6 s, the check's deadline bounds all
+MESSAGE_CHECKS_DEADLINE = 20.0   # seconds DKIM and DMARC of one message may take, all queries together
+DKIM_MAX_VERIFIED = 5        # CONTRACT.md section 10: signatures verified per message; the rest are ignored
+AR_SIGNATURE_PREFIX = 8      # characters of b= in header.b, to tell two signatures of a domain apart (RFC 6008)
+AR_TOKEN = re.compile(r"[!#-'*+.0-9A-Z^-~-]+\Z")   # RFC 2045 token (no tspecials): a value needs no quotes
+AR_FIELD = b"authentication-results"
+SPF_COMMENTS = {             # RFC 7208 9.1's comment for each result: sender, address, why
+    "pass": "domain of %s designates %s as permitted sender",
+    "fail": "domain of %s does not designate %s as permitted sender",
+    "softfail": "domain of transitioning %s does not designate %s as permitted sender",
+    "neutral": "%s is neither permitted nor denied for %s",
+    "none": "%s does not designate permitted sender hosts (%s)",
+    "temperror": "error in processing during lookup of %s for %s: %s",
+    "permerror": "permanent error in processing domain of %s for %s: %s",
+}
+
+
+class CheckedMessage:
+    """The checks' outcome for one message: the fields each stored copy starts with, the forged ones it loses."""
+
+    def __init__(self, fields, forged):
+        self.fields = fields         # bytes: Authentication-Results and Received-SPF, LF lines
+        self.forged = forged         # [(start, end)] in the stored body: results claiming to be ours
+
+
+class IncomingChecks:
+    """SPF, DKIM and DMARC of mail from outside, for one server: its name (the authserv-id) and DNS cache."""
+
+    def __init__(self, domain, resolver):
+        self.domain = domain
+        self.cache = DNSCache(resolver)
+
+    def spf(self, ip, sender, helo):
+        """The SPFResult of a transaction, found once at MAIL (RFC 7208 2.4)."""
+        return check_spf(self.cache.query, ip, sender, helo, self.domain)
+
+    def message(self, spf, ip, helo, header, spool):
+        """The CheckedMessage of a received message; Refused if From: is not one address or DMARC rejects it."""
+        deadline = time.monotonic() + MESSAGE_CHECKS_DEADLINE
+        lookup = functools.partial(self._lookup, deadline=deadline)
+        author = author_domain(header)
+        dkim = self.dkim(header, spool, lookup)
+        dmarc, policy, why = check_dmarc(lookup, author, spf, dkim)
+        log.info("checks of mail from %s: spf=%s (%s) dkim=%s dmarc=%s (%s, policy %s)", ip, spf.result,
+                 spf.why, ",".join(d.result for d in dkim) or "none", dmarc, why, policy)
+        if dmarc == "fail" and policy == "reject":     # RFC 7489 6.6.4, 7.3 (CONTRACT.md section 10)
+            raise Refused(Replies.DMARC_REJECTED % author)
+        fields = (authentication_results(self.domain, spf, dkim, dmarc, author)
+                  + received_spf(spf, ip, helo, self.domain))
+        return CheckedMessage(fields, forged_results(header, self.domain))
+
+    def _lookup(self, name, rtype, deadline):
+        """A cached DNS lookup within the message checks' deadline."""
+        return self.cache.query(name, rtype, deadline)
+
+    def dkim(self, header, spool, lookup):
+        """The DKIMResult of each of the first signatures (RFC 6376 6); [] for a message without any."""
+        return []                    # verified once issue 22's DKIM part is merged
+
+
+def author_domain(header):
+    """The domain of the message's one From: address; Refused for several or none (RFC 7489 6.6.1)."""
+    fields = header.kept_fields(b"from")
+    addresses = []
+    for _, _, field in fields:
+        text = " ".join(field.partition(b":")[2].decode("utf-8", "replace").split())
+        addresses += [address for _, address in email.utils.getaddresses([text]) if address]
+    if len(fields) != 1 or len(addresses) != 1 or not addresses[0].rpartition("@")[0]:
+        raise Refused(Replies.NOT_ONE_AUTHOR)
+    return addresses[0].rpartition("@")[2].lower().rstrip(".")
+
+
+def ar_value(text):
+    """A value for a header field's property (RFC 8601 2.2, RFC 2045 5.1): a token, else a quoted-string."""
+    text = safe_text(text, MAX_PATH)
+    if AR_TOKEN.match(text):
+        return text
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def authentication_results(authserv_id, spf, dkim, dmarc, author):
+    """Our Authentication-Results field (RFC 8601 2.2), as stored: one method a line, one dkim= per signature."""
+    methods = ["spf=%s smtp.mailfrom=%s" % (spf.result, ar_value(spf.domain))]
+    for result in dkim:
+        reason = "" if result.result == "pass" else " reason=%s" % ar_value(result.reason)
+        methods.append("dkim=%s%s header.d=%s header.s=%s header.b=%s" % (
+            result.result, reason, ar_value(result.domain), ar_value(result.selector),
+            ar_value(result.b[:AR_SIGNATURE_PREFIX])))
+    if not dkim:
+        methods.append("dkim=none")
+    methods.append("dmarc=%s header.from=%s" % (dmarc, ar_value(author)))
+    return ("Authentication-Results: %s;\n\t%s\n" % (authserv_id, ";\n\t".join(methods))).encode("ascii")
+
+
+def received_spf(spf, ip, helo, receiver):
+    """The Received-SPF field (RFC 7208 9.1), as stored: the result, a comment, then key-value pairs."""
+    words = (spf.sender, ip, spf.why) if spf.result in ("temperror", "permerror") else (spf.sender, ip)
+    if spf.result in ("neutral", "none"):
+        words = (ip, spf.sender) if spf.result == "neutral" else (spf.domain, spf.why)
+    comment = safe_text(SPF_COMMENTS[spf.result] % words, MAX_PATH).translate({ord(c): None for c in "()\\"})
+    pairs = ["client-ip=%s" % ip, "envelope-from=%s" % ar_quoted(spf.sender), "helo=%s" % ar_quoted(helo),
+             "receiver=%s" % ar_value(receiver), "identity=%s" % spf.identity]
+    key = "mechanism" if spf.result not in ("temperror", "permerror", "none") else "problem"
+    pairs.append("%s=%s" % (key, ar_quoted(spf.why)))
+    return ("Received-SPF: %s (%s: %s)\n\t%s;\n" % (spf.result, safe_text(receiver, MAX_PATH), comment,
+                                                   ";\n\t".join(pairs))).encode("ascii")
+
+
+def ar_quoted(text):
+    """A quoted-string (RFC 5322 3.2.4) of text from outside, made safe."""
+    return '"%s"' % safe_text(text, MAX_PATH).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def forged_results(header, authserv_id):
+    """[(start, end)] of the Authentication-Results fields that name our authserv-id (RFC 8601 5): forged."""
+    forged = []
+    for start, end, field in header.kept_fields(AR_FIELD):
+        value = field.partition(b":")[2].decode("utf-8", "replace").replace("\r", "").replace("\n", "")
+        if authserv_id_of(value).lower().rstrip(".") == authserv_id.lower().rstrip("."):
+            forged.append((start, end))
+    return forged
+
+
+def authserv_id_of(value):
+    """The authserv-id of an Authentication-Results value (RFC 8601 2.2): its first word, comments skipped."""
+    text = value
+    while True:
+        text = text.lstrip(" \t")
+        if not text.startswith("("):
+            break
+        depth, index = 0, 0
+        for index, char in enumerate(text):
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if depth == 0:
+                break
+        text = text[index + 1:]
+    return re.split(r"[\s;(]", text, maxsplit=1)[0]
+
+
+def checked_layout(layout, checked):
+    """A stored layout told the checks: their fields first, the forged results cut out of the body's ranges."""
+    pieces = [checked.fields]
+    for piece in layout:
+        if isinstance(piece, tuple):
+            start, end = piece
+            for cut_start, cut_end in checked.forged:
+                if start <= cut_start < end:
+                    if start < cut_start:
+                        pieces.append((start, cut_start))
+                    start = cut_end
+            pieces.append((start, end))
+        else:
+            pieces.append(piece)
+    return pieces
+
+
+# --------------------------------------------------------------------------
 # The SMTP server and main
 # --------------------------------------------------------------------------
 
@@ -5492,6 +5786,9 @@ class SMTPServer(Server):
         self.spool_folder = prepare_spool(self.users.root)
         # Mail goes out only when some domains are not ours (CONTRACT.md section 7).
         self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
+        # and mail from outside is checked (CONTRACT.md section 10)
+        self.checks = None if self.local_domains is None else IncomingChecks(
+            self.domain, Resolver(args.dns_server, CHECK_DNS_TIMEOUT, CHECK_DNS_ATTEMPTS))
 
     def serve_forever(self):
         ip = peer_ip(self.address[0])
@@ -5550,6 +5847,24 @@ class SMTPServer(Server):
             return True
         domain = recipient_domain(address)
         return domain is not None and domain in self.local_domains
+
+    def sender_check(self, session, sender):
+        """The SPFResult of a transaction from outside (CONTRACT.md section 10); None where no check applies.
+
+        Checked: with --local-domains, a client neither logged in nor in
+        --relay-networks (its address from a PROXY header if there is one).
+        """
+        if self.checks is None or session.login is not None or in_networks(session.address[0],
+                                                                            self.relay_networks):
+            return None
+        return self.checks.spf(session.address[0], sender, session.client_name)
+
+    def message_check(self, session, spool, header):
+        """The CheckedMessage of a message whose transaction was checked, else None; Refused by DMARC."""
+        spf = session.envelope.spf
+        if spf is None:
+            return None
+        return self.checks.message(spf, session.address[0], session.client_name, header, spool)
 
     def local_owner(self, address):
         """The login whose mailbox takes mail for an address in a local domain; Refused if none."""
