@@ -4523,8 +4523,8 @@ class DNSCache:
     Threads may share one.
     """
 
-    def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS):
-        self.resolver = resolver
+    def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS, clock=time.monotonic):
+        self.resolver, self.clock = resolver, clock
         self.max_entries, self.max_octets = entries, octets
         self.octets = 0
         self._answers = collections.OrderedDict()   # (name, type) -> (expires, records or DNSError, octets)
@@ -4535,7 +4535,7 @@ class DNSCache:
         key = (name.lower().rstrip("."), rtype)
         with self._lock:
             entry = self._answers.get(key)
-            if entry is not None and entry[0] > time.monotonic():
+            if entry is not None and entry[0] > self.clock():
                 self._answers.move_to_end(key)
                 answer = entry[1]
             else:
@@ -4568,7 +4568,7 @@ class DNSCache:
             old = self._answers.pop(key, None)
             if old is not None:
                 self.octets -= old[2]
-            self._answers[key] = (time.monotonic() + ttl, answer, size)
+            self._answers[key] = (self.clock() + ttl, answer, size)
             self.octets += size
             while len(self._answers) > self.max_entries or self.octets > self.max_octets:
                 _, (_, _, dropped) = self._answers.popitem(last=False)
@@ -5233,6 +5233,8 @@ def spf_domain_spec(text):
 
 def spf_domain_is_valid(domain):
     """Whether a domain may be checked at all (RFC 7208 4.3): multi-label, each label 1 to 63 octets."""
+    if domain.startswith("["):       # an address literal (RFC 5321 4.1.3) names no domain
+        return False
     labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
     return len(labels) > 1 and all(0 < len(label) <= DNS_MAX_LABEL for label in labels) and domain.isascii()
 

@@ -110,3 +110,352 @@ class CheckedServerTestCase(unittest.TestCase):
     def stored(self, login="alice"):
         """The messages in a user's mailbox, as bytes."""
         return support.stored_messages(self.root, login)
+
+
+# --------------------------------------------------------------------------
+# SPF (RFC 7208), on check_spf with a zone in a dict
+# --------------------------------------------------------------------------
+
+class SPFRecordsTest(unittest.TestCase):
+    """RFC 7208 4.3 to 4.7: which domain is checked, which record counts, the default result."""
+
+    def test_a_domain_without_a_record_is_none(self):
+        """4.5: no SPF record (only other TXT, or no TXT at all, or NXDOMAIN) gives none."""
+        self.assertEqual(spf(txt("email.example.com", "google-site-verification=x")).result, "none")
+        self.assertEqual(spf({("email.example.com", "A"): ["192.0.2.1"]}).result, "none")
+        self.assertEqual(spf({}).result, "none")
+
+    def test_the_version_is_v_spf1_then_a_space_or_the_end(self):
+        """4.5: 'v=spf10' is no SPF record; 'V=SpF1' is one (case-insensitive); 'v=spf1' alone is neutral."""
+        self.assertEqual(spf(txt("email.example.com", "v=spf10 -all")).result, "none")
+        self.assertEqual(spf(txt("email.example.com", "V=SpF1 -all")).result, "fail")
+        self.assertEqual(spf(txt("email.example.com", "v=spf1")).result, "neutral")
+
+    def test_two_records_are_a_permerror(self):
+        """4.5: more than one record is a permerror, even two identical ones."""
+        for second in ("v=spf1 +all", "v=spf1 -all"):
+            self.assertEqual(spf(txt("email.example.com", "v=spf1 -all", second)).result, "permerror")
+
+    def test_a_record_that_is_not_ascii_is_a_permerror(self):
+        """3.1: a record is ASCII (the resolver gives octets as Latin-1); other TXT records do not matter."""
+        self.assertEqual(spf(txt("email.example.com", "v=spf1 a:\xef\xbb\xbfx.example.com -all")).result,
+                         "permerror")
+        self.assertEqual(spf(txt("email.example.com", "v=spf1 -all", "\x96")).result, "fail")
+
+    def test_a_domain_spf_cannot_check_is_none(self):
+        """4.3: a single label, an empty label, a label over 63 octets, an address literal: none, no query."""
+        log = []
+        for sender in ("a@localhost", "a@x..example.com", "a@%s.example.com" % ("x" * 64), "a@[192.0.2.3]"):
+            self.assertEqual(spf(txt("email.example.com", "v=spf1 -all"), sender=sender, log=log).result, "none")
+        self.assertEqual(log, [])
+
+    def test_no_local_part_stands_for_postmaster(self):
+        """4.3: a sender without a local part is checked as postmaster@domain."""
+        zone = zone_of(txt("example.net", "v=spf1 -all exp=why.example.net"), txt("why.example.net", "%{l}"))
+        result = spf(zone, sender="@example.net")
+        self.assertEqual((result.result, result.explanation), ("fail", "postmaster"))
+
+    def test_the_null_sender_checks_helo(self):
+        """2.4: for MAIL FROM:<> the HELO name is checked, as postmaster@HELO."""
+        zone = zone_of(txt("helo.example.com", "v=spf1 ip4:192.0.2.3 -all"))
+        result = spf(zone, sender="", helo="helo.example.com")
+        self.assertEqual((result.result, result.identity, result.sender), ("pass", "helo", "postmaster@helo.example.com"))
+        self.assertEqual(spf(zone, sender="", helo="not-a-fqdn").result, "none")
+
+    def test_no_match_is_neutral(self):
+        """4.7: a record whose mechanisms all fail to match gives neutral."""
+        self.assertEqual(spf(txt("email.example.com", "v=spf1 ip4:198.51.100.1")).result, "neutral")
+
+    def test_terms_are_separated_by_spaces_only(self):
+        """4.6.1: one or more SP between terms and at the end; any other character is part of a term."""
+        self.assertEqual(spf(txt("email.example.com", "v=spf1  ip4:192.0.2.3   -all ")).result, "pass")
+        self.assertEqual(spf(txt("email.example.com", "v=spf1 ip4:192.0.2.3\t-all")).result, "permerror")
+
+    def test_an_ipv4_mapped_client_is_its_ipv4_address(self):
+        """5: ::ffff:192.0.2.3 is checked as 192.0.2.3."""
+        self.assertEqual(spf(txt("email.example.com", "v=spf1 ip4:192.0.2.3 -all"), ip="::ffff:192.0.2.3").result,
+                         "pass")
+
+
+class SPFMechanismsTest(unittest.TestCase):
+    """RFC 7208 4.6.2 and 5: each mechanism and qualifier."""
+
+    def record(self, text, ip="192.0.2.3", extra=None):
+        return spf(zone_of(txt("email.example.com", text), extra or {}), ip=ip)
+
+    def test_qualifiers(self):
+        """4.6.2: + pass (the default), - fail, ~ softfail, ? neutral."""
+        for text, result in (("all", "pass"), ("+all", "pass"), ("-all", "fail"), ("~all", "softfail"),
+                             ("?all", "neutral")):
+            self.assertEqual(self.record("v=spf1 " + text).result, result, text)
+
+    def test_ip4_and_ip6_with_prefixes(self):
+        """5.6: the client's address in the network; the other family never matches; no prefix is the host."""
+        self.assertEqual(self.record("v=spf1 ip4:192.0.2.0/24 -all").result, "pass")
+        self.assertEqual(self.record("v=spf1 ip4:192.0.2.4 -all").result, "fail")
+        self.assertEqual(self.record("v=spf1 ip4:0.0.0.0/0 -all").result, "pass")
+        self.assertEqual(self.record("v=spf1 ip6:2001:db8::/32 -all", ip="2001:db8:1::5").result, "pass")
+        self.assertEqual(self.record("v=spf1 ip6:2001:db8:8000::/33 -all", ip="2001:db8:7fff::1").result, "fail")
+        self.assertEqual(self.record("v=spf1 ip6:2001:db8::5 -all", ip="2001:db8::5").result, "pass")
+        self.assertEqual(self.record("v=spf1 ip6:::/0 -all").result, "fail")     # an IPv4 client
+        self.assertEqual(self.record("v=spf1 ip4:0.0.0.0/0 -all", ip="2001:db8::5").result, "fail")
+
+    def test_bad_networks_are_permerrors(self):
+        """5.6: a prefix past 32/128, a leading zero, a bad address, a missing one: permerror."""
+        for text in ("ip4:192.0.2.0/33", "ip4:192.0.2.0/024", "ip4:192.0.2.300", "ip4:192.0.02.1", "ip4",
+                     "ip4:", "ip6:2001:db8::/129", "ip6:2001:db8:::1", "ip4:192.0.2.3//32", "ip6"):
+            self.assertEqual(self.record("v=spf1 %s -all" % text).result, "permerror", text)
+
+    def test_a(self):
+        """5.3: the current domain's or the named domain's A (or AAAA) records, with dual CIDR lengths."""
+        extra = {("email.example.com", "A"): ["192.0.2.3"], ("other.example.com", "A"): ["192.0.2.200"],
+                 ("other.example.com", "AAAA"): ["2001:db8::200"]}
+        self.assertEqual(self.record("v=spf1 a -all", extra=extra).result, "pass")
+        self.assertEqual(self.record("v=spf1 a:other.example.com -all", extra=extra).result, "fail")
+        self.assertEqual(self.record("v=spf1 a:other.example.com/24 -all", extra=extra).result, "pass")
+        self.assertEqual(self.record("v=spf1 a:other.example.com//64 -all", ip="2001:db8::1", extra=extra).result,
+                         "pass")
+        self.assertEqual(self.record("v=spf1 a:other.example.com/24//128 -all", ip="2001:db8::1",
+                                     extra=extra).result, "fail")
+        self.assertEqual(self.record("v=spf1 a/33 -all", extra=extra).result, "permerror")
+        self.assertEqual(self.record("v=spf1 a: -all", extra=extra).result, "permerror")
+
+    def test_mx(self):
+        """5.4: an address of one of the exchangers; more than 10 MX records is a permerror."""
+        extra = {("email.example.com", "MX"): [(10, "mx1.example.com"), (20, "mx2.example.com")],
+                 ("mx1.example.com", "A"): ["198.51.100.1"], ("mx2.example.com", "A"): ["192.0.2.3"]}
+        self.assertEqual(self.record("v=spf1 mx -all", extra=extra).result, "pass")
+        self.assertEqual(self.record("v=spf1 mx//64 -all", ip="2001:db8::1", extra=extra).result, "fail")
+        many = {("email.example.com", "MX"): [(i, "mx%d.example.com" % i) for i in range(11)]}
+        many.update({("mx%d.example.com" % i, "A"): ["192.0.2.3"] for i in range(11)})
+        self.assertEqual(self.record("v=spf1 mx -all", extra=many).result, "permerror")
+        many[("email.example.com", "MX")].pop()
+        self.assertEqual(self.record("v=spf1 mx -all", extra=many).result, "pass")
+
+    def test_ptr(self):
+        """5.5: a validated name (its address leads back) that is the target or ends in it matches."""
+        extra = {("3.2.0.192.in-addr.arpa", "PTR"): ["mail.example.com", "fake.example.com"],
+                 ("mail.example.com", "A"): ["192.0.2.3"], ("fake.example.com", "A"): ["198.51.100.9"]}
+        self.assertEqual(self.record("v=spf1 ptr -all", extra=extra).result, "fail")   # not email.example.com
+        self.assertEqual(self.record("v=spf1 ptr:example.com -all", extra=extra).result, "pass")
+        self.assertEqual(self.record("v=spf1 ptr:fake.example.com -all", extra=extra).result, "fail")
+        broken = dict(extra)
+        broken[("3.2.0.192.in-addr.arpa", "PTR")] = "SERVFAIL"      # 5.5: a PTR DNS error matches nothing
+        self.assertEqual(self.record("v=spf1 ptr:example.com -all", extra=broken).result, "fail")
+
+    def test_exists(self):
+        """5.7: the expanded name has an A record, whatever the client's family."""
+        extra = {("3.2.0.192.list.example.net", "A"): ["127.0.0.2"], ("x.example.net", "A"): ["127.0.0.2"]}
+        self.assertEqual(self.record("v=spf1 -exists:%{ir}.list.example.net +all", extra=extra).result, "fail")
+        self.assertEqual(self.record("v=spf1 exists:x.example.net -all", ip="2001:db8::1", extra=extra).result,
+                         "pass")
+        self.assertEqual(self.record("v=spf1 exists -all").result, "permerror")
+
+    def test_include(self):
+        """5.2: the included domain's pass matches; its fail, softfail, neutral do not; none is a permerror."""
+        def check(included):
+            return spf(zone_of(txt("email.example.com", "v=spf1 include:inc.example.net -all"),
+                               txt("inc.example.net", included))).result
+        self.assertEqual(check("v=spf1 ip4:192.0.2.3 -all"), "pass")
+        for other in ("v=spf1 -all", "v=spf1 ~all", "v=spf1 ?all", "v=spf1"):
+            self.assertEqual(check(other), "fail", other)
+        self.assertEqual(check("not spf"), "permerror")
+        self.assertEqual(check("v=spf1 nonsense"), "permerror")
+        self.assertEqual(spf(zone_of(txt("email.example.com", "v=spf1 include:inc.example.net -all"),
+                                     {("inc.example.net", "TXT"): "TIMEOUT"})).result, "temperror")
+
+    def test_a_term_of_no_known_form_is_a_permerror_wherever_it_is(self):
+        """4.6: syntax errors anywhere are found before the evaluation: an earlier match does not hide them."""
+        for text in ("ip4:192.0.2.3 -all moo", "ip4:192.0.2.3 -all:foo", "ip4:192.0.2.3 all/8",
+                     "ip4:192.0.2.3 include", "ip4:192.0.2.3 redirect:example.net", "ip4:192.0.2.3 a:foo.1",
+                     "ip4:192.0.2.3 a:example.com%", "ip4:192.0.2.3 exists:%{x}.example.com",
+                     "ip4:192.0.2.3 mx:example.com:25", "ip4:192.0.2.3 =all", "ip4:192.0.2.3 1up=foo",
+                     "ip4:192.0.2.3 moo.cow/far_out=man:dog/cat"):
+            self.assertEqual(self.record("v=spf1 " + text).result, "permerror", text)
+
+    def test_unknown_modifiers_are_ignored(self):
+        """6: name=value of an unknown modifier, with a valid name and macro-string, is ignored."""
+        self.assertEqual(self.record("v=spf1 moo.cow-far_out=man:dog/cat ip4:192.0.2.3 -all").result, "pass")
+
+
+class SPFModifiersTest(unittest.TestCase):
+    """RFC 7208 6: redirect= and exp=."""
+
+    def test_redirect_is_used_only_without_a_match(self):
+        """6.1: redirect counts after all mechanisms; with an 'all' it is never looked at."""
+        zone = zone_of(txt("email.example.com", "v=spf1 ip4:198.51.100.1 redirect=other.example.net"),
+                       txt("other.example.net", "v=spf1 ip4:192.0.2.3 -all"),
+                       txt("all.example.com", "v=spf1 redirect=loop.example.invalid ~all"))
+        self.assertEqual(spf(zone).result, "pass")
+        log = []
+        self.assertEqual(spf(zone, sender="x@all.example.com", log=log).result, "softfail")
+        self.assertEqual(log, [("all.example.com", "TXT")])
+
+    def test_redirect_to_a_domain_without_a_record_is_a_permerror(self):
+        """6.1: the result of redirect to a domain with no SPF record is permerror, not none."""
+        zone = txt("email.example.com", "v=spf1 redirect=nothing.example.net")
+        self.assertEqual(spf(zone).result, "permerror")
+
+    def test_each_modifier_at_most_once(self):
+        """6: two redirect= or two exp= are a permerror."""
+        for text in ("v=spf1 redirect=a.example.net redirect=b.example.net", "v=spf1 -all exp=a.example.net exp=b.example.net"):
+            self.assertEqual(spf(txt("email.example.com", text)).result, "permerror", text)
+
+    def test_exp_explains_a_fail_with_macros(self):
+        """6.2: the exp= TXT record, macros expanded, c, r and t allowed there (and only there)."""
+        zone = zone_of(txt("email.example.com", "v=spf1 -all exp=explain.%{d}"),
+                       txt("explain.email.example.com", "%{c} may not send for %{o} (%{r}, %{l}%_%%)"))
+        self.assertEqual(spf(zone).explanation, "192.0.2.3 may not send for email.example.com "
+                                               "(mx.example.org, strong-bad %)")
+        zone[("email.example.com", "TXT")] = ["v=spf1 -all exp=%{c}.example.com"]
+        self.assertEqual(spf(zone).result, "permerror")
+
+    def test_exp_in_trouble_means_our_default(self):
+        """6.2: no record, two records, a bad macro, a DNS error: the default explanation, the fail stays."""
+        for explain in ({}, txt("why.example.com", "one", "two"), txt("why.example.com", "bad %x macro"),
+                        {("why.example.com", "TXT"): "TIMEOUT"}):
+            result = spf(zone_of(txt("email.example.com", "v=spf1 -all exp=why.example.com"), explain))
+            self.assertEqual(result.result, "fail")
+            self.assertEqual(result.explanation, "email.example.com does not designate 192.0.2.3 as permitted "
+                                                 "sender of strong-bad@email.example.com")
+
+    def test_exp_comes_from_the_deciding_record(self):
+        """6.2: an included record's exp= is not used; after a redirect the target's exp= is, not the first's."""
+        zone = zone_of(txt("email.example.com", "v=spf1 exp=first.example.com redirect=second.example.net"),
+                       txt("second.example.net", "v=spf1 include:third.example.org -all exp=second-why.example.net"),
+                       txt("third.example.org", "v=spf1 -all exp=third-why.example.org"),
+                       txt("first.example.com", "first"), txt("second-why.example.net", "second %{d}"),
+                       txt("third-why.example.org", "third"))
+        self.assertEqual(spf(zone).explanation, "second second.example.net")
+
+    def test_an_explanation_is_made_safe_for_a_reply(self):
+        """Our rule: only printable ASCII, and at most 300 characters, of a domain's text reach a reply."""
+        zone = zone_of(txt("email.example.com", "v=spf1 -all exp=why.example.com"),
+                       txt("why.example.com", "line" + "x" * 400))
+        self.assertEqual(len(spf(zone).explanation), smtp.SPF_MAX_EXPLANATION)
+
+
+class SPFMacrosTest(unittest.TestCase):
+    """RFC 7208 7: each macro letter and transformer, with the examples of 7.4."""
+
+    def expand(self, text, ip="192.0.2.3", explain=False, zone=None):
+        check = smtp.SPFCheck(zone_lookup(zone or {}), ip, "strong-bad@email.example.com", "helo.example.com",
+                              DOMAIN, time.monotonic() + 5)
+        return check.expand(text, "email.example.com", explain)
+
+    def test_the_examples_of_section_7_4(self):
+        """7.4's tables, for 192.0.2.3 and 2001:db8::cb01."""
+        for macro, expansion in (
+                ("%{s}", "strong-bad@email.example.com"), ("%{o}", "email.example.com"),
+                ("%{d}", "email.example.com"), ("%{d4}", "email.example.com"), ("%{d3}", "email.example.com"),
+                ("%{d2}", "example.com"), ("%{d1}", "com"), ("%{dr}", "com.example.email"),
+                ("%{d2r}", "example.email"), ("%{l}", "strong-bad"), ("%{l-}", "strong.bad"),
+                ("%{lr}", "strong-bad"), ("%{lr-}", "bad.strong"), ("%{l1r-}", "strong"),
+                ("%{ir}.%{v}._spf.%{d2}", "3.2.0.192.in-addr._spf.example.com"),
+                ("%{lr-}.lp._spf.%{d2}", "bad.strong.lp._spf.example.com"),
+                ("%{lr-}.lp.%{ir}.%{v}._spf.%{d2}", "bad.strong.lp.3.2.0.192.in-addr._spf.example.com"),
+                ("%{ir}.%{v}.%{l1r-}.lp._spf.%{d2}", "3.2.0.192.in-addr.strong.lp._spf.example.com"),
+                ("%{d2}.trusted-domains.example.net", "example.com.trusted-domains.example.net")):
+            self.assertEqual(self.expand(macro), expansion, macro)
+        self.assertEqual(self.expand("%{ir}.%{v}._spf.%{d2}", ip="2001:db8::cb01"),
+                         "1.0.b.c.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6._spf.example.com")
+
+    def test_the_other_letters(self):
+        """7.2: h, c, r, t (the last three in explanations), p, and upper case URL-escaped (7.3)."""
+        zone = {("3.2.0.192.in-addr.arpa", "PTR"): ["mx.email.example.com"],
+                ("mx.email.example.com", "A"): ["192.0.2.3"]}
+        self.assertEqual(self.expand("%{h}"), "helo.example.com")
+        self.assertEqual(self.expand("%{c} %{r}", explain=True), "192.0.2.3 " + DOMAIN)
+        self.assertEqual(self.expand("%{c}", ip="2001:db8::cb01", explain=True), "2001:db8::cb01")
+        self.assertLessEqual(abs(int(self.expand("%{t}", explain=True)) - time.time()), 5)
+        self.assertEqual(self.expand("%{p}", zone=zone), "mx.email.example.com")
+        self.assertEqual(self.expand("%{p}"), "unknown")
+        self.assertEqual(self.expand("%{S}"), "strong-bad%40email.example.com")
+        self.assertEqual(self.expand("%%%_%-"), "% %20")
+
+    def test_delimiters_split_and_dots_join(self):
+        """7.3: every delimiter given splits; the parts are joined with dots."""
+        self.assertEqual(self.expand("%{l-+}"), "strong.bad")
+        self.assertEqual(self.expand("%{sr.}"), "com.example.strong-bad@email")
+        self.assertEqual(self.expand("%{l2r-+}"), "bad.strong")
+
+    def test_bad_macros(self):
+        """7.1: an unknown letter, a lone %, a zero DIGIT, delimiters before 'r', c/r/t outside exp=: permerror."""
+        for text in ("%{x}", "50%", "%{d0}", "%{s.r}", "%{c}", "%{d"):
+            with self.assertRaises(smtp.SPFError, msg=text):
+                self.expand(text)
+
+    def test_a_long_expansion_loses_labels_on_the_left(self):
+        """7.3: a name over 253 characters keeps its right-hand labels."""
+        check = smtp.SPFCheck(zone_lookup({}), "192.0.2.3", ("x" * 60 + ".") * 3 + "a@b.example.com",
+                              "h.example.com", DOMAIN, time.monotonic() + 5)
+        name = check.target("%{l}.%{l}.example.com", "email.example.com")
+        self.assertLessEqual(len(name), 253)
+        self.assertTrue(name.endswith(".example.com") and not name.startswith("."))
+
+
+class SPFLimitsTest(unittest.TestCase):
+    """RFC 7208 4.6.4: 10 DNS-querying terms, 2 void lookups; loops; the deadline; DNS failures."""
+
+    def includes(self, count):
+        """A record with count includes of domains that pass nothing, then ip4 of the client."""
+        zone = txt("email.example.com", "v=spf1 %s ip4:192.0.2.3 -all"
+                   % " ".join("include:i%d.example.net" % i for i in range(count)))
+        for i in range(count):
+            zone.update(txt("i%d.example.net" % i, "v=spf1 -all"))
+        return spf(zone).result
+
+    def test_ten_terms_and_not_one_more(self):
+        """Exactly 10 DNS-querying terms pass; the eleventh is a permerror."""
+        self.assertEqual(self.includes(10), "pass")
+        self.assertEqual(self.includes(11), "permerror")
+
+    def test_every_querying_term_counts(self):
+        """a, mx, ptr, exists, include and redirect count; ip4, ip6, all and exp= do not."""
+        zone = zone_of({("email.example.com", "A"): ["198.51.100.7"],
+                        ("email.example.com", "MX"): [(0, "email.example.com")],
+                        ("3.2.0.192.in-addr.arpa", "PTR"): ["other.example.com"],
+                        ("other.example.com", "A"): ["198.51.100.8"], ("a.example.com", "A"): ["127.0.0.2"]},
+                       txt("i.example.net", "v=spf1 -all"), txt("r.example.com", "v=spf1 ip4:192.0.2.3"))
+
+        def check(terms):
+            zone[("email.example.com", "TXT")] = ["v=spf1 " + terms]
+            return spf(zone).result
+        for term in ("a", "mx", "ptr", "include:i.example.net"):
+            self.assertEqual(check(" ".join([term] * 10) + " ip4:192.0.2.3"), "pass", term)
+            self.assertEqual(check(" ".join([term] * 11) + " ip4:192.0.2.3"), "permerror", term)
+        self.assertEqual(check("a " * 9 + "?exists:a.example.com"), "neutral")
+        self.assertEqual(check("a " * 10 + "?exists:a.example.com"), "permerror")
+        self.assertEqual(check("a " * 9 + "redirect=r.example.com"), "pass")
+        self.assertEqual(check("a " * 10 + "redirect=r.example.com"), "permerror")
+        self.assertEqual(check("a " * 10 + "ip4:198.51.100.1 " * 5 + "ip6:2001:db8::1 exp=e.example.com "
+                               "ip4:192.0.2.3 -all"), "pass")
+
+    def test_two_void_lookups_and_not_a_third(self):
+        """Lookups answered with no record (empty, NXDOMAIN): two are fine, the third is a permerror."""
+        two = "v=spf1 a:v1.example.com a:v2.example.com ip4:192.0.2.3 -all"
+        self.assertEqual(spf(txt("email.example.com", two)).result, "pass")
+        self.assertEqual(spf(txt("email.example.com", two.replace("ip4", "a:v3.example.com ip4"))).result,
+                         "permerror")
+
+    def test_include_loops_end_in_a_permerror(self):
+        """An include of itself, or a redirect circle, runs into the term limit."""
+        self.assertEqual(spf(txt("email.example.com", "v=spf1 include:email.example.com -all")).result,
+                         "permerror")
+        self.assertEqual(spf(zone_of(txt("email.example.com", "v=spf1 redirect=b.example.net"),
+                                     txt("b.example.net", "v=spf1 redirect=email.example.com"))).result,
+                         "permerror")
+
+    def test_dns_failures_are_temperrors(self):
+        """4.4 and 5: a timeout or SERVFAIL of the record or of a mechanism's lookup is a temperror."""
+        for failure in ("TIMEOUT", "SERVFAIL"):
+            self.assertEqual(spf({("email.example.com", "TXT"): failure}).result, "temperror")
+            zone = zone_of(txt("email.example.com", "v=spf1 a:broken.example.com -all"),
+                           {("broken.example.com", "A"): failure})
+            self.assertEqual(spf(zone).result, "temperror")
+
+    def test_the_whole_check_has_a_deadline(self):
+        """Past the check's deadline the next lookup ends it with temperror."""
+        result = smtp.check_spf(zone_lookup(txt("email.example.com", "v=spf1 -all")), "192.0.2.3",
+                                "a@email.example.com", "h.example.com", DOMAIN, timeout=-1)
+        self.assertEqual(result.result, "temperror")
