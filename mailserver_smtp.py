@@ -6,7 +6,7 @@
 One thread serves each connection.  A message is written whole, under a lock
 shared with the POP3 server, and fsync'd before the client hears 250.
 
-The file has two parts, split at one line:
+The file has three parts:
   Part 1, "shared with pop_server.py": the mail root (users, mailbox files,
     the lock protocol, the mailbox format), the session skeleton, the
     PROXY protocol and the server skeleton.  pop_server.py imports this part and nothing else.
@@ -14,34 +14,31 @@ The file has two parts, split at one line:
     the session and its commands, reading DATA and BDAT, the stored form,
     the spool, delivery into the mailboxes; for other domains the outbound
     queue, DNS, delivery to other servers and bounces; then the server and main().
+  Part 3, "message authentication: DKIM": keys, RSA, Ed25519,
+    canonicalization, signing and verifying, behind a narrow interface.
 """
 
+# Part 1's modules: what both servers are made of (users and passwords, files
+# and locks, sockets, TLS, threads, the PROXY protocol, logging).
 import argparse
 import base64
 import binascii
-import collections
 import contextlib
-import email.utils
 import errno
 import functools
-import getpass
 import hashlib
 import hmac
-import io
 import ipaddress
-import itertools
 import logging
+import math
 import os
-import random
 import re
-import secrets
+import selectors
 import signal
-import smtplib
 import socket
 import ssl
 import stat
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -52,6 +49,18 @@ try:
 except ImportError:  # Windows
     fcntl = None
     import msvcrt
+
+# Part 2's modules: what only the SMTP server needs (the stored form, the
+# queue, DNS, delivery to other servers, bounces, its own command line).
+import collections
+import email.utils
+import getpass
+import io
+import itertools
+import random
+import secrets
+import smtplib
+import sys
 
 
 # ##########################################################################
@@ -82,6 +91,15 @@ AUTH_DELAY_STEP = 0.2        # seconds added per further failure
 MAX_AUTH_FAILURES = 5        # then the connection is closed
 CLOSE_NOTIFY_WAIT = 2.0      # seconds a TLS close waits for the client's close_notify (RFC 8446 6.1)
 CERT_CHECK_INTERVAL = 2.0    # seconds between looks at --tls-cert/--tls-key for a renewed pair
+# A listener's mode -> (TLS from the first byte, TLS before AUTH and mail, AUTH before mail): CONTRACT.md 8
+LISTEN_MODES = {
+    "smtp": (False, False, False),        # the MX port (RFC 5321): STARTTLS offered with a certificate
+    "submission": (False, True, True),    # RFC 6409 4.1 and RFC 3207: STARTTLS, AUTH, then mail
+    "smtps": (True, True, True),          # RFC 8314 3.3: implicit TLS, AUTH, then mail
+    "pop3": (False, False, False),        # RFC 1939, STLS (RFC 2595) offered with a certificate
+    "pop3s": (True, True, False),         # RFC 8314 3.3: implicit TLS
+}
+LISTEN_SPEC = re.compile(r"(?:(\[[^\]/]+\]|[^:\[\]/]+):)?(\d{1,5})(?:/(\w+))?\Z")   # [ADDR:]PORT[/MODE]
 # HAProxy's PROXY protocol (its proxy-protocol.txt), read only from --proxy-from addresses
 PROXY_V1_PREFIX = b"PROXY "  # 2.1: a v1 header is a text line starting so
 PROXY_V1_MAX = 107           # 2.1: the longest v1 line, CRLF included
@@ -372,9 +390,14 @@ class UserTable:
 #   numbered at login stay where they were, as only appends happen meanwhile.
 #
 #   Order: a POP3 session takes its session lock, then (briefly) the delivery
-#   lock, never the other way round.  SMTP takes only delivery locks, several
-#   of them (one message for several users) in sorted order of their paths.
-#   So no two holders can wait for each other: there is no deadlock.
+#   lock, never the other way round.  SMTP takes no session lock, and takes
+#   delivery locks, several of them (one message for several users), in
+#   sorted order of their paths.  A holder of delivery locks may take other
+#   kernel locks too, but never waits for one: the lock on a commit record
+#   (below) is its own record's, taken when the file is made, and a look at
+#   another's (held_by_nobody) is a try; SMTP's locks on queue files are
+#   its own new files', and a runner's on a queued message is a try.  So no
+#   two holders can wait for each other: there is no deadlock.
 #
 #   What locks cannot do, fsync and records do.  An append is fsync'd before
 #   the client hears 250, so it survives a power cut.  A crash can still cut
@@ -623,7 +646,7 @@ def commit_folder(mailbox_path):
 
 def commit_record_text(sizes):
     """A commit record's bytes for {login: size before the delivery}."""
-    return "".join("%d %s\n" % (size, login) for login, size in sizes.items()).encode("ascii") + b"end\n"
+    return ("".join("%d %s\n" % (size, login) for login, size in sizes.items()) + COMMIT_END + "\n").encode("ascii")
 
 
 def undo_dead_deliveries(fd, path, size):
@@ -1011,8 +1034,9 @@ class Session:
     SASL_CONTINUE = ""                # what starts a SASL challenge line: "334 " (SMTP), "+ " (POP3)
     SASL_REPLIES = {}                 # why a SASL exchange failed -> the reply
 
-    def __init__(self, server, sock, address):
+    def __init__(self, server, sock, address, listener):
         self.server = server
+        self.listener = listener      # the one it came in on: its mode says what TLS and AUTH it needs
         self.address = address        # the client's (host, port): the socket's peer, or a PROXY header's
         self.peer = peer_text(address)
         self.verbose = server.verbose
@@ -1047,7 +1071,7 @@ class Session:
         try:
             if self.server.stopping:          # came in while the server was stopping
                 raise ConnectionClosed()
-            if self.server.implicit_tls:
+            if self.listener.implicit_tls:
                 self.start_tls()              # RFC 8314: TLS from the first byte
             self.start()
             while True:
@@ -1108,7 +1132,7 @@ class Session:
         if self.tls_active or self.server.tls is None:
             return False
         ip = peer_ip(self.address[0])
-        return self.server.require_tls or ip is None or not ip.is_loopback
+        return self.listener.require_tls or ip is None or not ip.is_loopback
 
     def login_result(self, mechanism, name, login, failure):
         """Log one authentication (who, how, the outcome); answer a failure; return login (None: failed).
@@ -1349,12 +1373,17 @@ def in_networks(host, networks):
 # The server: options, the accept loop, a thread per connection, shutdown
 # --------------------------------------------------------------------------
 
-def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help):
-    """A command-line parser with the options both servers take."""
+def server_arguments(description, default_timeout, timeout_help, tls_command, require_tls_help, modes):
+    """A command-line parser with the options both servers take; modes: the listener modes, default first."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
+    parser.set_defaults(modes=modes)
+    parser.add_argument("port", type=int, metavar="PORT", nargs="?",
+                        help="TCP port of the first listener, mode %s (0: any free port)" % modes[0])
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser.add_argument("--listen", metavar="[ADDR:]PORT[/MODE]", action="append", type=listen_spec,
+                        help="one more listener (repeatable; ADDR default --host, IPv6 as [::1]); MODE: %s "
+                        "(default %s)" % (", ".join(modes), modes[0]))
     parser.add_argument("--root", default=".", help="mail root holding userinfo.txt and user folders (default: .)")
     parser.add_argument("--domain", default=socket.gethostname(),
                         help="name the server gives itself in replies (default: this host's name)")
@@ -1384,23 +1413,47 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
 
 def check_server_arguments(parser, args):
     """Check the options both servers take, load the TLS certificate; return args."""
-    if not 0 <= args.port <= 65535:
-        parser.error("PORT must be between 0 and 65535")
+    args.listeners = listener_specs(parser, args)
     if args.max_per_client is None:
         args.max_per_client = max(1, args.max_connections // 2)
     if args.max_connections < 1 or args.max_per_client < 1 or args.timeout <= 0:
         parser.error("--max-connections, --max-per-client and --timeout must be positive")
     if not os.path.isdir(args.root):
         parser.error("--root %s is not a directory" % args.root)
-    args.tls = tls_context(parser, args.tls_cert, args.tls_key, args.require_tls or args.implicit_tls)
+    needs_tls = args.require_tls or args.implicit_tls or any(LISTEN_MODES[m][0] or LISTEN_MODES[m][1]
+                                                            for _, _, m in args.listeners)
+    args.tls = tls_context(parser, args.tls_cert, args.tls_key, needs_tls)
     return args
+
+
+def listen_spec(text):
+    """(host or None, port, mode or None) of a --listen [ADDR:]PORT[/MODE]; IPv6 is [ADDR]."""
+    found = LISTEN_SPEC.match(text)
+    if not found or int(found.group(2)) > 65535:
+        raise argparse.ArgumentTypeError("%r is not [ADDR:]PORT[/MODE] (IPv6: [::1]:25/smtp)" % text)
+    host, port, mode = found.groups()
+    return host and host.strip("[]"), int(port), mode and mode.lower()
+
+
+def listener_specs(parser, args):
+    """The (host, port, mode) of each listener: the positional PORT first, then each --listen."""
+    specs = [] if args.port is None else [(args.host, args.port, None)]
+    specs += [(host or args.host, port, mode) for host, port, mode in args.listen or ()]
+    if not specs:
+        parser.error("give a PORT or at least one --listen")
+    for host, port, mode in specs:
+        if not 0 <= port <= 65535:
+            parser.error("PORT must be between 0 and 65535")
+        if mode is not None and mode not in args.modes:
+            parser.error("--listen %s:%d/%s: the mode must be one of %s" % (host, port, mode, ", ".join(args.modes)))
+    return [(host, port, mode or args.modes[0]) for host, port, mode in specs]
 
 
 def tls_context(parser, cert, key, required):
     """The server's TLS certificate from --tls-cert/--tls-key, a ServerCertificate (None without them)."""
     if not cert and not key:
         if required:
-            parser.error("--require-tls and --implicit-tls need --tls-cert and --tls-key")
+            parser.error("--require-tls, --implicit-tls and the TLS listener modes need --tls-cert and --tls-key")
         return None
     if not (cert and key):
         parser.error("--tls-cert and --tls-key go together")
@@ -1491,6 +1544,46 @@ def create_listener(host, port):
         listener.close()
         raise
     return listener
+
+
+class ListenError(Exception):
+    """A listener could not be opened: the server does not start."""
+
+
+class Listener:
+    """A listening socket and what its mode asks of the sessions that come in on it (CONTRACT.md 8).
+
+    The server-wide --implicit-tls, --require-tls and --require-auth hold
+    on every listener; a mode can only add to them.
+    """
+
+    def __init__(self, host, port, mode, args):
+        implicit_tls, require_tls, require_auth = LISTEN_MODES[mode]
+        self.mode = mode
+        self.implicit_tls = implicit_tls or args.implicit_tls
+        self.require_tls = require_tls or args.require_tls
+        self.require_auth = require_auth or getattr(args, "require_auth", False)
+        try:
+            self.socket = create_listener(host, port)
+        except OSError as exc:
+            raise ListenError("cannot listen on %s port %d (%s): %s" % (host, port, mode, exc))
+        self.address = self.socket.getsockname()
+
+    def __str__(self):
+        return "%s port %d (%s)" % (self.address[0], self.address[1], self.mode)
+
+
+def open_listeners(args):
+    """A Listener for each of args.listeners, all or none (ListenError naming the first that failed)."""
+    listeners = []
+    try:
+        for host, port, mode in args.listeners:
+            listeners.append(Listener(host, port, mode, args))
+    except ListenError:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
 
 
 def peer_text(address):
@@ -1629,32 +1722,48 @@ class Server:
         self.timeout = args.timeout
         self.verbose = args.verbose
         self.tls = args.tls
-        self.require_tls = args.require_tls
-        self.implicit_tls = args.implicit_tls
         self.proxy_from = args.proxy_from      # the load balancers that send PROXY headers
         self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
         self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
-        self.listener = create_listener(args.host, args.port)
-        self.address = self.listener.getsockname()
+        self.listeners = open_listeners(args)
+        self.selector = None         # with several listeners: the one wait for all of them
+        if len(self.listeners) > 1:
+            self.selector = selectors.DefaultSelector()
+            for listener in self.listeners:
+                listener.socket.setblocking(False)
+                self.selector.register(listener.socket, selectors.EVENT_READ, listener)
 
     def serve_forever(self):
-        """Accept connections until shutdown() closes the listener."""
-        log.info("listening on %s port %d", self.address[0], self.address[1])
+        """Accept connections until shutdown() closes the listeners."""
+        for listener in self.listeners:
+            log.info("listening on %s", listener)
         self.users.refresh()         # read userinfo.txt now, so its problems show at start
         while True:
             try:
-                sock, address = self.listener.accept()
+                sock, address, listener = self.accept()
             except OSError as exc:
                 if self.stopping:
                     return
                 log.warning("accept failed: %s", exc)
                 time.sleep(ACCEPT_RETRY_DELAY)    # e.g. out of descriptors: let sessions end first
                 continue
-            self.start_session(sock, address)
+            self.start_session(sock, address, listener)
 
-    def start_session(self, sock, address):
+    def accept(self):
+        """The next connection, on any listener: (socket, address, Listener)."""
+        if self.selector is None:                # one listener: a plain blocking accept, no extra wait
+            listener = self.listeners[0]
+            return listener.socket.accept() + (listener,)
+        while True:
+            for key, _ in self.selector.select():
+                try:
+                    return key.fileobj.accept() + (key.data,)
+                except (BlockingIOError, InterruptedError):   # taken back by the client meanwhile
+                    continue
+
+    def start_session(self, sock, address, listener):
         """Serve a new connection in a thread of its own, or refuse it when there is no slot for it.
 
         A balancer's connection is counted in the total only: its client is
@@ -1673,7 +1782,7 @@ class Server:
             # threading.excepthook hears of it.  It costs: about 0.1 ms of CPU
             # per connection more than a bare _thread (measured, bench_smtp:
             # 970 against 1464 messages/s at 10 clients, one a connection).
-            threading.Thread(target=self.serve, args=(sock, address, client), daemon=True).start()
+            threading.Thread(target=self.serve, args=(sock, address, client, listener), daemon=True).start()
         except RuntimeError as exc:               # the system cannot make more threads
             self.slots.give_back(client)
             self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
@@ -1690,7 +1799,7 @@ class Server:
             pass
         sock.close()
 
-    def serve(self, sock, address, client):
+    def serve(self, sock, address, client, listener):
         """Run one session (in its own thread); client None: a balancer's, whose PROXY header comes first."""
         leave_signals_to_main_thread()
         try:
@@ -1699,7 +1808,7 @@ class Server:
                 if client is None:
                     return
             sock.settimeout(self.timeout)
-            self.session_class(self, sock, address).run()
+            self.session_class(self, sock, address, listener).run()
         except Exception:
             log.exception("session with %s failed", peer_text(address))
             sock.close()
@@ -1731,7 +1840,8 @@ class Server:
     def shutdown(self, signals):
         """Stop accepting; give the work in flight time to finish (until a second signal)."""
         self.stopping = True         # work that checks it after entering in_flight does not start
-        self.listener.close()
+        for listener in self.listeners:
+            listener.socket.close()
         log.info("shutting down")
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while not self.in_flight.wait(0.1):
@@ -1800,8 +1910,8 @@ def run_server(server_class, args, name):
     run_on_one_cpu(args.cpu)
     try:
         server = server_class(args)
-    except OSError as exc:
-        log.error("cannot listen on %s port %d: %s", args.host, args.port, exc)
+    except ListenError as exc:
+        log.error("%s", exc)
         return 1
     signals = ShutdownSignals()
     if args.tls is not None and hasattr(signal, "SIGHUP"):
@@ -2051,7 +2161,8 @@ def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("SMTP server: delivers mail into ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before 421",
-                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS")
+                              "STARTTLS", "refuse mail and AUTH until the client has used STARTTLS",
+                              ("smtp", "submission", "smtps"))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "other commands (each does one thing and exits):\n" + "".join(
         "  python3 mailserver_smtp.py %s\n      %s\n" % command for command in OTHER_COMMANDS)
@@ -2263,8 +2374,8 @@ class SMTPSession(Session):
     SASL_REPLIES = SMTP_SASL_REPLIES
     NOT_OFFERED = ("EXPN", "TURN")   # known verbs, answered 502
 
-    def __init__(self, server, sock, address):
-        super().__init__(server, sock, address)
+    def __init__(self, server, sock, address, listener):
+        super().__init__(server, sock, address, listener)
         self.domain = server.domain
         self.replies = PLAIN_REPLIES    # Replies, with enhanced codes, once the client says EHLO
         self.bad_commands = 0        # syntax and sequence errors in a row
@@ -2357,7 +2468,7 @@ class SMTPSession(Session):
             return self.replies.SYNTAX % "EHLO hostname"
         self.reset()
         self.client_name, self.replies = argument, Replies
-        keywords = self.server.extensions(self.tls_active, self.password_refused())
+        keywords = self.server.extensions(self.tls_active, self.listener.require_tls, self.password_refused())
         return (self.replies.EHLO % (self.domain, argument),
                 *["250-" + k for k in keywords[:-1]], "250 " + keywords[-1])
 
@@ -2373,7 +2484,7 @@ class SMTPSession(Session):
             return self.replies.AUTH_IN_TRANSACTION
         if not mechanism or " " in initial:
             return self.replies.AUTH_SYNTAX
-        if self.server.require_tls and not self.tls_active:
+        if self.listener.require_tls and not self.tls_active:
             return self.replies.AUTH_NEEDS_TLS
         if mechanism not in SMTP_MECHANISMS:
             return self.replies.AUTH_MECHANISM
@@ -2411,16 +2522,16 @@ class SMTPSession(Session):
         """Refuse MAIL before a greeting, before STARTTLS or AUTH where they are required, or at shutdown."""
         if self.client_name is None:
             raise Refused(Replies.HELO_FIRST)
-        if self.server.require_tls and not self.tls_active:
+        if self.listener.require_tls and not self.tls_active:
             raise Refused(Replies.STARTTLS_FIRST)
-        if self.server.require_auth and self.login is None:
+        if self.listener.require_auth and self.login is None:
             raise Refused(Replies.AUTH_REQUIRED)
         if self.server.stopping:
             self.shutting_down()
             raise SessionEnd("server shutting down")
 
     def do_RCPT(self, argument):
-        """Add a recipient: a user of this mail root (RCPT TO: or RCPT_TO:)."""
+        """Add a recipient (RCPT TO: or RCPT_TO:): a user here, or an address for the queue (mailbox_owner)."""
         envelope = self.envelope
         if envelope.sender is None:
             return self.replies.MAIL_FIRST
@@ -2468,7 +2579,7 @@ class SMTPSession(Session):
             if len(words) > 1 and not last:
                 raise Refused(Replies.SYNTAX % "BDAT size [LAST]")
             self.envelope.ready_for_message()
-            if self.envelope.chunked is not None and self.envelope.chunked.failed:
+            if self.envelope.chunked is not None and self.envelope.chunked.refused is not None:
                 raise Refused(Replies.BDAT_FAILED)
         except Refused:
             # The client sends the octets whatever the reply: read them, to stay in step.
@@ -2485,8 +2596,7 @@ class SMTPSession(Session):
         chunked = envelope.chunked
         chunked.read(self.wire, count, self.server.timeout)
         if not last:
-            if chunked.refused is not None:
-                chunked.failed = True            # RFC 3030 4: the client is to send RSET next
+            if chunked.refused is not None:      # RFC 3030 4: the client is to send RSET next
                 raise chunked.refused
             return self.replies.CHUNK_OK % count
         with self.server.in_flight:          # from the last chunk on, a shutdown waits for it
@@ -2634,7 +2744,6 @@ class ChunkedMessage:
         self.max_size = max_size
         self.partial = b""           # a line begun in one piece and not ended yet
         self.refused = None          # Refused, once the message is
-        self.failed = False          # a chunk was refused: only RSET goes on
 
     def read(self, wire, count, timeout):
         """Take the next count octets from the client: stored, or thrown away once refused."""
@@ -3325,7 +3434,8 @@ def open_mailbox(path):
 #   rcpt      <state> <attempts> <next try> <address> <last reply>   (one per recipient)
 #
 # state is pending, sent or failed.  The message follows the blank line
-# exactly as it goes out: CRLF lines, not dot-stuffed, our Received: first.
+# as it goes out, CRLF lines with our Received: first, but without SMTP's
+# dot-stuffing: that is added as it is sent (dot_stuffed_chunks).
 #
 # Durability.  A new queue file is written under its .tmp name and fsync'd
 # before the local mailboxes are appended to; it is renamed into place
@@ -3831,6 +3941,7 @@ class OutboundQueue:
         for _ in range(self.concurrency):
             threading.Thread(target=self._run, name="queue runner", daemon=True).start()
         threading.Thread(target=self._close_idle, name="idle connections", daemon=True).start()
+        log.info("queue: %d runners started on %s", self.concurrency, self.folder)
 
     def _close_idle(self):
         # Not a waiter on self.changed: a notify() meant for a runner must never wake this instead.
@@ -3922,14 +4033,15 @@ class OutboundQueue:
             lock.release()
 
     def _attempt(self, entry, path, fd, forced):
-        """Send to the due recipients (the file open at fd), record what happened; True once it is done."""
+        """Send to the due recipients (the file open at fd), record what happened; remove the file once done."""
         now = time.time()
         due = [r for r in entry.pending() if forced or r.next_try <= now]
         if not due:
             if entry.pending():
                 self.due_at(entry.next_try())
-                return False
-            return self._remove(entry, path)
+            else:
+                self._remove(entry, path)
+            return
         outcomes = self.relay.send_message(entry, fd, due)
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
@@ -3937,20 +4049,19 @@ class OutboundQueue:
                 recipient.state = "pending"
                 recipient.next_try = time.time() + backoff(recipient.attempts, self.retry_base)
         if not entry.pending():
-            return self._remove(entry, path)
+            self._remove(entry, path)
+            return
         rewrite_queued(self.folder, entry, path)
         self.due_at(entry.next_try())
-        return False
 
     def _remove(self, entry, path):
-        """A message is done (every recipient sent or failed): remove its file; True.
+        """A message is done (every recipient sent or failed): remove its file.
 
         The removal is not fsync'd: a crash that undoes it sends the message
         again, which at least once allows, and it saves an fsync per message.
         """
         remove_file(path)
         log.info("%s: removed", entry.id)
-        return True
 
     def _record(self, entry, due, outcomes):
         """Set each tried recipient's new state and log it; return [(recipient, outcome)] of the failed."""
@@ -3987,7 +4098,8 @@ class OutboundQueue:
             return True
         try:
             report = delivery_status_notification(entry, path, failed, self.server.domain)
-            return self._send_bounce(entry, report)
+            self._send_bounce(entry, report)
+            return True
         except (OSError, ValueError) as exc:
             log.error("%s: cannot bounce to <%s>: %s", entry.id, entry.sender, exc)
             return False
@@ -3999,13 +4111,12 @@ class OutboundQueue:
                 login = self.server.local_owner(entry.sender)
             except Refused:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
-                return True
+                return
             deliver({self.server.users.mailbox_path(login): stored_bounce(report, entry.sender, self.server.domain)})
             log.info("%s: bounce delivered to %s", entry.id, login)
-            return True
+            return
         bounce_id = self.queue_message("", entry.sender, report)
         log.info("%s: bounce queued as %s", entry.id, bounce_id)
-        return True
 
 
 def request_flush(folder):
@@ -4407,11 +4518,6 @@ class Resolver:
             ipaddress.ip_address(ip.split("%")[0])
         self.timeout = timeout
         self.attempts = max(1, attempts)
-
-    @classmethod
-    def from_resolv_conf(cls, path=RESOLV_CONF, timeout=DNS_TIMEOUT, attempts=DNS_ATTEMPTS):
-        """A resolver asking the nameservers of a resolv.conf file (127.0.0.1 if it names none)."""
-        return cls(_dns_read_resolv_conf(path), timeout, attempts)
 
     def query(self, name, rtype):
         """The records of type rtype ("MX", "A", "AAAA", "CNAME", "TXT", "PTR") for name, CNAMEs followed; [] if none.
@@ -5781,7 +5887,6 @@ class SMTPServer(Server):
         super().__init__(args)
         self.max_size = args.max_size
         self.quota = args.quota
-        self.require_auth = args.require_auth
         self.local_domains = args.local_domains
         self.relay_networks = args.relay_networks
         self.postmaster_name = args.postmaster
@@ -5793,11 +5898,13 @@ class SMTPServer(Server):
             self.domain, Resolver(args.dns_server, CHECK_DNS_TIMEOUT, CHECK_DNS_ATTEMPTS))
 
     def serve_forever(self):
-        ip = peer_ip(self.address[0])
-        if self.local_domains is None and not (ip and ip.is_loopback):
-            log.warning("every domain is local (the course mode): mail for any address is taken for the users "
-                        "here, from anyone who can reach %s; give --local-domains to take mail for your "
-                        "domains only", "any interface" if ip and ip.is_unspecified else self.address[0])
+        for listener in self.listeners if self.local_domains is None else ():
+            ip = peer_ip(listener.address[0])
+            if not (ip and ip.is_loopback):
+                log.warning("every domain is local (the course mode): mail for any address is taken for the "
+                            "users here, from anyone who can reach %s; give --local-domains to take mail for "
+                            "your domains only", "any interface" if ip.is_unspecified else listener.address[0])
+                break
         if self.queue is not None:
             self.queue.start()
         super().serve_forever()
@@ -5807,7 +5914,7 @@ class SMTPServer(Server):
             self.queue.stop()
         super().shutdown(signals)
 
-    def extensions(self, tls_active, password_refused):
+    def extensions(self, tls_active, require_tls, password_refused):
         """The service extensions EHLO lists (RFC 5321 4.1.1.1), for a session in TLS or not.
 
         AUTH lists only what the session may use now: no method that sends
@@ -5815,7 +5922,7 @@ class SMTPServer(Server):
         """
         keywords = ["SIZE %d" % self.max_size, "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES",
                     "SMTPUTF8", "CHUNKING"]
-        if tls_active or not self.require_tls:
+        if tls_active or not require_tls:
             keywords.append("AUTH " + " ".join(m for m in SMTP_MECHANISMS
                                                if not (password_refused and m in PASSWORD_MECHANISMS)))
         if self.tls and not tls_active:
@@ -5976,6 +6083,990 @@ def read_new_password():
     if not password or password != password.strip():
         raise ValueError("a password must be given, without spaces at its ends")
     return password
+
+
+# ##########################################################################
+#
+#   PART 3: MESSAGE AUTHENTICATION: DKIM
+#
+#   DomainKeys Identified Mail (RFC 6376) with rsa-sha256 (RFC 8301) and
+#   ed25519-sha256 (RFC 8463), from the bytes up: keys and the DER they are
+#   written in, RSA, Ed25519, canonicalization, signing, verifying.  What
+#   the rest of the file uses is small:
+#     read_private_key(text), generate_rsa_key(), generate_ed25519_key(),
+#     key.private_pem(), key.public.record()     the keys (--dkim-keygen)
+#     dkim_sign(chunks, domain, keys, now)       DKIM-Signature fields to put on top
+#     dkim_verify(header, body, lookup_txt, now) one DKIMResult per signature
+#     DKIMKeys(root).keys_for(domain)            the keys of ROOT/.dkim/DOMAIN/
+#   Nothing here opens a socket: DNS comes in as lookup_txt(name), a
+#   function returning the TXT texts of name ([] for none) or raising
+#   DNSError.
+#
+# ##########################################################################
+
+# --------------------------------------------------------------------------
+# Keys and DER
+# --------------------------------------------------------------------------
+# A key file is PEM (RFC 7468): base64 DER between BEGIN and END lines.  We
+# read PKCS#1 RSAPrivateKey (RFC 8017 A.1.2), PKCS#8 PrivateKeyInfo /
+# OneAsymmetricKey (RFC 5208, RFC 5958) holding RSA or Ed25519 (RFC 8410),
+# and write PKCS#8.  The DER reader is strict (X.690 10): definite lengths
+# in their shortest form, integers without padding, nothing left over.  A
+# key file is the start of everything we sign, so anything else in it is an
+# error that says what is wrong, never a guess.
+
+DKIM_KEY_FOLDER = ".dkim"            # ROOT/.dkim/DOMAIN/SELECTOR.pem
+DKIM_KEY_SUFFIX = ".pem"
+DKIM_MAX_KEY_FILE = 64 * 1024        # bytes: an RSA-16384 PEM is 13 KB
+DKIM_MIN_SIGNING_BITS = 2048         # RFC 8301 3.2: signers MUST use at least 1024, SHOULD 2048
+DKIM_MIN_VERIFYING_BITS = 1024       # RFC 8301 3.2: verifiers MUST NOT accept shorter
+DKIM_MAX_VERIFYING_BITS = 8192       # a key record longer than this costs too much to use (RFC 6376 3.3.3)
+RSA_PUBLIC_EXPONENT = 65537          # FIPS 186-5 A.1.1: odd, 2**16 < e < 2**256
+DER_SEQUENCE, DER_INTEGER, DER_BIT_STRING, DER_OCTET_STRING, DER_NULL, DER_OID = 0x30, 0x02, 0x03, 0x04, 0x05, 0x06
+DER_ATTRIBUTES, DER_PUBLIC_KEY = 0xA0, 0x81      # RFC 5958 2: [0] attributes, [1] publicKey (implicit)
+OID_RSA = bytes.fromhex("2a864886f70d010101")    # 1.2.840.113549.1.1.1 rsaEncryption (RFC 8017 A.1)
+OID_ED25519 = bytes.fromhex("2b6570")            # 1.3.101.112 id-Ed25519 (RFC 8410 3)
+PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END ([A-Z0-9 ]+)-----", re.DOTALL)
+BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
+PEM_LINE = 64                        # RFC 7468 2: base64 lines of 64 characters
+
+
+class DKIMKeyError(ValueError):
+    """A key that cannot be used: unreadable, malformed, of a kind we do not know, or too short."""
+
+
+def _der_element(data, pos, end):
+    """(tag, start, stop) of the DER element at pos, which must end by end: its value is data[start:stop]."""
+    if pos + 2 > end:
+        raise DKIMKeyError("DER cut short")
+    tag, first = data[pos], data[pos + 1]
+    if tag & 0x1F == 0x1F:
+        raise DKIMKeyError("DER tag of several octets")   # none occurs in a key
+    pos += 2
+    if first == 0x80:
+        raise DKIMKeyError("DER with an indefinite length")
+    if first > 0x80:
+        count = first & 0x7F
+        if count > 4 or pos + count > end:
+            raise DKIMKeyError("DER length cut short or too long")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        if data[pos] == 0 or length < 0x80:
+            raise DKIMKeyError("DER length not in its shortest form")
+        pos += count
+    else:
+        length = first
+    if pos + length > end:
+        raise DKIMKeyError("DER length larger than its data")
+    return tag, pos, pos + length
+
+
+def der_fields(data, tags, optional=(), start=0, end=None):
+    """The values (bytes) of one DER SEQUENCE filling data[start:end], whose elements have these tags.
+
+    After the tags, the elements in optional may follow, each at most
+    once and in order; an absent one is None.
+    """
+    end = len(data) if end is None else end
+    tag, pos, stop = _der_element(data, start, end)
+    if tag != DER_SEQUENCE or stop != end:
+        raise DKIMKeyError("not one DER SEQUENCE" if tag != DER_SEQUENCE else "bytes after the DER SEQUENCE")
+    values, wanted = [], list(tags) + list(optional)
+    for index, expected in enumerate(wanted):
+        if pos == stop:
+            if index < len(tags):
+                raise DKIMKeyError("DER SEQUENCE with too few elements")
+            values.append(None)
+            continue
+        tag, value_start, value_stop = _der_element(data, pos, stop)
+        if tag != expected:
+            if index < len(tags):
+                raise DKIMKeyError("DER element 0x%02x where 0x%02x belongs" % (tag, expected))
+            values.append(None)
+            continue
+        values.append(data[value_start:value_stop])
+        pos = value_stop
+    if pos != stop:
+        raise DKIMKeyError("DER SEQUENCE with elements left over")
+    return values
+
+
+def der_integer(value):
+    """The non-negative INTEGER with these content octets (X.690 8.3: shortest form)."""
+    if not value:
+        raise DKIMKeyError("empty DER INTEGER")
+    if len(value) > 1 and (value[0] == 0 and value[1] < 0x80 or value[0] == 0xFF and value[1] >= 0x80):
+        raise DKIMKeyError("DER INTEGER not in its shortest form")
+    if value[0] >= 0x80:
+        raise DKIMKeyError("negative DER INTEGER")
+    return int.from_bytes(value, "big")
+
+
+def der(tag, content):
+    """One DER element."""
+    if len(content) < 0x80:
+        return bytes((tag, len(content))) + content
+    size = (len(content).bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + len(content).to_bytes(size, "big") + content
+
+
+def der_int(number):
+    """A non-negative INTEGER in DER."""
+    return der(DER_INTEGER, number.to_bytes(number.bit_length() // 8 + 1, "big"))
+
+
+def pem_decode(text):
+    """(label, DER bytes) of the one PEM block that text holds (RFC 7468 2), else DKIMKeyError."""
+    blocks = PEM_BLOCK.findall(text)
+    if len(blocks) != 1 or PEM_BLOCK.sub("", text).strip():
+        raise DKIMKeyError("not one PEM block (cut short, or other text around it)")
+    label, body, end_label = blocks[0]
+    if label != end_label:
+        raise DKIMKeyError("PEM BEGIN %s ended by END %s" % (label, end_label))
+    if ":" in body:
+        raise DKIMKeyError("PEM with headers: an encrypted key cannot be used without its passphrase")
+    joined = "".join(body.split())
+    if not BASE64_TEXT.match(joined) or len(joined) % 4:
+        raise DKIMKeyError("PEM base64 is malformed")
+    return label, base64.b64decode(joined)
+
+
+def pem_encode(label, data):
+    """A PEM block (RFC 7468 2) of DER bytes."""
+    text = base64.b64encode(data).decode("ascii")
+    lines = [text[i:i + PEM_LINE] for i in range(0, len(text), PEM_LINE)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+
+
+def read_private_key(text):
+    """The private key (RSAPrivateKey or Ed25519PrivateKey) in a PEM text; DKIMKeyError says why not."""
+    label, data = pem_decode(text)
+    if label == "RSA PRIVATE KEY":                       # PKCS#1
+        return _rsa_private_from_der(data)
+    if label == "PRIVATE KEY":                           # PKCS#8
+        return _pkcs8_private_from_der(data)
+    if label in ("PUBLIC KEY", "RSA PUBLIC KEY"):
+        raise DKIMKeyError("a public key, where the private key belongs")
+    if label == "ENCRYPTED PRIVATE KEY":
+        raise DKIMKeyError("an encrypted key cannot be used without its passphrase")
+    raise DKIMKeyError("PEM of a %s, not an RSA or Ed25519 private key" % label)
+
+
+def _pkcs8_private_from_der(data):
+    """The key in a PKCS#8 PrivateKeyInfo (RFC 5208 5) or OneAsymmetricKey (RFC 5958 2)."""
+    version, algorithm, private, _, _ = der_fields(
+        data, (DER_INTEGER, DER_SEQUENCE, DER_OCTET_STRING), (DER_ATTRIBUTES, DER_PUBLIC_KEY))
+    if der_integer(version) not in (0, 1):
+        raise DKIMKeyError("PKCS#8 version %d" % der_integer(version))
+    oid = der(DER_SEQUENCE, algorithm)
+    if oid == der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b"")):
+        return _rsa_private_from_der(private)
+    if oid == der(DER_SEQUENCE, der(DER_OID, OID_ED25519)):   # RFC 8410 3: no parameters
+        tag, start, stop = _der_element(private, 0, len(private))
+        if tag != DER_OCTET_STRING or stop != len(private) or stop - start != ED25519_KEY_SIZE:
+            raise DKIMKeyError("an Ed25519 private key is an OCTET STRING of 32 bytes (RFC 8410 7)")
+        return Ed25519PrivateKey(private[start:stop])
+    raise DKIMKeyError("PKCS#8 key of an algorithm other than RSA and Ed25519")
+
+
+def _rsa_private_from_der(data):
+    """The key in a PKCS#1 RSAPrivateKey (RFC 8017 A.1.2): two primes, every value consistent."""
+    values = [der_integer(value) for value in der_fields(data, (DER_INTEGER,) * 9)]
+    version, n, e, d, p, q, dp, dq, qinv = values
+    if version != 0:
+        raise DKIMKeyError("RSA key with more than two primes")
+    key = RSAPrivateKey(n, e, d, p, q)
+    if (dp, dq, qinv) != (key.dp, key.dq, key.qinv):
+        raise DKIMKeyError("RSA key whose CRT values do not match its primes")
+    return key
+
+
+def public_key_from_record(kind, data):
+    """The public key of a key record's p= (base64-decoded): RSA as SubjectPublicKeyInfo or
+    RSAPublicKey (RFC 6376 3.6.1), Ed25519 as its 32 bytes (RFC 8463 4)."""
+    if kind == "ed25519":
+        if len(data) != ED25519_KEY_SIZE:
+            raise DKIMKeyError("an Ed25519 public key is 32 bytes")
+        return Ed25519PublicKey(data)
+    try:
+        algorithm, bits = der_fields(data, (DER_SEQUENCE, DER_BIT_STRING))
+        if der(DER_SEQUENCE, algorithm) != der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b"")):
+            raise DKIMKeyError("public key of an algorithm other than RSA")
+        if bits[:1] != b"\0":
+            raise DKIMKeyError("BIT STRING with unused bits")
+        data = bits[1:]
+    except DKIMKeyError:
+        if data[:1] != bytes((DER_SEQUENCE,)) or len(der_fields(data, (DER_INTEGER,), (DER_INTEGER,))) < 2:
+            raise
+    n, e = [der_integer(value) for value in der_fields(data, (DER_INTEGER, DER_INTEGER))]
+    return RSAPublicKey(n, e)
+
+
+# --------------------------------------------------------------------------
+# RSA (RFC 8017; keys by FIPS 186-5 appendix A.1.3 and B.3)
+# --------------------------------------------------------------------------
+# A signature is pow(m, d, n) for the padded digest m (EMSA-PKCS1-v1_5,
+# RFC 8017 9.2), computed with the Chinese remainder theorem (3x faster).
+# CPython's big integers are not constant-time, so m is blinded with a
+# fresh random r per signature (m * r**e, then times 1/r): the exponent
+# sees numbers an observer cannot choose or predict.  Each signature is
+# checked with the public key before it is used (a fault in the CRT would
+# otherwise reveal a prime: Boneh, DeMillo, Lipton 1997).
+
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")   # RFC 8017 9.2 note 1
+RSA_KEY_BITS = 2048
+RSA_PRIME_ROUNDS = {1024: 5, 1536: 4, 2048: 4}   # FIPS 186-5 table B.1: M-R rounds for p, q of these
+                                                 # sizes, error below 2**-112, 2**-128, 2**-144
+SMALL_PRIMES = [n for n in range(3, 2000, 2) if all(n % k for k in range(3, int(n ** 0.5) + 1, 2))]
+
+
+class RSAPublicKey:
+    """An RSA public key (n, e): verifies RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 8.2.2)."""
+
+    kind = "rsa"
+    algorithm = "rsa-sha256"
+
+    def __init__(self, n, e):
+        if n < 3 or e < 3 or e % 2 == 0 or e >= n:
+            raise DKIMKeyError("RSA public key with impossible values")
+        self.n, self.e = n, e
+        self.bits = n.bit_length()
+        self.size = (self.bits + 7) // 8
+
+    def verify(self, data, signature):
+        """Whether signature is this key's signature of data."""
+        if len(signature) != self.size:           # RFC 8017 8.2.2 step 1
+            return False
+        s = int.from_bytes(signature, "big")
+        return s < self.n and pow(s, self.e, self.n) == rsa_encode(data, self.size)
+
+    def der(self):
+        """SubjectPublicKeyInfo (RFC 5280 4.1.2.7), what a DKIM key record's p= holds."""
+        algorithm = der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b""))
+        key = der(DER_SEQUENCE, der_int(self.n) + der_int(self.e))
+        return der(DER_SEQUENCE, algorithm + der(DER_BIT_STRING, b"\0" + key))
+
+    def record(self):
+        """The DKIM key record's text (RFC 6376 3.6.1)."""
+        return "v=DKIM1; k=rsa; p=" + base64.b64encode(self.der()).decode("ascii")
+
+
+def rsa_encode(data, size):
+    """EMSA-PKCS1-v1_5 (RFC 8017 9.2) of data's SHA-256 digest, as an integer of size octets."""
+    digest_info = SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
+    if size < len(digest_info) + 11:
+        raise DKIMKeyError("RSA key too short for SHA-256")
+    return int.from_bytes(b"\0\1" + b"\xff" * (size - len(digest_info) - 3) + b"\0" + digest_info, "big")
+
+
+class RSAPrivateKey:
+    """An RSA private key of two primes, signing with CRT and blinding (see above)."""
+
+    kind = "rsa"
+    algorithm = "rsa-sha256"
+
+    def __init__(self, n, e, d, p, q):
+        if p * q != n or p == q or min(p, q) < 3:
+            raise DKIMKeyError("RSA key whose primes do not make its modulus")
+        self.public = RSAPublicKey(n, e)
+        lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)   # FIPS 186-5 A.1.1: d * e = 1 mod lcm(p-1, q-1)
+        if d * e % lam != 1:
+            raise DKIMKeyError("RSA key whose private exponent does not match")
+        self.n, self.e, self.d, self.p, self.q = n, e, d, p, q
+        self.dp, self.dq, self.qinv = d % (p - 1), d % (q - 1), pow(q, -1, p)
+        self.bits = self.public.bits
+
+    def sign(self, data):
+        """The RSASSA-PKCS1-v1_5 SHA-256 signature of data (RFC 8017 8.2.1)."""
+        m = rsa_encode(data, self.public.size)
+        r = secrets.randbelow(self.n - 2) + 2          # the blinding factor, fresh each time
+        while math.gcd(r, self.n) != 1:
+            r = secrets.randbelow(self.n - 2) + 2
+        blinded = m * pow(r, self.e, self.n) % self.n
+        s1, s2 = pow(blinded % self.p, self.dp, self.p), pow(blinded % self.q, self.dq, self.q)
+        s = (s2 + (self.qinv * (s1 - s2) % self.p) * self.q) * pow(r, -1, self.n) % self.n
+        if pow(s, self.e, self.n) != m:
+            raise DKIMKeyError("RSA signature failed its check (a fault): not used")
+        return s.to_bytes(self.public.size, "big")
+
+    def der(self):
+        """PKCS#1 RSAPrivateKey (RFC 8017 A.1.2)."""
+        values = (0, self.n, self.e, self.d, self.p, self.q, self.dp, self.dq, self.qinv)
+        return der(DER_SEQUENCE, b"".join(der_int(value) for value in values))
+
+    def private_pem(self):
+        """The key as a PKCS#8 PEM file (RFC 5208, RFC 7468 10)."""
+        algorithm = der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b""))
+        return pem_encode("PRIVATE KEY", der(DER_SEQUENCE, der_int(0) + algorithm + der(DER_OCTET_STRING, self.der())))
+
+
+def is_probable_prime(n, rounds):
+    """Miller-Rabin with random bases (FIPS 186-5 B.3.1, C.3.1), after trial division by small primes."""
+    if n < 2 or n % 2 == 0:
+        return n == 2
+    for small in SMALL_PRIMES:
+        if n % small == 0:
+            return n == small
+    m, a = n - 1, 0
+    while m % 2 == 0:
+        m, a = m // 2, a + 1
+    for _ in range(rounds):
+        b = secrets.randbelow(n - 3) + 2               # C.3.1 step 4.1: 1 < b < n - 1
+        z = pow(b, m, n)
+        if z in (1, n - 1):
+            continue
+        for _ in range(a - 1):
+            z = z * z % n
+            if z == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _rsa_prime(half, e, other=None):
+    """A random probable prime p of half bits for e (FIPS 186-5 B.3.3 steps 4 and 5).
+
+    p * p >= 2**(2*half - 1) (that is p >= sqrt(2) * 2**(half-1), so the
+    modulus has all its bits), gcd(p - 1, e) = 1, and p is far from other:
+    |p - q| > 2**(half - 100).
+    """
+    rounds = RSA_PRIME_ROUNDS.get(half, 5)   # smaller primes (test keys only): as many as for 1024 bits
+    for _ in range(5 * half * 10):       # B.3.3 allows 5 * half tries; candidates failing trial division are cheap
+        p = secrets.randbits(half) | 1
+        if p * p < 1 << (2 * half - 1):
+            continue
+        if other is not None and abs(p - other) <= 1 << (half - 100):
+            continue
+        if math.gcd(p - 1, e) == 1 and is_probable_prime(p, rounds):
+            return p
+    raise DKIMKeyError("no prime found: is the random source broken?")
+
+
+def generate_rsa_key(bits=RSA_KEY_BITS, e=RSA_PUBLIC_EXPONENT):
+    """A new RSA key of bits bits from secrets (FIPS 186-5 B.3.3 with probable primes)."""
+    half = bits // 2
+    while True:
+        p = _rsa_prime(half, e)
+        q = _rsa_prime(half, e, p)
+        lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+        d = pow(e, -1, lam)
+        if d > 1 << half:                # FIPS 186-5 A.1.1: d > 2**(nlen/2), else start again
+            return RSAPrivateKey(p * q, e, d, max(p, q), min(p, q))
+
+
+# --------------------------------------------------------------------------
+# Ed25519 (RFC 8032 5.1)
+# --------------------------------------------------------------------------
+# The curve -x**2 + y**2 = 1 + d*x**2*y**2 over the integers mod 2**255-19,
+# points in extended coordinates (X:Y:Z:T) with x = X/Z, y = Y/Z, x*y = T/Z
+# (RFC 8032 5.1.4).  Secrets are 32 random bytes; signing is deterministic,
+# so the RFC 8463 example signature comes out byte for byte.  (Pure Python,
+# so neither constant-time nor fast: a few milliseconds a signature.)
+
+ED25519_P = 2 ** 255 - 19
+ED25519_L = 2 ** 252 + 27742317777372353535851937790883648493   # the order of the base point
+ED25519_D = -121665 * pow(121666, -1, ED25519_P) % ED25519_P
+ED25519_SQRT_M1 = pow(2, (ED25519_P - 1) // 4, ED25519_P)
+ED25519_KEY_SIZE = 32
+ED25519_SIGNATURE_SIZE = 64
+
+
+def _ed_add(P, Q):
+    """P + Q (RFC 8032 5.1.4)."""
+    p = ED25519_P
+    a = (P[1] - P[0]) * (Q[1] - Q[0]) % p
+    b = (P[1] + P[0]) * (Q[1] + Q[0]) % p
+    c = 2 * P[3] * Q[3] * ED25519_D % p
+    d = 2 * P[2] * Q[2] % p
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return (e * f % p, g * h % p, f * g % p, e * h % p)
+
+
+def _ed_double(P):
+    """P + P (RFC 8032 5.1.4, the doubling formulas)."""
+    p = ED25519_P
+    a, b = P[0] * P[0] % p, P[1] * P[1] % p
+    c = 2 * P[2] * P[2] % p
+    h = a + b
+    e = h - (P[0] + P[1]) * (P[0] + P[1]) % p
+    g = a - b
+    f = c + g
+    return (e * f % p, g * h % p, f * g % p, e * h % p)
+
+
+def _ed_multiply(s, P):
+    """s * P, by double and add."""
+    Q = (0, 1, 1, 0)                     # the neutral element
+    while s:
+        if s & 1:
+            Q = _ed_add(Q, P)
+        P = _ed_double(P)
+        s >>= 1
+    return Q
+
+
+def _ed_recover_x(y, sign):
+    """The x of the point with this y and x's low bit (RFC 8032 5.1.3 steps 2-4); None if there is none."""
+    p = ED25519_P
+    if y >= p:
+        return None
+    x2 = (y * y - 1) * pow(ED25519_D * y * y + 1, -1, p) % p
+    if x2 == 0:
+        return None if sign else 0
+    x = pow(x2, (p + 3) // 8, p)
+    if (x * x - x2) % p:
+        x = x * ED25519_SQRT_M1 % p
+    if (x * x - x2) % p:
+        return None
+    return p - x if x & 1 != sign else x
+
+
+def _ed_encode(P):
+    """A point's 32 bytes: y, and x's low bit in the top bit (RFC 8032 5.1.2)."""
+    zinv = pow(P[2], -1, ED25519_P)
+    x, y = P[0] * zinv % ED25519_P, P[1] * zinv % ED25519_P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _ed_decode(data):
+    """The point of 32 bytes (RFC 8032 5.1.3), or None."""
+    y = int.from_bytes(data, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    x = _ed_recover_x(y, sign)
+    return None if x is None else (x, y, 1, x * y % ED25519_P)
+
+
+def _ed_hash(*parts):
+    """SHA-512 of the parts as an integer mod L (RFC 8032 5.1.6 steps 2 and 4)."""
+    return int.from_bytes(hashlib.sha512(b"".join(parts)).digest(), "little") % ED25519_L
+
+
+_ED_BASE_Y = 4 * pow(5, -1, ED25519_P) % ED25519_P
+ED25519_BASE = (_ed_recover_x(_ED_BASE_Y, 0), _ED_BASE_Y, 1, _ed_recover_x(_ED_BASE_Y, 0) * _ED_BASE_Y % ED25519_P)
+
+
+class Ed25519PublicKey:
+    """An Ed25519 public key (its 32 bytes): verifies ed25519-sha256 (RFC 8463 3: Ed25519 of the SHA-256 digest)."""
+
+    kind = "ed25519"
+    algorithm = "ed25519-sha256"
+    bits = 256
+
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.point = _ed_decode(self.data)
+        if self.point is None:
+            raise DKIMKeyError("Ed25519 public key that is no point of the curve")
+
+    def verify(self, data, signature):
+        """Whether signature is this key's signature of data's SHA-256 digest (RFC 8032 5.1.7)."""
+        if len(signature) != ED25519_SIGNATURE_SIZE:
+            return False
+        R, s = _ed_decode(signature[:32]), int.from_bytes(signature[32:], "little")
+        if R is None or s >= ED25519_L:
+            return False
+        k = _ed_hash(signature[:32], self.data, hashlib.sha256(data).digest())
+        left, right = _ed_multiply(s, ED25519_BASE), _ed_add(R, _ed_multiply(k, self.point))
+        p = ED25519_P
+        return (left[0] * right[2] - right[0] * left[2]) % p == 0 and (left[1] * right[2] - right[1] * left[2]) % p == 0
+
+    def record(self):
+        """The DKIM key record's text (RFC 8463 4)."""
+        return "v=DKIM1; k=ed25519; p=" + base64.b64encode(self.data).decode("ascii")
+
+
+class Ed25519PrivateKey:
+    """An Ed25519 private key: its 32-byte secret (RFC 8032 5.1.5)."""
+
+    kind = "ed25519"
+    algorithm = "ed25519-sha256"
+    bits = 256
+
+    def __init__(self, secret):
+        digest = hashlib.sha512(secret).digest()
+        self.secret = bytes(secret)
+        self.scalar = int.from_bytes(digest[:32], "little") & ((1 << 254) - 8) | 1 << 254
+        self.prefix = digest[32:]
+        self.public = Ed25519PublicKey(_ed_encode(_ed_multiply(self.scalar, ED25519_BASE)))
+
+    def sign(self, data):
+        """The Ed25519 signature of data's SHA-256 digest (RFC 8032 5.1.6, RFC 8463 3)."""
+        message = hashlib.sha256(data).digest()
+        r = _ed_hash(self.prefix, message)
+        R = _ed_encode(_ed_multiply(r, ED25519_BASE))
+        s = (r + _ed_hash(R, self.public.data, message) * self.scalar) % ED25519_L
+        return R + s.to_bytes(32, "little")
+
+    def private_pem(self):
+        """The key as a PKCS#8 PEM file (RFC 8410 7)."""
+        algorithm = der(DER_SEQUENCE, der(DER_OID, OID_ED25519))
+        private = der(DER_OCTET_STRING, der(DER_OCTET_STRING, self.secret))
+        return pem_encode("PRIVATE KEY", der(DER_SEQUENCE, der_int(0) + algorithm + private))
+
+
+def generate_ed25519_key():
+    """A new Ed25519 key: 32 random bytes (RFC 8032 5.1.5)."""
+    return Ed25519PrivateKey(secrets.token_bytes(ED25519_KEY_SIZE))
+
+
+# --------------------------------------------------------------------------
+# Canonicalization (RFC 6376 3.4)
+# --------------------------------------------------------------------------
+# One canonicalizer serves signing and verifying.  A header field is the
+# bytes of its lines, CRLFs and folding included; a body is fed in chunks
+# of any size (a message may be large), and only its SHA-256 is kept.
+
+DKIM_WSP_RUN = re.compile(rb"[ \t]+")
+DKIM_WSP_BEFORE_CRLF = re.compile(rb"[ \t]+\r\n")
+DKIM_MAX_HEADER = 1024 * 1024        # bytes of a header block we sign or verify
+DKIM_BODY_CARRY = 64 * 1024          # bytes of a line without its end held back, at most
+
+
+def canonical_header(field, relaxed):
+    """A header field as it is hashed: simple keeps it (RFC 6376 3.4.1); relaxed lowers its name,
+    unfolds it, makes each run of WSP one space and drops it around the colon and at the end (3.4.2)."""
+    if not relaxed:
+        return field
+    name, _, value = field.partition(b":")
+    value = DKIM_WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
+    return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
+
+
+class BodyHash:
+    """The SHA-256 of a canonicalized body (RFC 6376 3.4.3 simple, 3.4.4 relaxed), fed in chunks.
+
+    Empty lines at the end are not hashed (both); relaxed also drops WSP
+    at line ends and makes each run of it one space.  Empty lines are
+    counted, not kept, until a line with text follows them, so memory is
+    bounded however many there are; so is a line without its end (its
+    safe start is hashed once it is long).  limit: hash only this many
+    canonical octets (the l= tag, 3.5); length counts all of them.
+    """
+
+    def __init__(self, relaxed, limit=None):
+        self.relaxed, self.limit = relaxed, limit
+        self.sha = hashlib.sha256()
+        self.carry = b""             # the last line, while its end has not come
+        self.blank = 0               # empty lines seen and not yet hashed
+        self.length = 0              # canonical octets so far, hashed or not
+        self.empty = True            # no text at all yet: the whole body is empty lines, or nothing
+        self.open = False            # the start of the last line, text, is hashed already
+
+    def update(self, data):
+        data = self.carry + data
+        whole = data.rfind(b"\r\n") + 2
+        if whole < 2:
+            self.carry = data
+            if len(data) > DKIM_BODY_CARRY:
+                self._part_line()
+            return
+        self.carry = data[whole:]
+        block = data[:whole]
+        if self.relaxed:
+            block = DKIM_WSP_BEFORE_CRLF.sub(b"\r\n", DKIM_WSP_RUN.sub(b" ", block))
+        tail = block[len(block.rstrip(b"\r\n")):]   # the last text line's end, then the empty lines
+        broken = max(tail.rfind(b"\n\n"), tail.rfind(b"\r\r"))   # a bare CR or LF ends the text before it
+        pairs = (len(tail) - broken - 1) // 2
+        text_end = len(block) - 2 * pairs
+        if text_end or self.open:
+            self._emit(b"\r\n" * self.blank + block[:text_end] + b"\r\n")
+            self.blank, self.open = pairs - 1, False
+        else:
+            self.blank += pairs
+
+    def _part_line(self):
+        """Hash the start of a long line still without its end, up to its last character that no
+        later byte can change (not WSP, not CR)."""
+        keep = len(self.carry.rstrip(b" \t\r"))
+        if keep:
+            part = self.carry[:keep]
+            self.carry = self.carry[keep:]
+            self._emit(b"\r\n" * self.blank + (DKIM_WSP_RUN.sub(b" ", part) if self.relaxed else part))
+            self.blank, self.open = 0, True
+
+    def _emit(self, data):
+        """Hash canonical octets, up to the limit."""
+        self.empty = False
+        if self.limit is not None and self.length + len(data) > self.limit:
+            self.sha.update(data[:max(0, self.limit - self.length)])
+        else:
+            self.sha.update(data)
+        self.length += len(data)
+
+    def digest(self):
+        """The body hash (call once, after the last chunk): a body not ending in CRLF gets one, and
+        an empty body is one CRLF in simple, nothing in relaxed."""
+        if self.carry:
+            self.update(b"\r\n")
+        if self.empty and not self.relaxed:
+            self._emit(b"\r\n")
+        return self.sha.digest()
+
+
+def header_fields(header):
+    """The fields of a header block (bytes, CRLF lines, without the empty line after it), each with
+    its folded lines and its CRLF (RFC 5322 2.2.3)."""
+    if header and not header.endswith(b"\r\n"):
+        header += b"\r\n"
+    fields = []
+    for line in header.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line + b"\r\n"
+        else:
+            fields.append(line + b"\r\n")
+    return fields
+
+
+def field_name(field):
+    """A field's name in lower case, as bytes."""
+    return field.partition(b":")[0].strip(b" \t").lower()
+
+
+def split_message(chunks):
+    """(header block, the body's chunks) of a message given in chunks (CRLF lines).
+
+    The header block ends at the first empty line (RFC 5322 2.1); a message
+    with none is all header.  DKIMError if it is longer than DKIM_MAX_HEADER.
+    """
+    chunks, data = iter(chunks), b""
+    for chunk in chunks:
+        data += chunk
+        end = 0 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n") + 2
+        if end == 1 and len(data) <= DKIM_MAX_HEADER:
+            continue
+        if end == 1 or end > DKIM_MAX_HEADER:
+            raise DKIMError("header block longer than %d bytes" % DKIM_MAX_HEADER)
+        return data[:end], itertools.chain([data[end + 2:]], chunks)
+    return data, iter(())
+
+
+# --------------------------------------------------------------------------
+# The DKIM-Signature field and key records (RFC 6376 3.2, 3.5, 3.6.1)
+# --------------------------------------------------------------------------
+
+DKIM_FIELD = b"DKIM-Signature"
+DKIM_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")          # RFC 6376 3.2 tag-name
+DKIM_TAG_VALUE = re.compile(r"[\x21-\x3a\x3c-\x7e]*(?:[ \t]+[\x21-\x3a\x3c-\x7e]+)*\Z")   # 3.2 tag-value, unfolded
+DKIM_FWS = re.compile(r"[ \t\r\n]+")
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")               # RFC 8301 3.1, RFC 8463 3
+DKIM_KEY_KINDS = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
+DKIM_CANONICALIZATIONS = ("simple", "relaxed")
+DKIM_REQUIRED_TAGS = ("v", "a", "b", "bh", "d", "h", "s")         # RFC 6376 3.5
+DKIM_CLOCK_SKEW = 300                # seconds a t= may lie ahead of our clock
+DKIM_MAX_SIGNATURES = 5              # signatures verified per message; the others are ignored
+DKIM_SIGNED = (b"from", b"reply-to", b"subject", b"date", b"to", b"cc", b"message-id", b"in-reply-to",
+               b"references", b"mime-version", b"content-type", b"content-transfer-encoding")
+DKIM_OVERSIGNED = (b"from", b"to", b"cc", b"subject", b"date", b"message-id")   # once more: none can be added
+DKIM_FOLD = 72                       # characters of a signature line before it is folded
+DKIM_DOMAIN = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\.)*[A-Za-z0-9_-]+\Z")
+
+
+class DKIMError(ValueError):
+    """A message that cannot be signed, or a signature or key record that breaks the RFC (permerror)."""
+
+
+def parse_tag_list(text):
+    """A tag=value list (RFC 6376 3.2) as a dict, whitespace around names and values removed.
+
+    A tag twice, a bad name or a bad value is a DKIMError.
+    """
+    tags = {}
+    parts = DKIM_FWS.sub(" ", text).split(";")
+    if parts[-1].strip() == "":
+        parts.pop()                  # a ";" may end the list
+    for part in parts:
+        name, equals, value = part.partition("=")
+        name, value = name.strip(" "), value.strip(" ")
+        if not equals or not DKIM_TAG_NAME.match(name) or not DKIM_TAG_VALUE.match(value):
+            raise DKIMError("malformed tag %r" % part.strip()[:40])
+        if name in tags:
+            raise DKIMError("tag %s twice" % name)
+        tags[name] = value
+    return tags
+
+
+def _dkim_base64(value, tag):
+    """The bytes of a base64 tag value, whitespace inside it ignored (RFC 6376 2.4)."""
+    text = value.replace(" ", "")
+    if not BASE64_TEXT.match(text) or len(text) % 4:
+        raise DKIMError("%s= is not base64" % tag)
+    return base64.b64decode(text)
+
+
+def _dkim_number(value, tag):
+    """A t=, x= or l= value: up to 12 digits (RFC 6376 3.5 allows no more than 76 bits of them)."""
+    if not value.isdigit() or not value.isascii() or len(value) > 12:
+        raise DKIMError("%s= is not a number" % tag)
+    return int(value)
+
+
+class DKIMSignature:
+    """A DKIM-Signature field, its tags checked as RFC 6376 3.5 and 6.1.1 say; DKIMError if they break it.
+
+    now: the time t= and x= are checked against (None: they are not).
+    """
+
+    def __init__(self, field, now=None):
+        self.field = field
+        self.tags = tags = parse_tag_list(field.partition(b":")[2].decode("ascii", "replace"))
+        self.domain, self.selector = tags.get("d", ""), tags.get("s", "")
+        self.b_text = DKIM_FWS.sub("", tags.get("b", ""))
+        missing = [name for name in DKIM_REQUIRED_TAGS if name not in tags]
+        if missing:
+            raise DKIMError("no %s= tag" % missing[0])
+        if tags["v"] != "1":
+            raise DKIMError("version v=%s" % tags["v"])
+        self.algorithm = tags["a"].lower()
+        if self.algorithm == "rsa-sha1":
+            raise DKIMError("rsa-sha1 is not accepted (RFC 8301)")
+        if self.algorithm not in DKIM_ALGORITHMS:
+            raise DKIMError("unknown algorithm %s" % tags["a"][:20])
+        self.signature, self.body_hash = _dkim_base64(tags["b"], "b"), _dkim_base64(tags["bh"], "bh")
+        self._check_names()
+        self._check_canonicalization(tags.get("c", "simple"))
+        if now is not None:
+            self._check_times(now)
+        self.length = _dkim_number(tags["l"], "l") if "l" in tags else None
+        if "dns/txt" not in [method.strip(" ").lower() for method in tags.get("q", "dns/txt").split(":")]:
+            raise DKIMError("no q=dns/txt")
+
+    def _check_names(self):
+        """d=, s=, i= and h= (RFC 6376 3.5; From must be signed, 5.4)."""
+        tags = self.tags
+        if not DKIM_DOMAIN.match(self.domain) or not DKIM_DOMAIN.match(self.selector):
+            raise DKIMError("malformed d= or s=")
+        self.identity = tags.get("i", "@" + self.domain)
+        local, at, identity_domain = self.identity.rpartition("@")
+        self.identity_domain = identity_domain.lower()
+        domain = self.domain.lower()
+        if not at or not (self.identity_domain == domain or self.identity_domain.endswith("." + domain)):
+            raise DKIMError("i= not in the domain of d=")
+        self.signed = [name.strip(" ").lower().encode("ascii") for name in tags["h"].split(":")]
+        if not all(HEADER_LINE.match(name + b":") for name in self.signed):
+            raise DKIMError("malformed h=")
+        if b"from" not in self.signed:
+            raise DKIMError("From is not signed")
+
+    def _check_canonicalization(self, text):
+        """c=: header/body, each simple or relaxed; the body's defaults to simple (RFC 6376 3.5)."""
+        header, _, body = text.lower().partition("/")
+        body = body or "simple"
+        if header not in DKIM_CANONICALIZATIONS or body not in DKIM_CANONICALIZATIONS:
+            raise DKIMError("unknown canonicalization %s" % text[:30])
+        self.relaxed_header, self.relaxed_body = header == "relaxed", body == "relaxed"
+
+    def _check_times(self, now):
+        """t= not in the future, x= not in the past and not before t= (RFC 6376 3.5)."""
+        tags = self.tags
+        timestamp = _dkim_number(tags["t"], "t") if "t" in tags else None
+        expires = _dkim_number(tags["x"], "x") if "x" in tags else None
+        if timestamp is not None and timestamp > now + DKIM_CLOCK_SKEW:
+            raise DKIMError("t= is in the future")
+        if expires is not None and timestamp is not None and expires < timestamp:
+            raise DKIMError("x= is before t=")
+        if expires is not None and expires < now:
+            raise DKIMError("signature expired")
+
+    def signed_data(self, fields):
+        """What the signature covers (RFC 6376 3.7): the h= fields canonicalized, each instance taken
+        from the bottom up and a missing one as nothing (5.4.2), then this field with b= empty."""
+        by_name = {}
+        for field in fields:
+            by_name.setdefault(field_name(field), []).append(field)
+        data = []
+        for name in self.signed:
+            instances = by_name.get(name)
+            if instances:
+                data.append(canonical_header(instances.pop(), self.relaxed_header))
+        data.append(canonical_header(without_b_value(self.field), self.relaxed_header)[:-2])
+        return b"".join(data)
+
+
+def without_b_value(field):
+    """The field with the value of its b= tag deleted (RFC 6376 3.5 b=, 3.7), all else kept byte for byte."""
+    match = re.search(rb"(?:^|;)[ \t\r\n]*b[ \t\r\n]*=", field.partition(b":")[2])
+    if match is None:
+        return field
+    start = len(field.partition(b":")[0]) + 1 + match.end()
+    stop = field.find(b";", start)
+    stop = len(field) - 2 if stop < 0 else stop     # to the end, less the field's CRLF
+    return field[:start] + field[stop:]
+
+
+class DKIMKeyRecord:
+    """A key record (RFC 6376 3.6.1): the key, and what it may be used for; DKIMError if it is malformed."""
+
+    def __init__(self, text):
+        tags = parse_tag_list(text)
+        if "v" in tags and (tags["v"] != "DKIM1" or next(iter(tags)) != "v"):
+            raise DKIMError("key record v= is not DKIM1 first")
+        self.kind = tags.get("k", "rsa").lower()
+        self.hashes = [name.strip(" ").lower() for name in tags.get("h", "sha256").split(":")]
+        self.services = [name.strip(" ").lower() for name in tags.get("s", "*").split(":")]
+        self.flags = [name.strip(" ").lower() for name in tags.get("t", "").split(":")]
+        if "p" not in tags:
+            raise DKIMError("key record without p=")
+        self.revoked = tags["p"] == ""
+        self.data = _dkim_base64(tags["p"], "p") if not self.revoked else b""
+
+    def key_for(self, signature):
+        """The public key, if this record may verify signature; else DKIMError (RFC 6376 6.1.2, RFC 8301)."""
+        if self.revoked:
+            raise DKIMError("key revoked")
+        if self.kind != DKIM_KEY_KINDS[signature.algorithm]:
+            raise DKIMError("key of kind k=%s for a=%s" % (self.kind, signature.algorithm))
+        if "sha256" not in self.hashes:
+            raise DKIMError("key record h= without sha256")
+        if "*" not in self.services and "email" not in self.services:
+            raise DKIMError("key not for email (s=)")
+        if "s" in self.flags and signature.identity_domain != signature.domain.lower():
+            raise DKIMError("key with t=s for a subdomain i=")
+        try:
+            key = public_key_from_record(self.kind, self.data)
+        except DKIMKeyError as error:
+            raise DKIMError("key unusable: %s" % error) from None
+        if key.kind == "rsa" and not DKIM_MIN_VERIFYING_BITS <= key.bits <= DKIM_MAX_VERIFYING_BITS:
+            raise DKIMError("RSA key of %d bits" % key.bits)
+        return key
+
+
+# --------------------------------------------------------------------------
+# Signing (RFC 6376 5) and verifying (RFC 6376 6)
+# --------------------------------------------------------------------------
+
+DKIMResult = collections.namedtuple("DKIMResult", "result reason domain selector b")
+DKIMResult.__doc__ = """One signature's outcome: result is pass, fail, neutral, temperror or permerror
+(RFC 8601 2.7.1); reason says why in a few words; b is the signature's b= text."""
+
+
+def _dkim_fold(tags):
+    """A DKIM-Signature field of tags [(name, value)], folded before a tag or inside h=, bh= and b=
+    (where FWS is allowed) so no line is much longer than DKIM_FOLD."""
+    lines, line = [], "DKIM-Signature:"
+    for name, value in tags:
+        if name == "h":
+            pieces = ["h="] + [piece + ":" for piece in value.split(":")]
+            pieces[-1] = pieces[-1][:-1]
+        elif name in ("b", "bh"):
+            pieces = [name + "="] + [value[i:i + DKIM_FOLD - 8] for i in range(0, len(value), DKIM_FOLD - 8)]
+        else:
+            pieces = [name + "=" + value]
+        if name != "b":
+            pieces[-1] += ";"
+        line += " "
+        for piece in pieces:
+            if len(line) + len(piece) > DKIM_FOLD and line.strip():
+                lines.append(line.rstrip(" "))
+                line = " "
+            line += piece
+    lines.append(line)
+    return "\r\n".join(lines).encode("ascii")
+
+
+def dkim_sign(chunks, domain, keys, now=None):
+    """The DKIM-Signature fields (bytes, CRLF lines) that sign a message given in chunks with
+    each (selector, key) of keys for domain (CONTRACT.md section 9): c=relaxed/relaxed, the
+    DKIM_SIGNED fields it has and DKIM_OVERSIGNED once more, t=, no l=.
+
+    Each signature is verified before it is returned; DKIMError if one fails.
+    """
+    now = int(time.time() if now is None else now)
+    header, body = split_message(chunks)
+    hasher = BodyHash(relaxed=True)
+    for chunk in body:
+        hasher.update(chunk)
+    body_hash = base64.b64encode(hasher.digest()).decode("ascii")
+    fields = header_fields(header)
+    present = {field_name(field) for field in fields}
+    signed = [name.decode("ascii") for name in DKIM_SIGNED + DKIM_OVERSIGNED if name in present]
+    made = []
+    for selector, key in keys:
+        tags = [("v", "1"), ("a", key.algorithm), ("c", "relaxed/relaxed"), ("d", domain), ("s", selector),
+                ("t", str(now)), ("h", ":".join(signed)), ("bh", body_hash)]
+        unsigned = _dkim_fold(tags + [("b", "")]) + b"\r\n"
+        signature = DKIMSignature(unsigned, now)       # the same code reads it as a verifier will
+        value = base64.b64encode(key.sign(signature.signed_data(fields))).decode("ascii")
+        field = _dkim_fold(tags + [("b", value)]) + b"\r\n"
+        check = DKIMSignature(field, now)
+        if not key.public.verify(check.signed_data(fields), check.signature):
+            raise DKIMError("signature with %s failed its check" % selector)
+        made.append(field)
+    return b"".join(made)
+
+
+def dkim_verify(header, body, lookup_txt, now=None, limit=DKIM_MAX_SIGNATURES):
+    """One DKIMResult for each of the first limit DKIM-Signature fields of a message, top down.
+
+    header: its header block (bytes, CRLF lines); body: its body as an
+    iterable of chunks (bytes), read once; lookup_txt(name): the TXT texts
+    of name, or DNSError (RFC 6376 6).
+    """
+    now = int(time.time() if now is None else now)
+    fields = header_fields(header)
+    signatures = []
+    for field in [field for field in fields if field_name(field) == b"dkim-signature"][:limit]:
+        try:
+            signatures.append(DKIMSignature(field, now))
+        except DKIMError as error:
+            signatures.append(_dkim_unparsed(field, error))
+    hashers = {}
+    for signature in signatures:
+        if isinstance(signature, DKIMSignature):
+            hashers.setdefault((signature.relaxed_body, signature.length), BodyHash(signature.relaxed_body,
+                                                                                    signature.length))
+    for chunk in [body] if isinstance(body, bytes) else body:
+        for hasher in hashers.values():
+            hasher.update(chunk)
+    digests = {key: (hasher.digest(), hasher.length) for key, hasher in hashers.items()}
+    return [signature if isinstance(signature, DKIMResult)
+            else _dkim_check(signature, fields, digests[(signature.relaxed_body, signature.length)], lookup_txt)
+            for signature in signatures]
+
+
+def _dkim_unparsed(field, error):
+    """The permerror of a signature whose tags break the RFC, with what d=, s= and b= could be read."""
+    try:
+        tags = parse_tag_list(field.partition(b":")[2].decode("ascii", "replace"))
+    except DKIMError:
+        tags = {}
+    return DKIMResult("permerror", str(error), tags.get("d", ""), tags.get("s", ""),
+                      DKIM_FWS.sub("", tags.get("b", "")))
+
+
+def _dkim_check(signature, fields, body, lookup_txt):
+    """The DKIMResult of one well-formed signature: its key from DNS (6.1.2), then the body hash
+    and the signature itself (6.1.3)."""
+    def result(outcome, reason):
+        return DKIMResult(outcome, reason, signature.domain, signature.selector, signature.b_text)
+
+    try:
+        key = dkim_public_key(signature, lookup_txt)
+    except DNSError as error:
+        return result("temperror" if error.temporary else "permerror",
+                      "key lookup: %s" % error.reason if error.temporary else "no key for the signature")
+    except DKIMError as error:
+        return result("permerror", str(error))
+    digest, length = body
+    if signature.length is not None and signature.length > length:
+        return result("permerror", "l= longer than the body")
+    if digest != signature.body_hash:
+        return result("fail", "body hash did not verify")
+    if not key.verify(signature.signed_data(fields), signature.signature):
+        return result("fail", "signature did not verify")
+    return result("pass", "good signature")
+
+
+def dkim_public_key(signature, lookup_txt):
+    """The public key of selector._domainkey.domain for signature: the first TXT record that is a
+    key record (RFC 6376 3.6.2.2); DKIMError if none is, or it may not verify signature."""
+    records = lookup_txt("%s._domainkey.%s" % (signature.selector, signature.domain))
+    errors = []
+    for text in records:
+        try:
+            return DKIMKeyRecord(text).key_for(signature)
+        except DKIMError as error:
+            errors.append(error)
+    raise errors[0] if errors else DKIMError("no key for the signature")
 
 
 if __name__ == "__main__":

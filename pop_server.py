@@ -125,7 +125,8 @@ def parse_args(argv=None):
     """Read the command line."""
     parser = server_arguments("POP3 server: serves the mailboxes ROOT/<user>/my_mailbox.",
                               DEFAULT_TIMEOUT, "seconds an idle client may wait before it is logged out",
-                              "STLS", "refuse USER/PASS and AUTH PLAIN until the client has used STLS")
+                              "STLS", "refuse USER/PASS and AUTH PLAIN until the client has used STLS",
+                              ("pop3", "pop3s"))
     return check_server_arguments(parser, parser.parse_args(argv))
 
 
@@ -569,8 +570,8 @@ class POP3Session(Session):
     SASL_CONTINUE = "+ "
     SASL_REPLIES = SASL_REPLIES
 
-    def __init__(self, server, sock, address):
-        super().__init__(server, sock, address)
+    def __init__(self, server, sock, address, listener):
+        super().__init__(server, sock, address, listener)
         self.state = AUTHORIZATION
         self.user_name = None         # as given by USER, until PASS
         self.login = None

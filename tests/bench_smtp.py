@@ -4,6 +4,7 @@
     python3 tests/bench_smtp.py --clients 10 --size 1048576      # throughput of 1 MiB messages
     python3 tests/bench_smtp.py --memory                         # 20 clients x 9 MiB at once
     python3 tests/bench_smtp.py --recipients 2                   # each message for two mailboxes
+    python3 tests/bench_smtp.py --auth                           # EHLO, AUTH PLAIN, own sender (checked)
 
 Starts the real server in a temporary mail root and drives N concurrent
 clients over raw sockets (one thread and a selector drive them all, so the
@@ -16,6 +17,7 @@ once and prints the peak memory.  Not part of the test suite.
 """
 
 import argparse
+import base64
 import os
 import selectors
 import socket
@@ -43,16 +45,24 @@ def body_of(size):
 class Conversation:
     """One client's current SMTP conversation: which reply it waits for, what it sends next."""
 
-    def __init__(self, logins, body, selector):
+    def __init__(self, logins, body, selector, auth=False):
+        if auth:       # a submission: logged in as the first login, sending as itself (the sender check)
+            own = logins[0].encode()
+            login = b"AUTH PLAIN %s\r\n" % base64.b64encode(b"\0%s\0pw" % own)
+            greeting = (b"EHLO bench.example.org\r\n", login, b"MAIL FROM:<%s@example.org>\r\n" % own)
+            body = body.replace(b"From: bench@", b"From: Bench <%s@" % own, 1).replace(b"\r\n", b">\r\n", 1)
+            expected = (b"220", b"250", b"235", b"250")
+        else:
+            greeting = (b"HELO bench.example.org\r\n", b"MAIL_FROM: <bench@example.org>\r\n")
+            expected = (b"220", b"250", b"250")
         self.script = (
-            b"HELO bench.example.org\r\n",
-            b"MAIL_FROM: <bench@example.org>\r\n",
+            *greeting,
             *[b"RCPT_TO: <%s@example.org>\r\n" % login.encode() for login in logins],
             b"DATA\r\n",
             body + b".\r\n",
             b"QUIT\r\n",
         )
-        self.EXPECTED = (b"220", b"250", b"250") + (b"250",) * len(logins) + (b"354", b"250", b"221")
+        self.EXPECTED = expected + (b"250",) * len(logins) + (b"354", b"250", b"221")
         self.selector = selector
         self.sock = None
 
@@ -74,6 +84,8 @@ class Conversation:
         self.buffer += chunk
         while b"\n" in self.buffer:
             line, _, self.buffer = self.buffer.partition(b"\n")
+            if line[3:4] == b"-":            # a line of a multiline reply (EHLO's): its last one counts
+                continue
             if not line.startswith(self.EXPECTED[self.step]):
                 raise ConnectionError("unexpected reply %r" % line)
             if self.step == len(self.script):
@@ -118,7 +130,7 @@ def drive(selector, ended):
                 ended(conversation, done)
 
 
-def run_level(port, clients, users, seconds, body, recipients=1):
+def run_level(port, clients, users, seconds, body, recipients=1, auth=False):
     """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors."""
     selector = selectors.DefaultSelector()
     latencies, errors = [], []
@@ -135,7 +147,7 @@ def run_level(port, clients, users, seconds, body, recipients=1):
 
     for i in range(clients):
         logins = ["user%d" % ((i + k) % users) for k in range(recipients)]
-        Conversation(logins, body, selector).start(port)
+        Conversation(logins, body, selector, auth).start(port)
     started = time.monotonic()
     drive(selector, ended)
     elapsed = time.monotonic() - started
@@ -198,12 +210,14 @@ def main():
     parser.add_argument("--users", type=int, default=10, help="mailboxes the clients deliver to")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="bytes per message")
     parser.add_argument("--recipients", type=int, default=1, help="mailboxes each message goes to")
+    parser.add_argument("--auth", action="store_true",
+                        help="log in with AUTH PLAIN and send as the login (with --local-domains example.org)")
     parser.add_argument("--memory", action="store_true",
                         help="measure peak memory with %d clients x 9 MiB instead" % MEMORY_CLIENTS)
     args = parser.parse_args()
     users = {"user%d" % i: "pw" for i in range(max(args.users, MEMORY_CLIENTS))}
     root = support.make_mail_root(users)
-    proc, port = start_server(root)
+    proc, port = start_server(root, *(("--local-domains", "example.org") if args.auth else ()))
     try:
         if args.memory:
             return measure_memory(port, proc.pid)
@@ -213,7 +227,8 @@ def main():
                                                  "CPU ms/msg"))
         for clients in [int(n) for n in args.clients.split(",")]:
             cpu = support.cpu_seconds(proc.pid)
-            results = [run_level(port, clients, args.users, args.seconds, body, args.recipients) for _ in range(args.runs)]
+            results = [run_level(port, clients, args.users, args.seconds, body, args.recipients, args.auth)
+                       for _ in range(args.runs)]
             cpu = (support.cpu_seconds(proc.pid) - cpu) / sum(r[0] * args.seconds for r in results)
             rates = [r[0] for r in results]
             rate = statistics.median(rates)

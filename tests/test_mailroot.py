@@ -1,5 +1,6 @@
 """Tests of what both servers share: the mailbox format rules, the lock protocol, the wire."""
 
+import ast
 import errno
 import io
 import logging
@@ -21,6 +22,61 @@ QUICK = 3.0    # seconds: a reply owed now must not wait for a read to time out
 def stored_lines(root, login):
     """The messages of a mailbox file, each as its stored lines (without the final '.')."""
     return [message.split(b"\n")[:-1] for message in support.stored_messages(root, login)]
+
+
+class PartBoundaryTest(unittest.TestCase):
+    """mailserver_smtp.py's promise: pop_server.py needs only Part 1, and Part 1 knows nothing of Part 2."""
+
+    BANNER = "#   PART 2: THE SMTP SERVER"
+    PART_2_MODULES = "# Part 2's modules:"     # the comment over Part 2's group of imports, at the top
+
+    @classmethod
+    def setUpClass(cls):
+        with open(os.path.join(support.REPO, "mailserver_smtp.py"), encoding="utf-8") as f:
+            source = f.read()
+        line_of = lambda text: source[:source.index(text)].count("\n") + 1
+        cls.split, modules = line_of(cls.BANNER), line_of(cls.PART_2_MODULES)
+        cls.tree = ast.parse(source)
+        cls.part1, cls.part2 = set(), set()     # the names each part defines (or imports) at the top level
+        for node in cls.tree.body:
+            in_part2 = node.lineno >= cls.split or (node.lineno > modules and isinstance(node, ast.Import))
+            (cls.part2 if in_part2 else cls.part1).update(cls.defined(node))
+
+    @staticmethod
+    def defined(node):
+        """The top-level names a statement binds (modules imported included)."""
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return {node.name}
+        if isinstance(node, ast.Import):
+            return {alias.asname or alias.name.split(".")[0] for alias in node.names}
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+    def test_the_banner_splits_the_file_and_part_2_imports_its_own_modules(self):
+        """The split is found; Part 2's modules are imported in their own group, Part 1's above it."""
+        self.assertGreater(self.split, 100)
+        for module in ("smtplib", "email", "sys"):
+            self.assertIn(module, self.part2)
+        for module in ("socket", "ssl", "threading", "os"):
+            self.assertIn(module, self.part1)
+
+    def test_no_part_1_definition_uses_a_part_2_name(self):
+        """Nothing above the banner names a function, class, constant or module that only Part 2 defines."""
+        only_part2 = self.part2 - self.part1
+        used = [(n.lineno, n.id) for node in self.tree.body if node.lineno < self.split
+                and not isinstance(node, ast.Import)
+                for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in only_part2]
+        self.assertEqual(used, [])
+
+    def test_pop_server_imports_only_part_1_names(self):
+        """pop_server.py takes from mailserver_smtp.py only what Part 1 defines."""
+        with open(os.path.join(support.REPO, "pop_server.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        taken = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and node.module == "mailserver_smtp" for alias in node.names}
+        taken |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                  and isinstance(n.value, ast.Name) and n.value.id == "mailserver_smtp"}
+        self.assertTrue(taken)
+        self.assertEqual(sorted(taken - self.part1), [])
 
 
 class HeaderRuleTest(support.BothServersTestCase):

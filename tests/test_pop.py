@@ -1001,7 +1001,7 @@ class ShutdownTest(unittest.TestCase):
             ours, theirs = socket.socketpair()
             self.addCleanup(ours.close)
             self.addCleanup(theirs.close)
-            session = pop_server.POP3Session(server, ours, ("127.0.0.1", 1))
+            session = pop_server.POP3Session(server, ours, ("127.0.0.1", 1), server.listeners[0])
             session.maildrop, session.deleted = SlowMaildrop(), bytearray([1])
             return session
 

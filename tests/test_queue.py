@@ -210,6 +210,20 @@ class DeliveryTest(QueueCase):
         self.assertTrue(got["data"].endswith(b"Subject: for both\r\n\r\nhello\r\n"))
         wait_for(lambda: queued not in support.queue_files(self.root))
 
+    def test_bcc_only_mail_shows_no_recipient_list_locally_and_gets_no_to_remotely(self):
+        """Section 1: a message with no To: for bob, alice and a remote: each local copy's To: names its recipient alone;
+        'Mail for other domains gets no To: added.'"""
+        body = b"From: alice@example.org\r\nSubject: bcc only\r\n\r\nsecret list\r\n"
+        queued = queue_id(self.submit(("bob@example.org", "alice@example.org", "carol@[127.0.0.1]"), body))
+        for login in ("bob", "alice"):
+            [copy] = [m for m in support.stored_messages(self.root, login) if b"Subject: bcc only\n" in m]
+            self.assertTrue(copy.startswith(b"To: %s@example.org\nFrom: alice@example.org\n" % login.encode()),
+                            copy)
+            self.assertEqual(copy.count(b"example.org"), 2, "no other recipient named")
+        data = self.received_by(self.remote, queued)["data"]
+        self.assertNotIn(b"\r\nTo:", data)
+        self.assertNotIn(b"bob@", data)
+
     def test_what_goes_out_has_our_trace_first_and_is_unstuffed(self):
         """The remote gets Received: (from, by, with ESMTP, id, date) first and the body as sent."""
         queued = queue_id(self.submit(("carol@[127.0.0.1]",), b"Subject: trace\r\n\r\n..dot\r\nend\r\n"))
@@ -1029,14 +1043,14 @@ class MalformedReplyTest(ResponderTestCase):
 
 
 class ResolvConfTest(unittest.TestCase):
-    """Resolver.from_resolv_conf reads nameserver lines as resolv.conf(5) says."""
+    """The resolver's servers come from the nameserver lines of resolv.conf, as resolv.conf(5) says."""
 
     def resolver_from(self, text):
         """The resolver made from a resolv.conf holding text."""
         with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as conf:
             conf.write(text)
         self.addCleanup(os.unlink, conf.name)
-        return dns.Resolver.from_resolv_conf(conf.name, timeout=1)
+        return dns.Resolver(dns._dns_read_resolv_conf(conf.name), timeout=1)
 
     def test_nameservers(self):
         """IPv4 and IPv6 nameserver lines become servers on port 53; other lines and bad addresses do not."""
@@ -1057,7 +1071,7 @@ class ResolvConfTest(unittest.TestCase):
     def test_missing_file(self):
         """A missing resolv.conf means the local server."""
         missing = os.path.join(tempfile.gettempdir(), "no-such-dir-%d" % os.getpid(), "resolv.conf")
-        self.assertEqual(dns.Resolver.from_resolv_conf(missing).servers, [("127.0.0.1", 53)])
+        self.assertEqual(dns.Resolver(dns._dns_read_resolv_conf(missing)).servers, [("127.0.0.1", 53)])
 
 
 if __name__ == "__main__":
