@@ -459,3 +459,221 @@ class SPFLimitsTest(unittest.TestCase):
         result = smtp.check_spf(zone_lookup(txt("email.example.com", "v=spf1 -all")), "192.0.2.3",
                                 "a@email.example.com", "h.example.com", DOMAIN, timeout=-1)
         self.assertEqual(result.result, "temperror")
+
+
+# --------------------------------------------------------------------------
+# DMARC (RFC 7489), on check_dmarc with a zone in a dict
+# --------------------------------------------------------------------------
+
+def spf_pass(domain):
+    """An SPFResult that passed for domain."""
+    return smtp.SPFResult("pass", "mailfrom", "bounce@" + domain, domain, "ip4:192.0.2.3")
+
+
+def dkim_pass(domain):
+    """A DKIMResult that passed for d=domain."""
+    return smtp.DKIMResult("pass", "good signature", domain, "sel", "abcdefghij")
+
+
+class DMARCTest(unittest.TestCase):
+    """RFC 7489 3.1, 6.3 and 6.6: the record, the organizational domain, alignment, p=, sp= and pct=."""
+
+    def dmarc(self, zone, author, spf=None, dkim=(), log=None):
+        return smtp.check_dmarc(zone_lookup(zone, log), author, spf, list(dkim))
+
+    def test_no_record_is_none(self):
+        """6.6.3: no record at the domain nor at its organizational domain: none."""
+        self.assertEqual(self.dmarc({}, "example.com")[0], "none")
+        self.assertEqual(self.dmarc(txt("_dmarc.example.com", "v=spf1 -all"), "example.com")[0], "none")
+
+    def test_the_record_must_start_with_v_dmarc1_and_have_p(self):
+        """6.3, 6.6.3: v=DMARC1 first, exactly; no valid p= means no record, or p=none with a rua=."""
+        for text in ("p=reject; v=DMARC1", "v=dmarc1; p=reject", "v=DMARC1; p=bogus", "v=DMARC1"):
+            self.assertEqual(self.dmarc(txt("_dmarc.example.com", text), "example.com")[0], "none", text)
+        self.assertEqual(self.dmarc(txt("_dmarc.example.com", "v=DMARC1; p=bogus; rua=mailto:d@example.com"),
+                                    "example.com")[:2], ("fail", "none"))
+        self.assertEqual(self.dmarc(txt("_dmarc.example.com", "v=DMARC1; p=reject", "v=DMARC1; p=none"),
+                                    "example.com")[0], "none")      # two records: no policy
+
+    def test_aligned_and_unaligned(self):
+        """3.1: relaxed takes the same organizational domain, strict (adkim=s, aspf=s) the same domain."""
+        relaxed = txt("_dmarc.example.com", "v=DMARC1; p=reject")
+        strict = txt("_dmarc.example.com", "v=DMARC1; p=reject; adkim=s; aspf=s")
+        for zone, identifier, result in ((relaxed, "example.com", "pass"), (relaxed, "mail.example.com", "pass"),
+                                         (relaxed, "example.net", "fail"), (relaxed, "badexample.com", "fail"),
+                                         (strict, "example.com", "pass"), (strict, "mail.example.com", "fail")):
+            self.assertEqual(self.dmarc(zone, "example.com", dkim=[dkim_pass(identifier)])[0], result, identifier)
+            self.assertEqual(self.dmarc(zone, "example.com", spf=spf_pass(identifier))[0], result, identifier)
+        self.assertEqual(self.dmarc(relaxed, "news.example.com", spf=spf_pass("example.com"))[0], "pass")
+
+    def test_only_a_passing_identifier_counts(self):
+        """A failing signature or SPF result does not align, whatever its domain."""
+        zone = txt("_dmarc.example.com", "v=DMARC1; p=reject")
+        failed = smtp.DKIMResult("fail", "body hash did not verify", "example.com", "sel", "abc")
+        softfail = smtp.SPFResult("softfail", "mailfrom", "a@example.com", "example.com", "~all")
+        self.assertEqual(self.dmarc(zone, "example.com", spf=softfail, dkim=[failed])[:2], ("fail", "reject"))
+        self.assertEqual(self.dmarc(zone, "example.com", spf=softfail, dkim=[failed, dkim_pass("example.com")])[0],
+                         "pass")
+
+    def test_policies(self):
+        """6.3: p= for the domain, sp= for a subdomain under the organizational domain's record, pct= samples."""
+        zone = txt("_dmarc.example.com", "v=DMARC1; p=quarantine; sp=reject")
+        self.assertEqual(self.dmarc(zone, "example.com")[:2], ("fail", "quarantine"))
+        self.assertEqual(self.dmarc(zone, "a.b.example.com")[:2], ("fail", "reject"))
+        zone.update(txt("_dmarc.b.example.com", "v=DMARC1; p=none"))
+        self.assertEqual(self.dmarc(zone, "b.example.com")[:2], ("fail", "none"))    # its own record: p=
+        sampled = txt("_dmarc.example.com", "v=DMARC1; p=reject; pct=50")
+        self.assertEqual(self.dmarc(sampled, "example.com")[:2], ("fail", "none"))
+        self.assertEqual(self.dmarc(txt("_dmarc.example.com", "v=DMARC1; p=reject; pct=100"), "example.com")[:2],
+                         ("fail", "reject"))
+
+    def test_the_organizational_domain_is_found_by_the_walk(self):
+        """Section 10's rule: the shortest ancestor of 2+ labels with a record; one query per name, 8 labels at most."""
+        zone = txt("_dmarc.b.example.co.uk", "v=DMARC1; p=reject")
+        log = []
+        result = self.dmarc(zone, "mail.b.example.co.uk", spf=spf_pass("smtp.b.example.co.uk"), log=log)
+        self.assertEqual(result[0], "pass")       # aligned through b.example.co.uk, not through co.uk
+        self.assertEqual([name for name, _ in log], ["_dmarc.co.uk", "_dmarc.example.co.uk", "_dmarc.b.example.co.uk",
+                                                     "_dmarc.mail.b.example.co.uk"])
+        self.assertEqual(self.dmarc(zone, "b.example.co.uk", spf=spf_pass("example.co.uk"))[0], "fail")
+        log = []
+        deep = ".".join("l%d" % i for i in range(12)) + ".example.com"
+        self.dmarc({}, deep, log=log)
+        self.assertEqual(len(log), 7 + 1)          # names of 2 to 8 labels, then the domain itself
+        self.assertEqual(len(set(log)), len(log))
+
+    def test_a_dns_failure_is_a_temperror(self):
+        """A DMARC lookup that fails (not NXDOMAIN) gives temperror: no policy is applied."""
+        self.assertEqual(self.dmarc({("_dmarc.example.com", "TXT"): "SERVFAIL"}, "example.com")[:2],
+                         ("temperror", "none"))
+
+
+class AuthenticationResultsTest(unittest.TestCase):
+    """RFC 8601 2.2: our field's form; which fields are ours (forged) and go."""
+
+    def test_the_field(self):
+        """One method a line; a dkim= per signature with header.b's first 8 characters (quoted if need be)."""
+        spf = smtp.SPFResult("softfail", "mailfrom", "a@example.com", "example.com", "~all")
+        dkim = [dkim_pass("example.com"), smtp.DKIMResult("fail", "body hash did not verify", "example.com", "s2",
+                                                          "a/b+c=dEFGH")]
+        self.assertEqual(smtp.authentication_results(DOMAIN, spf, dkim, "pass", "example.com"),
+                         b"Authentication-Results: mx.example.org;\n\tspf=softfail smtp.mailfrom=example.com;\n"
+                         b"\tdkim=pass header.d=example.com header.s=sel header.b=abcdefgh;\n"
+                         b"\tdkim=fail reason=\"body hash did not verify\" header.d=example.com header.s=s2 "
+                         b"header.b=\"a/b+c=dE\";\n\tdmarc=pass header.from=example.com\n")
+        self.assertIn(b"\tdkim=none;\n", smtp.authentication_results(DOMAIN, spf, [], "none", "example.com"))
+
+    def test_our_authserv_id_in_any_case_and_spacing(self):
+        """RFC 8601 2.2, 5: the first word after CFWS names the authserv-id; case and comments do not matter."""
+        for value in (" mx.example.org; spf=pass", "MX.Example.ORG;spf=pass", " (forged) mx.example.org ; x",
+                      "\tmx.example.org.; dkim=pass", " mx.example.org 1; none", "mx.example.org"):
+            self.assertEqual(smtp.authserv_id_of(value).lower().rstrip("."), DOMAIN, value)
+        for value in (" other.example.org; spf=pass", " mx.example.org.evil; spf=pass", "x mx.example.org;"):
+            self.assertNotEqual(smtp.authserv_id_of(value).lower().rstrip("."), DOMAIN, value)
+
+
+# --------------------------------------------------------------------------
+# The DNS cache, against a real (loopback) DNS server
+# --------------------------------------------------------------------------
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class DNSCacheTest(unittest.TestCase):
+    """DNSCache: one cache for every type, TTLs with a floor and a ceiling, RFC 2308 negative caching, bounds."""
+
+    def setUp(self):
+        self.dns = support.DNSResponder({("example.com", "TXT"): ["v=spf1 -all"], ("example.com", "A"): ["192.0.2.1"],
+                                         ("www.example.com", "CNAME"): ["example.com"],
+                                         ("broken.example.com", "*"): "SERVFAIL"})
+        self.addCleanup(self.dns.close)
+        self.clock = Clock()
+        self.cache = smtp.DNSCache(smtp.Resolver([self.dns.address], timeout=2, attempts=1), clock=self.clock)
+
+    def asked(self, *queries):
+        """Ask each (name, type) and return how many reached the DNS server."""
+        before = len(self.dns.queries)
+        for name, rtype in queries:
+            try:
+                self.cache.query(name, rtype)
+            except smtp.DNSError:
+                pass
+        return len(self.dns.queries) - before
+
+    def test_every_type_is_cached_for_its_ttl(self):
+        """An answer is asked once while its TTL (300 s here) lasts, then again."""
+        queries = [("example.com", "TXT"), ("example.com", "A"), ("www.example.com", "A")]
+        self.assertEqual(self.asked(*queries), 3)
+        self.clock.now += 299
+        self.assertEqual(self.asked(*queries), 0)
+        self.clock.now += 2
+        self.assertEqual(self.asked(*queries), 3)
+        self.assertEqual(self.cache.query("www.example.com", "A"), ["192.0.2.1"])
+
+    def test_the_floor_and_the_ceiling(self):
+        """A TTL of 0 is kept for the floor; a TTL of years for the ceiling only."""
+        self.dns.ttl = 0
+        self.assertEqual(self.asked(("example.com", "A")), 1)
+        self.clock.now += smtp.DNS_TTL_FLOOR - 1
+        self.assertEqual(self.asked(("example.com", "A")), 0)
+        self.clock.now += 2
+        self.dns.ttl = 10 ** 8
+        self.assertEqual(self.asked(("example.com", "A")), 1)
+        self.clock.now += smtp.DNS_TTL_CEILING + 1
+        self.assertEqual(self.asked(("example.com", "A")), 1)
+
+    def test_negative_answers_are_cached_by_their_soa(self):
+        """RFC 2308 5: NXDOMAIN and no-data answers are kept for the SOA's negative TTL; without an SOA not at all."""
+        queries = [("nothing.example.com", "TXT"), ("example.com", "MX")]
+        self.assertEqual(self.asked(*queries), 2)
+        self.assertEqual(self.asked(*queries), 2)
+        self.dns.negative_ttl = 60
+        self.assertEqual(self.asked(*queries), 2)
+        self.clock.now += 59
+        self.assertEqual(self.asked(*queries), 0)
+        with self.assertRaises(smtp.DNSError) as raised:
+            self.cache.query("nothing.example.com", "TXT")
+        self.assertFalse(raised.exception.temporary)
+        self.assertEqual(self.cache.query("example.com", "MX"), [])
+        self.clock.now += 2
+        self.assertEqual(self.asked(*queries), 2)
+
+    def test_failures_are_remembered_briefly(self):
+        """RFC 2308 7: a SERVFAIL is kept for a short while (DNS_FAILURE_TTL), then asked again."""
+        self.assertEqual(self.asked(("broken.example.com", "TXT")), 1)
+        self.assertEqual(self.asked(("broken.example.com", "TXT")), 0)
+        self.clock.now += smtp.DNS_FAILURE_TTL + 1
+        self.assertEqual(self.asked(("broken.example.com", "TXT")), 1)
+
+    def test_bounded_by_entries_and_octets(self):
+        """The least recently used answers go when there are too many, or too many octets."""
+        cache = smtp.DNSCache(self.cache.resolver, entries=2, clock=self.clock)
+        self.cache = cache
+        self.assertEqual(self.asked(("example.com", "TXT"), ("example.com", "A"), ("example.com", "TXT"),
+                                    ("www.example.com", "A")), 3)
+        self.assertEqual(self.asked(("example.com", "TXT")), 0)   # used last: kept
+        self.assertEqual(self.asked(("example.com", "A")), 1)     # the least recently used: gone
+        self.dns.zone[("big.example.com", "TXT")] = ["x" * 200] * 10
+        self.cache = smtp.DNSCache(self.cache.resolver, octets=1000, clock=self.clock)
+        self.asked(("example.com", "A"), ("big.example.com", "TXT"))
+        self.assertLessEqual(self.cache.octets, 1000)
+        self.assertEqual(self.asked(("example.com", "A")), 1)     # pushed out by the large answer
+
+    def test_a_silent_server_gives_a_temporary_error_by_the_deadline(self):
+        """A query that gets no answer ends with a temporary DNSError at the deadline given."""
+        self.dns.drop.add("example.com")
+        cache = smtp.DNSCache(smtp.Resolver([self.dns.address], timeout=30, attempts=3))
+        started = time.monotonic()
+        with self.assertRaises(smtp.DNSError) as raised:
+            cache.query("example.com", "TXT", deadline=started + 0.5)
+        self.assertTrue(raised.exception.temporary)
+        self.assertLess(time.monotonic() - started, 3)
+        result = smtp.check_spf(cache.query, "192.0.2.3", "a@example.com", "h.example.com", DOMAIN, timeout=0.5)
+        self.assertEqual(result.result, "temperror")
