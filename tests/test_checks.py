@@ -6,6 +6,7 @@ stored fields, DNS trouble) with a real server behind a "load balancer"
 (PROXY headers give any client address) asking support.DNSResponder.
 """
 
+import base64
 import os
 import sys
 import time
@@ -677,3 +678,363 @@ class DNSCacheTest(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 3)
         result = smtp.check_spf(cache.query, "192.0.2.3", "a@example.com", "h.example.com", DOMAIN, timeout=0.5)
         self.assertEqual(result.result, "temperror")
+
+
+# --------------------------------------------------------------------------
+# The server: where the checks apply, what they refuse, what each copy is told
+# --------------------------------------------------------------------------
+
+import test_dkim  # noqa: E402  (the RFC 8463 keys, records and signed message)
+
+SIGNED = "signed.example.net"        # a domain whose mail we sign here with the RFC 8463 keys
+UDP_WATCH = """\
+# Injected by the tests: every UDP socket the process makes is noted in the file UDP_WATCH names.
+import os, socket
+_log, _init = os.environ["UDP_WATCH"], socket.socket.__init__
+def __init__(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    if self.type == socket.SOCK_DGRAM:
+        with open(_log, "a") as log:
+            log.write("udp\\n")
+socket.socket.__init__ = __init__
+"""
+
+
+def dkim_zone():
+    """The RFC 8463 key records, at football.example.com and at SIGNED."""
+    zone = {}
+    for name, texts in test_dkim.RFC8463_ZONE.items():
+        zone[(name, "TXT")] = texts
+        zone[(name.replace("football.example.com", SIGNED), "TXT")] = texts
+    return zone
+
+
+def signed_message(header, body=b"Hello.\r\n", selectors=("test", "brisbane"), domain=SIGNED):
+    """header + body with DKIM signatures of domain by the RFC 8463 keys (Part 3's signer)."""
+    keys = test_dkim.rfc8463_keys()
+    fields = smtp.dkim_sign([header + b"\r\n" + body], domain, [(s, keys[s]) for s in selectors])
+    return fields + header + b"\r\n" + body
+
+
+def results_field(message):
+    """The lines of a stored message's Authentication-Results field (ours is the first)."""
+    lines = message.split(b"\n")
+    start = next(i for i, line in enumerate(lines) if line.lower().startswith(b"authentication-results:"))
+    end = start + 1
+    while lines[end][:1] in (b" ", b"\t"):
+        end += 1
+    return b"\n".join(lines[start:end]).decode()
+
+
+def methods(message):
+    """{method: [result words]} of the first Authentication-Results of a stored message."""
+    found = {}
+    for part in results_field(message).split(";")[1:]:
+        words = part.split()
+        found.setdefault(words[0].partition("=")[0], []).append(" ".join(words))
+    return found
+
+
+class ServerSPFTest(CheckedServerTestCase):
+    """SPF at MAIL, refusal at RCPT, every other result taken and recorded."""
+
+    zone = zone_of(
+        txt("example.com", "v=spf1 ip4:192.0.2.1 ip6:2001:db8:1::/48 -all exp=why.example.com"),
+        txt("why.example.com", "%{i} may not send mail for %{d}"),
+        txt("softfail.example.net", "v=spf1 ~all"), txt("neutral.example.net", "v=spf1 ?all"),
+        txt("broken.example.net", "v=spf1 ip4:192.0.2.1 -all bogus"),
+        txt("split.example.net", ("v=spf1 ip4:192.0", ".2.1 -all")),
+        txt("helo.example.net", "v=spf1 ip4:192.0.2.1 -all"),
+        {("failing.example.net", "TXT"): "SERVFAIL"})
+
+    def message(self, sender_domain="example.net"):
+        return b"From: someone@%s\r\nSubject: checks\r\n\r\nHello.\r\n" % sender_domain.encode()
+
+    def test_fail_is_refused_at_each_rcpt_with_the_explanation_but_not_for_postmaster(self):
+        """550 5.7.23 with the exp= text, macros expanded, for every recipient but postmaster (RFC 5321 4.5.1)."""
+        replies = self.send("192.0.2.9", "a@example.com", self.message(),
+                            ("alice@example.org", "bob@example.org", "postmaster@example.org", "Postmaster"))
+        self.assertEqual(replies[0][0], 250)
+        for code, lines in replies[1:3]:
+            self.assertEqual(lines, ["550 5.7.23 192.0.2.9 may not send mail for example.com"])
+        self.assertEqual([code for code, _ in replies[3:]], [250, 250, 250])
+        stored = self.stored("alice")              # alice is the postmaster (the first user)
+        self.assertEqual(len(stored), 1)
+        self.assertEqual(methods(stored[0])["spf"], ["spf=fail smtp.mailfrom=example.com"])
+        self.assertIn(b"Received-SPF: fail (mx.example.org: domain of a@example.com does not designate 192.0.2.9 "
+                      b"as permitted sender)", stored[0])
+        self.assertEqual(self.stored("bob"), [])
+
+    def test_a_helo_session_gets_the_words_without_the_code(self):
+        """A session that began with HELO gets replies without enhanced codes (CONTRACT.md section 6)."""
+        client = self.client("192.0.2.9", ehlo=False)
+        client.cmd_expecting("MAIL FROM:<a@example.com>", 250)
+        self.assertEqual(client.cmd("RCPT TO:<alice@example.org>")[1],
+                         ["550 192.0.2.9 may not send mail for example.com"])
+
+    def test_spf_is_evaluated_once_at_mail(self):
+        """The record is asked for when MAIL comes, once for all the recipients."""
+        client = self.client("192.0.2.1")
+        client.cmd_expecting("MAIL FROM:<a@softfail.example.net>", 250)
+        self.assertIn(("softfail.example.net", "TXT"), self.dns.queries)
+        before = len(self.dns.queries)
+        for rcpt in ("alice@example.org", "bob@example.org"):
+            client.cmd_expecting("RCPT TO:<%s>" % rcpt, 250)
+        self.assertEqual(len(self.dns.queries), before)
+
+    def test_every_other_result_is_taken_and_recorded(self):
+        """pass, softfail, neutral, none, permerror and temperror: 250, and the result in both fields."""
+        for ip, sender, result in (("192.0.2.1", "a@example.com", "pass"),
+                                   ("2001:db8:1:2::5", "a@example.com", "pass"),
+                                   ("192.0.2.1", "a@split.example.net", "pass"),
+                                   ("192.0.2.9", "a@softfail.example.net", "softfail"),
+                                   ("192.0.2.9", "a@neutral.example.net", "neutral"),
+                                   ("192.0.2.9", "a@nothing.example.net", "none"),
+                                   ("192.0.2.9", "a@broken.example.net", "permerror"),
+                                   ("192.0.2.9", "a@failing.example.net", "temperror")):
+            support.remove_mailboxes(self.root)
+            replies = self.send(ip, sender, self.message())
+            self.assertEqual([code for code, _ in replies], [250, 250, 250], sender)
+            stored = self.stored()[0]
+            self.assertEqual(methods(stored)["spf"], ["spf=%s smtp.mailfrom=%s" % (result, sender.split("@")[1])])
+            self.assertIn(b"Received-SPF: " + result.encode() + b" (", stored)
+            self.assertIn(b"client-ip=" + ip.encode() + b";", stored)
+
+    def test_the_null_sender_is_checked_by_its_helo(self):
+        """MAIL FROM:<> checks the HELO name (RFC 7208 2.4)."""
+        replies = self.send("192.0.2.9", "", self.message(), helo="helo.example.net")
+        self.assertEqual(replies[1][1], ["550 5.7.23 helo.example.net does not designate 192.0.2.9 as permitted "
+                                         "sender of postmaster@helo.example.net"])
+        replies = self.send("192.0.2.1", "", self.message(), helo="helo.example.net")
+        self.assertEqual(replies[-1][0], 250)
+        self.assertIn(b"identity=helo;", self.stored()[0])
+
+
+class ServerWhereChecksApplyTest(CheckedServerTestCase):
+    """Only for a client neither logged in nor in --relay-networks; the others make no DNS query at all."""
+
+    zone = zone_of(txt("example.com", "v=spf1 -all"), txt("_dmarc.example.com", "v=DMARC1; p=reject"))
+    body = b"From: a@example.com\r\nSubject: trusted\r\n\r\nHello.\r\n"
+
+    def test_a_relay_network_client_is_not_checked(self):
+        """From --relay-networks (by its PROXY header): no query, no result fields, no refusal."""
+        before = len(self.dns.queries)
+        self.assertEqual(self.send("192.0.2.250", "a@example.com", self.body)[-1][0], 250)
+        self.assertEqual(len(self.dns.queries), before)
+        self.assertNotIn(b"Authentication-Results", self.stored()[0])
+
+    def test_a_logged_in_client_is_not_checked(self):
+        """A client logged in with AUTH: no query."""
+        before = len(self.dns.queries)
+        client = self.client("192.0.2.9")
+        client.cmd_expecting("AUTH PLAIN " + base64.b64encode(b"\0alice\0wonderland").decode(), 235)
+        client.cmd_expecting("MAIL FROM:<alice@example.org>", 250)
+        client.cmd_expecting("RCPT TO:<bob@example.org>", 250)
+        client.cmd_expecting("DATA", 354)
+        client.send(b"From: alice@example.org\r\n\r\nHi.\r\n.\r\n")
+        self.assertEqual(client.reply()[0], 250)
+        self.assertEqual(len(self.dns.queries), before)
+        self.assertNotIn(b"Authentication-Results", self.stored("bob")[0])
+
+    def test_an_outside_client_is_checked(self):
+        """The same message from outside is refused: the check is what makes the difference above."""
+        self.assertEqual(self.send("192.0.2.9", "a@example.com", self.body)[1][0], 550)
+        self.assertIn(("example.com", "TXT"), self.dns.queries)
+
+
+class CourseModeTest(unittest.TestCase):
+    """The course mode (no --local-domains) makes no DNS query: the process opens no UDP socket at all."""
+
+    def test_no_dns_in_the_course_mode(self):
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        watch = os.path.join(root, "hooks")
+        os.mkdir(watch)
+        with open(os.path.join(watch, "sitecustomize.py"), "w") as hook:
+            hook.write(UDP_WATCH)
+        log = os.path.join(watch, "udp.log")
+        server = support.ServerProcess(support.SMTP_SCRIPT, root,
+                                       env=dict(os.environ, PYTHONPATH=watch, UDP_WATCH=log))
+        self.addCleanup(server.close)
+        self.assertEqual(support.deliver(server, b"From: a@example.com\r\nSubject: x\r\n\r\nHi.\r\n",
+                                         sender="a@gmail.com"), 250)
+        self.assertFalse(os.path.exists(log))
+        self.assertNotIn(b"Authentication-Results", support.stored_messages(root, "alice")[0])
+        # and the hook does see a UDP socket when one is made (the resolver's)
+        checked = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", LOCAL, "--proxy-from",
+                                        BALANCER, "--relay-networks", "", "--dns-server", "127.0.0.1:9",
+                                        env=dict(os.environ, PYTHONPATH=watch, UDP_WATCH=log))
+        self.addCleanup(checked.close)
+        with checked.connect() as client:
+            client.send(proxy_v1("192.0.2.9", 4000))
+            client.reply()
+            client.cmd_expecting("HELO a.example.com", 250)
+            client.cmd_expecting("MAIL FROM:<a@example.com>", 250)
+        self.assertTrue(os.path.exists(log))
+
+
+class ServerDMARCTest(CheckedServerTestCase):
+    """DMARC after the data: p=reject refuses and stores nothing; the rest is recorded; the From: rule."""
+
+    zone = zone_of(
+        dkim_zone(),
+        txt("example.com", "v=spf1 ip4:192.0.2.1 ~all"), txt("_dmarc.example.com", "v=DMARC1; p=reject"),
+        txt("bounces.example.com", "v=spf1 ip4:192.0.2.1 -all"),
+        txt("list.example.net", "v=spf1 ~all"),
+        txt("_dmarc.quarantine.example.net", "v=DMARC1; p=quarantine"),
+        txt("_dmarc.sampled.example.net", "v=DMARC1; p=reject; pct=50"),
+        txt("_dmarc.example.edu", "v=DMARC1; p=none; sp=reject"),
+        txt("_dmarc.%s" % SIGNED, "v=DMARC1; p=reject; adkim=s"))
+
+    def body(self, author, extra=b""):
+        return b"From: Someone <%s>\r\n%sSubject: dmarc\r\n\r\nHello.\r\n" % (author.encode(), extra)
+
+    def assertRefusedAndNothingKept(self, replies):
+        self.assertEqual(replies[-1][1], ["550 5.7.1 Message refused by the DMARC policy of %s"
+                                          % replies[-1][1][0].rsplit(" ", 1)[1]])
+        for login in ("alice", "bob"):
+            self.assertEqual(self.stored(login), [])
+        queue = os.path.join(self.root, ".queue")
+        self.assertEqual([name for name in os.listdir(queue) if not name.startswith(".")] if os.path.isdir(queue)
+                         else [], [])
+
+    def test_a_forgery_under_p_reject_is_refused_after_the_data_and_stored_for_nobody(self):
+        """SPF softfail, no signature, p=reject: 550 5.7.1 after the data; no copy, nothing queued."""
+        replies = self.send("192.0.2.9", "a@example.com", self.body("service@example.com"),
+                            ("alice@example.org", "bob@example.org"))
+        self.assertEqual([code for code, _ in replies[:3]], [250, 250, 250])
+        self.assertRefusedAndNothingKept(replies)
+
+    def test_a_subdomain_under_sp_reject_is_refused(self):
+        """sp=reject of the organizational domain's record applies to a From: in a subdomain."""
+        self.assertRefusedAndNothingKept(self.send("192.0.2.9", "a@list.example.net",
+                                                   self.body("x@news.example.edu")))
+        self.assertEqual(self.send("192.0.2.9", "a@list.example.net", self.body("x@example.edu"))[-1][0], 250)
+        self.assertEqual(methods(self.stored()[0])["dmarc"], ["dmarc=fail header.from=example.edu"])
+
+    def test_quarantine_and_a_lower_pct_are_recorded_only(self):
+        """p=quarantine, or p=reject with pct=50: taken, dmarc=fail recorded."""
+        for author in ("x@quarantine.example.net", "x@sampled.example.net"):
+            support.remove_mailboxes(self.root)
+            self.assertEqual(self.send("192.0.2.9", "a@list.example.net", self.body(author))[-1][0], 250)
+            self.assertEqual(methods(self.stored()[0])["dmarc"], ["dmarc=fail header.from=%s" % author[2:]])
+
+    def test_a_pass_by_spf_alone(self):
+        """SPF passes for bounces.example.com, aligned (relaxed) with From: example.com; no signature."""
+        self.assertEqual(self.send("192.0.2.1", "b@bounces.example.com", self.body("x@example.com"))[-1][0], 250)
+        found = methods(self.stored()[0])
+        self.assertEqual((found["spf"], found["dkim"], found["dmarc"]),
+                         (["spf=pass smtp.mailfrom=bounces.example.com"], ["dkim=none"],
+                          ["dmarc=pass header.from=example.com"]))
+
+    def test_a_pass_by_dkim_alone(self):
+        """SPF softfail for a mailing list's domain, a signature of the From: domain (strict): pass, taken."""
+        message = signed_message(self.body("x@%s" % SIGNED)[:-len(b"\r\nHello.\r\n")] + b"\r\n")
+        self.assertEqual(self.send("192.0.2.9", "a@list.example.net", message)[-1][0], 250)
+        found = methods(self.stored()[0])
+        self.assertEqual(found["spf"], ["spf=softfail smtp.mailfrom=list.example.net"])
+        self.assertEqual([entry.split()[0] for entry in found["dkim"]], ["dkim=pass", "dkim=pass"])
+        self.assertEqual(found["dmarc"], ["dmarc=pass header.from=%s" % SIGNED])
+
+    def test_a_broken_signature_does_not_save_a_forgery(self):
+        """The same signed message with its body changed: DKIM fails, DMARC fails, p=reject refuses."""
+        message = signed_message(self.body("x@%s" % SIGNED)[:-len(b"\r\nHello.\r\n")] + b"\r\n")
+        self.assertRefusedAndNothingKept(self.send("192.0.2.9", "a@list.example.net",
+                                                   message.replace(b"Hello.", b"Hellp.")))
+
+    def test_several_or_no_from_addresses_are_refused(self):
+        """RFC 7489 6.6.1: two addresses in From:, two From: fields, none, or no domain: 550 5.7.1."""
+        for body in (b"From: a@example.net, b@example.net\r\n\r\nx\r\n",
+                     b"From: a@example.net\r\nFrom: b@example.net\r\n\r\nx\r\n",
+                     b"Subject: no author\r\n\r\nx\r\n", b"From: undisclosed:;\r\n\r\nx\r\n",
+                     b"From: nodomain\r\n\r\nx\r\n"):
+            replies = self.send("192.0.2.9", "a@list.example.net", body)
+            self.assertEqual(replies[-1][1], ["550 5.7.1 A message must have exactly one From: address "
+                                              "(RFC 7489 6.6.1)"], body)
+        self.assertEqual(self.stored(), [])
+
+
+class ServerDKIMTest(CheckedServerTestCase):
+    """Every signature verified, each its own dkim= result; DKIM alone never refuses."""
+
+    zone = dkim_zone()
+
+    def send_signed(self, message):
+        self.assertEqual(self.send("192.0.2.9", "a@list.example.net", message)[-1][0], 250)
+        return methods(self.stored()[-1])["dkim"]
+
+    def test_the_rfc8463_message_passes_twice(self):
+        """RFC 8463 A.3: both signatures pass; header.b holds the first 8 characters of each b=."""
+        message = b"".join(test_dkim.RFC8463_SIGNATURES) + test_dkim.RFC8463_HEADER + b"\r\n" + test_dkim.RFC8463_BODY
+        self.assertEqual(self.send_signed(message), [
+            "dkim=pass header.d=football.example.com header.s=brisbane header.b=\"/gCrinpc\"",
+            "dkim=pass header.d=football.example.com header.s=test header.b=F45dVWDf"])
+
+    def test_dkim_alone_never_refuses(self):
+        """A changed body fails both signatures, and the message is taken all the same (no DMARC record)."""
+        message = b"".join(test_dkim.RFC8463_SIGNATURES) + test_dkim.RFC8463_HEADER + b"\r\n" + test_dkim.RFC8463_BODY
+        results = self.send_signed(message.replace(b"hungry", b"angry"))
+        self.assertEqual([entry.split()[0] for entry in results], ["dkim=fail", "dkim=fail"])
+        self.assertIn('reason="body hash did not verify"', results[0])
+
+    def test_at_most_five_signatures(self):
+        """Six signatures: five results; the sixth is ignored."""
+        message = signed_message(b"From: x@%s\r\nSubject: six\r\n" % SIGNED.encode(), selectors=["test"] * 6)
+        self.assertEqual(len(self.send_signed(message)), 5)
+
+
+class ServerResultsFieldTest(CheckedServerTestCase):
+    """One Authentication-Results per stored copy, ours alone naming our authserv-id."""
+
+    zone = txt("example.net", "v=spf1 ip4:192.0.2.1 -all")
+
+    def test_forged_results_for_our_id_go_and_others_stay(self):
+        """Fields naming mx.example.org in any case or spacing, also folded, are removed; another id's stays."""
+        body = (b"Authentication-Results: MX.Example.ORG ; spf=pass smtp.mailfrom=paypal.com\r\n"
+                b"From: a@example.net\r\n"
+                b"Authentication-Results:\r\n   mx.example.org;\r\n\tdkim=pass header.d=paypal.com\r\n"
+                b"authentication-results: (forged) mx.example.org.; dmarc=pass\r\n"
+                b"Authentication-Results: relay.example.net; spf=pass smtp.mailfrom=example.net\r\n"
+                b"Subject: forged\r\n\r\nHello.\r\n")
+        replies = self.send("192.0.2.1", "a@example.net", body, ("alice@example.org", "bob@example.org"))
+        self.assertEqual(replies[-1][0], 250)
+        for login in ("alice", "bob"):
+            stored = self.stored(login)[0]
+            self.assertEqual(stored.lower().count(b"authentication-results:"), 2)
+            self.assertTrue(stored.startswith(b"Authentication-Results: mx.example.org;\n\tspf=pass "))
+            self.assertIn(b"Authentication-Results: relay.example.net; spf=pass smtp.mailfrom=example.net\n", stored)
+            self.assertNotIn(b"paypal", stored)
+            self.assertNotIn(b"(forged)", stored)
+            self.assertIn(b"\nSubject: forged\nReceived: ", stored)
+
+    def test_the_client_shows_the_results_in_one_line(self):
+        """mail_client's RETR view starts with 'Sender checks: SPF pass, DKIM none, DMARC none'."""
+        import mail_client
+        self.send("192.0.2.1", "a@example.net", b"From: a@example.net\r\nSubject: shown\r\n\r\nHello.\r\n")
+        lines = [line.decode() for line in self.stored()[0].split(b"\n")]
+        self.assertEqual(mail_client.ReadMail([line.encode() for line in lines]).shown_lines()[0],
+                         "Sender checks: SPF pass, DKIM none, DMARC none")
+        self.assertEqual(mail_client.sender_checks([("Authentication-Results", "mx.example.org; spf=softfail "
+                                                     "smtp.mailfrom=x.org; dkim=pass header.d=example.com "
+                                                     "header.s=a header.b=b; dkim=fail reason=\"x;y\" "
+                                                     "header.d=x.org header.s=a header.b=c; dmarc=pass "
+                                                     "header.from=example.com")]),
+                         "Sender checks: SPF softfail, DKIM pass (example.com), fail (x.org), DMARC pass")
+
+
+class ServerSilentDNSTest(CheckedServerTestCase):
+    """A DNS server that never answers: temperror within the deadline, and the mail is taken."""
+
+    zone = txt("example.net", "v=spf1 -all")
+
+    def test_a_silent_dns_gives_temperror_not_a_hang(self):
+        self.dns.drop.add("silent.example.net")
+        started = time.monotonic()
+        client = self.client("192.0.2.9")
+        client.cmd_expecting("MAIL FROM:<a@silent.example.net>", 250)
+        self.assertLess(time.monotonic() - started, smtp.SPF_DEADLINE)
+        client.cmd_expecting("RCPT TO:<alice@example.org>", 250)
+        client.cmd_expecting("DATA", 354)
+        client.send(b"From: a@example.net\r\nSubject: silent\r\n\r\nHello.\r\n.\r\n")
+        self.assertEqual(client.reply()[0], 250)
+        self.assertEqual(methods(self.stored()[0])["spf"], ["spf=temperror smtp.mailfrom=silent.example.net"])
