@@ -4211,7 +4211,9 @@ DNS_NEGATIVE_CEILING = 3 * 3600   # RFC 2308 5: negative answers kept 1 to 3 hou
 DNS_FAILURE_TTL = 30         # RFC 2308 7: a server failure or timeout is remembered a while (5 min at most)
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
-DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
+# A label to ask for: printable ASCII.  Host names are letters, digits and "-" (RFC 1123), but a DNS
+# label may hold any octet (RFC 2181 11), and SPF names any visible character and the space (RFC 7208 7.1).
+DNS_HOST_LABEL = re.compile(r"[ -~]+\Z")
 
 DNS_NO_SUCH_DOMAIN = "no such domain"
 DNS_NULL_MX = "null MX: the domain accepts no mail (RFC 7505)"

@@ -745,7 +745,9 @@ class ServerSPFTest(CheckedServerTestCase):
         txt("broken.example.net", "v=spf1 ip4:192.0.2.1 -all bogus"),
         txt("split.example.net", ("v=spf1 ip4:192.0", ".2.1 -all")),
         txt("helo.example.net", "v=spf1 ip4:192.0.2.1 -all"),
-        {("failing.example.net", "TXT"): "SERVFAIL"})
+        txt("odd.example.net", "v=spf1 a:foo:bar/baz.example.net a:per%%cent%_space.example.net -all"),
+        {("failing.example.net", "TXT"): "SERVFAIL", ("foo:bar/baz.example.net", "A"): ["192.0.2.7"],
+         ("per%cent space.example.net", "A"): ["192.0.2.8"]})
 
     def message(self, sender_domain="example.net"):
         return b"From: someone@%s\r\nSubject: checks\r\n\r\nHello.\r\n" % sender_domain.encode()
@@ -787,6 +789,8 @@ class ServerSPFTest(CheckedServerTestCase):
         for ip, sender, result in (("192.0.2.1", "a@example.com", "pass"),
                                    ("2001:db8:1:2::5", "a@example.com", "pass"),
                                    ("192.0.2.1", "a@split.example.net", "pass"),
+                                   ("192.0.2.7", "a@odd.example.net", "pass"),    # RFC 7208 7.1: any visible
+                                   ("192.0.2.8", "a@odd.example.net", "pass"),    # character, %% and %_ too
                                    ("192.0.2.9", "a@softfail.example.net", "softfail"),
                                    ("192.0.2.9", "a@neutral.example.net", "neutral"),
                                    ("192.0.2.9", "a@nothing.example.net", "none"),

@@ -915,8 +915,9 @@ class QueryTest(ResponderTestCase):
         self.assertEqual(self.responder.queries, [("mx1.example.net", "A")])
 
     def test_bad_names_refused(self):
-        """Empty labels, labels over 63 octets and non-host characters fail permanently, unasked."""
-        for name in ("", ".", "a..test", ".a.test", "x" * 64 + ".test", "a b.test", "a.test..", "\u00e9" * 70):
+        """Empty labels, labels over 63 octets and control characters fail permanently, unasked."""
+        for name in ("", ".", "a..test", ".a.test", "x" * 64 + ".test", "a\tb.test", "a\0b.test", "a.test..",
+                     "\u00e9" * 70):
             self.assertFails(False, dns.DNS_BAD_NAME, self.resolver.query, name, "A")
         self.assertEqual(self.responder.queries, [])
 
