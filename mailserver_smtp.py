@@ -6595,7 +6595,7 @@ class SPFCheck:
             if getattr(self, "match_" + name)(domain, target, cidr4, cidr6):
                 return SPF_QUALIFIERS[qualifier], (domain, record.explanation), term
         if record.redirect is None:
-            return "neutral", (domain, record.explanation), "no mechanism matched"   # RFC 7208 4.7
+            return "neutral", (domain, record.explanation), "default"   # RFC 7208 4.7; "default" as 9.1 says
         self.count_term()            # RFC 7208 6.1: the exp= of the redirecting record is not used
         result, where, why = self.check_host(self.target(record.redirect, domain))
         if result == "none":
@@ -6927,14 +6927,14 @@ MESSAGE_CHECKS_DEADLINE = 20.0   # seconds DKIM and DMARC of one message may tak
 AR_SIGNATURE_PREFIX = 8      # characters of b= in header.b, to tell two signatures of a domain apart (RFC 6008)
 AR_TOKEN = re.compile(r"[!#-'*+.0-9A-Z^-~-]+\Z")   # RFC 2045 token (no tspecials): a value needs no quotes
 AR_FIELD = b"authentication-results"
-SPF_COMMENTS = {             # RFC 7208 9.1's comment for each result: sender, address, why
-    "pass": "domain of %s designates %s as permitted sender",
-    "fail": "domain of %s does not designate %s as permitted sender",
-    "softfail": "domain of transitioning %s does not designate %s as permitted sender",
-    "neutral": "%s is neither permitted nor denied for %s",
-    "none": "%s does not designate permitted sender hosts (%s)",
-    "temperror": "error in processing during lookup of %s for %s: %s",
-    "permerror": "permanent error in processing domain of %s for %s: %s",
+SPF_COMMENTS = {             # Received-SPF's comment for each result (RFC 7208 9.1)
+    "pass": "domain of {sender} designates {ip} as permitted sender",
+    "fail": "domain of {sender} does not designate {ip} as permitted sender",
+    "softfail": "domain of transitioning {sender} does not designate {ip} as permitted sender",
+    "neutral": "{ip} is neither permitted nor denied by domain of {sender}",
+    "none": "domain of {sender} does not designate permitted sender hosts",
+    "temperror": "error in processing during lookup of {sender}: {why}",
+    "permerror": "permanent error in processing domain of {sender}: {why}",
 }
 
 
@@ -7023,10 +7023,8 @@ def authentication_results(authserv_id, spf, dkim, dmarc, author):
 
 def received_spf(spf, ip, helo, receiver):
     """The Received-SPF field (RFC 7208 9.1), as stored: the result, a comment, then key-value pairs."""
-    words = (spf.sender, ip, spf.why) if spf.result in ("temperror", "permerror") else (spf.sender, ip)
-    if spf.result in ("neutral", "none"):
-        words = (ip, spf.sender) if spf.result == "neutral" else (spf.domain, spf.why)
-    comment = safe_text(SPF_COMMENTS[spf.result] % words, MAX_PATH).translate({ord(c): None for c in "()\\"})
+    comment = SPF_COMMENTS[spf.result].format(sender=spf.sender, ip=ip, why=spf.why)
+    comment = safe_text(comment, MAX_PATH).translate({ord(c): None for c in "()\\"})   # a comment's own text
     pairs = ["client-ip=%s" % ip, "envelope-from=%s" % ar_quoted(spf.sender), "helo=%s" % ar_quoted(helo),
              "receiver=%s" % ar_value(receiver), "identity=%s" % spf.identity]
     key = "mechanism" if spf.result not in ("temperror", "permerror", "none") else "problem"

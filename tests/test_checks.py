@@ -62,7 +62,6 @@ class CheckedServerTestCase(unittest.TestCase):
     """A server with --local-domains behind a balancer, its DNS a DNSResponder of zone (counting queries)."""
 
     zone = {}
-    extra_args = ()
 
     @classmethod
     def setUpClass(cls):
@@ -72,7 +71,7 @@ class CheckedServerTestCase(unittest.TestCase):
             cls.server = support.ServerProcess(
                 support.SMTP_SCRIPT, cls.root, "--local-domains", LOCAL, "--domain", DOMAIN,
                 "--proxy-from", BALANCER, "--relay-networks", "192.0.2.250/32",
-                "--dns-server", "%s:%d" % cls.dns.address, *cls.extra_args)
+                "--dns-server", "%s:%d" % cls.dns.address)
         except BaseException:
             cls.dns.close()
             support.remove_mail_root(cls.root)
