@@ -2832,6 +2832,9 @@ def take_message(session, spool):
     except MailboxFull as full:
         log.info("not delivered from <%s>: %s is full", envelope.sender, full)
         raise Refused(Replies.MAILBOX_FULL)
+    except DKIMError as error:       # a key that cannot be used: nothing is queued (section 9)
+        log.error("not delivered from <%s>: not signed: %s", envelope.sender, error)
+        raise Refused(Replies.LOCAL_ERROR)
     except OSError as exc:
         log.error("delivery from %s to %s failed: %s", session.peer,
                   ", ".join(list(envelope.logins) + envelope.remote), exc)
@@ -3786,6 +3789,17 @@ def submission_headers(names, domain):
     return added
 
 
+def author_domain(header):
+    """The domain of the first From: address of a message (header: its Header), or None."""
+    for field in header.senders:
+        name, _, value = field.partition(b":")
+        if name.strip().lower() == b"from":
+            text = " ".join(value.decode("utf-8", "surrogateescape").split())
+            domains = [address.rpartition("@")[2] for _, address in email.utils.getaddresses([text]) if "@" in address]
+            return domains[0] if domains else None
+    return None
+
+
 def queue_received(session, spool, header):
     """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
     queue_id = new_queue_id()
@@ -3890,6 +3904,7 @@ class OutboundQueue:
         self.lifetime = args.queue_lifetime
         self.retry_base = args.retry_base
         self.relay = Relay(args, server.domain)
+        self.keys = DKIMKeys(server.users.root)
         self.flush_path = os.path.join(self.folder, FLUSH_NAME)
         self.flush_seen = file_stamp(self.flush_path)
         self.flush_checked = 0.0
@@ -3914,7 +3929,10 @@ class OutboundQueue:
             needs.add("smtputf8")
         entry = QueuedMessage(queue_id, sender, [QueuedRecipient(r) for r in recipients], login,
                               needs=needs, hops=names.count(b"received") + 1)
-        return write_queued(self.folder, entry, head, outgoing_chunks(spool))
+        # Signed once, here, after our own fields: every retry sends the same bytes (section 9).
+        domain = author_domain(header)
+        signatures = self.keys.signatures(domain, itertools.chain([head], outgoing_chunks(spool))) if domain else b""
+        return write_queued(self.folder, entry, signatures + head, outgoing_chunks(spool))
 
     def queue_message(self, sender, recipient, message):
         """Queue a message we made (a bounce: bytes, CRLF lines) for one recipient; return its id."""
@@ -3922,7 +3940,12 @@ class OutboundQueue:
         if not (sender.isascii() and recipient.isascii()):
             needs.add("smtputf8")            # RFC 6531: a UTF-8 address goes only with SMTPUTF8
         entry = QueuedMessage(new_queue_id(), sender, [QueuedRecipient(recipient)], needs=needs)
-        queued = write_queued(self.folder, entry, b"", [message])
+        try:                         # a bounce is signed with --domain's keys
+            signatures = self.keys.signatures(self.server.domain, [message])
+        except DKIMError as error:   # better unsigned than lost
+            log.error("%s: bounce sent without a DKIM signature: %s", entry.id, error)
+            signatures = b""
+        queued = write_queued(self.folder, entry, signatures, [message])
         try:
             queued.publish()
         finally:
@@ -4211,9 +4234,10 @@ DNS_NEGATIVE_CEILING = 3 * 3600   # RFC 2308 5: negative answers kept 1 to 3 hou
 DNS_FAILURE_TTL = 30         # RFC 2308 7: a server failure or timeout is remembered a while (5 min at most)
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
-# A label to ask for: printable ASCII.  Host names are letters, digits and "-" (RFC 1123), but a DNS
-# label may hold any octet (RFC 2181 11), and SPF names any visible character and the space (RFC 7208 7.1).
-DNS_HOST_LABEL = re.compile(r"[ -~]+\Z")
+DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
+# Any label the resolver may ask for: a DNS label may hold any octet (RFC 2181 11), and SPF's names
+# any visible character or a space (RFC 7208 7.1); we take printable ASCII.
+DNS_ANY_LABEL = re.compile(r"[ -~]+\Z")
 
 DNS_NO_SUCH_DOMAIN = "no such domain"
 DNS_NULL_MX = "null MX: the domain accepts no mail (RFC 7505)"
@@ -4248,8 +4272,13 @@ def _dns_malformed(why):
     return DNSError(DNS_MALFORMED % why)
 
 
-def _dns_normalize(name):
-    """A domain name as it goes on the wire: lower case, no trailing dot, IDNA for non-ASCII (RFC 5890)."""
+def _dns_normalize(name, allowed=DNS_HOST_LABEL):
+    """A domain name as it goes on the wire: lower case, no trailing dot, IDNA for non-ASCII (RFC 5890).
+
+    Each label must match allowed: by default a host name's (what names a
+    host, a mail domain or a key folder must be); the resolver itself asks
+    for any name DNS_ANY_LABEL allows.
+    """
     text = name.lower()
     if text.endswith("."):
         text = text[:-1]
@@ -4262,7 +4291,7 @@ def _dns_normalize(name):
             raise DNSError(DNS_BAD_NAME, name, temporary=False) from None
     labels = text.split(".")
     if (not text or len(text) + 2 > DNS_MAX_NAME
-            or not all(len(label) <= DNS_MAX_LABEL and DNS_HOST_LABEL.match(label) for label in labels)):
+            or not all(len(label) <= DNS_MAX_LABEL and allowed.match(label) for label in labels)):
         raise DNSError(DNS_BAD_NAME, name, temporary=False)
     return text
 
@@ -4539,7 +4568,7 @@ class Resolver:
         NXDOMAIN's is the DNSError's ttl).
         """
         qtype = DNS_TYPES[rtype]
-        owner, ttls = _dns_normalize(name), []
+        owner, ttls = _dns_normalize(name, DNS_ANY_LABEL), []
         for _ in range(DNS_MAX_CNAMES):
             # A chain the server did not finish in its answer is asked for again from its end.
             found, dangling, ttl = _dns_follow_cnames(self._ask(owner, qtype, deadline), owner, qtype)
@@ -5185,7 +5214,7 @@ class SMTPServer(Server):
         self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
         # and mail from outside is checked (CONTRACT.md section 10)
         self.checks = None if self.local_domains is None else IncomingChecks(
-            self.domain, Resolver(args.dns_server, CHECK_DNS_TIMEOUT, CHECK_DNS_ATTEMPTS))
+            self.domain, Resolver(args.dns_server, INCOMING_DNS_TIMEOUT, INCOMING_DNS_ATTEMPTS))
 
     def serve_forever(self):
         for listener in self.listeners if self.local_domains is None else ():
@@ -5294,12 +5323,17 @@ class SMTPServer(Server):
 
 
 def main(argv=None):
-    """Run the SMTP server until Ctrl-C or SIGTERM (or, with --hash-password, hash a password)."""
+    """Run the SMTP server until Ctrl-C or SIGTERM, or one of its commands (--hash-password, --queue,
+    --flush, --dkim-keygen, --dns-records, --check-dns)."""
     argv = sys.argv[1:] if argv is None else argv
     if "--hash-password" in argv:
         return hash_password_main(argv)
     if "--queue" in argv or "--flush" in argv:
         return queue_main(argv)
+    for option, command in (("--dkim-keygen", dkim_keygen_main), ("--dns-records", dns_records_main),
+                            ("--check-dns", check_dns_main)):
+        if option in argv:
+            return command(argv)
     return run_server(SMTPServer, parse_args(argv), "smtp")
 
 
@@ -5359,6 +5393,262 @@ def print_to_pipe(write):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------
+# The site's keys and DNS records: --dkim-keygen, --dns-records, --check-dns
+# --------------------------------------------------------------------------
+# What a domain publishes so that other servers take its mail (CONTRACT.md
+# section 9): an MX naming us, SPF allowing our sending address, a DKIM key
+# record per key, a DMARC policy, and a PTR for the address that names our
+# host, which in turn resolves back to it (Gmail's 5.7.25).
+
+TXT_STRING = 255                     # RFC 1035 3.3: characters of one string of a TXT record
+MX_PREFERENCE = 10
+DMARC_FIRST_POLICY = "v=DMARC1; p=none; rua=mailto:postmaster@%s"   # watch reports first (RFC 7489 6.3)
+CHECK_DNS_TIMEOUT = 5.0              # seconds a DNS server gets per question
+
+
+def site_arguments(prog, description, action, help_text):
+    """The parser shared by --dns-records and --check-dns."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py %s DOMAIN" % prog, description=description)
+    parser.add_argument(action, metavar="DOMAIN", required=True, help=help_text)
+    parser.add_argument("--root", default=".", help="the mail root, whose .dkim/DOMAIN/ holds the keys (default: .)")
+    parser.add_argument("--domain", default=socket.gethostname(), metavar="HOST",
+                        help="the mail host: the MX, the PTR's name, the EHLO name (default: this host's name)")
+    parser.add_argument("--source-address", metavar="ADDR",
+                        help="the address mail leaves from (default: HOST's address)")
+    return parser
+
+
+def site_names(parser, args, domain):
+    """(domain, host, address or None) of the command line, normalized; parser.error if one is malformed."""
+    try:
+        domain, host = _dns_normalize(domain), _dns_normalize(args.domain)
+        address = str(ipaddress.ip_address(args.source_address)) if args.source_address else None
+    except (DNSError, ValueError) as error:
+        parser.error("not a domain name or address: %s" % error)
+    return domain, host, address
+
+
+def zone_line(name, rtype, value):
+    """One record in zone-file form (RFC 1035 5.1); a TXT text as quoted strings of at most 255 characters."""
+    if rtype == "TXT":
+        strings = ['"%s"' % value[i:i + TXT_STRING] for i in range(0, len(value), TXT_STRING)] or ['""']
+        value = strings[0] if len(strings) == 1 else "( %s )" % "\n\t".join(strings)
+    return "%s.\tIN\t%s\t%s" % (name, rtype, value)
+
+
+def site_records(domain, host, address, keys):
+    """[(what, name, type, value)] of the records the domain and its address need."""
+    spf = "v=spf1 %s:%s -all" % ("ip6" if ":" in address else "ip4", address) if address else "v=spf1 mx -all"
+    records = [("MX", domain, "MX", "%d %s." % (MX_PREFERENCE, host)), ("SPF", domain, "TXT", spf)]
+    records += [("DKIM", "%s._domainkey.%s" % (selector, domain), "TXT", key.public.record())
+                for selector, key in keys]
+    records.append(("DMARC", "_dmarc." + domain, "TXT", DMARC_FIRST_POLICY % domain))
+    if address:
+        records.append(("A", host, "AAAA" if ":" in address else "A", address))
+        records.append(("PTR", reverse_name(address), "PTR", host + "."))
+    return records
+
+
+def dkim_keygen_main(argv):
+    """--dkim-keygen: make a key in ROOT/.dkim/DOMAIN/SELECTOR.pem (never overwriting) and print its record."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py --dkim-keygen DOMAIN",
+                                     description="Make a DKIM signing key for DOMAIN and print the TXT record "
+                                                 "to publish.")
+    parser.add_argument("--dkim-keygen", metavar="DOMAIN", required=True)
+    parser.add_argument("--selector", default=time.strftime("%Y%m%d"), help="the key's name (default: today)")
+    parser.add_argument("--key-type", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (2048 bits, what every receiver verifies) or ed25519 (RFC 8463)")
+    parser.add_argument("--root", default=".", help="the mail root (default: .)")
+    args = parser.parse_args(argv)
+    folder = dkim_domain_folder(args.root, args.dkim_keygen)
+    if folder is None or dkim_selector(args.selector + DKIM_KEY_SUFFIX) != args.selector:
+        parser.error("not a domain name or selector: %s, %s" % (args.dkim_keygen, args.selector))
+    key = generate_rsa_key() if args.key_type == "rsa" else generate_ed25519_key()
+    path = os.path.join(folder, args.selector + DKIM_KEY_SUFFIX)
+    try:
+        for made in (os.path.dirname(folder), folder):    # the keys are for the servers' user only
+            os.makedirs(made, mode=0o700, exist_ok=True)
+        write_new_file(path, key.private_pem().encode("ascii"))
+    except OSError as error:
+        hint = ": a key is never overwritten, choose another --selector" if error.errno == errno.EEXIST else ""
+        print("no key made: %s: %s%s" % (path, error.strerror or error, hint), file=sys.stderr)
+        return 1
+    domain = os.path.basename(folder)
+    print("; %s key %s for %s, in %s; publish:" % (key.algorithm, args.selector, domain, path))
+    print(zone_line("%s._domainkey.%s" % (args.selector, domain), "TXT", key.public.record()))
+    return 0
+
+
+def write_new_file(path, data):
+    """Write a file that must not exist yet (mode 0600, fsync'd); OSError (EEXIST) if it does."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dns_records_main(argv):
+    """--dns-records: print the records a domain needs, in zone-file form."""
+    parser = site_arguments("--dns-records", "Print the DNS records DOMAIN needs (MX, SPF, DKIM, DMARC, PTR).",
+                            "--dns-records", "the mail domain")
+    args = parser.parse_args(argv)
+    domain, host, address = site_names(parser, args, args.dns_records)
+    try:
+        keys = DKIMKeys(args.root).keys_for(domain)
+    except DKIMKeyError as error:
+        print("unusable DKIM key: %s" % error, file=sys.stderr)
+        return 1
+    lines = [zone_line(name, rtype, value) for _, name, rtype, value in site_records(domain, host, address, keys)]
+    if not keys:
+        lines.append("; no DKIM key yet: python3 mailserver_smtp.py --dkim-keygen %s --root %s" % (domain, args.root))
+    if not address:
+        lines.append("; and the PTR of the address mail leaves from, naming %s: give --source-address" % host)
+    return print_to_pipe(lambda out: out.write("\n".join(lines) + "\n"))
+
+
+def check_dns_main(argv):
+    """--check-dns: ask DNS for each record the domain needs; one line each; 0 only when all are right."""
+    parser = site_arguments("--check-dns", "Ask DNS for each record DOMAIN needs and say whether it is right.",
+                            "--check-dns", "the mail domain")
+    parser.add_argument("--dns-server", metavar="ADDR[:PORT]",
+                        help="the DNS server to ask (default: those of /etc/resolv.conf)")
+    args = parser.parse_args(argv)
+    domain, host, address = site_names(parser, args, args.check_dns)
+    try:
+        servers = [host_and_port(args.dns_server, DNS_PORT)] if args.dns_server else None
+        resolver = Resolver(servers, timeout=CHECK_DNS_TIMEOUT)
+    except ValueError:
+        parser.error("--dns-server takes ADDR[:PORT] ([IPv6]:PORT)")
+    try:
+        keys = DKIMKeys(args.root).keys_for(domain)
+    except DKIMKeyError as error:
+        print("unusable DKIM key: %s" % error, file=sys.stderr)
+        return 1
+    results = list(site_checks(SiteDNS(resolver), domain, host, address, keys))
+    lines = ["%s %s: %s%s" % (what, name, status, " (%s)" % why if why else "")
+             for what, name, status, why in results]
+    if print_to_pipe(lambda out: out.write("\n".join(lines) + "\n")):
+        return 1
+    return 0 if all(status == "right" for _, _, status, _ in results) else 1
+
+
+class SiteDNS:
+    """Lookups for the checks: [] for a name that does not exist; DNSError only for a temporary failure."""
+
+    def __init__(self, resolver):
+        self.resolver = resolver
+
+    def __call__(self, name, rtype):
+        try:
+            return self.resolver.query(name, rtype)
+        except DNSError as error:
+            if error.temporary:
+                raise
+            return []
+
+
+def site_checks(lookup, domain, host, address, keys):
+    """(what, name, right/missing/wrong, why) for each record the domain needs, asked of lookup."""
+    for rtype in ("A", "AAAA") if address is None else ():
+        try:                         # the address the MX host's name gives, if any
+            address = (lookup(host, rtype) + [None])[0]
+        except DNSError:
+            continue
+        if address:
+            break
+    yield ("MX", domain) + _site_answer(lambda: check_mx(lookup, domain, host))
+    yield ("SPF", domain) + _site_answer(lambda: check_spf_record(lookup, domain, host, address))
+    for selector, key in keys:
+        name = "%s._domainkey.%s" % (selector, domain)
+        yield ("DKIM", name) + _site_answer(lambda: check_dkim_record(lookup, name, key))
+    yield ("DMARC", "_dmarc." + domain) + _site_answer(lambda: check_dmarc_record(lookup, "_dmarc." + domain))
+    yield ("PTR", address or host) + _site_answer(lambda: check_ptr(lookup, host, address))
+
+
+def _site_answer(check):
+    """What check() says, or ("wrong", why) when DNS failed on the way."""
+    try:
+        return check()
+    except DNSError as error:
+        return ("wrong", "DNS failed: %s" % error)
+
+
+def check_mx(lookup, domain, host):
+    """The MX records of domain name host (RFC 5321 5.1)."""
+    hosts = [exchange for _, exchange in lookup(domain, "MX")]
+    if not hosts:
+        return ("missing", "no MX record")
+    if host in hosts:
+        return ("right", "")
+    return ("wrong", "MX names %s, not %s" % (", ".join(h or "." for h in hosts), host))
+
+
+def check_spf_record(lookup, domain, host, address):
+    """One SPF record (RFC 7208 4.5) that passes for the address mail leaves from."""
+    records = [text for text in lookup(domain, "TXT") if re.match(r"v=spf1(?: |\Z)", text, re.IGNORECASE)]
+    if not records:
+        return ("missing", "no v=spf1 record")
+    if len(records) > 1:
+        return ("wrong", "%d SPF records: a permerror (RFC 7208 4.5)" % len(records))
+    if address is None:
+        return ("wrong", "no address to check it for: give --source-address, or an address record for %s" % host)
+    result = check_spf(lookup, address, "postmaster@" + domain, host, host)
+    if result.result == "pass":
+        return ("right", "")
+    return ("wrong", "SPF %s for %s, not pass (%s)" % (result.result, address, result.why))
+
+
+def check_dkim_record(lookup, name, key):
+    """A key record at name holding key's public key (RFC 6376 3.6.1)."""
+    texts = lookup(name, "TXT")
+    if not texts:
+        return ("missing", "no key record")
+    why = "not a key record"
+    for text in texts:
+        try:
+            record = DKIMKeyRecord(text)
+            if record.revoked:
+                why = "the key is revoked (p= is empty)"
+                continue
+            published = public_key_from_record(record.kind, record.data)
+            if record.kind == key.kind and published.record() == key.public.record():
+                return ("right", "")
+            why = "the record holds another key, not ours"
+        except DKIMError as error:
+            why = "malformed: %s" % error
+    return ("wrong", why)
+
+
+def check_dmarc_record(lookup, name):
+    """One DMARC record with a policy (RFC 7489 6.3, 6.6.3)."""
+    records = [text for text in lookup(name, "TXT") if re.match(r"v\s*=\s*DMARC1\s*(?:;|\Z)", text)]
+    if not records:
+        return ("missing", "no DMARC record")
+    if len(records) > 1:
+        return ("wrong", "%d DMARC records: none applies (RFC 7489 6.6.3)" % len(records))
+    if not re.search(r";\s*p\s*=\s*(?:none|quarantine|reject)\s*(?:;|\Z)", records[0]):
+        return ("wrong", "no p=none, quarantine or reject")
+    return ("right", "")
+
+
+def check_ptr(lookup, host, address):
+    """A PTR for the sending address naming host, and host resolving back to it (forward-confirmed)."""
+    if address is None:
+        return ("wrong", "no address to check: give --source-address, or an address record for %s" % host)
+    names = lookup(reverse_name(address), "PTR")
+    if not names:
+        return ("missing", "no PTR record for %s" % address)
+    if host not in names:
+        return ("wrong", "PTR names %s, not %s" % (", ".join(names), host))
+    forward = lookup(host, "AAAA" if ":" in address else "A")
+    if not any(ipaddress.ip_address(found) == ipaddress.ip_address(address) for found in forward):
+        return ("wrong", "%s does not resolve back to %s" % (host, address))
+    return ("right", "")
 
 
 def read_new_password():
@@ -5421,7 +5711,11 @@ BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 PEM_LINE = 64                        # RFC 7468 2: base64 lines of 64 characters
 
 
-class DKIMKeyError(ValueError):
+class DKIMError(ValueError):
+    """A message that cannot be signed, or a signature or key record that breaks the RFC (permerror)."""
+
+
+class DKIMKeyError(DKIMError):
     """A key that cannot be used: unreadable, malformed, of a kind we do not know, or too short."""
 
 
@@ -6051,10 +6345,6 @@ DKIM_FOLD = 72                       # characters of a signature line before it 
 DKIM_DOMAIN = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\.)*[A-Za-z0-9_-]+\Z")
 
 
-class DKIMError(ValueError):
-    """A message that cannot be signed, or a signature or key record that breaks the RFC (permerror)."""
-
-
 def parse_tag_list(text):
     """A tag=value list (RFC 6376 3.2) as a dict, whitespace around names and values removed.
 
@@ -6359,6 +6649,105 @@ def dkim_public_key(signature, lookup_txt):
     raise errors[0] if errors else DKIMError("no key for the signature")
 
 
+# --------------------------------------------------------------------------
+# The signing keys of a mail root
+# --------------------------------------------------------------------------
+# ROOT/.dkim/DOMAIN/SELECTOR.pem, one file per key (CONTRACT.md section 9).
+# A domain's keys are read again when its folder or one of its files
+# changes, so a key is rotated without a restart: add SELECTOR2.pem,
+# publish its record, and remove the old file once its record has gone.
+# Key files are opened like mailboxes: no symlink, regular files only.
+
+def dkim_domain_folder(root, domain):
+    """ROOT/.dkim/DOMAIN for a domain in any case or Unicode; None for a name no DNS could hold
+    (which also keeps "/" and ".." out of the path)."""
+    try:
+        return os.path.join(root, DKIM_KEY_FOLDER, _dns_normalize(domain))
+    except DNSError:
+        return None
+
+
+def read_key_file(path):
+    """The private key in a key file; DKIMKeyError (with the path) if it cannot be used for signing."""
+    try:
+        fd, _ = open_regular(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as file:
+            data = file.read(DKIM_MAX_KEY_FILE + 1)
+    except OSError as error:
+        raise DKIMKeyError("%s: %s" % (path, error.strerror or error)) from None
+    try:
+        if len(data) > DKIM_MAX_KEY_FILE:
+            raise DKIMKeyError("larger than any key")
+        key = read_private_key(data.decode("ascii", "replace"))
+        if key.kind == "rsa" and key.bits < DKIM_MIN_SIGNING_BITS:
+            raise DKIMKeyError("RSA key of %d bits: we sign with %d or more" % (key.bits, DKIM_MIN_SIGNING_BITS))
+    except DKIMKeyError as error:
+        raise DKIMKeyError("%s: %s" % (path, error)) from None
+    return key
+
+
+class DKIMKeys:
+    """The signing keys of ROOT/.dkim/, per domain, read again when they change on disk."""
+
+    def __init__(self, root):
+        self.root = root
+        self.lock = threading.Lock()
+        self.read = {}               # folder -> (stamp, [(selector, key)] or the DKIMKeyError)
+
+    def signatures(self, domain, chunks):
+        """The DKIM-Signature fields (bytes) that sign a message, given in chunks, with each key of
+        domain; b"" when it has none.  DKIMError if a key cannot be used or a signature fails."""
+        keys = self.keys_for(domain)
+        return dkim_sign(chunks, _dns_normalize(domain), keys) if keys else b""
+
+    def keys_for(self, domain):
+        """[(selector, key)] of a domain, sorted by selector ([] without a folder); DKIMKeyError if one is unusable."""
+        folder = dkim_domain_folder(self.root, domain)
+        stamp = folder and self._stamp(folder)
+        if not stamp:
+            return []
+        with self.lock:
+            known = self.read.get(folder)
+        if known is None or known[0] != stamp:
+            known = (stamp, self._read(folder, stamp[1]))
+            with self.lock:
+                self.read[folder] = known
+        if isinstance(known[1], DKIMKeyError):
+            raise known[1]
+        return known[1]
+
+    @staticmethod
+    def _stamp(folder):
+        """What a change in the folder changes: its own stamp and its key files' names and stamps."""
+        folder_stamp = file_stamp(folder)
+        if folder_stamp is None:
+            return None
+        try:
+            names = sorted(name for name in os.listdir(folder) if dkim_selector(name))
+        except OSError:
+            names = []
+        return folder_stamp, tuple((name, file_stamp(os.path.join(folder, name))) for name in names)
+
+    @staticmethod
+    def _read(folder, files):
+        """The keys of the files (or the first file's DKIMKeyError), logged once per change."""
+        try:
+            keys = [(dkim_selector(name), read_key_file(os.path.join(folder, name))) for name, _ in files]
+        except DKIMKeyError as error:
+            log.error("DKIM key unusable, mail from %s is refused until it is fixed: %s",
+                      os.path.basename(folder), error)
+            return error
+        log.info("DKIM keys of %s: %s", os.path.basename(folder),
+                 ", ".join("%s (%s)" % (selector, key.algorithm) for selector, key in keys) or "none")
+        return keys
+
+
+def dkim_selector(name):
+    """The selector of a key file's name (SELECTOR.pem), or None for any other file."""
+    selector = name[:-len(DKIM_KEY_SUFFIX)] if name.endswith(DKIM_KEY_SUFFIX) else ""
+    return selector if DKIM_DOMAIN.match(selector) and not selector.startswith(".") else None
+
+
 # ##########################################################################
 #
 #   PART 4: CHECKS ON MAIL THAT COMES IN: SPF, DMARC, AUTHENTICATION-RESULTS
@@ -6373,9 +6762,9 @@ def dkim_public_key(signature, lookup_txt):
 #     .spf(ip, sender, helo)                an SPFResult, once per transaction at MAIL
 #     .message(spf, ip, helo, header, spool)  a CheckedMessage after the data, or Refused
 #     checked_layout(layout, checked)       a stored copy told the results
-#   Below them all is pure functions over lookup(name, type, deadline) (a
-#   DNSCache's query), so the rules read without sockets, each beside its
-#   RFC section; DKIM is Part 3's dkim_verify.
+#   Below them all is pure functions over lookup(name, type) (a DNSCache's
+#   query with a deadline), so the rules read without sockets, each beside
+#   its RFC section; DKIM is Part 3's dkim_verify.
 #
 # ##########################################################################
 
@@ -6553,7 +6942,8 @@ def check_spf(lookup, ip, sender, helo, receiver, timeout=SPF_DEADLINE):
     """The SPF result for a client: of the MAIL FROM domain, or of the HELO name for <> (RFC 7208 2.3, 2.4).
 
     lookup(name, type) gives a record list ([] for none or NXDOMAIN) or
-    raises DNSError; the whole check ends within timeout seconds.
+    raises DNSError; the whole check ends within timeout seconds (a lookup
+    that may take long should have a deadline of its own: IncomingChecks').
     """
     identity = "mailfrom" if sender else "helo"
     if not sender:
@@ -6621,7 +7011,7 @@ class SPFCheck:
         if not all(0 < len(label) <= DNS_MAX_LABEL for label in labels):
             return []                # RFC 7208 4.3 and 4.8: a name DNS cannot hold has no records
         try:
-            records = self.lookup(name, rtype, self.deadline)
+            records = self.lookup(name, rtype)
         except DNSError as error:
             if error.temporary:
                 raise SPFError("temperror", "DNS: %s" % error) from None
@@ -6921,8 +7311,8 @@ def check_dmarc(lookup, from_domain, spf, dkim):
 # --------------------------------------------------------------------------
 # (RFC 8601 Authentication-Results, RFC 7208 9.1 Received-SPF)
 
-CHECK_DNS_TIMEOUT = 3.0      # seconds one DNS server gets for one try of a check's query
-CHECK_DNS_ATTEMPTS = 2       # tries per server: a silent server costs a query 6 s, the check's deadline bounds all
+INCOMING_DNS_TIMEOUT = 3.0   # seconds one DNS server gets for one try of a check's query
+INCOMING_DNS_ATTEMPTS = 2    # tries per server: a silent server costs a query 6 s, the check's deadline bounds all
 MESSAGE_CHECKS_DEADLINE = 20.0   # seconds DKIM and DMARC of one message may take, all queries together
 AR_SIGNATURE_PREFIX = 8      # characters of b= in header.b, to tell two signatures of a domain apart (RFC 6008)
 AR_TOKEN = re.compile(r"[!#-'*+.0-9A-Z^-~-]+\Z")   # RFC 2045 token (no tspecials): a value needs no quotes
@@ -6955,13 +7345,14 @@ class IncomingChecks:
 
     def spf(self, ip, sender, helo):
         """The SPFResult of a transaction, found once at MAIL (RFC 7208 2.4)."""
-        return check_spf(self.cache.query, ip, sender, helo, self.domain)
+        lookup = functools.partial(self._lookup, deadline=time.monotonic() + SPF_DEADLINE)
+        return check_spf(lookup, ip, sender, helo, self.domain)
 
     def message(self, spf, ip, helo, header, spool):
         """The CheckedMessage of a received message; Refused if From: is not one address or DMARC rejects it."""
         deadline = time.monotonic() + MESSAGE_CHECKS_DEADLINE
         lookup = functools.partial(self._lookup, deadline=deadline)
-        author = author_domain(header)
+        author = single_author_domain(header)
         dkim = self.dkim(header, spool, lookup)
         dmarc, policy, why = check_dmarc(lookup, author, spf, dkim)
         log.info("checks of mail from %s: spf=%s (%s) dkim=%s dmarc=%s (%s, policy %s)", ip, spf.result,
@@ -6987,7 +7378,7 @@ class IncomingChecks:
         return dkim_verify(head, body, lambda name: lookup(name, "TXT"))   # the first 5 (Part 3)
 
 
-def author_domain(header):
+def single_author_domain(header):
     """The domain of the message's one From: address; Refused for several or none (RFC 7489 6.6.1)."""
     fields = header.kept_fields(b"from")
     addresses = []

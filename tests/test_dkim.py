@@ -10,7 +10,14 @@ import hashlib
 import math
 import os
 import random
+import re
 import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
 import unittest
 
 import support  # noqa: F401  (puts the repository on the path)
@@ -262,7 +269,8 @@ class TagListTest(unittest.TestCase):
         """Only b='s value goes; bh= and the rest stay byte for byte."""
         field = b"DKIM-Signature: bh=abc; b=de\r\n f; d=x\r\n"
         self.assertEqual(dkim.without_b_value(field), b"DKIM-Signature: bh=abc; b=; d=x\r\n")
-        self.assertEqual(dkim.without_b_value(b"DKIM-Signature: a=1;\r\n b=xyz\r\n"), b"DKIM-Signature: a=1;\r\n b=\r\n")
+        self.assertEqual(dkim.without_b_value(b"DKIM-Signature: a=1;\r\n b=xyz\r\n"),
+                         b"DKIM-Signature: a=1;\r\n b=\r\n")
 
 
 def signed_message(keys, header=RFC8463_HEADER, body=RFC8463_BODY, domain="football.example.com", now=RFC8463_TIME):
@@ -329,7 +337,8 @@ class VerifyTest(unittest.TestCase):
         """With l=, text appended to the body still passes; an l= longer than the body is a permerror."""
         tags = {"l": str(len(RFC8463_BODY)), "c": "simple/simple", "bh": canonical_body_hash(RFC8463_BODY)}
         self.assertResult(self.verify(self._resigned(tags))[0], "pass", "good signature")
-        self.assertResult(self.verify(self._resigned(tags), RFC8463_BODY + b"Buy now!\r\n")[0], "pass", "good signature")
+        self.assertResult(self.verify(self._resigned(tags), RFC8463_BODY + b"Buy now!\r\n")[0],
+                          "pass", "good signature")
         self.assertResult(self.verify(self._resigned(tags), RFC8463_BODY[:-1] + b"!\r\n")[0],
                           "fail", "body hash did not verify")
         longer = dict(tags, l=str(len(RFC8463_BODY) + 1))
@@ -361,7 +370,8 @@ class VerifyTest(unittest.TestCase):
     def test_malformed_signatures(self):
         """Missing tags, a bad version, From unsigned, i= outside d=, an unknown algorithm: permerror."""
         cases = [({"bh": None}, "no bh= tag"), ({"v": "2"}, "version v=2"), ({"h": "to:subject"}, "From is not signed"),
-                 ({"i": "joe@example.org"}, "i= not in the domain of d="), ({"a": "rsa-sha512"}, "unknown algorithm rsa-sha512"),
+                 ({"i": "joe@example.org"}, "i= not in the domain of d="),
+                 ({"a": "rsa-sha512"}, "unknown algorithm rsa-sha512"),
                  ({"c": "relaxed/odd"}, "unknown canonicalization relaxed/odd"), ({"q": "http"}, "no q=dns/txt"),
                  ({"bh": "abc"}, "bh= is not base64"), ({"l": "-1"}, "l= is not a number")]
         for tags, reason in cases:
@@ -374,7 +384,8 @@ class VerifyTest(unittest.TestCase):
         self.assertResult(self.one({"i": "joe@sub.football.example.com"}), "pass", "good signature")
         self.zone["test._domainkey.football.example.com"] = [RFC8463_ZONE["test._domainkey.football.example.com"][0]
                                                              + "; t=s"]
-        self.assertResult(self.one({"i": "joe@sub.football.example.com"}), "permerror", "key with t=s for a subdomain i=")
+        self.assertResult(self.one({"i": "joe@sub.football.example.com"}),
+                          "permerror", "key with t=s for a subdomain i=")
         self.assertResult(self.one({"i": "joe@football.example.com"}), "pass", "good signature")
 
     def test_key_records(self):
@@ -460,7 +471,8 @@ class SigningTest(unittest.TestCase):
                                                    [("test", self.keys["test"]), ("brisbane", self.keys["brisbane"])],
                                                    now=1700000000))
         self.assertEqual(len(fields), 2)
-        for field, selector, algorithm in ((fields[0], "test", "rsa-sha256"), (fields[1], "brisbane", "ed25519-sha256")):
+        for field, selector, algorithm in ((fields[0], "test", "rsa-sha256"),
+                                           (fields[1], "brisbane", "ed25519-sha256")):
             tags = dkim.DKIMSignature(field, 1700000000).tags
             self.assertEqual((tags["a"], tags["c"], tags["d"], tags["s"], tags["t"]),
                              (algorithm, "relaxed/relaxed", "football.example.com", selector, "1700000000"))
@@ -664,3 +676,364 @@ class Ed25519Test(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# --------------------------------------------------------------------------
+# Signing in the server: mail that enters the queue (CONTRACT.md section 9)
+# --------------------------------------------------------------------------
+
+def copy_key(root, domain, selector, name):
+    """Copy a file of tests/dkim to ROOT/.dkim/DOMAIN/SELECTOR.pem (mode 0600)."""
+    folder = os.path.join(root, ".dkim", domain)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, selector + ".pem")
+    with open(path, "w", encoding="ascii") as file:
+        file.write(read_key_file(name))
+    os.chmod(path, 0o600)
+
+
+def install_key(root, domain, selector, name):
+    """Copy a key of tests/dkim to ROOT/.dkim/DOMAIN/SELECTOR.pem; return its public key record."""
+    copy_key(root, domain, selector, name)
+    return dkim.read_private_key(read_key_file(name)).public.record()
+
+
+def unstuffed_data(data):
+    """A message as a remote got it between DATA and '.', less SMTP's dot-stuffing."""
+    return b"".join(line[1:] if line.startswith(b".") else line for line in data.splitlines(keepends=True))
+
+
+class ServerSigningTest(support.OneServerTestCase):
+    """A server with --local-domains example.org, keys for example.org, and a scripted remote MX."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.remote = support.RemoteSMTPServer()
+        cls.server_args = ("--local-domains", "example.org", "--domain", "mx.example.org",
+                           "--mx-port", str(cls.remote.port), "--retry-base", "0.3", "--relay-timeout", "2")
+        try:
+            super().setUpClass()
+        except BaseException:
+            cls.remote.close()
+            raise
+        cls.zone = {"rsa._domainkey.example.org": [install_key(cls.root, "example.org", "rsa", "rsa2048-pkcs1.pem")],
+                    "ed._domainkey.example.org": [install_key(cls.root, "example.org", "ed", "ed25519-pkcs8.pem")]}
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.remote.close()
+
+    def send(self, body, sender="alice@example.org", recipients=("u@[127.0.0.1]",), login="alice"):
+        """One EHLO session (logged in as login, if any) sending body; the reply to its end."""
+        with support.smtp_session(self.server, ehlo=True) as client:
+            if login:
+                secret = base64.b64encode(("\0%s\0%s" % (login, support.DEFAULT_USERS[login])).encode()).decode()
+                client.cmd_expecting("AUTH PLAIN " + secret, 235)
+            return support.send_message(client, body, sender, recipients)
+
+    def sent(self, marker):
+        """The message the remote got whose data holds marker, unstuffed (waits for it)."""
+        return unstuffed_data(support.wait_for(
+            lambda: [m for m in self.remote.messages if marker in m["data"]])[0]["data"])
+
+    def verified(self, message, zone=None):
+        """The results of our verifier for a message as it went out."""
+        header, body = dkim.split_message([message])
+        return dkim.dkim_verify(header, body, zone_lookup(zone or self.zone))
+
+    def test_signed_with_each_key_after_our_fields(self):
+        """A logged-in client's message for another domain carries one signature per key, on top, which
+        verify; Date: and Message-ID: we added are signed, and the From: domain is d=."""
+        reply = self.send(b"From: Alice <alice@example.org>\r\nTo: u@[127.0.0.1]\r\nSubject: signed one\r\n\r\n"
+                          b"body line\r\n\r\n\r\n")
+        self.assertEqual(reply[0], 250)
+        message = self.sent(b"signed one")
+        self.assertTrue(message.startswith(b"DKIM-Signature: "))
+        results = self.verified(message)
+        self.assertEqual(sorted((r.result, r.selector, r.domain) for r in results),
+                         [("pass", "ed", "example.org"), ("pass", "rsa", "example.org")])
+        fields = dkim.header_fields(dkim.split_message([message])[0])
+        self.assertEqual([dkim.field_name(f) for f in fields[:3]], [b"dkim-signature", b"dkim-signature", b"received"])
+        signed = dkim.DKIMSignature(fields[0]).signed
+        self.assertIn(b"date", signed)
+        self.assertIn(b"message-id", signed)
+        self.assertTrue(any(dkim.field_name(f) == b"message-id" for f in fields))
+
+    def test_relay_network_client_signed(self):
+        """A client from --relay-networks (not logged in) gets its mail signed too."""
+        self.send(b"From: robot@example.org\r\nSubject: from the network\r\n\r\nhi\r\n", sender="robot@example.org",
+                  login=None)
+        self.assertEqual([r.result for r in self.verified(self.sent(b"from the network"))], ["pass", "pass"])
+
+    def test_local_only_mail_not_signed(self):
+        """A message only for local users is stored without a signature."""
+        self.assertEqual(self.send(b"From: alice@example.org\r\nSubject: local only\r\n\r\nhi\r\n",
+                                   recipients=("bob@example.org",))[0], 250)
+        stored = support.wait_for(lambda: [m for m in support.stored_messages(self.root, "bob") if b"local only" in m])
+        self.assertNotIn(b"DKIM-Signature", stored[0])
+
+    def test_domain_without_keys_not_signed(self):
+        """A From: domain without keys goes out unsigned."""
+        self.send(b"From: robot@other.example\r\nSubject: no keys\r\n\r\nhi\r\n", sender="robot@other.example",
+                  login=None)
+        self.assertNotIn(b"DKIM-Signature", self.sent(b"no keys"))
+
+    def test_foreign_signature_kept(self):
+        """A message that already carries someone's DKIM-Signature keeps it below ours."""
+        self.send(RFC8463_SIGNATURES[0] + b"From: robot@example.org\r\nSubject: foreign\r\n\r\nhi\r\n",
+                  sender="robot@example.org", login=None)
+        message = self.sent(b"Subject: foreign")
+        self.assertEqual(message.count(b"DKIM-Signature:"), 3)
+        self.assertEqual([r.result for r in self.verified(message)[:2]], ["pass", "pass"])
+
+    def unusable(self, domain, setup):
+        """Mail from domain, whose key folder setup() spoils, gets 451 4.3.0, and nothing is queued or stored."""
+        folder = os.path.join(self.root, ".dkim", domain)
+        os.makedirs(folder, exist_ok=True)
+        setup(folder)
+        before = support.read_mailbox(self.root, "bob")
+        reply = self.send(b"From: x@%s\r\nSubject: spoilt\r\n\r\nhi\r\n" % domain.encode(), sender="x@" + domain,
+                          recipients=("u@[127.0.0.1]", "bob@example.org"), login=None)
+        self.assertEqual(reply, (451, ["451 4.3.0 Requested action aborted: local error in processing"]))
+        self.assertEqual(support.queue_files(self.root) + support.queue_files(self.root, ".tmp"), [])
+        self.assertEqual(support.read_mailbox(self.root, "bob"), before)
+        self.server.wait_for_output(r"DKIM key unusable")
+
+    def test_malformed_key_refused_then_fixed(self):
+        """A malformed key file gives 451; once it is replaced, the next message is signed with the new key."""
+        def spoil(folder):
+            with open(os.path.join(folder, "bad.pem"), "w") as file:
+                file.write(read_key_file("rsa2048-pkcs8.pem")[:300])
+        self.unusable("broken.example", spoil)
+        zone = {"bad._domainkey.broken.example": [install_key(self.root, "broken.example", "bad", "ed25519-pkcs8.pem")]}
+        self.send(b"From: x@broken.example\r\nSubject: fixed now\r\n\r\nhi\r\n", sender="x@broken.example", login=None)
+        self.assertEqual([r.result for r in self.verified(self.sent(b"fixed now"), zone)], ["pass"])
+
+    def test_short_rsa_key_refused(self):
+        """An RSA key under 2048 bits is not signed with: 451."""
+        self.unusable("short.example", lambda folder: copy_key(self.root, "short.example", "old", "rsa1024-pkcs1.pem"))
+
+    def test_public_key_refused(self):
+        """A public key where the private one belongs: 451."""
+        self.unusable("public.example",
+                      lambda folder: copy_key(self.root, "public.example", "pub", "rsa2048-public.pem"))
+
+    def test_symlinked_key_refused(self):
+        """A key file that is a symlink is not followed: 451."""
+        def link(folder):
+            os.symlink(os.path.join(KEYS, "rsa2048-pkcs1.pem"), os.path.join(folder, "linked.pem"))
+        self.unusable("linked.example", link)
+
+    def test_rotation_reread(self):
+        """A key added to the folder is used from the next message on, and a removed one no more."""
+        folder = "rotate.example"
+        zone = {"one._domainkey.rotate.example": [install_key(self.root, folder, "one", "ed25519-pkcs8.pem")]}
+        self.send(b"From: x@rotate.example\r\nSubject: rotation 1\r\n\r\nhi\r\n", sender="x@rotate.example", login=None)
+        self.assertEqual([r.selector for r in self.verified(self.sent(b"rotation 1"), zone)], ["one"])
+        zone["two._domainkey.rotate.example"] = [install_key(self.root, folder, "two", "rsa2048-pkcs8.pem")]
+        self.send(b"From: x@rotate.example\r\nSubject: rotation 2\r\n\r\nhi\r\n", sender="x@rotate.example", login=None)
+        self.assertEqual([(r.selector, r.result) for r in self.verified(self.sent(b"rotation 2"), zone)],
+                         [("one", "pass"), ("two", "pass")])
+        os.remove(os.path.join(self.root, ".dkim", folder, "one.pem"))
+        self.send(b"From: x@rotate.example\r\nSubject: rotation 3\r\n\r\nhi\r\n", sender="x@rotate.example", login=None)
+        self.assertEqual([r.selector for r in self.verified(self.sent(b"rotation 3"), zone)], ["two"])
+
+    def test_bounce_signed_with_domain_keys(self):
+        """A bounce that goes out through the queue is signed with the keys of --domain."""
+        zone = {"b._domainkey.mx.example.org": [install_key(self.root, "mx.example.org", "b", "ed25519-pkcs8.pem")]}
+        self.remote.rcpt["refused@[127.0.0.1]"] = "550 5.1.1 no such user"
+        self.send(b"From: x@[127.0.0.1]\r\nSubject: to be bounced\r\n\r\nhi\r\n", sender="x@[127.0.0.1]",
+                  recipients=("refused@[127.0.0.1]",), login=None)
+        bounces = support.wait_for(
+            lambda: [m for m in self.remote.messages if m["sender"] == "" and b"to be bounced" in m["data"]])
+        bounce = unstuffed_data(bounces[0]["data"])
+        self.assertEqual([(r.domain, r.result) for r in self.verified(bounce, zone)], [("mx.example.org", "pass")])
+
+
+# --------------------------------------------------------------------------
+# The site's commands: --dkim-keygen, --dns-records, --check-dns
+# --------------------------------------------------------------------------
+
+def run_command(*args):
+    """Run mailserver_smtp.py with args: (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, support.SMTP_SCRIPT] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=support.DEADLINE)
+    return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+
+
+def txt_strings(line):
+    """The quoted strings of a zone-file TXT record."""
+    return re.findall(r'"([^"]*)"', line)
+
+
+def zone_text(out, name):
+    """The text of the TXT record of name in zone-file output: its strings joined, over lines in ( )."""
+    line = [line for line in out.split("\n") if line.startswith(name + ".\tIN\tTXT\t")][0]
+    rest = out[out.index(line):]
+    return "".join(txt_strings(rest[:rest.index(")")] if "( " in line else line))
+
+
+class KeygenTest(unittest.TestCase):
+    """--dkim-keygen DOMAIN [--selector S] [--key-type rsa|ed25519] [--root DIR]."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+
+    def keygen(self, *args):
+        return run_command("--dkim-keygen", "Example.ORG", "--root", self.root, *args)
+
+    def test_rsa_key_and_its_record(self):
+        """An RSA-2048 key in ROOT/.dkim/DOMAIN/SELECTOR.pem, mode 0600, and its record in strings of <= 255."""
+        code, out, _ = self.keygen("--selector", "s1")
+        self.assertEqual(code, 0)
+        path = os.path.join(self.root, ".dkim", "example.org", "s1.pem")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
+        with open(path, encoding="ascii") as file:
+            key = dkim.read_private_key(file.read())
+        self.assertEqual((key.kind, key.bits, key.e), ("rsa", 2048, 65537))
+        self.assertEqual(zone_text(out, "s1._domainkey.example.org"), key.public.record())
+        strings = txt_strings(out)
+        self.assertTrue(all(len(piece) <= 255 for piece in strings))
+        self.assertEqual(len(strings), 2)
+
+    def test_ed25519_default_selector_and_never_overwritten(self):
+        """An Ed25519 key named by today's date; a second run with the same selector changes nothing."""
+        code, out, _ = self.keygen("--key-type", "ed25519")
+        self.assertEqual(code, 0)
+        selector = time.strftime("%Y%m%d")
+        path = os.path.join(self.root, ".dkim", "example.org", selector + ".pem")
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+        key = dkim.read_private_key(text)
+        self.assertEqual(txt_strings(out), [key.public.record()])
+        code, _, err = self.keygen("--key-type", "ed25519")
+        self.assertEqual(code, 1)
+        self.assertIn("never overwritten", err)
+        with open(path, encoding="ascii") as file:
+            self.assertEqual(file.read(), text)
+
+    def test_bad_names_refused(self):
+        """A domain or selector that could leave the folder is refused (exit 2), and nothing is made."""
+        for args in (("--dkim-keygen", "../x"), ("--dkim-keygen", "a/b"),
+                     ("--dkim-keygen", "x.test", "--selector", "../s")):
+            self.assertEqual(run_command(*args + ("--root", self.root, "--key-type", "ed25519"))[0], 2, args)
+        self.assertEqual(os.listdir(self.root), [])
+
+
+CHECK_ZONE = {
+    ("example.org", "MX"): [(10, "mx.example.org")],
+    ("example.org", "TXT"): ["v=spf1 ip4:127.0.0.1 -all", "other text"],
+    ("_dmarc.example.org", "TXT"): ["v=DMARC1; p=none; rua=mailto:postmaster@example.org"],
+    ("mx.example.org", "A"): ["127.0.0.1"],
+    ("1.0.0.127.in-addr.arpa", "PTR"): ["mx.example.org"],
+}
+
+
+class SiteRecordsTest(unittest.TestCase):
+    """--dns-records prints what the domain needs; --check-dns asks DNS for it, record by record."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+        self.records = {"rsa._domainkey.example.org": install_key(self.root, "example.org", "rsa", "rsa2048-pkcs8.pem"),
+                        "ed._domainkey.example.org": install_key(self.root, "example.org", "ed", "ed25519-pkcs8.pem")}
+
+    def records_command(self, *args):
+        return run_command("--dns-records", "example.org", "--root", self.root, "--domain", "mx.example.org", *args)
+
+    def test_records(self):
+        """MX, SPF for the address, one DKIM record per key, DMARC p=none with rua, the A and the PTR."""
+        code, out, _ = self.records_command("--source-address", "192.0.2.25")
+        self.assertEqual(code, 0)
+        lines = out.split("\n")
+        self.assertIn("example.org.\tIN\tMX\t10 mx.example.org.", lines)
+        self.assertIn('example.org.\tIN\tTXT\t"v=spf1 ip4:192.0.2.25 -all"', lines)
+        self.assertIn('_dmarc.example.org.\tIN\tTXT\t"v=DMARC1; p=none; rua=mailto:postmaster@example.org"', lines)
+        self.assertIn("mx.example.org.\tIN\tA\t192.0.2.25", lines)
+        self.assertIn("25.2.0.192.in-addr.arpa.\tIN\tPTR\tmx.example.org.", lines)
+        for name, record in self.records.items():
+            self.assertEqual(zone_text(out, name), record)
+
+    def test_records_without_address(self):
+        """Without --source-address the SPF record names the MX, and the PTR is left to the admin."""
+        code, out, _ = self.records_command()
+        self.assertIn('example.org.\tIN\tTXT\t"v=spf1 mx -all"', out.split("\n"))
+        self.assertIn("give --source-address", out)
+        self.assertNotIn("PTR\t", out)
+
+    def check(self, zone, *args):
+        """--check-dns against a responder serving zone: (exit code, {what name: line})."""
+        with support.DNSResponder(zone) as responder:
+            code, out, err = run_command("--check-dns", "example.org", "--root", self.root, "--domain",
+                                         "mx.example.org", "--dns-server", "%s:%d" % responder.address, *args)
+        self.assertEqual(err, "")
+        return code, {" ".join(line.split()[:2]).rstrip(":"): line.partition(": ")[2] for line in out.splitlines()}
+
+    def full_zone(self):
+        zone = dict(CHECK_ZONE)
+        for name, record in self.records.items():
+            zone[(name, "TXT")] = [record]
+        return zone
+
+    def test_all_right(self):
+        """Every record right: one 'right' line each, exit 0."""
+        code, lines = self.check(self.full_zone())
+        self.assertEqual(lines, {"MX example.org": "right", "SPF example.org": "right",
+                                 "DKIM rsa._domainkey.example.org": "right", "DKIM ed._domainkey.example.org": "right",
+                                 "DMARC _dmarc.example.org": "right", "PTR 127.0.0.1": "right"})
+        self.assertEqual(code, 0)
+        self.assertEqual(self.check(self.full_zone(), "--source-address", "127.0.0.1")[0], 0)
+        failing_aaaa = dict(self.full_zone())
+        failing_aaaa[("mx.example.org", "AAAA")] = "SERVFAIL"     # the host's A alone is enough
+        self.assertEqual(self.check(failing_aaaa)[0], 0)
+
+    def test_all_missing(self):
+        """Nothing published: each line says missing, exit 1."""
+        code, lines = self.check({("mx.example.org", "A"): ["127.0.0.1"]})
+        self.assertEqual(code, 1)
+        self.assertEqual({name: line.split(" ")[0] for name, line in lines.items()},
+                         {"MX example.org": "missing", "SPF example.org": "missing",
+                          "DKIM rsa._domainkey.example.org": "missing", "DKIM ed._domainkey.example.org": "missing",
+                          "DMARC _dmarc.example.org": "missing", "PTR 127.0.0.1": "missing"})
+
+    def test_each_wrong_with_why(self):
+        """Wrong records, each with why: MX not us, SPF not passing, a key not ours, a revoked key, two DMARC
+        records, a PTR naming another host, and one whose host does not resolve back."""
+        zone = self.full_zone()
+        zone[("example.org", "MX")] = [(10, "mail.elsewhere.example")]
+        zone[("example.org", "TXT")] = ["v=spf1 ip4:192.0.2.1 ~all"]
+        ed_as_rsa = self.records["ed._domainkey.example.org"].replace("ed25519", "rsa")
+        zone[("rsa._domainkey.example.org", "TXT")] = [ed_as_rsa]
+        zone[("ed._domainkey.example.org", "TXT")] = ["v=DKIM1; k=ed25519; p="]
+        zone[("_dmarc.example.org", "TXT")] = ["v=DMARC1; p=none", "v=DMARC1; p=reject"]
+        zone[("1.0.0.127.in-addr.arpa", "PTR")] = ["other.example.org"]
+        code, lines = self.check(zone)
+        self.assertEqual(code, 1)
+        self.assertEqual(lines["MX example.org"], "wrong (MX names mail.elsewhere.example, not mx.example.org)")
+        self.assertRegex(lines["SPF example.org"], r"^wrong \(SPF softfail for 127\.0\.0\.1, not pass")
+        self.assertRegex(lines["DKIM rsa._domainkey.example.org"], r"^wrong \(")
+        self.assertEqual(lines["DKIM ed._domainkey.example.org"], "wrong (the key is revoked (p= is empty))")
+        self.assertEqual(lines["DMARC _dmarc.example.org"], "wrong (2 DMARC records: none applies (RFC 7489 6.6.3))")
+        self.assertEqual(lines["PTR 127.0.0.1"], "wrong (PTR names other.example.org, not mx.example.org)")
+        zone = self.full_zone()
+        zone[("example.org", "TXT")] = ["v=spf1 -all", "v=spf1 +all"]
+        zone[("rsa._domainkey.example.org", "TXT")] = [install_key(self.root, "other.test", "x", "rsa2048-pkcs1.pem")]
+        code, lines = self.check(zone, "--source-address", "127.0.0.1")
+        self.assertEqual(lines["SPF example.org"], "wrong (2 SPF records: a permerror (RFC 7208 4.5))")
+        self.assertEqual(lines["DKIM rsa._domainkey.example.org"], "wrong (the record holds another key, not ours)")
+        del zone[("mx.example.org", "A")]
+        zone[("mx.example.org", "AAAA")] = ["::1"]
+        code, lines = self.check(zone, "--source-address", "127.0.0.1")
+        self.assertEqual(lines["PTR 127.0.0.1"], "wrong (mx.example.org does not resolve back to 127.0.0.1)")
+
+    def test_dns_failure_is_wrong_not_a_hang(self):
+        """A DNS server that fails gives 'wrong (DNS failed ...)' lines, exit 1."""
+        zone = self.full_zone()
+        zone[("example.org", "*")] = "SERVFAIL"
+        del zone[("example.org", "MX")], zone[("example.org", "TXT")]
+        code, lines = self.check(zone)
+        self.assertEqual(code, 1)
+        self.assertRegex(lines["MX example.org"], r"^wrong \(DNS failed: .*SERVFAIL")
