@@ -3791,13 +3791,18 @@ def submission_headers(names, domain):
 
 def author_domain(header):
     """The domain of the first From: address of a message (header: its Header), or None."""
-    for field in header.senders:
-        name, _, value = field.partition(b":")
-        if name.strip().lower() == b"from":
-            text = " ".join(value.decode("utf-8", "surrogateescape").split())
-            domains = [address.rpartition("@")[2] for _, address in email.utils.getaddresses([text]) if "@" in address]
-            return domains[0] if domains else None
-    return None
+    domains = [address.rpartition("@")[2] for addresses in from_addresses(header) for address in addresses
+               if "@" in address]
+    return domains[0] if domains else None
+
+
+def from_addresses(header):
+    """The addresses of each From: field of a message (header: its Header), [[address, ...], ...]."""
+    fields = []
+    for _, _, field in header.kept_fields(b"from"):
+        text = " ".join(field.partition(b":")[2].decode("utf-8", "surrogateescape").split())
+        fields.append([address for _, address in email.utils.getaddresses([text]) if address])
+    return fields
 
 
 def queue_received(session, spool, header):
@@ -7380,14 +7385,10 @@ class IncomingChecks:
 
 def single_author_domain(header):
     """The domain of the message's one From: address; Refused for several or none (RFC 7489 6.6.1)."""
-    fields = header.kept_fields(b"from")
-    addresses = []
-    for _, _, field in fields:
-        text = " ".join(field.partition(b":")[2].decode("utf-8", "replace").split())
-        addresses += [address for _, address in email.utils.getaddresses([text]) if address]
-    if len(fields) != 1 or len(addresses) != 1 or not addresses[0].rpartition("@")[0]:
+    fields = from_addresses(header)
+    if len(fields) != 1 or len(fields[0]) != 1 or not fields[0][0].rpartition("@")[0]:
         raise Refused(Replies.NOT_ONE_AUTHOR)
-    return addresses[0].rpartition("@")[2].lower().rstrip(".")
+    return fields[0][0].rpartition("@")[2].lower().rstrip(".")
 
 
 def ar_value(text):
@@ -7401,11 +7402,11 @@ def ar_value(text):
 def authentication_results(authserv_id, spf, dkim, dmarc, author):
     """Our Authentication-Results field (RFC 8601 2.2), as stored: one method a line, one dkim= per signature."""
     methods = ["spf=%s smtp.mailfrom=%s" % (spf.result, ar_value(spf.domain))]
-    for result in dkim:
-        reason = "" if result.result == "pass" else " reason=%s" % ar_value(result.reason)
-        methods.append("dkim=%s%s header.d=%s header.s=%s header.b=%s" % (
-            result.result, reason, ar_value(result.domain), ar_value(result.selector),
-            ar_value(result.b[:AR_SIGNATURE_PREFIX])))
+    for result in dkim:                # why it did not pass: a comment at the end (RFC 8601 2.2 allows CFWS)
+        why = "" if result.result == "pass" else " (%s)" % ar_comment(result.reason)
+        methods.append("dkim=%s header.d=%s header.s=%s header.b=%s%s" % (
+            result.result, ar_value(result.domain), ar_value(result.selector),
+            ar_value(result.b[:AR_SIGNATURE_PREFIX]), why))
     if not dkim:
         methods.append("dkim=none")
     methods.append("dmarc=%s header.from=%s" % (dmarc, ar_value(author)))
@@ -7414,14 +7415,18 @@ def authentication_results(authserv_id, spf, dkim, dmarc, author):
 
 def received_spf(spf, ip, helo, receiver):
     """The Received-SPF field (RFC 7208 9.1), as stored: the result, a comment, then key-value pairs."""
-    comment = SPF_COMMENTS[spf.result].format(sender=spf.sender, ip=ip, why=spf.why)
-    comment = safe_text(comment, MAX_PATH).translate({ord(c): None for c in "()\\"})   # a comment's own text
+    comment = ar_comment(SPF_COMMENTS[spf.result].format(sender=spf.sender, ip=ip, why=spf.why))
     pairs = ["client-ip=%s" % ip, "envelope-from=%s" % ar_quoted(spf.sender), "helo=%s" % ar_quoted(helo),
              "receiver=%s" % ar_value(receiver), "identity=%s" % spf.identity]
     key = "mechanism" if spf.result not in ("temperror", "permerror", "none") else "problem"
     pairs.append("%s=%s" % (key, ar_quoted(spf.why)))
     return ("Received-SPF: %s (%s: %s)\n\t%s;\n" % (spf.result, safe_text(receiver, MAX_PATH), comment,
                                                    ";\n\t".join(pairs))).encode("ascii")
+
+
+def ar_comment(text):
+    """Text from outside for a comment (RFC 5322 3.2.2): safe, and without parentheses or backslashes."""
+    return safe_text(text, MAX_PATH).translate({ord(c): None for c in "()\\"})
 
 
 def ar_quoted(text):
