@@ -25,6 +25,7 @@ The file has four parts:
 import argparse
 import base64
 import binascii
+import configparser
 import contextlib
 import errno
 import functools
@@ -41,8 +42,8 @@ import socket
 import ssl
 import stat
 import struct
-import tempfile
 import threading
+import _thread
 import time
 
 try:
@@ -57,11 +58,13 @@ import collections
 import email.utils
 import getpass
 import io
+import heapq
 import itertools
 import random
 import secrets
 import smtplib
 import sys
+import tempfile
 import urllib.parse          # Part 4: SPF's URL-escaped macros (RFC 7208 7.3)
 
 
@@ -365,6 +368,8 @@ class UserTable:
 #   .my_mailbox.torn       bytes of messages never acknowledged, set aside
 #                          (appended, never served): what a crash left
 #
+# ROOT/.run holds a lock file each running server holds for its life: its
+# CPU claim, and an SMTP server's relay settings (see the queue);
 # and ROOT/.spool holds SMTP's large messages while they arrive (files with
 # no name, gone with the process) and the commit record of each delivery to
 # several mailboxes while it is under way (below).  The servers open every
@@ -425,6 +430,7 @@ NEW_INDEX_NAME = ".my_mailbox.index.new"
 NEW_MAILBOX_NAME = ".my_mailbox.new"
 TORN_NAME = ".my_mailbox.torn"
 SPOOL_NAME = ".spool"
+RUN_NAME = ".run"            # what the running servers hold for their lives: CPU claims, relay settings
 
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows: no newline translation in mailboxes
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # POSIX: a symlink is refused, not followed
@@ -526,6 +532,15 @@ def open_regular(path, flags, mode=0o600):
         os.close(fd)
         raise
     return fd, st
+
+
+def private_folder(root, name):
+    """The path of the folder ROOT/name, made (mode 0700) if absent; OSError if it is no folder (a symlink)."""
+    path = os.path.join(root, name)
+    os.makedirs(path, 0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", path)
+    return path
 
 
 def remove_file(path):
@@ -983,6 +998,10 @@ class Wire:
             return line[:-1], True
         return line, False
 
+    def tls_version(self):
+        """The TLS version of the connection ("TLSv1.3"), or None while it is in clear."""
+        return self.sock.version() if isinstance(self.sock, ssl.SSLSocket) else None
+
     def start_tls(self, context):
         """Send what is queued, then run a server-side TLS handshake (raises ssl.SSLError, OSError).
 
@@ -1142,8 +1161,11 @@ class Session:
         A failure, by any method, is answered more slowly from the 3rd on,
         AUTH_DELAY_STEP more each time, and the 5th ends the session.
         """
-        log.info("%s: authentication %s: login %s, mechanism %s", self.peer,
-                 "failed" if login is None else "succeeded", login or shown_name(name), mechanism)
+        # One fixed form for fail2ban (README), the client's address last: no name a client
+        # chooses can put another address after it.
+        log.info("%s: authentication %s for login %s, mechanism %s, from %s", self.peer,
+                 "failed" if login is None else "succeeded", login or shown_name(name), mechanism,
+                 self.address[0])
         if login is not None:
             return login
         self.auth_failures += 1
@@ -1383,6 +1405,10 @@ def server_arguments(description, default_timeout, timeout_help, tls_command, re
                         help="TCP port of the first listener, mode %s (0: any free port)" % modes[0])
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: all IPv4 interfaces; '::' or '::1' for IPv6)")
+    parser.add_argument("--site", metavar="FILE",
+                        help="site file (INI): [mail] for both servers, [smtp], [pop3]; keys are the long "
+                        "option names; the command line wins")
+    parser.set_defaults(site_listen=None)
     parser.add_argument("--listen", metavar="[ADDR:]PORT[/MODE]", action="append", type=listen_spec,
                         help="one more listener (repeatable; ADDR default --host, IPv6 as [::1]); MODE: %s "
                         "(default %s)" % (", ".join(modes), modes[0]))
@@ -1440,7 +1466,8 @@ def listen_spec(text):
 def listener_specs(parser, args):
     """The (host, port, mode) of each listener: the positional PORT first, then each --listen."""
     specs = [] if args.port is None else [(args.host, args.port, None)]
-    specs += [(host or args.host, port, mode) for host, port, mode in args.listen or ()]
+    listen = args.listen if args.listen is not None else args.site_listen     # the command line wins
+    specs += [(host or args.host, port, mode) for host, port, mode in listen or ()]
     if not specs:
         parser.error("give a PORT or at least one --listen")
     for host, port, mode in specs:
@@ -1548,8 +1575,16 @@ def create_listener(host, port):
     return listener
 
 
-class ListenError(Exception):
-    """A listener could not be opened: the server does not start."""
+class StartError(Exception):
+    """The server cannot start: why, and the exit code (2: the options, as argparse's)."""
+
+    code = 2
+
+
+class ListenError(StartError):
+    """A listener could not be opened: the server does not start (exit 1)."""
+
+    code = 1
 
 
 class Listener:
@@ -1726,6 +1761,7 @@ class Server:
         self.tls = args.tls
         self.proxy_from = args.proxy_from      # the load balancers that send PROXY headers
         self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
+        self.threads = ConnectionThreads()
         self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
@@ -1780,11 +1816,7 @@ class Server:
             return self.refuse(sock, peer, client, self.replies.BUSY_CLIENT,
                                "%d connections open from %s" % (self.slots.per_client, client))
         try:
-            # A threading.Thread, so that threading.enumerate() lists it and
-            # threading.excepthook hears of it.  It costs: about 0.1 ms of CPU
-            # per connection more than a bare _thread (measured, bench_smtp:
-            # 970 against 1464 messages/s at 10 clients, one a connection).
-            threading.Thread(target=self.serve, args=(sock, address, client, listener), daemon=True).start()
+            self.threads.start(peer, self.serve, sock, address, client, listener)
         except RuntimeError as exc:               # the system cannot make more threads
             self.slots.give_back(client)
             self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
@@ -1844,7 +1876,7 @@ class Server:
         self.stopping = True         # work that checks it after entering in_flight does not start
         for listener in self.listeners:
             listener.socket.close()
-        log.info("shutting down")
+        log.info("shutting down, %d connections open", len(self.threads))
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while not self.in_flight.wait(0.1):
             if signals.hurried or time.monotonic() > deadline:
@@ -1863,9 +1895,8 @@ class Server:
                 session.wire.wake()
             except OSError:       # closed meanwhile
                 pass
-        deadline = time.monotonic() + timeout
-        while self.open_sessions and time.monotonic() < deadline:
-            time.sleep(0.02)      # a few sessions saying goodbye: nothing to wake us for
+        if not self.threads.join(timeout):
+            log.warning("exiting with connections still open: %s", ", ".join(self.threads.peers()))
 
 
 class Shutdown(BaseException):
@@ -1909,12 +1940,12 @@ def run_server(server_class, args, name):
     """Run a server until Ctrl-C or SIGTERM; return the exit code."""
     use_small_thread_stacks()
     configure_logging(name)          # first: what the pinning logs is a line like any other
-    run_on_one_cpu(args.cpu)
+    run_on_one_cpu(args.cpu, args.root)
     try:
         server = server_class(args)
-    except ListenError as exc:
+    except StartError as exc:
         log.error("%s", exc)
-        return 1
+        return exc.code
     signals = ShutdownSignals()
     if args.tls is not None and hasattr(signal, "SIGHUP"):
         # Only flags the files to be looked at: the handler runs in the main thread, between
@@ -1943,6 +1974,131 @@ def configure_logging(name):
 
 
 # --------------------------------------------------------------------------
+# The site file: the options of both servers in one INI file
+# --------------------------------------------------------------------------
+#
+#   [mail]      what both servers take (root, domain, host, tls-cert, ...)
+#   [smtp]      what only mailserver_smtp.py takes (listen, local-domains, relay-host, ...)
+#   [pop3]      what only pop_server.py takes (listen, ...)
+#
+# Each key is a long option name without its "--"; a flag takes yes/no;
+# listen takes several [ADDR:]PORT[/MODE] separated by spaces.  What the
+# file says becomes the parser's default, so the command line wins.  A
+# key of [mail] the POP3 server does not take is left to the SMTP server,
+# which takes all of POP3's options and checks every key of [mail].
+
+SITE_SECTIONS = ("mail", "smtp", "pop3")
+SITE_NOT_KEYS = ("help", "site")
+
+
+def parse_with_site(parser, argv, section):
+    """parser.parse_args(argv), its defaults first set from --site FILE's [mail] and [section]."""
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument("--site")
+    path = finder.parse_known_args(argv)[0].site
+    if path is not None:
+        parser.set_defaults(**site_defaults(parser, path, section))
+    return parser.parse_args(argv)
+
+
+def site_defaults(parser, path, section):
+    """The defaults a site file gives parser from [mail] and [section]; an error (exit 2) names file and line."""
+    text = read_site_file(parser, path)
+    config = configparser.ConfigParser(interpolation=None, default_section="\0", delimiters=("=",))
+    try:
+        config.read_string(text, source=path)
+    except configparser.Error as exc:
+        parser.error("site file %s line %d: %s" % ((path,) + site_syntax_error(exc)))
+    lines = site_lines(text)
+    for name in config.sections():
+        if name not in SITE_SECTIONS:
+            parser.error("site file %s line %d: unknown section [%s] (sections: %s)"
+                         % (path, lines[name, None], name, ", ".join(SITE_SECTIONS)))
+    defaults = {}
+    for name in ("mail", section):
+        if config.has_section(name):
+            for key, value in config.items(name):
+                where = "site file %s line %d" % (path, lines[name, key])
+                # [mail] keys POP3 does not take are the SMTP server's to check (it takes all of POP3's)
+                site_value(parser, where, key, value, defaults, name == "mail" and section == "pop3")
+    return defaults
+
+
+def site_listener(parser, text):
+    """One [ADDR:]PORT[/MODE] of a site file's listen, its mode one of parser's (ValueError if not)."""
+    host, port, mode = listen_spec(text)
+    if mode is not None and mode not in parser.get_default("modes"):
+        raise ValueError("the mode must be one of %s" % ", ".join(parser.get_default("modes")))
+    return host, port, mode
+
+
+def site_syntax_error(exc):
+    """(line number, what is wrong) of the configparser.Error a site file raised."""
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return exc.lineno, "section [%s] given twice" % exc.section
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return exc.lineno, "key %r given twice in [%s]" % (exc.option, exc.section)
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return exc.lineno, "a key before the first [section]: %r" % exc.line.strip()
+    if isinstance(exc, configparser.ParsingError):
+        return exc.errors[0][0], "not a 'key = value' line: %s" % exc.errors[0][1].replace("\\n", "")
+    return 0, str(exc)
+
+
+def read_site_file(parser, path):
+    """The text of a site file: a regular file, not a symlink, readable (else an error, exit 2)."""
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            parser.error("site file %s is a symlink: give the file itself" % path)
+        if not stat.S_ISREG(mode):          # a folder, or a FIFO whose open would wait for ever
+            parser.error("site file %s is not a regular file" % path)
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error("cannot read the site file %s: %s" % (path, exc))
+
+
+def site_lines(text):
+    """{(section, key): its line number} of a site file, and {(section, None): its header's line}."""
+    lines, section = {}, None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;" or line[:1].isspace():
+            continue
+        if stripped.startswith("["):
+            section = stripped[1:].partition("]")[0].strip()
+            lines.setdefault((section, None), number)
+        else:
+            lines.setdefault((section, stripped.partition("=")[0].strip().lower()), number)
+    return lines
+
+
+def site_value(parser, where, key, value, defaults, lenient):
+    """Check one key of a site file and put its value, as the option's type makes it, into defaults.
+
+    lenient: a key parser does not know is passed over (not an error).
+    """
+    action = parser._option_string_actions.get("--" + key) if key not in SITE_NOT_KEYS else None
+    if action is None:
+        if lenient:
+            return
+        parser.error("%s: unknown key %r" % (where, key))
+    try:
+        if action.nargs == 0:        # a flag
+            if value.lower() not in configparser.ConfigParser.BOOLEAN_STATES:
+                raise ValueError("yes or no")
+            if configparser.ConfigParser.BOOLEAN_STATES[value.lower()]:
+                defaults[action.dest] = action.const
+        elif action.dest == "listen":
+            defaults["site_listen"] = [site_listener(parser, word) for word in value.split()]
+        else:
+            defaults[action.dest] = action.type(value) if action.type else value
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        parser.error("%s: bad value %r for %s: %s" % (where, value, key, exc))
+
+
+# --------------------------------------------------------------------------
 # Speed-ups of both servers
 # --------------------------------------------------------------------------
 # Each makes a server faster without changing what it does, and says by
@@ -1957,6 +2113,59 @@ def use_small_thread_stacks():
     stays because it costs one line.
     """
     threading.stack_size(THREAD_STACK_SIZE)
+
+
+class ConnectionThreads:
+    """A server's connection threads: bare _thread threads, yet counted, listed and joined, their failures logged.
+
+    threading.Thread.start() waits until the new thread runs: on the one CPU
+    the server keeps to (run_on_one_cpu), the accept loop must hand the GIL
+    over and wait to get it back before it takes the next connection, and a
+    Thread's own bookkeeping adds more.  Measured (tests/bench_smtp.py, 12
+    interleaved rounds, 10 clients): 0.546 against 0.591 ms of CPU per
+    message, as little as a bare _thread (0.544).  The registry gives back
+    what Thread gave: each thread is held here, with the peer it serves,
+    from before it starts until it ends, and what escapes it is logged.
+    """
+
+    def __init__(self):
+        self._running = {}        # a lock held while its thread runs -> the peer it serves
+
+    def start(self, peer, function, *args):
+        """Run function(*args) in a new thread that serves peer; RuntimeError if no thread can be made."""
+        done = _thread.allocate_lock()
+        done.acquire()
+        self._running[done] = peer
+        try:
+            _thread.start_new_thread(self._run, (done, function, args))
+        except BaseException:
+            del self._running[done]
+            raise
+
+    def _run(self, done, function, args):
+        try:
+            function(*args)
+        except BaseException:     # SystemExit too, which a threading.Thread would drop unseen
+            log.exception("the thread serving %s failed", self._running[done])
+        finally:
+            del self._running[done]
+            done.release()
+
+    def __len__(self):
+        return len(self._running)
+
+    def peers(self):
+        """The peers the threads running now serve."""
+        return list(self._running.copy().values())
+
+    def join(self, timeout):
+        """Wait until every thread running now has ended; False if timeout seconds passed first."""
+        deadline = time.monotonic() + timeout
+        for done in self._running.copy():
+            if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
+            done.release()
+        return True
 
 
 class UnlockedStreamHandler(logging.StreamHandler):
@@ -1987,7 +2196,7 @@ class SecondFormatter(logging.Formatter):
         return "%s,%03d" % (stamp, record.msecs)
 
 
-def run_on_one_cpu(chosen=None):
+def run_on_one_cpu(chosen, root):
     """Keep this process's threads on one CPU, one its sibling servers do not use (call before any thread).
 
     Only one thread runs Python at a time (the GIL).  When session threads
@@ -1995,15 +2204,16 @@ def run_on_one_cpu(chosen=None):
     wake-up, which costs far more than a switch on one CPU: measured
     (tests/bench_smtp.py, interleaved), twice the messages per second at
     10 and 50 clients (1187 against 585, 1180 against 594).  --cpu N picks
-    the CPU; else the one fewest other servers of ours have claimed (lock
-    files in the system's temporary folder, held while the process lives),
-    so servers started side by side spread over the CPUs.
+    the CPU; else the one fewest other servers of the mail root have
+    claimed (lock files in ROOT/.run, held while the process lives: not in
+    the temporary folder, which systemd's PrivateTmp= makes each server's
+    own), so servers started side by side spread over the CPUs.
     """
     if not hasattr(os, "sched_setaffinity"):       # not on Windows or macOS
         return
     try:
         allowed = sorted(os.sched_getaffinity(0))
-        cpu = chosen if chosen is not None else unclaimed_cpu(allowed)
+        cpu = chosen if chosen is not None else unclaimed_cpu(allowed, private_folder(root, RUN_NAME))
         os.sched_setaffinity(0, {cpu})
     except (OSError, ValueError) as exc:
         log.warning("staying on every CPU: %s", exc)
@@ -2013,7 +2223,7 @@ _CPU_CLAIM = []              # the lock on the claimed CPU, held until the proce
 CPU_CLAIM_LAYERS = 64        # claims per CPU: the 65th server process on one CPU picks by its pid
 
 
-def unclaimed_cpu(allowed):
+def unclaimed_cpu(allowed, folder):
     """The allowed CPU with the fewest of our servers on it (claimed now, by a lock file held for life).
 
     Claims come in layers: the first server of each CPU claims its layer 0,
@@ -2023,7 +2233,7 @@ def unclaimed_cpu(allowed):
     for layer in range(CPU_CLAIM_LAYERS):
         for cpu in allowed:
             name = "mailserver-cpu-%d-%d.lock" % (cpu, layer)
-            claim = FileLock(os.path.join(tempfile.gettempdir(), name))
+            claim = FileLock(os.path.join(folder, name))
             try:
                 if claim.acquire(blocking=False):
                     _CPU_CLAIM.append(claim)
@@ -2179,7 +2389,7 @@ def parse_args(argv=None):
     parser.add_argument("--postmaster", metavar="USER",
                         help="the user who gets the mail for postmaster (default: the first user)")
     relay_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_site(parser, argv, "smtp")
     if args.max_size < 1 or args.quota is not None and args.quota < 1:
         parser.error("--max-size and --quota must be positive")
     if args.postmaster is not None and not is_valid_login(args.postmaster):
@@ -2208,8 +2418,12 @@ def relay_arguments(parser):
                        help="file holding one line 'LOGIN PASSWORD' to log in to --relay-host with")
     group.add_argument("--relay-concurrency", metavar="N", type=int, default=DEFAULT_RELAY_CONCURRENCY,
                        help="messages sent at once (default: %d)" % DEFAULT_RELAY_CONCURRENCY)
-    group.add_argument("--relay-timeout", metavar="SECONDS", type=float, default=RELAY_TIMEOUT,
-                       help="how long a remote server may stay silent (default: %d)" % RELAY_TIMEOUT)
+    group.add_argument("--relay-per-destination", metavar="N", type=int, default=DEFAULT_PER_DESTINATION,
+                       help="sessions at once to one domain, or to --relay-host (default: %d)"
+                       % DEFAULT_PER_DESTINATION)
+    group.add_argument("--relay-timeout", metavar="SECONDS", type=float,
+                       help="the longest a remote server may take for a reply (default: RFC 5321's, "
+                       "2 to 10 minutes by command); a session lasts at most %d times this" % SESSION_CEILING)
     group.add_argument("--queue-lifetime", metavar="SECONDS", type=float, default=QUEUE_LIFETIME,
                        help="how long a message is retried before it bounces (default: %d, 5 days)"
                        % QUEUE_LIFETIME)
@@ -2220,6 +2434,9 @@ def relay_arguments(parser):
                        help="the DNS server for MX lookups (default: those of /etc/resolv.conf)")
     group.add_argument("--mx-port", metavar="PORT", type=int, default=SMTP_PORT,
                        help="the port of other domains' mail exchangers (default: %d)" % SMTP_PORT)
+    group.add_argument("--source-address", metavar="ADDR",
+                       help="the address of this machine outgoing connections are made from: the one the "
+                       "site's PTR and SPF records name (default: the one the system picks)")
 
 
 def check_relay_arguments(parser, args):
@@ -2227,10 +2444,10 @@ def check_relay_arguments(parser, args):
     if args.local_domains is None and (args.relay_host or args.relay_auth or args.dns_server):
         parser.error("--relay-host, --relay-auth and --dns-server need --local-domains "
                      "(without it every domain is local and nothing goes out)")
-    if args.relay_concurrency < 1 or args.relay_timeout <= 0 or args.queue_lifetime <= 0 \
-            or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
-        parser.error("--relay-concurrency, --relay-timeout, --queue-lifetime, --retry-base and "
-                     "--mx-port must be positive")
+    if args.relay_concurrency < 1 or args.relay_per_destination < 1 or (args.relay_timeout or 1) <= 0 \
+            or args.queue_lifetime <= 0 or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
+        parser.error("--relay-concurrency, --relay-per-destination, --relay-timeout, --queue-lifetime, "
+                     "--retry-base and --mx-port must be positive")
     try:
         if args.relay_host:
             args.relay_host = host_and_port(args.relay_host, SUBMISSIONS_PORT if args.relay_implicit_tls
@@ -2248,6 +2465,18 @@ def check_relay_arguments(parser, args):
             parser.error("--relay-auth: %s" % exc)
     if args.relay_cafile and not os.path.isfile(args.relay_cafile):
         parser.error("--relay-cafile %s is not a file" % args.relay_cafile)
+    if args.source_address:
+        try:
+            check_own_address(args.source_address)
+        except (ValueError, OSError) as exc:
+            parser.error("--source-address %s is not an address of this machine: %s" % (args.source_address, exc))
+
+
+def check_own_address(text):
+    """Raise ValueError or OSError unless text is an IP address of this machine (one a socket can bind)."""
+    ip = ipaddress.ip_address(text)
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((text, 0))
 
 
 def domain_list(text):
@@ -2813,8 +3042,9 @@ def take_message(session, spool):
     """
     envelope, server = session.envelope, session.server
     header = Header(spool.lines())   # read once: the sender check, the stored form, the queue's facts
+    message_id = new_queue_id()      # ours: in the trace fields, the log, and the queue's file name
     checked = server.message_check(session, spool, header)
-    copies = received_form(session, spool, header, checked)
+    copies = received_form(session, spool, header, message_id, checked)
     size = max(map(len, copies.values()), default=0)
     if envelope.logins and server.quota is not None and size > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
@@ -2823,7 +3053,7 @@ def take_message(session, spool):
     queued = None
     try:
         if envelope.remote:          # durable under its .tmp name before any mailbox is touched
-            queued = queue_received(session, spool, header)
+            queued = queue_received(session, spool, header, message_id)
         if envelope.logins:          # the queue file is renamed into place under the mailboxes' locks
             deliver({server.users.mailbox_path(login): copy for login, copy in copies.items()}, server.quota,
                     queued and queued.publish)
@@ -2844,12 +3074,19 @@ def take_message(session, spool):
             queued.close()
     session.delivered += 1
     if queued is None:
-        log.info("delivered %d bytes from <%s> to %s", size, envelope.sender, ", ".join(envelope.logins))
+        log.info("%s: delivered %d bytes from <%s> to %s, %s", message_id, size, envelope.sender,
+                 ", ".join(envelope.logins), arrival_text(session, header))
         return session.replies.ACCEPTED
-    return queued_reply(session, queued.id)
+    return queued_reply(session, queued.id, header, spool.size)
 
 
-def received_form(session, spool, header, checked=None):
+def arrival_text(session, header):
+    """What the delivery log line says of a message's arrival: client, login, Message-ID:, TLS version."""
+    return "client=%s login=%s message-id=%s tls=%s" % (session.peer, session.login or "-", header.message_id,
+                                                        session.wire.tls_version() or "none")
+
+
+def received_form(session, spool, header, message_id, checked=None):
     """Each local recipient's copy in its stored form, {login: StoredMessage}; Refused if the sender is not the login's.
 
     header: the message's Header.  Copies differ only in the To: added to
@@ -2862,11 +3099,17 @@ def received_form(session, spool, header, checked=None):
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
     sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp()
-    layouts = {owner: stored_layout(header, spool.size, sender,
-                                    [r.encode("utf-8", "surrogateescape") for r in addresses], received)
-               for owner, addresses in envelope.logins.items()}
-    return {owner: spool.message(checked_layout(layout, checked) if checked else layout)
-            for owner, layout in layouts.items()}
+    traced = session.server.local_domains is not None      # the course's mailboxes stay as they were
+    copies = {}
+    for owner, addresses in envelope.logins.items():
+        layout = stored_layout(header, spool.size, sender, [r.encode("utf-8", "surrogateescape") for r in addresses],
+                               received)
+        if checked:                  # the checks' results, right after our trace fields
+            layout = checked_layout(layout, checked)
+        if traced:
+            layout.insert(0, trace_fields(session, addresses[0], message_id))
+        copies[owner] = spool.message(layout)
+    return copies
 
 
 def too_long(run, strict):
@@ -2911,8 +3154,9 @@ class Header:
     and the line after it are read (header_block decides where it ends).
     """
 
-    KEPT_FIELDS = (b"from", b"sender", b"authentication-results")   # the sender checks, forged results
     SENDER_FIELDS = (b"from", b"sender")
+    # kept whole: the sender check, the delivery log, forged authentication results (Part 4)
+    KEPT_FIELDS = SENDER_FIELDS + (b"message-id", b"authentication-results")
 
     def __init__(self, lines):
         seen = []                     # per line: (name, or None if folded; start; end; the line if kept)
@@ -2930,18 +3174,16 @@ class Header:
                 if line is not None:
                     self.kept.append([name, start, end, line])
         self.end = seen[count - 1][2] if count else 0
-
-    @property
-    def senders(self):
-        """The From: and Sender: fields as stored, folded lines joined."""
-        return [field for name, _, _, field in self.kept if name in self.SENDER_FIELDS]
+        self.senders = [line for name, _, _, line in self.kept if name in self.SENDER_FIELDS]
+        self.message_id = next((printable(" ".join(line.partition(b":")[2].decode("utf-8", "replace").split()))
+                                [:MAX_PATH] for name, _, _, line in self.kept if name == b"message-id"), "-")
 
     def kept_fields(self, name):
         """[(start, end, field as stored)] of one of the KEPT_FIELDS."""
         return [(start, end, field) for kept, start, end, field in self.kept if kept == name]
 
     def _recording(self, lines, seen):
-        """The lines, each noted in seen as it is read (a From:/Sender: line kept whole)."""
+        """The lines, each noted in seen as it is read (a line of the KEPT_FIELDS kept whole)."""
         pos, keeping = 0, False
         for line in lines:
             name = None if line[:1] in (b" ", b"\t") else line.partition(b":")[0].lower()
@@ -2973,6 +3215,13 @@ def stored_layout(header, size, sender, recipients, received):
     if subject_end is None:
         return [head, (0, header.end), b"Subject: \n" + received, (header.end, size), end]
     return [head, (0, subject_end), received, (subject_end, size), end]
+
+
+def trace_fields(session, recipient, message_id):
+    """Return-Path: and our Received: (RFC 5321 4.4) that start a copy stored for recipient, \\n lines."""
+    return_path = b"Return-Path: <%s>\n" % session.envelope.sender.encode("utf-8", "surrogateescape")
+    return return_path + trace_header(session.client_name, session.address[0], session.domain,
+                                      session_protocol(session), message_id, recipient, b"\n")
 
 
 def received_stamp():
@@ -3472,6 +3721,7 @@ QUEUE_FORMAT = "mailserver-queue 1"
 QUEUE_ID = re.compile(r"[0-9A-F]{21}\Z")      # see new_queue_id
 TEMP_SUFFIX = ".tmp"
 FLUSH_NAME = ".flush"
+DEAD_NAME = ".dead"          # the dead destinations and when each is tried again, for --queue
 MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
 MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
 RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
@@ -3479,7 +3729,11 @@ RETRY_MAX = 4000             # minimal_backoff_time and maximal_backoff_time)
 QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_queue_lifetime)
 RESCAN_INTERVAL = 60         # seconds between looks at the whole queue (other servers' messages)
 FLUSH_POLL = 1.0             # seconds between looks at the --flush trigger
-DEFAULT_RELAY_CONCURRENCY = 4
+DEFAULT_RELAY_CONCURRENCY = 100       # sessions to other servers at once (see OutboundQueue for why)
+DEFAULT_PER_DESTINATION = 20          # of them to one destination (Postfix's default_destination_concurrency_limit)
+DESTINATIONS_KEPT = 10000    # destinations whose grown share of sessions is remembered
+DESTINATION_START = 5        # sessions a destination starts with, one more for each that reaches a server
+                             # (Postfix's initial_destination_concurrency): a dead one costs a few, not 20
 DEFAULT_RELAY_NETWORKS = "127.0.0.0/8,::1/128"   # this machine only, like Postfix's mynetworks_style = host
 
 _queue_serials = itertools.count(int.from_bytes(os.urandom(2), "big"))
@@ -3687,10 +3941,7 @@ class QueueFile:
 
 def prepare_queue(root):
     """The path of ROOT/.queue (made private if absent), emptied of the .tmp files of dead writers."""
-    path = os.path.join(root, QUEUE_NAME)
-    os.makedirs(path, 0o700, exist_ok=True)
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
-        raise OSError(errno.ENOTDIR, "not a folder (a symlink?)", path)
+    path = private_folder(root, QUEUE_NAME)
     for name in os.listdir(path):
         if name.endswith(TEMP_SUFFIX):
             remove_orphan(os.path.join(path, name))
@@ -3703,6 +3954,63 @@ def remove_orphan(path):
         if free:
             remove_file(path)
             log.info("removed %s, left half-written by a server that stopped", path)
+
+
+# One set of relay settings per mail root.  Every runner on a root sends
+# every queued message, so servers that disagreed on where mail goes would
+# misroute it.  Each SMTP server with a queue writes its settings to a
+# file ROOT/.run/relay-<pid>-<random>.settings, locked for its life; a
+# server starting on the root compares its own with those of each living
+# server (under ROOT/.run/relay.lock, one starter at a time) and refuses
+# to start when one differs.
+
+RELAY_SETTINGS = ("domain", "source_address", "local_domains", "relay_host", "relay_implicit_tls",
+                  "relay_cafile", "relay_auth", "relay_timeout", "queue_lifetime", "retry_base",
+                  "dns_server", "mx_port")
+RELAY_SETTINGS_LOCK = "relay.lock"
+RELAY_SETTINGS_SUFFIX = ".settings"
+_RELAY_RECORD = []           # this process's settings file, open and locked until it ends
+
+
+def relay_settings(args):
+    """{option name: its value as text} of the settings every server of one root must share."""
+    def text(value):
+        if isinstance(value, frozenset):
+            return ",".join(sorted(value))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return "%g" % value           # --retry-base 300 is the default 300, not 300.0
+        return str(value)
+    return {"--" + name.replace("_", "-"): text(getattr(args, name)) for name in RELAY_SETTINGS}
+
+
+def record_relay_settings(root, settings):
+    """Record this server's relay settings in ROOT/.run; StartError if a running server's differ."""
+    folder = private_folder(root, RUN_NAME)
+    with FileLock(os.path.join(folder, RELAY_SETTINGS_LOCK)):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("relay-") and name.endswith(RELAY_SETTINGS_SUFFIX):
+                compare_relay_settings(os.path.join(folder, name), settings)
+        path = os.path.join(folder, "relay-%d-%s%s" % (os.getpid(), os.urandom(4).hex(), RELAY_SETTINGS_SUFFIX))
+        fd, _ = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        _lock_fd(fd, False)
+        _RELAY_RECORD.append(fd)
+        write_all(fd, "".join("%s\t%s\n" % item for item in settings.items()).encode("utf-8", "surrogateescape"))
+
+
+def compare_relay_settings(path, settings):
+    """Remove a dead server's settings file; StartError naming the first setting a living one differs in."""
+    with held_by_nobody(path) as dead:
+        if dead:
+            remove_file(path)
+            return
+    with open(path, "rb") as f:
+        theirs = dict(line.split("\t", 1) for line in f.read().decode("utf-8", "surrogateescape").splitlines()
+                      if "\t" in line)
+    for name, value in settings.items():
+        if theirs.get(name) != value:
+            raise StartError("relay settings differ from those of a running server on this mail root (%s): %s is "
+                             "%r there, %r here; every server of one root must use the same relay settings"
+                             % (os.path.basename(path), name, theirs.get(name), value))
 
 
 def outgoing_chunks(spool):
@@ -3763,20 +4071,21 @@ def spool_is_ascii(spool, end=None):
     return True
 
 
-def trace_header(client_name, client_ip, domain, protocol, queue_id):
-    """Our Received: field (RFC 5321 4.4), folded, with its CRLF."""
+def trace_header(client_name, client_ip, domain, protocol, queue_id, recipient=None, eol=b"\r\n"):
+    """Our Received: field (RFC 5321 4.4), folded, with its line end (for one recipient, or several)."""
     name = printable(client_name or "unknown").replace("(", "").replace(")", "")
     literal = ("IPv6:" if ":" in client_ip else "") + client_ip     # RFC 5321 4.1.3
-    return ("Received: from %s ([%s])\r\n\tby %s with %s id %s;\r\n\t%s\r\n"
-            % (name, literal, domain, protocol, queue_id,
-               email.utils.formatdate(localtime=True))).encode("utf-8", "surrogateescape")
+    to = "" if recipient is None else "\n\tfor <%s>" % printable(recipient)
+    text = ("Received: from %s ([%s])\n\tby %s with %s id %s%s;\n\t%s\n"
+            % (name, literal, domain, protocol, queue_id, to, email.utils.formatdate(localtime=True)))
+    return text.encode("utf-8", "surrogateescape").replace(b"\n", eol)
 
 
-def trace_protocol(esmtp, tls, auth):
-    """The 'with' word of Received: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA (RFC 3848)."""
-    if not esmtp:
+def session_protocol(session):
+    """The 'with' word of a session's Received: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA (RFC 3848)."""
+    if session.replies is not Replies:        # the client began with HELO
         return "SMTP"
-    return "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
+    return "ESMTP" + ("S" if session.tls_active else "") + ("A" if session.login else "")
 
 
 def submission_headers(names, domain):
@@ -3805,21 +4114,19 @@ def from_addresses(header):
     return fields
 
 
-def queue_received(session, spool, header):
+def queue_received(session, spool, header, queue_id):
     """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
-    queue_id = new_queue_id()
     envelope = session.envelope
-    trace = trace_header(session.client_name, session.address[0], session.domain,
-                         trace_protocol(session.replies is Replies, session.tls_active, session.login), queue_id)
+    trace = trace_header(session.client_name, session.address[0], session.domain, session_protocol(session), queue_id)
     return session.server.queue.write(queue_id, spool, header, envelope.sender, envelope.remote,
                                       session.login, trace, envelope.utf8)
 
 
-def queued_reply(session, queue_id):
+def queued_reply(session, queue_id, header, size):
     """Log a received message that is now in the queue, hand it to a runner; the 250 naming its id."""
     envelope = session.envelope
-    log.info("%s: from=<%s> client=%s login=%s, queued for %s%s", queue_id, envelope.sender, session.peer,
-             session.login or "-", ", ".join(envelope.remote),
+    log.info("%s: from=<%s> size=%d %s, queued for %s%s", queue_id, envelope.sender, size,
+             arrival_text(session, header), ", ".join(envelope.remote),
              ", delivered to " + ", ".join(envelope.logins) if envelope.logins else "")
     session.server.queue.wake(queue_id)
     return session.replies.QUEUED % queue_id
@@ -3892,6 +4199,109 @@ def backoff(attempts, base):
     return min(RETRY_MAX, base * 2 ** min(attempts - 1, 32))
 
 
+class Destinations:
+    """Where outgoing mail goes, as the runners share it: the sessions each destination has, and the dead ones.
+
+    As Postfix's qmgr does: a destination (a domain, or the smarthost) has
+    at most --relay-per-destination sessions at once, so one large or slow
+    domain cannot take every runner; it starts with DESTINATION_START and
+    is given one more each time a session reaches a server.  A message for
+    a full one is left due and handed to a runner again when a session of
+    it ends.  A destination
+    whose servers could not be reached (a timeout, a refused connection, a
+    DNS server that does not answer) is dead for a while, --retry-base at
+    first and doubling with each failure in a row, up to RETRY_MAX: its
+    recipients are deferred with its last reason and no connection at all,
+    until then or a --flush.  The dead ones are written to ROOT/.queue/.dead
+    for --queue (not fsync'd: they are advice, and a crash forgets them).
+    """
+
+    def __init__(self, folder, per_destination, retry_base):
+        self.path = os.path.join(folder, DEAD_NAME)
+        self.limit = per_destination
+        self.retry_base = retry_base
+        self._guard = threading.Lock()
+        self._sessions = collections.Counter()   # destination -> its sessions now
+        self._window = collections.OrderedDict()   # destination -> the sessions it may have (most recent last)
+        self._waiting = {}           # destination -> {queue id: None}: messages waiting for a session of it
+        self._dead = {}              # destination -> (epoch seconds it is tried again, failures, last reason)
+
+    def dead(self, destination):
+        """(when it is tried again, the last reason) of a dead destination; None for a live one."""
+        with self._guard:
+            mark = self._dead.get(destination)
+        return (mark[0], mark[2]) if mark and mark[0] > time.time() else None
+
+    def take(self, destination, queue_id):
+        """Take a session of destination for a message; False (and the message waits) when it has its share."""
+        with self._guard:
+            if self._sessions[destination] < self._window.get(destination, min(DESTINATION_START, self.limit)):
+                self._sessions[destination] += 1
+                return True
+            self._waiting.setdefault(destination, {})[queue_id] = None
+            return False
+
+    def give_back(self, destination, unreachable):
+        """End a session of destination; the ids of the messages to try now.
+
+        unreachable: why its servers could not be reached, or "" when one
+        answered.  One waiting message takes the session's place; once the
+        destination is dead, every waiting one goes (to be deferred at once).
+        """
+        with self._guard:
+            self._sessions[destination] -= 1
+            if not self._sessions[destination]:
+                del self._sessions[destination]
+            changed = self._judge(destination, unreachable)
+            waiting = self._waiting.pop(destination, {})
+            woken = list(waiting) if unreachable else list(waiting)[:1]
+            for queue_id in woken:
+                del waiting[queue_id]
+            if waiting:
+                self._waiting[destination] = waiting
+        if changed:
+            self._save()
+        return woken
+
+    def _judge(self, destination, unreachable):
+        """Mark destination dead or alive after a session (guard held); True if the marks changed."""
+        if not unreachable:
+            self._window[destination] = min(self.limit, self._window.pop(destination, DESTINATION_START) + 1)
+            if len(self._window) > DESTINATIONS_KEPT:
+                self._window.popitem(last=False)    # forgotten: it starts again from DESTINATION_START
+            return self._dead.pop(destination, None) is not None
+        self._window.pop(destination, None)
+        now = time.time()
+        for name in [d for d, mark in self._dead.items() if mark[0] <= now - RETRY_MAX]:
+            del self._dead[name]     # long past: forgotten, so the marks stay few
+        mark = self._dead.get(destination)
+        if mark and mark[0] > now:   # marked already, by a session at the same time: one failure, not two
+            return False
+        failures = mark[1] + 1 if mark else 1
+        self._dead[destination] = (now + backoff(failures, self.retry_base), failures, unreachable)
+        return True
+
+    def clear(self):
+        """Forget every dead destination (a --flush)."""
+        with self._guard:
+            changed, self._dead = bool(self._dead), {}
+        if changed:
+            self._save()
+
+    def _save(self):
+        """Write the dead destinations for --queue: 'DESTINATION<TAB>EPOCH<TAB>FAILURES<TAB>REASON' lines."""
+        with self._guard:
+            lines = ["%s\t%d\t%d\t%s\n" % (d or "(relay host)", until, failures, reason)
+                     for d, (until, failures, reason) in sorted(self._dead.items())]
+        temp = self.path + TEMP_SUFFIX
+        try:
+            with open(temp, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+            os.replace(temp, self.path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc)
+
+
 class OutboundQueue:
     """One server's outbound queue: new messages written in, runner threads sending them out.
 
@@ -3920,6 +4330,13 @@ class OutboundQueue:
         self.next_scan = 0.0         # epoch seconds: at start, at once
         self.stopping = False
         self.stopped = threading.Event()     # the same, for the idle connection timer
+        self.destinations = Destinations(self.folder, args.relay_per_destination, args.retry_base)
+        self.active = {}             # queue id -> whether to try it again at once: the attempts under way
+        # queue id -> epoch seconds before which it has nothing due, as our last attempt left it: a look
+        # at the whole queue skips it unread (10,000 messages waiting for dead destinations are not
+        # read again at every look), and forgets the ids it did not see
+        self.not_before = {}
+        self.scan_seen = set()
 
     # -- messages in
 
@@ -4003,13 +4420,18 @@ class OutboundQueue:
             while not self.stopping:
                 if self.fresh:
                     return self.fresh.popleft(), False
+                now = time.time()
                 if self.scan is not None:
                     for item in self.scan:
                         if QUEUE_ID.match(item.name):
-                            return item.name, self.scan_forced
+                            self.scan_seen.add(item.name)
+                            if self.scan_forced or self.not_before.get(item.name, 0) <= now:
+                                return item.name, self.scan_forced
                     self.scan.close()
                     self.scan = None
-                now = time.time()
+                    for queue_id in set(self.not_before) - self.scan_seen:
+                        del self.not_before[queue_id]      # gone: sent by another server, or removed
+                    self.scan_seen = set()
                 flushed = self._flushed(now)
                 if flushed or now >= self.next_scan:
                     self._start_scan(now, flushed)
@@ -4027,6 +4449,7 @@ class OutboundQueue:
             return False
         self.flush_seen = stamp
         log.info("flush requested: trying every queued message now")
+        self.destinations.clear()
         return True
 
     def _start_scan(self, now, forced):
@@ -4050,17 +4473,27 @@ class OutboundQueue:
     def attempt(self, queue_id, forced):
         """Try the due recipients of one message, unless another runner holds it."""
         path = os.path.join(self.folder, queue_id)
+        with self.changed:
+            if queue_id in self.active:      # a runner of ours has it: it tries again once done
+                self.active[queue_id] = True
+                return
+            self.active[queue_id] = False
         lock = MessageLock(path)
-        if not lock.acquire():
-            return
         try:
+            if not lock.acquire():
+                return
             try:
                 entry = read_envelope(lock.fd)
             except (OSError, ValueError) as exc:
                 return self._set_aside(path, exc)
             self._attempt(entry, path, lock.fd, forced)
         finally:
-            lock.release()
+            if lock.fd is not None:
+                lock.release()
+            with self.changed:
+                again = self.active.pop(queue_id)
+            if again:
+                self.wake(queue_id)
 
     def _attempt(self, entry, path, fd, forced):
         """Send to the due recipients (the file open at fd), record what happened; remove the file once done."""
@@ -4068,11 +4501,19 @@ class OutboundQueue:
         due = [r for r in entry.pending() if forced or r.next_try <= now]
         if not due:
             if entry.pending():
-                self.due_at(entry.next_try())
+                self._wait_until(entry.id, entry.next_try())
             else:
                 self._remove(entry, path)
             return
-        outcomes = self.relay.send_message(entry, fd, due)
+        outcomes = self._send(entry, fd, due)
+        if not outcomes:                      # each destination had its share: it waits for a session
+            return
+        if all(o.retry_at is not None and o.retry_at < entry.arrived + self.lifetime for o in outcomes.values()):
+            # Only dead destinations: nothing was tried, so nothing is written (no fsync for them).
+            for address, outcome in outcomes.items():
+                self._log_outcome(entry, address, outcome, now)
+            self._wait_until(entry.id, min(o.retry_at for o in outcomes.values()))
+            return
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
             for recipient, _ in failed:       # tried again later, and bounced then
@@ -4082,7 +4523,13 @@ class OutboundQueue:
             self._remove(entry, path)
             return
         rewrite_queued(self.folder, entry, path)
-        self.due_at(entry.next_try())
+        self._wait_until(entry.id, entry.next_try())
+
+    def _wait_until(self, queue_id, when):
+        """A message has nothing due before when: a look at the queue skips it till then, and comes by then."""
+        with self.changed:
+            self.not_before[queue_id] = when
+        self.due_at(when)
 
     def _remove(self, entry, path):
         """A message is done (every recipient sent or failed): remove its file.
@@ -4091,6 +4538,8 @@ class OutboundQueue:
         again, which at least once allows, and it saves an fsync per message.
         """
         remove_file(path)
+        with self.changed:
+            self.not_before.pop(entry.id, None)
         log.info("%s: removed", entry.id)
 
     def _record(self, entry, due, outcomes):
@@ -4099,8 +4548,10 @@ class OutboundQueue:
         expires = entry.arrived + self.lifetime
         failed = []
         for recipient in due:
-            outcome = outcomes[recipient.address]
-            recipient.attempts += 1
+            outcome = outcomes.get(recipient.address)
+            if outcome is None:               # not tried: its destination had its share of sessions
+                continue
+            recipient.attempts += outcome.retry_at is None       # a dead destination's deferral is no try
             if outcome.status == "deferred" and now >= expires:
                 outcome = outcome.expired()
             recipient.reply = outcome.reply
@@ -4110,10 +4561,66 @@ class OutboundQueue:
                 recipient.state = "failed"
                 failed.append((recipient, outcome))
             else:
-                recipient.next_try = min(now + backoff(recipient.attempts, self.retry_base), expires)
-            log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, recipient.address,
-                     outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
+                retry_at = outcome.retry_at or now + backoff(recipient.attempts, self.retry_base)
+                recipient.next_try = min(retry_at, expires)
+            self._log_outcome(entry, recipient.address, outcome, now)
         return failed
+
+    @staticmethod
+    def _log_outcome(entry, address, outcome, now):
+        """The log line of one recipient's attempt (Postfix's form)."""
+        log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, address,
+                 outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
+
+    def _send(self, entry, fd, due):
+        """Send the due recipients (the file open at fd), each destination in a session of its own, at once.
+
+        Returns {address: Outcome}.  A slow or silent destination of a
+        message holds up none of its others: each goes in a thread of its
+        own (the last in the runner's).  A recipient whose destination is
+        dead is deferred at once; one whose destination has its share of
+        sessions is left out (still due: see Destinations).
+        """
+        if entry.hops > MAX_RECEIVED:
+            reply = "554 5.4.6 mail loop: %d Received: headers" % entry.hops
+            return {r.address: Outcome("bounced", reply) for r in due}
+        groups, outcomes = {}, {}
+        for recipient in due:
+            groups.setdefault(self.relay.destination(recipient.address), []).append(recipient.address)
+        sending = []
+        for destination, addresses in groups.items():
+            dead = self.destinations.dead(destination)
+            if dead is not None:
+                outcomes.update(dict.fromkeys(addresses, Outcome.of_dead(*dead)))
+            elif self.destinations.take(destination, entry.id):
+                sending.append((destination, addresses))
+        results = [{} for _ in sending]
+        threads = [threading.Thread(target=self._send_to, args=(entry, fd, destination, addresses, result),
+                                    name="queue runner", daemon=True)
+                   for (destination, addresses), result in zip(sending[1:], results[1:])]
+        for thread in threads:
+            thread.start()
+        if sending:
+            self._send_to(entry, fd, *sending[0], results[0])
+        for thread in threads:
+            thread.join()
+        for result in results:
+            outcomes.update(result)
+        return outcomes
+
+    def _send_to(self, entry, fd, destination, addresses, result):
+        """One destination's session for a message: its outcomes into result; its session given back."""
+        unreachable = ""
+        try:
+            outcomes, unreachable = self.relay.send_to(entry, MessageReader(fd), destination, addresses)
+            result.update(outcomes)
+        except Exception as exc:          # a bug of ours: logged, and the recipients tried again later
+            log.exception("%s: sending to %s failed", entry.id, destination or "the relay host")
+            result.update(dict.fromkeys(addresses, Outcome("deferred", "451 4.3.0 local error in processing: %s"
+                                                           % type(exc).__name__)))
+        finally:
+            for woken in self.destinations.give_back(destination, unreachable):
+                self.wake(woken)
 
     def _set_aside(self, path, exc):
         """Move a queue file we cannot read out of the way (never deleted: an admin may look)."""
@@ -4195,6 +4702,24 @@ def queue_listing(folder, out):
         out.write("Mail queue is empty\n")
     else:
         out.write("-- %d Kbytes in %d Request%s.\n" % ((total + 1023) // 1024, count, "s" * (count != 1)))
+    dead_listing(folder, out)
+
+
+def dead_listing(folder, out):
+    """Print the dead destinations (see Destinations) and when each is tried again."""
+    try:
+        with open(os.path.join(folder, DEAD_NAME), encoding="utf-8", errors="replace") as f:
+            lines = [line.rstrip("\n").split("\t", 3) for line in f]
+    except OSError:
+        return
+    now = time.time()
+    dead = [(d, float(until), failures, reason) for d, until, failures, reason in
+            (line for line in lines if len(line) == 4 and line[1].isdigit()) if float(until) > now]
+    if dead:
+        out.write("Dead destinations (no connection tried until then; --flush tries them now):\n")
+    for destination, until, failures, reason in dead:
+        out.write("  %s: next try %s after %s failure%s: %s\n" % (
+            destination, next_try_text(until), failures, "s" * (failures != "1"), reason))
 
 
 # --------------------------------------------------------------------------
@@ -4237,6 +4762,11 @@ DNS_TTL_FLOOR = 10           # seconds an answer is kept at least, even with a T
 DNS_TTL_CEILING = 86400      # and at most (RFC 8767 4 suggests a day as the largest TTL worth believing)
 DNS_NEGATIVE_CEILING = 3 * 3600   # RFC 2308 5: negative answers kept 1 to 3 hours at most
 DNS_FAILURE_TTL = 30         # RFC 2308 7: a server failure or timeout is remembered a while (5 min at most)
+DNS_DEADLINE = 5.0           # seconds a runner gives one question, over every server and try: a working
+                             # recursive server answers in well under a second, even for a name it must
+                             # chase, so a question still open after 5 s is a silent or broken server,
+                             # and the runner should give up on it and go on (its failure is cached)
+DNS_MIN_TRY = 1.0            # seconds one try gets at least, when the deadline is shared among the tries
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
 DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
@@ -4655,6 +5185,21 @@ class Resolver:
         return parsed
 
 
+class DNSDeadline:
+    """A DNSCache as mail_exchangers asks it: each question answered within its own deadline, or a temporary
+    DNSError (its tries share the deadline, so a second server is tried before it passes)."""
+
+    def __init__(self, cache, seconds):
+        self.cache = cache
+        self.seconds = seconds
+        resolver = cache.resolver
+        resolver.timeout = min(resolver.timeout,
+                               max(DNS_MIN_TRY, seconds / (len(resolver.servers) * resolver.attempts)))
+
+    def query(self, name, rtype):
+        return self.cache.query(name, rtype, time.monotonic() + self.seconds)
+
+
 class DNSCache:
     """The answers of a Resolver, each kept for its TTL: one cache for every record type, in bounded memory.
 
@@ -4664,7 +5209,8 @@ class DNSCache:
     SOA's negative TTL (RFC 2308 5), not at all without an SOA; a server
     failure or timeout for a short while (RFC 2308 7).  The least recently
     used answers go first when there are too many or they are too large.
-    Threads may share one.
+    Threads may share one; a question one of them is asking is not asked
+    again by another, which waits for that answer (within its deadline).
     """
 
     def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS, clock=time.monotonic):
@@ -4672,6 +5218,7 @@ class DNSCache:
         self.max_entries, self.max_octets = entries, octets
         self.octets = 0
         self._answers = collections.OrderedDict()   # (name, type) -> (expires, records or DNSError, octets)
+        self._asking = {}            # (name, type) -> [Event set when answered, the answer]: questions in flight
         self._lock = threading.Lock()
 
     def query(self, name, rtype, deadline=None):
@@ -4685,10 +5232,30 @@ class DNSCache:
             else:
                 answer = None
         if answer is None:
-            answer = self._ask(key, name, rtype, deadline)
+            answer = self._ask_once(key, name, rtype, deadline)
         if isinstance(answer, DNSError):
             raise answer
         return answer
+
+    def _ask_once(self, key, name, rtype, deadline):
+        """Ask the resolver; or, while another thread asks the same question, wait for its answer."""
+        with self._lock:
+            asking = self._asking.get(key)
+            first = asking is None
+            if first:
+                asking = self._asking[key] = [threading.Event(), None]
+        if not first:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if asking[0].wait(wait) and asking[1] is not None:
+                return asking[1]
+            return DNSError(DNS_TIME_OUT, name)
+        try:
+            asking[1] = self._ask(key, name, rtype, deadline)
+        finally:
+            with self._lock:
+                del self._asking[key]
+            asking[0].set()
+        return asking[1]
 
     def _ask(self, key, name, rtype, deadline):
         """Ask the resolver, and keep what it says for as long as it may be believed."""
@@ -4819,7 +5386,15 @@ def _dns_exchanger_addresses(resolver, domain, hosts):
 SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
 SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
 SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
-RELAY_TIMEOUT = 300          # seconds a remote server may stay silent (RFC 5321 4.5.3.2: 5 to 10 minutes)
+REPLY_TIMEOUTS = {           # RFC 5321 4.5.3.2: seconds a client waits for each reply of the server
+    "greeting": 300,         # 4.5.3.2.1 the initial 220
+    "command": 300,          # 4.5.3.2.2, 4.5.3.2.3 MAIL and RCPT; the same for EHLO, STARTTLS, AUTH, RSET
+    "data": 120,             # 4.5.3.2.4 DATA's 354
+    "block": 180,            # 4.5.3.2.5 each block of the message sent
+    "end": 600,              # 4.5.3.2.6 the reply after the final dot
+}
+CONNECT_TIMEOUT = 30         # seconds for a TCP connection to be made (Postfix's smtp_connect_timeout)
+SESSION_CEILING = 2          # a session may last this many times its longest wait, trickled or not
 MAX_RECEIVED = 50            # Received: headers a message may carry (Postfix's hopcount_limit): more, a loop
 CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection waits for another message (Postfix's
                              # smtp_connection_cache_time_limit)
@@ -4829,12 +5404,19 @@ REPLY_CODE = re.compile(r"\d{3} ([245]\.\d{1,3}\.\d{1,3})\b")   # an RFC 3463 co
 class Outcome:
     """What happened to one recipient in one attempt: sent, deferred or bounced, and the reply why."""
 
-    def __init__(self, status, reply, relay="none", remote=None):
+    def __init__(self, status, reply, relay="none", remote=None, unreachable=False, retry_at=None):
         self.status = status         # sent, deferred, bounced
         # "CODE [d.d.d] text": the remote's, or ours in its form; one printable line for the envelope
         self.reply = "".join(c for c in reply if c.isprintable())[:MAX_REPLY_TEXT]
         self.relay = relay           # host[ip]:port as the log shows it
         self.remote = remote         # the remote server's name when the reply is its own
+        self.unreachable = unreachable   # no server answered: a timeout, a refused connection, a silent DNS
+        self.retry_at = retry_at     # epoch seconds: a dead destination's deferral, not tried before then
+
+    @classmethod
+    def of_dead(cls, retry_at, reason):
+        """The deferral of a recipient whose destination is dead (see Destinations): no session was tried."""
+        return cls("deferred", reason, retry_at=retry_at)
 
     @classmethod
     def of_reply(cls, code, text, relay, remote):
@@ -4935,6 +5517,113 @@ def read_relay_credentials(path):
     return login, password
 
 
+class MessageReader:
+    """A queued message's file read at an offset of its own (os.pread), so that sessions to several
+    destinations at once read it without moving each other's place."""
+
+    _guard = threading.Lock()        # where there is no os.pread (Windows): one seek and read at a time
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.offset = 0
+
+    def seek(self, offset):
+        self.offset = offset
+
+    def read(self, size):
+        if hasattr(os, "pread"):
+            data = os.pread(self.fd, size, self.offset)
+        else:
+            with self._guard:
+                os.lseek(self.fd, self.offset, os.SEEK_SET)
+                data = os.read(self.fd, size)
+        self.offset += len(data)
+        return data
+
+
+class Deadlines:
+    """Cuts the sessions that outlive their ceiling: one thread for all, closing a late session's socket.
+
+    A reply's timeout starts again with each byte, so a server sending one
+    byte every few minutes would hold a runner for hours; SESSION_CEILING
+    times the longest wait bounds a session whatever it sends.
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._due = []               # heap of (monotonic deadline, serial, socket)
+        self._serials = itertools.count()
+        self._thread = None
+
+    def watch(self, sock, seconds):
+        """Shut sock's connection down after seconds unless forget() comes first; returns what forget() takes.
+
+        The caller forgets before it closes the socket, so the descriptor
+        cut is always still the session's (STARTTLS keeps its number).
+        """
+        item = (time.monotonic() + seconds, next(self._serials), sock.fileno())
+        with self._changed:
+            heapq.heappush(self._due, item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="session deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return item
+
+    def forget(self, item):
+        with self._changed:
+            with contextlib.suppress(ValueError):
+                self._due.remove(item)
+                heapq.heapify(self._due)
+
+    def _run(self):
+        leave_signals_to_main_thread()
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    _, _, fd = heapq.heappop(self._due)
+                    # On a copy of the descriptor, not the session's socket object, which
+                    # TLS may be using in its thread: the reader just sees the end and gives up.
+                    with contextlib.suppress(OSError):
+                        with socket.socket(fileno=os.dup(fd)) as copy:
+                            copy.shutdown(socket.SHUT_RDWR)
+                self._changed.wait(self._due[0][0] - now if self._due else None)
+
+
+class RelayClient(smtplib.SMTP):
+    """smtplib's client, but a connection is given CONNECT_TIMEOUT to be made (timeout is the greeting's),
+    and the session is under a ceiling from its first byte (deadlines: (Deadlines, seconds))."""
+
+    def __init__(self, deadlines, **options):
+        self.deadlines, self.watched = deadlines, None
+        super().__init__(**options)
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, min(CONNECT_TIMEOUT, timeout))
+        sock.settimeout(timeout)
+        self.watched = self.deadlines[0].watch(sock, self.deadlines[1])
+        return sock
+
+    def watch(self):
+        """Put the session (a kept connection used again) under its ceiling anew."""
+        self.watched = self.deadlines[0].watch(self.sock, self.deadlines[1])
+
+    def end_watch(self):
+        """The session is over: no ceiling (a kept connection waits under IdleConnections' rule)."""
+        if self.watched is not None:
+            self.deadlines[0].forget(self.watched)
+            self.watched = None
+
+    def close(self):
+        self.end_watch()             # before the socket closes: see Deadlines.watch
+        super().close()
+
+
+class RelayClientSSL(RelayClient, smtplib.SMTP_SSL):
+    """The same, with TLS from the first byte."""
+
+
 class Relay:
     """How a runner reaches other servers: the smarthost, or the mail exchangers of each domain."""
 
@@ -4943,9 +5632,11 @@ class Relay:
         self.host = args.relay_host                  # (host, port), or None
         self.implicit_tls = args.relay_implicit_tls
         self.credentials = args.relay_credentials    # (login, password), or None; never logged
-        self.timeout = args.relay_timeout
+        self.timeout = args.relay_timeout            # a ceiling on each wait of REPLY_TIMEOUTS, or None
+        self.deadlines = Deadlines()
         self.mx_port = args.mx_port
-        self.resolver = Resolver(args.dns_server)    # shared by the runners: it keeps no state
+        self.source = (args.source_address, 0) if args.source_address else None    # None: the system picks
+        self.resolver = DNSDeadline(DNSCache(Resolver(args.dns_server)), DNS_DEADLINE)   # shared by the runners
         self.verified = ssl.create_default_context(cafile=args.relay_cafile)
         self.opportunistic = ssl.create_default_context()
         self.opportunistic.check_hostname = False
@@ -4963,38 +5654,37 @@ class Relay:
         return [(name, addresses, self.mx_port)
                 for name, addresses in mail_exchangers(self.resolver, destination)]
 
-    def send_message(self, entry, fd, recipients):
-        """Send a queued message (its file open at fd) to its due recipients; {address: Outcome}."""
-        if entry.hops > MAX_RECEIVED:
-            reply = "554 5.4.6 mail loop: %d Received: headers" % entry.hops
-            return {r.address: Outcome("bounced", reply) for r in recipients}
-        groups = {}
-        for recipient in recipients:
-            groups.setdefault(self.destination(recipient.address), []).append(recipient.address)
-        outcomes = {}
-        with open(fd, "rb", closefd=False) as file:
-            for destination, addresses in groups.items():
-                outcomes.update(self.send_to(entry, file, destination, addresses))
-        return outcomes
+    def wait(self, smtp, stage):
+        """Give the server the time RFC 5321 4.5.3.2 allows for its next reply (at most --relay-timeout)."""
+        smtp.sock.settimeout(self.wait_of(stage))
+
+    def wait_of(self, stage):
+        """Seconds to wait for a reply at stage (a key of REPLY_TIMEOUTS)."""
+        return min(REPLY_TIMEOUTS[stage], self.timeout or float("inf"))
 
     def send_to(self, entry, file, destination, addresses):
-        """Send to one destination's recipients: each server in turn until one answers; {address: Outcome}."""
+        """Send to one destination's recipients, each server in turn until one answers.
+
+        Returns ({address: Outcome}, why the destination is unreachable, or
+        "" when a server answered), for Destinations.
+        """
         try:
             routes = self.routes(destination)
         except DNSError as exc:
             reply = ("451 4.4.3 " if exc.temporary else
                      "556 5.1.10 " if exc.reason == DNS_NULL_MX else "550 5.1.2 ") + str(exc)
-            return dict.fromkeys(addresses, Outcome("deferred" if exc.temporary else "bounced", reply))
-        last = Outcome("deferred", "451 4.4.4 no server to try for %s" % destination)
+            outcome = Outcome("deferred" if exc.temporary else "bounced", reply, unreachable=exc.temporary)
+            return dict.fromkeys(addresses, outcome), reply if exc.temporary else ""
+        last, answered = Outcome("deferred", "451 4.4.4 no server to try for %s" % destination), False
         for name, servers, port in routes:
             for server in servers:
                 result = self.session(entry, file, name, server, port, addresses, True)
                 if result == "no tls":                 # RFC 7435: in clear rather than not at all
                     result = self.session(entry, file, name, server, port, addresses, False)
                 if isinstance(result, dict):
-                    return result
-                last = result
-        return dict.fromkeys(addresses, last)
+                    return result, ""
+                last, answered = result, answered or not result.unreachable
+        return dict.fromkeys(addresses, last), "" if answered or not routes else last.reply
 
     def session(self, entry, file, name, server, port, addresses, tls):
         """One SMTP session: {address: Outcome}, an Outcome when the next server should be tried,
@@ -5005,14 +5695,16 @@ class Relay:
             if result is not None:
                 return result
         relay = "%s[%s]:%d" % (name, server, port)
-        smtp = None
+        smtp, greeted = None, False
         try:
             smtp = self.connect(server, port)
+            greeted = True
             # Commands go one by one, each waiting for its reply: without this, Nagle's
             # algorithm holds back the short ones until the remote's delayed ACK (40 ms).
             smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
             result = self.converse(smtp, entry, file, relay, name, addresses, tls)
+            smtp.end_watch()
             if isinstance(result, dict) and tls:
                 self.idle.keep(key, smtp, relay)
                 smtp = None
@@ -5028,8 +5720,10 @@ class Relay:
                 return "no tls"
             return Outcome("deferred", "451 4.7.5 TLS with %s failed: %s" % (relay, exc), relay)
         except (OSError, smtplib.SMTPException) as exc:
+            # No greeting, a timeout, or a session cut at its ceiling: nobody is there to talk to.
+            unreachable = not greeted or isinstance(exc, (socket.timeout, smtplib.SMTPServerDisconnected))
             return Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
-                           % (relay, exc or type(exc).__name__), relay)
+                           % (relay, exc or type(exc).__name__), relay, unreachable=unreachable)
         except Exception as exc:            # a bug of ours: logged, and the message tried again later
             log.exception("%s: sending to %s failed", entry.id, relay)
             return Outcome("deferred", "451 4.3.0 local error in processing: %s" % type(exc).__name__, relay)
@@ -5038,13 +5732,28 @@ class Relay:
                 smtp.close()
 
     def connect(self, server, port):
-        """An smtplib client connected to server (its name: the smarthost's certificate must match it)."""
+        """An smtplib client connected to server and greeted by it (the smarthost's certificate must match its name)."""
+        ceiling = (self.deadlines, SESSION_CEILING * self.wait_of("end"))
         if self.host and self.implicit_tls:
-            return smtplib.SMTP_SSL(server, port, self.domain, timeout=self.timeout, context=self.verified)
-        return smtplib.SMTP(server, port, self.domain, timeout=self.timeout)
+            smtp = RelayClientSSL(ceiling, local_hostname=self.domain, timeout=self.wait_of("greeting"),
+                                  context=self.verified, source_address=self.source)
+        else:
+            smtp = RelayClient(ceiling, local_hostname=self.domain, timeout=self.wait_of("greeting"),
+                               source_address=self.source)
+        smtp._host = server              # what smtplib checks the certificate against (its constructor sets it)
+        try:
+            code, message = smtp.connect(server, port)
+        except BaseException:
+            smtp.close()
+            raise
+        if code != 220:
+            smtp.close()
+            raise smtplib.SMTPConnectError(code, message)
+        return smtp
 
     def converse(self, smtp, entry, file, relay, name, addresses, tls):
         """Greet, secure, log in, then the transaction (see session)."""
+        self.wait(smtp, "command")
         code, text = smtp.ehlo()
         if code != 250:
             code, text = smtp.helo()
@@ -5077,18 +5786,21 @@ class Relay:
             return None
         smtp, relay = cached
         try:
+            self.wait(smtp, "command")
             code, _ = smtp.rset()          # also sets the commands back to ASCII
         except (OSError, smtplib.SMTPException):
             code = None
         if code != 250:                    # closed by the server meanwhile: a new connection
             smtp.close()
             return None
+        smtp.watch()
         try:
             result = self.deliver_over(smtp, entry, file, relay, key[0], addresses)
         except (OSError, smtplib.SMTPException) as exc:
             smtp.close()
             return dict.fromkeys(addresses, Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
                                                     % (relay, exc or type(exc).__name__), relay))
+        smtp.end_watch()
         self.idle.keep(key, smtp, relay)
         return result
 
@@ -5111,6 +5823,7 @@ class Relay:
         if "smtputf8" in entry.needs:
             options += " SMTPUTF8"
             smtp.command_encoding = "utf-8"
+        self.wait(smtp, "command")
         code, text = smtp.docmd("MAIL", "FROM:<%s>%s" % (entry.sender, options))
         if code != 250:
             return dict.fromkeys(addresses, Outcome.of_reply(code, text, relay, name))
@@ -5122,11 +5835,14 @@ class Relay:
             else:
                 outcomes[address] = Outcome.of_reply(code, text, relay, name)
         if accepted:
+            self.wait(smtp, "data")
             code, text = smtp.docmd("DATA")
             if code == 354:
+                self.wait(smtp, "block")
                 for piece in dot_stuffed_chunks(file, entry.offset):
                     smtp.send(piece)
                 smtp.send(b".\r\n")
+                self.wait(smtp, "end")
                 code, text = smtp.getreply()
             outcomes.update(dict.fromkeys(accepted, Outcome.of_reply(code, text, relay, name)))
         return outcomes
@@ -5216,7 +5932,10 @@ class SMTPServer(Server):
         self.postmaster_name = args.postmaster
         self.spool_folder = prepare_spool(self.users.root)
         # Mail goes out only when some domains are not ours (CONTRACT.md section 7).
-        self.queue = OutboundQueue(self, args) if self.local_domains is not None else None
+        self.queue = None
+        if self.local_domains is not None:
+            record_relay_settings(self.users.root, relay_settings(args))
+            self.queue = OutboundQueue(self, args)
         # and mail from outside is checked (CONTRACT.md section 10)
         self.checks = None if self.local_domains is None else IncomingChecks(
             self.domain, Resolver(args.dns_server, INCOMING_DNS_TIMEOUT, INCOMING_DNS_ATTEMPTS))
@@ -7461,7 +8180,8 @@ def authserv_id_of(value):
 
 
 def checked_layout(layout, checked):
-    """A stored layout told the checks: their fields first, the forged results cut out of the body's ranges."""
+    """A stored layout told the checks: their fields first (our trace fields go before them, received_form),
+    the forged results cut out of the body's ranges."""
     pieces = [checked.fields]
     for piece in layout:
         if isinstance(piece, tuple):

@@ -995,7 +995,8 @@ class ServerResultsFieldTest(CheckedServerTestCase):
     zone = txt("example.net", "v=spf1 ip4:192.0.2.1 -all")
 
     def test_forged_results_for_our_id_go_and_others_stay(self):
-        """Fields naming mx.example.org in any case or spacing, also folded, are removed; another id's stays."""
+        """Ours goes right after our Received:; fields naming mx.example.org in any case or spacing, also
+        folded, are removed; another id's stays."""
         body = (b"Authentication-Results: MX.Example.ORG ; spf=pass smtp.mailfrom=paypal.com\r\n"
                 b"From: a@example.net\r\n"
                 b"Authentication-Results:\r\n   mx.example.org;\r\n\tdkim=pass header.d=paypal.com\r\n"
@@ -1007,7 +1008,9 @@ class ServerResultsFieldTest(CheckedServerTestCase):
         for login in ("alice", "bob"):
             stored = self.stored(login)[0]
             self.assertEqual(stored.lower().count(b"authentication-results:"), 2)
-            self.assertTrue(stored.startswith(b"Authentication-Results: mx.example.org;\n\tspf=pass "))
+            # right after our RFC 5321 Received: (CONTRACT.md sections 8 and 10)
+            self.assertRegex(stored, rb"^Return-Path: <a@example\.net>\nReceived: from [^\n]*(\n\t[^\n]*)*\n"
+                                     rb"Authentication-Results: mx\.example\.org;\n\tspf=pass ")
             self.assertIn(b"Authentication-Results: relay.example.net; spf=pass smtp.mailfrom=example.net\n", stored)
             self.assertNotIn(b"paypal", stored)
             self.assertNotIn(b"(forged)", stored)
