@@ -7507,15 +7507,17 @@ SPF_VERSION = re.compile(r"v=spf1(?: |\Z)", re.IGNORECASE)           # RFC 7208 
 SPF_MODIFIER = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.*)\Z", re.DOTALL)   # RFC 7208 4.6.1: name "=" ...
 SPF_MECHANISM = re.compile(r"([-+?~]?)([A-Za-z][A-Za-z0-9]*)(.*)\Z", re.DOTALL)
 # RFC 7208 7.1: a macro-expand, or one macro-literal (visible ASCII but "%"); explain-string adds SP
-SPF_MACRO_TOKEN = re.compile(r"%\{([slodiphcrtv])(\d*)(r?)([.+,/_=-]*)\}|%[%_-]|[!-$&-~]", re.IGNORECASE)
+SPF_MACRO_TOKEN = re.compile(r"%\{([slodiphcrtv])([0-9]*)(r?)([.+,/_=-]*)\}|%[%_-]|[!-$&-~]", re.IGNORECASE)
 SPF_EXPLAIN_TOKEN = re.compile(SPF_MACRO_TOKEN.pattern + "| ", re.IGNORECASE)
 SPF_EXPLAIN_ONLY = "crt"     # RFC 7208 7.2: macro letters allowed only in exp= text
 # RFC 7208 7.1: domain-end = "." toplabel ["."], toplabel LDH with a letter or an inner "-"
 SPF_DOMAIN_END = re.compile(r"(?:.*)\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])\.?\Z",
                             re.DOTALL)
-SPF_CIDR = re.compile(r"(?:/(\d+))?(?://(\d+))?\Z")                  # RFC 7208 5.6: dual-cidr-length
-SPF_CIDR_NUMBER = re.compile(r"0\Z|[1-9]\d*\Z")                      # RFC 7208 5.6: no leading zero
-SPF_IP4 = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z")
+SPF_CIDR = re.compile(r"(?:/([0-9]+))?(?://([0-9]+))?\Z")            # RFC 7208 5.6: dual-cidr-length
+SPF_CIDR_NUMBER = re.compile(r"0\Z|[1-9][0-9]{0,2}\Z")                # RFC 7208 5.6: no leading zero, 3 digits
+SPF_MAX_PARTS = 128          # more parts than any name has (RFC 1035 2.3.4): a larger DIGIT keeps them all
+SPF_IP4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                     r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\Z")   # RFC 7208 5.6: qnum, no leading 0
 SPF_DEFAULT_EXPLANATION = "%{d} does not designate %{c} as permitted sender of %{s}"
 SPF_MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")   # RFC 7208 5
 
@@ -7860,9 +7862,10 @@ class SPFCheck:
             if reverse:
                 parts.reverse()
             if digits:
-                if int(digits) == 0:     # RFC 7208 7.3: a DIGIT transformer is nonzero
+                count = int(digits.lstrip("0")[:4] or "0")   # 4 digits at most: a record may hold 5000
+                if count == 0:           # RFC 7208 7.3: a DIGIT transformer is nonzero
                     raise spf_permerror("macro keeps zero parts")
-                parts = parts[-int(digits):]
+                parts = parts[-min(count, SPF_MAX_PARTS):]
             value = ".".join(parts)
         if letter.isupper():             # RFC 7208 7.3: upper case means URL-escaped (RFC 3986)
             value = urllib.parse.quote(value, safe="")
@@ -7951,7 +7954,7 @@ class DMARCRecord:
         self.strict_dkim = tags.get("adkim", "r").lower() == "s"
         self.strict_spf = tags.get("aspf", "r").lower() == "s"
         pct = tags.get("pct", "100")
-        self.percent = int(pct) if pct.isdigit() and int(pct) <= 100 else 100
+        self.percent = int(pct) if re.fullmatch("[0-9]{1,3}", pct) and int(pct) <= 100 else 100
 
 
 def dmarc_record(lookup, domain):

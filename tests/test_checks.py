@@ -9,6 +9,7 @@ stored fields, DNS trouble) with a real server behind a "load balancer"
 import base64
 import functools
 import os
+import random
 import sys
 import time
 import unittest
@@ -204,7 +205,8 @@ class SPFMechanismsTest(unittest.TestCase):
     def test_bad_networks_are_permerrors(self):
         """5.6: a prefix past 32/128, a leading zero, a bad address, a missing one: permerror."""
         for text in ("ip4:192.0.2.0/33", "ip4:192.0.2.0/024", "ip4:192.0.2.300", "ip4:192.0.02.1", "ip4",
-                     "ip4:", "ip6:2001:db8::/129", "ip6:2001:db8:::1", "ip4:192.0.2.3//32", "ip6"):
+                     "ip4:", "ip6:2001:db8::/129", "ip6:2001:db8:::1", "ip4:192.0.2.3//32", "ip6",
+                     "ip4:192.0.2.0/" + "9" * 5000, "a//" + "1" * 5000):
             self.assertEqual(self.record("v=spf1 %s -all" % text).result, "permerror", text)
 
     def test_a(self):
@@ -273,6 +275,26 @@ class SPFMechanismsTest(unittest.TestCase):
                      "ip4:192.0.2.3 mx:example.com:25", "ip4:192.0.2.3 =all", "ip4:192.0.2.3 1up=foo",
                      "ip4:192.0.2.3 moo.cow/far_out=man:dog/cat"):
             self.assertEqual(self.record("v=spf1 " + text).result, "permerror", text)
+
+    def test_damaged_records_give_a_result_never_an_exception(self):
+        """Records damaged at random (characters, huge numbers, control octets) end in one of the 7 results."""
+        chance = random.Random(7208)
+        bases = ["v=spf1 a mx/24 ptr:%{d2} ip4:192.0.2.0/24 ip6:2001:db8::/32 include:i.example.net "
+                 "exists:%{ir}.%{v}.x.example.com redirect=r.example.com exp=e.%{d}",
+                 "v=spf1 -all exp=%{l1r-}.%{d}", "v=spf1 a:%{s}.x%{h}.y mx:%{o3r.-+,/_=}.z ~all"]
+        pieces = list("%{}:/.-+,=_0123456789 aAzZ~?!\x00\x7f\xff") + ["9" * 5000]
+        results = set()
+        for _ in range(2000):
+            record = list(chance.choice(bases))
+            for _ in range(chance.randint(1, 4)):
+                record.insert(chance.randrange(len(record) + 1), chance.choice(pieces))
+                del record[chance.randrange(len(record))]
+            text = "".join(record)
+            zone = zone_of(txt("email.example.com", text), txt("i.example.net", "v=spf1 " + text[7:]),
+                           txt("r.example.com", text), txt("e.email.example.com", "%{c} %{t} " + text))
+            results.add(spf(zone).result)
+        self.assertLessEqual(results, {"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"})
+        self.assertIn("permerror", results)
 
     def test_unknown_modifiers_are_ignored(self):
         """6: name=value of an unknown modifier, with a valid name and macro-string, is ignored."""
@@ -379,6 +401,7 @@ class SPFMacrosTest(unittest.TestCase):
         self.assertEqual(self.expand("%{l-+}"), "strong.bad")
         self.assertEqual(self.expand("%{sr.}"), "com.example.strong-bad@email")
         self.assertEqual(self.expand("%{l2r-+}"), "bad.strong")
+        self.assertEqual(self.expand("%{d" + "9" * 5000 + "}"), "email.example.com")   # more parts than there are
 
     def test_bad_macros(self):
         """7.1: an unknown letter, a lone %, a zero DIGIT, delimiters before 'r', c/r/t outside exp=: permerror."""
@@ -527,6 +550,9 @@ class DMARCTest(unittest.TestCase):
         self.assertEqual(self.dmarc(sampled, "example.com")[:2], ("fail", "none"))
         self.assertEqual(self.dmarc(txt("_dmarc.example.com", "v=DMARC1; p=reject; pct=100"), "example.com")[:2],
                          ("fail", "reject"))
+        for bad in ("9" * 5000, "\xb9", "-5", "101"):       # 6.3: an invalid value takes the default, 100
+            self.assertEqual(self.dmarc(txt("_dmarc.example.com", "v=DMARC1; p=reject; pct=" + bad),
+                                        "example.com")[:2], ("fail", "reject"), bad)
 
     def test_the_organizational_domain_is_found_by_the_walk(self):
         """Section 10's rule: the shortest ancestor of 2+ labels with a record; one query per name, 8 labels at most."""
