@@ -7823,22 +7823,21 @@ class SPFCheck:
         return self.ip in network
 
     def validated_names(self):
-        """The client's names whose addresses lead back to it (RFC 7208 5.5); none on a DNS error."""
+        """The client's names whose addresses lead back to it (RFC 7208 5.5), the first 10 PTR names tried."""
         if self._validated is None:
-            self._validated = []
-            try:
-                names = self.query(reverse_name(str(self.ip)), "PTR")[:SPF_MAX_NAMES]
-                for name in names:
-                    try:
-                        if any(ipaddress.ip_address(a) == self.ip for a in self.query(name, self.address_type)):
-                            self._validated.append(name.rstrip(".").lower())
-                    except SPFError as error:
-                        if error.result != "temperror":   # RFC 7208 5.5: a name with a DNS error is skipped
-                            raise
-            except SPFError as error:
-                if error.result != "temperror":          # RFC 7208 5.5: a PTR DNS error matches nothing
-                    raise
+            self._validated = [name.rstrip(".").lower()
+                               for name in self.query_or_none(reverse_name(str(self.ip)), "PTR")[:SPF_MAX_NAMES]
+                               if self.ip in map(ipaddress.ip_address, self.query_or_none(name, self.address_type))]
         return self._validated
+
+    def query_or_none(self, name, rtype):
+        """query(), with a DNS failure taken as no record: RFC 7208 5.5 skips a name whose lookup fails."""
+        try:
+            return self.query(name, rtype)
+        except SPFError as error:
+            if error.result != "temperror":
+                raise
+            return []
 
     # -- macros (RFC 7208 7) and explanations (RFC 7208 6.2)
 
