@@ -8162,10 +8162,11 @@ def authentication_results(authserv_id, spf, dkim, dmarc, author):
     """Our Authentication-Results field (RFC 8601 2.2), as stored: one method a line, one dkim= per signature."""
     methods = ["spf=%s smtp.mailfrom=%s" % (spf.result, ar_value(spf.domain))]
     for result in dkim:                # why it did not pass: a comment at the end (RFC 8601 2.2 allows CFWS)
+        properties = (("header.d", result.domain), ("header.s", result.selector),
+                      ("header.b", result.b[:AR_SIGNATURE_PREFIX]))
         why = "" if result.result == "pass" else " (%s)" % ar_comment(result.reason)
-        methods.append("dkim=%s header.d=%s header.s=%s header.b=%s%s" % (
-            result.result, ar_value(result.domain), ar_value(result.selector),
-            ar_value(result.b[:AR_SIGNATURE_PREFIX]), why))
+        methods.append("dkim=" + result.result + "".join(" %s=%s" % (name, ar_value(value))
+                                                         for name, value in properties if value) + why)
     if not dkim:
         methods.append("dkim=none")
     methods.append("dmarc=%s header.from=%s" % (dmarc, ar_value(author)))

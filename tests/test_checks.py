@@ -590,6 +590,9 @@ class AuthenticationResultsTest(unittest.TestCase):
                          b"\tdkim=fail header.d=example.com header.s=s2 header.b=\"a/b+c=dE\" "
                          b"(body hash did not verify);\n\tdmarc=pass header.from=example.com\n")
         self.assertIn(b"\tdkim=none;\n", smtp.authentication_results(DOMAIN, spf, [], "none", "example.com"))
+        unread = smtp.DKIMResult("permerror", "no d= (tag; missing)", "", "", "")    # no empty property values
+        self.assertIn(b"\tdkim=permerror (no d= tag; missing);\n",
+                      smtp.authentication_results(DOMAIN, spf, [unread], "none", "example.com"))
 
     def test_our_authserv_id_in_any_case_and_spacing(self):
         """RFC 8601 2.2, 5: the first word after CFWS names the authserv-id; case and comments do not matter."""
