@@ -8081,6 +8081,7 @@ MESSAGE_CHECKS_DEADLINE = 20.0   # seconds DKIM and DMARC of one message may tak
 AR_SIGNATURE_PREFIX = 8      # characters of b= in header.b, to tell two signatures of a domain apart (RFC 6008)
 AR_TOKEN = re.compile(r"[!#-'*+.0-9A-Z^-~-]+\Z")   # RFC 2045 token (no tspecials): a value needs no quotes
 AR_FIELD = b"authentication-results"
+SPF_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")   # RFC 5322 3.2.3
 SPF_COMMENTS = {             # Received-SPF's comment for each result (RFC 7208 9.1)
     "pass": "domain of {sender} designates {ip} as permitted sender",
     "fail": "domain of {sender} does not designate {ip} as permitted sender",
@@ -8176,10 +8177,10 @@ def authentication_results(authserv_id, spf, dkim, dmarc, author):
 def received_spf(spf, ip, helo, receiver):
     """The Received-SPF field (RFC 7208 9.1), as stored: the result, a comment, then key-value pairs."""
     comment = ar_comment(SPF_COMMENTS[spf.result].format(sender=spf.sender, ip=ip, why=spf.why))
-    pairs = ["client-ip=%s" % ip, "envelope-from=%s" % ar_quoted(spf.sender), "helo=%s" % ar_quoted(helo),
-             "receiver=%s" % ar_value(receiver), "identity=%s" % spf.identity]
     key = "mechanism" if spf.result not in ("temperror", "permerror", "none") else "problem"
-    pairs.append("%s=%s" % (key, ar_quoted(spf.why)))
+    pairs = ["%s=%s" % (name, value if SPF_DOT_ATOM.match(value) else ar_quoted(value)) for name, value in (
+        ("client-ip", ip), ("envelope-from", spf.sender), ("helo", helo), ("receiver", receiver),
+        ("identity", spf.identity), (key, spf.why))]
     return ("Received-SPF: %s (%s: %s)\n\t%s;\n" % (spf.result, safe_text(receiver, MAX_PATH), comment,
                                                    ";\n\t".join(pairs))).encode("ascii")
 

@@ -833,7 +833,8 @@ class ServerSPFTest(CheckedServerTestCase):
             stored = self.stored()[0]
             self.assertEqual(methods(stored)["spf"], ["spf=%s smtp.mailfrom=%s" % (result, sender.split("@")[1])])
             self.assertIn(b"Received-SPF: " + result.encode() + b" (", stored)
-            self.assertIn(b"client-ip=" + ip.encode() + b";", stored)
+            # RFC 7208 9.1: a value is a dot-atom or a quoted-string (an IPv6 address, with its colons)
+            self.assertIn((b"client-ip=%s;" if "." in ip else b'client-ip="%s";') % ip.encode(), stored)
 
     def test_the_null_sender_is_checked_by_its_helo(self):
         """MAIL FROM:<> checks the HELO name (RFC 7208 2.4)."""
