@@ -2338,6 +2338,18 @@ def parse_args(argv=None):
     return check_server_arguments(parser, args)
 
 
+# The defaults of mail for other domains (CONTRACT.md section 7)
+RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
+RETRY_MAX = 4000             # minimal_backoff_time and maximal_backoff_time)
+QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_queue_lifetime)
+DEFAULT_RELAY_CONCURRENCY = 4
+DEFAULT_RELAY_NETWORKS = "127.0.0.0/8,::1/128"   # this machine only, like Postfix's mynetworks_style = host
+SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
+SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
+SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
+RELAY_TIMEOUT = 300          # seconds a remote server may stay silent (RFC 5321 4.5.3.2: 5 to 10 minutes)
+
+
 def relay_arguments(parser):
     """The options of mail for other domains (with --local-domains only)."""
     group = parser.add_argument_group("mail for other domains (only with --local-domains)")
@@ -2406,6 +2418,16 @@ def check_relay_arguments(parser, args):
             check_own_address(args.source_address)
         except (ValueError, OSError) as exc:
             parser.error("--source-address %s is not an address of this machine: %s" % (args.source_address, exc))
+
+
+RelayOptions = collections.namedtuple("RelayOptions", (
+    "relay_host relay_implicit_tls relay_cafile relay_credentials relay_timeout relay_concurrency "
+    "queue_lifetime retry_base dns_server mx_port source_address"))
+
+
+def relay_options(args):
+    """The checked relay options of the command line: what the queue and its Relay are made from."""
+    return RelayOptions(*[getattr(args, name) for name in RelayOptions._fields])
 
 
 def check_own_address(text):
@@ -3148,6 +3170,14 @@ def received_stamp():
     return time.strftime("%Y-%m-%d : %H : %M").encode("ascii")
 
 
+def stored_bounce(report, sender, domain):
+    """A bounce (CRLF lines) as the mailbox stores it: a StoredMessage."""
+    body, _ = stored_lines(b"".join(dot_stuffed_chunks(io.BytesIO(report), 0)), True)
+    layout = stored_layout(Header(io.BytesIO(body)), len(body), b"MAILER-DAEMON@" + domain.encode("utf-8"),
+                           [sender.encode("utf-8", "surrogateescape")], received_stamp())
+    return StoredMessage(memoryview(body), layout)
+
+
 def foreign_sender(header, is_own):
     """The first From: or Sender: address of a message for which is_own(address) is false, else None.
 
@@ -3642,13 +3672,8 @@ TEMP_SUFFIX = ".tmp"
 FLUSH_NAME = ".flush"
 MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
 MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
-RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
-RETRY_MAX = 4000             # minimal_backoff_time and maximal_backoff_time)
-QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_queue_lifetime)
 RESCAN_INTERVAL = 60         # seconds between looks at the whole queue (other servers' messages)
 FLUSH_POLL = 1.0             # seconds between looks at the --flush trigger
-DEFAULT_RELAY_CONCURRENCY = 4
-DEFAULT_RELAY_NETWORKS = "127.0.0.0/8,::1/128"   # this machine only, like Postfix's mynetworks_style = host
 
 _queue_serials = itertools.count(int.from_bytes(os.urandom(2), "big"))
 
@@ -4107,13 +4132,16 @@ class OutboundQueue:
     of other servers on the root) or when --flush has touched ROOT/.queue/.flush.
     """
 
-    def __init__(self, server, args):
-        self.server = server
-        self.folder = prepare_queue(server.users.root)
-        self.concurrency = args.relay_concurrency
-        self.lifetime = args.queue_lifetime
-        self.retry_base = args.retry_base
-        self.relay = Relay(args, server.domain)
+    def __init__(self, root, domain, local_domains, options, deliver_locally):
+        """The queue of mail root root; options: RelayOptions; deliver_locally(address, report): see _send_bounce."""
+        self.folder = prepare_queue(root)
+        self.domain = domain         # our name: in EHLO, bounces, the Message-ID of a submission
+        self.local_domains = local_domains
+        self.deliver_locally = deliver_locally
+        self.concurrency = options.relay_concurrency
+        self.lifetime = options.queue_lifetime
+        self.retry_base = options.retry_base
+        self.relay = Relay(options, domain)
         self.flush_path = os.path.join(self.folder, FLUSH_NAME)
         self.flush_seen = file_stamp(self.flush_path)
         self.flush_checked = 0.0
@@ -4130,7 +4158,7 @@ class OutboundQueue:
     def write(self, queue_id, spool, header, sender, recipients, login, trace, utf8):
         """Write a received message (header: its Header) for recipients into a sealed .tmp queue file."""
         names = [name for name, _, _ in header.fields]
-        head = trace + (submission_headers(set(names), self.server.domain) if login else b"")
+        head = trace + (submission_headers(set(names), self.domain) if login else b"")
         ascii_body = spool_is_ascii(spool)
         needs = set() if ascii_body else {"8bit"}
         ascii_headers = ascii_body or spool_is_ascii(spool, header.end)
@@ -4323,7 +4351,7 @@ class OutboundQueue:
             log.info("%s: a bounce (from <>) failed; dropped", entry.id)
             return True
         try:
-            report = delivery_status_notification(entry, path, failed, self.server.domain)
+            report = delivery_status_notification(entry, path, failed, self.domain)
             self._send_bounce(entry, report)
             return True
         except (OSError, ValueError) as exc:
@@ -4331,15 +4359,17 @@ class OutboundQueue:
             return False
 
     def _send_bounce(self, entry, report):
-        """Put a bounce into the sender's mailbox when the sender is a user here, else into the queue."""
-        if not is_remote(entry.sender, self.server.local_domains):
-            try:
-                login = self.server.local_owner(entry.sender)
-            except Refused:
+        """Put a bounce into the sender's mailbox when the sender is a user here, else into the queue.
+
+        deliver_locally(address, report) stores the report for a local
+        address and returns the login it went to, or None for no user.
+        """
+        if not is_remote(entry.sender, self.local_domains):
+            login = self.deliver_locally(entry.sender, report)
+            if login is None:
                 log.warning("%s: the sender <%s> is no user here: bounce dropped", entry.id, entry.sender)
-                return
-            deliver({self.server.users.mailbox_path(login): stored_bounce(report, entry.sender, self.server.domain)})
-            log.info("%s: bounce delivered to %s", entry.id, login)
+            else:
+                log.info("%s: bounce delivered to %s", entry.id, login)
             return
         bounce_id = self.queue_message("", entry.sender, report)
         log.info("%s: bounce queued as %s", entry.id, bounce_id)
@@ -5004,10 +5034,6 @@ def _dns_exchanger_addresses(resolver, domain, hosts):
 # certificate check (RFC 7435: encryption against eavesdroppers, better
 # than none), and the message in clear when TLS fails.
 
-SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
-SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
-SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
-RELAY_TIMEOUT = 300          # seconds a remote server may stay silent (RFC 5321 4.5.3.2: 5 to 10 minutes)
 MAX_RECEIVED = 50            # Received: headers a message may carry (Postfix's hopcount_limit): more, a loop
 CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection waits for another message (Postfix's
                              # smtp_connection_cache_time_limit)
@@ -5127,6 +5153,7 @@ class Relay:
     """How a runner reaches other servers: the smarthost, or the mail exchangers of each domain."""
 
     def __init__(self, args, domain):
+        """args: the RelayOptions; domain: our EHLO name."""
         self.domain = domain
         self.host = args.relay_host                  # (host, port), or None
         self.implicit_tls = args.relay_implicit_tls
@@ -5377,14 +5404,6 @@ def original_headers(path, offset):
     lines = data.split(b"\r\n")[:-1]       # whole lines only
     count, _ = header_block(lines)
     return b"".join(line + b"\r\n" for line in lines[:count])
-
-
-def stored_bounce(report, sender, domain):
-    """A bounce (CRLF lines) as the mailbox stores it: a StoredMessage."""
-    body, _ = stored_lines(b"".join(dot_stuffed_chunks(io.BytesIO(report), 0)), True)
-    layout = stored_layout(Header(io.BytesIO(body)), len(body), b"MAILER-DAEMON@" + domain.encode("utf-8"),
-                           [sender.encode("utf-8", "surrogateescape")], received_stamp())
-    return StoredMessage(memoryview(body), layout)
 
 
 # ##########################################################################
@@ -5850,7 +5869,8 @@ class SMTPServer(Server):
         self.queue = None
         if self.local_domains is not None:
             record_relay_settings(self.users.root, relay_settings(args))
-            self.queue = OutboundQueue(self, args)
+            self.queue = OutboundQueue(self.users.root, self.domain, self.local_domains, relay_options(args),
+                                       self.deliver_bounce)
 
     def serve_forever(self):
         for listener in self.listeners if self.local_domains is None else ():
@@ -5918,6 +5938,15 @@ class SMTPServer(Server):
         login = self.postmaster() if local.lower() == POSTMASTER else self.users.canonical(local)
         if login is None:
             raise Refused(Replies.NO_SUCH_USER)
+        return login
+
+    def deliver_bounce(self, address, report):
+        """Store a bounce (an RFC 3464 report, CRLF lines) for a local address; the login, None if no user."""
+        try:
+            login = self.local_owner(address)
+        except Refused:
+            return None
+        deliver({self.users.mailbox_path(login): stored_bounce(report, address, self.domain)})
         return login
 
     def check_quota(self, login, declared_size):
