@@ -39,7 +39,7 @@ import ssl
 import sys
 import unicodedata
 from email.header import Header, decode_header, make_header
-from email.utils import formatdate, make_msgid, parseaddr, parsedate_to_datetime
+from email.utils import formataddr, formatdate, make_msgid, parseaddr, parsedate_to_datetime
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -51,6 +51,7 @@ DEFAULT_TIMEOUT = 30.0       # seconds for connecting and for every reply
 MAX_TIMEOUT = 86400          # a day: beyond that a typo, and sockets overflow near inf
 QUIT_TIMEOUT = 2.0           # a goodbye to a server we are leaving must not hang us
 RECV_SIZE = 65536
+X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
 MAX_REPLY_LINE = 1024 * 1024  # longer is a broken or hostile server, not mail
 
 MAX_SUBJECT = 150            # contract section 1
@@ -71,6 +72,13 @@ CHOICE_PROMPT = "Your choice: "
 COMMAND_PROMPT = "Command: "
 MENU_HINT = "Please choose a, b or c (or 1, 2, 3)."
 GOODBYE = "Goodbye."
+SEND_AGAIN_PROMPT = "Send it again? [y/N] "
+YES, NO = ("y", "yes"), ("", "n", "no")   # another answer is taken as the next menu choice
+LOGIN_CHECK_TIMEOUT = 5.0    # seconds: the check at start must not hold up Mail Sending
+LOGIN_UNCHECKED = "Warning: the password was not checked (%s); Mail Sending may still work."
+LOGIN_REFUSED = "login failed: %s"
+# -ERR codes (RFC 2449, 3206) that say the login is fine but the mailbox is not to be had now.
+NOT_THE_PASSWORD = ("[IN-USE]", "[SYS/", "[LOGIN-DELAY]")
 EMPTY_MAILBOX = "The mailbox is empty."
 NO_MATCH = "No message matches."
 
@@ -101,6 +109,10 @@ ADDRESS = re.compile(r"(%s(?:\.%s)*)@(%s(?:\.%s)*)\Z" % (_ATOM, _ATOM, _LABEL, _
 COURSE_DATE = re.compile(r"(\d{4}-\d{2}-\d{2})\s*:\s*(\d{1,2})\s*:\s*(\d{1,2})")
 HEADER_LINE = re.compile(r"[!-9;-~]+:")   # the header rule: a name of printable ASCII but ":"
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# A display name before <address> (RFC 5322 3.2.5): a quoted string, or words without these
+# specials ("." is allowed, as obs-phrase and every mail program take "J. Smith").
+QUOTED_NAME = re.compile(r'"((?:[^"\\]|\\.)*)"\Z')
+NAME_SPECIALS = '()<>[]:;@\\,"'
 
 # Reading MIME mail.
 MIME_HEADERS = ("mime-version", "content-type", "content-transfer-encoding")
@@ -152,8 +164,8 @@ MENU_CHOICES = {
     "manage": "manage",
     "c": "exit", "3": "exit", "exit": "exit", "quit": "exit", "q": "exit",
 }
-COMPOSE_HELP = """Type the mail: a From: line, a To: line (several addresses separated by commas),
-a Subject: line, then the body. End with a line holding only "."."""
+COMPOSE_HELP = """Type the mail: a From: line, a To: line (several addresses separated by commas;
+Name <address> works too), a Subject: line, then the body. End with a line holding only "."."""
 MANAGE_HINT = "Commands: STAT, LIST, RETR, RAW, SAVE, REPLY, DELE, RSET, SEARCH, HELP, QUIT"
 MANAGE_HELP = """Commands (any case):
   STAT                    number of messages and their total size
@@ -221,6 +233,7 @@ class TLSPolicy:
     def __init__(self, required=False, cafile=None, insecure=False, implicit=False):
         self.required = required
         self.implicit = implicit
+        self.cafile = cafile
         self.wanted = bool(required or cafile or insecure) and not implicit
         self.context = None
         if insecure:
@@ -236,18 +249,35 @@ class TLSPolicy:
 # --------------------------------------------------------------------------
 
 class FormatError(ValueError):
-    """A typed mail that breaks the format; the text says which line and what is wrong."""
+    """A typed mail that breaks the format; reasons holds every problem, each naming its line."""
+
+    def __init__(self, reasons):
+        super().__init__("; ".join(reasons))
+        self.reasons = list(reasons)
 
 
 class Message:
-    """A mail that passed the format check, ready to send."""
+    """A mail that passed the format check, ready to send.
 
-    def __init__(self, sender, recipients, subject, body, extra_headers=()):
+    sender and recipients are the bare addresses (the envelope); typed holds the
+    From and To values as typed (display names kept), mailboxes their (name,
+    address) pairs, for servers that need the names encoded.
+    """
+
+    def __init__(self, sender, recipients, subject, body, typed, mailboxes):
         self.sender = sender
         self.recipients = recipients
         self.subject = subject
         self.body = body
-        self.extra_headers = list(extra_headers)   # [(name, [words])], for standard servers
+        self.typed = typed
+        self.mailboxes = mailboxes
+        self.extra_headers = []   # [(name, [words])], for standard servers
+
+    def address_field(self, name, standard):
+        """The From or To value: as typed, but RFC 2047-encoded names for a standard server."""
+        if not standard or _is_ascii(self.typed[name]):
+            return self.typed[name]
+        return ", ".join(formataddr(pair, "utf-8") for pair in self.mailboxes[name])
 
     def data_lines(self, standard=False):
         """The lines sent after DATA, body dot-stuffed, without the final '.'.
@@ -259,8 +289,8 @@ class Message:
         subject = self.subject
         if standard and not _is_ascii(subject):
             subject = Header(subject, "utf-8").encode()
-        lines = ["From: " + self.sender,
-                 "To: " + ", ".join(self.recipients),
+        lines = ["From: " + self.address_field("From", standard),
+                 "To: " + self.address_field("To", standard),
                  "Subject: " + subject]
         if standard:
             lines.append("Date: " + formatdate(localtime=True))
@@ -285,60 +315,131 @@ def valid_address(text):
     return bool(match) and len(text) <= MAX_ADDRESS and len(match.group(1)) <= MAX_LOCAL_PART
 
 
-def _header_value(lines, index, name):
-    """The text after 'Name:' on line index (0-based), or FormatError naming the line."""
+def _header_value(lines, index, name, problems):
+    """The text after 'Name:' on line index (0-based), or None after noting what is wrong."""
     number = index + 1
     if index >= len(lines):
-        raise FormatError('line %d is missing: it must be the "%s:" line' % (number, name))
+        problems.append((number, 'line %d is missing: it must be the "%s:" line' % (number, name)))
+        return None
     field, colon, value = lines[index].partition(":")
     if not colon or field.strip().lower() != name.lower():
-        raise FormatError('line %d must start with "%s:" but is %r' % (number, name, lines[index]))
+        problems.append((number, 'line %d must start with "%s:" but is %r'
+                         % (number, name, lines[index])))
+        return None
     return value.strip()
 
 
-def _address(text, number, role):
-    """One address of line number, checked; <> around it are allowed and dropped."""
-    if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1].strip()
-    if not text:
-        raise FormatError("line %d: the %s address is empty" % (number, role))
-    if not valid_address(text):
-        raise FormatError("line %d: %r is not a valid %s address (expected user@domain)"
-                          % (number, text, role))
+def split_address_list(text):
+    """The items of a comma-separated address list; a comma in quotes or in <> does not split."""
+    items, start, quoted, angle, escaped = [], 0, False, False, False
+    for index, c in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped, quoted = c == "\\", c != '"'
+        elif c == '"':
+            quoted = True
+        elif c in "<>":
+            angle = c == "<"
+        elif c == "," and not angle:
+            items.append(text[start:index])
+            start = index + 1
+    items.append(text[start:])
+    return items
+
+
+def display_name(text):
+    """The name before '<address>', unquoted (RFC 5322 3.2.5 phrase); FormatError if malformed."""
+    if text.startswith('"'):
+        match = QUOTED_NAME.match(text)
+        if not match:
+            raise FormatError(["the name %s is not a closed quoted name" % text])
+        return re.sub(r"\\(.)", r"\1", match.group(1))
+    bad = sorted(set(NAME_SPECIALS) & set(text))
+    if bad:
+        raise FormatError(['the name %r holds %s: put it in double quotes ("%s")'
+                           % (text, " ".join(bad), text.replace("\\", "\\\\").replace('"', '\\"'))])
     return text
 
 
-def parse_message(lines):
-    """Check a typed mail (the lines before the final '.') and return it as a Message."""
+def parse_mailbox(text, role):
+    """(name, address) of 'user@domain', '<user@domain>' or 'Name <user@domain>'.
+
+    FormatError (one reason, without its line number) when it is none of them.
+    """
+    text = text.strip()
+    name = ""
+    if text.endswith(">") and "<" in text:
+        start = text.rindex("<")     # no address holds '<': the last one opens it
+        name = display_name(text[:start].strip())
+        text = text[start + 1:-1].strip()
+    elif "<" in text or ">" in text:
+        raise FormatError(["%r is not an address: write Name <user@domain>, nothing after '>'"
+                           % text])
+    if not text:
+        raise FormatError(["the %s address is empty" % role])
+    if not valid_address(text):
+        raise FormatError(["%r is not a valid %s address (expected user@domain)" % (text, role)])
+    return name, text
+
+
+def _mailboxes(value, number, role, problems):
+    """The (name, address) pairs of an address list on line number; problems get the rest."""
+    found = []
+    for item in split_address_list(value):
+        try:
+            found.append(parse_mailbox(item, role))
+        except FormatError as exc:
+            problems.extend((number, "line %d: %s" % (number, reason)) for reason in exc.reasons)
+    return found
+
+
+def _line_problems(lines):
+    """(line number, what is wrong) for single lines: control characters, RFC 5321 lengths."""
+    problems = []
     for number, line in enumerate(lines, 1):
         if CONTROL_CHARS.search(line):
-            raise FormatError("line %d contains a control character" % number)
+            problems.append((number, "line %d contains a control character" % number))
         if len(line.encode(WIRE_ENCODING, "surrogateescape")) + len(CRLF) > MAX_TEXT_LINE:
-            raise FormatError("line %d is longer than %d characters" % (number, MAX_TEXT_LINE - len(CRLF)))
+            problems.append((number, "line %d is longer than %d characters"
+                             % (number, MAX_TEXT_LINE - len(CRLF))))
+    return problems
 
-    sender_text = _header_value(lines, 0, "From")
-    if "," in sender_text:
-        raise FormatError("line 1: a mail has exactly one sender address")
-    sender = _address(sender_text, 1, "sender")
 
-    to_text = _header_value(lines, 1, "To")
-    if not to_text:
-        raise FormatError("line 2: there is no recipient address")
+def parse_message(lines):
+    """Check a typed mail (the lines before the final '.') and return it as a Message.
+
+    FormatError lists every problem found, each with its line, not only the first.
+    """
+    problems = _line_problems(lines)
+    senders = []
+    sender_text = _header_value(lines, 0, "From", problems)
+    if sender_text is not None and len(split_address_list(sender_text)) > 1:
+        problems.append((1, 'line 1: a mail has exactly one sender address (a name with a comma '
+                            'goes in double quotes: "Liddell, Alice" <alice@example.org>)'))
+    elif sender_text is not None:
+        senders = _mailboxes(sender_text, 1, "sender", problems)
     recipients = []
-    for part in to_text.split(","):
-        address = _address(part.strip(), 2, "recipient")
-        if address.lower() not in (known.lower() for known in recipients):
-            recipients.append(address)
-
-    subject = _header_value(lines, 2, "Subject")
-    if len(subject) > MAX_SUBJECT:
-        raise FormatError("line 3: the subject is %d characters long; at most %d are allowed"
-                          % (len(subject), MAX_SUBJECT))
-
+    to_text = _header_value(lines, 1, "To", problems)
+    if to_text == "":
+        problems.append((2, "line 2: there is no recipient address"))
+    elif to_text is not None:
+        recipients = _mailboxes(to_text, 2, "recipient", problems)
+    subject = _header_value(lines, 2, "Subject", problems)
+    if subject is not None and len(subject) > MAX_SUBJECT:
+        problems.append((3, "line 3: the subject is %d characters long; at most %d are allowed"
+                            % (len(subject), MAX_SUBJECT)))
     body = lines[3:]
     if not body:
-        raise FormatError('the mail has no body: type at least one line before the final "."')
-    return Message(sender, recipients, subject, body)
+        problems.append((4, 'the mail has no body: type at least one line before the final "."'))
+    if problems:   # in the order of the lines they are about
+        raise FormatError([text for _, text in sorted(problems, key=lambda problem: problem[0])])
+    envelope = []
+    for _, address in recipients:
+        if address.lower() not in (known.lower() for known in envelope):
+            envelope.append(address)
+    return Message(senders[0][1], envelope, subject, body, {"From": sender_text, "To": to_text},
+                   {"From": senders, "To": recipients})
 
 
 # --------------------------------------------------------------------------
@@ -1052,7 +1153,11 @@ class Connection:
         """Run the TLS handshake on the connection; anything read before it is dropped."""
         try:
             self.sock = policy.context.wrap_socket(self.sock, server_hostname=self.host)
-        except (OSError, ssl.CertificateError) as exc:
+        except ssl.SSLCertVerificationError as exc:
+            self.close()
+            raise ClientError("TLS with the %s failed: %s" % (self.where, certificate_problem(
+                exc, self.host, policy.cafile)))
+        except OSError as exc:
             self.close()
             raise ClientError("TLS with the %s failed: %s" % (self.where, describe(exc)))
         self.reader = LineReader(self.sock)
@@ -1071,6 +1176,19 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def certificate_problem(exc, host, cafile):
+    """Why a certificate was not trusted, and what to do about it, on one line."""
+    reason = getattr(exc, "verify_message", None) or describe(exc)
+    if getattr(exc, "verify_code", None) in X509_NAME_MISMATCH:
+        return ("its certificate does not name %r (%s); connect by a name the certificate names"
+                % (host, reason))
+    if cafile:
+        return ("its certificate could not be verified (%s), also not with --cafile %s: give "
+                "the server's own certificate or the CA that signed it" % (reason, cafile))
+    return ("its certificate could not be verified (%s); if it is self-signed or from a "
+            "private CA, give it with --cafile FILE (the server's certificate or its CA)" % reason)
 
 
 def describe(exc):
@@ -1477,6 +1595,7 @@ class MailManagement:
         self.pop = pop
         self.login = login
         self.send = send       # checks typed mail lines and sends them, as Mail Sending does
+                               # (returns what was typed at its offer to send again, or None)
         self.summaries = []
         self.title = ""
         self.lines = {}        # number -> listing line
@@ -1484,6 +1603,7 @@ class MailManagement:
         self.deleted = set()   # marked in this session; the server forgets them on RSET
         self.use_top = True
         self.command_line = ""
+        self.typed = None      # a command typed already, at REPLY's "Send it again?" prompt
 
     def load_listing(self):
         """Read every message's headers (TOP n 0, RETR where TOP is missing)."""
@@ -1537,7 +1657,8 @@ class MailManagement:
         """Read commands until QUIT; True when the program should end."""
         print(MANAGE_HINT)
         while True:
-            self.command_line = ask(COMMAND_PROMPT)
+            self.command_line = ask(COMMAND_PROMPT) if self.typed is None else self.typed
+            self.typed = None
             words = self.command_line.split()
             if not words:
                 continue
@@ -1654,7 +1775,7 @@ class MailManagement:
         print(REPLY_HELP % number)
         for line in lines:
             print(line)
-        self.send(lines + read_typed_mail(), threading)
+        self.typed = self.send(lines + read_typed_mail(), threading)
 
     def do_DELE(self, args):
         """DELE n: mark a message; the server removes it at QUIT."""
@@ -1715,12 +1836,16 @@ class MailClient:
     def run(self):
         """The whole program; returns the exit code."""
         self.ask_credentials()
+        self.check_login()
+        typed = None     # a menu choice typed already, at the "Send it again?" prompt
         while True:
             print(MENU)
-            choice = " ".join(ask(CHOICE_PROMPT).lower().split()).rstrip(").")
-            action = MENU_CHOICES.get(choice)
+            if typed is None:
+                typed = ask(CHOICE_PROMPT)
+            action = MENU_CHOICES.get(" ".join(typed.lower().split()).rstrip(")."))
+            typed = None
             if action == "send":
-                self.send_mail()
+                typed = self.send_mail()
             elif action == "manage":
                 if self.manage_mail():
                     return 0
@@ -1738,25 +1863,37 @@ class MailClient:
         self.password = ask_password()
 
     def send_mail(self):
-        """Read a mail from the user, check it and send it by SMTP."""
+        """Read a mail from the user, check it and send it by SMTP; return as check_and_send."""
         print(COMPOSE_HELP)
-        self.check_and_send(read_typed_mail())
+        return self.check_and_send(read_typed_mail())
 
     def check_and_send(self, lines, extra_headers=()):
-        """Check typed mail lines; send them if they are a good mail, else say why not."""
+        """Check typed mail lines and send them, or say everything that is wrong with them.
+
+        A mail that could not be sent is kept and offered again until it is sent or the
+        user says no.  Returns the answer to that offer when it was neither yes nor no
+        (the caller takes it as the next choice or command, so "b" goes on to Mail
+        Management as it did before the offer), else None.
+        """
         try:
             message = parse_message(lines)
         except FormatError as exc:
             print(INCORRECT_FORMAT)
-            print("  " + str(exc))
-            return
+            for reason in exc.reasons:
+                print("  " + reason)
+            return None
         message.extra_headers = list(extra_headers)
-        try:
-            self.transmit(message)
-        except ClientError as exc:
-            error(str(exc))
-            return
-        print(SENT_OK)
+        while True:
+            try:
+                self.transmit(message)
+            except ClientError as exc:
+                error(str(exc))
+            else:
+                print(SENT_OK)
+                return None
+            answer = ask(SEND_AGAIN_PROMPT).strip()
+            if answer.lower() not in YES:
+                return None if answer.lower() in NO else answer
 
     def transmit(self, message):
         """Send a checked mail: the course dialogue, then, if the server wants it, the RFC 5321
@@ -1803,19 +1940,33 @@ class MailClient:
         self.close()
         return False
 
-    def login(self):
+    def check_login(self):
+        """Try the username and password on the POP3 server at once, asking again while it
+        refuses them, as Mail Management does; a server that cannot be reached (or holds
+        the mailbox for another session) gets one warning line, and the menu follows."""
+        try:
+            pop = self.login(min(self.args.timeout, LOGIN_CHECK_TIMEOUT))
+        except ClientError as exc:
+            print(LOGIN_UNCHECKED % exc)
+            return
+        pop.abandon()
+
+    def login(self, timeout=None):
         """A logged-in POP3 session; wrong credentials are asked for again."""
         pop = None
         while True:
             fresh = pop is None
             if fresh:
-                pop = POP3Connection(self.args.server, self.args.pop_port, self.args.timeout,
-                                     self.args.tls_policy)
+                pop = POP3Connection(self.args.server, self.args.pop_port,
+                                     timeout or self.args.timeout, self.args.tls_policy)
             try:
                 pop.login(self.username, self.password)
                 return pop
             except ServerError as exc:
-                error("login failed: %s" % exc)
+                if any(code in str(exc) for code in NOT_THE_PASSWORD):
+                    pop.close()
+                    raise ServerError(LOGIN_REFUSED % exc)
+                error(LOGIN_REFUSED % exc)
             except ClientError:
                 pop.close()
                 if fresh:

@@ -6,7 +6,7 @@
 One thread serves each connection.  A message is written whole, under a lock
 shared with the POP3 server, and fsync'd before the client hears 250.
 
-The file has two parts, split at one line:
+The file has three parts:
   Part 1, "shared with pop_server.py": the mail root (users, mailbox files,
     the lock protocol, the mailbox format), the session skeleton, the
     PROXY protocol and the server skeleton.  pop_server.py imports this part and nothing else.
@@ -14,6 +14,8 @@ The file has two parts, split at one line:
     the session and its commands, reading DATA and BDAT, the stored form,
     the spool, delivery into the mailboxes; for other domains the outbound
     queue, DNS, delivery to other servers and bounces; then the server and main().
+  Part 3, "message authentication: DKIM": keys, RSA, Ed25519,
+    canonicalization, signing and verifying, behind a narrow interface.
 """
 
 # Part 1's modules: what both servers are made of (users and passwords, files
@@ -29,6 +31,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import re
 import selectors
@@ -38,6 +41,7 @@ import ssl
 import stat
 import struct
 import threading
+import _thread
 import time
 import urllib.parse
 
@@ -53,6 +57,7 @@ import collections
 import email.utils
 import getpass
 import io
+import heapq
 import itertools
 import random
 import secrets
@@ -1754,6 +1759,7 @@ class Server:
         self.tls = args.tls
         self.proxy_from = args.proxy_from      # the load balancers that send PROXY headers
         self.open_sessions = set()   # each session is in it while it runs (set.add is atomic)
+        self.threads = ConnectionThreads()
         self.stopping = False        # True once a shutdown has begun
         self.slots = Slots(args.max_connections, args.max_per_client)
         self.in_flight = InFlight()
@@ -1808,11 +1814,7 @@ class Server:
             return self.refuse(sock, peer, client, self.replies.BUSY_CLIENT,
                                "%d connections open from %s" % (self.slots.per_client, client))
         try:
-            # A threading.Thread, so that threading.enumerate() lists it and
-            # threading.excepthook hears of it.  It costs: about 0.1 ms of CPU
-            # per connection more than a bare _thread (measured, bench_smtp:
-            # 970 against 1464 messages/s at 10 clients, one a connection).
-            threading.Thread(target=self.serve, args=(sock, address, client, listener), daemon=True).start()
+            self.threads.start(peer, self.serve, sock, address, client, listener)
         except RuntimeError as exc:               # the system cannot make more threads
             self.slots.give_back(client)
             self.refuse(sock, peer, client, self.replies.BUSY, str(exc))
@@ -1872,7 +1874,7 @@ class Server:
         self.stopping = True         # work that checks it after entering in_flight does not start
         for listener in self.listeners:
             listener.socket.close()
-        log.info("shutting down")
+        log.info("shutting down, %d connections open", len(self.threads))
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while not self.in_flight.wait(0.1):
             if signals.hurried or time.monotonic() > deadline:
@@ -1891,9 +1893,8 @@ class Server:
                 session.wire.wake()
             except OSError:       # closed meanwhile
                 pass
-        deadline = time.monotonic() + timeout
-        while self.open_sessions and time.monotonic() < deadline:
-            time.sleep(0.02)      # a few sessions saying goodbye: nothing to wake us for
+        if not self.threads.join(timeout):
+            log.warning("exiting with connections still open: %s", ", ".join(self.threads.peers()))
 
 
 class Shutdown(BaseException):
@@ -2110,6 +2111,59 @@ def use_small_thread_stacks():
     stays because it costs one line.
     """
     threading.stack_size(THREAD_STACK_SIZE)
+
+
+class ConnectionThreads:
+    """A server's connection threads: bare _thread threads, yet counted, listed and joined, their failures logged.
+
+    threading.Thread.start() waits until the new thread runs: on the one CPU
+    the server keeps to (run_on_one_cpu), the accept loop must hand the GIL
+    over and wait to get it back before it takes the next connection, and a
+    Thread's own bookkeeping adds more.  Measured (tests/bench_smtp.py, 12
+    interleaved rounds, 10 clients): 0.546 against 0.591 ms of CPU per
+    message, as little as a bare _thread (0.544).  The registry gives back
+    what Thread gave: each thread is held here, with the peer it serves,
+    from before it starts until it ends, and what escapes it is logged.
+    """
+
+    def __init__(self):
+        self._running = {}        # a lock held while its thread runs -> the peer it serves
+
+    def start(self, peer, function, *args):
+        """Run function(*args) in a new thread that serves peer; RuntimeError if no thread can be made."""
+        done = _thread.allocate_lock()
+        done.acquire()
+        self._running[done] = peer
+        try:
+            _thread.start_new_thread(self._run, (done, function, args))
+        except BaseException:
+            del self._running[done]
+            raise
+
+    def _run(self, done, function, args):
+        try:
+            function(*args)
+        except BaseException:     # SystemExit too, which a threading.Thread would drop unseen
+            log.exception("the thread serving %s failed", self._running[done])
+        finally:
+            del self._running[done]
+            done.release()
+
+    def __len__(self):
+        return len(self._running)
+
+    def peers(self):
+        """The peers the threads running now serve."""
+        return list(self._running.copy().values())
+
+    def join(self, timeout):
+        """Wait until every thread running now has ended; False if timeout seconds passed first."""
+        deadline = time.monotonic() + timeout
+        for done in self._running.copy():
+            if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
+            done.release()
+        return True
 
 
 class UnlockedStreamHandler(logging.StreamHandler):
@@ -2342,12 +2396,12 @@ def parse_args(argv=None):
 RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
 RETRY_MAX = 4000             # minimal_backoff_time and maximal_backoff_time)
 QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_queue_lifetime)
-DEFAULT_RELAY_CONCURRENCY = 4
+DEFAULT_RELAY_CONCURRENCY = 100       # sessions to other servers at once (see OutboundQueue for why)
+DEFAULT_PER_DESTINATION = 20          # of them to one destination (Postfix's default_destination_concurrency_limit)
 DEFAULT_RELAY_NETWORKS = "127.0.0.0/8,::1/128"   # this machine only, like Postfix's mynetworks_style = host
 SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
 SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
 SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
-RELAY_TIMEOUT = 300          # seconds a remote server may stay silent (RFC 5321 4.5.3.2: 5 to 10 minutes)
 
 
 def relay_arguments(parser):
@@ -2370,8 +2424,12 @@ def relay_arguments(parser):
                        help="file holding one line 'LOGIN PASSWORD' to log in to --relay-host with")
     group.add_argument("--relay-concurrency", metavar="N", type=int, default=DEFAULT_RELAY_CONCURRENCY,
                        help="messages sent at once (default: %d)" % DEFAULT_RELAY_CONCURRENCY)
-    group.add_argument("--relay-timeout", metavar="SECONDS", type=float, default=RELAY_TIMEOUT,
-                       help="how long a remote server may stay silent (default: %d)" % RELAY_TIMEOUT)
+    group.add_argument("--relay-per-destination", metavar="N", type=int, default=DEFAULT_PER_DESTINATION,
+                       help="sessions at once to one domain, or to --relay-host (default: %d)"
+                       % DEFAULT_PER_DESTINATION)
+    group.add_argument("--relay-timeout", metavar="SECONDS", type=float,
+                       help="the longest a remote server may take for a reply (default: RFC 5321's, "
+                       "2 to 10 minutes by command); a session lasts at most %d times this" % SESSION_CEILING)
     group.add_argument("--queue-lifetime", metavar="SECONDS", type=float, default=QUEUE_LIFETIME,
                        help="how long a message is retried before it bounces (default: %d, 5 days)"
                        % QUEUE_LIFETIME)
@@ -2392,10 +2450,10 @@ def check_relay_arguments(parser, args):
     if args.local_domains is None and (args.relay_host or args.relay_auth or args.dns_server):
         parser.error("--relay-host, --relay-auth and --dns-server need --local-domains "
                      "(without it every domain is local and nothing goes out)")
-    if args.relay_concurrency < 1 or args.relay_timeout <= 0 or args.queue_lifetime <= 0 \
-            or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
-        parser.error("--relay-concurrency, --relay-timeout, --queue-lifetime, --retry-base and "
-                     "--mx-port must be positive")
+    if args.relay_concurrency < 1 or args.relay_per_destination < 1 or (args.relay_timeout or 1) <= 0 \
+            or args.queue_lifetime <= 0 or args.retry_base <= 0 or not 0 < args.mx_port < 65536:
+        parser.error("--relay-concurrency, --relay-per-destination, --relay-timeout, --queue-lifetime, "
+                     "--retry-base and --mx-port must be positive")
     try:
         if args.relay_host:
             args.relay_host = host_and_port(args.relay_host, SUBMISSIONS_PORT if args.relay_implicit_tls
@@ -2422,7 +2480,7 @@ def check_relay_arguments(parser, args):
 
 RelayOptions = collections.namedtuple("RelayOptions", (
     "relay_host relay_implicit_tls relay_cafile relay_credentials relay_timeout relay_concurrency "
-    "queue_lifetime retry_base dns_server mx_port source_address"))
+    "relay_per_destination queue_lifetime retry_base dns_server mx_port source_address"))
 
 
 def relay_options(args):
@@ -3015,6 +3073,9 @@ def take_message(session, spool):
     except MailboxFull as full:
         log.info("not delivered from <%s>: %s is full", envelope.sender, full)
         raise Refused(Replies.MAILBOX_FULL)
+    except DKIMError as error:       # a key that cannot be used: nothing is queued (section 9)
+        log.error("not delivered from <%s>: not signed: %s", envelope.sender, error)
+        raise Refused(Replies.LOCAL_ERROR)
     except OSError as exc:
         log.error("delivery from %s to %s failed: %s", session.peer,
                   ", ".join(list(envelope.logins) + envelope.remote), exc)
@@ -3670,10 +3731,14 @@ QUEUE_FORMAT = "mailserver-queue 1"
 QUEUE_ID = re.compile(r"[0-9A-F]{21}\Z")      # see new_queue_id
 TEMP_SUFFIX = ".tmp"
 FLUSH_NAME = ".flush"
+DEAD_NAME = ".dead"          # the dead destinations and when each is tried again, for --queue
 MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
 MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
 RESCAN_INTERVAL = 60         # seconds between looks at the whole queue (other servers' messages)
 FLUSH_POLL = 1.0             # seconds between looks at the --flush trigger
+DESTINATIONS_KEPT = 10000    # destinations whose grown share of sessions is remembered
+DESTINATION_START = 5        # sessions a destination starts with, one more for each that reaches a server
+                             # (Postfix's initial_destination_concurrency): a dead one costs a few, not 20
 
 _queue_serials = itertools.count(int.from_bytes(os.urandom(2), "big"))
 
@@ -4037,6 +4102,17 @@ def submission_headers(names, domain):
     return added
 
 
+def author_domain(header):
+    """The domain of the first From: address of a message (header: its Header), or None."""
+    for field in header.senders:
+        name, _, value = field.partition(b":")
+        if name.strip().lower() == b"from":
+            text = " ".join(value.decode("utf-8", "surrogateescape").split())
+            domains = [address.rpartition("@")[2] for _, address in email.utils.getaddresses([text]) if "@" in address]
+            return domains[0] if domains else None
+    return None
+
+
 def queue_received(session, spool, header, queue_id):
     """Write a received message for the session's remote recipients into a sealed .tmp queue file."""
     envelope = session.envelope
@@ -4122,6 +4198,109 @@ def backoff(attempts, base):
     return min(RETRY_MAX, base * 2 ** min(attempts - 1, 32))
 
 
+class Destinations:
+    """Where outgoing mail goes, as the runners share it: the sessions each destination has, and the dead ones.
+
+    As Postfix's qmgr does: a destination (a domain, or the smarthost) has
+    at most --relay-per-destination sessions at once, so one large or slow
+    domain cannot take every runner; it starts with DESTINATION_START and
+    is given one more each time a session reaches a server.  A message for
+    a full one is left due and handed to a runner again when a session of
+    it ends.  A destination
+    whose servers could not be reached (a timeout, a refused connection, a
+    DNS server that does not answer) is dead for a while, --retry-base at
+    first and doubling with each failure in a row, up to RETRY_MAX: its
+    recipients are deferred with its last reason and no connection at all,
+    until then or a --flush.  The dead ones are written to ROOT/.queue/.dead
+    for --queue (not fsync'd: they are advice, and a crash forgets them).
+    """
+
+    def __init__(self, folder, per_destination, retry_base):
+        self.path = os.path.join(folder, DEAD_NAME)
+        self.limit = per_destination
+        self.retry_base = retry_base
+        self._guard = threading.Lock()
+        self._sessions = collections.Counter()   # destination -> its sessions now
+        self._window = collections.OrderedDict()   # destination -> the sessions it may have (most recent last)
+        self._waiting = {}           # destination -> {queue id: None}: messages waiting for a session of it
+        self._dead = {}              # destination -> (epoch seconds it is tried again, failures, last reason)
+
+    def dead(self, destination):
+        """(when it is tried again, the last reason) of a dead destination; None for a live one."""
+        with self._guard:
+            mark = self._dead.get(destination)
+        return (mark[0], mark[2]) if mark and mark[0] > time.time() else None
+
+    def take(self, destination, queue_id):
+        """Take a session of destination for a message; False (and the message waits) when it has its share."""
+        with self._guard:
+            if self._sessions[destination] < self._window.get(destination, min(DESTINATION_START, self.limit)):
+                self._sessions[destination] += 1
+                return True
+            self._waiting.setdefault(destination, {})[queue_id] = None
+            return False
+
+    def give_back(self, destination, unreachable):
+        """End a session of destination; the ids of the messages to try now.
+
+        unreachable: why its servers could not be reached, or "" when one
+        answered.  One waiting message takes the session's place; once the
+        destination is dead, every waiting one goes (to be deferred at once).
+        """
+        with self._guard:
+            self._sessions[destination] -= 1
+            if not self._sessions[destination]:
+                del self._sessions[destination]
+            changed = self._judge(destination, unreachable)
+            waiting = self._waiting.pop(destination, {})
+            woken = list(waiting) if unreachable else list(waiting)[:1]
+            for queue_id in woken:
+                del waiting[queue_id]
+            if waiting:
+                self._waiting[destination] = waiting
+        if changed:
+            self._save()
+        return woken
+
+    def _judge(self, destination, unreachable):
+        """Mark destination dead or alive after a session (guard held); True if the marks changed."""
+        if not unreachable:
+            self._window[destination] = min(self.limit, self._window.pop(destination, DESTINATION_START) + 1)
+            if len(self._window) > DESTINATIONS_KEPT:
+                self._window.popitem(last=False)    # forgotten: it starts again from DESTINATION_START
+            return self._dead.pop(destination, None) is not None
+        self._window.pop(destination, None)
+        now = time.time()
+        for name in [d for d, mark in self._dead.items() if mark[0] <= now - RETRY_MAX]:
+            del self._dead[name]     # long past: forgotten, so the marks stay few
+        mark = self._dead.get(destination)
+        if mark and mark[0] > now:   # marked already, by a session at the same time: one failure, not two
+            return False
+        failures = mark[1] + 1 if mark else 1
+        self._dead[destination] = (now + backoff(failures, self.retry_base), failures, unreachable)
+        return True
+
+    def clear(self):
+        """Forget every dead destination (a --flush)."""
+        with self._guard:
+            changed, self._dead = bool(self._dead), {}
+        if changed:
+            self._save()
+
+    def _save(self):
+        """Write the dead destinations for --queue: 'DESTINATION<TAB>EPOCH<TAB>FAILURES<TAB>REASON' lines."""
+        with self._guard:
+            lines = ["%s\t%d\t%d\t%s\n" % (d or "(relay host)", until, failures, reason)
+                     for d, (until, failures, reason) in sorted(self._dead.items())]
+        temp = self.path + TEMP_SUFFIX
+        try:
+            with open(temp, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+            os.replace(temp, self.path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc)
+
+
 class OutboundQueue:
     """One server's outbound queue: new messages written in, runner threads sending them out.
 
@@ -4142,6 +4321,7 @@ class OutboundQueue:
         self.lifetime = options.queue_lifetime
         self.retry_base = options.retry_base
         self.relay = Relay(options, domain)
+        self.keys = DKIMKeys(root)
         self.flush_path = os.path.join(self.folder, FLUSH_NAME)
         self.flush_seen = file_stamp(self.flush_path)
         self.flush_checked = 0.0
@@ -4152,6 +4332,8 @@ class OutboundQueue:
         self.next_scan = 0.0         # epoch seconds: at start, at once
         self.stopping = False
         self.stopped = threading.Event()     # the same, for the idle connection timer
+        self.destinations = Destinations(self.folder, options.relay_per_destination, options.retry_base)
+        self.active = {}             # queue id -> whether to try it again at once: the attempts under way
 
     # -- messages in
 
@@ -4166,7 +4348,10 @@ class OutboundQueue:
             needs.add("smtputf8")
         entry = QueuedMessage(queue_id, sender, [QueuedRecipient(r) for r in recipients], login,
                               needs=needs, hops=names.count(b"received") + 1)
-        return write_queued(self.folder, entry, head, outgoing_chunks(spool))
+        # Signed once, here, after our own fields: every retry sends the same bytes (section 9).
+        domain = author_domain(header)
+        signatures = self.keys.signatures(domain, itertools.chain([head], outgoing_chunks(spool))) if domain else b""
+        return write_queued(self.folder, entry, signatures + head, outgoing_chunks(spool))
 
     def queue_message(self, sender, recipient, message):
         """Queue a message we made (a bounce: bytes, CRLF lines) for one recipient; return its id."""
@@ -4174,7 +4359,12 @@ class OutboundQueue:
         if not (sender.isascii() and recipient.isascii()):
             needs.add("smtputf8")            # RFC 6531: a UTF-8 address goes only with SMTPUTF8
         entry = QueuedMessage(new_queue_id(), sender, [QueuedRecipient(recipient)], needs=needs)
-        queued = write_queued(self.folder, entry, b"", [message])
+        try:                         # a bounce is signed with --domain's keys
+            signatures = self.keys.signatures(self.domain, [message])
+        except DKIMError as error:   # better unsigned than lost
+            log.error("%s: bounce sent without a DKIM signature: %s", entry.id, error)
+            signatures = b""
+        queued = write_queued(self.folder, entry, signatures, [message])
         try:
             queued.publish()
         finally:
@@ -4251,6 +4441,7 @@ class OutboundQueue:
             return False
         self.flush_seen = stamp
         log.info("flush requested: trying every queued message now")
+        self.destinations.clear()
         return True
 
     def _start_scan(self, now, forced):
@@ -4274,17 +4465,27 @@ class OutboundQueue:
     def attempt(self, queue_id, forced):
         """Try the due recipients of one message, unless another runner holds it."""
         path = os.path.join(self.folder, queue_id)
+        with self.changed:
+            if queue_id in self.active:      # a runner of ours has it: it tries again once done
+                self.active[queue_id] = True
+                return
+            self.active[queue_id] = False
         lock = MessageLock(path)
-        if not lock.acquire():
-            return
         try:
+            if not lock.acquire():
+                return
             try:
                 entry = read_envelope(lock.fd)
             except (OSError, ValueError) as exc:
                 return self._set_aside(path, exc)
             self._attempt(entry, path, lock.fd, forced)
         finally:
-            lock.release()
+            if lock.fd is not None:
+                lock.release()
+            with self.changed:
+                again = self.active.pop(queue_id)
+            if again:
+                self.wake(queue_id)
 
     def _attempt(self, entry, path, fd, forced):
         """Send to the due recipients (the file open at fd), record what happened; remove the file once done."""
@@ -4296,7 +4497,9 @@ class OutboundQueue:
             else:
                 self._remove(entry, path)
             return
-        outcomes = self.relay.send_message(entry, fd, due)
+        outcomes = self._send(entry, fd, due)
+        if not outcomes:                      # each destination had its share: it waits for a session
+            return
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
             for recipient, _ in failed:       # tried again later, and bounced then
@@ -4323,8 +4526,10 @@ class OutboundQueue:
         expires = entry.arrived + self.lifetime
         failed = []
         for recipient in due:
-            outcome = outcomes[recipient.address]
-            recipient.attempts += 1
+            outcome = outcomes.get(recipient.address)
+            if outcome is None:               # not tried: its destination had its share of sessions
+                continue
+            recipient.attempts += outcome.retry_at is None       # a dead destination's deferral is no try
             if outcome.status == "deferred" and now >= expires:
                 outcome = outcome.expired()
             recipient.reply = outcome.reply
@@ -4334,10 +4539,61 @@ class OutboundQueue:
                 recipient.state = "failed"
                 failed.append((recipient, outcome))
             else:
-                recipient.next_try = min(now + backoff(recipient.attempts, self.retry_base), expires)
+                retry_at = outcome.retry_at or now + backoff(recipient.attempts, self.retry_base)
+                recipient.next_try = min(retry_at, expires)
             log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, recipient.address,
                      outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
         return failed
+
+    def _send(self, entry, fd, due):
+        """Send the due recipients (the file open at fd), each destination in a session of its own, at once.
+
+        Returns {address: Outcome}.  A slow or silent destination of a
+        message holds up none of its others: each goes in a thread of its
+        own (the last in the runner's).  A recipient whose destination is
+        dead is deferred at once; one whose destination has its share of
+        sessions is left out (still due: see Destinations).
+        """
+        if entry.hops > MAX_RECEIVED:
+            reply = "554 5.4.6 mail loop: %d Received: headers" % entry.hops
+            return {r.address: Outcome("bounced", reply) for r in due}
+        groups, outcomes = {}, {}
+        for recipient in due:
+            groups.setdefault(self.relay.destination(recipient.address), []).append(recipient.address)
+        sending = []
+        for destination, addresses in groups.items():
+            dead = self.destinations.dead(destination)
+            if dead is not None:
+                outcomes.update(dict.fromkeys(addresses, Outcome.of_dead(*dead)))
+            elif self.destinations.take(destination, entry.id):
+                sending.append((destination, addresses))
+        results = [{} for _ in sending]
+        threads = [threading.Thread(target=self._send_to, args=(entry, fd, destination, addresses, result),
+                                    name="queue runner", daemon=True)
+                   for (destination, addresses), result in zip(sending[1:], results[1:])]
+        for thread in threads:
+            thread.start()
+        if sending:
+            self._send_to(entry, fd, *sending[0], results[0])
+        for thread in threads:
+            thread.join()
+        for result in results:
+            outcomes.update(result)
+        return outcomes
+
+    def _send_to(self, entry, fd, destination, addresses, result):
+        """One destination's session for a message: its outcomes into result; its session given back."""
+        unreachable = ""
+        try:
+            outcomes, unreachable = self.relay.send_to(entry, MessageReader(fd), destination, addresses)
+            result.update(outcomes)
+        except Exception as exc:          # a bug of ours: logged, and the recipients tried again later
+            log.exception("%s: sending to %s failed", entry.id, destination or "the relay host")
+            result.update(dict.fromkeys(addresses, Outcome("deferred", "451 4.3.0 local error in processing: %s"
+                                                           % type(exc).__name__)))
+        finally:
+            for woken in self.destinations.give_back(destination, unreachable):
+                self.wake(woken)
 
     def _set_aside(self, path, exc):
         """Move a queue file we cannot read out of the way (never deleted: an admin may look)."""
@@ -4421,6 +4677,24 @@ def queue_listing(folder, out):
         out.write("Mail queue is empty\n")
     else:
         out.write("-- %d Kbytes in %d Request%s.\n" % ((total + 1023) // 1024, count, "s" * (count != 1)))
+    dead_listing(folder, out)
+
+
+def dead_listing(folder, out):
+    """Print the dead destinations (see Destinations) and when each is tried again."""
+    try:
+        with open(os.path.join(folder, DEAD_NAME), encoding="utf-8", errors="replace") as f:
+            lines = [line.rstrip("\n").split("\t", 3) for line in f]
+    except OSError:
+        return
+    now = time.time()
+    dead = [(d, float(until), failures, reason) for d, until, failures, reason in
+            (line for line in lines if len(line) == 4 and line[1].isdigit()) if float(until) > now]
+    if dead:
+        out.write("Dead destinations (no connection tried until then; --flush tries them now):\n")
+    for destination, until, failures, reason in dead:
+        out.write("  %s: next try %s after %s failure%s: %s\n" % (
+            destination, next_try_text(until), failures, "s" * (failures != "1"), reason))
 
 
 # --------------------------------------------------------------------------
@@ -4463,6 +4737,11 @@ DNS_TTL_FLOOR = 10           # seconds an answer is kept at least, even with a T
 DNS_TTL_CEILING = 86400      # and at most (RFC 8767 4 suggests a day as the largest TTL worth believing)
 DNS_NEGATIVE_CEILING = 3 * 3600   # RFC 2308 5: negative answers kept 1 to 3 hours at most
 DNS_FAILURE_TTL = 30         # RFC 2308 7: a server failure or timeout is remembered a while (5 min at most)
+DNS_DEADLINE = 5.0           # seconds a runner gives one question, over every server and try: a working
+                             # recursive server answers in well under a second, even for a name it must
+                             # chase, so a question still open after 5 s is a silent or broken server,
+                             # and the runner should give up on it and go on (its failure is cached)
+DNS_MIN_TRY = 1.0            # seconds one try gets at least, when the deadline is shared among the tries
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
 DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
@@ -4873,6 +5152,21 @@ class Resolver:
         return parsed
 
 
+class DNSDeadline:
+    """A DNSCache as mail_exchangers asks it: each question answered within its own deadline, or a temporary
+    DNSError (its tries share the deadline, so a second server is tried before it passes)."""
+
+    def __init__(self, cache, seconds):
+        self.cache = cache
+        self.seconds = seconds
+        resolver = cache.resolver
+        resolver.timeout = min(resolver.timeout,
+                               max(DNS_MIN_TRY, seconds / (len(resolver.servers) * resolver.attempts)))
+
+    def query(self, name, rtype):
+        return self.cache.query(name, rtype, time.monotonic() + self.seconds)
+
+
 class DNSCache:
     """The answers of a Resolver, each kept for its TTL: one cache for every record type, in bounded memory.
 
@@ -4882,7 +5176,8 @@ class DNSCache:
     SOA's negative TTL (RFC 2308 5), not at all without an SOA; a server
     failure or timeout for a short while (RFC 2308 7).  The least recently
     used answers go first when there are too many or they are too large.
-    Threads may share one.
+    Threads may share one; a question one of them is asking is not asked
+    again by another, which waits for that answer (within its deadline).
     """
 
     def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS):
@@ -4890,6 +5185,7 @@ class DNSCache:
         self.max_entries, self.max_octets = entries, octets
         self.octets = 0
         self._answers = collections.OrderedDict()   # (name, type) -> (expires, records or DNSError, octets)
+        self._asking = {}            # (name, type) -> [Event set when answered, the answer]: questions in flight
         self._lock = threading.Lock()
 
     def query(self, name, rtype, deadline=None):
@@ -4903,10 +5199,30 @@ class DNSCache:
             else:
                 answer = None
         if answer is None:
-            answer = self._ask(key, name, rtype, deadline)
+            answer = self._ask_once(key, name, rtype, deadline)
         if isinstance(answer, DNSError):
             raise answer
         return answer
+
+    def _ask_once(self, key, name, rtype, deadline):
+        """Ask the resolver; or, while another thread asks the same question, wait for its answer."""
+        with self._lock:
+            asking = self._asking.get(key)
+            first = asking is None
+            if first:
+                asking = self._asking[key] = [threading.Event(), None]
+        if not first:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if asking[0].wait(wait) and asking[1] is not None:
+                return asking[1]
+            return DNSError(DNS_TIME_OUT, name)
+        try:
+            asking[1] = self._ask(key, name, rtype, deadline)
+        finally:
+            with self._lock:
+                del self._asking[key]
+            asking[0].set()
+        return asking[1]
 
     def _ask(self, key, name, rtype, deadline):
         """Ask the resolver, and keep what it says for as long as it may be believed."""
@@ -5034,6 +5350,15 @@ def _dns_exchanger_addresses(resolver, domain, hosts):
 # certificate check (RFC 7435: encryption against eavesdroppers, better
 # than none), and the message in clear when TLS fails.
 
+REPLY_TIMEOUTS = {           # RFC 5321 4.5.3.2: seconds a client waits for each reply of the server
+    "greeting": 300,         # 4.5.3.2.1 the initial 220
+    "command": 300,          # 4.5.3.2.2, 4.5.3.2.3 MAIL and RCPT; the same for EHLO, STARTTLS, AUTH, RSET
+    "data": 120,             # 4.5.3.2.4 DATA's 354
+    "block": 180,            # 4.5.3.2.5 each block of the message sent
+    "end": 600,              # 4.5.3.2.6 the reply after the final dot
+}
+CONNECT_TIMEOUT = 30         # seconds for a TCP connection to be made (Postfix's smtp_connect_timeout)
+SESSION_CEILING = 2          # a session may last this many times its longest wait, trickled or not
 MAX_RECEIVED = 50            # Received: headers a message may carry (Postfix's hopcount_limit): more, a loop
 CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection waits for another message (Postfix's
                              # smtp_connection_cache_time_limit)
@@ -5043,12 +5368,19 @@ REPLY_CODE = re.compile(r"\d{3} ([245]\.\d{1,3}\.\d{1,3})\b")   # an RFC 3463 co
 class Outcome:
     """What happened to one recipient in one attempt: sent, deferred or bounced, and the reply why."""
 
-    def __init__(self, status, reply, relay="none", remote=None):
+    def __init__(self, status, reply, relay="none", remote=None, unreachable=False, retry_at=None):
         self.status = status         # sent, deferred, bounced
         # "CODE [d.d.d] text": the remote's, or ours in its form; one printable line for the envelope
         self.reply = "".join(c for c in reply if c.isprintable())[:MAX_REPLY_TEXT]
         self.relay = relay           # host[ip]:port as the log shows it
         self.remote = remote         # the remote server's name when the reply is its own
+        self.unreachable = unreachable   # no server answered: a timeout, a refused connection, a silent DNS
+        self.retry_at = retry_at     # epoch seconds: a dead destination's deferral, not tried before then
+
+    @classmethod
+    def of_dead(cls, retry_at, reason):
+        """The deferral of a recipient whose destination is dead (see Destinations): no session was tried."""
+        return cls("deferred", reason, retry_at=retry_at)
 
     @classmethod
     def of_reply(cls, code, text, relay, remote):
@@ -5149,6 +5481,113 @@ def read_relay_credentials(path):
     return login, password
 
 
+class MessageReader:
+    """A queued message's file read at an offset of its own (os.pread), so that sessions to several
+    destinations at once read it without moving each other's place."""
+
+    _guard = threading.Lock()        # where there is no os.pread (Windows): one seek and read at a time
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.offset = 0
+
+    def seek(self, offset):
+        self.offset = offset
+
+    def read(self, size):
+        if hasattr(os, "pread"):
+            data = os.pread(self.fd, size, self.offset)
+        else:
+            with self._guard:
+                os.lseek(self.fd, self.offset, os.SEEK_SET)
+                data = os.read(self.fd, size)
+        self.offset += len(data)
+        return data
+
+
+class Deadlines:
+    """Cuts the sessions that outlive their ceiling: one thread for all, closing a late session's socket.
+
+    A reply's timeout starts again with each byte, so a server sending one
+    byte every few minutes would hold a runner for hours; SESSION_CEILING
+    times the longest wait bounds a session whatever it sends.
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._due = []               # heap of (monotonic deadline, serial, socket)
+        self._serials = itertools.count()
+        self._thread = None
+
+    def watch(self, sock, seconds):
+        """Shut sock's connection down after seconds unless forget() comes first; returns what forget() takes.
+
+        The caller forgets before it closes the socket, so the descriptor
+        cut is always still the session's (STARTTLS keeps its number).
+        """
+        item = (time.monotonic() + seconds, next(self._serials), sock.fileno())
+        with self._changed:
+            heapq.heappush(self._due, item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="session deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return item
+
+    def forget(self, item):
+        with self._changed:
+            with contextlib.suppress(ValueError):
+                self._due.remove(item)
+                heapq.heapify(self._due)
+
+    def _run(self):
+        leave_signals_to_main_thread()
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    _, _, fd = heapq.heappop(self._due)
+                    # On a copy of the descriptor, not the session's socket object, which
+                    # TLS may be using in its thread: the reader just sees the end and gives up.
+                    with contextlib.suppress(OSError):
+                        with socket.socket(fileno=os.dup(fd)) as copy:
+                            copy.shutdown(socket.SHUT_RDWR)
+                self._changed.wait(self._due[0][0] - now if self._due else None)
+
+
+class RelayClient(smtplib.SMTP):
+    """smtplib's client, but a connection is given CONNECT_TIMEOUT to be made (timeout is the greeting's),
+    and the session is under a ceiling from its first byte (deadlines: (Deadlines, seconds))."""
+
+    def __init__(self, deadlines, **options):
+        self.deadlines, self.watched = deadlines, None
+        super().__init__(**options)
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, min(CONNECT_TIMEOUT, timeout))
+        sock.settimeout(timeout)
+        self.watched = self.deadlines[0].watch(sock, self.deadlines[1])
+        return sock
+
+    def watch(self):
+        """Put the session (a kept connection used again) under its ceiling anew."""
+        self.watched = self.deadlines[0].watch(self.sock, self.deadlines[1])
+
+    def end_watch(self):
+        """The session is over: no ceiling (a kept connection waits under IdleConnections' rule)."""
+        if self.watched is not None:
+            self.deadlines[0].forget(self.watched)
+            self.watched = None
+
+    def close(self):
+        self.end_watch()             # before the socket closes: see Deadlines.watch
+        super().close()
+
+
+class RelayClientSSL(RelayClient, smtplib.SMTP_SSL):
+    """The same, with TLS from the first byte."""
+
+
 class Relay:
     """How a runner reaches other servers: the smarthost, or the mail exchangers of each domain."""
 
@@ -5158,10 +5597,11 @@ class Relay:
         self.host = args.relay_host                  # (host, port), or None
         self.implicit_tls = args.relay_implicit_tls
         self.credentials = args.relay_credentials    # (login, password), or None; never logged
-        self.timeout = args.relay_timeout
+        self.timeout = args.relay_timeout            # a ceiling on each wait of REPLY_TIMEOUTS, or None
+        self.deadlines = Deadlines()
         self.mx_port = args.mx_port
         self.source = (args.source_address, 0) if args.source_address else None    # None: the system picks
-        self.resolver = Resolver(args.dns_server)    # shared by the runners: it keeps no state
+        self.resolver = DNSDeadline(DNSCache(Resolver(args.dns_server)), DNS_DEADLINE)   # shared by the runners
         self.verified = ssl.create_default_context(cafile=args.relay_cafile)
         self.opportunistic = ssl.create_default_context()
         self.opportunistic.check_hostname = False
@@ -5179,38 +5619,37 @@ class Relay:
         return [(name, addresses, self.mx_port)
                 for name, addresses in mail_exchangers(self.resolver, destination)]
 
-    def send_message(self, entry, fd, recipients):
-        """Send a queued message (its file open at fd) to its due recipients; {address: Outcome}."""
-        if entry.hops > MAX_RECEIVED:
-            reply = "554 5.4.6 mail loop: %d Received: headers" % entry.hops
-            return {r.address: Outcome("bounced", reply) for r in recipients}
-        groups = {}
-        for recipient in recipients:
-            groups.setdefault(self.destination(recipient.address), []).append(recipient.address)
-        outcomes = {}
-        with open(fd, "rb", closefd=False) as file:
-            for destination, addresses in groups.items():
-                outcomes.update(self.send_to(entry, file, destination, addresses))
-        return outcomes
+    def wait(self, smtp, stage):
+        """Give the server the time RFC 5321 4.5.3.2 allows for its next reply (at most --relay-timeout)."""
+        smtp.sock.settimeout(self.wait_of(stage))
+
+    def wait_of(self, stage):
+        """Seconds to wait for a reply at stage (a key of REPLY_TIMEOUTS)."""
+        return min(REPLY_TIMEOUTS[stage], self.timeout or float("inf"))
 
     def send_to(self, entry, file, destination, addresses):
-        """Send to one destination's recipients: each server in turn until one answers; {address: Outcome}."""
+        """Send to one destination's recipients, each server in turn until one answers.
+
+        Returns ({address: Outcome}, why the destination is unreachable, or
+        "" when a server answered), for Destinations.
+        """
         try:
             routes = self.routes(destination)
         except DNSError as exc:
             reply = ("451 4.4.3 " if exc.temporary else
                      "556 5.1.10 " if exc.reason == DNS_NULL_MX else "550 5.1.2 ") + str(exc)
-            return dict.fromkeys(addresses, Outcome("deferred" if exc.temporary else "bounced", reply))
-        last = Outcome("deferred", "451 4.4.4 no server to try for %s" % destination)
+            outcome = Outcome("deferred" if exc.temporary else "bounced", reply, unreachable=exc.temporary)
+            return dict.fromkeys(addresses, outcome), reply if exc.temporary else ""
+        last, answered = Outcome("deferred", "451 4.4.4 no server to try for %s" % destination), False
         for name, servers, port in routes:
             for server in servers:
                 result = self.session(entry, file, name, server, port, addresses, True)
                 if result == "no tls":                 # RFC 7435: in clear rather than not at all
                     result = self.session(entry, file, name, server, port, addresses, False)
                 if isinstance(result, dict):
-                    return result
-                last = result
-        return dict.fromkeys(addresses, last)
+                    return result, ""
+                last, answered = result, answered or not result.unreachable
+        return dict.fromkeys(addresses, last), "" if answered or not routes else last.reply
 
     def session(self, entry, file, name, server, port, addresses, tls):
         """One SMTP session: {address: Outcome}, an Outcome when the next server should be tried,
@@ -5221,14 +5660,16 @@ class Relay:
             if result is not None:
                 return result
         relay = "%s[%s]:%d" % (name, server, port)
-        smtp = None
+        smtp, greeted = None, False
         try:
             smtp = self.connect(server, port)
+            greeted = True
             # Commands go one by one, each waiting for its reply: without this, Nagle's
             # algorithm holds back the short ones until the remote's delayed ACK (40 ms).
             smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
             result = self.converse(smtp, entry, file, relay, name, addresses, tls)
+            smtp.end_watch()
             if isinstance(result, dict) and tls:
                 self.idle.keep(key, smtp, relay)
                 smtp = None
@@ -5244,8 +5685,10 @@ class Relay:
                 return "no tls"
             return Outcome("deferred", "451 4.7.5 TLS with %s failed: %s" % (relay, exc), relay)
         except (OSError, smtplib.SMTPException) as exc:
+            # No greeting, a timeout, or a session cut at its ceiling: nobody is there to talk to.
+            unreachable = not greeted or isinstance(exc, (socket.timeout, smtplib.SMTPServerDisconnected))
             return Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
-                           % (relay, exc or type(exc).__name__), relay)
+                           % (relay, exc or type(exc).__name__), relay, unreachable=unreachable)
         except Exception as exc:            # a bug of ours: logged, and the message tried again later
             log.exception("%s: sending to %s failed", entry.id, relay)
             return Outcome("deferred", "451 4.3.0 local error in processing: %s" % type(exc).__name__, relay)
@@ -5254,14 +5697,28 @@ class Relay:
                 smtp.close()
 
     def connect(self, server, port):
-        """An smtplib client connected to server (its name: the smarthost's certificate must match it)."""
+        """An smtplib client connected to server and greeted by it (the smarthost's certificate must match its name)."""
+        ceiling = (self.deadlines, SESSION_CEILING * self.wait_of("end"))
         if self.host and self.implicit_tls:
-            return smtplib.SMTP_SSL(server, port, self.domain, timeout=self.timeout, context=self.verified,
-                                    source_address=self.source)
-        return smtplib.SMTP(server, port, self.domain, timeout=self.timeout, source_address=self.source)
+            smtp = RelayClientSSL(ceiling, local_hostname=self.domain, timeout=self.wait_of("greeting"),
+                                  context=self.verified, source_address=self.source)
+        else:
+            smtp = RelayClient(ceiling, local_hostname=self.domain, timeout=self.wait_of("greeting"),
+                               source_address=self.source)
+        smtp._host = server              # what smtplib checks the certificate against (its constructor sets it)
+        try:
+            code, message = smtp.connect(server, port)
+        except BaseException:
+            smtp.close()
+            raise
+        if code != 220:
+            smtp.close()
+            raise smtplib.SMTPConnectError(code, message)
+        return smtp
 
     def converse(self, smtp, entry, file, relay, name, addresses, tls):
         """Greet, secure, log in, then the transaction (see session)."""
+        self.wait(smtp, "command")
         code, text = smtp.ehlo()
         if code != 250:
             code, text = smtp.helo()
@@ -5294,18 +5751,21 @@ class Relay:
             return None
         smtp, relay = cached
         try:
+            self.wait(smtp, "command")
             code, _ = smtp.rset()          # also sets the commands back to ASCII
         except (OSError, smtplib.SMTPException):
             code = None
         if code != 250:                    # closed by the server meanwhile: a new connection
             smtp.close()
             return None
+        smtp.watch()
         try:
             result = self.deliver_over(smtp, entry, file, relay, key[0], addresses)
         except (OSError, smtplib.SMTPException) as exc:
             smtp.close()
             return dict.fromkeys(addresses, Outcome("deferred", "451 4.4.1 conversation with %s failed: %s"
                                                     % (relay, exc or type(exc).__name__), relay))
+        smtp.end_watch()
         self.idle.keep(key, smtp, relay)
         return result
 
@@ -5328,6 +5788,7 @@ class Relay:
         if "smtputf8" in entry.needs:
             options += " SMTPUTF8"
             smtp.command_encoding = "utf-8"
+        self.wait(smtp, "command")
         code, text = smtp.docmd("MAIL", "FROM:<%s>%s" % (entry.sender, options))
         if code != 250:
             return dict.fromkeys(addresses, Outcome.of_reply(code, text, relay, name))
@@ -5339,11 +5800,14 @@ class Relay:
             else:
                 outcomes[address] = Outcome.of_reply(code, text, relay, name)
         if accepted:
+            self.wait(smtp, "data")
             code, text = smtp.docmd("DATA")
             if code == 354:
+                self.wait(smtp, "block")
                 for piece in dot_stuffed_chunks(file, entry.offset):
                     smtp.send(piece)
                 smtp.send(b".\r\n")
+                self.wait(smtp, "end")
                 code, text = smtp.getreply()
             outcomes.update(dict.fromkeys(accepted, Outcome.of_reply(code, text, relay, name)))
         return outcomes
@@ -5970,12 +6434,17 @@ class SMTPServer(Server):
 
 
 def main(argv=None):
-    """Run the SMTP server until Ctrl-C or SIGTERM (or, with --hash-password, hash a password)."""
+    """Run the SMTP server until Ctrl-C or SIGTERM, or one of its commands (--hash-password, --queue,
+    --flush, --dkim-keygen, --dns-records, --check-dns)."""
     argv = sys.argv[1:] if argv is None else argv
     if "--hash-password" in argv:
         return hash_password_main(argv)
     if "--queue" in argv or "--flush" in argv:
         return queue_main(argv)
+    for option, command in (("--dkim-keygen", dkim_keygen_main), ("--dns-records", dns_records_main),
+                            ("--check-dns", check_dns_main)):
+        if option in argv:
+            return command(argv)
     return run_server(SMTPServer, parse_args(argv), "smtp")
 
 
@@ -6037,6 +6506,262 @@ def print_to_pipe(write):
     return 0
 
 
+# --------------------------------------------------------------------------
+# The site's keys and DNS records: --dkim-keygen, --dns-records, --check-dns
+# --------------------------------------------------------------------------
+# What a domain publishes so that other servers take its mail (CONTRACT.md
+# section 9): an MX naming us, SPF allowing our sending address, a DKIM key
+# record per key, a DMARC policy, and a PTR for the address that names our
+# host, which in turn resolves back to it (Gmail's 5.7.25).
+
+TXT_STRING = 255                     # RFC 1035 3.3: characters of one string of a TXT record
+MX_PREFERENCE = 10
+DMARC_FIRST_POLICY = "v=DMARC1; p=none; rua=mailto:postmaster@%s"   # watch reports first (RFC 7489 6.3)
+CHECK_DNS_TIMEOUT = 5.0              # seconds a DNS server gets per question
+
+
+def site_arguments(prog, description, action, help_text):
+    """The parser shared by --dns-records and --check-dns."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py %s DOMAIN" % prog, description=description)
+    parser.add_argument(action, metavar="DOMAIN", required=True, help=help_text)
+    parser.add_argument("--root", default=".", help="the mail root, whose .dkim/DOMAIN/ holds the keys (default: .)")
+    parser.add_argument("--domain", default=socket.gethostname(), metavar="HOST",
+                        help="the mail host: the MX, the PTR's name, the EHLO name (default: this host's name)")
+    parser.add_argument("--source-address", metavar="ADDR",
+                        help="the address mail leaves from (default: HOST's address)")
+    return parser
+
+
+def site_names(parser, args, domain):
+    """(domain, host, address or None) of the command line, normalized; parser.error if one is malformed."""
+    try:
+        domain, host = _dns_normalize(domain), _dns_normalize(args.domain)
+        address = str(ipaddress.ip_address(args.source_address)) if args.source_address else None
+    except (DNSError, ValueError) as error:
+        parser.error("not a domain name or address: %s" % error)
+    return domain, host, address
+
+
+def zone_line(name, rtype, value):
+    """One record in zone-file form (RFC 1035 5.1); a TXT text as quoted strings of at most 255 characters."""
+    if rtype == "TXT":
+        strings = ['"%s"' % value[i:i + TXT_STRING] for i in range(0, len(value), TXT_STRING)] or ['""']
+        value = strings[0] if len(strings) == 1 else "( %s )" % "\n\t".join(strings)
+    return "%s.\tIN\t%s\t%s" % (name, rtype, value)
+
+
+def site_records(domain, host, address, keys):
+    """[(what, name, type, value)] of the records the domain and its address need."""
+    spf = "v=spf1 %s:%s -all" % ("ip6" if ":" in address else "ip4", address) if address else "v=spf1 mx -all"
+    records = [("MX", domain, "MX", "%d %s." % (MX_PREFERENCE, host)), ("SPF", domain, "TXT", spf)]
+    records += [("DKIM", "%s._domainkey.%s" % (selector, domain), "TXT", key.public.record())
+                for selector, key in keys]
+    records.append(("DMARC", "_dmarc." + domain, "TXT", DMARC_FIRST_POLICY % domain))
+    if address:
+        records.append(("A", host, "AAAA" if ":" in address else "A", address))
+        records.append(("PTR", reverse_name(address), "PTR", host + "."))
+    return records
+
+
+def dkim_keygen_main(argv):
+    """--dkim-keygen: make a key in ROOT/.dkim/DOMAIN/SELECTOR.pem (never overwriting) and print its record."""
+    parser = argparse.ArgumentParser(prog="mailserver_smtp.py --dkim-keygen DOMAIN",
+                                     description="Make a DKIM signing key for DOMAIN and print the TXT record "
+                                                 "to publish.")
+    parser.add_argument("--dkim-keygen", metavar="DOMAIN", required=True)
+    parser.add_argument("--selector", default=time.strftime("%Y%m%d"), help="the key's name (default: today)")
+    parser.add_argument("--key-type", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (2048 bits, what every receiver verifies) or ed25519 (RFC 8463)")
+    parser.add_argument("--root", default=".", help="the mail root (default: .)")
+    args = parser.parse_args(argv)
+    folder = dkim_domain_folder(args.root, args.dkim_keygen)
+    if folder is None or dkim_selector(args.selector + DKIM_KEY_SUFFIX) != args.selector:
+        parser.error("not a domain name or selector: %s, %s" % (args.dkim_keygen, args.selector))
+    key = generate_rsa_key() if args.key_type == "rsa" else generate_ed25519_key()
+    path = os.path.join(folder, args.selector + DKIM_KEY_SUFFIX)
+    try:
+        for made in (os.path.dirname(folder), folder):    # the keys are for the servers' user only
+            os.makedirs(made, mode=0o700, exist_ok=True)
+        write_new_file(path, key.private_pem().encode("ascii"))
+    except OSError as error:
+        hint = ": a key is never overwritten, choose another --selector" if error.errno == errno.EEXIST else ""
+        print("no key made: %s: %s%s" % (path, error.strerror or error, hint), file=sys.stderr)
+        return 1
+    domain = os.path.basename(folder)
+    print("; %s key %s for %s, in %s; publish:" % (key.algorithm, args.selector, domain, path))
+    print(zone_line("%s._domainkey.%s" % (args.selector, domain), "TXT", key.public.record()))
+    return 0
+
+
+def write_new_file(path, data):
+    """Write a file that must not exist yet (mode 0600, fsync'd); OSError (EEXIST) if it does."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dns_records_main(argv):
+    """--dns-records: print the records a domain needs, in zone-file form."""
+    parser = site_arguments("--dns-records", "Print the DNS records DOMAIN needs (MX, SPF, DKIM, DMARC, PTR).",
+                            "--dns-records", "the mail domain")
+    args = parser.parse_args(argv)
+    domain, host, address = site_names(parser, args, args.dns_records)
+    try:
+        keys = DKIMKeys(args.root).keys_for(domain)
+    except DKIMKeyError as error:
+        print("unusable DKIM key: %s" % error, file=sys.stderr)
+        return 1
+    lines = [zone_line(name, rtype, value) for _, name, rtype, value in site_records(domain, host, address, keys)]
+    if not keys:
+        lines.append("; no DKIM key yet: python3 mailserver_smtp.py --dkim-keygen %s --root %s" % (domain, args.root))
+    if not address:
+        lines.append("; and the PTR of the address mail leaves from, naming %s: give --source-address" % host)
+    return print_to_pipe(lambda out: out.write("\n".join(lines) + "\n"))
+
+
+def check_dns_main(argv):
+    """--check-dns: ask DNS for each record the domain needs; one line each; 0 only when all are right."""
+    parser = site_arguments("--check-dns", "Ask DNS for each record DOMAIN needs and say whether it is right.",
+                            "--check-dns", "the mail domain")
+    parser.add_argument("--dns-server", metavar="ADDR[:PORT]",
+                        help="the DNS server to ask (default: those of /etc/resolv.conf)")
+    args = parser.parse_args(argv)
+    domain, host, address = site_names(parser, args, args.check_dns)
+    try:
+        servers = [host_and_port(args.dns_server, DNS_PORT)] if args.dns_server else None
+        resolver = Resolver(servers, timeout=CHECK_DNS_TIMEOUT)
+    except ValueError:
+        parser.error("--dns-server takes ADDR[:PORT] ([IPv6]:PORT)")
+    try:
+        keys = DKIMKeys(args.root).keys_for(domain)
+    except DKIMKeyError as error:
+        print("unusable DKIM key: %s" % error, file=sys.stderr)
+        return 1
+    results = list(site_checks(SiteDNS(resolver), domain, host, address, keys))
+    lines = ["%s %s: %s%s" % (what, name, status, " (%s)" % why if why else "")
+             for what, name, status, why in results]
+    if print_to_pipe(lambda out: out.write("\n".join(lines) + "\n")):
+        return 1
+    return 0 if all(status == "right" for _, _, status, _ in results) else 1
+
+
+class SiteDNS:
+    """Lookups for the checks: [] for a name that does not exist; DNSError only for a temporary failure."""
+
+    def __init__(self, resolver):
+        self.resolver = resolver
+
+    def __call__(self, name, rtype):
+        try:
+            return self.resolver.query(name, rtype)
+        except DNSError as error:
+            if error.temporary:
+                raise
+            return []
+
+
+def site_checks(lookup, domain, host, address, keys):
+    """(what, name, right/missing/wrong, why) for each record the domain needs, asked of lookup."""
+    for rtype in ("A", "AAAA") if address is None else ():
+        try:                         # the address the MX host's name gives, if any
+            address = (lookup(host, rtype) + [None])[0]
+        except DNSError:
+            continue
+        if address:
+            break
+    yield ("MX", domain) + _site_answer(lambda: check_mx(lookup, domain, host))
+    yield ("SPF", domain) + _site_answer(lambda: check_spf_record(lookup, domain, host, address))
+    for selector, key in keys:
+        name = "%s._domainkey.%s" % (selector, domain)
+        yield ("DKIM", name) + _site_answer(lambda: check_dkim_record(lookup, name, key))
+    yield ("DMARC", "_dmarc." + domain) + _site_answer(lambda: check_dmarc_record(lookup, "_dmarc." + domain))
+    yield ("PTR", address or host) + _site_answer(lambda: check_ptr(lookup, host, address))
+
+
+def _site_answer(check):
+    """What check() says, or ("wrong", why) when DNS failed on the way."""
+    try:
+        return check()
+    except DNSError as error:
+        return ("wrong", "DNS failed: %s" % error)
+
+
+def check_mx(lookup, domain, host):
+    """The MX records of domain name host (RFC 5321 5.1)."""
+    hosts = [exchange for _, exchange in lookup(domain, "MX")]
+    if not hosts:
+        return ("missing", "no MX record")
+    if host in hosts:
+        return ("right", "")
+    return ("wrong", "MX names %s, not %s" % (", ".join(h or "." for h in hosts), host))
+
+
+def check_spf_record(lookup, domain, host, address):
+    """One SPF record (RFC 7208 4.5) that passes for the address mail leaves from."""
+    records = [text for text in lookup(domain, "TXT") if re.match(r"v=spf1(?: |\Z)", text, re.IGNORECASE)]
+    if not records:
+        return ("missing", "no v=spf1 record")
+    if len(records) > 1:
+        return ("wrong", "%d SPF records: a permerror (RFC 7208 4.5)" % len(records))
+    if address is None:
+        return ("wrong", "no address to check it for: give --source-address, or an address record for %s" % host)
+    result = check_spf(lookup, address, "postmaster@" + domain, host, host)
+    if result.result == "pass":
+        return ("right", "")
+    return ("wrong", "SPF %s for %s, not pass (%s)" % (result.result, address, result.why))
+
+
+def check_dkim_record(lookup, name, key):
+    """A key record at name holding key's public key (RFC 6376 3.6.1)."""
+    texts = lookup(name, "TXT")
+    if not texts:
+        return ("missing", "no key record")
+    why = "not a key record"
+    for text in texts:
+        try:
+            record = DKIMKeyRecord(text)
+            if record.revoked:
+                why = "the key is revoked (p= is empty)"
+                continue
+            published = public_key_from_record(record.kind, record.data)
+            if record.kind == key.kind and published.record() == key.public.record():
+                return ("right", "")
+            why = "the record holds another key, not ours"
+        except DKIMError as error:
+            why = "malformed: %s" % error
+    return ("wrong", why)
+
+
+def check_dmarc_record(lookup, name):
+    """One DMARC record with a policy (RFC 7489 6.3, 6.6.3)."""
+    records = [text for text in lookup(name, "TXT") if re.match(r"v\s*=\s*DMARC1\s*(?:;|\Z)", text)]
+    if not records:
+        return ("missing", "no DMARC record")
+    if len(records) > 1:
+        return ("wrong", "%d DMARC records: none applies (RFC 7489 6.6.3)" % len(records))
+    if not re.search(r";\s*p\s*=\s*(?:none|quarantine|reject)\s*(?:;|\Z)", records[0]):
+        return ("wrong", "no p=none, quarantine or reject")
+    return ("right", "")
+
+
+def check_ptr(lookup, host, address):
+    """A PTR for the sending address naming host, and host resolving back to it (forward-confirmed)."""
+    if address is None:
+        return ("wrong", "no address to check: give --source-address, or an address record for %s" % host)
+    names = lookup(reverse_name(address), "PTR")
+    if not names:
+        return ("missing", "no PTR record for %s" % address)
+    if host not in names:
+        return ("wrong", "PTR names %s, not %s" % (", ".join(names), host))
+    forward = lookup(host, "AAAA" if ":" in address else "A")
+    if not any(ipaddress.ip_address(found) == ipaddress.ip_address(address) for found in forward):
+        return ("wrong", "%s does not resolve back to %s" % (host, address))
+    return ("right", "")
+
+
 def read_new_password():
     """The password to hash (bytes): typed twice on a terminal, else the first line of input."""
     if sys.stdin.isatty():
@@ -6049,6 +6774,1089 @@ def read_new_password():
     if not password or password != password.strip():
         raise ValueError("a password must be given, without spaces at its ends")
     return password
+
+
+# ##########################################################################
+#
+#   PART 3: MESSAGE AUTHENTICATION: DKIM
+#
+#   DomainKeys Identified Mail (RFC 6376) with rsa-sha256 (RFC 8301) and
+#   ed25519-sha256 (RFC 8463), from the bytes up: keys and the DER they are
+#   written in, RSA, Ed25519, canonicalization, signing, verifying.  What
+#   the rest of the file uses is small:
+#     read_private_key(text), generate_rsa_key(), generate_ed25519_key(),
+#     key.private_pem(), key.public.record()     the keys (--dkim-keygen)
+#     dkim_sign(chunks, domain, keys, now)       DKIM-Signature fields to put on top
+#     dkim_verify(header, body, lookup_txt, now) one DKIMResult per signature
+#     DKIMKeys(root).keys_for(domain)            the keys of ROOT/.dkim/DOMAIN/
+#   Nothing here opens a socket: DNS comes in as lookup_txt(name), a
+#   function returning the TXT texts of name ([] for none) or raising
+#   DNSError.
+#
+# ##########################################################################
+
+# --------------------------------------------------------------------------
+# Keys and DER
+# --------------------------------------------------------------------------
+# A key file is PEM (RFC 7468): base64 DER between BEGIN and END lines.  We
+# read PKCS#1 RSAPrivateKey (RFC 8017 A.1.2), PKCS#8 PrivateKeyInfo /
+# OneAsymmetricKey (RFC 5208, RFC 5958) holding RSA or Ed25519 (RFC 8410),
+# and write PKCS#8.  The DER reader is strict (X.690 10): definite lengths
+# in their shortest form, integers without padding, nothing left over.  A
+# key file is the start of everything we sign, so anything else in it is an
+# error that says what is wrong, never a guess.
+
+DKIM_KEY_FOLDER = ".dkim"            # ROOT/.dkim/DOMAIN/SELECTOR.pem
+DKIM_KEY_SUFFIX = ".pem"
+DKIM_MAX_KEY_FILE = 64 * 1024        # bytes: an RSA-16384 PEM is 13 KB
+DKIM_MIN_SIGNING_BITS = 2048         # RFC 8301 3.2: signers MUST use at least 1024, SHOULD 2048
+DKIM_MIN_VERIFYING_BITS = 1024       # RFC 8301 3.2: verifiers MUST NOT accept shorter
+DKIM_MAX_VERIFYING_BITS = 8192       # a key record longer than this costs too much to use (RFC 6376 3.3.3)
+RSA_PUBLIC_EXPONENT = 65537          # FIPS 186-5 A.1.1: odd, 2**16 < e < 2**256
+DER_SEQUENCE, DER_INTEGER, DER_BIT_STRING, DER_OCTET_STRING, DER_NULL, DER_OID = 0x30, 0x02, 0x03, 0x04, 0x05, 0x06
+DER_ATTRIBUTES, DER_PUBLIC_KEY = 0xA0, 0x81      # RFC 5958 2: [0] attributes, [1] publicKey (implicit)
+OID_RSA = bytes.fromhex("2a864886f70d010101")    # 1.2.840.113549.1.1.1 rsaEncryption (RFC 8017 A.1)
+OID_ED25519 = bytes.fromhex("2b6570")            # 1.3.101.112 id-Ed25519 (RFC 8410 3)
+PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END ([A-Z0-9 ]+)-----", re.DOTALL)
+BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
+PEM_LINE = 64                        # RFC 7468 2: base64 lines of 64 characters
+
+
+class DKIMError(ValueError):
+    """A message that cannot be signed, or a signature or key record that breaks the RFC (permerror)."""
+
+
+class DKIMKeyError(DKIMError):
+    """A key that cannot be used: unreadable, malformed, of a kind we do not know, or too short."""
+
+
+def _der_element(data, pos, end):
+    """(tag, start, stop) of the DER element at pos, which must end by end: its value is data[start:stop]."""
+    if pos + 2 > end:
+        raise DKIMKeyError("DER cut short")
+    tag, first = data[pos], data[pos + 1]
+    if tag & 0x1F == 0x1F:
+        raise DKIMKeyError("DER tag of several octets")   # none occurs in a key
+    pos += 2
+    if first == 0x80:
+        raise DKIMKeyError("DER with an indefinite length")
+    if first > 0x80:
+        count = first & 0x7F
+        if count > 4 or pos + count > end:
+            raise DKIMKeyError("DER length cut short or too long")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        if data[pos] == 0 or length < 0x80:
+            raise DKIMKeyError("DER length not in its shortest form")
+        pos += count
+    else:
+        length = first
+    if pos + length > end:
+        raise DKIMKeyError("DER length larger than its data")
+    return tag, pos, pos + length
+
+
+def der_fields(data, tags, optional=(), start=0, end=None):
+    """The values (bytes) of one DER SEQUENCE filling data[start:end], whose elements have these tags.
+
+    After the tags, the elements in optional may follow, each at most
+    once and in order; an absent one is None.
+    """
+    end = len(data) if end is None else end
+    tag, pos, stop = _der_element(data, start, end)
+    if tag != DER_SEQUENCE or stop != end:
+        raise DKIMKeyError("not one DER SEQUENCE" if tag != DER_SEQUENCE else "bytes after the DER SEQUENCE")
+    values, wanted = [], list(tags) + list(optional)
+    for index, expected in enumerate(wanted):
+        if pos == stop:
+            if index < len(tags):
+                raise DKIMKeyError("DER SEQUENCE with too few elements")
+            values.append(None)
+            continue
+        tag, value_start, value_stop = _der_element(data, pos, stop)
+        if tag != expected:
+            if index < len(tags):
+                raise DKIMKeyError("DER element 0x%02x where 0x%02x belongs" % (tag, expected))
+            values.append(None)
+            continue
+        values.append(data[value_start:value_stop])
+        pos = value_stop
+    if pos != stop:
+        raise DKIMKeyError("DER SEQUENCE with elements left over")
+    return values
+
+
+def der_integer(value):
+    """The non-negative INTEGER with these content octets (X.690 8.3: shortest form)."""
+    if not value:
+        raise DKIMKeyError("empty DER INTEGER")
+    if len(value) > 1 and (value[0] == 0 and value[1] < 0x80 or value[0] == 0xFF and value[1] >= 0x80):
+        raise DKIMKeyError("DER INTEGER not in its shortest form")
+    if value[0] >= 0x80:
+        raise DKIMKeyError("negative DER INTEGER")
+    return int.from_bytes(value, "big")
+
+
+def der(tag, content):
+    """One DER element."""
+    if len(content) < 0x80:
+        return bytes((tag, len(content))) + content
+    size = (len(content).bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + len(content).to_bytes(size, "big") + content
+
+
+def der_int(number):
+    """A non-negative INTEGER in DER."""
+    return der(DER_INTEGER, number.to_bytes(number.bit_length() // 8 + 1, "big"))
+
+
+def pem_decode(text):
+    """(label, DER bytes) of the one PEM block that text holds (RFC 7468 2), else DKIMKeyError."""
+    blocks = PEM_BLOCK.findall(text)
+    if len(blocks) != 1 or PEM_BLOCK.sub("", text).strip():
+        raise DKIMKeyError("not one PEM block (cut short, or other text around it)")
+    label, body, end_label = blocks[0]
+    if label != end_label:
+        raise DKIMKeyError("PEM BEGIN %s ended by END %s" % (label, end_label))
+    if ":" in body:
+        raise DKIMKeyError("PEM with headers: an encrypted key cannot be used without its passphrase")
+    joined = "".join(body.split())
+    if not BASE64_TEXT.match(joined) or len(joined) % 4:
+        raise DKIMKeyError("PEM base64 is malformed")
+    return label, base64.b64decode(joined)
+
+
+def pem_encode(label, data):
+    """A PEM block (RFC 7468 2) of DER bytes."""
+    text = base64.b64encode(data).decode("ascii")
+    lines = [text[i:i + PEM_LINE] for i in range(0, len(text), PEM_LINE)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+
+
+def read_private_key(text):
+    """The private key (RSAPrivateKey or Ed25519PrivateKey) in a PEM text; DKIMKeyError says why not."""
+    label, data = pem_decode(text)
+    if label == "RSA PRIVATE KEY":                       # PKCS#1
+        return _rsa_private_from_der(data)
+    if label == "PRIVATE KEY":                           # PKCS#8
+        return _pkcs8_private_from_der(data)
+    if label in ("PUBLIC KEY", "RSA PUBLIC KEY"):
+        raise DKIMKeyError("a public key, where the private key belongs")
+    if label == "ENCRYPTED PRIVATE KEY":
+        raise DKIMKeyError("an encrypted key cannot be used without its passphrase")
+    raise DKIMKeyError("PEM of a %s, not an RSA or Ed25519 private key" % label)
+
+
+def _pkcs8_private_from_der(data):
+    """The key in a PKCS#8 PrivateKeyInfo (RFC 5208 5) or OneAsymmetricKey (RFC 5958 2)."""
+    version, algorithm, private, _, _ = der_fields(
+        data, (DER_INTEGER, DER_SEQUENCE, DER_OCTET_STRING), (DER_ATTRIBUTES, DER_PUBLIC_KEY))
+    if der_integer(version) not in (0, 1):
+        raise DKIMKeyError("PKCS#8 version %d" % der_integer(version))
+    oid = der(DER_SEQUENCE, algorithm)
+    if oid == der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b"")):
+        return _rsa_private_from_der(private)
+    if oid == der(DER_SEQUENCE, der(DER_OID, OID_ED25519)):   # RFC 8410 3: no parameters
+        tag, start, stop = _der_element(private, 0, len(private))
+        if tag != DER_OCTET_STRING or stop != len(private) or stop - start != ED25519_KEY_SIZE:
+            raise DKIMKeyError("an Ed25519 private key is an OCTET STRING of 32 bytes (RFC 8410 7)")
+        return Ed25519PrivateKey(private[start:stop])
+    raise DKIMKeyError("PKCS#8 key of an algorithm other than RSA and Ed25519")
+
+
+def _rsa_private_from_der(data):
+    """The key in a PKCS#1 RSAPrivateKey (RFC 8017 A.1.2): two primes, every value consistent."""
+    values = [der_integer(value) for value in der_fields(data, (DER_INTEGER,) * 9)]
+    version, n, e, d, p, q, dp, dq, qinv = values
+    if version != 0:
+        raise DKIMKeyError("RSA key with more than two primes")
+    key = RSAPrivateKey(n, e, d, p, q)
+    if (dp, dq, qinv) != (key.dp, key.dq, key.qinv):
+        raise DKIMKeyError("RSA key whose CRT values do not match its primes")
+    return key
+
+
+def public_key_from_record(kind, data):
+    """The public key of a key record's p= (base64-decoded): RSA as SubjectPublicKeyInfo or
+    RSAPublicKey (RFC 6376 3.6.1), Ed25519 as its 32 bytes (RFC 8463 4)."""
+    if kind == "ed25519":
+        if len(data) != ED25519_KEY_SIZE:
+            raise DKIMKeyError("an Ed25519 public key is 32 bytes")
+        return Ed25519PublicKey(data)
+    try:
+        algorithm, bits = der_fields(data, (DER_SEQUENCE, DER_BIT_STRING))
+        if der(DER_SEQUENCE, algorithm) != der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b"")):
+            raise DKIMKeyError("public key of an algorithm other than RSA")
+        if bits[:1] != b"\0":
+            raise DKIMKeyError("BIT STRING with unused bits")
+        data = bits[1:]
+    except DKIMKeyError:
+        if data[:1] != bytes((DER_SEQUENCE,)) or len(der_fields(data, (DER_INTEGER,), (DER_INTEGER,))) < 2:
+            raise
+    n, e = [der_integer(value) for value in der_fields(data, (DER_INTEGER, DER_INTEGER))]
+    return RSAPublicKey(n, e)
+
+
+# --------------------------------------------------------------------------
+# RSA (RFC 8017; keys by FIPS 186-5 appendix A.1.3 and B.3)
+# --------------------------------------------------------------------------
+# A signature is pow(m, d, n) for the padded digest m (EMSA-PKCS1-v1_5,
+# RFC 8017 9.2), computed with the Chinese remainder theorem (3x faster).
+# CPython's big integers are not constant-time, so m is blinded with a
+# fresh random r per signature (m * r**e, then times 1/r): the exponent
+# sees numbers an observer cannot choose or predict.  Each signature is
+# checked with the public key before it is used (a fault in the CRT would
+# otherwise reveal a prime: Boneh, DeMillo, Lipton 1997).
+
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")   # RFC 8017 9.2 note 1
+RSA_KEY_BITS = 2048
+RSA_PRIME_ROUNDS = {1024: 5, 1536: 4, 2048: 4}   # FIPS 186-5 table B.1: M-R rounds for p, q of these
+                                                 # sizes, error below 2**-112, 2**-128, 2**-144
+SMALL_PRIMES = [n for n in range(3, 2000, 2) if all(n % k for k in range(3, int(n ** 0.5) + 1, 2))]
+
+
+class RSAPublicKey:
+    """An RSA public key (n, e): verifies RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 8.2.2)."""
+
+    kind = "rsa"
+    algorithm = "rsa-sha256"
+
+    def __init__(self, n, e):
+        if n < 3 or e < 3 or e % 2 == 0 or e >= n:
+            raise DKIMKeyError("RSA public key with impossible values")
+        self.n, self.e = n, e
+        self.bits = n.bit_length()
+        self.size = (self.bits + 7) // 8
+
+    def verify(self, data, signature):
+        """Whether signature is this key's signature of data."""
+        if len(signature) != self.size:           # RFC 8017 8.2.2 step 1
+            return False
+        s = int.from_bytes(signature, "big")
+        return s < self.n and pow(s, self.e, self.n) == rsa_encode(data, self.size)
+
+    def der(self):
+        """SubjectPublicKeyInfo (RFC 5280 4.1.2.7), what a DKIM key record's p= holds."""
+        algorithm = der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b""))
+        key = der(DER_SEQUENCE, der_int(self.n) + der_int(self.e))
+        return der(DER_SEQUENCE, algorithm + der(DER_BIT_STRING, b"\0" + key))
+
+    def record(self):
+        """The DKIM key record's text (RFC 6376 3.6.1)."""
+        return "v=DKIM1; k=rsa; p=" + base64.b64encode(self.der()).decode("ascii")
+
+
+def rsa_encode(data, size):
+    """EMSA-PKCS1-v1_5 (RFC 8017 9.2) of data's SHA-256 digest, as an integer of size octets."""
+    digest_info = SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
+    if size < len(digest_info) + 11:
+        raise DKIMKeyError("RSA key too short for SHA-256")
+    return int.from_bytes(b"\0\1" + b"\xff" * (size - len(digest_info) - 3) + b"\0" + digest_info, "big")
+
+
+class RSAPrivateKey:
+    """An RSA private key of two primes, signing with CRT and blinding (see above)."""
+
+    kind = "rsa"
+    algorithm = "rsa-sha256"
+
+    def __init__(self, n, e, d, p, q):
+        if p * q != n or p == q or min(p, q) < 3:
+            raise DKIMKeyError("RSA key whose primes do not make its modulus")
+        self.public = RSAPublicKey(n, e)
+        lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)   # FIPS 186-5 A.1.1: d * e = 1 mod lcm(p-1, q-1)
+        if d * e % lam != 1:
+            raise DKIMKeyError("RSA key whose private exponent does not match")
+        self.n, self.e, self.d, self.p, self.q = n, e, d, p, q
+        self.dp, self.dq, self.qinv = d % (p - 1), d % (q - 1), pow(q, -1, p)
+        self.bits = self.public.bits
+
+    def sign(self, data):
+        """The RSASSA-PKCS1-v1_5 SHA-256 signature of data (RFC 8017 8.2.1)."""
+        m = rsa_encode(data, self.public.size)
+        r = secrets.randbelow(self.n - 2) + 2          # the blinding factor, fresh each time
+        while math.gcd(r, self.n) != 1:
+            r = secrets.randbelow(self.n - 2) + 2
+        blinded = m * pow(r, self.e, self.n) % self.n
+        s1, s2 = pow(blinded % self.p, self.dp, self.p), pow(blinded % self.q, self.dq, self.q)
+        s = (s2 + (self.qinv * (s1 - s2) % self.p) * self.q) * pow(r, -1, self.n) % self.n
+        if pow(s, self.e, self.n) != m:
+            raise DKIMKeyError("RSA signature failed its check (a fault): not used")
+        return s.to_bytes(self.public.size, "big")
+
+    def der(self):
+        """PKCS#1 RSAPrivateKey (RFC 8017 A.1.2)."""
+        values = (0, self.n, self.e, self.d, self.p, self.q, self.dp, self.dq, self.qinv)
+        return der(DER_SEQUENCE, b"".join(der_int(value) for value in values))
+
+    def private_pem(self):
+        """The key as a PKCS#8 PEM file (RFC 5208, RFC 7468 10)."""
+        algorithm = der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b""))
+        return pem_encode("PRIVATE KEY", der(DER_SEQUENCE, der_int(0) + algorithm + der(DER_OCTET_STRING, self.der())))
+
+
+def is_probable_prime(n, rounds):
+    """Miller-Rabin with random bases (FIPS 186-5 B.3.1, C.3.1), after trial division by small primes."""
+    if n < 2 or n % 2 == 0:
+        return n == 2
+    for small in SMALL_PRIMES:
+        if n % small == 0:
+            return n == small
+    m, a = n - 1, 0
+    while m % 2 == 0:
+        m, a = m // 2, a + 1
+    for _ in range(rounds):
+        b = secrets.randbelow(n - 3) + 2               # C.3.1 step 4.1: 1 < b < n - 1
+        z = pow(b, m, n)
+        if z in (1, n - 1):
+            continue
+        for _ in range(a - 1):
+            z = z * z % n
+            if z == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _rsa_prime(half, e, other=None):
+    """A random probable prime p of half bits for e (FIPS 186-5 B.3.3 steps 4 and 5).
+
+    p * p >= 2**(2*half - 1) (that is p >= sqrt(2) * 2**(half-1), so the
+    modulus has all its bits), gcd(p - 1, e) = 1, and p is far from other:
+    |p - q| > 2**(half - 100).
+    """
+    rounds = RSA_PRIME_ROUNDS.get(half, 5)   # smaller primes (test keys only): as many as for 1024 bits
+    for _ in range(5 * half * 10):       # B.3.3 allows 5 * half tries; candidates failing trial division are cheap
+        p = secrets.randbits(half) | 1
+        if p * p < 1 << (2 * half - 1):
+            continue
+        if other is not None and abs(p - other) <= 1 << (half - 100):
+            continue
+        if math.gcd(p - 1, e) == 1 and is_probable_prime(p, rounds):
+            return p
+    raise DKIMKeyError("no prime found: is the random source broken?")
+
+
+def generate_rsa_key(bits=RSA_KEY_BITS, e=RSA_PUBLIC_EXPONENT):
+    """A new RSA key of bits bits from secrets (FIPS 186-5 B.3.3 with probable primes)."""
+    half = bits // 2
+    while True:
+        p = _rsa_prime(half, e)
+        q = _rsa_prime(half, e, p)
+        lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+        d = pow(e, -1, lam)
+        if d > 1 << half:                # FIPS 186-5 A.1.1: d > 2**(nlen/2), else start again
+            return RSAPrivateKey(p * q, e, d, max(p, q), min(p, q))
+
+
+# --------------------------------------------------------------------------
+# Ed25519 (RFC 8032 5.1)
+# --------------------------------------------------------------------------
+# The curve -x**2 + y**2 = 1 + d*x**2*y**2 over the integers mod 2**255-19,
+# points in extended coordinates (X:Y:Z:T) with x = X/Z, y = Y/Z, x*y = T/Z
+# (RFC 8032 5.1.4).  Secrets are 32 random bytes; signing is deterministic,
+# so the RFC 8463 example signature comes out byte for byte.  (Pure Python,
+# so neither constant-time nor fast: a few milliseconds a signature.)
+
+ED25519_P = 2 ** 255 - 19
+ED25519_L = 2 ** 252 + 27742317777372353535851937790883648493   # the order of the base point
+ED25519_D = -121665 * pow(121666, -1, ED25519_P) % ED25519_P
+ED25519_SQRT_M1 = pow(2, (ED25519_P - 1) // 4, ED25519_P)
+ED25519_KEY_SIZE = 32
+ED25519_SIGNATURE_SIZE = 64
+
+
+def _ed_add(P, Q):
+    """P + Q (RFC 8032 5.1.4)."""
+    p = ED25519_P
+    a = (P[1] - P[0]) * (Q[1] - Q[0]) % p
+    b = (P[1] + P[0]) * (Q[1] + Q[0]) % p
+    c = 2 * P[3] * Q[3] * ED25519_D % p
+    d = 2 * P[2] * Q[2] % p
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return (e * f % p, g * h % p, f * g % p, e * h % p)
+
+
+def _ed_double(P):
+    """P + P (RFC 8032 5.1.4, the doubling formulas)."""
+    p = ED25519_P
+    a, b = P[0] * P[0] % p, P[1] * P[1] % p
+    c = 2 * P[2] * P[2] % p
+    h = a + b
+    e = h - (P[0] + P[1]) * (P[0] + P[1]) % p
+    g = a - b
+    f = c + g
+    return (e * f % p, g * h % p, f * g % p, e * h % p)
+
+
+def _ed_multiply(s, P):
+    """s * P, by double and add."""
+    Q = (0, 1, 1, 0)                     # the neutral element
+    while s:
+        if s & 1:
+            Q = _ed_add(Q, P)
+        P = _ed_double(P)
+        s >>= 1
+    return Q
+
+
+def _ed_recover_x(y, sign):
+    """The x of the point with this y and x's low bit (RFC 8032 5.1.3 steps 2-4); None if there is none."""
+    p = ED25519_P
+    if y >= p:
+        return None
+    x2 = (y * y - 1) * pow(ED25519_D * y * y + 1, -1, p) % p
+    if x2 == 0:
+        return None if sign else 0
+    x = pow(x2, (p + 3) // 8, p)
+    if (x * x - x2) % p:
+        x = x * ED25519_SQRT_M1 % p
+    if (x * x - x2) % p:
+        return None
+    return p - x if x & 1 != sign else x
+
+
+def _ed_encode(P):
+    """A point's 32 bytes: y, and x's low bit in the top bit (RFC 8032 5.1.2)."""
+    zinv = pow(P[2], -1, ED25519_P)
+    x, y = P[0] * zinv % ED25519_P, P[1] * zinv % ED25519_P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _ed_decode(data):
+    """The point of 32 bytes (RFC 8032 5.1.3), or None."""
+    y = int.from_bytes(data, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    x = _ed_recover_x(y, sign)
+    return None if x is None else (x, y, 1, x * y % ED25519_P)
+
+
+def _ed_hash(*parts):
+    """SHA-512 of the parts as an integer mod L (RFC 8032 5.1.6 steps 2 and 4)."""
+    return int.from_bytes(hashlib.sha512(b"".join(parts)).digest(), "little") % ED25519_L
+
+
+_ED_BASE_Y = 4 * pow(5, -1, ED25519_P) % ED25519_P
+ED25519_BASE = (_ed_recover_x(_ED_BASE_Y, 0), _ED_BASE_Y, 1, _ed_recover_x(_ED_BASE_Y, 0) * _ED_BASE_Y % ED25519_P)
+
+
+class Ed25519PublicKey:
+    """An Ed25519 public key (its 32 bytes): verifies ed25519-sha256 (RFC 8463 3: Ed25519 of the SHA-256 digest)."""
+
+    kind = "ed25519"
+    algorithm = "ed25519-sha256"
+    bits = 256
+
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.point = _ed_decode(self.data)
+        if self.point is None:
+            raise DKIMKeyError("Ed25519 public key that is no point of the curve")
+
+    def verify(self, data, signature):
+        """Whether signature is this key's signature of data's SHA-256 digest (RFC 8032 5.1.7)."""
+        if len(signature) != ED25519_SIGNATURE_SIZE:
+            return False
+        R, s = _ed_decode(signature[:32]), int.from_bytes(signature[32:], "little")
+        if R is None or s >= ED25519_L:
+            return False
+        k = _ed_hash(signature[:32], self.data, hashlib.sha256(data).digest())
+        left, right = _ed_multiply(s, ED25519_BASE), _ed_add(R, _ed_multiply(k, self.point))
+        p = ED25519_P
+        return (left[0] * right[2] - right[0] * left[2]) % p == 0 and (left[1] * right[2] - right[1] * left[2]) % p == 0
+
+    def record(self):
+        """The DKIM key record's text (RFC 8463 4)."""
+        return "v=DKIM1; k=ed25519; p=" + base64.b64encode(self.data).decode("ascii")
+
+
+class Ed25519PrivateKey:
+    """An Ed25519 private key: its 32-byte secret (RFC 8032 5.1.5)."""
+
+    kind = "ed25519"
+    algorithm = "ed25519-sha256"
+    bits = 256
+
+    def __init__(self, secret):
+        digest = hashlib.sha512(secret).digest()
+        self.secret = bytes(secret)
+        self.scalar = int.from_bytes(digest[:32], "little") & ((1 << 254) - 8) | 1 << 254
+        self.prefix = digest[32:]
+        self.public = Ed25519PublicKey(_ed_encode(_ed_multiply(self.scalar, ED25519_BASE)))
+
+    def sign(self, data):
+        """The Ed25519 signature of data's SHA-256 digest (RFC 8032 5.1.6, RFC 8463 3)."""
+        message = hashlib.sha256(data).digest()
+        r = _ed_hash(self.prefix, message)
+        R = _ed_encode(_ed_multiply(r, ED25519_BASE))
+        s = (r + _ed_hash(R, self.public.data, message) * self.scalar) % ED25519_L
+        return R + s.to_bytes(32, "little")
+
+    def private_pem(self):
+        """The key as a PKCS#8 PEM file (RFC 8410 7)."""
+        algorithm = der(DER_SEQUENCE, der(DER_OID, OID_ED25519))
+        private = der(DER_OCTET_STRING, der(DER_OCTET_STRING, self.secret))
+        return pem_encode("PRIVATE KEY", der(DER_SEQUENCE, der_int(0) + algorithm + private))
+
+
+def generate_ed25519_key():
+    """A new Ed25519 key: 32 random bytes (RFC 8032 5.1.5)."""
+    return Ed25519PrivateKey(secrets.token_bytes(ED25519_KEY_SIZE))
+
+
+# --------------------------------------------------------------------------
+# Canonicalization (RFC 6376 3.4)
+# --------------------------------------------------------------------------
+# One canonicalizer serves signing and verifying.  A header field is the
+# bytes of its lines, CRLFs and folding included; a body is fed in chunks
+# of any size (a message may be large), and only its SHA-256 is kept.
+
+DKIM_WSP_RUN = re.compile(rb"[ \t]+")
+DKIM_WSP_BEFORE_CRLF = re.compile(rb"[ \t]+\r\n")
+DKIM_MAX_HEADER = 1024 * 1024        # bytes of a header block we sign or verify
+DKIM_BODY_CARRY = 64 * 1024          # bytes of a line without its end held back, at most
+
+
+def canonical_header(field, relaxed):
+    """A header field as it is hashed: simple keeps it (RFC 6376 3.4.1); relaxed lowers its name,
+    unfolds it, makes each run of WSP one space and drops it around the colon and at the end (3.4.2)."""
+    if not relaxed:
+        return field
+    name, _, value = field.partition(b":")
+    value = DKIM_WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
+    return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
+
+
+class BodyHash:
+    """The SHA-256 of a canonicalized body (RFC 6376 3.4.3 simple, 3.4.4 relaxed), fed in chunks.
+
+    Empty lines at the end are not hashed (both); relaxed also drops WSP
+    at line ends and makes each run of it one space.  Empty lines are
+    counted, not kept, until a line with text follows them, so memory is
+    bounded however many there are; so is a line without its end (its
+    safe start is hashed once it is long).  limit: hash only this many
+    canonical octets (the l= tag, 3.5); length counts all of them.
+    """
+
+    def __init__(self, relaxed, limit=None):
+        self.relaxed, self.limit = relaxed, limit
+        self.sha = hashlib.sha256()
+        self.carry = b""             # the last line, while its end has not come
+        self.blank = 0               # empty lines seen and not yet hashed
+        self.length = 0              # canonical octets so far, hashed or not
+        self.empty = True            # no text at all yet: the whole body is empty lines, or nothing
+        self.open = False            # the start of the last line, text, is hashed already
+
+    def update(self, data):
+        data = self.carry + data
+        whole = data.rfind(b"\r\n") + 2
+        if whole < 2:
+            self.carry = data
+            if len(data) > DKIM_BODY_CARRY:
+                self._part_line()
+            return
+        self.carry = data[whole:]
+        block = data[:whole]
+        if self.relaxed:
+            block = DKIM_WSP_BEFORE_CRLF.sub(b"\r\n", DKIM_WSP_RUN.sub(b" ", block))
+        tail = block[len(block.rstrip(b"\r\n")):]   # the last text line's end, then the empty lines
+        broken = max(tail.rfind(b"\n\n"), tail.rfind(b"\r\r"))   # a bare CR or LF ends the text before it
+        pairs = (len(tail) - broken - 1) // 2
+        text_end = len(block) - 2 * pairs
+        if text_end or self.open:
+            self._emit(b"\r\n" * self.blank + block[:text_end] + b"\r\n")
+            self.blank, self.open = pairs - 1, False
+        else:
+            self.blank += pairs
+
+    def _part_line(self):
+        """Hash the start of a long line still without its end, up to its last character that no
+        later byte can change (not WSP, not CR)."""
+        keep = len(self.carry.rstrip(b" \t\r"))
+        if keep:
+            part = self.carry[:keep]
+            self.carry = self.carry[keep:]
+            self._emit(b"\r\n" * self.blank + (DKIM_WSP_RUN.sub(b" ", part) if self.relaxed else part))
+            self.blank, self.open = 0, True
+
+    def _emit(self, data):
+        """Hash canonical octets, up to the limit."""
+        self.empty = False
+        if self.limit is not None and self.length + len(data) > self.limit:
+            self.sha.update(data[:max(0, self.limit - self.length)])
+        else:
+            self.sha.update(data)
+        self.length += len(data)
+
+    def digest(self):
+        """The body hash (call once, after the last chunk): a body not ending in CRLF gets one, and
+        an empty body is one CRLF in simple, nothing in relaxed."""
+        if self.carry:
+            self.update(b"\r\n")
+        if self.empty and not self.relaxed:
+            self._emit(b"\r\n")
+        return self.sha.digest()
+
+
+def header_fields(header):
+    """The fields of a header block (bytes, CRLF lines, without the empty line after it), each with
+    its folded lines and its CRLF (RFC 5322 2.2.3)."""
+    if header and not header.endswith(b"\r\n"):
+        header += b"\r\n"
+    fields = []
+    for line in header.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line + b"\r\n"
+        else:
+            fields.append(line + b"\r\n")
+    return fields
+
+
+def field_name(field):
+    """A field's name in lower case, as bytes."""
+    return field.partition(b":")[0].strip(b" \t").lower()
+
+
+def split_message(chunks):
+    """(header block, the body's chunks) of a message given in chunks (CRLF lines).
+
+    The header block ends at the first empty line (RFC 5322 2.1); a message
+    with none is all header.  DKIMError if it is longer than DKIM_MAX_HEADER.
+    """
+    chunks, data = iter(chunks), b""
+    for chunk in chunks:
+        data += chunk
+        end = 0 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n") + 2
+        if end == 1 and len(data) <= DKIM_MAX_HEADER:
+            continue
+        if end == 1 or end > DKIM_MAX_HEADER:
+            raise DKIMError("header block longer than %d bytes" % DKIM_MAX_HEADER)
+        return data[:end], itertools.chain([data[end + 2:]], chunks)
+    return data, iter(())
+
+
+# --------------------------------------------------------------------------
+# The DKIM-Signature field and key records (RFC 6376 3.2, 3.5, 3.6.1)
+# --------------------------------------------------------------------------
+
+DKIM_FIELD = b"DKIM-Signature"
+DKIM_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")          # RFC 6376 3.2 tag-name
+DKIM_TAG_VALUE = re.compile(r"[\x21-\x3a\x3c-\x7e]*(?:[ \t]+[\x21-\x3a\x3c-\x7e]+)*\Z")   # 3.2 tag-value, unfolded
+DKIM_FWS = re.compile(r"[ \t\r\n]+")
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")               # RFC 8301 3.1, RFC 8463 3
+DKIM_KEY_KINDS = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
+DKIM_CANONICALIZATIONS = ("simple", "relaxed")
+DKIM_REQUIRED_TAGS = ("v", "a", "b", "bh", "d", "h", "s")         # RFC 6376 3.5
+DKIM_CLOCK_SKEW = 300                # seconds a t= may lie ahead of our clock
+DKIM_MAX_SIGNATURES = 5              # signatures verified per message; the others are ignored
+DKIM_SIGNED = (b"from", b"reply-to", b"subject", b"date", b"to", b"cc", b"message-id", b"in-reply-to",
+               b"references", b"mime-version", b"content-type", b"content-transfer-encoding")
+DKIM_OVERSIGNED = (b"from", b"to", b"cc", b"subject", b"date", b"message-id")   # once more: none can be added
+DKIM_FOLD = 72                       # characters of a signature line before it is folded
+DKIM_DOMAIN = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\.)*[A-Za-z0-9_-]+\Z")
+
+
+def parse_tag_list(text):
+    """A tag=value list (RFC 6376 3.2) as a dict, whitespace around names and values removed.
+
+    A tag twice, a bad name or a bad value is a DKIMError.
+    """
+    tags = {}
+    parts = DKIM_FWS.sub(" ", text).split(";")
+    if parts[-1].strip() == "":
+        parts.pop()                  # a ";" may end the list
+    for part in parts:
+        name, equals, value = part.partition("=")
+        name, value = name.strip(" "), value.strip(" ")
+        if not equals or not DKIM_TAG_NAME.match(name) or not DKIM_TAG_VALUE.match(value):
+            raise DKIMError("malformed tag %r" % part.strip()[:40])
+        if name in tags:
+            raise DKIMError("tag %s twice" % name)
+        tags[name] = value
+    return tags
+
+
+def _dkim_base64(value, tag):
+    """The bytes of a base64 tag value, whitespace inside it ignored (RFC 6376 2.4)."""
+    text = value.replace(" ", "")
+    if not BASE64_TEXT.match(text) or len(text) % 4:
+        raise DKIMError("%s= is not base64" % tag)
+    return base64.b64decode(text)
+
+
+def _dkim_number(value, tag):
+    """A t=, x= or l= value: up to 12 digits (RFC 6376 3.5 allows no more than 76 bits of them)."""
+    if not value.isdigit() or not value.isascii() or len(value) > 12:
+        raise DKIMError("%s= is not a number" % tag)
+    return int(value)
+
+
+class DKIMSignature:
+    """A DKIM-Signature field, its tags checked as RFC 6376 3.5 and 6.1.1 say; DKIMError if they break it.
+
+    now: the time t= and x= are checked against (None: they are not).
+    """
+
+    def __init__(self, field, now=None):
+        self.field = field
+        self.tags = tags = parse_tag_list(field.partition(b":")[2].decode("ascii", "replace"))
+        self.domain, self.selector = tags.get("d", ""), tags.get("s", "")
+        self.b_text = DKIM_FWS.sub("", tags.get("b", ""))
+        missing = [name for name in DKIM_REQUIRED_TAGS if name not in tags]
+        if missing:
+            raise DKIMError("no %s= tag" % missing[0])
+        if tags["v"] != "1":
+            raise DKIMError("version v=%s" % tags["v"])
+        self.algorithm = tags["a"].lower()
+        if self.algorithm == "rsa-sha1":
+            raise DKIMError("rsa-sha1 is not accepted (RFC 8301)")
+        if self.algorithm not in DKIM_ALGORITHMS:
+            raise DKIMError("unknown algorithm %s" % tags["a"][:20])
+        self.signature, self.body_hash = _dkim_base64(tags["b"], "b"), _dkim_base64(tags["bh"], "bh")
+        self._check_names()
+        self._check_canonicalization(tags.get("c", "simple"))
+        if now is not None:
+            self._check_times(now)
+        self.length = _dkim_number(tags["l"], "l") if "l" in tags else None
+        if "dns/txt" not in [method.strip(" ").lower() for method in tags.get("q", "dns/txt").split(":")]:
+            raise DKIMError("no q=dns/txt")
+
+    def _check_names(self):
+        """d=, s=, i= and h= (RFC 6376 3.5; From must be signed, 5.4)."""
+        tags = self.tags
+        if not DKIM_DOMAIN.match(self.domain) or not DKIM_DOMAIN.match(self.selector):
+            raise DKIMError("malformed d= or s=")
+        self.identity = tags.get("i", "@" + self.domain)
+        local, at, identity_domain = self.identity.rpartition("@")
+        self.identity_domain = identity_domain.lower()
+        domain = self.domain.lower()
+        if not at or not (self.identity_domain == domain or self.identity_domain.endswith("." + domain)):
+            raise DKIMError("i= not in the domain of d=")
+        self.signed = [name.strip(" ").lower().encode("ascii") for name in tags["h"].split(":")]
+        if not all(HEADER_LINE.match(name + b":") for name in self.signed):
+            raise DKIMError("malformed h=")
+        if b"from" not in self.signed:
+            raise DKIMError("From is not signed")
+
+    def _check_canonicalization(self, text):
+        """c=: header/body, each simple or relaxed; the body's defaults to simple (RFC 6376 3.5)."""
+        header, _, body = text.lower().partition("/")
+        body = body or "simple"
+        if header not in DKIM_CANONICALIZATIONS or body not in DKIM_CANONICALIZATIONS:
+            raise DKIMError("unknown canonicalization %s" % text[:30])
+        self.relaxed_header, self.relaxed_body = header == "relaxed", body == "relaxed"
+
+    def _check_times(self, now):
+        """t= not in the future, x= not in the past and not before t= (RFC 6376 3.5)."""
+        tags = self.tags
+        timestamp = _dkim_number(tags["t"], "t") if "t" in tags else None
+        expires = _dkim_number(tags["x"], "x") if "x" in tags else None
+        if timestamp is not None and timestamp > now + DKIM_CLOCK_SKEW:
+            raise DKIMError("t= is in the future")
+        if expires is not None and timestamp is not None and expires < timestamp:
+            raise DKIMError("x= is before t=")
+        if expires is not None and expires < now:
+            raise DKIMError("signature expired")
+
+    def signed_data(self, fields):
+        """What the signature covers (RFC 6376 3.7): the h= fields canonicalized, each instance taken
+        from the bottom up and a missing one as nothing (5.4.2), then this field with b= empty."""
+        by_name = {}
+        for field in fields:
+            by_name.setdefault(field_name(field), []).append(field)
+        data = []
+        for name in self.signed:
+            instances = by_name.get(name)
+            if instances:
+                data.append(canonical_header(instances.pop(), self.relaxed_header))
+        data.append(canonical_header(without_b_value(self.field), self.relaxed_header)[:-2])
+        return b"".join(data)
+
+
+def without_b_value(field):
+    """The field with the value of its b= tag deleted (RFC 6376 3.5 b=, 3.7), all else kept byte for byte."""
+    match = re.search(rb"(?:^|;)[ \t\r\n]*b[ \t\r\n]*=", field.partition(b":")[2])
+    if match is None:
+        return field
+    start = len(field.partition(b":")[0]) + 1 + match.end()
+    stop = field.find(b";", start)
+    stop = len(field) - 2 if stop < 0 else stop     # to the end, less the field's CRLF
+    return field[:start] + field[stop:]
+
+
+class DKIMKeyRecord:
+    """A key record (RFC 6376 3.6.1): the key, and what it may be used for; DKIMError if it is malformed."""
+
+    def __init__(self, text):
+        tags = parse_tag_list(text)
+        if "v" in tags and (tags["v"] != "DKIM1" or next(iter(tags)) != "v"):
+            raise DKIMError("key record v= is not DKIM1 first")
+        self.kind = tags.get("k", "rsa").lower()
+        self.hashes = [name.strip(" ").lower() for name in tags.get("h", "sha256").split(":")]
+        self.services = [name.strip(" ").lower() for name in tags.get("s", "*").split(":")]
+        self.flags = [name.strip(" ").lower() for name in tags.get("t", "").split(":")]
+        if "p" not in tags:
+            raise DKIMError("key record without p=")
+        self.revoked = tags["p"] == ""
+        self.data = _dkim_base64(tags["p"], "p") if not self.revoked else b""
+
+    def key_for(self, signature):
+        """The public key, if this record may verify signature; else DKIMError (RFC 6376 6.1.2, RFC 8301)."""
+        if self.revoked:
+            raise DKIMError("key revoked")
+        if self.kind != DKIM_KEY_KINDS[signature.algorithm]:
+            raise DKIMError("key of kind k=%s for a=%s" % (self.kind, signature.algorithm))
+        if "sha256" not in self.hashes:
+            raise DKIMError("key record h= without sha256")
+        if "*" not in self.services and "email" not in self.services:
+            raise DKIMError("key not for email (s=)")
+        if "s" in self.flags and signature.identity_domain != signature.domain.lower():
+            raise DKIMError("key with t=s for a subdomain i=")
+        try:
+            key = public_key_from_record(self.kind, self.data)
+        except DKIMKeyError as error:
+            raise DKIMError("key unusable: %s" % error) from None
+        if key.kind == "rsa" and not DKIM_MIN_VERIFYING_BITS <= key.bits <= DKIM_MAX_VERIFYING_BITS:
+            raise DKIMError("RSA key of %d bits" % key.bits)
+        return key
+
+
+# --------------------------------------------------------------------------
+# Signing (RFC 6376 5) and verifying (RFC 6376 6)
+# --------------------------------------------------------------------------
+
+DKIMResult = collections.namedtuple("DKIMResult", "result reason domain selector b")
+DKIMResult.__doc__ = """One signature's outcome: result is pass, fail, neutral, temperror or permerror
+(RFC 8601 2.7.1); reason says why in a few words; b is the signature's b= text."""
+
+
+def _dkim_fold(tags):
+    """A DKIM-Signature field of tags [(name, value)], folded before a tag or inside h=, bh= and b=
+    (where FWS is allowed) so no line is much longer than DKIM_FOLD."""
+    lines, line = [], "DKIM-Signature:"
+    for name, value in tags:
+        if name == "h":
+            pieces = ["h="] + [piece + ":" for piece in value.split(":")]
+            pieces[-1] = pieces[-1][:-1]
+        elif name in ("b", "bh"):
+            pieces = [name + "="] + [value[i:i + DKIM_FOLD - 8] for i in range(0, len(value), DKIM_FOLD - 8)]
+        else:
+            pieces = [name + "=" + value]
+        if name != "b":
+            pieces[-1] += ";"
+        line += " "
+        for piece in pieces:
+            if len(line) + len(piece) > DKIM_FOLD and line.strip():
+                lines.append(line.rstrip(" "))
+                line = " "
+            line += piece
+    lines.append(line)
+    return "\r\n".join(lines).encode("ascii")
+
+
+def dkim_sign(chunks, domain, keys, now=None):
+    """The DKIM-Signature fields (bytes, CRLF lines) that sign a message given in chunks with
+    each (selector, key) of keys for domain (CONTRACT.md section 9): c=relaxed/relaxed, the
+    DKIM_SIGNED fields it has and DKIM_OVERSIGNED once more, t=, no l=.
+
+    Each signature is verified before it is returned; DKIMError if one fails.
+    """
+    now = int(time.time() if now is None else now)
+    header, body = split_message(chunks)
+    hasher = BodyHash(relaxed=True)
+    for chunk in body:
+        hasher.update(chunk)
+    body_hash = base64.b64encode(hasher.digest()).decode("ascii")
+    fields = header_fields(header)
+    present = {field_name(field) for field in fields}
+    signed = [name.decode("ascii") for name in DKIM_SIGNED + DKIM_OVERSIGNED if name in present]
+    made = []
+    for selector, key in keys:
+        tags = [("v", "1"), ("a", key.algorithm), ("c", "relaxed/relaxed"), ("d", domain), ("s", selector),
+                ("t", str(now)), ("h", ":".join(signed)), ("bh", body_hash)]
+        unsigned = _dkim_fold(tags + [("b", "")]) + b"\r\n"
+        signature = DKIMSignature(unsigned, now)       # the same code reads it as a verifier will
+        value = base64.b64encode(key.sign(signature.signed_data(fields))).decode("ascii")
+        field = _dkim_fold(tags + [("b", value)]) + b"\r\n"
+        check = DKIMSignature(field, now)
+        if not key.public.verify(check.signed_data(fields), check.signature):
+            raise DKIMError("signature with %s failed its check" % selector)
+        made.append(field)
+    return b"".join(made)
+
+
+def dkim_verify(header, body, lookup_txt, now=None, limit=DKIM_MAX_SIGNATURES):
+    """One DKIMResult for each of the first limit DKIM-Signature fields of a message, top down.
+
+    header: its header block (bytes, CRLF lines); body: its body as an
+    iterable of chunks (bytes), read once; lookup_txt(name): the TXT texts
+    of name, or DNSError (RFC 6376 6).
+    """
+    now = int(time.time() if now is None else now)
+    fields = header_fields(header)
+    signatures = []
+    for field in [field for field in fields if field_name(field) == b"dkim-signature"][:limit]:
+        try:
+            signatures.append(DKIMSignature(field, now))
+        except DKIMError as error:
+            signatures.append(_dkim_unparsed(field, error))
+    hashers = {}
+    for signature in signatures:
+        if isinstance(signature, DKIMSignature):
+            hashers.setdefault((signature.relaxed_body, signature.length), BodyHash(signature.relaxed_body,
+                                                                                    signature.length))
+    for chunk in [body] if isinstance(body, bytes) else body:
+        for hasher in hashers.values():
+            hasher.update(chunk)
+    digests = {key: (hasher.digest(), hasher.length) for key, hasher in hashers.items()}
+    return [signature if isinstance(signature, DKIMResult)
+            else _dkim_check(signature, fields, digests[(signature.relaxed_body, signature.length)], lookup_txt)
+            for signature in signatures]
+
+
+def _dkim_unparsed(field, error):
+    """The permerror of a signature whose tags break the RFC, with what d=, s= and b= could be read."""
+    try:
+        tags = parse_tag_list(field.partition(b":")[2].decode("ascii", "replace"))
+    except DKIMError:
+        tags = {}
+    return DKIMResult("permerror", str(error), tags.get("d", ""), tags.get("s", ""),
+                      DKIM_FWS.sub("", tags.get("b", "")))
+
+
+def _dkim_check(signature, fields, body, lookup_txt):
+    """The DKIMResult of one well-formed signature: its key from DNS (6.1.2), then the body hash
+    and the signature itself (6.1.3)."""
+    def result(outcome, reason):
+        return DKIMResult(outcome, reason, signature.domain, signature.selector, signature.b_text)
+
+    try:
+        key = dkim_public_key(signature, lookup_txt)
+    except DNSError as error:
+        return result("temperror" if error.temporary else "permerror",
+                      "key lookup: %s" % error.reason if error.temporary else "no key for the signature")
+    except DKIMError as error:
+        return result("permerror", str(error))
+    digest, length = body
+    if signature.length is not None and signature.length > length:
+        return result("permerror", "l= longer than the body")
+    if digest != signature.body_hash:
+        return result("fail", "body hash did not verify")
+    if not key.verify(signature.signed_data(fields), signature.signature):
+        return result("fail", "signature did not verify")
+    return result("pass", "good signature")
+
+
+def dkim_public_key(signature, lookup_txt):
+    """The public key of selector._domainkey.domain for signature: the first TXT record that is a
+    key record (RFC 6376 3.6.2.2); DKIMError if none is, or it may not verify signature."""
+    records = lookup_txt("%s._domainkey.%s" % (signature.selector, signature.domain))
+    errors = []
+    for text in records:
+        try:
+            return DKIMKeyRecord(text).key_for(signature)
+        except DKIMError as error:
+            errors.append(error)
+    raise errors[0] if errors else DKIMError("no key for the signature")
+
+
+# --------------------------------------------------------------------------
+# The signing keys of a mail root
+# --------------------------------------------------------------------------
+# ROOT/.dkim/DOMAIN/SELECTOR.pem, one file per key (CONTRACT.md section 9).
+# A domain's keys are read again when its folder or one of its files
+# changes, so a key is rotated without a restart: add SELECTOR2.pem,
+# publish its record, and remove the old file once its record has gone.
+# Key files are opened like mailboxes: no symlink, regular files only.
+
+def dkim_domain_folder(root, domain):
+    """ROOT/.dkim/DOMAIN for a domain in any case or Unicode; None for a name no DNS could hold
+    (which also keeps "/" and ".." out of the path)."""
+    try:
+        return os.path.join(root, DKIM_KEY_FOLDER, _dns_normalize(domain))
+    except DNSError:
+        return None
+
+
+def read_key_file(path):
+    """The private key in a key file; DKIMKeyError (with the path) if it cannot be used for signing."""
+    try:
+        fd, _ = open_regular(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as file:
+            data = file.read(DKIM_MAX_KEY_FILE + 1)
+    except OSError as error:
+        raise DKIMKeyError("%s: %s" % (path, error.strerror or error)) from None
+    try:
+        if len(data) > DKIM_MAX_KEY_FILE:
+            raise DKIMKeyError("larger than any key")
+        key = read_private_key(data.decode("ascii", "replace"))
+        if key.kind == "rsa" and key.bits < DKIM_MIN_SIGNING_BITS:
+            raise DKIMKeyError("RSA key of %d bits: we sign with %d or more" % (key.bits, DKIM_MIN_SIGNING_BITS))
+    except DKIMKeyError as error:
+        raise DKIMKeyError("%s: %s" % (path, error)) from None
+    return key
+
+
+class DKIMKeys:
+    """The signing keys of ROOT/.dkim/, per domain, read again when they change on disk."""
+
+    def __init__(self, root):
+        self.root = root
+        self.lock = threading.Lock()
+        self.read = {}               # folder -> (stamp, [(selector, key)] or the DKIMKeyError)
+
+    def signatures(self, domain, chunks):
+        """The DKIM-Signature fields (bytes) that sign a message, given in chunks, with each key of
+        domain; b"" when it has none.  DKIMError if a key cannot be used or a signature fails."""
+        keys = self.keys_for(domain)
+        return dkim_sign(chunks, _dns_normalize(domain), keys) if keys else b""
+
+    def keys_for(self, domain):
+        """[(selector, key)] of a domain, sorted by selector ([] without a folder); DKIMKeyError if one is unusable."""
+        folder = dkim_domain_folder(self.root, domain)
+        stamp = folder and self._stamp(folder)
+        if not stamp:
+            return []
+        with self.lock:
+            known = self.read.get(folder)
+        if known is None or known[0] != stamp:
+            known = (stamp, self._read(folder, stamp[1]))
+            with self.lock:
+                self.read[folder] = known
+        if isinstance(known[1], DKIMKeyError):
+            raise known[1]
+        return known[1]
+
+    @staticmethod
+    def _stamp(folder):
+        """What a change in the folder changes: its own stamp and its key files' names and stamps."""
+        folder_stamp = file_stamp(folder)
+        if folder_stamp is None:
+            return None
+        try:
+            names = sorted(name for name in os.listdir(folder) if dkim_selector(name))
+        except OSError:
+            names = []
+        return folder_stamp, tuple((name, file_stamp(os.path.join(folder, name))) for name in names)
+
+    @staticmethod
+    def _read(folder, files):
+        """The keys of the files (or the first file's DKIMKeyError), logged once per change."""
+        try:
+            keys = [(dkim_selector(name), read_key_file(os.path.join(folder, name))) for name, _ in files]
+        except DKIMKeyError as error:
+            log.error("DKIM key unusable, mail from %s is refused until it is fixed: %s",
+                      os.path.basename(folder), error)
+            return error
+        log.info("DKIM keys of %s: %s", os.path.basename(folder),
+                 ", ".join("%s (%s)" % (selector, key.algorithm) for selector, key in keys) or "none")
+        return keys
+
+
+def dkim_selector(name):
+    """The selector of a key file's name (SELECTOR.pem), or None for any other file."""
+    selector = name[:-len(DKIM_KEY_SUFFIX)] if name.endswith(DKIM_KEY_SUFFIX) else ""
+    return selector if DKIM_DOMAIN.match(selector) and not selector.startswith(".") else None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ format, the session skeleton and the server loop are the ones SMTP uses.
 """
 
 import array
+import errno
 import hashlib
 import itertools
 import logging
@@ -503,7 +504,7 @@ class Maildrop:
                     index += 1
                 self._copy(out, self.starts[run_start], self.starts[index])
             kept.starts.append(out.tell())
-            self._copy(out, self.starts[-1], None)
+            self._copy_to_the_end(out, self.starts[-1])
             out.flush()
             os.fsync(out.fileno())
             kept.inode = os.fstat(out.fileno()).st_ino
@@ -511,7 +512,7 @@ class Maildrop:
         return kept
 
     def _copy(self, out, start, end):
-        """Copy bytes start..end (end None: to the end of the file) of the mailbox to out."""
+        """Copy bytes start..end (end None: to the end of the file) of the mailbox to out; return where it ended."""
         self.file.seek(start)
         while end is None or start < end:
             piece = self.file.read(READ_CHUNK if end is None else min(READ_CHUNK, end - start))
@@ -521,6 +522,27 @@ class Maildrop:
                 raise OSError("mailbox shrank during the rewrite")
             out.write(piece)
             start += len(piece)
+        return start
+
+    def _copy_to_the_end(self, out, start):
+        """Copy the mailbox from start to out up to its end as a fresh stat, by path and open, shows it.
+
+        A file system shared by several machines (GlusterFS with its caches
+        on) can end a read at a size cached before another machine's append,
+        made and acknowledged under the same lock: the rename would drop that
+        mail.  So the copy must reach the end that both stats give, and the
+        path must still name the file copied; else OSError, and nothing is
+        deleted (the client gets -ERR [SYS/TEMP]).
+        """
+        for _ in range(2):                       # once, and once more for what a late stat shows
+            start = self._copy(out, start, None)
+            by_path, opened = os.stat(self.path), os.fstat(self.file.fileno())
+            if not os.path.samestat(by_path, opened):
+                raise OSError(errno.ESTALE, "the mailbox was replaced during the rewrite", self.path)
+            if start == by_path.st_size == opened.st_size:
+                return
+        raise OSError(errno.EIO, "the copy ended at byte %d, the mailbox's size is %d by path and %d open"
+                      % (start, by_path.st_size, opened.st_size), self.path)
 
     def close(self):
         """Close the mailbox file (twice is harmless)."""

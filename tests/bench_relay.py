@@ -1,6 +1,7 @@
 """Benchmark of mail for other domains: messages accepted, queued and relayed to a sink, end to end.
 
     python3 tests/bench_relay.py [--messages 2000] [--clients 10] [--size 2100] [--concurrency 4]
+    python3 tests/bench_relay.py --dkim off,rsa,both --rounds 3     # signing off and on, alternating
     python3 tests/bench_relay.py --target 127.0.0.1:2525 --target-pid PID --sink-port 2526 \
         --recipient sink@elsewhere.test      # the same load on another server, e.g. a private Postfix
 
@@ -13,6 +14,12 @@ for <user@[127.0.0.1]> (the server sends them to the sink, as to an MX, on
 server acknowledged them (each 250 after the queue file's fsync), the
 end-to-end rate (the first submission to the sink's last message), and the
 server's CPU time per message and peak resident memory (VmHWM).
+
+--dkim MODES (comma-separated, default off) runs our server once per mode
+and --rounds times over, alternating, each with a fresh root: off signs
+nothing; rsa, ed25519 and both put the keys of tests/dkim/ into
+ROOT/.dkim/example.org/, so every message is signed (CONTRACT.md section 9)
+with RSA-2048, Ed25519, or one of each.  The medians per mode come last.
 
 --target HOST:PORT drives a server already running instead of ours (to
 compare with another MTA under the same load): it must send --recipient
@@ -28,7 +35,9 @@ import argparse
 import os
 import selectors
 import smtplib
+import shutil
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -39,6 +48,8 @@ import support  # noqa: E402
 LINE = b"x" * 66 + b"\r\n"
 HEAD = b"From: bench@example.org\r\nTo: sink@[127.0.0.1]\r\nSubject: bench\r\n\r\n"
 RSS_INTERVAL = 0.2           # seconds between two looks at a process tree's memory
+DKIM_KEYS = {"off": (), "rsa": ("rsa2048-pkcs8.pem",), "ed25519": ("ed25519-pkcs8.pem",),
+             "both": ("rsa2048-pkcs8.pem", "ed25519-pkcs8.pem")}
 
 
 class Sink:
@@ -196,25 +207,46 @@ def main():
                         help="--target's process (e.g. Postfix's master): CPU and memory of it and its children")
     parser.add_argument("--sink-port", type=int, default=0, help="the sink's port (default: any free one)")
     parser.add_argument("--recipient", default="sink@[127.0.0.1]", help="the address every message is for")
+    parser.add_argument("--dkim", default="off", help="signing modes to run: off, rsa, ed25519, both (default: off)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each --dkim mode, alternating (default: 1)")
     args = parser.parse_args()
+    modes = args.dkim.split(",")
+    if any(mode not in DKIM_KEYS for mode in modes) or args.target and modes != ["off"]:
+        parser.error("--dkim takes off, rsa, ed25519 and both (with our server only)")
     body = HEAD + LINE * max(1, (args.size - len(HEAD)) // len(LINE))
     sink = Sink(args.sink_port)
-    root = server = None
     if args.target:
         host, _, port = args.target.rpartition(":")
-        target, pid = (host, int(port)), args.target_pid
-    else:
-        root = support.make_mail_root()
-        server = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", "example.org",
-                                       "--mx-port", str(sink.port), "--relay-concurrency", str(args.concurrency),
-                                       "--max-connections", str(4 * args.clients + 8))
-        target, pid = ("127.0.0.1", server.port), server.proc.pid
+        run(args, body, sink, (host, int(port)), args.target_pid, None)
+        return
+    figures = {mode: [] for mode in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            figures[mode].append(run_ours(args, body, sink, mode))
+    if len(modes) * args.rounds > 1:
+        print("medians over %d rounds:" % args.rounds)
+        for mode in modes:
+            print("  dkim %-8s accepted %7.1f msgs/s, end to end %7.1f msgs/s, server CPU %6.2f ms/msg"
+                  % ((mode,) + tuple(statistics.median(run[i] for run in figures[mode]) for i in range(3))))
+
+
+def run_ours(args, body, sink, mode):
+    """One run against our server in a fresh root, signing as mode says; (accepted, end to end, CPU ms)."""
+    root = support.make_mail_root()
+    for name in DKIM_KEYS[mode]:
+        folder = os.path.join(root, ".dkim", "example.org")
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dkim", name),
+                    os.path.join(folder, name.replace("-", "_")))
+    server = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", "example.org",
+                                   "--mx-port", str(sink.port), "--relay-concurrency", str(args.concurrency),
+                                   "--max-connections", str(4 * args.clients + 8))
     try:
-        run(args, body, sink, target, pid, root)
+        print("dkim %s:" % mode)
+        return run(args, body, sink, ("127.0.0.1", server.port), server.proc.pid, root)
     finally:
-        if server:
-            server.close()
-            support.remove_mail_root(root)
+        server.close()
+        support.remove_mail_root(root)
 
 
 def run(args, body, sink, target, pid, root):
@@ -226,6 +258,7 @@ def run(args, body, sink, target, pid, root):
     per_client = args.messages // args.clients
     total = per_client * args.clients
     results = []
+    sink_before = sink.count
     threads = [threading.Thread(target=submit, args=(target, per_client, body, args.recipient, results))
                for _ in range(args.clients)]
     started = time.monotonic()
@@ -234,7 +267,7 @@ def run(args, body, sink, target, pid, root):
     for thread in threads:
         thread.join()
     accepted = time.monotonic() - started
-    support.wait_for(lambda: sink.count >= total, timeout=600, interval=0.01)
+    support.wait_for(lambda: sink.count >= sink_before + total, timeout=600, interval=0.01)
     if root:
         support.wait_for(lambda: not support.queue_files(root), timeout=60, interval=0.01)
     end_to_end = sink.last - started
@@ -243,12 +276,15 @@ def run(args, body, sink, target, pid, root):
              "" if args.target else " (ours, --relay-concurrency %d)" % args.concurrency))
     print("accepted (250):             %8.1f msgs/s" % (total / accepted))
     print("end to end (at the sink):   %8.1f msgs/s" % (total / end_to_end))
+    cpu = None
     if tree:
         tree.stop()
-        print("server CPU per message:     %8.2f ms" % (1000 * (tree.cpu_seconds() - cpu_before) / total))
+        cpu = 1000 * (tree.cpu_seconds() - cpu_before) / total
+        print("server CPU per message:     %8.2f ms" % cpu)
         print("server peak RSS (VmHWM):    %8.1f MB  (of pid %d alone)" % (support.peak_rss_mb(pid), pid))
         print("all its processes, peak:    %8.1f MB RSS, %.1f MB PSS  (%d now)"
               % (tree.peak_rss, tree.peak_pss, len(tree.pids())))
+    return total / accepted, total / end_to_end, cpu
 
 
 if __name__ == "__main__":

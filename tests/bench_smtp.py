@@ -5,6 +5,8 @@
     python3 tests/bench_smtp.py --memory                         # 20 clients x 9 MiB at once
     python3 tests/bench_smtp.py --recipients 2                   # each message for two mailboxes
     python3 tests/bench_smtp.py --auth                           # EHLO, AUTH PLAIN, own sender (checked)
+    python3 tests/bench_smtp.py --listeners 3                    # one process, clients spread over 3 ports
+    python3 tests/bench_smtp.py --processes 3                    # three processes on one root, the same load
 
 Starts the real server in a temporary mail root and drives N concurrent
 clients over raw sockets (one thread and a selector drive them all, so the
@@ -130,8 +132,9 @@ def drive(selector, ended):
                 ended(conversation, done)
 
 
-def run_level(port, clients, users, seconds, body, recipients=1, auth=False):
-    """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors."""
+def run_level(ports, clients, users, seconds, body, recipients=1, auth=False):
+    """Keep `clients` conversations going at once for `seconds`, client i on ports[i % len(ports)];
+    return msgs/s, p50, p99, errors."""
     selector = selectors.DefaultSelector()
     latencies, errors = [], []
     stop_at = time.monotonic() + seconds
@@ -143,11 +146,13 @@ def run_level(port, clients, users, seconds, body, recipients=1, auth=False):
         else:
             errors.append(conversation)
         if now < stop_at:
-            conversation.start(port)
+            conversation.start(conversation.port)
 
     for i in range(clients):
         logins = ["user%d" % ((i + k) % users) for k in range(recipients)]
-        Conversation(logins, body, selector, auth).start(port)
+        conversation = Conversation(logins, body, selector, auth)
+        conversation.port = ports[i % len(ports)]
+        conversation.start(conversation.port)
     started = time.monotonic()
     drive(selector, ended)
     elapsed = time.monotonic() - started
@@ -159,18 +164,19 @@ def run_level(port, clients, users, seconds, body, recipients=1, auth=False):
     return len(latencies) / elapsed, p50 * 1000, p99 * 1000, len(errors)
 
 
-def start_server(root, *extra):
-    """Start the server with its log in a file (as in real use), not in a pipe we must drain."""
+def start_server(root, *extra, listeners=1):
+    """Start the server with its log in a file (as in real use), not in a pipe we must drain: (proc, ports)."""
     log = tempfile.TemporaryFile()
+    listen = ["--listen", "127.0.0.1:0"] * (listeners - 1)
     proc = subprocess.Popen([sys.executable, support.SMTP_SCRIPT, "0", "--host", "127.0.0.1",
-                             "--root", root, "--max-connections", "500", "--max-per-client", "500"] + list(extra),
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                             "--root", root, "--max-connections", "500", "--max-per-client", "500"]
+                            + listen + list(extra), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
-    def port():
+    def ports():
         log.seek(0)
-        found = support.LISTENING.search(log.read().decode())
-        return found and int(found.group(2))
-    return proc, support.wait_for(port)
+        found = [int(port) for _, port in support.LISTENING.findall(log.read().decode())]
+        return len(found) >= listeners and found
+    return proc, support.wait_for(ports)
 
 
 def count_messages(path):
@@ -212,24 +218,30 @@ def main():
     parser.add_argument("--recipients", type=int, default=1, help="mailboxes each message goes to")
     parser.add_argument("--auth", action="store_true",
                         help="log in with AUTH PLAIN and send as the login (with --local-domains example.org)")
+    parser.add_argument("--listeners", type=int, default=1, help="listeners of the one server (clients spread)")
+    parser.add_argument("--processes", type=int, default=1, help="servers on the one root (clients spread)")
     parser.add_argument("--memory", action="store_true",
                         help="measure peak memory with %d clients x 9 MiB instead" % MEMORY_CLIENTS)
     args = parser.parse_args()
     users = {"user%d" % i: "pw" for i in range(max(args.users, MEMORY_CLIENTS))}
     root = support.make_mail_root(users)
-    proc, port = start_server(root, *(("--local-domains", "example.org") if args.auth else ()))
+    extra = ("--local-domains", "example.org") if args.auth else ()
+    servers = [start_server(root, *extra, listeners=args.listeners) for _ in range(args.processes)]
+    procs, ports = [proc for proc, _ in servers], [port for _, found in servers for port in found]
+    proc = procs[0]
     try:
         if args.memory:
-            return measure_memory(port, proc.pid)
+            return measure_memory(ports[0], proc.pid)
         body = body_of(args.size)
         print("%d-byte messages" % len(body))
         print("%8s %10s %8s %9s %9s %7s %11s" % ("clients", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors",
                                                  "CPU ms/msg"))
         for clients in [int(n) for n in args.clients.split(",")]:
-            cpu = support.cpu_seconds(proc.pid)
-            results = [run_level(port, clients, args.users, args.seconds, body, args.recipients, args.auth)
+            cpu = sum(map(support.cpu_seconds, (p.pid for p in procs)))
+            results = [run_level(ports, clients, args.users, args.seconds, body, args.recipients, args.auth)
                        for _ in range(args.runs)]
-            cpu = (support.cpu_seconds(proc.pid) - cpu) / sum(r[0] * args.seconds for r in results)
+            cpu = (sum(map(support.cpu_seconds, (p.pid for p in procs))) - cpu) / sum(
+                r[0] * args.seconds for r in results)
             rates = [r[0] for r in results]
             rate = statistics.median(rates)
             print("%8d %10.0f %8.1f %9.2f %9.2f %7d %11.3f   runs: %s" % (
@@ -239,8 +251,9 @@ def main():
         stored = sum(count_messages(support.mailbox_path(root, u)) for u in users)
         print("messages stored: %d; peak server RSS %.1f MB" % (stored, support.peak_rss_mb(proc.pid)))
     finally:
-        proc.terminate()
-        proc.wait()
+        for each in procs:
+            each.terminate()
+            each.wait()
         support.remove_mail_root(root)
 
 

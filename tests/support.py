@@ -341,6 +341,68 @@ def failing_unlock_env(folder):
     return dict(os.environ, PYTHONPATH=folder, FAULT_UNLOCK=flag), flag
 
 
+SHARED_FS_FAULTS = """\
+# Injected by the tests: what a file system shared by several machines (GlusterFS with
+# its caches on) can do, armed by writing a fault into the file FAULT_SHARED_FS names:
+#   "append BYTES": the next os.stat of a my_mailbox by path first appends BYTES to it
+#                   (another machine's append that a stale cache hid from the copy);
+#   "grow N":       while armed, os.stat of a my_mailbox by path says N bytes more;
+#   "inode":        while armed, os.stat of a my_mailbox by path names another file (a rename seen late);
+#   "estale":       the next write or fsync of a my_mailbox or .my_mailbox.new fails with ESTALE.
+import errno, os
+_stat, _fsync, _write, _writev, _flag = os.stat, os.fsync, os.write, getattr(os, "writev", None), \
+    os.environ.get("FAULT_SHARED_FS")
+def _armed():
+    try:
+        with open(_flag, "rb") as f:
+            return f.read().split(b" ", 1)
+    except (OSError, TypeError):
+        return [b""]
+def stat(path, *args, **kwargs):
+    fault = _armed() if isinstance(path, str) and path.endswith("/my_mailbox") else [b""]
+    if fault[0] == b"append":
+        os.remove(_flag)
+        with open(path, "ab") as f:
+            f.write(fault[1])
+    result = _stat(path, *args, **kwargs)
+    if fault[0] in (b"grow", b"inode"):
+        fields = list(result)
+        fields[6 if fault[0] == b"grow" else 1] += int(fault[1]) if fault[0] == b"grow" else 1
+        result = os.stat_result(fields)
+    return result
+def _estale(fd):
+    if _armed()[0] == b"estale":
+        target = os.readlink("/proc/self/fd/%d" % fd)
+        if target.endswith(("/my_mailbox", "/.my_mailbox.new")):
+            os.remove(_flag)
+            raise OSError(errno.ESTALE, "injected stale file handle")
+def fsync(fd):
+    _estale(fd)
+    return _fsync(fd)
+def write(fd, data):
+    _estale(fd)
+    return _write(fd, data)
+def writev(fd, buffers):
+    _estale(fd)
+    return _writev(fd, buffers)
+os.stat, os.fsync, os.write = stat, fsync, write
+if _writev is not None:
+    os.writev = writev
+"""
+
+
+def shared_fs_env(folder):
+    """An environment for a server that meets the faults of a shared file system once folder/shared-fs names one.
+
+    Returns (env, flag path); write a fault of SHARED_FS_FAULTS into the flag
+    to arm it.  A sitecustomize module, as failing_fsync_env.
+    """
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(SHARED_FS_FAULTS)
+    flag = os.path.join(folder, "shared-fs")
+    return dict(os.environ, PYTHONPATH=folder, FAULT_SHARED_FS=flag), flag
+
+
 class ServerProcess(StartedServer):
     """One of our servers running as a real subprocess in root (with --root root) on a free loopback port."""
 
@@ -879,6 +941,9 @@ class RemoteSMTPServer(FakeServer):
     AUTH PLAIN and checks it.  What each accepted message was is in
     messages: dicts of sender, recipients, data (the bytes between DATA and
     its '.', still dot-stuffed), mail (the MAIL command line), tls (bool).
+    trickle (seconds): the greeting goes one byte at a time, this far apart
+    (a tarpit); data_delay (seconds): each end-of-data reply waits so long.
+    sessions counts the connections, most_at_once the most open together.
     """
 
     def __init__(self, host="127.0.0.1", port=0, tls=False, login=None, extensions=("8BITMIME", "SMTPUTF8")):
@@ -890,6 +955,10 @@ class RemoteSMTPServer(FakeServer):
         self.extensions = list(extensions)
         self.messages = []
         self.sessions = 0
+        self.active = self.most_at_once = 0
+        self.counting = threading.Lock()
+        self.trickle = None
+        self.data_delay = 0.0
         self.peers = []                   # the address each session came from
         self.hung = threading.Event()     # a "hang" reply to the end of data has been reached
         self.release = threading.Event()  # ends that hang (the connection is closed unanswered)
@@ -905,16 +974,32 @@ class RemoteSMTPServer(FakeServer):
         return words
 
     def session(self, conn, rfile):
-        """Greet (or hang), then answer EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET, QUIT."""
-        self.sessions += 1
-        self.peers.append(conn.getpeername()[0])
+        """Count the session, and run it."""
+        with self.counting:
+            self.sessions += 1
+            self.active += 1
+            self.most_at_once = max(self.most_at_once, self.active)
+            self.peers.append(conn.getpeername()[0])
+        try:
+            self.converse(conn, rfile)
+        finally:
+            with self.counting:
+                self.active -= 1
+
+    def converse(self, conn, rfile):
+        """Greet (or hang, or trickle), then answer EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET, QUIT."""
         if self.host != "127.0.0.1":      # an extra loopback address: closed with RST, no TIME_WAIT
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if self.greeting is None:
             while self.readline(rfile) is not None:
                 pass
             return
-        self.send(conn, self.greeting)
+        if self.trickle is not None:      # a tarpit: each byte keeps the client's wait alive
+            for byte in (self.greeting + "\r\n").encode():
+                conn.sendall(bytes([byte]))   # fails once the client has given up: the session ends
+                time.sleep(self.trickle)      # the pace of the tarpit, not a wait for anything
+        else:
+            self.send(conn, self.greeting)
         state = {"secure": False, "sender": None, "recipients": [], "mail": ""}
         try:
             self.dialogue(conn, rfile, state)
@@ -978,6 +1063,7 @@ class RemoteSMTPServer(FakeServer):
                 break
             lines.append(raw)
         reply = self.data.pop(0) if len(self.data) > 1 else self.data[0]
+        time.sleep(self.data_delay)       # a slow server: how sessions at once are counted
         if reply == "hang":               # the message is in, the reply never comes
             self.hung.set()
             self.release.wait(DEADLINE)
@@ -986,6 +1072,20 @@ class RemoteSMTPServer(FakeServer):
             self.messages.append({"sender": state["sender"], "recipients": state["recipients"],
                                   "data": b"".join(lines), "mail": state["mail"], "tls": bool(state["secure"])})
         self.send(conn, reply)
+
+
+def run_queue_command(root, *args):
+    """Run mailserver_smtp.py --queue / --flush (...) on a root; return (exit code, stdout and stderr)."""
+    proc = subprocess.run([sys.executable, SMTP_SCRIPT] + list(args) + ["--root", root],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=DEADLINE)
+    return proc.returncode, proc.stdout.decode("utf-8", "replace")
+
+
+def run_queue_listing(root):
+    """What --queue prints for a root (it must succeed)."""
+    code, listing = run_queue_command(root, "--queue")
+    expect(code == 0, "--queue failed: %s" % listing)
+    return listing
 
 
 def queue_folder(root):

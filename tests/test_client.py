@@ -11,7 +11,8 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
 from support import (ALICE, ALICE_MAILBOX, BOB, LISTED_DATE, SENT, ClientTestCase, FakeServer,  # noqa: E402
-                     NoTopPOP3Server, StandardSMTPServer, client_command, closed_port, mail, run_client)
+                     FakeSMTPServer, NoTopPOP3Server, StandardSMTPServer, client_command, closed_port,
+                     mail, run_client)
 
 import mail_client  # noqa: E402
 import pop_server  # noqa: E402
@@ -35,6 +36,51 @@ class VanishingPOP3Server(NoTopPOP3Server):
             if self.retrieved == 2:
                 conn.shutdown(socket.SHUT_RDWR)
                 raise OSError("hung up")
+        super().send(conn, *lines)
+
+
+class FailingOnceSMTPServer(FakeSMTPServer):
+    """Hangs up at once on its first connection ("hang up"), or refuses the first RCPT_TO with
+    451 ("refuse"); serves as the course server afterwards."""
+
+    def __init__(self, first):
+        self.first = first
+        self.sessions = 0
+        super().__init__()
+
+    def session(self, conn, rfile):
+        """The first session fails as told; the later ones are the contract's dialogue."""
+        self.sessions += 1
+        if self.sessions == 1 and self.first == "hang up":
+            return
+        super().session(conn, rfile)
+
+    def send(self, conn, *lines):
+        """Send as usual, but the first recipient ever gets 451."""
+        if self.first == "refuse" and lines == self.REPLIES["RCPT_TO:"]:
+            self.first, lines = None, ("451 Try again later",)
+        super().send(conn, *lines)
+
+
+class PasswordChangedPOP3Server(NoTopPOP3Server):
+    """Takes any password in its first session (the check at start), later ones only "new"."""
+
+    sessions = 0
+    last = None
+
+    def session(self, conn, rfile):
+        self.sessions += 1
+        self.last = None
+        super().session(conn, rfile)
+
+    def readline(self, rfile):
+        self.last = super().readline(rfile)
+        return self.last
+
+    def send(self, conn, *lines):
+        """Send as usual, but answer a PASS other than "new" in a later session with -ERR."""
+        if self.sessions > 1 and (self.last or "").startswith("PASS ") and self.last != "PASS new":
+            lines = ("-ERR [AUTH] wrong password",)
         super().send(conn, *lines)
 
 
@@ -73,6 +119,28 @@ class SendingTests(support.OneServerTestCase, ClientTestCase):
         self.assertIn(SENT, result.lines)
         for login in ("alice", "bob"):
             self.assertIn(b"Subject: For you both\n", support.read_mailbox(self.root, login))
+
+    def test_display_names_stay_in_the_header_and_the_addresses_go_in_the_envelope(self):
+        """From/To with Name <address> (a quoted name with a comma too) are sent; the header keeps the names."""
+        result = self.send(mail(sender="Alice Liddell <alice@example.org>",
+                                to='Bob <bob@example.org>, "Liddell, Alice" <alice@example.org>',
+                                subject="Named"))
+        self.assertClean(result)
+        self.assertNoError(result)
+        self.assertIn(SENT, result.lines)
+        for login in ("alice", "bob"):     # each address got its copy: the envelope held both
+            self.assertRegex(support.read_mailbox(self.root, login).decode("utf-8"),
+                             r'From: Alice Liddell <alice@example.org>\n'
+                             r'To: Bob <bob@example.org>, "Liddell, Alice" <alice@example.org>\n'
+                             r'Subject: Named\nReceived: ')
+
+    def test_refused_mail_is_kept_and_can_be_left(self):
+        """After a refusal the mail is offered again; "n" brings back the menu, and nothing was stored."""
+        result = self.send(mail(to="nobody@example.org", subject="Kept") + "n\n")
+        self.assertClean(result)
+        self.assertEqual(result.stdout.count(mail_client.SEND_AGAIN_PROMPT), 1)
+        self.assertIn(mail_client.GOODBYE, result.lines)
+        self.assertNotIn(SENT, result.stdout)
 
     def test_unknown_recipient_is_an_error_not_a_success(self):
         """A recipient the server refuses is printed as an error with the server's 550, not as a success."""
@@ -152,8 +220,8 @@ class FormatCheckTests(ClientTestCase):
         self.assertIn(INCORRECT, result.lines)
         reason_line = result.lines[result.lines.index(INCORRECT) + 1]
         self.assertRegex(reason_line, reason)
-        # Nothing was sent: no connection was tried, and the menu came back.
-        self.assertNotIn("cannot connect", result.stdout)
+        # Nothing was sent: no SMTP connection was tried, and the menu came back.
+        self.assertNotIn("cannot connect to the SMTP", result.stdout)
         self.assertNotIn(SENT, result.stdout)
         self.assertEqual(result.stdout.count("a) Mail Sending"), 2)
         return result
@@ -210,6 +278,30 @@ class FormatCheckTests(ClientTestCase):
         """A mail that is only the final '.' is refused."""
         self.refused(".\n", r"line 1 is missing")
 
+    def test_every_problem_is_reported_at_once_in_line_order(self):
+        """Every problem of a mail is listed at once under the contract's line, each naming its line."""
+        result = self.refused("From: alice\nTo: Bob <bob@example.org>, carol@@example.com\nSubject: %s\n%s\n.\n"
+                              % ("s" * 151, "b" * 999), r"^  line 1: 'alice' is not a valid sender address")
+        start = result.lines.index(INCORRECT) + 1
+        self.assertEqual(result.lines[start:start + 5], [
+            "  line 1: 'alice' is not a valid sender address (expected user@domain)",
+            "  line 2: 'carol@@example.com' is not a valid recipient address (expected user@domain)",
+            "  line 3: the subject is 151 characters long; at most 150 are allowed",
+            "  line 4 is longer than 998 characters",
+            ""])
+
+    def test_malformed_display_names(self):
+        """A name with a comma or specials unquoted, an unclosed quote or a '<' without '>' is refused."""
+        for to, reason in [
+                ("Bob@Home <bob@example.org>", r"line 2: the name 'Bob@Home' holds @: put it in double quotes"),
+                ('"Bob <bob@example.org>', r"line 2: the name \"Bob is not a closed quoted name"),
+                ("Bob <bob@example.org", r"line 2: 'Bob <bob@example.org' is not an address"),
+                ("Bob <bob@example.org> x", r"line 2: 'Bob <bob@example.org> x' is not an address")]:
+            with self.subTest(to=to):
+                self.refused("From: alice@example.org\nTo: %s\nSubject: x\nbody\n.\n" % to, reason)
+        self.refused("From: Liddell, Alice <alice@example.org>\nTo: bob@example.org\nSubject: x\nbody\n.\n",
+                     r'line 1: a mail has exactly one sender address \(a name with a comma goes in double quotes')
+
     def test_body_line_too_long(self):
         """A body line over 998 characters is refused, naming its line."""
         self.refused("From: alice@example.org\nTo: bob@example.org\nSubject: x\n%s\n.\n" % ("b" * 999),
@@ -242,6 +334,29 @@ class FallbackTests(ClientTestCase):
         self.assertRegex(got[11], r"^Date: \w{3}, \d{1,2} \w{3} \d{4} ")
         self.assertRegex(got[12], r"^Message-ID: <.+@example.org>$")
         self.assertEqual(got[13:], ["", "Hello", "..dot", ".", "QUIT"])
+
+    def test_display_names_go_in_the_header_only(self):
+        """Name <address>: the course dialogue carries the addresses, DATA the header as typed."""
+        server = FakeSMTPServer()
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail(sender="Alice Liddell <alice@example.org>",
+                                         to='Bob <bob@example.org>, "Carol, C." <carol@example.com>')
+                            + "c\n", server.port, closed_port())
+        self.assertIn(SENT, result.lines)
+        self.assertEqual(server.received[1:8], [
+            "MAIL_FROM: <alice@example.org>", "RCPT_TO: <bob@example.org>", "RCPT_TO: <carol@example.com>",
+            "DATA", "From: Alice Liddell <alice@example.org>",
+            'To: Bob <bob@example.org>, "Carol, C." <carol@example.com>', "Subject: Lunch"])
+
+    def test_standard_smtp_server_gets_names_encoded(self):
+        """To a standard server a non-ASCII display name goes RFC 2047-encoded."""
+        server = StandardSMTPServer()
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail(sender="J\u00fcrgen <alice@example.org>") + "c\n",
+                            server.port, closed_port())
+        self.assertIn(SENT, result.lines)
+        self.assertIn("MAIL FROM:<alice@example.org>", server.received)
+        self.assertIn("From: =?utf-8?q?J=C3=BCrgen?= <alice@example.org>", server.received)
 
     def test_standard_smtp_server_gets_8bit_text_labelled(self):
         """To a standard server 8-bit text goes with BODY=8BITMIME, an encoded subject and a charset."""
@@ -298,6 +413,51 @@ class FallbackTests(ClientTestCase):
         self.assertIn(mail_client.GOODBYE, result.lines)
 
 
+class SendAgainTests(ClientTestCase):
+    """A mail that could not be sent is kept and offered again."""
+
+    def test_after_a_lost_connection_yes_sends_it_again(self):
+        """A server that hung up: the error, "Send it again?", and "y" sends the same mail."""
+        server = FailingOnceSMTPServer("hang up")
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail(subject="Second try") + "y\nc\n", server.port, closed_port())
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"Error: the server closed the connection .*\n%s"
+                         % re.escape(mail_client.SEND_AGAIN_PROMPT))
+        self.assertIn(SENT, result.lines)
+        self.assertEqual(server.sessions, 2)
+        self.assertIn("Subject: Second try", server.received)
+        self.assertIn(mail_client.GOODBYE, result.lines)
+
+    def test_after_a_refusal_yes_sends_it_again(self):
+        """A 451 for the recipient: "y" sends the whole mail again, on a new connection."""
+        server = FailingOnceSMTPServer("refuse")
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail() + "yes\nc\n", server.port, closed_port())
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"Error: the server refused the recipient bob@example.org: 451 ")
+        self.assertIn(SENT, result.lines)
+        self.assertEqual(support.command_word(server.received[0]), "HELO")
+        self.assertEqual(server.received.count("MAIL_FROM: <alice@example.org>"), 2)
+        self.assertEqual(server.received.count("Subject: Lunch"), 1)
+
+    def test_another_answer_is_the_next_menu_choice(self):
+        """An answer that is neither yes nor no is the menu choice: "b" goes on to Mail Management."""
+        pop = NoTopPOP3Server([["From: bob@example.org", "Subject: Waiting", "x"]])
+        self.addCleanup(pop.close)
+        result = run_client(ALICE + mail() + "b\nQUIT\n", closed_port(), pop.port)
+        self.assertClean(result)
+        self.assertIn(mail_client.SEND_AGAIN_PROMPT.strip(), result.stdout)
+        self.assertIn("Waiting", result.stdout)
+        self.assertEqual(result.lines[-1].strip(), NoTopPOP3Server.GOODBYE)
+
+    def test_end_of_input_at_the_offer_ends_cleanly(self):
+        """End of input at "Send it again?" ends the client with exit code 0 and no traceback."""
+        result = run_client(ALICE + mail(), closed_port(), closed_port())
+        self.assertClean(result)
+        self.assertTrue(result.stdout.rstrip().endswith(mail_client.SEND_AGAIN_PROMPT.strip()), result.stdout)
+
+
 class UnreachableTests(ClientTestCase):
     """Servers that cannot be reached, or do not answer, give one-line errors."""
 
@@ -312,6 +472,19 @@ class UnreachableTests(ClientTestCase):
         self.assertIn("cannot connect to the POP3 server 127.0.0.1 port %d" % port, errors[1])
         self.assertNotIn(SENT, result.stdout)
         self.assertIn(mail_client.GOODBYE, result.lines)
+
+    def test_unreachable_pop3_server_at_start_is_one_warning_line(self):
+        """The password cannot be checked at start: one warning line, no second Username:, the menu."""
+        port = closed_port()
+        result = run_client(ALICE + "c\n", port, port)
+        self.assertClean(result)
+        self.assertEqual(result.stdout.count(mail_client.USERNAME_PROMPT), 1)
+        warnings = [line for line in result.lines if line.startswith("Warning:")]
+        self.assertEqual(warnings, ["Warning: the password was not checked (cannot connect to the POP3 "
+                                    "server 127.0.0.1 port %d: Connection refused); Mail Sending may "
+                                    "still work." % port], result.stdout)
+        self.assertLess(result.stdout.index(warnings[0]), result.stdout.index("a) Mail Sending"))
+        self.assertNoError(result)
 
     def test_silent_server_times_out(self):
         """A server that never answers gives a one-line timeout error after --timeout."""
@@ -388,12 +561,43 @@ class ManagementTests(support.OneServerTestCase, ClientTestCase):
         self.assertEqual(rows[0].index("2026"), rows[1].index("2026"))
 
     def test_wrong_then_right_password(self):
-        """A failed login prints the error and asks for the username and password again."""
-        result = self.manage("alice", "wonderland", "QUIT", login="alice\nwrong\n")
+        """A wrong password is noticed at start: the error, Username: and Password: again, then the menu."""
+        result = self.manage("QUIT", login="alice\nwrong\n" + ALICE)
         self.assertClean(result)
-        self.assertRegex(result.stdout, r"Error: login failed: -ERR")
+        before_menu = result.stdout.split("a) Mail Sending")[0]
+        self.assertRegex(before_menu, r"Error: login failed: -ERR \[AUTH\]")
+        self.assertEqual(before_menu.count(mail_client.USERNAME_PROMPT), 2)
         self.assertEqual(result.stdout.count(mail_client.USERNAME_PROMPT), 2)
         self.assertIn("Lunch on Friday", result.stdout)
+
+    def test_locked_maildrop_at_start_is_no_wrong_password(self):
+        """A maildrop another session holds: a warning at start, not a second Username: prompt."""
+        with support.PopClient(self.pop, "alice", "wonderland"):
+            result = run_client(ALICE + "c\n", self.no_smtp, self.pop.port)
+        self.assertClean(result)
+        self.assertEqual(result.stdout.count(mail_client.USERNAME_PROMPT), 1)
+        self.assertIn("Warning: the password was not checked (login failed: -ERR [IN-USE]", result.stdout)
+
+    def test_mail_management_asks_again_when_the_password_changed_meanwhile(self):
+        """A login refused in Mail Management (though taken at start) asks Username: and Password: again."""
+        server = PasswordChangedPOP3Server([["From: bob@example.org", "Subject: After the change", "x"]])
+        self.addCleanup(server.close)
+        result = run_client(ALICE + "b\nalice\nnew\nQUIT\n", self.no_smtp, server.port)
+        self.assertClean(result)
+        self.assertEqual(result.stdout.count("Error: login failed: -ERR [AUTH] wrong password"), 1)
+        self.assertEqual(result.stdout.count(mail_client.USERNAME_PROMPT), 2)
+        self.assertIn("After the change", result.stdout)
+        self.assertIn("PASS new", server.received)
+
+    def test_a_reply_that_could_not_be_sent_is_offered_again_and_another_answer_is_a_command(self):
+        """REPLY to an unreachable SMTP server: "Send it again?"; "STAT" typed there runs as the next command."""
+        result = self.manage("REPLY 1", "Noon is fine.", ".", "STAT", "QUIT")
+        self.assertClean(result)
+        self.assertRegex(result.stdout, r"Error: cannot connect to the SMTP server .*\n%s"
+                         % re.escape(mail_client.SEND_AGAIN_PROMPT))
+        self.assertRegex(result.stdout, r"\b2 messages, [1-9]\d* octets\n")
+        self.assertNotIn("unknown command", result.stdout)
+        self.assertEqual(result.lines[-1].strip(), pop_server.Replies.GOODBYE)
 
     def test_empty_mailbox(self):
         """An empty mailbox is said to be empty, and STAT shows 0 messages, 0 octets."""
@@ -639,7 +843,7 @@ class EndOfInputTests(ClientTestCase):
                     self.send(conn, "-ERR no")
         server = Refusing([])
         self.addCleanup(server.close)
-        for text in (ALICE + "b\n", ALICE + "b\nalice\n"):
+        for text in (ALICE, ALICE + "alice\n", ALICE + "alice\nwonderland\n"):   # refused at start
             with self.subTest(text=text):
                 result = run_client(text, self.port, server.port)
                 self.assertClean(result)

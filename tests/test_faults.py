@@ -451,6 +451,31 @@ class NothingUnacknowledgedTest(unittest.TestCase):
         self.assertEqual([len(whole_messages(read_mailbox(self.root, u))) for u in ("alice", "bob")], [1, 1])
 
 
+@unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc to tell a mailbox's write")
+class StaleFileHandleTest(unittest.TestCase):
+    """ESTALE (a shared file system's file renamed away) is an I/O error like any other: cut back, 451."""
+
+    def test_a_stale_file_handle_at_the_append_gets_451_and_leaves_the_mailbox_as_it_was(self):
+        """451 after ESTALE on the mailbox write, the mailbox as before; the retry is stored once."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        hooks = tempfile.mkdtemp(prefix="hooks-")
+        self.addCleanup(support.remove_mail_root, hooks)
+        env, flag = support.shared_fs_env(hooks)
+        smtp = support.ServerProcess(support.SMTP_SCRIPT, root, env=env)
+        self.addCleanup(smtp.close)
+        self.assertEqual(support.deliver(smtp, b"Subject: first\r\n\r\nkept\r\n"), 250)
+        before = read_mailbox(root, "alice")
+        with open(flag, "wb") as f:
+            f.write(b"estale")
+        self.assertEqual(support.deliver(smtp, b"Subject: retried\r\n\r\nonce\r\n"), 451)
+        self.assertFalse(os.path.exists(flag), "the fault fired")
+        self.assertEqual(read_mailbox(root, "alice"), before)
+        smtp.wait_for_output(r"delivery from \S+ to alice failed: \[Errno %d\]" % errno.ESTALE)
+        self.assertEqual(support.deliver(smtp, b"Subject: retried\r\n\r\nonce\r\n"), 250)
+        self.assertEqual(read_mailbox(root, "alice").count(b"Subject: retried\n"), 1)
+
+
 def can_mount_tmpfs():
     """True when this process may mount a small tmpfs (root on Linux)."""
     if not sys.platform.startswith("linux") or os.geteuid() != 0:

@@ -1076,6 +1076,87 @@ class UnlockFailureTest(MailRootCase):
         self.assertTrue(support.pop_can_login(self.server, login, PASSWORD))
 
 
+class SharedFileSystemTest(MailRootCase):
+    """QUIT on a mail root shared by several machines (GlusterFS): a copy that misses mail deletes nothing.
+
+    The faults are those of a client cache that lags behind another machine
+    (support.SHARED_FS_FAULTS): mail appended behind the copy's end, a size
+    the copy can never reach, a stale file handle.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        cls.hooks = tempfile.mkdtemp(prefix="hooks-")
+        cls.server_env, cls.flag = support.shared_fs_env(cls.hooks)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        support.remove_mail_root(cls.hooks)
+
+    def quit_with_fault(self, fault):
+        """DELE 1 of a new user's three messages, then QUIT with fault armed: (login, reply to QUIT)."""
+        login = self.new_user(b"".join(MESSAGES[:3]))
+        self.addCleanup(remove_if_there, self.flag)
+        with self.login(login) as pop:
+            pop.cmd("DELE 1")
+            with open(self.flag, "wb") as f:
+                f.write(fault)
+            reply = pop.cmd("QUIT")
+        return login, reply
+
+    def assertNothingDeleted(self, login, reply):
+        """QUIT said -ERR [SYS/TEMP], the mailbox is as it was, no new mailbox is left, and a new session works."""
+        self.assertEqual(reply, pop_server.Replies.UPDATE_FAILED)
+        self.assertTrue(reply.startswith("-ERR [SYS/TEMP] "))
+        self.assertEqual(self.mailbox(login), b"".join(MESSAGES[:3]))
+        self.assertFalse(os.path.exists(os.path.join(self.root, login, mailserver_smtp.NEW_MAILBOX_NAME)))
+        self.server.wait_for_output("cannot update the mailbox of %s: " % login)
+        remove_if_there(self.flag)
+        with self.login(login) as pop:
+            self.assertEqual(pop.cmd("STAT"), "+OK 3 %d" % sum(octets(m) for m in MESSAGES[:3]))
+            pop.cmd("DELE 1")
+            self.assertEqual(pop.cmd("QUIT"), pop_server.Replies.GOODBYE)
+        self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2])
+
+    def test_mail_appended_behind_the_end_the_copy_saw_is_kept(self):
+        """A message that shows up only at the stat after the copy (a cached size): copied too, QUIT +OK."""
+        login, reply = self.quit_with_fault(b"append " + MESSAGES[3])
+        self.assertFalse(os.path.exists(self.flag), "the fault fired")
+        self.assertEqual(reply, pop_server.Replies.GOODBYE)
+        self.assertEqual(self.mailbox(login), MESSAGES[1] + MESSAGES[2] + MESSAGES[3])
+
+    def test_a_size_by_path_the_copy_cannot_reach_deletes_nothing(self):
+        """The path's stat says more bytes than can be read: -ERR [SYS/TEMP], the mailbox untouched."""
+        login, reply = self.quit_with_fault(b"grow 100")
+        size = len(b"".join(MESSAGES[:3]))
+        self.server.wait_for_output("the copy ended at byte %d, the mailbox's size is %d by path and %d open"
+                                    % (size, size + 100, size))
+        self.assertNothingDeleted(login, reply)
+
+    def test_a_path_that_names_another_file_deletes_nothing(self):
+        """The path names another file than the one copied (a rename seen late): -ERR [SYS/TEMP], nothing deleted."""
+        login, reply = self.quit_with_fault(b"inode")
+        self.server.wait_for_output("the mailbox was replaced during the rewrite")
+        self.assertNothingDeleted(login, reply)
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc to tell the new mailbox's fsync")
+    def test_a_stale_file_handle_writing_the_new_mailbox_deletes_nothing(self):
+        """ESTALE at the new mailbox's fsync is an I/O error like any other: -ERR [SYS/TEMP], nothing deleted."""
+        login, reply = self.quit_with_fault(b"estale")
+        self.assertFalse(os.path.exists(self.flag), "the fault fired")
+        self.assertNothingDeleted(login, reply)
+
+
+def remove_if_there(path):
+    """Remove a file that may be gone already."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 class LargeMessageTest(MailRootCase):
     """A message larger than the read chunk is streamed in pieces."""
 

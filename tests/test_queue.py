@@ -56,13 +56,6 @@ def envelope_of(root, queued):
         return ""
 
 
-def run_queue_command(root, *args):
-    """Run mailserver_smtp.py --queue / --flush on a root; return (exit code, stdout)."""
-    proc = subprocess.run([sys.executable, SMTP_SCRIPT] + list(args) + ["--root", root],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=support.DEADLINE)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace")
-
-
 class QueueCase(support.OneServerTestCase):
     """A server with --local-domains example.org whose other domains are scripted remotes on one port.
 
@@ -405,7 +398,7 @@ class UnreachableTest(QueueCase):
         reason = self.outcome(queued, "stuck@[127.0.0.3]", "deferred")
         self.assertIn("timed out", reason)
         wait_for(lambda: "\nrcpt\tpending\t1\t" in envelope_of(self.root, queued))   # recorded
-        code, listing = run_queue_command(self.root, "--queue")
+        code, listing = support.run_queue_command(self.root, "--queue")
         self.assertEqual(code, 0, listing)
         self.assertRegex(listing, r"(?m)^%s +\d+ \w{3} .{20} +alice@example\.org$" % queued)
         self.assertRegex(listing, r"\(451 4\.4\.1 conversation with \[127\.0\.0\.3\]\[127\.0\.0\.3\]:\d+ failed: "
@@ -418,7 +411,7 @@ class UnreachableTest(QueueCase):
         self.outcome(queued, "flushed@[127.0.0.1]", "deferred")
         wait_for(lambda: "\nrcpt\tpending\t1\t" in envelope_of(self.root, queued))   # recorded
         del self.remote.rcpt["flushed@[127.0.0.1]"]
-        code, out = run_queue_command(self.root, "--flush")
+        code, out = support.run_queue_command(self.root, "--flush")
         self.assertEqual(code, 0, out)
         self.received_by(self.remote, queued)
 
@@ -430,7 +423,7 @@ class UnreachableTest(QueueCase):
         orphan = os.path.join(support.queue_folder(self.root), queued + ".tmp")
         with open(orphan, "wb") as f:
             f.write(b"half")
-        run_queue_command(self.root, "--flush")
+        support.run_queue_command(self.root, "--flush")
         wait_for(lambda: self.server.output().count("%s: to=<again@[127.0.0.1]>" % queued) == 2)
         wait_for(lambda: "\nrcpt\tpending\t2\t" in envelope_of(self.root, queued))
         self.assertFalse(os.path.exists(orphan))
@@ -454,7 +447,7 @@ class UnreachableTest(QueueCase):
         root = support.make_mail_root()
         self.addCleanup(support.remove_mail_root, root)
         os.mkdir(support.queue_folder(root))
-        self.assertEqual(run_queue_command(root, "--queue"), (0, "Mail queue is empty\n"))
+        self.assertEqual(support.run_queue_command(root, "--queue"), (0, "Mail queue is empty\n"))
 
 
 class CrashTest(unittest.TestCase):
@@ -507,7 +500,7 @@ class CrashTest(unittest.TestCase):
             queued = queue_id(support.send_message(client, SUBJECT % b"first try", "alice@example.org",
                                                    ("carol@[127.0.0.1]",)))
         self.assertTrue(self.remote.hung.wait(support.DEADLINE))
-        code, listing = run_queue_command(self.root, "--queue")
+        code, listing = support.run_queue_command(self.root, "--queue")
         self.assertEqual(code, 0, listing)
         self.assertRegex(listing, r"%s .*\n +\(not tried yet; next try now\)\n +carol@\[127\.0\.0\.1\]\n" % queued)
 
@@ -547,7 +540,7 @@ class CrashTest(unittest.TestCase):
                                                          ("carol@[127.0.0.1]",))))
         for queued in ids:
             wait_for(lambda: "\nrcpt\tpending\t1\t" in envelope_of(self.root, queued))   # the 4xx recorded
-        run_queue_command(self.root, "--flush")
+        support.run_queue_command(self.root, "--flush")
         wait_for(lambda: not support.queue_files(self.root))
         sent = [queued for m in self.remote.messages for queued in ids if queued.encode() in m["data"]]
         self.assertEqual(sorted(sent), sorted(ids))

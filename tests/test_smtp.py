@@ -806,5 +806,59 @@ class MessageFormTest(unittest.TestCase):
             self.assertIsNone(parse(bad), bad)
 
 
+class ConnectionThreadsTest(unittest.TestCase):
+    """The bare threads that serve connections are still counted, listed and joined, and their failures logged."""
+
+    def test_threads_are_counted_listed_and_joined(self):
+        """Each thread counts and names its peer from its start to its end; join waits for all of them."""
+        threads, release = mailserver_smtp.ConnectionThreads(), threading.Event()
+        for peer in ("192.0.2.1:1", "192.0.2.2:2"):
+            threads.start(peer, release.wait, support.DEADLINE)
+        self.assertEqual(len(threads), 2)                  # from the start, before they run
+        self.assertEqual(sorted(threads.peers()), ["192.0.2.1:1", "192.0.2.2:2"])
+        self.assertFalse(threads.join(0.05), "still running")
+        release.set()
+        self.assertTrue(threads.join(support.DEADLINE))
+        self.assertEqual((len(threads), threads.peers()), (0, []))
+
+    def test_what_escapes_a_thread_is_logged_with_its_peer(self):
+        """An exception, SystemExit too, that leaves a thread is logged with its traceback; the thread is gone."""
+        threads = mailserver_smtp.ConnectionThreads()
+        for error in (ValueError, SystemExit):
+            with self.assertLogs("mail", "ERROR") as logged:
+                threads.start("192.0.2.9:25", self.raise_, error)
+                self.assertTrue(threads.join(support.DEADLINE))
+            self.assertEqual([r.getMessage() for r in logged.records], ["the thread serving 192.0.2.9:25 failed"])
+            self.assertIs(logged.records[0].exc_info[0], error)
+            self.assertEqual(len(threads), 0)
+
+    @staticmethod
+    def raise_(error):
+        raise error("injected")
+
+    def test_shutdown_counts_the_connections_and_joins_their_threads(self):
+        """The shutdown log counts the open connections; when it returns, every session's thread has ended."""
+        root = support.make_mail_root()
+        self.addCleanup(support.remove_mail_root, root)
+        server = mailserver_smtp.SMTPServer(mailserver_smtp.parse_args(["0", "--host", "127.0.0.1", "--root", root]))
+        listener = server.listeners[0]
+        self.addCleanup(listener.socket.close)
+        clients = []
+        for _ in range(2):
+            clients.append(socket.create_connection(listener.address, timeout=support.DEADLINE))
+            self.addCleanup(clients[-1].close)
+            server.start_session(*listener.socket.accept(), listener)
+        for client in clients:
+            self.assertTrue(client.recv(100).startswith(b"220 "))
+        self.assertEqual(sorted(server.threads.peers()),
+                         sorted("127.0.0.1:%d" % client.getsockname()[1] for client in clients))
+        with self.assertLogs("mail", "INFO") as logged:
+            server.shutdown(type("NoSecondSignal", (), {"hurried": False})())
+        self.assertIn("shutting down, 2 connections open", [r.getMessage() for r in logged.records])
+        self.assertEqual(len(server.threads), 0)
+        for client in clients:
+            self.assertTrue(client.recv(100).startswith(b"421 "))
+
+
 if __name__ == "__main__":
     unittest.main()

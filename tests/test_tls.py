@@ -52,6 +52,23 @@ class ClientSMTPTLSTest(unittest.TestCase):
         self.assertIn("certificate", result.stdout.lower())
         self.assertEqual(result.returncode, 0)
         self.assertNotIn(b"untrusted", support.read_mailbox(self.root, "bob"))
+        # One line that says what to do (issue 20), not OpenSSL's bare CERTIFICATE_VERIFY_FAILED.
+        self.assertRegex(result.stdout, r"\nError: TLS with the SMTP server 127.0.0.1 port %d failed: its "
+                                        r"certificate could not be verified \([^)\n]+\); if it is "
+                                        r"self-signed or from a private CA, give it with --cafile FILE "
+                                        r"\(the server's certificate or its CA\)\n" % self.tls_server.port)
+
+    def test_a_certificate_for_another_name_says_so(self):
+        """A certificate that names another host: the error says so, and --cafile is not the cure offered."""
+        server = support.ServerProcess(support.SMTP_SCRIPT, self.root, *TLS_ARGS, host="127.0.0.2")
+        self.addCleanup(server.close)
+        result = run_client(ALICE + mail(subject="wrong name") + "c\n", server.port, closed_port(),
+                            "127.0.0.2", "--tls", "--cafile", TLS_CERT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(SENT, result.lines)
+        self.assertRegex(result.stdout, r"Error: TLS with the SMTP server 127.0.0.2 port \d+ failed: its "
+                                        r"certificate does not name '127.0.0.2' \(.+\); connect by a name "
+                                        r"the certificate names\n")
 
     def test_insecure_skips_the_check_and_says_so(self):
         """--insecure sends through TLS without checking the certificate, and warns that it does."""
