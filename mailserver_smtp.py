@@ -3108,14 +3108,15 @@ def received_form(session, spool, header, message_id):
     foreign = foreign_sender(header, functools.partial(session.server.is_own, login=login)) if login else None
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
-    sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp()
+    now = time.time()                # one moment for both Received: fields, so the client lists either alike
+    sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp(now)
     traced = session.server.local_domains is not None      # the course's mailboxes stay as they were
     copies = {}
     for owner, addresses in envelope.logins.items():
         layout = stored_layout(header, spool.size, sender, [r.encode("utf-8", "surrogateescape") for r in addresses],
                                received)
         if traced:
-            layout.insert(0, trace_fields(session, addresses[0], message_id))
+            layout.insert(0, trace_fields(session, addresses[0], message_id, now))
         copies[owner] = spool.message(layout)
     return copies
 
@@ -3219,16 +3220,16 @@ def stored_layout(header, size, sender, recipients, received):
     return [head, (0, subject_end), received, (subject_end, size), end]
 
 
-def trace_fields(session, recipient, message_id):
+def trace_fields(session, recipient, message_id, when):
     """Return-Path: and our Received: (RFC 5321 4.4) that start a copy stored for recipient, \\n lines."""
     return_path = b"Return-Path: <%s>\n" % session.envelope.sender.encode("utf-8", "surrogateescape")
     return return_path + trace_header(session.client_name, session.address[0], session.domain,
-                                      session_protocol(session), message_id, recipient, b"\n")
+                                      session_protocol(session), message_id, recipient, b"\n", when)
 
 
-def received_stamp():
-    """The Received: value for now, local time, as the mailbox format writes it."""
-    return time.strftime("%Y-%m-%d : %H : %M").encode("ascii")
+def received_stamp(when=None):
+    """The Received: value for when (default: now), local time, as the mailbox format writes it."""
+    return time.strftime("%Y-%m-%d : %H : %M", time.localtime(when)).encode("ascii")
 
 
 def stored_bounce(report, sender, domain):
@@ -4075,13 +4076,13 @@ def spool_is_ascii(spool, end=None):
     return True
 
 
-def trace_header(client_name, client_ip, domain, protocol, queue_id, recipient=None, eol=b"\r\n"):
+def trace_header(client_name, client_ip, domain, protocol, queue_id, recipient=None, eol=b"\r\n", when=None):
     """Our Received: field (RFC 5321 4.4), folded, with its line end (for one recipient, or several)."""
     name = printable(client_name or "unknown").replace("(", "").replace(")", "")
     literal = ("IPv6:" if ":" in client_ip else "") + client_ip     # RFC 5321 4.1.3
     to = "" if recipient is None else "\n\tfor <%s>" % printable(recipient)
     text = ("Received: from %s ([%s])\n\tby %s with %s id %s%s;\n\t%s\n"
-            % (name, literal, domain, protocol, queue_id, to, email.utils.formatdate(localtime=True)))
+            % (name, literal, domain, protocol, queue_id, to, email.utils.formatdate(when, localtime=True)))
     return text.encode("utf-8", "surrogateescape").replace(b"\n", eol)
 
 
