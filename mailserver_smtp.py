@@ -4335,6 +4335,11 @@ class OutboundQueue:
         self.stopped = threading.Event()     # the same, for the idle connection timer
         self.destinations = Destinations(self.folder, options.relay_per_destination, options.retry_base)
         self.active = {}             # queue id -> whether to try it again at once: the attempts under way
+        # queue id -> epoch seconds before which it has nothing due, as our last attempt left it: a look
+        # at the whole queue skips it unread (10,000 messages waiting for dead destinations are not
+        # read again at every look), and forgets the ids it did not see
+        self.not_before = {}
+        self.scan_seen = set()
 
     # -- messages in
 
@@ -4418,13 +4423,18 @@ class OutboundQueue:
             while not self.stopping:
                 if self.fresh:
                     return self.fresh.popleft(), False
+                now = time.time()
                 if self.scan is not None:
                     for item in self.scan:
                         if QUEUE_ID.match(item.name):
-                            return item.name, self.scan_forced
+                            self.scan_seen.add(item.name)
+                            if self.scan_forced or self.not_before.get(item.name, 0) <= now:
+                                return item.name, self.scan_forced
                     self.scan.close()
                     self.scan = None
-                now = time.time()
+                    for queue_id in set(self.not_before) - self.scan_seen:
+                        del self.not_before[queue_id]      # gone: sent by another server, or removed
+                    self.scan_seen = set()
                 flushed = self._flushed(now)
                 if flushed or now >= self.next_scan:
                     self._start_scan(now, flushed)
@@ -4494,12 +4504,18 @@ class OutboundQueue:
         due = [r for r in entry.pending() if forced or r.next_try <= now]
         if not due:
             if entry.pending():
-                self.due_at(entry.next_try())
+                self._wait_until(entry.id, entry.next_try())
             else:
                 self._remove(entry, path)
             return
         outcomes = self._send(entry, fd, due)
         if not outcomes:                      # each destination had its share: it waits for a session
+            return
+        if all(o.retry_at is not None and o.retry_at < entry.arrived + self.lifetime for o in outcomes.values()):
+            # Only dead destinations: nothing was tried, so nothing is written (no fsync for them).
+            for address, outcome in outcomes.items():
+                self._log_outcome(entry, address, outcome, now)
+            self._wait_until(entry.id, min(o.retry_at for o in outcomes.values()))
             return
         failed = self._record(entry, due, outcomes)
         if failed and not self._bounce(entry, path, failed):
@@ -4510,7 +4526,13 @@ class OutboundQueue:
             self._remove(entry, path)
             return
         rewrite_queued(self.folder, entry, path)
-        self.due_at(entry.next_try())
+        self._wait_until(entry.id, entry.next_try())
+
+    def _wait_until(self, queue_id, when):
+        """A message has nothing due before when: a look at the queue skips it till then, and comes by then."""
+        with self.changed:
+            self.not_before[queue_id] = when
+        self.due_at(when)
 
     def _remove(self, entry, path):
         """A message is done (every recipient sent or failed): remove its file.
@@ -4519,6 +4541,8 @@ class OutboundQueue:
         again, which at least once allows, and it saves an fsync per message.
         """
         remove_file(path)
+        with self.changed:
+            self.not_before.pop(entry.id, None)
         log.info("%s: removed", entry.id)
 
     def _record(self, entry, due, outcomes):
@@ -4542,9 +4566,14 @@ class OutboundQueue:
             else:
                 retry_at = outcome.retry_at or now + backoff(recipient.attempts, self.retry_base)
                 recipient.next_try = min(retry_at, expires)
-            log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, recipient.address,
-                     outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
+            self._log_outcome(entry, recipient.address, outcome, now)
         return failed
+
+    @staticmethod
+    def _log_outcome(entry, address, outcome, now):
+        """The log line of one recipient's attempt (Postfix's form)."""
+        log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, address,
+                 outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
 
     def _send(self, entry, fd, due):
         """Send the due recipients (the file open at fd), each destination in a session of its own, at once.

@@ -2,6 +2,7 @@
 
     python3 tests/bench_relay.py [--messages 2000] [--clients 10] [--size 2100] [--concurrency 4]
     python3 tests/bench_relay.py --dkim off,rsa,both --rounds 3     # signing off and on, alternating
+    python3 tests/bench_relay.py --hostile 0.3 --rounds 3      # 30% of the destinations silent or tarpits
     python3 tests/bench_relay.py --target 127.0.0.1:2525 --target-pid PID --sink-port 2526 \
         --recipient sink@elsewhere.test      # the same load on another server, e.g. a private Postfix
 
@@ -21,6 +22,16 @@ nothing; rsa, ed25519 and both put the keys of tests/dkim/ into
 ROOT/.dkim/example.org/, so every message is signed (CONTRACT.md section 9)
 with RSA-2048, Ed25519, or one of each.  The medians per mode come last.
 
+--hostile FRACTION: DOMAINS domains, each with an MX in a loopback DNS
+responder (support.DNSResponder) pointing at the sink; for that fraction
+of them the DNS never answers (every other one) or the MX is a tarpit
+that sends its greeting one byte a second.  --clients clients submit for
+--seconds, round-robin over all the domains; the sink counts what reaches
+it for the healthy ones.  Each round runs clean (every domain healthy) and
+hostile, alternating, and the healthy domains' deliveries per second of
+the two are compared (the goal: 80% or more).  The server runs as in the
+issue that asked for this: --retry-base 1, --relay-timeout 4.
+
 --target HOST:PORT drives a server already running instead of ours (to
 compare with another MTA under the same load): it must send --recipient
 on to the sink, which then listens on --sink-port.  With --target-pid, the
@@ -32,12 +43,14 @@ the test suite.
 """
 
 import argparse
+import collections
 import os
 import selectors
 import smtplib
 import shutil
 import socket
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -59,6 +72,7 @@ class Sink:
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # a fixed port, run after run
         self.listener.bind(("127.0.0.1", port))
+        self.domains = collections.Counter()   # recipient domain -> messages taken for it
         self.listener.listen(128)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
@@ -75,7 +89,7 @@ class Sink:
                     sock, _ = self.listener.accept()
                     sock.setblocking(True)
                     sock.sendall(b"220 sink ESMTP\r\n")
-                    self.selector.register(sock, selectors.EVENT_READ, {"buffer": b"", "data": False})
+                    self.selector.register(sock, selectors.EVENT_READ, {"buffer": b"", "data": False, "to": []})
                 else:
                     self._readable(key.fileobj, key.data)
 
@@ -98,6 +112,8 @@ class Sink:
                 state["buffer"], state["data"] = state["buffer"][end + 5:], False
                 self.count += 1
                 self.last = time.monotonic()
+                self.domains.update(state["to"])
+                state["to"] = []
                 replies.append(b"250 2.0.0 Ok\r\n")
                 continue
             line, found, rest = state["buffer"].partition(b"\r\n")
@@ -113,6 +129,9 @@ class Sink:
                 replies.append(b"221 bye\r\n")
             elif verb == b"EHLO":
                 replies.append(b"250-sink\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n")
+            elif verb == b"RCPT":
+                state["to"].append(line.rpartition(b"@")[2].rstrip(b">").decode("ascii", "replace").lower())
+                replies.append(b"250 Ok\r\n")
             else:
                 replies.append(b"250 Ok\r\n")
         if replies:
@@ -209,7 +228,12 @@ def main():
     parser.add_argument("--recipient", default="sink@[127.0.0.1]", help="the address every message is for")
     parser.add_argument("--dkim", default="off", help="signing modes to run: off, rsa, ed25519, both (default: off)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each --dkim mode, alternating (default: 1)")
+    parser.add_argument("--hostile", type=float, metavar="FRACTION",
+                        help="compare clean runs with runs where this fraction of the destinations is hostile")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each --hostile run (default: 20)")
     args = parser.parse_args()
+    if args.hostile is not None:
+        return hostile_rounds(args)
     modes = args.dkim.split(",")
     if any(mode not in DKIM_KEYS for mode in modes) or args.target and modes != ["off"]:
         parser.error("--dkim takes off, rsa, ed25519 and both (with our server only)")
@@ -285,6 +309,105 @@ def run(args, body, sink, target, pid, root):
         print("all its processes, peak:    %8.1f MB RSS, %.1f MB PSS  (%d now)"
               % (tree.peak_rss, tree.peak_pss, len(tree.pids())))
     return total / accepted, total / end_to_end, cpu
+
+
+DOMAINS = 10                 # destinations of a --hostile run
+
+
+class Tarpit:
+    """A mail exchanger that accepts and sends its greeting one byte a second, for ever: on 127.0.0.2:port."""
+
+    def __init__(self, port):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.2", port))
+        self.listener.listen(128)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            sock, _ = self.listener.accept()
+            threading.Thread(target=self._trickle, args=(sock,), daemon=True).start()
+
+    @staticmethod
+    def _trickle(sock):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # no TIME_WAIT
+        with sock:
+            for byte in b"220 tarpit ESMTP\r\n" * 1000:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(1.0)          # the tarpit's pace
+
+
+def hostile_rounds(args):
+    """--hostile: clean and hostile runs, alternating; the healthy domains' deliveries per second of each."""
+    sink = Sink(args.sink_port)
+    tarpit = Tarpit(sink.port)
+    hostile = set(range(round(DOMAINS * args.hostile)))
+    print("%d domains, %d hostile (%s), %d clients, %g s a run, --relay-concurrency %d"
+          % (DOMAINS, len(hostile), ", ".join("d%d: %s" % (d, "silent DNS" if d % 2 == 0 else "tarpit MX")
+                                               for d in sorted(hostile)), args.clients, args.seconds,
+             args.concurrency))
+    rates = {"clean": [], "hostile": []}
+    for _ in range(args.rounds):
+        for kind in ("clean", "hostile"):
+            rate = hostile_run(args, sink, hostile if kind == "hostile" else set(), hostile)
+            rates[kind].append(rate)
+            print("  %-8s healthy domains delivered %7.1f msgs/s" % (kind, rate), flush=True)
+    clean, bad = statistics.median(rates["clean"]), statistics.median(rates["hostile"])
+    print("medians: clean %.1f, hostile %.1f msgs/s to the healthy domains: %.0f%%"
+          % (clean, bad, 100 * bad / clean))
+    tarpit.listener.close()
+
+
+def hostile_run(args, sink, hostile, uncounted):
+    """One run for --seconds with the domains hostile hostile; deliveries per second to those not uncounted.
+
+    Both kinds of run count the same domains: those healthy in a hostile run.
+    """
+    zone, drop = {}, set()
+    for d in range(DOMAINS):
+        zone[("d%d.test" % d, "MX")] = [(10, "mx.d%d.test" % d)]
+        zone[("mx.d%d.test" % d, "A")] = ["127.0.0.2" if d in hostile and d % 2 else "127.0.0.1"]
+        if d in hostile and d % 2 == 0:
+            drop |= {"d%d.test" % d, "mx.d%d.test" % d}
+    dns = support.DNSResponder(zone, drop=drop)
+    root = support.make_mail_root()
+    server = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", "example.org",
+                                   "--dns-server", "%s:%d" % dns.address, "--mx-port", str(sink.port),
+                                   "--relay-concurrency", str(args.concurrency), "--retry-base", "1",
+                                   "--relay-timeout", "4", "--max-connections", str(4 * args.clients + 8))
+    healthy = ["d%d.test" % d for d in range(DOMAINS) if d not in uncounted]
+    before = sum(sink.domains[d] for d in healthy)
+    stop_at = time.monotonic() + args.seconds
+
+    accepted = []
+
+    def client(number):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as smtp:
+            sent = number
+            while time.monotonic() < stop_at:
+                smtp.sendmail("bench@example.org", ["u%d@d%d.test" % (sent, sent % DOMAINS)],
+                              HEAD.replace(b"sink@[127.0.0.1]", b"u@d%d.test" % (sent % DOMAINS)))
+                sent += args.clients
+                accepted.append(1)
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    delivered = sum(sink.domains[d] for d in healthy) - before
+    elapsed = time.monotonic() - started
+    rate = delivered / elapsed
+    print("    accepted %.1f msgs/s (all domains), %d queued at the end, server CPU %.1f s"
+          % (len(accepted) / elapsed, len(support.queue_files(root)), support.cpu_seconds(server.proc.pid)))
+    server.close()
+    dns.close()
+    support.remove_mail_root(root)
+    return rate
 
 
 if __name__ == "__main__":

@@ -147,5 +147,22 @@ class PerDestinationLimitTest(FlowCase):
         self.assertEqual(self.remote.most_at_once, 3)
 
 
+class ReplyTimeoutTest(unittest.TestCase):
+    """RFC 5321 4.5.3.2: how long the client waits for each reply; --relay-timeout caps every wait."""
+
+    def relay(self, *options):
+        args = mailserver_smtp.parse_args(["0", "--local-domains", "example.org"] + list(options))
+        return mailserver_smtp.Relay(args, "mx.example.org")
+
+    def test_the_waits_of_rfc_5321_and_the_session_ceiling(self):
+        """5 minutes for the greeting and commands, 2 for DATA's 354, 3 per block, 10 after the dot."""
+        relay = self.relay()
+        self.assertEqual({stage: relay.wait_of(stage) for stage in ("greeting", "command", "data", "block", "end")},
+                         {"greeting": 300, "command": 300, "data": 120, "block": 180, "end": 600})
+        self.assertEqual(mailserver_smtp.SESSION_CEILING * relay.wait_of("end"), 1200)
+        capped = self.relay("--relay-timeout", "4")
+        self.assertEqual({capped.wait_of(stage) for stage in ("greeting", "command", "data", "block", "end")}, {4})
+
+
 if __name__ == "__main__":
     unittest.main()
