@@ -2360,6 +2360,12 @@ OTHER_COMMANDS = (           # what main() runs instead of a server, for --help
      "read a password (not echoed) and print a hashed password field for userinfo.txt"),
     ("--queue [--root DIR]", "list the outbound queue, as mailq does"),
     ("--flush [--root DIR]", "make the servers running on the mail root try every queued message now"),
+    ("--dkim-keygen DOMAIN [--selector S] [--key-type rsa|ed25519] [--root DIR]",
+     "make a DKIM key in ROOT/.dkim/DOMAIN/S.pem and print the TXT record to publish"),
+    ("--dns-records DOMAIN [--root DIR] [--domain HOST] [--source-address ADDR]",
+     "print the MX, SPF, DKIM, DMARC and PTR records the domain needs"),
+    ("--check-dns DOMAIN [--root DIR] [--domain HOST] [--source-address ADDR] [--dns-server ADDR]",
+     "ask DNS for each of them: right, missing, or wrong and why (exit 0 when all are right)"),
 )
 
 
@@ -4355,7 +4361,7 @@ class OutboundQueue:
         entry = QueuedMessage(queue_id, sender, [QueuedRecipient(r) for r in recipients], login,
                               needs=needs, hops=names.count(b"received") + 1)
         # Signed once, here, after our own fields: every retry sends the same bytes (section 9).
-        domain = author_domain(header)
+        domain = author_domain(header) if self.keys.present() else None   # a stat, not a parse, without keys
         signatures = self.keys.signatures(domain, itertools.chain([head], outgoing_chunks(spool))) if domain else b""
         return write_queued(self.folder, entry, signatures + head, outgoing_chunks(spool))
 
@@ -6707,6 +6713,8 @@ def site_checks(lookup, domain, host, address, keys):
     for selector, key in keys:
         name = "%s._domainkey.%s" % (selector, domain)
         yield ("DKIM", name) + _site_answer(lambda: check_dkim_record(lookup, name, key))
+    if not keys:                     # nothing to look up, and mail would go out unsigned
+        yield ("DKIM", domain, "missing", "no key in the mail root: make one with --dkim-keygen")
     yield ("DMARC", "_dmarc." + domain) + _site_answer(lambda: check_dmarc_record(lookup, "_dmarc." + domain))
     yield ("PTR", address or host) + _site_answer(lambda: check_ptr(lookup, host, address))
 
@@ -6818,7 +6826,7 @@ def read_new_password():
 #     key.private_pem(), key.public.record()     the keys (--dkim-keygen)
 #     dkim_sign(chunks, domain, keys, now)       DKIM-Signature fields to put on top
 #     dkim_verify(header, body, lookup_txt, now) one DKIMResult per signature
-#     DKIMKeys(root).keys_for(domain)            the keys of ROOT/.dkim/DOMAIN/
+#     DKIMKeys(root).signatures(domain, chunks)  the same with the keys of ROOT/.dkim/DOMAIN/
 #   Nothing here opens a socket: DNS comes in as lookup_txt(name), a
 #   function returning the TXT texts of name ([] for none) or raising
 #   DNSError.
@@ -7012,16 +7020,14 @@ def public_key_from_record(kind, data):
         if len(data) != ED25519_KEY_SIZE:
             raise DKIMKeyError("an Ed25519 public key is 32 bytes")
         return Ed25519PublicKey(data)
-    try:
+    _, start, stop = _der_element(data, 0, len(data))
+    if start < stop and data[start] == DER_SEQUENCE:       # SubjectPublicKeyInfo (RFC 5280 4.1.2.7)
         algorithm, bits = der_fields(data, (DER_SEQUENCE, DER_BIT_STRING))
         if der(DER_SEQUENCE, algorithm) != der(DER_SEQUENCE, der(DER_OID, OID_RSA) + der(DER_NULL, b"")):
             raise DKIMKeyError("public key of an algorithm other than RSA")
         if bits[:1] != b"\0":
             raise DKIMKeyError("BIT STRING with unused bits")
         data = bits[1:]
-    except DKIMKeyError:
-        if data[:1] != bytes((DER_SEQUENCE,)) or len(der_fields(data, (DER_INTEGER,), (DER_INTEGER,))) < 2:
-            raise
     n, e = [der_integer(value) for value in der_fields(data, (DER_INTEGER, DER_INTEGER))]
     return RSAPublicKey(n, e)
 
@@ -7156,7 +7162,7 @@ def _rsa_prime(half, e, other=None):
     |p - q| > 2**(half - 100).
     """
     rounds = RSA_PRIME_ROUNDS.get(half, 5)   # smaller primes (test keys only): as many as for 1024 bits
-    for _ in range(5 * half * 10):       # B.3.3 allows 5 * half tries; candidates failing trial division are cheap
+    for _ in range(50 * half):           # B.3.3 starts again after 5 * half; going on with fresh candidates is the same
         p = secrets.randbits(half) | 1
         if p * p < 1 << (2 * half - 1):
             continue
@@ -7230,6 +7236,32 @@ def _ed_multiply(s, P):
     return Q
 
 
+@functools.lru_cache(maxsize=None)
+def _ed_base_table():
+    """[[j * 16**i * B for j in 0..15] for i in 0..63]: the base point's multiples, made once (10 ms)."""
+    table, row_base = [], None
+    for _ in range(64):
+        row_base = ED25519_BASE if row_base is None else _ed_double(_ed_double(_ed_double(_ed_double(row_base))))
+        row = [(0, 1, 1, 0), row_base]
+        for _ in range(14):
+            row.append(_ed_add(row[-1], row_base))
+        table.append(row)
+    return table
+
+
+def _ed_base_multiply(s):
+    """s * B (s < 2**256) from the table: 64 additions, not the 380 steps of double and add.
+
+    A speed-up: signing takes 0.3 ms instead of 1.4, verifying 1.6 instead of 2.8.
+    """
+    Q = (0, 1, 1, 0)
+    for row in _ed_base_table():
+        if s & 15:
+            Q = _ed_add(Q, row[s & 15])
+        s >>= 4
+    return Q
+
+
 def _ed_recover_x(y, sign):
     """The x of the point with this y and x's low bit (RFC 8032 5.1.3 steps 2-4); None if there is none."""
     p = ED25519_P
@@ -7291,7 +7323,7 @@ class Ed25519PublicKey:
         if R is None or s >= ED25519_L:
             return False
         k = _ed_hash(signature[:32], self.data, hashlib.sha256(data).digest())
-        left, right = _ed_multiply(s, ED25519_BASE), _ed_add(R, _ed_multiply(k, self.point))
+        left, right = _ed_base_multiply(s), _ed_add(R, _ed_multiply(k, self.point))
         p = ED25519_P
         return (left[0] * right[2] - right[0] * left[2]) % p == 0 and (left[1] * right[2] - right[1] * left[2]) % p == 0
 
@@ -7312,13 +7344,13 @@ class Ed25519PrivateKey:
         self.secret = bytes(secret)
         self.scalar = int.from_bytes(digest[:32], "little") & ((1 << 254) - 8) | 1 << 254
         self.prefix = digest[32:]
-        self.public = Ed25519PublicKey(_ed_encode(_ed_multiply(self.scalar, ED25519_BASE)))
+        self.public = Ed25519PublicKey(_ed_encode(_ed_base_multiply(self.scalar)))
 
     def sign(self, data):
         """The Ed25519 signature of data's SHA-256 digest (RFC 8032 5.1.6, RFC 8463 3)."""
         message = hashlib.sha256(data).digest()
         r = _ed_hash(self.prefix, message)
-        R = _ed_encode(_ed_multiply(r, ED25519_BASE))
+        R = _ed_encode(_ed_base_multiply(r))
         s = (r + _ed_hash(R, self.public.data, message) * self.scalar) % ED25519_L
         return R + s.to_bytes(32, "little")
 
@@ -7661,15 +7693,15 @@ DKIMResult.__doc__ = """One signature's outcome: result is pass, fail, neutral, 
 
 
 def _dkim_fold(tags):
-    """A DKIM-Signature field of tags [(name, value)], folded before a tag or inside h=, bh= and b=
-    (where FWS is allowed) so no line is much longer than DKIM_FOLD."""
+    """A DKIM-Signature field of tags [(name, value)], folded before a tag or inside h= and b=
+    (where FWS is allowed) so no line is longer than DKIM_FOLD."""
     lines, line = [], "DKIM-Signature:"
     for name, value in tags:
         if name == "h":
             pieces = ["h="] + [piece + ":" for piece in value.split(":")]
             pieces[-1] = pieces[-1][:-1]
-        elif name in ("b", "bh"):
-            pieces = [name + "="] + [value[i:i + DKIM_FOLD - 8] for i in range(0, len(value), DKIM_FOLD - 8)]
+        elif name == "b":
+            pieces = ["b="] + [value[i:i + DKIM_FOLD - 8] for i in range(0, len(value), DKIM_FOLD - 8)]
         else:
             pieces = [name + "=" + value]
         if name != "b":
@@ -7687,7 +7719,7 @@ def _dkim_fold(tags):
 def dkim_sign(chunks, domain, keys, now=None):
     """The DKIM-Signature fields (bytes, CRLF lines) that sign a message given in chunks with
     each (selector, key) of keys for domain (CONTRACT.md section 9): c=relaxed/relaxed, the
-    DKIM_SIGNED fields it has and DKIM_OVERSIGNED once more, t=, no l=.
+    DKIM_SIGNED fields it has and all of DKIM_OVERSIGNED once more (RFC 6376 8.15), t=, no l=.
 
     Each signature is verified before it is returned; DKIMError if one fails.
     """
@@ -7699,7 +7731,8 @@ def dkim_sign(chunks, domain, keys, now=None):
     body_hash = base64.b64encode(hasher.digest()).decode("ascii")
     fields = header_fields(header)
     present = {field_name(field) for field in fields}
-    signed = [name.decode("ascii") for name in DKIM_SIGNED + DKIM_OVERSIGNED if name in present]
+    signed = [name.decode("ascii") for name in DKIM_SIGNED if name in present] + \
+        [name.decode("ascii") for name in DKIM_OVERSIGNED]       # absent or not: none can be added
     made = []
     for selector, key in keys:
         tags = [("v", "1"), ("a", key.algorithm), ("c", "relaxed/relaxed"), ("d", domain), ("s", selector),
@@ -7800,12 +7833,13 @@ def dkim_public_key(signature, lookup_txt):
 # Key files are opened like mailboxes: no symlink, regular files only.
 
 def dkim_domain_folder(root, domain):
-    """ROOT/.dkim/DOMAIN for a domain in any case or Unicode; None for a name no DNS could hold
-    (which also keeps "/" and ".." out of the path)."""
+    """ROOT/.dkim/DOMAIN for a domain in any case or Unicode; None for anything but a host name
+    (so no "/", "..", or absolute path can lead outside the folder)."""
     try:
-        return os.path.join(root, DKIM_KEY_FOLDER, _dns_normalize(domain))
+        name = _dns_normalize(domain)
     except DNSError:
         return None
+    return os.path.join(root, DKIM_KEY_FOLDER, name) if DKIM_DOMAIN.match(name) else None
 
 
 def read_key_file(path):
@@ -7834,6 +7868,10 @@ class DKIMKeys:
         self.root = root
         self.lock = threading.Lock()
         self.read = {}               # folder -> (stamp, [(selector, key)] or the DKIMKeyError)
+
+    def present(self):
+        """Whether the root has a key folder at all (one stat: what unsigned mail pays)."""
+        return os.path.isdir(os.path.join(self.root, DKIM_KEY_FOLDER))
 
     def signatures(self, domain, chunks):
         """The DKIM-Signature fields (bytes) that sign a message, given in chunks, with each key of

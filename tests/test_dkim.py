@@ -319,11 +319,13 @@ class VerifyTest(unittest.TestCase):
         self.assertEqual(self.verify(header, body)[0].result, "pass")
 
     def test_unsigned_header_may_change(self):
-        """A field not in h= may be added or changed; one in h= may not be added (oversigning)."""
+        """A field not in h= may be added; a second Subject, or a Cc the message had not, may not (oversigning)."""
         header, body = signed_message([("test", self.keys["test"])])
         self.assertEqual(self.verify(header + b"X-Extra: 1\r\n", body)[0].result, "pass")
+        self.assertEqual(self.verify(header + b"Reply-To: someone@example.net\r\n", body)[0].result, "pass")
         self.assertEqual(self.verify(header + b"Subject: another\r\n", body)[0].result, "fail")
-        self.assertEqual(self.verify(header + b"Cc: someone@example.net\r\n", body)[0].result, "pass")
+        self.assertEqual(self.verify(b"Subject: another\r\n" + header, body)[0].result, "fail")
+        self.assertEqual(self.verify(header + b"Cc: someone@example.net\r\n", body)[0].result, "fail")
 
     def test_simple_canonicalization(self):
         """c=simple/simple signatures verify, and break on whitespace changes."""
@@ -408,6 +410,13 @@ class VerifyTest(unittest.TestCase):
         self.zone["test._domainkey.football.example.com"] = ["hello world", rsa + "; h=sha1:sha256; s=email:*"]
         self.assertResult(self.one({}), "pass", "good signature")
 
+    def test_bare_rsa_public_key_record(self):
+        """A p= holding a bare RSAPublicKey (RFC 6376 3.6.1's words) verifies as well as SubjectPublicKeyInfo."""
+        key = self.keys["test"].public
+        bare = dkim.der(dkim.DER_SEQUENCE, dkim.der_int(key.n) + dkim.der_int(key.e))
+        self.zone["test._domainkey.football.example.com"] = ["v=DKIM1; p=" + base64.b64encode(bare).decode()]
+        self.assertResult(self.one({}), "pass", "good signature")
+
     def test_short_rsa_key_rejected(self):
         """An RSA key under 1024 bits is not accepted for verifying (RFC 8301 3.2)."""
         key = dkim.RSAPrivateKey(*_small_rsa(512))
@@ -464,7 +473,7 @@ class SigningTest(unittest.TestCase):
 
     def test_tags(self):
         """a=, c=relaxed/relaxed, d=, s=, t=, no l=; h= lists the present fields, then oversigns."""
-        header = (b"From: a@football.example.com\r\nTo: b@example.net\r\nCc: c@example.net\r\nSubject: s\r\n"
+        header = (b"From: a@football.example.com\r\nTo: b@example.net\r\nSubject: s\r\n"
                   b"Date: Fri, 11 Jul 2003 21:00:37 -0700\r\nMessage-ID: <1@x>\r\nMIME-Version: 1.0\r\n"
                   b"Content-Type: text/plain\r\nX-Other: 1\r\n")
         fields = dkim.header_fields(dkim.dkim_sign([header, b"\r\n", b"hi\r\n"], "football.example.com",
@@ -477,8 +486,8 @@ class SigningTest(unittest.TestCase):
             self.assertEqual((tags["a"], tags["c"], tags["d"], tags["s"], tags["t"]),
                              (algorithm, "relaxed/relaxed", "football.example.com", selector, "1700000000"))
             self.assertNotIn("l", tags)
-            self.assertEqual(tags["h"].replace(" ", ""), "from:subject:date:to:cc:message-id:mime-version:"
-                             "content-type:from:to:cc:subject:date:message-id")
+            self.assertEqual(tags["h"].replace(" ", ""), "from:subject:date:to:message-id:mime-version:"
+                             "content-type:from:to:cc:subject:date:message-id")   # no Cc here, oversigned still
             self.assertTrue(all(len(line) <= dkim.DKIM_FOLD for line in field.split(b"\r\n")), field)
 
     def test_folded_headers_8bit_and_utf8(self):
@@ -666,6 +675,13 @@ class Ed25519Test(unittest.TestCase):
         self.assertFalse(again.public.verify(b"date", signature))
         self.assertFalse(again.public.verify(b"data", signature[:32] + bytes(32)))
 
+    def test_base_table_agrees_with_double_and_add(self):
+        """The table of the base point's multiples gives what double and add gives, for any scalar."""
+        rng = random.Random(8032)
+        for s in [0, 1, 15, 16, 2 ** 255 - 1] + [rng.getrandbits(256) for _ in range(20)]:
+            self.assertEqual(dkim._ed_encode(dkim._ed_base_multiply(s)),
+                             dkim._ed_encode(dkim._ed_multiply(s, dkim.ED25519_BASE)), s)
+
     def test_bad_public_keys(self):
         """A p= that is no point, or not 32 bytes, is refused."""
         with self.assertRaises(dkim.DKIMKeyError):
@@ -760,6 +776,18 @@ class ServerSigningTest(support.OneServerTestCase):
         self.assertIn(b"message-id", signed)
         self.assertTrue(any(dkim.field_name(f) == b"message-id" for f in fields))
 
+    def test_retry_sends_the_same_signed_bytes(self):
+        """A message refused with 451 once is sent again byte for byte as it was queued, signature included."""
+        self.remote.data = ["451 4.3.0 not now", "250 2.0.0 Ok: queued"]
+        reply = self.send(b"From: alice@example.org\r\nSubject: retried\r\n\r\nhi\r\n")
+        queue_id = re.search(r"queued as ([0-9A-F]+)", reply[1][-1]).group(1)
+        with open(os.path.join(support.queue_folder(self.root), queue_id), "rb") as file:
+            queued = file.read().partition(b"\n\n")[2]
+        self.server.wait_for_output(r"%s: to=<u@\[127\.0\.0\.1\]> .* status=deferred" % queue_id)
+        sent = self.sent(b"Subject: retried")
+        self.assertEqual(sent, queued)
+        self.assertEqual([r.result for r in self.verified(sent)], ["pass", "pass"])
+
     def test_relay_network_client_signed(self):
         """A client from --relay-networks (not logged in) gets its mail signed too."""
         self.send(b"From: robot@example.org\r\nSubject: from the network\r\n\r\nhi\r\n", sender="robot@example.org",
@@ -818,6 +846,13 @@ class ServerSigningTest(support.OneServerTestCase):
         """A public key where the private one belongs: 451."""
         self.unusable("public.example",
                       lambda folder: copy_key(self.root, "public.example", "pub", "rsa2048-public.pem"))
+
+    def test_folder_names_stay_inside(self):
+        """A From: domain is a folder name only when it is a host name: never absolute, never with / or .."""
+        for domain in ("/etc", "a/b", "..", "x/../../etc", "", "a b.test"):
+            self.assertIsNone(dkim.dkim_domain_folder(self.root, domain), domain)
+        self.assertEqual(dkim.dkim_domain_folder(self.root, "Bücher.Example."),
+                         os.path.join(self.root, ".dkim", "xn--bcher-kva.example"))
 
     def test_symlinked_key_refused(self):
         """A key file that is a symlink is not followed: 451."""
@@ -917,7 +952,7 @@ class KeygenTest(unittest.TestCase):
 
     def test_bad_names_refused(self):
         """A domain or selector that could leave the folder is refused (exit 2), and nothing is made."""
-        for args in (("--dkim-keygen", "../x"), ("--dkim-keygen", "a/b"),
+        for args in (("--dkim-keygen", "../x"), ("--dkim-keygen", "a/b"), ("--dkim-keygen", "/tmp"),
                      ("--dkim-keygen", "x.test", "--selector", "../s")):
             self.assertEqual(run_command(*args + ("--root", self.root, "--key-type", "ed25519"))[0], 2, args)
         self.assertEqual(os.listdir(self.root), [])
@@ -1028,6 +1063,15 @@ class SiteRecordsTest(unittest.TestCase):
         zone[("mx.example.org", "AAAA")] = ["::1"]
         code, lines = self.check(zone, "--source-address", "127.0.0.1")
         self.assertEqual(lines["PTR 127.0.0.1"], "wrong (mx.example.org does not resolve back to 127.0.0.1)")
+
+    def test_no_key_is_missing(self):
+        """A domain without keys in the mail root has its DKIM line say so, and the check fails."""
+        for name in os.listdir(os.path.join(self.root, ".dkim", "example.org")):
+            os.remove(os.path.join(self.root, ".dkim", "example.org", name))
+        code, lines = self.check(self.full_zone())
+        self.assertEqual(code, 1)
+        self.assertEqual(lines["DKIM example.org"], "missing (no key in the mail root: make one with --dkim-keygen)")
+        self.assertEqual(sum(line == "right" for line in lines.values()), 4)
 
     def test_dns_failure_is_wrong_not_a_hang(self):
         """A DNS server that fails gives 'wrong (DNS failed ...)' lines, exit 1."""
