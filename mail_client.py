@@ -118,6 +118,7 @@ NAME_SPECIALS = '()<>[]:;@\\,"'
 MIME_HEADERS = ("mime-version", "content-type", "content-transfer-encoding")
 SHOWN_HEADERS = ("From", "To", "Cc", "Date", "Subject")
 SHOWN_HEADER_NAMES = tuple(name.lower() for name in SHOWN_HEADERS)
+AUTH_RESULT_PART = re.compile(r'(?:"(?:\\.|[^"\\])*"|[^;"])+')   # RFC 8601 2.2: ";" outside quoted strings
 KNOWN_TRANSFER_ENCODINGS = ("7bit", "8bit", "binary", "quoted-printable", "base64",
                             "x-uuencode", "uuencode", "uue", "x-uue")
 BASE64_DEFECTS = {"InvalidBase64CharactersDefect", "InvalidBase64PaddingDefect",
@@ -510,6 +511,26 @@ def header(headers, name):
         if field.lower() == name.lower():
             return value
     return None
+
+
+def sender_checks(headers):
+    """'Sender checks: SPF pass, DKIM pass (example.com), DMARC pass' from the first Authentication-Results
+    field (RFC 8601), the one the server puts on top; None for a message without one."""
+    value = header(headers, "Authentication-Results")
+    if value is None:
+        return None
+    results, dkim = {}, []
+    for method in AUTH_RESULT_PART.findall(value)[1:]:      # the authserv-id first
+        words = method.split()
+        name, _, result = words[0].partition("=") if words else ("", "", "")
+        name = name.lower()
+        if name == "dkim":
+            domain = next((word[9:].strip('"') for word in words if word.lower().startswith("header.d=")), "")
+            dkim.append("%s (%s)" % (result, domain) if domain else result)
+        elif name in ("spf", "dmarc"):
+            results.setdefault(name, result)
+    return printable("Sender checks: SPF %s, DKIM %s, DMARC %s" % (
+        results.get("spf", "none"), ", ".join(dkim) or "none", results.get("dmarc", "none")))
 
 
 def decode_words(value):
@@ -907,10 +928,14 @@ class ReadMail:
         return None if value is None else decode_words(value)
 
     def shown_lines(self):
-        """What RETR prints: the stored lines of a plain message, the readable view of a MIME one."""
+        """What RETR prints: the stored lines of a plain message, the readable view of a MIME one.
+
+        A message the server checked starts with one line of its results.
+        """
+        checks = sender_checks(self.headers)
         if not self.mime:
-            return self.lines + self.notes()
-        lines = []
+            return ([checks] if checks else []) + self.lines + self.notes()
+        lines = [checks] if checks else []
         for name in SHOWN_HEADERS:
             value = self.field(name)
             if value is not None:

@@ -6,7 +6,7 @@
 One thread serves each connection.  A message is written whole, under a lock
 shared with the POP3 server, and fsync'd before the client hears 250.
 
-The file has three parts:
+The file has four parts:
   Part 1, "shared with pop_server.py": the mail root (users, mailbox files,
     the lock protocol, the mailbox format), the session skeleton, the
     PROXY protocol and the server skeleton.  pop_server.py imports this part and nothing else.
@@ -16,6 +16,8 @@ The file has three parts:
     queue, DNS, delivery to other servers and bounces; then the server and main().
   Part 3, "message authentication: DKIM": keys, RSA, Ed25519,
     canonicalization, signing and verifying, behind a narrow interface.
+  Part 4, "checks on mail that comes in": SPF, DKIM verification and DMARC
+    of mail from outside, and the Authentication-Results each copy gets.
 """
 
 # Part 1's modules: what both servers are made of (users and passwords, files
@@ -43,7 +45,6 @@ import struct
 import threading
 import _thread
 import time
-import urllib.parse
 
 try:
     import fcntl
@@ -64,6 +65,7 @@ import secrets
 import smtplib
 import sys
 import tempfile
+import urllib.parse          # Part 4: SPF's URL-escaped macros (RFC 7208 7.3)
 
 
 # ##########################################################################
@@ -2119,11 +2121,14 @@ class ConnectionThreads:
     threading.Thread.start() waits until the new thread runs: on the one CPU
     the server keeps to (run_on_one_cpu), the accept loop must hand the GIL
     over and wait to get it back before it takes the next connection, and a
-    Thread's own bookkeeping adds more.  Measured (tests/bench_smtp.py, 12
-    interleaved rounds, 10 clients): 0.546 against 0.591 ms of CPU per
-    message, as little as a bare _thread (0.544).  The registry gives back
-    what Thread gave: each thread is held here, with the peer it serves,
-    from before it starts until it ends, and what escapes it is logged.
+    Thread's own bookkeeping adds more.  Measured (tests/bench_smtp.py, 10
+    interleaved rounds on a busy machine, server CPU per message at 10 and
+    50 clients): 0.54 and 0.56 ms against 0.61 and 0.61 with a Thread, as
+    little as a bare _thread (0.55, 0.54); a Thread subclass that skips
+    the wait saved nothing (0.62, 0.63) and needs threading's internals.
+    The registry gives back what Thread gave: each thread is held here,
+    with the peer it serves, from before it starts until it ends, and what
+    escapes it is logged.
     """
 
     def __init__(self):
@@ -2141,6 +2146,7 @@ class ConnectionThreads:
             raise
 
     def _run(self, done, function, args):
+        """The new thread: function(*args), logged if anything escapes it, then off the list."""
         try:
             function(*args)
         except BaseException:     # SystemExit too, which a threading.Thread would drop unseen
@@ -2150,6 +2156,7 @@ class ConnectionThreads:
             done.release()
 
     def __len__(self):
+        """How many threads are running."""
         return len(self._running)
 
     def peers(self):
@@ -2342,6 +2349,10 @@ class Replies:
     TOO_MANY_FAILURES = "421 4.7.0 %s Too many failed authentications, closing connection"
     NOT_YOURS = "553 5.7.1 Sender <%s> is not an address of %s"
     RELAYING_DENIED = "550 5.7.1 relaying denied"
+    # Checks on mail that comes in (CONTRACT.md section 10)
+    SPF_FAILED = "550 5.7.23 %s"
+    NOT_ONE_AUTHOR = "550 5.7.1 A message must have exactly one From: address (RFC 7489 6.6.1)"
+    DMARC_REJECTED = "550 5.7.1 Message refused by the DMARC policy of %s"
 
 
 POSTMASTER = "postmaster"    # RFC 5321 4.5.1: always accepted, in any case
@@ -2590,6 +2601,7 @@ class Envelope:
         self.logins = {}             # the local ones' mailbox owners -> the addresses that lead there
         self.remote = []             # the addresses for other servers (the queue), without repeats
         self.chunked = None          # the message BDAT chunks are building (RFC 3030)
+        self.spf = None              # the SPFResult, when the checks on mail from outside apply
 
     def add(self, address, login):
         """Add a recipient: for login's mailbox, or (login None) for the queue."""
@@ -2767,6 +2779,7 @@ class SMTPSession(Session):
         if not (utf8 or address.isascii()):
             return self.replies.NEEDS_SMTPUTF8
         self.envelope.sender, self.envelope.utf8, self.envelope.declared_size = address, utf8, size
+        self.envelope.spf = self.server.sender_check(self, address)
         return self.replies.SENDER_OK % address
 
     def may_send(self):
@@ -2794,6 +2807,8 @@ class SMTPSession(Session):
         if not (envelope.utf8 or address.isascii()):
             return self.replies.NEEDS_SMTPUTF8
         login = self.server.mailbox_owner(address, self.login, self.address)
+        if envelope.spf is not None and envelope.spf.result == "fail" and local_part(address).lower() != POSTMASTER:
+            raise Refused(Replies.SPF_FAILED % envelope.spf.explanation)   # postmaster: RFC 5321 4.5.1
         if len(envelope.recipients) >= MAX_RECIPIENTS:
             return self.replies.TOO_MANY_RECIPIENTS
         if login is not None and self.server.quota is not None:
@@ -3061,7 +3076,8 @@ def take_message(session, spool):
     envelope, server = session.envelope, session.server
     header = Header(spool.lines())   # read once: the sender check, the stored form, the queue's facts
     message_id = new_queue_id()      # ours: in the trace fields, the log, and the queue's file name
-    copies = received_form(session, spool, header, message_id)
+    checked = server.message_check(session, spool, header)
+    copies = received_form(session, spool, header, message_id, checked)
     size = max(map(len, copies.values()), default=0)
     if envelope.logins and server.quota is not None and size > server.quota:
         # No deletion could ever make room: a permanent refusal (RFC 3463 5.2.2), not a retry.
@@ -3103,12 +3119,13 @@ def arrival_text(session, header):
                                                         session.wire.tls_version() or "none")
 
 
-def received_form(session, spool, header, message_id):
+def received_form(session, spool, header, message_id, checked=None):
     """Each local recipient's copy in its stored form, {login: StoredMessage}; Refused if the sender is not the login's.
 
     header: the message's Header.  Copies differ only in the To: added to
     a message that has none: it names that copy's recipients alone, so no
-    copy tells who else (Bcc) got the message.
+    copy tells who else (Bcc) got the message.  checked: the CheckedMessage
+    of mail from outside, whose results each copy gets.
     """
     envelope, login = session.envelope, session.login
     foreign = foreign_sender(header, functools.partial(session.server.is_own, login=login)) if login else None
@@ -3121,6 +3138,8 @@ def received_form(session, spool, header, message_id):
     for owner, addresses in envelope.logins.items():
         layout = stored_layout(header, spool.size, sender, [r.encode("utf-8", "surrogateescape") for r in addresses],
                                received)
+        if checked:                  # the checks' results, right after our trace fields
+            layout = checked_layout(layout, checked)
         if traced:
             layout.insert(0, trace_fields(session, addresses[0], message_id, now))
         copies[owner] = spool.message(layout)
@@ -3163,33 +3182,39 @@ def stored_lines(run, strict):
 
 
 class Header:
-    """A stored message's header block, read in one pass: its fields' names and places, From:, Sender:, Message-ID:.
+    """A stored message's header block, read in one pass: its fields' names and places, some fields whole.
 
     lines: the stored body's lines from the first; only the header block
     and the line after it are read (header_block decides where it ends).
     """
 
     SENDER_FIELDS = (b"from", b"sender")
-    KEPT_FIELDS = SENDER_FIELDS + (b"message-id",)     # kept whole: the sender check, the delivery log
+    # kept whole: the sender check, the delivery log, forged authentication results (Part 4)
+    KEPT_FIELDS = SENDER_FIELDS + (b"message-id", b"authentication-results")
 
     def __init__(self, lines):
         seen = []                     # per line: (name, or None if folded; start; end; the line if kept)
         count, _ = header_block(self._recording(lines, seen))
         self.fields = []              # [name in lower case, start, end] of each field, folded lines included
-        kept = []                     # [name, the field as stored, folded lines joined] of the KEPT_FIELDS
+        self.kept = []                # [name, start, end, the field as stored] of KEPT_FIELDS, folded lines joined
         for name, start, end, line in seen[:count]:
             if name is None:          # a folded line continues its field
                 self.fields[-1][2] = end
                 if line is not None:
-                    kept[-1][1] += line
+                    self.kept[-1][2] = end
+                    self.kept[-1][3] += line
             else:
                 self.fields.append([name, start, end])
                 if line is not None:
-                    kept.append([name, line])
+                    self.kept.append([name, start, end, line])
         self.end = seen[count - 1][2] if count else 0
-        self.senders = [line for name, line in kept if name in self.SENDER_FIELDS]
+        self.senders = [line for name, _, _, line in self.kept if name in self.SENDER_FIELDS]
         self.message_id = next((printable(" ".join(line.partition(b":")[2].decode("utf-8", "replace").split()))
-                                [:MAX_PATH] for name, line in kept if name == b"message-id"), "-")
+                                [:MAX_PATH] for name, _, _, line in self.kept if name == b"message-id"), "-")
+
+    def kept_fields(self, name):
+        """[(start, end, field as stored)] of one of the KEPT_FIELDS."""
+        return [(start, end, field) for kept, start, end, field in self.kept if kept == name]
 
     def _recording(self, lines, seen):
         """The lines, each noted in seen as it is read (a line of the KEPT_FIELDS kept whole)."""
@@ -4111,13 +4136,18 @@ def submission_headers(names, domain):
 
 def author_domain(header):
     """The domain of the first From: address of a message (header: its Header), or None."""
-    for field in header.senders:
-        name, _, value = field.partition(b":")
-        if name.strip().lower() == b"from":
-            text = " ".join(value.decode("utf-8", "surrogateescape").split())
-            domains = [address.rpartition("@")[2] for _, address in email.utils.getaddresses([text]) if "@" in address]
-            return domains[0] if domains else None
-    return None
+    domains = [address.rpartition("@")[2] for addresses in from_addresses(header) for address in addresses
+               if "@" in address]
+    return domains[0] if domains else None
+
+
+def from_addresses(header):
+    """The addresses of each From: field of a message (header: its Header), [[address, ...], ...]."""
+    fields = []
+    for _, _, field in header.kept_fields(b"from"):
+        text = " ".join(field.partition(b":")[2].decode("utf-8", "surrogateescape").split())
+        fields.append([address for _, address in email.utils.getaddresses([text]) if address])
+    return fields
 
 
 def queue_received(session, spool, header, queue_id):
@@ -4781,6 +4811,9 @@ DNS_MIN_TRY = 1.0            # seconds one try gets at least, when the deadline 
 DNS_MAX_EXCHANGERS = 5       # best MX hosts looked up and tried (Postfix's smtp_mx_address_limit is 5):
                              # a domain's owner could list a thousand, each a slow lookup for a runner
 DNS_HOST_LABEL = re.compile(r"[a-z0-9_-]+\Z")   # RFC 952/1123 host names, "_" as in real zones
+# Any label the resolver may ask for: a DNS label may hold any octet (RFC 2181 11), and SPF's names
+# any visible character or a space (RFC 7208 7.1); we take printable ASCII.
+DNS_ANY_LABEL = re.compile(r"[ -~]+\Z")
 
 DNS_NO_SUCH_DOMAIN = "no such domain"
 DNS_NULL_MX = "null MX: the domain accepts no mail (RFC 7505)"
@@ -4815,8 +4848,13 @@ def _dns_malformed(why):
     return DNSError(DNS_MALFORMED % why)
 
 
-def _dns_normalize(name):
-    """A domain name as it goes on the wire: lower case, no trailing dot, IDNA for non-ASCII (RFC 5890)."""
+def _dns_normalize(name, allowed=DNS_HOST_LABEL):
+    """A domain name as it goes on the wire: lower case, no trailing dot, IDNA for non-ASCII (RFC 5890).
+
+    Each label must match allowed: by default a host name's (what names a
+    host, a mail domain or a key folder must be); the resolver itself asks
+    for any name DNS_ANY_LABEL allows.
+    """
     text = name.lower()
     if text.endswith("."):
         text = text[:-1]
@@ -4829,7 +4867,7 @@ def _dns_normalize(name):
             raise DNSError(DNS_BAD_NAME, name, temporary=False) from None
     labels = text.split(".")
     if (not text or len(text) + 2 > DNS_MAX_NAME
-            or not all(len(label) <= DNS_MAX_LABEL and DNS_HOST_LABEL.match(label) for label in labels)):
+            or not all(len(label) <= DNS_MAX_LABEL and allowed.match(label) for label in labels)):
         raise DNSError(DNS_BAD_NAME, name, temporary=False)
     return text
 
@@ -5106,7 +5144,7 @@ class Resolver:
         NXDOMAIN's is the DNSError's ttl).
         """
         qtype = DNS_TYPES[rtype]
-        owner, ttls = _dns_normalize(name), []
+        owner, ttls = _dns_normalize(name, DNS_ANY_LABEL), []
         for _ in range(DNS_MAX_CNAMES):
             # A chain the server did not finish in its answer is asked for again from its end.
             found, dangling, ttl = _dns_follow_cnames(self._ask(owner, qtype, deadline), owner, qtype)
@@ -5216,8 +5254,8 @@ class DNSCache:
     again by another, which waits for that answer (within its deadline).
     """
 
-    def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS):
-        self.resolver = resolver
+    def __init__(self, resolver, entries=DNS_CACHE_ENTRIES, octets=DNS_CACHE_OCTETS, clock=time.monotonic):
+        self.resolver, self.clock = resolver, clock
         self.max_entries, self.max_octets = entries, octets
         self.octets = 0
         self._answers = collections.OrderedDict()   # (name, type) -> (expires, records or DNSError, octets)
@@ -5229,7 +5267,7 @@ class DNSCache:
         key = (name.lower().rstrip("."), rtype)
         with self._lock:
             entry = self._answers.get(key)
-            if entry is not None and entry[0] > time.monotonic():
+            if entry is not None and entry[0] > self.clock():
                 self._answers.move_to_end(key)
                 answer = entry[1]
             else:
@@ -5282,7 +5320,7 @@ class DNSCache:
             old = self._answers.pop(key, None)
             if old is not None:
                 self.octets -= old[2]
-            self._answers[key] = (time.monotonic() + ttl, answer, size)
+            self._answers[key] = (self.clock() + ttl, answer, size)
             self.octets += size
             while len(self._answers) > self.max_entries or self.octets > self.max_octets:
                 _, (_, _, dropped) = self._answers.popitem(last=False)
@@ -5700,9 +5738,6 @@ class Relay:
         try:
             smtp = self.connect(server, port)
             greeted = True
-            # Commands go one by one, each waiting for its reply: without this, Nagle's
-            # algorithm holds back the short ones until the remote's delayed ACK (40 ms).
-            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = "%s[%s]:%d" % (name, smtp.sock.getpeername()[0], port)
             result = self.converse(smtp, entry, file, relay, name, addresses, tls)
             smtp.end_watch()
@@ -5750,6 +5785,9 @@ class Relay:
         if code != 220:
             smtp.close()
             raise smtplib.SMTPConnectError(code, message)
+        # Commands go one by one, each waiting for its reply: without this, Nagle's
+        # algorithm holds back the short ones until the remote's delayed ACK (40 ms).
+        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return smtp
 
     def converse(self, smtp, entry, file, relay, name, addresses, tls):
@@ -5906,447 +5944,6 @@ def original_headers(path, offset):
     return b"".join(line + b"\r\n" for line in lines[:count])
 
 
-# ##########################################################################
-#
-#   CHECKS ON MAIL THAT COMES IN: SPF, DMARC, AUTHENTICATION-RESULTS
-#
-#   With --local-domains, mail from a client that is neither logged in nor
-#   in --relay-networks is checked (CONTRACT.md section 10): SPF of the
-#   MAIL FROM domain at MAIL (RFC 7208), every DKIM signature and DMARC of
-#   the From: domain after the data (RFC 6376, RFC 7489), and each stored
-#   copy is told the results (RFC 8601, RFC 7208 9.1).  The session sees
-#   three hooks: spf_check at MAIL, spf_refusal at RCPT, and
-#   message_checks after the data; everything below them is pure functions
-#   over a lookup(name, type) callable (a DNSCache), so the rules read
-#   without sockets, one beside its RFC section.
-#
-# ##########################################################################
-
-# --------------------------------------------------------------------------
-# SPF: check_host() of RFC 7208
-# --------------------------------------------------------------------------
-
-SPF_MAX_TERMS = 10           # RFC 7208 4.6.4: include, a, mx, ptr, exists and redirect, all records together
-SPF_MAX_VOID = 2             # RFC 7208 4.6.4: lookups answered with no record (NOERROR empty, or NXDOMAIN)
-SPF_MAX_NAMES = 10           # RFC 7208 4.6.4: MX hosts of one mx (more: permerror), PTR names (more: ignored)
-SPF_DEADLINE = 20.0          # seconds for one whole check (RFC 7208 4.6.4 allows a limit of 20 s or more)
-SPF_MAX_NAME = 253           # RFC 7208 7.3: an expanded name longer than this loses labels on its left
-SPF_MAX_EXPLANATION = 300    # characters of a domain's explanation put into our 550 reply
-SPF_QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}   # RFC 7208 4.6.2
-SPF_VERSION = re.compile(r"v=spf1(?: |\Z)", re.IGNORECASE)           # RFC 7208 4.5: "v=spf1", then SP or end
-SPF_MODIFIER = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.*)\Z", re.DOTALL)   # RFC 7208 4.6.1: name "=" ...
-SPF_MECHANISM = re.compile(r"([-+?~]?)([A-Za-z][A-Za-z0-9]*)(.*)\Z", re.DOTALL)
-# RFC 7208 7.1: a macro-expand, or one macro-literal (visible ASCII but "%"); explain-string adds SP
-SPF_MACRO_TOKEN = re.compile(r"%\{([slodiphcrtv])(\d*)(r?)([.+,/_=-]*)\}|%[%_-]|[!-$&-~]", re.IGNORECASE)
-SPF_EXPLAIN_TOKEN = re.compile(SPF_MACRO_TOKEN.pattern + "| ", re.IGNORECASE)
-SPF_EXPLAIN_ONLY = "crt"     # RFC 7208 7.2: macro letters allowed only in exp= text
-# RFC 7208 7.1: domain-end = "." toplabel ["."], toplabel LDH with a letter or an inner "-"
-SPF_DOMAIN_END = re.compile(r"(?:.*)\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])\.?\Z",
-                            re.DOTALL)
-SPF_CIDR = re.compile(r"(?:/(\d+))?(?://(\d+))?\Z")                  # RFC 7208 5.6: dual-cidr-length
-SPF_CIDR_NUMBER = re.compile(r"0\Z|[1-9]\d*\Z")                      # RFC 7208 5.6: no leading zero
-SPF_IP4 = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z")
-SPF_DEFAULT_EXPLANATION = "%{d} does not designate %{c} as permitted sender of %{s}"
-SPF_MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")   # RFC 7208 5
-
-
-class SPFError(Exception):
-    """Ends an SPF check early with temperror or permerror (result), saying why."""
-
-    def __init__(self, result, why):
-        super().__init__(why)
-        self.result = result
-        self.why = why
-
-
-def spf_permerror(why, *args):
-    """The SPFError of a record that cannot be evaluated (RFC 7208 2.6.7)."""
-    return SPFError("permerror", why % args if args else why)
-
-
-class SPFResult:
-    """What an SPF check found: the result, the identity and domain checked, why, and a fail's explanation."""
-
-    def __init__(self, result, identity, sender, domain, why, explanation=None):
-        self.result = result         # none, neutral, pass, fail, softfail, temperror, permerror (RFC 7208 2.6)
-        self.identity = identity     # "mailfrom", or "helo" for the null reverse-path (RFC 7208 2.4)
-        self.sender = sender         # the <sender> checked: MAIL FROM, or postmaster@HELO
-        self.domain = domain
-        self.why = why               # the mechanism that matched, or the error
-        self.explanation = explanation
-
-
-class SPFRecord:
-    """A parsed SPF record (RFC 7208 4.6): its directives, in order, and its redirect= and exp= targets."""
-
-    def __init__(self, text):
-        self.directives = []         # (qualifier, mechanism name, domain-spec or network, cidr4, cidr6, term)
-        self.redirect = self.explanation = None
-        for term in text[len("v=spf1"):].split(" "):   # RFC 7208 4.6.1: terms are separated by SP only
-            if term:
-                self._add(term)
-
-    def _add(self, term):
-        """Add one term; a term of no known form is a permerror, wherever it is (RFC 7208 4.6)."""
-        modifier = SPF_MODIFIER.match(term)
-        if modifier:
-            name, value = modifier.group(1).lower(), modifier.group(2)
-            if name in ("redirect", "exp"):
-                attribute = "redirect" if name == "redirect" else "explanation"
-                if getattr(self, attribute) is not None:   # RFC 7208 6: each at most once
-                    raise spf_permerror("%s= given twice", name)
-                setattr(self, attribute, spf_domain_spec(value))
-            else:                    # RFC 7208 6: an unknown modifier is ignored, but its syntax is checked
-                spf_macro_string(value)
-            return
-        mechanism = SPF_MECHANISM.match(term)
-        name = mechanism.group(2).lower() if mechanism else None
-        if name not in SPF_MECHANISMS:
-            raise spf_permerror("unknown mechanism %r", term)
-        self.directives.append((mechanism.group(1) or "+", name) + spf_argument(name, mechanism.group(3))
-                               + (term,))
-
-
-def spf_argument(name, rest):
-    """(target, cidr4, cidr6) of a mechanism from what follows its name (RFC 7208 5.1 to 5.7)."""
-    if name == "all":
-        if rest:
-            raise spf_permerror("all takes no argument")
-        return None, None, None
-    if name in ("ip4", "ip6"):
-        return spf_network(name, rest)
-    cidr4 = cidr6 = None
-    if name in ("a", "mx"):          # RFC 7208 5.3, 5.4: [":" domain-spec] [dual-cidr-length]
-        cidr = SPF_CIDR.search(rest)
-        cidr4, cidr6 = spf_prefix(cidr.group(1), 32), spf_prefix(cidr.group(2), 128)
-        rest = rest[:cidr.start()]
-    if not rest:
-        if name in ("include", "exists"):
-            raise spf_permerror("%s needs a domain", name)
-        return None, cidr4, cidr6
-    if not rest.startswith(":"):
-        raise spf_permerror("%s: ':' expected before %r", name, rest)
-    return spf_domain_spec(rest[1:]), cidr4, cidr6
-
-
-def spf_prefix(digits, largest):
-    """The length of a CIDR prefix (RFC 7208 5.6), None if absent; permerror if out of range."""
-    if digits is None:
-        return None
-    if not SPF_CIDR_NUMBER.match(digits) or int(digits) > largest:
-        raise spf_permerror("bad prefix length /%s", digits)
-    return int(digits)
-
-
-def spf_network(name, rest):
-    """(network, prefix, None) of ip4:/ip6: (RFC 7208 5.6): an address, then an optional /length."""
-    address, slash, digits = rest[1:].partition("/")
-    if not rest.startswith(":"):
-        raise spf_permerror("%s needs ':' and an address", name)
-    prefix = spf_prefix(digits, 32 if name == "ip4" else 128) if slash else None
-    try:
-        if name == "ip4" and SPF_IP4.match(address):
-            return ipaddress.IPv4Address(address), prefix, None
-        if name == "ip6" and "%" not in address:
-            return ipaddress.IPv6Address(address), prefix, None
-    except ValueError:
-        pass
-    raise spf_permerror("%s: bad address %r", name, address)
-
-
-def spf_macro_string(text, explain=False):
-    """The tokens of a macro-string (RFC 7208 7.1), each a match; permerror if text is not one.
-
-    c, r and t are only allowed in explanations (RFC 7208 7.2).
-    """
-    tokens, pos = [], 0
-    pattern = SPF_EXPLAIN_TOKEN if explain else SPF_MACRO_TOKEN
-    while pos < len(text):
-        token = pattern.match(text, pos)
-        if token is None:
-            raise spf_permerror("bad macro or character at %r", text[pos:pos + 10])
-        letter = token.group(1)
-        if letter and not explain and letter.lower() in SPF_EXPLAIN_ONLY:
-            raise spf_permerror("%%{%s} is only allowed in exp= text", letter)
-        tokens.append(token)
-        pos = token.end()
-    return tokens
-
-
-def spf_domain_spec(text):
-    """A domain-spec, checked (RFC 7208 7.1): a macro-string ending in a macro or '.' toplabel."""
-    tokens = spf_macro_string(text)
-    if not tokens:
-        raise spf_permerror("empty domain")
-    last_macro = max((t.end() for t in tokens if t.group().startswith("%")), default=0)
-    if last_macro != len(text) and not SPF_DOMAIN_END.match(text, last_macro):
-        raise spf_permerror("%r does not end in a top-level label", text)
-    return text
-
-
-def spf_domain_is_valid(domain):
-    """Whether a domain may be checked at all (RFC 7208 4.3): multi-label, each label 1 to 63 octets."""
-    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
-    return len(labels) > 1 and all(0 < len(label) <= DNS_MAX_LABEL for label in labels) and domain.isascii()
-
-
-def check_spf(lookup, ip, sender, helo, receiver, timeout=SPF_DEADLINE):
-    """The SPF result for a client: of the MAIL FROM domain, or of the HELO name for <> (RFC 7208 2.3, 2.4).
-
-    lookup(name, type) gives a record list ([] for none or NXDOMAIN) or
-    raises DNSError; the whole check ends within timeout seconds.
-    """
-    identity = "mailfrom" if sender else "helo"
-    if not sender:
-        sender = "postmaster@" + helo
-    local, _, domain = sender.rpartition("@")
-    if not local:                    # RFC 7208 4.3: no local part, "postmaster" stands in
-        sender = "postmaster@" + domain
-    if not spf_domain_is_valid(domain):
-        return SPFResult("none", identity, sender, domain, "no domain that SPF can check")
-    check = SPFCheck(lookup, ip, sender, helo, receiver, time.monotonic() + timeout)
-    try:
-        result, where, why = check.check_host(domain.rstrip(".").lower())
-    except SPFError as error:
-        return SPFResult(error.result, identity, sender, domain, error.why)
-    explanation = check.explanation(*where) if result == "fail" else None
-    return SPFResult(result, identity, sender, domain, why, explanation)
-
-
-class SPFCheck:
-    """One evaluation of check_host() (RFC 7208 4): the client, the sender, and the counts of 4.6.4."""
-
-    def __init__(self, lookup, ip, sender, helo, receiver, deadline):
-        address = ipaddress.ip_address(ip)
-        # RFC 7208 5: an IPv4-mapped IPv6 address is the IPv4 address it holds
-        self.ip = getattr(address, "ipv4_mapped", None) or address
-        self.address_type = "A" if self.ip.version == 4 else "AAAA"
-        self.lookup, self.sender, self.helo, self.receiver = lookup, sender, helo, receiver
-        self.deadline = deadline
-        self.terms = 0               # DNS-querying terms evaluated so far
-        self.voids = 0
-        self._validated = None       # the client's validated names (RFC 7208 5.5), found once
-
-    def check_host(self, domain):
-        """(result, (domain, exp target) of the deciding record, why) for one domain (RFC 7208 4.4 to 4.7)."""
-        record = self.record(domain)
-        if record is None:
-            return "none", None, "no SPF record"
-        for qualifier, name, target, cidr4, cidr6, term in record.directives:
-            if getattr(self, "match_" + name)(domain, target, cidr4, cidr6):
-                return SPF_QUALIFIERS[qualifier], (domain, record.explanation), term
-        if record.redirect is None:
-            return "neutral", (domain, record.explanation), "no mechanism matched"   # RFC 7208 4.7
-        self.count_term()            # RFC 7208 6.1: the exp= of the redirecting record is not used
-        result, where, why = self.check_host(self.target(record.redirect, domain))
-        if result == "none":
-            raise spf_permerror("redirect to a domain without an SPF record")
-        return result, where, why
-
-    def record(self, domain):
-        """The one SPF record of domain, parsed, or None (RFC 7208 4.4, 4.5); permerror if several."""
-        texts = [text for text in self.query(domain, "TXT") if SPF_VERSION.match(text)]
-        if len(texts) > 1:
-            raise spf_permerror("%d SPF records for %s", len(texts), domain)
-        if not texts:
-            return None
-        if not texts[0].isascii():   # RFC 7208 3.1: a record is 7-bit ASCII (octets arrive as Latin-1)
-            raise spf_permerror("SPF record of %s is not ASCII", domain)
-        return SPFRecord(texts[0])
-
-    def query(self, name, rtype, void_counts=True):
-        """The records of a lookup; [] for NXDOMAIN or a name DNS cannot hold; temperror if DNS fails."""
-        if time.monotonic() > self.deadline:
-            raise SPFError("temperror", "SPF check took longer than %d s" % SPF_DEADLINE)
-        labels = name.rstrip(".").split(".")
-        if not all(0 < len(label) <= DNS_MAX_LABEL for label in labels):
-            return []                # RFC 7208 4.3 and 4.8: a name DNS cannot hold has no records
-        try:
-            records = self.lookup(name, rtype)
-        except DNSError as error:
-            if error.temporary:
-                raise SPFError("temperror", "DNS: %s" % error) from None
-            records = []
-        if not records and void_counts:
-            self.voids += 1
-            if self.voids > SPF_MAX_VOID:
-                raise spf_permerror("more than %d void DNS lookups", SPF_MAX_VOID)
-        return records
-
-    def count_term(self):
-        """Count a DNS-querying term (RFC 7208 4.6.4): the eleventh is a permerror."""
-        self.terms += 1
-        if self.terms > SPF_MAX_TERMS:
-            raise spf_permerror("more than %d DNS-querying terms", SPF_MAX_TERMS)
-
-    def target(self, spec, domain):
-        """The <target-name> of a mechanism: its domain-spec expanded, or the current domain (RFC 7208 4.8)."""
-        if spec is None:
-            return domain
-        name = self.expand(spec, domain)
-        while len(name) > SPF_MAX_NAME and "." in name:   # RFC 7208 7.3: drop labels on the left
-            name = name.partition(".")[2]
-        return name.rstrip(".").lower()
-
-    # -- the mechanisms (RFC 7208 5), each: does it match?
-
-    def match_all(self, domain, target, cidr4, cidr6):
-        return True                  # RFC 7208 5.1
-
-    def match_include(self, domain, target, cidr4, cidr6):
-        """RFC 7208 5.2: the other domain's pass matches; its errors are ours; no record there is a permerror."""
-        self.count_term()
-        result, _, why = self.check_host(self.target(target, domain))
-        if result in ("temperror", "permerror"):
-            raise SPFError(result, why)
-        if result == "none":
-            raise spf_permerror("include of a domain without an SPF record")
-        return result == "pass"
-
-    def match_a(self, domain, target, cidr4, cidr6):
-        """RFC 7208 5.3: an address of the target name is the client's, in its network."""
-        self.count_term()
-        return self.in_addresses(self.query(self.target(target, domain), self.address_type), cidr4, cidr6)
-
-    def match_mx(self, domain, target, cidr4, cidr6):
-        """RFC 7208 5.4: an address of one of the target's mail exchangers (at most 10) is the client's."""
-        self.count_term()
-        hosts = [host for _, host in self.query(self.target(target, domain), "MX")]
-        if len(hosts) > SPF_MAX_NAMES:
-            raise spf_permerror("more than %d MX records", SPF_MAX_NAMES)
-        return any(self.in_addresses(self.query(host, self.address_type), cidr4, cidr6)
-                   for host in hosts if host)
-
-    def match_ptr(self, domain, target, cidr4, cidr6):
-        """RFC 7208 5.5: a validated name of the client is the target or ends in it."""
-        self.count_term()
-        name = self.target(target, domain)
-        return any(valid == name or valid.endswith("." + name) for valid in self.validated_names())
-
-    def match_ip4(self, domain, network, prefix, _):
-        """RFC 7208 5.6: the client's address is in the network (of its own family)."""
-        return self.in_network(network, prefix)
-
-    match_ip6 = match_ip4
-
-    def match_exists(self, domain, target, cidr4, cidr6):
-        """RFC 7208 5.7: the target name has an A record (whatever the client's address family)."""
-        self.count_term()
-        return bool(self.query(self.target(target, domain), "A"))
-
-    def in_addresses(self, addresses, cidr4, cidr6):
-        """Whether the client is in the network of one of the addresses (cidr by its family)."""
-        prefix = cidr4 if self.ip.version == 4 else cidr6
-        return any(self.in_network(ipaddress.ip_address(address), prefix) for address in addresses)
-
-    def in_network(self, address, prefix):
-        """Whether the client's address is in address/prefix (the whole address without a prefix)."""
-        if address.version != self.ip.version:
-            return False
-        network = ipaddress.ip_network((address, address.max_prefixlen if prefix is None else prefix),
-                                       strict=False)
-        return self.ip in network
-
-    def validated_names(self):
-        """The client's names whose addresses lead back to it (RFC 7208 5.5); none on a DNS error."""
-        if self._validated is None:
-            self._validated = []
-            try:
-                names = self.query(reverse_name(str(self.ip)), "PTR")[:SPF_MAX_NAMES]
-                for name in names:
-                    try:
-                        if any(ipaddress.ip_address(a) == self.ip for a in self.query(name, self.address_type)):
-                            self._validated.append(name.rstrip(".").lower())
-                    except SPFError as error:
-                        if error.result != "temperror":   # RFC 7208 5.5: a name with a DNS error is skipped
-                            raise
-            except SPFError as error:
-                if error.result != "temperror":          # RFC 7208 5.5: a PTR DNS error matches nothing
-                    raise
-        return self._validated
-
-    # -- macros (RFC 7208 7) and explanations (RFC 7208 6.2)
-
-    def expand(self, text, domain, explain=False):
-        """A macro-string with its macros expanded (RFC 7208 7.3, 7.4)."""
-        out = []
-        for token in spf_macro_string(text, explain):
-            piece, letter = token.group(), token.group(1)
-            if letter:
-                piece = self.macro(letter, token.group(2), token.group(3), token.group(4), domain)
-            elif piece.startswith("%"):
-                piece = {"%%": "%", "%_": " ", "%-": "%20"}[piece]
-            out.append(piece)
-        return "".join(out)
-
-    def macro(self, letter, digits, reverse, delimiters, domain):
-        """One macro's value, transformed (RFC 7208 7.3): split, reversed, right-hand parts kept, URL-escaped."""
-        value = self.macro_value(letter.lower(), domain)
-        if digits or reverse or delimiters:
-            parts = re.split("[%s]" % re.escape(delimiters or "."), value)
-            if reverse:
-                parts.reverse()
-            if digits:
-                if int(digits) == 0:     # RFC 7208 7.3: a DIGIT transformer is nonzero
-                    raise spf_permerror("macro keeps zero parts")
-                parts = parts[-int(digits):]
-            value = ".".join(parts)
-        if letter.isupper():             # RFC 7208 7.3: upper case means URL-escaped (RFC 3986)
-            value = urllib.parse.quote(value, safe="")
-        return value
-
-    def macro_value(self, letter, domain):
-        """The value of a macro letter (RFC 7208 7.2)."""
-        if letter == "s":
-            return self.sender
-        if letter in "lo":
-            local, _, sender_domain = self.sender.rpartition("@")
-            return local if letter == "l" else sender_domain
-        if letter == "d":
-            return domain
-        if letter == "i":                # dotted nibbles for IPv6
-            return str(self.ip) if self.ip.version == 4 else ".".join(self.ip.exploded.replace(":", ""))
-        if letter == "p":
-            return self.validated_name(domain)
-        if letter == "v":
-            return "in-addr" if self.ip.version == 4 else "ip6"
-        if letter == "h":
-            return self.helo
-        if letter == "c":
-            return str(self.ip)
-        if letter == "r":
-            return self.receiver
-        return str(int(time.time()))    # t
-
-    def validated_name(self, domain):
-        """%{p} (RFC 7208 7.3): the domain if validated, else a validated subdomain of it, else any, else 'unknown'."""
-        names = self.validated_names()
-        for wanted in (lambda name: name == domain, lambda name: name.endswith("." + domain), lambda name: True):
-            for name in names:
-                if wanted(name):
-                    return name
-        return "unknown"
-
-    def explanation(self, domain, spec):
-        """A fail's explanation (RFC 7208 6.2): the exp= TXT record expanded, else our default; safe to show."""
-        text = None
-        if spec is not None:
-            try:
-                texts = self.query(self.target(spec, domain), "TXT", void_counts=False)
-                if len(texts) == 1 and texts[0].isascii():
-                    text = self.expand(texts[0], domain, explain=True)
-            except SPFError:             # RFC 7208 6.2: any trouble with exp= means no explanation
-                text = None
-        if text is None:
-            text = self.expand(SPF_DEFAULT_EXPLANATION, domain, explain=True)
-        return safe_text(text, SPF_MAX_EXPLANATION)
-
-
-def safe_text(text, limit):
-    """Text from outside fit for a reply or header line: printable ASCII only, at most limit characters."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
-
-
 # --------------------------------------------------------------------------
 # The SMTP server and main
 # --------------------------------------------------------------------------
@@ -6371,6 +5968,9 @@ class SMTPServer(Server):
             record_relay_settings(self.users.root, relay_settings(args))
             self.queue = OutboundQueue(self.users.root, self.domain, self.local_domains, relay_options(args),
                                        self.deliver_bounce)
+        # and mail from outside is checked (CONTRACT.md section 10)
+        self.checks = None if self.local_domains is None else IncomingChecks(
+            self.domain, Resolver(args.dns_server, INCOMING_DNS_TIMEOUT, INCOMING_DNS_ATTEMPTS))
 
     def serve_forever(self):
         for listener in self.listeners if self.local_domains is None else ():
@@ -6431,6 +6031,24 @@ class SMTPServer(Server):
             return True
         domain = recipient_domain(address)
         return domain is not None and domain in self.local_domains
+
+    def sender_check(self, session, sender):
+        """The SPFResult of a transaction from outside (CONTRACT.md section 10); None where no check applies.
+
+        Checked: with --local-domains, a client neither logged in nor in
+        --relay-networks (its address from a PROXY header if there is one).
+        """
+        if self.checks is None or session.login is not None or in_networks(session.address[0],
+                                                                            self.relay_networks):
+            return None
+        return self.checks.spf(session.address[0], sender, session.client_name)
+
+    def message_check(self, session, spool, header):
+        """The CheckedMessage of a message whose transaction was checked, else None; Refused by DMARC."""
+        spf = session.envelope.spf
+        if spf is None:
+            return None
+        return self.checks.message(spf, session.address[0], session.client_name, header, spool)
 
     def local_owner(self, address):
         """The login whose mailbox takes mail for an address in a local domain; Refused if none."""
@@ -7925,6 +7543,735 @@ def dkim_selector(name):
     """The selector of a key file's name (SELECTOR.pem), or None for any other file."""
     selector = name[:-len(DKIM_KEY_SUFFIX)] if name.endswith(DKIM_KEY_SUFFIX) else ""
     return selector if DKIM_DOMAIN.match(selector) and not selector.startswith(".") else None
+
+
+# ##########################################################################
+#
+#   PART 4: CHECKS ON MAIL THAT COMES IN: SPF, DMARC, AUTHENTICATION-RESULTS
+#
+#   With --local-domains, mail from a client that is neither logged in nor
+#   in --relay-networks is checked (CONTRACT.md section 10): SPF of the
+#   MAIL FROM domain at MAIL (RFC 7208), every DKIM signature and DMARC of
+#   the From: domain after the data (RFC 6376, RFC 7489), and each stored
+#   copy is told the results (RFC 8601, RFC 7208 9.1).  What the rest of
+#   the file uses is small:
+#     IncomingChecks(domain, resolver)      one per server: its name, its DNSCache
+#     .spf(ip, sender, helo)                an SPFResult, once per transaction at MAIL
+#     .message(spf, ip, helo, header, spool)  a CheckedMessage after the data, or Refused
+#     checked_layout(layout, checked)       a stored copy told the results
+#   Below them all is pure functions over lookup(name, type) (a DNSCache's
+#   query with a deadline), so the rules read without sockets, each beside
+#   its RFC section; DKIM is Part 3's dkim_verify.
+#
+# ##########################################################################
+
+# --------------------------------------------------------------------------
+# SPF: check_host() of RFC 7208
+# --------------------------------------------------------------------------
+
+SPF_MAX_TERMS = 10           # RFC 7208 4.6.4: include, a, mx, ptr, exists and redirect, all records together
+SPF_MAX_VOID = 2             # RFC 7208 4.6.4: lookups answered with no record (NOERROR empty, or NXDOMAIN)
+SPF_MAX_NAMES = 10           # RFC 7208 4.6.4: MX hosts of one mx (more: permerror), PTR names (more: ignored)
+SPF_DEADLINE = 20.0          # seconds for one whole check (RFC 7208 4.6.4 allows a limit of 20 s or more)
+SPF_MAX_NAME = 253           # RFC 7208 7.3: an expanded name longer than this loses labels on its left
+SPF_MAX_EXPLANATION = 300    # characters of a domain's explanation put into our 550 reply
+SPF_QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}   # RFC 7208 4.6.2
+SPF_VERSION = re.compile(r"v=spf1(?: |\Z)", re.IGNORECASE)           # RFC 7208 4.5: "v=spf1", then SP or end
+SPF_MODIFIER = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.*)\Z", re.DOTALL)   # RFC 7208 4.6.1: name "=" ...
+SPF_MECHANISM = re.compile(r"([-+?~]?)([A-Za-z][A-Za-z0-9]*)(.*)\Z", re.DOTALL)
+# RFC 7208 7.1: a macro-expand, or one macro-literal (visible ASCII but "%"); explain-string adds SP
+SPF_MACRO_TOKEN = re.compile(r"%\{([slodiphcrtv])([0-9]*)(r?)([.+,/_=-]*)\}|%[%_-]|[!-$&-~]", re.IGNORECASE)
+SPF_EXPLAIN_TOKEN = re.compile(SPF_MACRO_TOKEN.pattern + "| ", re.IGNORECASE)
+SPF_EXPLAIN_ONLY = "crt"     # RFC 7208 7.2: macro letters allowed only in exp= text
+# RFC 7208 7.1: domain-end = "." toplabel ["."], toplabel LDH with a letter or an inner "-"
+SPF_DOMAIN_END = re.compile(r"(?:.*)\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*[A-Za-z0-9])\.?\Z",
+                            re.DOTALL)
+SPF_CIDR = re.compile(r"(?:/([0-9]+))?(?://([0-9]+))?\Z")            # RFC 7208 5.6: dual-cidr-length
+SPF_CIDR_NUMBER = re.compile(r"0\Z|[1-9][0-9]{0,2}\Z")                # RFC 7208 5.6: no leading zero, 3 digits
+SPF_MAX_PARTS = 128          # more parts than any name has (RFC 1035 2.3.4): a larger DIGIT keeps them all
+SPF_IP4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                     r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\Z")   # RFC 7208 5.6: qnum, no leading 0
+SPF_DEFAULT_EXPLANATION = "%{d} does not designate %{c} as permitted sender of %{s}"
+SPF_MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")   # RFC 7208 5
+
+
+class SPFError(Exception):
+    """Ends an SPF check early with temperror or permerror (result), saying why."""
+
+    def __init__(self, result, why):
+        super().__init__(why)
+        self.result = result
+        self.why = why
+
+
+def spf_permerror(why, *args):
+    """The SPFError of a record that cannot be evaluated (RFC 7208 2.6.7)."""
+    return SPFError("permerror", why % args if args else why)
+
+
+class SPFResult:
+    """What an SPF check found: the result, the identity and domain checked, why, and a fail's explanation."""
+
+    def __init__(self, result, identity, sender, domain, why, explanation=None):
+        self.result = result         # none, neutral, pass, fail, softfail, temperror, permerror (RFC 7208 2.6)
+        self.identity = identity     # "mailfrom", or "helo" for the null reverse-path (RFC 7208 2.4)
+        self.sender = sender         # the <sender> checked: MAIL FROM, or postmaster@HELO
+        self.domain = domain
+        self.why = why               # the mechanism that matched, or the error
+        self.explanation = explanation
+
+
+class SPFRecord:
+    """A parsed SPF record (RFC 7208 4.6): its directives, in order, and its redirect= and exp= targets."""
+
+    def __init__(self, text):
+        self.directives = []         # (qualifier, mechanism name, domain-spec or network, cidr4, cidr6, term)
+        self.redirect = self.explanation = None
+        for term in text[len("v=spf1"):].split(" "):   # RFC 7208 4.6.1: terms are separated by SP only
+            if term:
+                self._add(term)
+
+    def _add(self, term):
+        """Add one term; a term of no known form is a permerror, wherever it is (RFC 7208 4.6)."""
+        modifier = SPF_MODIFIER.match(term)
+        if modifier:
+            name, value = modifier.group(1).lower(), modifier.group(2)
+            if name in ("redirect", "exp"):
+                attribute = "redirect" if name == "redirect" else "explanation"
+                if getattr(self, attribute) is not None:   # RFC 7208 6: each at most once
+                    raise spf_permerror("%s= given twice", name)
+                setattr(self, attribute, spf_domain_spec(value))
+            else:                    # RFC 7208 6: an unknown modifier is ignored, but its syntax is checked
+                spf_macro_string(value)
+            return
+        mechanism = SPF_MECHANISM.match(term)
+        name = mechanism.group(2).lower() if mechanism else None
+        if name not in SPF_MECHANISMS:
+            raise spf_permerror("unknown mechanism %r", term)
+        self.directives.append((mechanism.group(1) or "+", name) + spf_argument(name, mechanism.group(3))
+                               + (term,))
+
+
+def spf_argument(name, rest):
+    """(target, cidr4, cidr6) of a mechanism from what follows its name (RFC 7208 5.1 to 5.7)."""
+    if name == "all":
+        if rest:
+            raise spf_permerror("all takes no argument")
+        return None, None, None
+    if name in ("ip4", "ip6"):
+        return spf_network(name, rest)
+    cidr4 = cidr6 = None
+    if name in ("a", "mx"):          # RFC 7208 5.3, 5.4: [":" domain-spec] [dual-cidr-length]
+        cidr = SPF_CIDR.search(rest)
+        cidr4, cidr6 = spf_prefix(cidr.group(1), 32), spf_prefix(cidr.group(2), 128)
+        rest = rest[:cidr.start()]
+    if not rest:
+        if name in ("include", "exists"):
+            raise spf_permerror("%s needs a domain", name)
+        return None, cidr4, cidr6
+    if not rest.startswith(":"):
+        raise spf_permerror("%s: ':' expected before %r", name, rest)
+    return spf_domain_spec(rest[1:]), cidr4, cidr6
+
+
+def spf_prefix(digits, largest):
+    """The length of a CIDR prefix (RFC 7208 5.6), None if absent; permerror if out of range."""
+    if digits is None:
+        return None
+    if not SPF_CIDR_NUMBER.match(digits) or int(digits) > largest:
+        raise spf_permerror("bad prefix length /%s", digits)
+    return int(digits)
+
+
+def spf_network(name, rest):
+    """(network, prefix, None) of ip4:/ip6: (RFC 7208 5.6): an address, then an optional /length."""
+    address, slash, digits = rest[1:].partition("/")
+    if not rest.startswith(":"):
+        raise spf_permerror("%s needs ':' and an address", name)
+    prefix = spf_prefix(digits, 32 if name == "ip4" else 128) if slash else None
+    try:
+        if name == "ip4" and SPF_IP4.match(address):
+            return ipaddress.IPv4Address(address), prefix, None
+        if name == "ip6" and "%" not in address:
+            return ipaddress.IPv6Address(address), prefix, None
+    except ValueError:
+        pass
+    raise spf_permerror("%s: bad address %r", name, address)
+
+
+def spf_macro_string(text, explain=False):
+    """The tokens of a macro-string (RFC 7208 7.1), each a match; permerror if text is not one.
+
+    c, r and t are only allowed in explanations (RFC 7208 7.2).
+    """
+    tokens, pos = [], 0
+    pattern = SPF_EXPLAIN_TOKEN if explain else SPF_MACRO_TOKEN
+    while pos < len(text):
+        token = pattern.match(text, pos)
+        if token is None:
+            raise spf_permerror("bad macro or character at %r", text[pos:pos + 10])
+        letter = token.group(1)
+        if letter and not explain and letter.lower() in SPF_EXPLAIN_ONLY:
+            raise spf_permerror("%%{%s} is only allowed in exp= text", letter)
+        tokens.append(token)
+        pos = token.end()
+    return tokens
+
+
+def spf_domain_spec(text):
+    """A domain-spec, checked (RFC 7208 7.1): a macro-string ending in a macro or '.' toplabel."""
+    tokens = spf_macro_string(text)
+    if not tokens:
+        raise spf_permerror("empty domain")
+    last_macro = max((t.end() for t in tokens if t.group().startswith("%")), default=0)
+    if last_macro != len(text) and not SPF_DOMAIN_END.match(text, last_macro):
+        raise spf_permerror("%r does not end in a top-level label", text)
+    return text
+
+
+def spf_domain_is_valid(domain):
+    """Whether a domain may be checked at all (RFC 7208 4.3): multi-label, each label 1 to 63 octets."""
+    if domain.startswith("["):       # an address literal (RFC 5321 4.1.3) names no domain
+        return False
+    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
+    return len(labels) > 1 and all(0 < len(label) <= DNS_MAX_LABEL for label in labels) and domain.isascii()
+
+
+def check_spf(lookup, ip, sender, helo, receiver, timeout=SPF_DEADLINE):
+    """The SPF result for a client: of the MAIL FROM domain, or of the HELO name for <> (RFC 7208 2.3, 2.4).
+
+    lookup(name, type) gives a record list ([] for none or NXDOMAIN) or
+    raises DNSError; the whole check ends within timeout seconds (a lookup
+    that may take long should have a deadline of its own: IncomingChecks').
+    """
+    identity = "mailfrom" if sender else "helo"
+    if not sender:
+        sender = "postmaster@" + helo
+    local, _, domain = sender.rpartition("@")
+    if not local:                    # RFC 7208 4.3: no local part, "postmaster" stands in
+        sender = "postmaster@" + domain
+    if not spf_domain_is_valid(domain):
+        return SPFResult("none", identity, sender, domain, "no domain that SPF can check")
+    check = SPFCheck(lookup, ip, sender, helo, receiver, time.monotonic() + timeout)
+    try:
+        result, where, why = check.check_host(domain.rstrip(".").lower())
+    except SPFError as error:
+        return SPFResult(error.result, identity, sender, domain, error.why)
+    explanation = check.explanation(*where) if result == "fail" else None
+    return SPFResult(result, identity, sender, domain, why, explanation)
+
+
+class SPFCheck:
+    """One evaluation of check_host() (RFC 7208 4): the client, the sender, and the counts of 4.6.4."""
+
+    def __init__(self, lookup, ip, sender, helo, receiver, deadline):
+        address = ipaddress.ip_address(ip)
+        # RFC 7208 5: an IPv4-mapped IPv6 address is the IPv4 address it holds
+        self.ip = getattr(address, "ipv4_mapped", None) or address
+        self.address_type = "A" if self.ip.version == 4 else "AAAA"
+        self.lookup, self.sender, self.helo, self.receiver = lookup, sender, helo, receiver
+        self.deadline = deadline
+        self.terms = 0               # DNS-querying terms evaluated so far
+        self.voids = 0
+        self._validated = None       # the client's validated names (RFC 7208 5.5), found once
+
+    def check_host(self, domain):
+        """(result, (domain, exp target) of the deciding record, why) for one domain (RFC 7208 4.4 to 4.7)."""
+        record = self.record(domain)
+        if record is None:
+            return "none", None, "no SPF record"
+        for qualifier, name, target, cidr4, cidr6, term in record.directives:
+            if getattr(self, "match_" + name)(domain, target, cidr4, cidr6):
+                return SPF_QUALIFIERS[qualifier], (domain, record.explanation), term
+        if record.redirect is None:
+            return "neutral", (domain, record.explanation), "default"   # RFC 7208 4.7; "default" as 9.1 says
+        self.count_term()            # RFC 7208 6.1: the exp= of the redirecting record is not used
+        result, where, why = self.check_host(self.target(record.redirect, domain))
+        if result == "none":
+            raise spf_permerror("redirect to a domain without an SPF record")
+        return result, where, why
+
+    def record(self, domain):
+        """The one SPF record of domain, parsed, or None (RFC 7208 4.4, 4.5); permerror if several."""
+        texts = [text for text in self.query(domain, "TXT") if SPF_VERSION.match(text)]
+        if len(texts) > 1:
+            raise spf_permerror("%d SPF records for %s", len(texts), domain)
+        if not texts:
+            return None
+        if not texts[0].isascii():   # RFC 7208 3.1: a record is 7-bit ASCII (octets arrive as Latin-1)
+            raise spf_permerror("SPF record of %s is not ASCII", domain)
+        return SPFRecord(texts[0])
+
+    def query(self, name, rtype, void_counts=True):
+        """The records of a lookup; [] for NXDOMAIN or a name DNS cannot hold; temperror if DNS fails."""
+        if time.monotonic() > self.deadline:
+            raise SPFError("temperror", "SPF check took longer than %d s" % SPF_DEADLINE)
+        labels = name.rstrip(".").split(".")
+        if not all(0 < len(label) <= DNS_MAX_LABEL for label in labels):
+            return []                # RFC 7208 4.3 and 4.8: a name DNS cannot hold has no records
+        try:
+            records = self.lookup(name, rtype)
+        except DNSError as error:
+            if error.temporary:
+                raise SPFError("temperror", "DNS: %s" % error) from None
+            records = []
+        if not records and void_counts:
+            self.voids += 1
+            if self.voids > SPF_MAX_VOID:
+                raise spf_permerror("more than %d void DNS lookups", SPF_MAX_VOID)
+        return records
+
+    def count_term(self):
+        """Count a DNS-querying term (RFC 7208 4.6.4): the eleventh is a permerror."""
+        self.terms += 1
+        if self.terms > SPF_MAX_TERMS:
+            raise spf_permerror("more than %d DNS-querying terms", SPF_MAX_TERMS)
+
+    def target(self, spec, domain):
+        """The <target-name> of a mechanism: its domain-spec expanded, or the current domain (RFC 7208 4.8)."""
+        if spec is None:
+            return domain
+        name = self.expand(spec, domain)
+        while len(name) > SPF_MAX_NAME and "." in name:   # RFC 7208 7.3: drop labels on the left
+            name = name.partition(".")[2]
+        return name.rstrip(".").lower()
+
+    # -- the mechanisms (RFC 7208 5), each: does it match?
+
+    def match_all(self, domain, target, cidr4, cidr6):
+        return True                  # RFC 7208 5.1
+
+    def match_include(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.2: the other domain's pass matches; its errors are ours; no record there is a permerror."""
+        self.count_term()
+        result, _, why = self.check_host(self.target(target, domain))
+        if result in ("temperror", "permerror"):
+            raise SPFError(result, why)
+        if result == "none":
+            raise spf_permerror("include of a domain without an SPF record")
+        return result == "pass"
+
+    def match_a(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.3: an address of the target name is the client's, in its network."""
+        self.count_term()
+        return self.in_addresses(self.query(self.target(target, domain), self.address_type), cidr4, cidr6)
+
+    def match_mx(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.4: an address of one of the target's mail exchangers (at most 10) is the client's."""
+        self.count_term()
+        hosts = [host for _, host in self.query(self.target(target, domain), "MX")]
+        if len(hosts) > SPF_MAX_NAMES:
+            raise spf_permerror("more than %d MX records", SPF_MAX_NAMES)
+        return any(self.in_addresses(self.query(host, self.address_type), cidr4, cidr6)
+                   for host in hosts if host)
+
+    def match_ptr(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.5: a validated name of the client is the target or ends in it."""
+        self.count_term()
+        name = self.target(target, domain)
+        return any(valid == name or valid.endswith("." + name) for valid in self.validated_names())
+
+    def match_ip4(self, domain, network, prefix, _):
+        """RFC 7208 5.6: the client's address is in the network (of its own family)."""
+        return self.in_network(network, prefix)
+
+    match_ip6 = match_ip4
+
+    def match_exists(self, domain, target, cidr4, cidr6):
+        """RFC 7208 5.7: the target name has an A record (whatever the client's address family)."""
+        self.count_term()
+        return bool(self.query(self.target(target, domain), "A"))
+
+    def in_addresses(self, addresses, cidr4, cidr6):
+        """Whether the client is in the network of one of the addresses (cidr by its family)."""
+        prefix = cidr4 if self.ip.version == 4 else cidr6
+        return any(self.in_network(ipaddress.ip_address(address), prefix) for address in addresses)
+
+    def in_network(self, address, prefix):
+        """Whether the client's address is in address/prefix (the whole address without a prefix)."""
+        if address.version != self.ip.version:
+            return False
+        network = ipaddress.ip_network((address, address.max_prefixlen if prefix is None else prefix),
+                                       strict=False)
+        return self.ip in network
+
+    def validated_names(self):
+        """The client's names whose addresses lead back to it (RFC 7208 5.5), the first 10 PTR names tried."""
+        if self._validated is None:
+            self._validated = [name.rstrip(".").lower()
+                               for name in self.query_or_none(reverse_name(str(self.ip)), "PTR")[:SPF_MAX_NAMES]
+                               if self.ip in map(ipaddress.ip_address, self.query_or_none(name, self.address_type))]
+        return self._validated
+
+    def query_or_none(self, name, rtype):
+        """query(), with a DNS failure taken as no record: RFC 7208 5.5 skips a name whose lookup fails."""
+        try:
+            return self.query(name, rtype)
+        except SPFError as error:
+            if error.result != "temperror":
+                raise
+            return []
+
+    # -- macros (RFC 7208 7) and explanations (RFC 7208 6.2)
+
+    def expand(self, text, domain, explain=False):
+        """A macro-string with its macros expanded (RFC 7208 7.3, 7.4)."""
+        out = []
+        for token in spf_macro_string(text, explain):
+            piece, letter = token.group(), token.group(1)
+            if letter:
+                piece = self.macro(letter, token.group(2), token.group(3), token.group(4), domain)
+            elif piece.startswith("%"):
+                piece = {"%%": "%", "%_": " ", "%-": "%20"}[piece]
+            out.append(piece)
+        return "".join(out)
+
+    def macro(self, letter, digits, reverse, delimiters, domain):
+        """One macro's value, transformed (RFC 7208 7.3): split, reversed, right-hand parts kept, URL-escaped."""
+        value = self.macro_value(letter.lower(), domain)
+        if digits or reverse or delimiters:
+            parts = re.split("[%s]" % re.escape(delimiters or "."), value)
+            if reverse:
+                parts.reverse()
+            if digits:
+                count = int(digits.lstrip("0")[:4] or "0")   # 4 digits at most: a record may hold 5000
+                if count == 0:           # RFC 7208 7.3: a DIGIT transformer is nonzero
+                    raise spf_permerror("macro keeps zero parts")
+                parts = parts[-min(count, SPF_MAX_PARTS):]
+            value = ".".join(parts)
+        if letter.isupper():             # RFC 7208 7.3: upper case means URL-escaped (RFC 3986)
+            value = urllib.parse.quote(value, safe="")
+        return value
+
+    def macro_value(self, letter, domain):
+        """The value of a macro letter (RFC 7208 7.2)."""
+        if letter == "s":
+            return self.sender
+        if letter in "lo":
+            local, _, sender_domain = self.sender.rpartition("@")
+            return local if letter == "l" else sender_domain
+        if letter == "d":
+            return domain
+        if letter == "i":                # dotted nibbles for IPv6
+            return str(self.ip) if self.ip.version == 4 else ".".join(self.ip.exploded.replace(":", ""))
+        if letter == "p":
+            return self.validated_name(domain)
+        if letter == "v":
+            return "in-addr" if self.ip.version == 4 else "ip6"
+        if letter == "h":
+            return self.helo
+        if letter == "c":
+            return str(self.ip)
+        if letter == "r":
+            return self.receiver
+        return str(int(time.time()))    # t
+
+    def validated_name(self, domain):
+        """%{p} (RFC 7208 7.3): the domain if validated, else a validated subdomain of it, else any, else 'unknown'."""
+        names = self.validated_names()
+        for wanted in (lambda name: name == domain, lambda name: name.endswith("." + domain), lambda name: True):
+            for name in names:
+                if wanted(name):
+                    return name
+        return "unknown"
+
+    def explanation(self, domain, spec):
+        """A fail's explanation (RFC 7208 6.2): the exp= TXT record expanded, else our default; safe to show."""
+        text = None
+        if spec is not None:
+            try:
+                texts = self.query(self.target(spec, domain), "TXT", void_counts=False)
+                if len(texts) == 1 and texts[0].isascii():
+                    text = self.expand(texts[0], domain, explain=True)
+            except SPFError:             # RFC 7208 6.2: any trouble with exp= means no explanation
+                text = None
+        if text is None:
+            text = self.expand(SPF_DEFAULT_EXPLANATION, domain, explain=True)
+        return safe_text(text, SPF_MAX_EXPLANATION)
+
+
+def safe_text(text, limit):
+    """Text from outside fit for a reply or header line: printable ASCII only, at most limit characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
+# --------------------------------------------------------------------------
+# DMARC: the policy of the From: domain (RFC 7489)
+# --------------------------------------------------------------------------
+
+DMARC_PREFIX = "_dmarc."     # RFC 7489 6.1: the record is a TXT record at _dmarc.<domain>
+DMARC_VERSION = re.compile(r"\s*v\s*=\s*DMARC1\s*(;|\Z)")   # RFC 7489 6.4: v=DMARC1 first, exactly
+DMARC_MAX_LABELS = 8         # labels of the longest name the walk for an organizational domain asks for
+DMARC_POLICIES = ("none", "quarantine", "reject")           # RFC 7489 6.3 p= and sp=
+
+
+class DMARCRecord:
+    """A DMARC policy record (RFC 7489 6.3): p, sp, adkim, aspf and pct; ValueError if it has no valid p=."""
+
+    def __init__(self, text):
+        tags = {}
+        for part in text.split(";"):
+            name, equals, value = part.partition("=")
+            if equals:
+                tags.setdefault(name.strip().lower(), value.strip())
+        policy = tags.get("p", "").lower()
+        if policy not in DMARC_POLICIES:      # RFC 7489 6.6.3 step 6: p=none if there is a rua=, else no record
+            if not tags.get("rua"):
+                raise ValueError("no valid p=")
+            policy = "none"
+        self.policy = policy
+        subdomains = tags.get("sp", "").lower()
+        self.subdomain_policy = subdomains if subdomains in DMARC_POLICIES else policy
+        # RFC 7489 6.3: anything else that is not valid takes its default
+        self.strict_dkim = tags.get("adkim", "r").lower() == "s"
+        self.strict_spf = tags.get("aspf", "r").lower() == "s"
+        pct = tags.get("pct", "100")
+        self.percent = int(pct) if re.fullmatch("[0-9]{1,3}", pct) and int(pct) <= 100 else 100
+
+
+def dmarc_record(lookup, domain):
+    """The DMARC record published at domain, or None (RFC 7489 6.6.3: none, or more than one, is none)."""
+    try:
+        texts = [t for t in lookup(DMARC_PREFIX + domain, "TXT") if DMARC_VERSION.match(t)]
+    except DNSError as error:
+        if error.temporary:
+            raise
+        return None
+    if len(texts) != 1:
+        return None
+    try:
+        return DMARCRecord(texts[0])
+    except ValueError:
+        return None
+
+
+def organizational_domain(lookup, domain):
+    """(organizational domain, its record) of domain (CONTRACT.md section 10, for RFC 7489 3.2).
+
+    Without a Public Suffix List: the shortest ancestor of two labels or
+    more that publishes a DMARC record, else the domain itself (with no
+    record).  One query per name, names of at most 8 labels.
+    """
+    labels = domain.split(".")
+    for count in range(2, min(len(labels), DMARC_MAX_LABELS) + 1):
+        candidate = ".".join(labels[-count:])
+        record = dmarc_record(lookup, candidate)
+        if record is not None:
+            return candidate, record
+    return domain, None
+
+
+def dmarc_aligned(identifier, domain, organizational, strict):
+    """Whether an authenticated domain is aligned with the From: domain (RFC 7489 3.1).
+
+    Strict: the same domain.  Relaxed: the same organizational domain; as
+    that is the shortest ancestor publishing a record, a name under it has
+    it as its own organizational domain too, so no further query is needed.
+    """
+    identifier = identifier.lower().rstrip(".")
+    if strict:
+        return identifier == domain
+    return identifier == organizational or identifier.endswith("." + organizational)
+
+
+def check_dmarc(lookup, from_domain, spf, dkim):
+    """(result, policy, why) of DMARC for the From: domain (RFC 7489 6.6): result none/pass/fail/temperror.
+
+    policy is the action a failure asks for (p=, or sp= when the record
+    is the organizational domain's and From: is a subdomain), "none" if
+    pct= samples; spf: the SPFResult; dkim: the DKIMResults.
+    """
+    try:
+        organizational, record = organizational_domain(lookup, from_domain)
+        walked = len(from_domain.split(".")) <= DMARC_MAX_LABELS     # the walk asked the domain itself
+        own = record if organizational == from_domain and walked else dmarc_record(lookup, from_domain)
+    except DNSError as error:
+        return "temperror", "none", "DNS: %s" % error
+    if own is not None:
+        record = own
+    if record is None:
+        return "none", "none", "no DMARC record"
+    subdomain = own is None and organizational != from_domain
+    policy = record.subdomain_policy if subdomain else record.policy
+    passed = [d.domain for d in dkim if d.result == "pass"
+              and dmarc_aligned(d.domain, from_domain, organizational, record.strict_dkim)]
+    if passed:
+        return "pass", policy, "DKIM of %s aligned" % passed[0]
+    if spf is not None and spf.result == "pass" and dmarc_aligned(spf.domain, from_domain, organizational,
+                                                                    record.strict_spf):
+        return "pass", policy, "SPF of %s aligned" % spf.domain
+    if record.percent < 100:         # RFC 7489 6.6.4: sampled; recorded only (CONTRACT.md section 10)
+        policy = "none"
+    return "fail", policy, "neither SPF nor DKIM aligned with %s" % from_domain
+
+
+# --------------------------------------------------------------------------
+# The checks of a transaction and its message, and what each stored copy is told
+# --------------------------------------------------------------------------
+# (RFC 8601 Authentication-Results, RFC 7208 9.1 Received-SPF)
+
+INCOMING_DNS_TIMEOUT = 3.0   # seconds one DNS server gets for one try of a check's query
+INCOMING_DNS_ATTEMPTS = 2    # tries per server: a silent server costs a query 6 s, the check's deadline bounds all
+MESSAGE_CHECKS_DEADLINE = 20.0   # seconds DKIM and DMARC of one message may take, all queries together
+AR_SIGNATURE_PREFIX = 8      # characters of b= in header.b, to tell two signatures of a domain apart (RFC 6008)
+AR_TOKEN = re.compile(r"[!#-'*+.0-9A-Z^-~-]+\Z")   # RFC 2045 token (no tspecials): a value needs no quotes
+AR_FIELD = b"authentication-results"
+SPF_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")   # RFC 5322 3.2.3
+SPF_COMMENTS = {             # Received-SPF's comment for each result (RFC 7208 9.1)
+    "pass": "domain of {sender} designates {ip} as permitted sender",
+    "fail": "domain of {sender} does not designate {ip} as permitted sender",
+    "softfail": "domain of transitioning {sender} does not designate {ip} as permitted sender",
+    "neutral": "{ip} is neither permitted nor denied by domain of {sender}",
+    "none": "domain of {sender} does not designate permitted sender hosts",
+    "temperror": "error in processing during lookup of {sender}: {why}",
+    "permerror": "permanent error in processing domain of {sender}: {why}",
+}
+
+
+class CheckedMessage:
+    """The checks' outcome for one message: the fields each stored copy starts with, the forged ones it loses."""
+
+    def __init__(self, fields, forged):
+        self.fields = fields         # bytes: Authentication-Results and Received-SPF, LF lines
+        self.forged = forged         # [(start, end)] in the stored body: results claiming to be ours
+
+
+class IncomingChecks:
+    """SPF, DKIM and DMARC of mail from outside, for one server: its name (the authserv-id) and DNS cache."""
+
+    def __init__(self, domain, resolver):
+        self.domain = domain
+        self.cache = DNSCache(resolver)
+
+    def spf(self, ip, sender, helo):
+        """The SPFResult of a transaction, found once at MAIL (RFC 7208 2.4)."""
+        lookup = functools.partial(self._lookup, deadline=time.monotonic() + SPF_DEADLINE)
+        return check_spf(lookup, ip, sender, helo, self.domain)
+
+    def message(self, spf, ip, helo, header, spool):
+        """The CheckedMessage of a received message; Refused if From: is not one address or DMARC rejects it."""
+        deadline = time.monotonic() + MESSAGE_CHECKS_DEADLINE
+        lookup = functools.partial(self._lookup, deadline=deadline)
+        author = single_author_domain(header)
+        dkim = self.dkim(header, spool, lookup)
+        dmarc, policy, why = check_dmarc(lookup, author, spf, dkim)
+        log.info("checks of mail from %s: spf=%s (%s) dkim=%s dmarc=%s (%s, policy %s)", ip, spf.result,
+                 spf.why, ",".join(d.result for d in dkim) or "none", dmarc, why, policy)
+        if dmarc == "fail" and policy == "reject":     # RFC 7489 6.6.4, 7.3 (CONTRACT.md section 10)
+            raise Refused(Replies.DMARC_REJECTED % author)
+        fields = (authentication_results(self.domain, spf, dkim, dmarc, author)
+                  + received_spf(spf, ip, helo, self.domain))
+        return CheckedMessage(fields, forged_results(header, self.domain))
+
+    def _lookup(self, name, rtype, deadline):
+        """A cached DNS lookup within the message checks' deadline."""
+        return self.cache.query(name, rtype, deadline)
+
+    def dkim(self, header, spool, lookup):
+        """The DKIMResult of each of the first signatures (RFC 6376 6); [] for a message without any."""
+        if not any(name == b"dkim-signature" for name, _, _ in header.fields):
+            return []
+        try:
+            head, body = split_message(outgoing_chunks(spool))
+        except DKIMError as error:   # a header block too large to verify
+            return [DKIMResult("permerror", str(error), "", "", "")]
+        return dkim_verify(head, body, lambda name: lookup(name, "TXT"))   # the first 5 (Part 3)
+
+
+def single_author_domain(header):
+    """The domain of the message's one From: address; Refused for several or none (RFC 7489 6.6.1)."""
+    fields = from_addresses(header)
+    if len(fields) != 1 or len(fields[0]) != 1 or not fields[0][0].rpartition("@")[0]:
+        raise Refused(Replies.NOT_ONE_AUTHOR)
+    return fields[0][0].rpartition("@")[2].lower().rstrip(".")
+
+
+def ar_value(text):
+    """A value for a header field's property (RFC 8601 2.2, RFC 2045 5.1): a token, else a quoted-string."""
+    text = safe_text(text, MAX_PATH)
+    if AR_TOKEN.match(text):
+        return text
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def authentication_results(authserv_id, spf, dkim, dmarc, author):
+    """Our Authentication-Results field (RFC 8601 2.2), as stored: one method a line, one dkim= per signature."""
+    methods = ["spf=%s smtp.mailfrom=%s" % (spf.result, ar_value(spf.domain))]
+    for result in dkim:                # why it did not pass: a comment at the end (RFC 8601 2.2 allows CFWS)
+        properties = (("header.d", result.domain), ("header.s", result.selector),
+                      ("header.b", result.b[:AR_SIGNATURE_PREFIX]))
+        why = "" if result.result == "pass" else " (%s)" % ar_comment(result.reason)
+        methods.append("dkim=" + result.result + "".join(" %s=%s" % (name, ar_value(value))
+                                                         for name, value in properties if value) + why)
+    if not dkim:
+        methods.append("dkim=none")
+    methods.append("dmarc=%s header.from=%s" % (dmarc, ar_value(author)))
+    return ("Authentication-Results: %s;\n\t%s\n" % (authserv_id, ";\n\t".join(methods))).encode("ascii")
+
+
+def received_spf(spf, ip, helo, receiver):
+    """The Received-SPF field (RFC 7208 9.1), as stored: the result, a comment, then key-value pairs."""
+    comment = ar_comment(SPF_COMMENTS[spf.result].format(sender=spf.sender, ip=ip, why=spf.why))
+    key = "mechanism" if spf.result not in ("temperror", "permerror", "none") else "problem"
+    pairs = ["%s=%s" % (name, value if SPF_DOT_ATOM.match(value) else ar_quoted(value)) for name, value in (
+        ("client-ip", ip), ("envelope-from", spf.sender), ("helo", helo), ("receiver", receiver),
+        ("identity", spf.identity), (key, spf.why))]
+    return ("Received-SPF: %s (%s: %s)\n\t%s;\n" % (spf.result, safe_text(receiver, MAX_PATH), comment,
+                                                   ";\n\t".join(pairs))).encode("ascii")
+
+
+def ar_comment(text):
+    """Text from outside for a comment (RFC 5322 3.2.2): safe, and without parentheses or backslashes."""
+    return safe_text(text, MAX_PATH).translate({ord(c): None for c in "()\\"})
+
+
+def ar_quoted(text):
+    """A quoted-string (RFC 5322 3.2.4) of text from outside, made safe."""
+    return '"%s"' % safe_text(text, MAX_PATH).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def forged_results(header, authserv_id):
+    """[(start, end)] of the Authentication-Results fields that name our authserv-id (RFC 8601 5): forged."""
+    forged = []
+    for start, end, field in header.kept_fields(AR_FIELD):
+        value = field.partition(b":")[2].decode("utf-8", "replace").replace("\r", "").replace("\n", "")
+        if authserv_id_of(value).lower().rstrip(".") == authserv_id.lower().rstrip("."):
+            forged.append((start, end))
+    return forged
+
+
+def authserv_id_of(value):
+    """The authserv-id of an Authentication-Results value (RFC 8601 2.2): its first word, comments skipped."""
+    text = value
+    while True:
+        text = text.lstrip(" \t")
+        if not text.startswith("("):
+            break
+        depth, index = 0, 0
+        for index, char in enumerate(text):
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if depth == 0:
+                break
+        text = text[index + 1:]
+    return re.split(r"[\s;(]", text, maxsplit=1)[0]
+
+
+def checked_layout(layout, checked):
+    """A stored layout told the checks: their fields first (our trace fields go before them, received_form),
+    the forged results cut out of the body's ranges."""
+    pieces = [checked.fields]
+    for piece in layout:
+        if isinstance(piece, tuple):
+            start, end = piece
+            for cut_start, cut_end in checked.forged:
+                if start <= cut_start < end:
+                    if start < cut_start:
+                        pieces.append((start, cut_start))
+                    start = cut_end
+            pieces.append((start, end))
+        else:
+            pieces.append(piece)
+    return pieces
 
 
 if __name__ == "__main__":

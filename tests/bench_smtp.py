@@ -7,6 +7,7 @@
     python3 tests/bench_smtp.py --auth                           # EHLO, AUTH PLAIN, own sender (checked)
     python3 tests/bench_smtp.py --listeners 3                    # one process, clients spread over 3 ports
     python3 tests/bench_smtp.py --processes 3                    # three processes on one root, the same load
+    python3 tests/bench_smtp.py --checks                         # mail from outside: SPF, DKIM, DMARC
 
 Starts the real server in a temporary mail root and drives N concurrent
 clients over raw sockets (one thread and a selector drive them all, so the
@@ -15,7 +16,13 @@ load generator costs little CPU); each connection delivers one message of
 for its reply) to one of --users mailboxes.  Prints msgs/s, MB/s and
 p50/p99 latency per level, the median over the runs, and the server's peak
 resident memory (VmHWM).  --memory instead sends 20 messages of 9 MiB at
-once and prints the peak memory.  Not part of the test suite.
+once and prints the peak memory.  --checks makes the server check mail from
+outside (CONTRACT.md section 10): it runs with --local-domains behind a
+"balancer" (each connection starts with a PROXY header for 192.0.2.1) and
+asks a loopback DNS server (support.DNSResponder) that publishes SPF and
+DMARC for the sender's domain; it first prints the latency of one session
+with a cold cache and one with a warm cache, then the levels (warm cache).
+Not part of the test suite.
 """
 
 import argparse
@@ -34,6 +41,10 @@ import support  # noqa: E402
 
 LINE = b"x" * 66 + b"\r\n"
 HEAD = b"From: bench@example.org\r\nTo: user0@example.org\r\nSubject: bench\r\n"
+CHECKED_SENDER = b"bench@example.com"          # --checks: the sender's domain publishes SPF and DMARC
+CHECKED_ZONE = {("example.com", "TXT"): ["v=spf1 ip4:192.0.2.0/24 -all"],
+                ("_dmarc.example.com", "TXT"): ["v=DMARC1; p=reject"]}
+PROXY_HEADER = b"PROXY TCP4 192.0.2.1 127.0.0.1 40000 25\r\n"
 DEFAULT_SIZE = len(HEAD) + 29 * len(LINE)       # about 2 KB, the figure quoted since round 1
 MEMORY_CLIENTS = 20
 MEMORY_SIZE = 9 * 1024 * 1024
@@ -47,13 +58,17 @@ def body_of(size):
 class Conversation:
     """One client's current SMTP conversation: which reply it waits for, what it sends next."""
 
-    def __init__(self, logins, body, selector, auth=False):
+    def __init__(self, logins, body, selector, auth=False, checks=False):
         if auth:       # a submission: logged in as the first login, sending as itself (the sender check)
             own = logins[0].encode()
             login = b"AUTH PLAIN %s\r\n" % base64.b64encode(b"\0%s\0pw" % own)
             greeting = (b"EHLO bench.example.org\r\n", login, b"MAIL FROM:<%s@example.org>\r\n" % own)
             body = body.replace(b"From: bench@", b"From: Bench <%s@" % own, 1).replace(b"\r\n", b">\r\n", 1)
             expected = (b"220", b"250", b"235", b"250")
+        elif checks:   # from outside, behind a balancer: a sender whose SPF and DMARC pass
+            greeting = (b"HELO bench.example.com\r\n", b"MAIL_FROM: <%s>\r\n" % CHECKED_SENDER)
+            body = body.replace(b"From: bench@example.org", b"From: " + CHECKED_SENDER, 1)
+            expected = (b"220", b"250", b"250")
         else:
             greeting = (b"HELO bench.example.org\r\n", b"MAIL_FROM: <bench@example.org>\r\n")
             expected = (b"220", b"250", b"250")
@@ -67,6 +82,7 @@ class Conversation:
         self.EXPECTED = expected + (b"250",) * len(logins) + (b"354", b"250", b"221")
         self.selector = selector
         self.sock = None
+        self.prefix = PROXY_HEADER if checks else b""
 
     def start(self, port):
         self.sock = socket.socket()
@@ -74,9 +90,9 @@ class Conversation:
         self.sock.connect_ex(("127.0.0.1", port))
         self.step = 0
         self.buffer = b""
-        self.out = memoryview(b"")
+        self.out = memoryview(self.prefix)
         self.started = time.monotonic()
-        self.selector.register(self.sock, selectors.EVENT_READ, self)
+        self.selector.register(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.prefix else 0), self)
 
     def readable(self):
         """Handle arriving bytes; return True when the conversation is over, False to go on."""
@@ -132,7 +148,7 @@ def drive(selector, ended):
                 ended(conversation, done)
 
 
-def run_level(ports, clients, users, seconds, body, recipients=1, auth=False):
+def run_level(ports, clients, users, seconds, body, recipients=1, auth=False, checks=False):
     """Keep `clients` conversations going at once for `seconds`, client i on ports[i % len(ports)];
     return msgs/s, p50, p99, errors."""
     selector = selectors.DefaultSelector()
@@ -150,7 +166,7 @@ def run_level(ports, clients, users, seconds, body, recipients=1, auth=False):
 
     for i in range(clients):
         logins = ["user%d" % ((i + k) % users) for k in range(recipients)]
-        conversation = Conversation(logins, body, selector, auth)
+        conversation = Conversation(logins, body, selector, auth, checks)
         conversation.port = ports[i % len(ports)]
         conversation.start(conversation.port)
     started = time.monotonic()
@@ -220,12 +236,17 @@ def main():
                         help="log in with AUTH PLAIN and send as the login (with --local-domains example.org)")
     parser.add_argument("--listeners", type=int, default=1, help="listeners of the one server (clients spread)")
     parser.add_argument("--processes", type=int, default=1, help="servers on the one root (clients spread)")
+    parser.add_argument("--checks", action="store_true",
+                        help="check mail from outside (SPF, DKIM, DMARC) against a loopback DNS server")
     parser.add_argument("--memory", action="store_true",
                         help="measure peak memory with %d clients x 9 MiB instead" % MEMORY_CLIENTS)
     args = parser.parse_args()
     users = {"user%d" % i: "pw" for i in range(max(args.users, MEMORY_CLIENTS))}
     root = support.make_mail_root(users)
-    extra = ("--local-domains", "example.org") if args.auth else ()
+    dns = support.DNSResponder(CHECKED_ZONE) if args.checks else None
+    extra = ("--local-domains", "example.org") if args.auth or args.checks else ()
+    if dns:
+        extra += ("--proxy-from", "127.0.0.1", "--relay-networks", "", "--dns-server", "%s:%d" % dns.address)
     servers = [start_server(root, *extra, listeners=args.listeners) for _ in range(args.processes)]
     procs, ports = [proc for proc, _ in servers], [port for _, found in servers for port in found]
     proc = procs[0]
@@ -234,12 +255,16 @@ def main():
             return measure_memory(ports[0], proc.pid)
         body = body_of(args.size)
         print("%d-byte messages" % len(body))
+        if dns:
+            cold, warm = (run_level(ports, 1, args.users, 0, body, checks=True)[1] for _ in range(2))
+            print("one session with checks: %.2f ms with a cold DNS cache (%d queries), %.2f ms warm"
+                  % (cold, len(dns.queries), warm))
         print("%8s %10s %8s %9s %9s %7s %11s" % ("clients", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors",
                                                  "CPU ms/msg"))
         for clients in [int(n) for n in args.clients.split(",")]:
             cpu = sum(map(support.cpu_seconds, (p.pid for p in procs)))
-            results = [run_level(ports, clients, args.users, args.seconds, body, args.recipients, args.auth)
-                       for _ in range(args.runs)]
+            results = [run_level(ports, clients, args.users, args.seconds, body, args.recipients, args.auth,
+                                 args.checks) for _ in range(args.runs)]
             cpu = (sum(map(support.cpu_seconds, (p.pid for p in procs))) - cpu) / sum(
                 r[0] * args.seconds for r in results)
             rates = [r[0] for r in results]
@@ -255,6 +280,8 @@ def main():
             each.terminate()
             each.wait()
         support.remove_mail_root(root)
+        if dns:
+            dns.close()
 
 
 if __name__ == "__main__":

@@ -257,6 +257,7 @@ FAULTS = """\
 import errno, os
 _fsync, _flag = os.fsync, os.environ.get("FAULT_FSYNC")
 def fsync(fd):
+    _estale(fd)
     if _flag and os.path.exists(_flag):
         try:
             target = os.readlink("/proc/self/fd/%d" % fd)
@@ -267,11 +268,45 @@ def fsync(fd):
             raise OSError(errno.EIO, "injected fsync failure")
     return _fsync(fd)
 os.fsync = fsync
+# ... what a file system shared by several machines (GlusterFS with its caches on) can
+# do, armed by writing a fault into the file FAULT_SHARED_FS names:
+#   "append BYTES": the next os.stat of a my_mailbox by path first appends BYTES to it
+#                   (another machine's append that a stale cache hid from the copy);
+#   "grow N":       while armed, os.stat of a my_mailbox by path says N bytes more;
+#   "inode":        while armed, os.stat of a my_mailbox by path names another file (a rename seen late);
+#   "estale":       the next write or fsync of a my_mailbox or .my_mailbox.new fails with ESTALE.
+_stat, _shared = os.stat, os.environ.get("FAULT_SHARED_FS")
+def _armed():
+    try:
+        with open(_shared, "rb") as f:
+            return f.read().split(b" ", 1)
+    except (OSError, TypeError):       # not armed, or FAULT_SHARED_FS not set
+        return [b""]
+def stat(path, *args, **kwargs):
+    fault = _armed() if isinstance(path, str) and path.endswith("/my_mailbox") else [b""]
+    if fault[0] == b"append":
+        os.remove(_shared)
+        with open(path, "ab") as f:
+            f.write(fault[1])
+    result = _stat(path, *args, **kwargs)
+    if fault[0] in (b"grow", b"inode"):
+        fields = list(result)
+        fields[6 if fault[0] == b"grow" else 1] += int(fault[1]) if fault[0] == b"grow" else 1
+        result = os.stat_result(fields)
+    return result
+os.stat = stat
+def _estale(fd):
+    if _armed()[0] == b"estale":
+        target = os.readlink("/proc/self/fd/%d" % fd)
+        if target.endswith(("/my_mailbox", "/.my_mailbox.new")):
+            os.remove(_shared)
+            raise OSError(errno.ESTALE, "injected stale file handle")
 # ... and the process kills itself (SIGKILL, as kill -9) at the FAULT_KILL_WRITE'th write to a my_mailbox.
 import signal
 _write, _writev = os.write, getattr(os, "writev", None)
 _kill_at, _writes = int(os.environ.get("FAULT_KILL_WRITE", "0")), [0]
 def _count_write(fd):
+    _estale(fd)
     if _kill_at and os.readlink("/proc/self/fd/%d" % fd).endswith("/my_mailbox"):
         _writes[0] += 1
         if _writes[0] == _kill_at:
@@ -288,6 +323,19 @@ if _writev is not None:
 """
 
 
+def hooked_env(folder, hooks, variable, flag_name):
+    """An environment whose server imports hooks at start, armed by folder/flag_name: (env, flag path).
+
+    The hooks are a sitecustomize module in folder, which Python imports at
+    start from the PYTHONPATH, so the scripts carry no test code (and one
+    folder holds one set of hooks); variable names the flag to them.
+    """
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(hooks)
+    flag = os.path.join(folder, flag_name)
+    return dict(os.environ, PYTHONPATH=folder, **{variable: flag}), flag
+
+
 def killed_at_write_env(folder, count):
     """An environment for a server that kills itself with SIGKILL at its count'th write to a mailbox."""
     with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
@@ -298,14 +346,9 @@ def killed_at_write_env(folder, count):
 def failing_fsync_env(folder):
     """An environment for a server whose next fsync of a mailbox fails once folder/fail-fsync exists.
 
-    Returns (env, flag path).  The hook is a sitecustomize module, which
-    Python imports at start from the PYTHONPATH, so the scripts carry no
-    test code.
+    Returns (env, flag path).
     """
-    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
-        f.write(FAULTS)
-    flag = os.path.join(folder, "fail-fsync")
-    return dict(os.environ, PYTHONPATH=folder, FAULT_FSYNC=flag), flag
+    return hooked_env(folder, FAULTS, "FAULT_FSYNC", "fail-fsync")
 
 
 UNLOCK_FAULT = """\
@@ -332,75 +375,18 @@ def failing_unlock_env(folder):
     """An environment for a server whose next unlock of a lock file fails (EIO) once folder/fail-unlock names it.
 
     Returns (env, flag path); writing a lock file's name (".my_mailbox.lock")
-    into the flag arms the fault.  A sitecustomize module, as for
-    failing_fsync_env (so the two cannot be used together).
+    into the flag arms the fault.
     """
-    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
-        f.write(UNLOCK_FAULT)
-    flag = os.path.join(folder, "fail-unlock")
-    return dict(os.environ, PYTHONPATH=folder, FAULT_UNLOCK=flag), flag
-
-
-SHARED_FS_FAULTS = """\
-# Injected by the tests: what a file system shared by several machines (GlusterFS with
-# its caches on) can do, armed by writing a fault into the file FAULT_SHARED_FS names:
-#   "append BYTES": the next os.stat of a my_mailbox by path first appends BYTES to it
-#                   (another machine's append that a stale cache hid from the copy);
-#   "grow N":       while armed, os.stat of a my_mailbox by path says N bytes more;
-#   "inode":        while armed, os.stat of a my_mailbox by path names another file (a rename seen late);
-#   "estale":       the next write or fsync of a my_mailbox or .my_mailbox.new fails with ESTALE.
-import errno, os
-_stat, _fsync, _write, _writev, _flag = os.stat, os.fsync, os.write, getattr(os, "writev", None), \
-    os.environ.get("FAULT_SHARED_FS")
-def _armed():
-    try:
-        with open(_flag, "rb") as f:
-            return f.read().split(b" ", 1)
-    except (OSError, TypeError):
-        return [b""]
-def stat(path, *args, **kwargs):
-    fault = _armed() if isinstance(path, str) and path.endswith("/my_mailbox") else [b""]
-    if fault[0] == b"append":
-        os.remove(_flag)
-        with open(path, "ab") as f:
-            f.write(fault[1])
-    result = _stat(path, *args, **kwargs)
-    if fault[0] in (b"grow", b"inode"):
-        fields = list(result)
-        fields[6 if fault[0] == b"grow" else 1] += int(fault[1]) if fault[0] == b"grow" else 1
-        result = os.stat_result(fields)
-    return result
-def _estale(fd):
-    if _armed()[0] == b"estale":
-        target = os.readlink("/proc/self/fd/%d" % fd)
-        if target.endswith(("/my_mailbox", "/.my_mailbox.new")):
-            os.remove(_flag)
-            raise OSError(errno.ESTALE, "injected stale file handle")
-def fsync(fd):
-    _estale(fd)
-    return _fsync(fd)
-def write(fd, data):
-    _estale(fd)
-    return _write(fd, data)
-def writev(fd, buffers):
-    _estale(fd)
-    return _writev(fd, buffers)
-os.stat, os.fsync, os.write = stat, fsync, write
-if _writev is not None:
-    os.writev = writev
-"""
+    return hooked_env(folder, UNLOCK_FAULT, "FAULT_UNLOCK", "fail-unlock")
 
 
 def shared_fs_env(folder):
     """An environment for a server that meets the faults of a shared file system once folder/shared-fs names one.
 
-    Returns (env, flag path); write a fault of SHARED_FS_FAULTS into the flag
-    to arm it.  A sitecustomize module, as failing_fsync_env.
+    Returns (env, flag path); write one of the faults FAULTS lists for
+    FAULT_SHARED_FS into the flag to arm it.
     """
-    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
-        f.write(SHARED_FS_FAULTS)
-    flag = os.path.join(folder, "shared-fs")
-    return dict(os.environ, PYTHONPATH=folder, FAULT_SHARED_FS=flag), flag
+    return hooked_env(folder, FAULTS, "FAULT_SHARED_FS", "shared-fs")
 
 
 class ServerProcess(StartedServer):
@@ -1120,12 +1106,9 @@ os.replace = replace
 def failing_queue_env(folder):
     """An environment for a server whose next rename into its queue fails once folder/fail-queue exists.
 
-    Returns (env, flag path); a sitecustomize module, as failing_fsync_env.
+    Returns (env, flag path).
     """
-    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
-        f.write(QUEUE_FAULTS)
-    flag = os.path.join(folder, "fail-queue")
-    return dict(os.environ, PYTHONPATH=folder, FAULT_QUEUE=flag), flag
+    return hooked_env(folder, QUEUE_FAULTS, "FAULT_QUEUE", "fail-queue")
 
 
 # The DNS responder for the MX tests.  Written apart from the resolver in

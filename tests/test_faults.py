@@ -415,14 +415,19 @@ class NoEscapeTest(support.BothServersTestCase):
             client.cmd("QUIT")
 
 
+def root_and_hooks(test):
+    """A new mail root and a folder for a server's fault hooks (see support.hooked_env), both removed after test."""
+    root, hooks = support.make_mail_root(), tempfile.mkdtemp(prefix="hooks-")
+    test.addCleanup(support.remove_mail_root, root)
+    test.addCleanup(support.remove_mail_root, hooks)
+    return root, hooks
+
+
 class NothingUnacknowledgedTest(unittest.TestCase):
     """A failed fsync cuts the mailboxes back before the 451, so a retry is stored once."""
 
     def setUp(self):
-        self.root = support.make_mail_root()
-        self.addCleanup(support.remove_mail_root, self.root)
-        hooks = tempfile.mkdtemp(prefix="hooks-")
-        self.addCleanup(support.remove_mail_root, hooks)
+        self.root, hooks = root_and_hooks(self)
         env, self.flag = support.failing_fsync_env(hooks)
         self.smtp = support.ServerProcess(support.SMTP_SCRIPT, self.root, env=env)
         self.addCleanup(self.smtp.close)
@@ -457,10 +462,7 @@ class StaleFileHandleTest(unittest.TestCase):
 
     def test_a_stale_file_handle_at_the_append_gets_451_and_leaves_the_mailbox_as_it_was(self):
         """451 after ESTALE on the mailbox write, the mailbox as before; the retry is stored once."""
-        root = support.make_mail_root()
-        self.addCleanup(support.remove_mail_root, root)
-        hooks = tempfile.mkdtemp(prefix="hooks-")
-        self.addCleanup(support.remove_mail_root, hooks)
+        root, hooks = root_and_hooks(self)
         env, flag = support.shared_fs_env(hooks)
         smtp = support.ServerProcess(support.SMTP_SCRIPT, root, env=env)
         self.addCleanup(smtp.close)
@@ -612,10 +614,7 @@ class CrashBetweenRecipientsTest(unittest.TestCase):
 
     def test_kill_9_at_the_second_mailbox_write_rolls_the_first_back(self):
         """kill -9 at bob's write: no 250; after a restart alice has nothing (it went to .torn), the retry lands once each."""
-        root = support.make_mail_root()
-        self.addCleanup(support.remove_mail_root, root)
-        hooks = tempfile.mkdtemp(prefix="hooks-")
-        self.addCleanup(support.remove_mail_root, hooks)
+        root, hooks = root_and_hooks(self)
         smtp = support.ServerProcess(support.SMTP_SCRIPT, root, env=support.killed_at_write_env(hooks, 2))
         self.addCleanup(smtp.close)
         both = ("alice@example.org", "bob@example.org")

@@ -1023,19 +1023,27 @@ class ShutdownTest(unittest.TestCase):
         self.assertEqual(finished, [True])
 
 
-class UnlockFailureTest(MailRootCase):
-    """An unlock that fails (EIO) after the QUIT rewrite: the deletions are done, so QUIT says +OK."""
+class HookedServerCase(MailRootCase):
+    """A MailRootCase whose server runs with the fault hooks of make_env (a support.*_env): self.flag arms them."""
+
+    make_env = None
 
     @classmethod
     def setUpClass(cls):
         cls.hooks = tempfile.mkdtemp(prefix="hooks-")
-        cls.server_env, cls.flag = support.failing_unlock_env(cls.hooks)
+        cls.server_env, cls.flag = cls.make_env(cls.hooks)
         super().setUpClass()
 
     @classmethod
     def tearDownClass(cls):
         super().tearDownClass()
         support.remove_mail_root(cls.hooks)
+
+
+class UnlockFailureTest(HookedServerCase):
+    """An unlock that fails (EIO) after the QUIT rewrite: the deletions are done, so QUIT says +OK."""
+
+    make_env = staticmethod(support.failing_unlock_env)
 
     def quit_failing_to_unlock(self, lock_name):
         """DELE 1 of a new user's three messages, then QUIT with the next unlock of lock_name failing.
@@ -1076,24 +1084,15 @@ class UnlockFailureTest(MailRootCase):
         self.assertTrue(support.pop_can_login(self.server, login, PASSWORD))
 
 
-class SharedFileSystemTest(MailRootCase):
+class SharedFileSystemTest(HookedServerCase):
     """QUIT on a mail root shared by several machines (GlusterFS): a copy that misses mail deletes nothing.
 
     The faults are those of a client cache that lags behind another machine
-    (support.SHARED_FS_FAULTS): mail appended behind the copy's end, a size
+    (FAULT_SHARED_FS in support.FAULTS): mail appended behind the copy's end, a size
     the copy can never reach, a stale file handle.
     """
 
-    @classmethod
-    def setUpClass(cls):
-        cls.hooks = tempfile.mkdtemp(prefix="hooks-")
-        cls.server_env, cls.flag = support.shared_fs_env(cls.hooks)
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        support.remove_mail_root(cls.hooks)
+    make_env = staticmethod(support.shared_fs_env)
 
     def quit_with_fault(self, fault):
         """DELE 1 of a new user's three messages, then QUIT with fault armed: (login, reply to QUIT)."""
