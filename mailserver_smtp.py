@@ -2511,6 +2511,19 @@ def parse_args(argv=None):
     return check_server_arguments(parser, args)
 
 
+# The defaults of mail for other domains (CONTRACT.md section 7)
+RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
+RETRY_MAX = 4000             # minimal_backoff_time and maximal_backoff_time)
+QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_queue_lifetime)
+DELAY_WARNING = 4 * 3600     # seconds before the sender hears it is late (Postfix's delay_warning_time)
+DEFAULT_RELAY_CONCURRENCY = 100       # sessions to other servers at once (see OutboundQueue for why)
+DEFAULT_PER_DESTINATION = 20          # of them to one destination (Postfix's default_destination_concurrency_limit)
+DEFAULT_RELAY_NETWORKS = "127.0.0.0/8,::1/128"   # this machine only, like Postfix's mynetworks_style = host
+SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
+SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
+SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
+
+
 def relay_arguments(parser):
     """The options of mail for other domains (with --local-domains only)."""
     group = parser.add_argument_group("mail for other domains (only with --local-domains)")
@@ -2587,6 +2600,16 @@ def check_relay_arguments(parser, args):
             check_own_address(args.source_address)
         except (ValueError, OSError) as exc:
             parser.error("--source-address %s is not an address of this machine: %s" % (args.source_address, exc))
+
+
+RelayOptions = collections.namedtuple("RelayOptions", (
+    "relay_host relay_implicit_tls relay_cafile relay_credentials relay_timeout relay_concurrency "
+    "relay_per_destination queue_lifetime retry_base delay_warning dns_server mx_port source_address"))
+
+
+def relay_options(args):
+    """The checked relay options of the command line: what the queue and its Relay are made from."""
+    return RelayOptions(*[getattr(args, name) for name in RelayOptions._fields])
 
 
 def check_own_address(text):
@@ -3248,7 +3271,8 @@ def received_form(session, spool, header, message_id, checked=None):
     foreign = foreign_sender(header, functools.partial(session.server.is_own, login=login)) if login else None
     if foreign is not None:
         raise Refused(Replies.NOT_YOURS % (printable(foreign), login))
-    sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp()
+    now = time.time()                # one moment for both Received: fields, so the client lists either alike
+    sender, received = envelope.sender.encode("utf-8", "surrogateescape"), received_stamp(now)
     traced = session.server.local_domains is not None      # the course's mailboxes stay as they were
     copies = {}
     for owner, addresses in envelope.logins.items():
@@ -3257,7 +3281,7 @@ def received_form(session, spool, header, message_id, checked=None):
         if checked:                  # the checks' results, right after our trace fields
             layout = checked_layout(layout, checked)
         if traced:
-            layout.insert(0, trace_fields(session, addresses[0], message_id))
+            layout.insert(0, trace_fields(session, addresses[0], message_id, now))
         copies[owner] = spool.message(layout)
     return copies
 
@@ -3367,16 +3391,24 @@ def stored_layout(header, size, sender, recipients, received):
     return [head, (0, subject_end), received, (subject_end, size), end]
 
 
-def trace_fields(session, recipient, message_id):
+def trace_fields(session, recipient, message_id, when):
     """Return-Path: and our Received: (RFC 5321 4.4) that start a copy stored for recipient, \\n lines."""
     return_path = b"Return-Path: <%s>\n" % session.envelope.sender.encode("utf-8", "surrogateescape")
     return return_path + trace_header(session.client_name, session.address[0], session.domain,
-                                      session_protocol(session), message_id, recipient, b"\n")
+                                      session_protocol(session), message_id, recipient, b"\n", when)
 
 
-def received_stamp():
-    """The Received: value for now, local time, as the mailbox format writes it."""
-    return time.strftime("%Y-%m-%d : %H : %M").encode("ascii")
+def received_stamp(when=None):
+    """The Received: value for when (default: now), local time, as the mailbox format writes it."""
+    return time.strftime("%Y-%m-%d : %H : %M", time.localtime(when)).encode("ascii")
+
+
+def stored_bounce(report, sender, domain):
+    """A bounce (CRLF lines) as the mailbox stores it: a StoredMessage."""
+    body, _ = stored_lines(b"".join(dot_stuffed_chunks(io.BytesIO(report), 0)), True)
+    layout = stored_layout(Header(io.BytesIO(body)), len(body), b"MAILER-DAEMON@" + domain.encode("utf-8"),
+                           [sender.encode("utf-8", "surrogateescape")], received_stamp())
+    return StoredMessage(memoryview(body), layout)
 
 
 def foreign_sender(header, is_own):
@@ -3893,18 +3925,11 @@ BY_HAND_DONE = {"delete": "deleted", "hold": "held"}
 DEAD_NAME = ".dead"          # the dead destinations and when each is tried again, for --queue
 MAX_ENVELOPE = 256 * 1024    # bytes: MAX_RECIPIENTS recipients with their last replies, and room
 MAX_REPLY_TEXT = 400         # characters of a remote reply kept in the envelope
-RETRY_BASE = 300             # seconds before the first retry, doubling (RFC 5321 4.5.4.1; Postfix's
-RETRY_MAX = 4000             # minimal_backoff_time and maximal_backoff_time)
-QUEUE_LIFETIME = 5 * 86400   # seconds a message may wait (Postfix's maximal_queue_lifetime)
-DELAY_WARNING = 4 * 3600     # seconds before the sender hears it is late (Postfix's delay_warning_time)
 RESCAN_INTERVAL = 60         # seconds between looks at the whole queue (other servers' messages)
 FLUSH_POLL = 1.0             # seconds between looks at the --flush trigger
-DEFAULT_RELAY_CONCURRENCY = 100       # sessions to other servers at once (see OutboundQueue for why)
-DEFAULT_PER_DESTINATION = 20          # of them to one destination (Postfix's default_destination_concurrency_limit)
 DESTINATIONS_KEPT = 10000    # destinations whose grown share of sessions is remembered
 DESTINATION_START = 5        # sessions a destination starts with, one more for each that reaches a server
                              # (Postfix's initial_destination_concurrency): a dead one costs a few, not 20
-DEFAULT_RELAY_NETWORKS = "127.0.0.0/8,::1/128"   # this machine only, like Postfix's mynetworks_style = host
 
 _queue_serials = itertools.count(int.from_bytes(os.urandom(2), "big"))
 
@@ -4252,13 +4277,13 @@ def spool_is_ascii(spool, end=None):
     return True
 
 
-def trace_header(client_name, client_ip, domain, protocol, queue_id, recipient=None, eol=b"\r\n"):
+def trace_header(client_name, client_ip, domain, protocol, queue_id, recipient=None, eol=b"\r\n", when=None):
     """Our Received: field (RFC 5321 4.4), folded, with its line end (for one recipient, or several)."""
     name = printable(client_name or "unknown").replace("(", "").replace(")", "")
     literal = ("IPv6:" if ":" in client_ip else "") + client_ip     # RFC 5321 4.1.3
     to = "" if recipient is None else "\n\tfor <%s>" % printable(recipient)
     text = ("Received: from %s ([%s])\n\tby %s with %s id %s%s;\n\t%s\n"
-            % (name, literal, domain, protocol, queue_id, to, email.utils.formatdate(localtime=True)))
+            % (name, literal, domain, protocol, queue_id, to, email.utils.formatdate(when, localtime=True)))
     return text.encode("utf-8", "surrogateescape").replace(b"\n", eol)
 
 
@@ -4501,15 +4526,21 @@ class OutboundQueue:
     of other servers on the root) or when --flush has touched ROOT/.queue/.flush.
     """
 
-    def __init__(self, server, args):
-        self.server = server
-        self.folder = prepare_queue(server.users.root)
-        self.concurrency = args.relay_concurrency
-        self.lifetime = args.queue_lifetime
-        self.retry_base = args.retry_base
-        self.delay_warning = args.delay_warning     # seconds; 0: no delay notices
-        self.relay = Relay(args, server.domain)
-        self.keys = DKIMKeys(server.users.root)
+    def __init__(self, root, domain, local_domains, options, deliver_locally, original_sender=lambda a: a):
+        """The queue of mail root root; options: RelayOptions; deliver_locally(address, report): see
+        _send_report; original_sender(address): who hears of a message sent from address (see
+        _report_recipient)."""
+        self.folder = prepare_queue(root)
+        self.domain = domain         # our name: in EHLO, bounces, the Message-ID of a submission
+        self.local_domains = local_domains
+        self.deliver_locally = deliver_locally
+        self.original_sender = original_sender
+        self.concurrency = options.relay_concurrency
+        self.lifetime = options.queue_lifetime
+        self.retry_base = options.retry_base
+        self.delay_warning = options.delay_warning     # seconds; 0: no delay notices
+        self.relay = Relay(options, domain)
+        self.keys = DKIMKeys(root)
         self.flush_path = os.path.join(self.folder, FLUSH_NAME)
         self.flush_seen = file_stamp(self.flush_path)
         self.flush_checked = 0.0
@@ -4521,7 +4552,7 @@ class OutboundQueue:
         self.next_scan = 0.0         # epoch seconds: at start, at once
         self.stopping = False
         self.stopped = threading.Event()     # the same, for the idle connection timer
-        self.destinations = Destinations(self.folder, args.relay_per_destination, args.retry_base)
+        self.destinations = Destinations(self.folder, options.relay_per_destination, options.retry_base)
         self.active = {}             # queue id -> whether to try it again at once: the attempts under way
         # queue id -> epoch seconds before which it has nothing due, as our last attempt left it: a look
         # at the whole queue skips it unread (10,000 messages waiting for dead destinations are not
@@ -4537,7 +4568,7 @@ class OutboundQueue:
         signed: whether it is ours to sign (section 9).
         """
         names = [name for name, _, _ in header.fields]
-        head = trace + (submission_headers(set(names), self.server.domain) if login else b"")
+        head = trace + (submission_headers(set(names), self.domain) if login else b"")
         ascii_body = spool_is_ascii(spool)
         needs = set() if ascii_body else {"8bit"}
         ascii_headers = ascii_body or spool_is_ascii(spool, header.end)
@@ -4557,7 +4588,7 @@ class OutboundQueue:
             needs.add("smtputf8")            # RFC 6531: a UTF-8 address goes only with SMTPUTF8
         entry = QueuedMessage(new_queue_id(), sender, [QueuedRecipient(recipient)], needs=needs)
         try:                         # a bounce is signed with --domain's keys
-            signatures = self.keys.signatures(self.server.domain, [message])
+            signatures = self.keys.signatures(self.domain, [message])
         except DKIMError as error:   # better unsigned than lost
             log.error("%s: bounce sent without a DKIM signature: %s", entry.id, error)
             signatures = b""
@@ -4799,7 +4830,7 @@ class OutboundQueue:
             return False
         sender = self._report_recipient(entry)
         try:
-            report = delay_notification(entry, path, self.server.domain, sender, entry.arrived + self.lifetime)
+            report = delay_notification(entry, path, self.domain, sender, entry.arrived + self.lifetime)
             self._send_report(entry, sender, report, "delay notice")
         except (OSError, ValueError) as exc:
             log.error("%s: cannot send the delay notice to <%s>: %s", entry.id, sender, exc)
@@ -4911,7 +4942,7 @@ class OutboundQueue:
             return True
         sender = self._report_recipient(entry)
         try:
-            report = delivery_status_notification(entry, path, failed, self.server.domain, sender)
+            report = delivery_status_notification(entry, path, failed, self.domain, sender)
             self._send_report(entry, sender, report, "bounce")
             return True
         except (OSError, ValueError) as exc:
@@ -4919,23 +4950,22 @@ class OutboundQueue:
             return False
 
     def _report_recipient(self, entry):
-        """Who hears what became of a message: its sender, or the one an SRS sender of ours stands for."""
-        try:
-            original = self.server.srs.reverse(entry.sender) if self.server.srs is not None else None
-        except SRSError:
-            original = None
-        return original or entry.sender
+        """Who hears what became of a message: its sender, or the one a sender we rewrote (SRS) stands for."""
+        return self.original_sender(entry.sender)
 
     def _send_report(self, entry, sender, report, kind):
-        """Put a report into the sender's mailbox when the sender is a user here, else into the queue."""
-        if not is_remote(sender, self.server.local_domains):
-            try:
-                login = self.server.local_route(sender).logins[0]
-            except (Refused, IndexError):
+        """Put a report (a bounce, a delay notice) into the sender's mailbox when the sender is a user here,
+        else into the queue.
+
+        deliver_locally(address, report) stores the report for a local
+        address and returns the login it went to, or None for no user.
+        """
+        if not is_remote(sender, self.local_domains):
+            login = self.deliver_locally(sender, report)
+            if login is None:
                 log.warning("%s: the sender <%s> is no user here: %s dropped", entry.id, sender, kind)
-                return
-            deliver({self.server.users.mailbox_path(login): stored_bounce(report, sender, self.server.domain)})
-            log.info("%s: %s delivered to %s", entry.id, kind, login)
+            else:
+                log.info("%s: %s delivered to %s", entry.id, kind, login)
             return
         report_id = self.queue_message("", sender, report)
         log.info("%s: %s queued as %s", entry.id, kind, report_id)
@@ -5700,9 +5730,6 @@ def _dns_exchanger_addresses(resolver, domain, hosts):
 # certificate check (RFC 7435: encryption against eavesdroppers, better
 # than none), and the message in clear when TLS fails.
 
-SMTP_PORT = 25               # RFC 5321 4.5.4.2 ... mail exchangers listen here
-SUBMISSION_PORT = 587        # RFC 6409 3.1: a smarthost, with STARTTLS
-SUBMISSIONS_PORT = 465       # RFC 8314 3.3: a smarthost, with implicit TLS
 REPLY_TIMEOUTS = {           # RFC 5321 4.5.3.2: seconds a client waits for each reply of the server
     "greeting": 300,         # 4.5.3.2.1 the initial 220
     "command": 300,          # 4.5.3.2.2, 4.5.3.2.3 MAIL and RCPT; the same for EHLO, STARTTLS, AUTH, RSET
@@ -5950,6 +5977,7 @@ class Relay:
     """How a runner reaches other servers: the smarthost, or the mail exchangers of each domain."""
 
     def __init__(self, args, domain):
+        """args: the RelayOptions; domain: our EHLO name."""
         self.domain = domain
         self.host = args.relay_host                  # (host, port), or None
         self.implicit_tls = args.relay_implicit_tls
@@ -6297,14 +6325,6 @@ def original_headers(path, offset):
     return b"".join(line + b"\r\n" for line in lines[:count])
 
 
-def stored_bounce(report, sender, domain):
-    """A bounce (CRLF lines) as the mailbox stores it: a StoredMessage."""
-    body, _ = stored_lines(b"".join(dot_stuffed_chunks(io.BytesIO(report), 0)), True)
-    layout = stored_layout(Header(io.BytesIO(body)), len(body), b"MAILER-DAEMON@" + domain.encode("utf-8"),
-                           [sender.encode("utf-8", "surrogateescape")], received_stamp())
-    return StoredMessage(memoryview(body), layout)
-
-
 # --------------------------------------------------------------------------
 # The SMTP server and main
 # --------------------------------------------------------------------------
@@ -6333,7 +6353,8 @@ class SMTPServer(Server):
         self.queue = None
         if self.local_domains is not None:
             record_relay_settings(self.users.root, relay_settings(args))
-            self.queue = OutboundQueue(self, args)
+            self.queue = OutboundQueue(self.users.root, self.domain, self.local_domains, relay_options(args),
+                                       self.deliver_bounce, self.srs.original)
         # and mail from outside is checked (CONTRACT.md section 10)
         self.checks = None if self.local_domains is None else IncomingChecks(
             self.domain, Resolver(args.dns_server, INCOMING_DNS_TIMEOUT, INCOMING_DNS_ATTEMPTS))
@@ -6498,6 +6519,20 @@ class SMTPServer(Server):
         if spf is None:
             return None
         return self.checks.message(spf, session.address[0], session.client_name, header, spool)
+
+    def deliver_bounce(self, address, report):
+        """Store a report (RFC 3464, CRLF lines) for a local address; the login, None if no user.
+
+        An alias gets it in the mailbox of its first local target.
+        """
+        try:
+            logins = self.local_route(address).logins
+        except Refused:
+            return None
+        if not logins:
+            return None
+        deliver({self.users.mailbox_path(logins[0]): stored_bounce(report, address, self.domain)})
+        return logins[0]
 
     def check_quota(self, login, declared_size):
         """Refuse a recipient whose mailbox (under --quota) cannot take a message of the declared size."""
@@ -8745,7 +8780,9 @@ def checked_layout(layout, checked):
 #     SRS.of_root(root, domain)    one per server: --domain, the secret of ROOT/.srs-secret
 #     .forward(sender)             the sender of a copy an alias forwards (take_message)
 #     .reverse(address)            the sender an address of ours stands for, None, or SRSError
-#                                  (a recipient at RCPT, and the sender a report goes to)
+#                                  (a recipient at RCPT)
+#     .original(address)           the same, the address itself if it is none (who hears of a
+#                                  queued message: the queue's original_sender)
 #
 # ##########################################################################
 
@@ -8791,6 +8828,13 @@ class SRS:
             return self._srs1(domain, local[len("SRS0"):])
         stamp = self._stamp(self.clock())
         return "SRS0=%s=%s=%s=%s@%s" % (self._hash(stamp, domain, local), stamp, domain, local, self.domain)
+
+    def original(self, address):
+        """The sender an address stands for: reversed if it is a good SRS address of ours, else itself."""
+        try:
+            return self.reverse(address) or address
+        except SRSError:
+            return address
 
     def reverse(self, address):
         """The sender an SRS address of ours stands for; None if it is no SRS address of ours, SRSError if bad."""

@@ -6,6 +6,8 @@
     python3 tests/bench_smtp.py --recipients 2                   # each message for two mailboxes
     python3 tests/bench_smtp.py --auth                           # EHLO, AUTH PLAIN, own sender (checked)
     python3 tests/bench_smtp.py --aliases 1000                   # to aliases, from a 1,000-line aliases.txt
+    python3 tests/bench_smtp.py --listeners 3                    # one process, clients spread over 3 ports
+    python3 tests/bench_smtp.py --processes 3                    # three processes on one root, the same load
     python3 tests/bench_smtp.py --checks                         # mail from outside: SPF, DKIM, DMARC
 
 Starts the real server in a temporary mail root and drives N concurrent
@@ -147,8 +149,9 @@ def drive(selector, ended):
                 ended(conversation, done)
 
 
-def run_level(port, clients, users, seconds, body, recipients=1, auth=False, checks=False, aliases=0):
-    """Keep `clients` conversations going at once for `seconds`; return msgs/s, p50, p99, errors.
+def run_level(ports, clients, users, seconds, body, recipients=1, auth=False, checks=False, aliases=0):
+    """Keep `clients` conversations going at once for `seconds`, client i on ports[i % len(ports)];
+    return msgs/s, p50, p99, errors.
 
     aliases: the recipients are that many aliases (alias<k> leads to user<k mod users>), not the users.
     """
@@ -163,12 +166,14 @@ def run_level(port, clients, users, seconds, body, recipients=1, auth=False, che
         else:
             errors.append(conversation)
         if now < stop_at:
-            conversation.start(port)
+            conversation.start(conversation.port)
 
     for i in range(clients):
         logins = ["alias%d" % ((i * 37 + k) % aliases) if aliases else "user%d" % ((i + k) % users)
                   for k in range(recipients)]
-        Conversation(logins, body, selector, auth, checks).start(port)
+        conversation = Conversation(logins, body, selector, auth, checks)
+        conversation.port = ports[i % len(ports)]
+        conversation.start(conversation.port)
     started = time.monotonic()
     drive(selector, ended)
     elapsed = time.monotonic() - started
@@ -180,18 +185,19 @@ def run_level(port, clients, users, seconds, body, recipients=1, auth=False, che
     return len(latencies) / elapsed, p50 * 1000, p99 * 1000, len(errors)
 
 
-def start_server(root, *extra):
-    """Start the server with its log in a file (as in real use), not in a pipe we must drain."""
+def start_server(root, *extra, listeners=1):
+    """Start the server with its log in a file (as in real use), not in a pipe we must drain: (proc, ports)."""
     log = tempfile.TemporaryFile()
+    listen = ["--listen", "127.0.0.1:0"] * (listeners - 1)
     proc = subprocess.Popen([sys.executable, support.SMTP_SCRIPT, "0", "--host", "127.0.0.1",
-                             "--root", root, "--max-connections", "500", "--max-per-client", "500"] + list(extra),
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                             "--root", root, "--max-connections", "500", "--max-per-client", "500"]
+                            + listen + list(extra), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
-    def port():
+    def ports():
         log.seek(0)
-        found = support.LISTENING.search(log.read().decode())
-        return found and int(found.group(2))
-    return proc, support.wait_for(port)
+        found = [int(port) for _, port in support.LISTENING.findall(log.read().decode())]
+        return len(found) >= listeners and found
+    return proc, support.wait_for(ports)
 
 
 def count_messages(path):
@@ -233,6 +239,8 @@ def main():
     parser.add_argument("--recipients", type=int, default=1, help="mailboxes each message goes to")
     parser.add_argument("--auth", action="store_true",
                         help="log in with AUTH PLAIN and send as the login (with --local-domains example.org)")
+    parser.add_argument("--listeners", type=int, default=1, help="listeners of the one server (clients spread)")
+    parser.add_argument("--processes", type=int, default=1, help="servers on the one root (clients spread)")
     parser.add_argument("--checks", action="store_true",
                         help="check mail from outside (SPF, DKIM, DMARC) against a loopback DNS server")
     parser.add_argument("--aliases", type=int, default=0, metavar="N",
@@ -248,23 +256,26 @@ def main():
     extra = ("--local-domains", "example.org") if args.auth or args.checks else ()
     if dns:
         extra += ("--proxy-from", "127.0.0.1", "--relay-networks", "", "--dns-server", "%s:%d" % dns.address)
-    proc, port = start_server(root, *extra)
+    servers = [start_server(root, *extra, listeners=args.listeners) for _ in range(args.processes)]
+    procs, ports = [proc for proc, _ in servers], [port for _, found in servers for port in found]
+    proc = procs[0]
     try:
         if args.memory:
-            return measure_memory(port, proc.pid)
+            return measure_memory(ports[0], proc.pid)
         body = body_of(args.size)
         print("%d-byte messages" % len(body))
         if dns:
-            cold, warm = (run_level(port, 1, args.users, 0, body, checks=True)[1] for _ in range(2))
+            cold, warm = (run_level(ports, 1, args.users, 0, body, checks=True)[1] for _ in range(2))
             print("one session with checks: %.2f ms with a cold DNS cache (%d queries), %.2f ms warm"
                   % (cold, len(dns.queries), warm))
         print("%8s %10s %8s %9s %9s %7s %11s" % ("clients", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors",
                                                  "CPU ms/msg"))
         for clients in [int(n) for n in args.clients.split(",")]:
-            cpu = support.cpu_seconds(proc.pid)
-            results = [run_level(port, clients, args.users, args.seconds, body, args.recipients, args.auth,
+            cpu = sum(map(support.cpu_seconds, (p.pid for p in procs)))
+            results = [run_level(ports, clients, args.users, args.seconds, body, args.recipients, args.auth,
                                  args.checks, args.aliases) for _ in range(args.runs)]
-            cpu = (support.cpu_seconds(proc.pid) - cpu) / sum(r[0] * args.seconds for r in results)
+            cpu = (sum(map(support.cpu_seconds, (p.pid for p in procs))) - cpu) / sum(
+                r[0] * args.seconds for r in results)
             rates = [r[0] for r in results]
             rate = statistics.median(rates)
             print("%8d %10.0f %8.1f %9.2f %9.2f %7d %11.3f   runs: %s" % (
@@ -274,8 +285,9 @@ def main():
         stored = sum(count_messages(support.mailbox_path(root, u)) for u in users)
         print("messages stored: %d; peak server RSS %.1f MB" % (stored, support.peak_rss_mb(proc.pid)))
     finally:
-        proc.terminate()
-        proc.wait()
+        for each in procs:
+            each.terminate()
+            each.wait()
         support.remove_mail_root(root)
         if dns:
             dns.close()

@@ -318,7 +318,11 @@ class TraceAndLogTest(unittest.TestCase):
                 self.assertLess(abs(time.time() - when.timestamp()), 120)
                 # the course line stays right after Subject:, and the client lists the message by it
                 self.assertEqual(names[names.index("subject") + 1], "received")
-                self.assertRegex(message.get_all("Received")[1], r"^\d{4}-\d\d-\d\d : \d\d : \d\d$")
+                course = message.get_all("Received")[1]
+                self.assertRegex(course, r"^\d{4}-\d\d-\d\d : \d\d : \d\d$")
+                stored, = support.stored_messages(self.root, login)
+                listed = support.mail_client.summarize(1, stored.decode().splitlines())
+                self.assertEqual((listed.sender, listed.received, listed.subject), ("carol@else.test", course, "trace"))
 
     def test_with_names_how_the_message_came(self):
         cases = [(dict(ehlo=False), "SMTP"), (dict(tls=True), "ESMTPS"),
