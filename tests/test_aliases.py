@@ -48,6 +48,12 @@ def rcpt_reply(server, address, sender="sender@example.org"):
         return client.cmd("RCPT TO:<%s>" % address)[1][-1]
 
 
+def server_domain(server):
+    """The name a server gives itself (its greeting's), as bytes."""
+    with server.connect() as client:
+        return client.line().split()[1].encode()
+
+
 def count_of(root, login, text):
     """How many stored messages of login's mailbox hold text."""
     return sum(text in m for m in support.stored_messages(root, login))
@@ -316,6 +322,23 @@ class AliasFileTest(unittest.TestCase):
         self.assertEqual([len(support.stored_messages(self.root, u)) for u in USERS], [1, 1, 1])
         self.assertEqual(support.rcpt_code(server, "pipe@example.org"), 550)
         self.assertEqual(reported_alias_lines(server), [2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14])   # once
+
+    def test_the_course_dialogue_is_unchanged_by_aliases_byte_for_byte(self):
+        """Section 2 in the course mode (no flags): an alias and a +tag get the words a user gets."""
+        write_aliases(self.root, "cn: alice, bob\n")
+        server = self.start()
+        with support.smtp_session(server, helo=None) as client:
+            for line, reply in (("HELO kuleuven.be", b"250 OK Hello kuleuven.be\r\n"),
+                                ("MAIL_FROM: <cnlab@kuleuven.be>", b"250 <cnlab@kuleuven.be>... Sender ok\r\n"),
+                                ("RCPT_TO: <cn@kuleuven.be>", b"250 cn... Recipient ok\r\n"),
+                                ("RCPT_TO: <alice+lab@kuleuven.be>", b"250 alice+lab... Recipient ok\r\n"),
+                                ("RCPT_TO: <nobody@kuleuven.be>", b"550 No such user\r\n"),
+                                ("DATA", b'354 Enter mail, end with "." on a line by itself\r\n'),
+                                ("Subject: lab\r\n\r\nhi\r\n.", b"250 OK Message accepted for delivery\r\n"),
+                                ("QUIT", b"221 %s closing connection\r\n" % server_domain(server))):
+                client.send(line + "\r\n")
+                self.assertEqual(client.raw_line(), reply, line)
+        self.assertEqual([count_of(self.root, u, b"Subject: lab") for u in USERS], [1, 1, 0])
 
     def test_a_missing_file_means_no_aliases(self):
         server = self.start()
