@@ -4788,7 +4788,7 @@ class OutboundQueue:
         if all(o.retry_at is not None and o.retry_at < entry.arrived + self.lifetime for o in outcomes.values()):
             # Only dead destinations: nothing was tried, so nothing is written (no fsync for them).
             for address, outcome in outcomes.items():
-                self._log_outcome(entry, address, outcome, now)
+                self._log_outcome(entry, address, outcome)
             self._still_waiting(entry, path, False, min(o.retry_at for o in outcomes.values()))
             return
         failed = self._record(entry, due, outcomes)
@@ -4870,14 +4870,14 @@ class OutboundQueue:
             else:
                 retry_at = outcome.retry_at or now + backoff(recipient.attempts, self.retry_base)
                 recipient.next_try = min(retry_at, expires)
-            self._log_outcome(entry, recipient.address, outcome, now)
+            self._log_outcome(entry, recipient.address, outcome)
         return failed
 
     @staticmethod
-    def _log_outcome(entry, address, outcome, now):
+    def _log_outcome(entry, address, outcome):
         """The log line of one recipient's attempt (Postfix's form)."""
         log.info("%s: to=<%s> relay=%s delay=%.1f status=%s (%s)", entry.id, address,
-                 outcome.relay, now - entry.arrived, outcome.status, outcome.reply)
+                 outcome.relay, outcome.at - entry.arrived, outcome.status, outcome.reply)
 
     def _send(self, entry, fd, due):
         """Send the due recipients (the file open at fd), each destination in a session of its own, at once.
@@ -5756,6 +5756,7 @@ class Outcome:
         self.remote = remote         # the remote server's name when the reply is its own
         self.unreachable = unreachable   # no server answered: a timeout, a refused connection, a silent DNS
         self.retry_at = retry_at     # epoch seconds: a dead destination's deferral, not tried before then
+        self.at = time.time()        # when it happened: the delay the log gives (its destination's, not the slowest's)
 
     @classmethod
     def of_dead(cls, retry_at, reason):

@@ -75,6 +75,8 @@ class SilentDNSTest(FlowCase):
         self.assertLess(time.monotonic() - started, 2.0)
         reply = self.outcome(queued, "carol@silent.test", "deferred").group(1)
         self.assertTrue(reply.startswith("451 4.4.3 "), reply)
+        sent = self.server.wait_for_output(r"%s: to=<dave@healthy\.test> relay=\S+ delay=([\d.]+) status=sent" % queued)
+        self.assertLess(float(sent.group(1)), 2.0, "the log gives the healthy domain's own delay")
         self.assertGreaterEqual(time.monotonic() - started, mailserver_smtp.DNS_DEADLINE - 0.5)
         asked = len(self.dns.queries)
         second = self.submit(("erin@silent.test",), b"again")
