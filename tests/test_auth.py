@@ -132,10 +132,21 @@ class AuthServerCase(support.OneServerTestCase):
         return client
 
     def pop(self):
-        """A raw POP3 session past the greeting."""
+        """A raw POP3 session past the greeting; ended at cleanup once the server has given its maildrop back."""
         client = support.PopClient(self.server)
-        self.addCleanup(client.close)
+        self.addCleanup(self.end_pop, client)
         return client
+
+    @staticmethod
+    def end_pop(client):
+        """QUIT, and wait for the server's close: it gives the session lock back before it closes, so the next
+        test's login of the same user never meets this session's lock."""
+        try:
+            client.send("QUIT\r\n")
+            support.wait_for(client.closed)
+        except (OSError, EOFError):
+            pass
+        client.close()
 
     def smtp_login(self, mechanism, login, password):
         """smtplib logged in with one mechanism only; return the client."""
@@ -553,7 +564,7 @@ class POP3AuthTest(AuthServerCase):
     def test_a_second_login_by_any_method_gets_in_use(self):
         """While alice's maildrop is open, USER/PASS, APOP, AUTH PLAIN and CRAM-MD5 all get -ERR [IN-USE]."""
         holder = support.PopClient(self.server, "alice", "wonderland")
-        self.addCleanup(holder.close)
+        self.addCleanup(self.end_pop, holder)
         pop = self.pop()
         self.assertTrue(pop.cmd("USER alice").startswith("+OK"))
         attempts = {
