@@ -58,6 +58,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import support  # noqa: E402
 
+import mailserver_smtp  # noqa: E402
+
 LINE = b"x" * 66 + b"\r\n"
 HEAD = b"From: bench@example.org\r\nTo: sink@[127.0.0.1]\r\nSubject: bench\r\n\r\n"
 RSS_INTERVAL = 0.2           # seconds between two looks at a process tree's memory
@@ -219,7 +221,8 @@ def main():
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--size", type=int, default=len(HEAD) + 29 * len(LINE))
-    parser.add_argument("--concurrency", type=int, default=4, help="the server's --relay-concurrency")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="the server's --relay-concurrency (default: the server's own default)")
     parser.add_argument("--target", metavar="HOST:PORT",
                         help="drive this running server instead of starting ours; it must relay to the sink")
     parser.add_argument("--target-pid", type=int, metavar="PID",
@@ -263,7 +266,7 @@ def run_ours(args, body, sink, mode):
         shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dkim", name),
                     os.path.join(folder, name.replace("-", "_")))
     server = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", "example.org",
-                                   "--mx-port", str(sink.port), "--relay-concurrency", str(args.concurrency),
+                                   "--mx-port", str(sink.port), *concurrency_option(args),
                                    "--max-connections", str(4 * args.clients + 8))
     try:
         print("dkim %s:" % mode)
@@ -297,7 +300,7 @@ def run(args, body, sink, target, pid, root):
     end_to_end = sink.last - started
     print("%d messages of %d bytes, %d clients, to %s:%d%s"
           % (total, len(body), args.clients, target[0], target[1],
-             "" if args.target else " (ours, --relay-concurrency %d)" % args.concurrency))
+             "" if args.target else " (ours, --relay-concurrency %s)" % (args.concurrency or "default")))
     print("accepted (250):             %8.1f msgs/s" % (total / accepted))
     print("end to end (at the sink):   %8.1f msgs/s" % (total / end_to_end))
     cpu = None
@@ -312,6 +315,11 @@ def run(args, body, sink, target, pid, root):
 
 
 DOMAINS = 10                 # destinations of a --hostile run
+
+
+def concurrency_option(args):
+    """The --relay-concurrency to start our server with: --concurrency if given, else none (its default)."""
+    return ("--relay-concurrency", str(args.concurrency)) if args.concurrency else ()
 
 
 class Tarpit:
@@ -349,7 +357,7 @@ def hostile_rounds(args):
     print("%d domains, %d hostile (%s), %d clients, %g s a run, --relay-concurrency %d"
           % (DOMAINS, len(hostile), ", ".join("d%d: %s" % (d, "silent DNS" if d % 2 == 0 else "tarpit MX")
                                                for d in sorted(hostile)), args.clients, args.seconds,
-             args.concurrency))
+             args.concurrency or mailserver_smtp.DEFAULT_RELAY_CONCURRENCY))
     rates = {"clean": [], "hostile": []}
     for _ in range(args.rounds):
         for kind in ("clean", "hostile"):
@@ -377,7 +385,7 @@ def hostile_run(args, sink, hostile, uncounted):
     root = support.make_mail_root()
     server = support.ServerProcess(support.SMTP_SCRIPT, root, "--local-domains", "example.org",
                                    "--dns-server", "%s:%d" % dns.address, "--mx-port", str(sink.port),
-                                   "--relay-concurrency", str(args.concurrency), "--retry-base", "1",
+                                   *concurrency_option(args), "--retry-base", "1",
                                    "--relay-timeout", "4", "--max-connections", str(4 * args.clients + 8))
     healthy = ["d%d.test" % d for d in range(DOMAINS) if d not in uncounted]
     before = sum(sink.domains[d] for d in healthy)
