@@ -131,6 +131,14 @@ class AuthServerCase(support.OneServerTestCase):
         client.cmd_expecting(helo, 250)
         return client
 
+    def assertEachRefused(self, client, refused, sender, recipient):
+        """Each {name: header lines} sent by client gets 553 5.7.1 (its Subject names it: refused-NAME)."""
+        for name, head in refused.items():
+            with self.subTest(name):
+                body = head + b"Subject: refused-" + name.encode() + b"\r\n\r\nno\r\n"
+                code, lines = support.send_message(client, body, sender, [recipient])
+                self.assertEqual((code, lines[0][:10]), (553, "553 5.7.1 "), lines)
+
     def pop(self):
         """A raw POP3 session past the greeting; ended at cleanup once the server has given its maildrop back."""
         client = support.PopClient(self.server)
@@ -321,12 +329,7 @@ class SMTPAuthTest(AuthServerCase):
             "folded": b"From: alice@example.org,\r\n bob@example.org\r\nSubject: x\r\n\r\n",
             "group": b"From: friends:;\r\n",
         }
-        for name, head in refused.items():
-            with self.subTest(name):
-                body = head + b"Subject: refused-" + name.encode() + b"\r\n\r\nno\r\n"
-                code, lines = support.send_message(client, body, "alice@example.org", ["bob@example.org"])
-                self.assertEqual(code, 553, lines)
-                self.assertTrue(lines[0].startswith("553 5.7.1 "), lines)
+        self.assertEachRefused(client, refused, "alice@example.org", "bob@example.org")
         accepted = b"From: \"Bob Builder\" <ALICE@other.example>\r\nSender: alice\r\nSubject: own\r\n\r\nok\r\n"
         self.assertEqual(support.send_message(client, accepted, "Alice@x.example", ["bob@example.org"])[0], 250)
         stored = read_mailbox(self.root, "bob")
@@ -1018,11 +1021,7 @@ class SenderOwnershipWithDomainsTest(AuthServerCase):
             "plus-tag": b"From: bob+alice@a.test\r\n",
             "sender-domain": b"From: alice@a.test\r\nSender: Alice <alice+x@b.test>\r\n",
         }
-        for name, head in refused.items():
-            with self.subTest(name):
-                body = head + b"Subject: refused-" + name.encode() + b"\r\n\r\nno\r\n"
-                code, lines = support.send_message(client, body, "alice@a.test", ["bob@a.test"])
-                self.assertEqual(lines[0][:10], "553 5.7.1 ", lines)
+        self.assertEachRefused(client, refused, "alice@a.test", "bob@a.test")
         accepted = b"From: Alice Liddell <alice+news@A.TEST>\r\nSender: alice@lab.a.test\r\nSubject: own\r\n\r\nok\r\n"
         self.assertEqual(support.send_message(client, accepted, "alice+news@a.test", ["bob@a.test"])[0], 250)
         stored = read_mailbox(self.root, "bob")
