@@ -3209,11 +3209,7 @@ def take_message(session, spool):
         raise Refused(Replies.OVER_QUOTA)
     queued = []
     try:
-        if envelope.remote:          # durable under its .tmp name before any mailbox is touched
-            queued.append(queue_received(session, spool, header, message_id, envelope.sender, envelope.remote))
-        if envelope.forwarded:       # a copy that is not ours: its sender rewritten (SRS), not signed
-            queued.append(queue_received(session, spool, header, new_queue_id() if queued else message_id,
-                                         server.srs.forward(envelope.sender), envelope.forwarded, forwarded=True))
+        queued = queue_copies(session, spool, header, message_id)
         publish = functools.partial(publish_all, queued)
         if envelope.logins:          # the queue files are renamed into place under the mailboxes' locks
             deliver({server.users.mailbox_path(login): copy for login, copy in copies.items()}, server.quota,
@@ -3257,6 +3253,27 @@ def arrival_text(session, header):
     """What the delivery log line says of a message's arrival: client, login, Message-ID:, TLS version."""
     return "client=%s login=%s message-id=%s tls=%s" % (session.peer, session.login or "-", header.message_id,
                                                         session.wire.tls_version() or "none")
+
+
+def queue_copies(session, spool, header, message_id):
+    """The queue files of a message's remote recipients, durable under their .tmp names: [QueueFile].
+
+    Written before any mailbox is touched.  Mail an alias forwards goes
+    apart: it is not ours, so its sender is rewritten (SRS) and it is not
+    signed.  On a failure none is left.
+    """
+    envelope, server, queued = session.envelope, session.server, []
+    try:
+        if envelope.remote:
+            queued.append(queue_received(session, spool, header, message_id, envelope.sender, envelope.remote))
+        if envelope.forwarded:
+            queued.append(queue_received(session, spool, header, new_queue_id() if queued else message_id,
+                                         server.srs.forward(envelope.sender), envelope.forwarded, forwarded=True))
+    except BaseException:
+        for queue_file in queued:
+            queue_file.close()
+        raise
+    return queued
 
 
 def received_form(session, spool, header, message_id, checked=None):
