@@ -3230,11 +3230,19 @@ def take_message(session, spool):
         for queue_file in queued:
             queue_file.close()
     session.delivered += 1
+    return stored_reply(session, header, message_id, queued, size, spool.size)
+
+
+def stored_reply(session, header, message_id, queued, stored_size, received_size):
+    """Log a message now stored; the 250 (naming its queue ids when some recipients are remote).
+
+    stored_size: its largest copy in a mailbox; received_size: as it came (what the queue holds).
+    """
     if not queued:
-        log.info("%s: delivered %d bytes from <%s> to %s, %s", message_id, size, envelope.sender,
-                 ", ".join(envelope.logins), arrival_text(session, header))
+        log.info("%s: delivered %d bytes from <%s> to %s, %s", message_id, stored_size, session.envelope.sender,
+                 ", ".join(session.envelope.logins), arrival_text(session, header))
         return session.replies.ACCEPTED
-    return queued_reply(session, [q.id for q in queued], header, spool.size)
+    return queued_reply(session, [q.id for q in queued], header, received_size)
 
 
 def publish_all(queued):
