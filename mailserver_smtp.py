@@ -4490,6 +4490,7 @@ class Destinations:
         self._window = collections.OrderedDict()   # destination -> the sessions it may have (most recent last)
         self._waiting = {}           # destination -> {queue id: None}: messages waiting for a session of it
         self._dead = {}              # destination -> (epoch seconds it is tried again, failures, last reason)
+        self._saving = threading.Lock()   # one writer of the file at a time, each writing the marks as they are
 
     def dead(self, destination):
         """(when it is tried again, the last reason) of a dead destination; None for a live one."""
@@ -4555,16 +4556,17 @@ class Destinations:
 
     def _save(self):
         """Write the dead destinations for --queue: 'DESTINATION<TAB>EPOCH<TAB>FAILURES<TAB>REASON' lines."""
-        with self._guard:
-            lines = ["%s\t%d\t%d\t%s\n" % (d or "(relay host)", until, failures, reason)
-                     for d, (until, failures, reason) in sorted(self._dead.items())]
-        temp = self.path + TEMP_SUFFIX
-        try:
-            with open(temp, "w", encoding="utf-8") as f:
-                f.writelines(lines)
-            os.replace(temp, self.path)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.path, exc)
+        with self._saving:           # two runners at once would write one temporary file together
+            with self._guard:
+                lines = ["%s\t%d\t%d\t%s\n" % (d or "(relay host)", until, failures, reason)
+                         for d, (until, failures, reason) in sorted(self._dead.items())]
+            temp = self.path + TEMP_SUFFIX
+            try:
+                with open(temp, "w", encoding="utf-8") as f:
+                    f.writelines(lines)
+                os.replace(temp, self.path)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.path, exc)
 
 
 class OutboundQueue:
