@@ -5514,18 +5514,26 @@ class Resolver:
         raise DNSError(DNS_CNAME_CHAIN, name)
 
     def _ask(self, name, qtype, deadline=None):
-        """The answer records for one question, from the first server that answers it in one of the rounds."""
+        """The answer records for one question, from the first server that answers it in one of the rounds.
+
+        Under a deadline the tries share what is left of it (DNS_MIN_TRY at
+        least), so a silent first server leaves time for the others.
+        """
         error = None
-        for _ in range(self.attempts):
-            for server in self.servers:
-                if deadline is not None and time.monotonic() >= deadline:
+        tries = [server for _ in range(self.attempts) for server in self.servers]
+        for left, server in zip(range(len(tries), 0, -1), tries):
+            try_deadline = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise DNSError(DNS_TIME_OUT, name)
-                try:
-                    return self._ask_server(server, name, qtype, deadline)
-                except DNSError as failure:
-                    if not failure.temporary:
-                        raise
-                    error = failure
+                try_deadline = time.monotonic() + min(remaining, max(DNS_MIN_TRY, remaining / left))
+            try:
+                return self._ask_server(server, name, qtype, try_deadline)
+            except DNSError as failure:
+                if not failure.temporary:
+                    raise
+                error = failure
         raise DNSError(error.reason, name, temporary=True)
 
     def _ask_server(self, server, name, qtype, deadline=None):
@@ -5587,14 +5595,11 @@ class Resolver:
 
 class DNSDeadline:
     """A DNSCache as mail_exchangers asks it: each question answered within its own deadline, or a temporary
-    DNSError (its tries share the deadline, so a second server is tried before it passes)."""
+    DNSError (its tries share the deadline: see Resolver._ask)."""
 
     def __init__(self, cache, seconds):
         self.cache = cache
         self.seconds = seconds
-        resolver = cache.resolver
-        resolver.timeout = min(resolver.timeout,
-                               max(DNS_MIN_TRY, seconds / (len(resolver.servers) * resolver.attempts)))
 
     def query(self, name, rtype):
         return self.cache.query(name, rtype, time.monotonic() + self.seconds)

@@ -149,6 +149,23 @@ class PerDestinationLimitTest(FlowCase):
         self.assertEqual(self.remote.most_at_once, 3)
 
 
+class SharedDeadlineTest(unittest.TestCase):
+    """One deadline for a whole question: its tries share it, so a silent first server leaves time for the next."""
+
+    def test_a_silent_first_server_leaves_time_for_the_second(self):
+        zone = {("healthy.test", "MX"): [(10, "mx.healthy.test")]}
+        silent = support.DNSResponder(zone, drop={"healthy.test"})
+        self.addCleanup(silent.close)
+        answering = support.DNSResponder(zone)
+        self.addCleanup(answering.close)
+        resolver = mailserver_smtp.Resolver([silent.address, answering.address])
+        started = time.monotonic()
+        records, _ = resolver.lookup("healthy.test", "MX", started + mailserver_smtp.DNS_DEADLINE)
+        self.assertEqual(records, [(10, "mx.healthy.test")])
+        self.assertLess(time.monotonic() - started, mailserver_smtp.DNS_DEADLINE)
+        self.assertEqual(len(silent.queries), 1, "the silent server had its share of the deadline, once")
+
+
 class ReplyTimeoutTest(unittest.TestCase):
     """RFC 5321 4.5.3.2: how long the client waits for each reply; --relay-timeout caps every wait."""
 
